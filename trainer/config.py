@@ -1,0 +1,204 @@
+"""Run configuration: the hyperparameters of one GRPO run and the job spec that carries them.
+
+Standard library only, so that the service can validate a job spec with the very same rules
+without importing torch.  Every validation error is a ``ConfigError`` whose ``param`` names the
+field and whose message says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A value in a run config or job spec that cannot be used; ``param`` is its dotted path."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+def _choice(param: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(param, f"unknown {param.rsplit('.', 1)[-1]} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _at_least(param: str, value: Any, low: float, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(param, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < low:
+        raise ConfigError(param, f"must be >= {low}, got {value!r}")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters instead of full fine-tuning (peft)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+    def validate(self, prefix: str = "lora") -> None:
+        _at_least(f"{prefix}.r", self.r, 1, integer=True)
+        _at_least(f"{prefix}.alpha", self.alpha, 1e-9)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError(f"{prefix}.target_modules", "name at least one module, or 'all-linear'")
+
+
+@dataclass
+class GRPOConfig:
+    """Hyperparameters of a GRPO run. Names follow TRL's GRPOConfig where one exists."""
+
+    group_size: int = 8  # G: completions sampled per prompt
+    prompts_per_step: int = 8  # prompts per optimizer step; the batch is prompts_per_step * G
+    max_steps: int = 200
+    learning_rate: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float | None = 1.0
+    max_prompt_length: int = 512  # longer prompts keep their last tokens (left truncation)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04  # KL coefficient; 0 loads no reference model
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip: ratio <= 1 + epsilon_high (defaults to epsilon)
+    delta: float | None = None  # two-sided clipping: the unclipped ratio is capped at delta
+    num_iterations: int = 1  # mu: optimizer passes over each generated batch
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    importance_sampling_level: str = "token"
+    mask_truncated_completions: bool = False
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3  # bound on the extra draws dynamic sampling may make per step
+    seed: int = 0
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    checkpoint_every: int = 50  # 0: only the final checkpoint
+    keep_last_checkpoints: int = 2  # 0 keeps them all
+    eval_every: int = 0
+    logprob_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection
+    num_samples_logged: int = 4  # completions a step hands to Progress.on_samples
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        self.validate()
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def validate(self) -> None:
+        _at_least(f"group_size", self.group_size, 2, integer=True)
+        for name in ("prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length",
+                     "num_iterations", "logprob_chunk_size"):
+            _at_least(f"{name}", getattr(self, name), 1, integer=True)
+        for name in ("warmup_steps", "checkpoint_every", "keep_last_checkpoints", "eval_every", "seed",
+                     "num_samples_logged", "max_resample_rounds"):
+            _at_least(f"{name}", getattr(self, name), 0, integer=True)
+        _at_least(f"learning_rate", self.learning_rate, 0.0)
+        _at_least(f"weight_decay", self.weight_decay, 0.0)
+        _at_least(f"beta", self.beta, 0.0)
+        _at_least(f"epsilon", self.epsilon, 0.0)
+        if self.epsilon_high is not None:
+            _at_least(f"epsilon_high", self.epsilon_high, 0.0)
+        if self.delta is not None:
+            _at_least(f"delta", self.delta, 1.0)
+        if self.max_grad_norm is not None:
+            _at_least(f"max_grad_norm", self.max_grad_norm, 1e-12)
+        _at_least(f"temperature", self.temperature, 1e-6)
+        _at_least("top_p", self.top_p, 0.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p", f"must be in (0, 1], got {self.top_p!r}")
+        for name, value in (("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)):
+            _at_least(name, value, 0.0)
+            if not value < 1.0:
+                raise ConfigError(f"{name}", f"must be in [0, 1), got {value!r}")
+        _choice(f"loss_type", self.loss_type, LOSS_TYPES)
+        _choice(f"scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _choice(f"importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _choice(f"lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice(f"dtype", self.dtype, DTYPES)
+        if self.lora is not None:
+            self.lora.validate(f"lora")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], prefix: str = "hyperparameters.") -> GRPOConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{prefix}{unknown[0]}", f"unknown hyperparameter {unknown[0]!r}; "
+                              f"known ones: {', '.join(sorted(known))}")
+        lora = values.get("lora")
+        if isinstance(lora, dict):
+            lora_known = {f.name for f in dataclasses.fields(LoraConfig)}
+            extra = sorted(set(lora) - lora_known)
+            if extra:
+                raise ConfigError(f"{prefix}lora.{extra[0]}", f"unknown LoRA option; known ones: {', '.join(sorted(lora_known))}")
+            values = {**values, "lora": LoraConfig(**lora)}
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc.param}", exc.message) from None
+        except TypeError as exc:  # e.g. a string where a number belongs
+            raise ConfigError(prefix.rstrip("."), str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunConfig:
+    """One run: which model, which data, which rewards, which hyperparameters.
+
+    The same shape as the HTTP job spec, with ``dataset`` a local JSONL path instead of an id.
+    """
+
+    base_model: str
+    dataset: str
+    reward: list[dict[str, Any]]
+    hyperparameters: GRPOConfig = field(default_factory=GRPOConfig)
+    eval_dataset: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> RunConfig:
+        """Build from a job spec dict. ``group_size`` may sit at the top level (as in the HTTP spec)."""
+        for required in ("base_model", "dataset", "reward"):
+            if not spec.get(required):
+                raise ConfigError(required, "is required")
+        hp = dict(spec.get("hyperparameters") or {})
+        if "group_size" in spec:
+            hp["group_size"] = spec["group_size"]
+        reward = spec["reward"]
+        if isinstance(reward, dict):
+            reward = [reward]
+        if not isinstance(reward, list) or not reward:
+            raise ConfigError("reward", "give a list of reward functions, e.g. [{\"type\": \"exact_match\"}]")
+        config = GRPOConfig.from_dict(hp)
+        return cls(base_model=str(spec["base_model"]), dataset=str(spec["dataset"]), reward=reward,
+                   hyperparameters=config, eval_dataset=spec.get("eval_dataset"), name=spec.get("name"))
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"name": self.name, "base_model": self.base_model, "dataset": self.dataset,
+                "eval_dataset": self.eval_dataset, "reward": self.reward,
+                "group_size": self.hyperparameters.group_size,
+                "hyperparameters": self.hyperparameters.to_dict()}
