@@ -107,38 +107,38 @@ class GRPOConfig:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def validate(self) -> None:
-        _at_least(f"group_size", self.group_size, 2, integer=True)
+        _at_least("group_size", self.group_size, 2, integer=True)
         for name in ("prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length",
                      "num_iterations", "logprob_chunk_size"):
             _at_least(f"{name}", getattr(self, name), 1, integer=True)
         for name in ("warmup_steps", "checkpoint_every", "keep_last_checkpoints", "eval_every", "seed",
                      "num_samples_logged", "max_resample_rounds"):
             _at_least(f"{name}", getattr(self, name), 0, integer=True)
-        _at_least(f"learning_rate", self.learning_rate, 0.0)
-        _at_least(f"weight_decay", self.weight_decay, 0.0)
-        _at_least(f"beta", self.beta, 0.0)
-        _at_least(f"epsilon", self.epsilon, 0.0)
+        _at_least("learning_rate", self.learning_rate, 0.0)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        _at_least("beta", self.beta, 0.0)
+        _at_least("epsilon", self.epsilon, 0.0)
         if self.epsilon_high is not None:
-            _at_least(f"epsilon_high", self.epsilon_high, 0.0)
+            _at_least("epsilon_high", self.epsilon_high, 0.0)
         if self.delta is not None:
-            _at_least(f"delta", self.delta, 1.0)
+            _at_least("delta", self.delta, 1.0)
         if self.max_grad_norm is not None:
-            _at_least(f"max_grad_norm", self.max_grad_norm, 1e-12)
-        _at_least(f"temperature", self.temperature, 1e-6)
+            _at_least("max_grad_norm", self.max_grad_norm, 1e-12)
+        _at_least("temperature", self.temperature, 1e-6)
         _at_least("top_p", self.top_p, 0.0)
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p", f"must be in (0, 1], got {self.top_p!r}")
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         for name, value in (("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)):
             _at_least(name, value, 0.0)
             if not value < 1.0:
                 raise ConfigError(f"{name}", f"must be in [0, 1), got {value!r}")
-        _choice(f"loss_type", self.loss_type, LOSS_TYPES)
-        _choice(f"scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _choice(f"importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
-        _choice(f"lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice(f"dtype", self.dtype, DTYPES)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("dtype", self.dtype, DTYPES)
         if self.lora is not None:
-            self.lora.validate(f"lora")
+            self.lora.validate("lora")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], prefix: str = "hyperparameters.") -> GRPOConfig:

@@ -1,0 +1,28 @@
+"""Small factories for trainer tests: datasets and run configs on a tiny model."""
+
+import json
+from pathlib import Path
+
+from trainer.config import GRPOConfig, RunConfig
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def letter_dataset(path: Path, n: int = 16) -> Path:
+    """Prompts whose reward is the share of the letter 'a' in the completion: a random tiny model
+    earns a little of it by chance, so GRPO has signal from the first step."""
+    return write_rows(path, [{"prompt": f"Say a{i}:", "answer": "a"} for i in range(n)])
+
+
+A_SHARE = [{"type": "regex", "pattern": "a", "score": "fraction"}]
+
+
+def tiny_run(model_dir: Path, dataset: Path, reward=None, **hyperparameters) -> RunConfig:
+    defaults = dict(group_size=4, prompts_per_step=2, max_steps=3, learning_rate=1e-3, max_completion_length=8,
+                    max_prompt_length=32, beta=0.0, checkpoint_every=0, seed=0)
+    defaults.update(hyperparameters)
+    return RunConfig(base_model=str(model_dir), dataset=str(dataset), reward=reward or A_SHARE,
+                     hyperparameters=GRPOConfig(**defaults))

@@ -1,0 +1,180 @@
+"""Real training steps on a tiny model: learning, LoRA, exact resume, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from trainer.checkpoint import list_checkpoints
+from trainer.config import LoraConfig
+from trainer.loop import train
+from trainer.progress import Progress
+
+from .factories import letter_dataset, tiny_run
+
+pytestmark = pytest.mark.slow
+
+
+class Recorder(Progress):
+    def __init__(self, stop_after: int | None = None):
+        self.steps, self.checkpoints, self.samples, self.stop_after = [], [], [], stop_after
+
+    def on_step(self, step, metrics):
+        self.steps.append((step, metrics))
+
+    def on_samples(self, step, samples):
+        self.samples.append((step, samples))
+
+    def on_checkpoint(self, step, path):
+        self.checkpoints.append((step, path))
+
+    def should_stop(self):
+        return self.stop_after is not None and len(self.steps) >= self.stop_after
+
+
+def _state(path):
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_reward_rises_and_every_parameter_changes(tiny_model_dir, tmp_path):
+    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), group_size=8, prompts_per_step=4,
+                   max_steps=30, learning_rate=5e-3, max_completion_length=12, beta=0.04)
+    progress = Recorder()
+    result = train(run, tmp_path / "out", progress)
+    rewards = [m["reward"] for _, m in progress.steps]
+    assert result.final_step == 30 and len(rewards) == 30
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for _, m in progress.steps)
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, f"mean reward did not rise: {first:.3f} -> {last:.3f}"
+    before, after = _state(tiny_model_dir), _state(result.checkpoint)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert unchanged == []
+    metrics = progress.steps[-1][1]
+    for name in ("reward_std", "frac_reward_zero_std", "kl", "clip_ratio/low", "clip_ratio/high", "grad_norm",
+                 "learning_rate", "completion_length/min", "completion_length/max", "truncated_ratio", "entropy",
+                 "reward_errors", "time/generate", "time/reward", "time/train", "step_seconds",
+                 "tokens_per_second", "rewards/regex"):
+        assert name in metrics
+    assert metrics["kl"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 31))
+    assert progress.samples[0][1][0]["completion"] is not None
+
+
+def test_lora_changes_only_adapters_and_saves_a_loadable_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), max_steps=2, beta=0.1,
+                   learning_rate=1e-2, lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    progress = Recorder()
+    result = train(run, tmp_path / "out", progress)
+    assert (result.checkpoint / "adapter_model.safetensors").is_file()
+    assert not (result.checkpoint / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned = PeftModel.from_pretrained(base, result.checkpoint)
+    changed_adapters = [n for n, p in tuned.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert changed_adapters, "the LoRA B matrices start at zero and must have moved"
+    for name, value in tuned.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, base_state[name.replace("base_layer.", "")]), name
+    # the reference is the base with adapters off: KL starts at exactly zero on step 1
+    assert progress.steps[0][1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert progress.steps[1][1]["kl"] > 0
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_iterations": 2, "beta": 0.05, "lr_schedule": "cosine", "warmup_steps": 1}])
+def test_resume_gives_the_same_parameters_and_metrics(tiny_model_dir, tmp_path, extra):
+    data = letter_dataset(tmp_path / "data.jsonl", n=5)  # 5 rows, 2 per step: resumes across an epoch edge
+    run = tiny_run(tiny_model_dir, data, max_steps=5, checkpoint_every=0, keep_last_checkpoints=0, **extra)
+    straight = Recorder()
+    train(run, tmp_path / "straight", straight)
+
+    first = Recorder(stop_after=2)
+    stopped = train(run, tmp_path / "resumed", first)
+    assert stopped.stopped and stopped.final_step == 2
+    second = Recorder()
+    resumed = train(run, tmp_path / "resumed", second, resume=True)
+    assert resumed.final_step == 5
+
+    timing = ("time/", "step_seconds", "tokens_per_second")
+    def strip(metrics):
+        return {k: v for k, v in metrics.items() if not k.startswith(timing)}
+    assert [strip(m) for _, m in first.steps + second.steps] == [strip(m) for _, m in straight.steps]
+    a, b = _state(tmp_path / "straight/checkpoints/step-000005"), _state(tmp_path / "resumed/checkpoints/step-000005")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoints_are_pruned_and_complete(tiny_model_dir, tmp_path):
+    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), max_steps=4, checkpoint_every=1,
+                   keep_last_checkpoints=2)
+    progress = Recorder()
+    train(run, tmp_path / "out", progress)
+    assert [step for step, _ in progress.checkpoints] == [1, 2, 3, 4]
+    assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [3, 4]
+    assert not list((tmp_path / "out" / "checkpoints").glob(".tmp-*"))
+
+
+def test_dynamic_sampling_and_all_loss_types_run(tiny_model_dir, tmp_path):
+    data = letter_dataset(tmp_path / "data.jsonl")
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        run = tiny_run(tiny_model_dir, data, max_steps=1, loss_type=loss_type, dynamic_sampling=True,
+                       importance_sampling_level="sequence", mask_truncated_completions=True, scale_rewards="batch")
+        progress = Recorder()
+        train(run, tmp_path / loss_type, progress)
+        metrics = progress.steps[0][1]
+        assert "dynamic_sampling/extra_prompts" in metrics and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_cli_runs_a_spec_and_resumes(tiny_model_dir, tmp_path):
+    data = letter_dataset(tmp_path / "data.jsonl")
+    spec = {"base_model": str(tiny_model_dir), "dataset": str(data), "group_size": 2,
+            "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
+            "hyperparameters": {"max_steps": 2, "prompts_per_step": 2, "max_completion_length": 4, "beta": 0.0}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "trainer", "run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step 1/2" in done.stdout and "step 2/2" in done.stdout
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    spec["hyperparameters"]["max_steps"] = 3
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming at step 3/3" in done.stdout
+    bad = dict(spec, group_size=1)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    done = subprocess.run(cmd[:4] + [str(tmp_path / "bad.json"), "--output", str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "group_size: must be >= 2" in done.stderr
+
+
+def test_trainer_imports_no_web_database_or_queue_module():
+    code = ("import sys, trainer.loop, trainer.__main__, trainer.rewards;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'sqlalchemy', 'alembic', 'celery', 'kombu', 'redis', 'psycopg', 'jobs', 'api', 'worker')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_trainer_source_names_no_web_database_or_queue_module():
+    import ast
+    from pathlib import Path
+
+    import trainer
+
+    forbidden = {"fastapi", "starlette", "sqlalchemy", "alembic", "celery", "kombu", "redis", "psycopg",
+                 "pydantic", "jobs", "api", "worker"}
+    offenders = []
+    for path in Path(trainer.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
+    assert offenders == []

@@ -1,0 +1,100 @@
+"""``python -m trainer``: run a job spec with no server, or build a tiny model for tests and demos.
+
+    python -m trainer run SPEC.json --output DIR [--resume]
+    python -m trainer make-tiny-model DIR [--arch llama|qwen2] [--vocab-size N] ...
+    python -m trainer export-merged CHECKPOINT_DIR OUTPUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError, RunConfig
+from trainer.errors import TrainingError
+from trainer.progress import Progress
+
+HEADLINE = ("reward", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "completion_length",
+            "step_seconds")
+
+
+class PrintProgress(Progress):
+    def __init__(self) -> None:
+        self.max_steps = 0
+
+    def on_start(self, *, start_step: int, max_steps: int) -> None:
+        self.max_steps = max_steps
+        if start_step:
+            print(f"resuming at step {start_step + 1}/{max_steps}", flush=True)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE if k in metrics)
+        print(f"step {step}/{self.max_steps} {shown}", flush=True)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        print(f"checkpoint {path}", flush=True)
+
+    def on_log(self, level: str, message: str) -> None:
+        print(f"{level}: {message}", file=sys.stderr, flush=True)
+
+
+def load_spec(path: Path) -> RunConfig:
+    spec = json.loads(path.read_text())
+    base = path.parent
+    for key in ("dataset", "eval_dataset", "base_model"):  # relative paths are relative to the spec file
+        value = spec.get(key)
+        if isinstance(value, str) and value.startswith(".") and (base / value).exists():
+            spec[key] = str((base / value).resolve())
+    return RunConfig.from_spec(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a job spec (JSON) with no server")
+    run.add_argument("spec", type=Path)
+    run.add_argument("--output", type=Path, required=True)
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-init causal LM + char tokenizer")
+    tiny.add_argument("output", type=Path)
+    tiny.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--vocab-size", type=int, default=None)
+    tiny.add_argument("--seed", type=int, default=0)
+    merge = commands.add_parser("export-merged", help="merge a LoRA checkpoint into its base model")
+    merge.add_argument("checkpoint", type=Path)
+    merge.add_argument("output", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    if args.command == "make-tiny-model":
+        from trainer.tiny import make_tiny_model
+
+        path = make_tiny_model(args.output, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
+                               num_heads=args.heads, vocab_size=args.vocab_size, seed=args.seed)
+        print(path)
+        return 0
+    if args.command == "export-merged":
+        from trainer.checkpoint import export_merged
+
+        print(export_merged(args.checkpoint, args.output))
+        return 0
+
+    from trainer.loop import train
+
+    try:
+        result = train(load_spec(args.spec), args.output, PrintProgress(), resume=args.resume)
+    except (ConfigError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done at step {result.final_step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

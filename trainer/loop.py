@@ -1,0 +1,372 @@
+"""The GRPO training loop: sample prompts -> generate -> score -> advantages -> loss/backward/step
+(num_iterations times) -> metrics -> checkpoint -> stop check."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
+from trainer.config import GRPOConfig, RunConfig
+from trainer.data import PromptSampler, load_rows
+from trainer.errors import DatasetError, NonFiniteLossError, OutOfMemoryError
+from trainer.logprobs import completion_logprobs
+from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
+from trainer.model import Models, load_models
+from trainer.progress import Progress
+from trainer.rewards import RewardSuite, required_fields
+from trainer.rollout import generate
+
+log = logging.getLogger(__name__)
+
+FORWARD_TOKEN_BUDGET = 8192  # padded tokens per packed forward pass
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    stopped: bool  # Progress.should_stop() ended the run early
+    checkpoint: Path | None  # the newest complete checkpoint
+
+
+def lr_lambda(config: GRPOConfig):
+    total = config.max_steps * config.num_iterations
+
+    def factor(update: int) -> float:
+        if update < config.warmup_steps:
+            return (update + 1) / (config.warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (update - config.warmup_steps) / max(1, total - config.warmup_steps)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)  # linear
+
+    return factor
+
+
+class Rollouts:
+    """Turns dataset rows into scored groups: prompt formatting, generation, rewards."""
+
+    def __init__(self, rows: list[dict], models: Models, rewards: RewardSuite, config: GRPOConfig,
+                 generator: torch.Generator):
+        self.rows, self.models, self.rewards, self.config, self.generator = rows, models, rewards, config, generator
+        tokenizer = models.tokenizer
+        eos = {tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(models.policy, "generation_config", None), "eos_token_id", None)
+        eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
+        self.eos_token_ids = sorted(eos)
+
+    def prompt_text(self, prompt: str | list[dict]) -> str:
+        tokenizer = self.models.tokenizer
+        if isinstance(prompt, str):
+            return prompt
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return "\n".join(m["content"] for m in prompt)
+
+    def __call__(self, row_indices: list[int], *, group_size: int, temperature: float, timings: dict) -> ScoredGroups:
+        tokenizer, cfg = self.models.tokenizer, self.config
+        prompts = [self.prompt_text(self.rows[i]["prompt"]) for i in row_indices]
+        prompt_ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"][-cfg.max_prompt_length:])
+                      for p in prompts]
+        started = time.perf_counter()
+        self.models.policy.eval()
+        rollout = generate(
+            self.models.policy, prompt_ids, group_size=group_size, max_new_tokens=cfg.max_completion_length,
+            eos_token_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id, temperature=temperature,
+            top_p=cfg.top_p, generator=self.generator,
+        )
+        completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - started
+
+        started = time.perf_counter()
+        repeated_prompts = [p for p in prompts for _ in range(group_size)]
+        repeated_rows = [self.rows[i] for i in row_indices for _ in range(group_size)]
+        scored = self.rewards(repeated_prompts, completions, repeated_rows)
+        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - started
+        return ScoredGroups(
+            row_indices=row_indices, prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
+            prompts=prompts, completions=completions, truncated=rollout.truncated,
+            rewards=torch.tensor(scored.total, dtype=torch.float32), parts=scored.parts, errors=scored.errors,
+            error_messages=scored.error_messages,
+        )
+
+
+def draw_batch(rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, timings: dict) -> tuple[ScoredGroups, int]:
+    """Sample prompts_per_step prompts and their groups; with dynamic sampling, replace groups
+    whose rewards are all equal by groups of fresh prompts, for at most max_resample_rounds draws.
+    Returns the batch and how many extra prompts were drawn."""
+    G = config.group_size
+    batch = rollouts(sampler.draw(config.prompts_per_step), group_size=G, temperature=config.temperature, timings=timings)
+    if not config.dynamic_sampling:
+        return batch, 0
+    _, zero_std = group_advantages(batch.rewards, G)
+    informative = [batch.select([b], G) for b in range(len(zero_std)) if not zero_std[b]]
+    flat = [batch.select([b], G) for b in range(len(zero_std)) if zero_std[b]]
+    extra = 0
+    for _ in range(config.max_resample_rounds):
+        missing = config.prompts_per_step - len(informative)
+        if missing == 0:
+            break
+        fresh = rollouts(sampler.draw(missing), group_size=G, temperature=config.temperature, timings=timings)
+        extra += missing
+        _, fresh_zero = group_advantages(fresh.rewards, G)
+        informative += [fresh.select([b], G) for b in range(missing) if not fresh_zero[b]]
+        flat += [fresh.select([b], G) for b in range(missing) if fresh_zero[b]]
+    chosen = (informative + flat)[: config.prompts_per_step]
+    return ScoredGroups.concat(chosen), extra
+
+
+def token_values(values: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+    """Spread per-completion values [B*G] onto the micro-batch's tokens -> [N]."""
+    return values[micro.sequences][micro.seq_index]
+
+
+def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = None, *, resume: bool = False,
+          device: torch.device | None = None) -> TrainResult:
+    cfg = run.hyperparameters
+    G = cfg.group_size
+    progress = progress or Progress()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    rows = load_rows(run.dataset)
+    for name in sorted(required_fields(run.reward)):
+        missing = next((i for i, row in enumerate(rows, start=1) if name not in row), None)
+        if missing is not None:
+            raise DatasetError(f"the rewards need the field {name!r}, which this row lacks", missing)
+    eval_rows = load_rows(run.eval_dataset) if run.eval_dataset else []
+    rewards = RewardSuite(run.reward)
+    models = load_models(run.base_model, cfg, device)
+    policy, tokenizer = models.policy, models.tokenizer
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    sampler = PromptSampler(len(rows), cfg.seed)
+    generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
+    rollouts = Rollouts(rows, models, rewards, cfg, generator)
+
+    start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
+    if latest is not None:
+        state = ckpt.load_training_state(latest)
+        ckpt.load_policy_weights(policy, latest, models.uses_lora)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        sampler.load_state_dict(state.extra["sampler"])
+        generator.set_state(state.rng["generator"])
+        torch.set_rng_state(state.rng["torch"])
+        random.setstate(state.rng["python"])
+        start_step = state.step
+        progress.on_log("info", f"resumed from checkpoint {latest.name} (step {start_step})")
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step)
+
+    def save(step: int) -> Path:
+        state = ckpt.TrainingState(
+            step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            rng={"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
+            extra={"sampler": sampler.state_dict(), "config": run.to_spec()},
+        )
+        path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints)
+        progress.on_checkpoint(step, path)
+        return path
+
+    progress.on_start(start_step=start_step, max_steps=cfg.max_steps)
+    step, stopped = start_step, False
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        step_started = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        # 1-2. sample prompts, generate G completions each, score them
+        batch, extra_prompts = draw_batch(rollouts, sampler, cfg, timings)
+
+        # 3. advantages; which completions need a forward/backward at all
+        started = time.perf_counter()
+        advantages, zero_std = group_advantages(batch.rewards, G, cfg.scale_rewards)  # [B*G], [B]
+        lengths = torch.tensor([c.shape[0] for c in batch.completion_ids])  # [B*G]
+        loss_mask = ~batch.truncated if cfg.mask_truncated_completions else torch.ones_like(batch.truncated)  # [B*G]
+        # With beta = 0 a zero-advantage completion has zero loss and zero gradient: skip its pass,
+        # but keep it in the normalising counts below.
+        active = loss_mask & ((advantages != 0) if cfg.beta == 0 else torch.ones_like(loss_mask))  # [B*G]
+        num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
+        micro_batches = plan_micro_batches(batch, active, G, FORWARD_TOKEN_BUDGET)
+
+        # 4. loss / backward / optimizer step, num_iterations times over the same batch
+        try:
+            stats = optimize(models, micro_batches, advantages, cfg, num_sequences=num_sequences,
+                             num_tokens=num_tokens, params=params, optimizer=optimizer, scheduler=scheduler)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemoryError(
+                f"out of memory at step {step}: lower prompts_per_step or group_size, shorten "
+                "max_completion_length, or turn on LoRA or gradient_checkpointing") from exc
+        if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
+            last = ckpt.latest_checkpoint(output_dir)
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {step} (loss={stats['loss']}, grad_norm={stats['grad_norm']}); "
+                f"the last good checkpoint is {last.name if last else 'none'}. Lower learning_rate, set "
+                "max_grad_norm, or use dtype float32")
+        timings["train"] = time.perf_counter() - started
+
+        # 5. metrics
+        metrics = step_metrics(batch, advantages, zero_std, lengths, stats, timings, cfg)
+        metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        if cfg.dynamic_sampling:
+            metrics["dynamic_sampling/extra_prompts"] = float(extra_prompts)
+        if eval_rows and cfg.eval_every and step % cfg.eval_every == 0:
+            metrics.update(evaluate(rollouts, eval_rows))
+        metrics["step_seconds"] = time.perf_counter() - step_started
+        prompt_tokens = sum(p.shape[0] for p in batch.prompt_ids) * G
+        metrics["tokens_per_second"] = (prompt_tokens + int(lengths.sum())) / metrics["step_seconds"]
+        metrics_file.append(step, metrics)
+        progress.on_step(step, metrics)
+        progress.on_samples(step, samples(batch, advantages, cfg))
+        if sum(batch.errors.values()):
+            progress.on_log("warning", f"step {step}: {sum(batch.errors.values())} reward errors: "
+                                       + "; ".join(batch.error_messages))
+
+        # 6-7. checkpoint, stop check
+        stopped = progress.should_stop() and step < cfg.max_steps
+        if stopped or step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save(step)
+        if stopped:
+            break
+
+    rewards.close()
+    return TrainResult(final_step=step, stopped=stopped, checkpoint=ckpt.latest_checkpoint(output_dir))
+
+
+def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.Tensor, cfg: GRPOConfig, *,
+             num_sequences: int, num_tokens: int, params, optimizer, scheduler) -> dict[str, float]:
+    policy, pad_id = models.policy, models.tokenizer.pad_token_id
+    forward = dict(pad_id=pad_id, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    with torch.no_grad():  # the reference, and pi_old when the batch is reused (mu > 1)
+        if cfg.beta > 0:
+            with models.reference_model() as reference:
+                reference.eval()
+                for micro in micro_batches:
+                    micro.ref_logps, _ = completion_logprobs(reference, micro.groups, **forward)
+        if cfg.num_iterations > 1:
+            policy.eval()
+            for micro in micro_batches:
+                micro.old_logps, _ = completion_logprobs(policy, micro.groups, **forward)
+
+    totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    policy.train()
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for micro in micro_batches:
+            logps, entropy = completion_logprobs(policy, micro.groups, **forward)  # [N], [N]
+            terms = clipped_token_loss(
+                logps, micro.old_logps if micro.old_logps is not None else logps.detach(),
+                token_values(advantages, micro), micro.seq_index, len(micro.sequences),
+                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_upper, delta=cfg.delta, beta=cfg.beta,
+                ref_logps=micro.ref_logps, importance_sampling_level=cfg.importance_sampling_level,
+            )
+            loss = aggregate_loss(terms.loss, micro.seq_index, len(micro.sequences), cfg.loss_type,
+                                  num_sequences=num_sequences, num_tokens=num_tokens,
+                                  max_completion_length=cfg.max_completion_length)
+            loss.backward()
+            totals["loss"] += loss.item() / cfg.num_iterations
+            totals["tokens"] += logps.shape[0]
+            totals["entropy"] += entropy.sum().item()
+            totals["low"] += terms.low_clipped.sum().item()
+            totals["high"] += terms.high_clipped.sum().item()
+            if terms.kl is not None:
+                totals["kl"] += terms.kl.detach().sum().item()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if micro_batches else torch.tensor(0.0)
+        totals["grad_norm"] += grad_norm.item() / cfg.num_iterations
+        if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm.item())):
+            return totals  # the caller fails the run before any bad update lands
+        optimizer.step()
+        scheduler.step()
+    return totals
+
+
+def step_metrics(batch: ScoredGroups, advantages, zero_std, lengths, stats, timings, cfg: GRPOConfig) -> dict[str, float]:
+    G = cfg.group_size
+    grouped = batch.rewards.view(-1, G)  # [B, G]
+    tokens = max(stats["tokens"] * 1.0, 1.0)
+    metrics = {
+        "reward": batch.rewards.mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "frac_reward_zero_std": zero_std.float().mean().item(),
+        "loss": stats["loss"],
+        "grad_norm": stats["grad_norm"],
+        "kl": stats["kl"] / tokens if cfg.beta > 0 else 0.0,
+        "entropy": stats["entropy"] / tokens,
+        "clip_ratio/low": stats["low"] / tokens,
+        "clip_ratio/high": stats["high"] / tokens,
+        "clip_ratio": (stats["low"] + stats["high"]) / tokens,
+        "completion_length": lengths.float().mean().item(),
+        "completion_length/min": lengths.min().item(),
+        "completion_length/max": lengths.max().item(),
+        "truncated_ratio": batch.truncated.float().mean().item(),
+        "reward_errors": float(sum(batch.errors.values())),
+        "time/generate": timings.get("generate", 0.0),
+        "time/reward": timings.get("reward", 0.0),
+        "time/train": timings.get("train", 0.0),
+    }
+    for name, values in batch.parts.items():
+        scored = [v for v in values if v is not None]
+        metrics[f"rewards/{name}"] = sum(scored) / len(scored) if scored else float("nan")
+        if batch.errors.get(name):
+            metrics[f"reward_errors/{name}"] = float(batch.errors[name])
+    return metrics
+
+
+def samples(batch: ScoredGroups, advantages: torch.Tensor, cfg: GRPOConfig) -> list[dict]:
+    """The first completion of the first few groups: what the model writes, and what it earned."""
+    picked = []
+    for b in range(min(cfg.num_samples_logged, len(batch.prompts))):
+        i = b * cfg.group_size
+        picked.append({
+            "prompt": batch.prompts[b], "completion": batch.completions[i], "reward": batch.rewards[i].item(),
+            "advantage": advantages[i].item(), "rewards": {k: v[i] for k, v in batch.parts.items()},
+            "truncated": bool(batch.truncated[i]),
+        })
+    return picked
+
+
+def evaluate(rollouts: Rollouts, eval_rows: list[dict]) -> dict[str, float]:
+    """Mean reward of one low-temperature completion per eval row (does not touch the training RNG)."""
+    saved = rollouts.generator.get_state()
+    original_rows, rollouts.rows = rollouts.rows, eval_rows
+    try:
+        scored = rollouts(list(range(len(eval_rows))), group_size=1, temperature=1e-4, timings={})
+    finally:
+        rollouts.rows = original_rows
+        rollouts.generator.set_state(saved)
+    metrics = {"eval/reward": scored.rewards.mean().item()}
+    for name, values in scored.parts.items():
+        scored_values = [v for v in values if v is not None]
+        metrics[f"eval/rewards/{name}"] = sum(scored_values) / max(len(scored_values), 1)
+    return metrics
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object per step. On resume, lines past the resumed step are
+    dropped, so a replayed step replaces its line instead of duplicating it."""
+
+    def __init__(self, path: Path, keep_through: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip()
+                    and json.loads(line)["step"] <= keep_through]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def append(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -1,0 +1,93 @@
+"""Loading the policy, its tokenizer and the frozen reference from a hub id or a local directory."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from trainer.config import GRPOConfig
+from trainer.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad source
+        raise ModelLoadError(f"could not load the tokenizer of base_model {str(source)!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"the tokenizer of {str(source)!r} has no EOS token; completions could never stop")
+    return tokenizer
+
+
+def load_causal_lm(source: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load base_model {str(source)!r} as a causal LM: {exc}") from exc
+    return model.to(device)
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module  # what the optimizer trains (a peft model when LoRA is on)
+    reference: torch.nn.Module | None  # None when beta = 0, or when LoRA provides it (adapters off)
+    tokenizer: PreTrainedTokenizerBase
+    uses_lora: bool
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference: the base with adapters disabled under LoRA, else the frozen copy."""
+        if self.uses_lora:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            if self.reference is None:
+                raise RuntimeError("no reference model is loaded (beta = 0)")
+            yield self.reference
+
+
+def load_models(base_model: str | Path, config: GRPOConfig, device: torch.device | None = None) -> Models:
+    device = device or default_device()
+    tokenizer = load_tokenizer(base_model)
+    policy = load_causal_lm(base_model, resolve_dtype(config.dtype, device), device)
+    policy.config.use_cache = False
+    uses_lora = config.lora is not None
+    reference = None
+    if uses_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora
+        policy = get_peft_model(policy, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    elif config.beta > 0:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if uses_lora:
+            policy.enable_input_require_grads()
+    return Models(policy=policy, reference=reference, tokenizer=tokenizer, uses_lora=uses_lora)

@@ -1,0 +1,89 @@
+"""Rollout: sample G completions for each prompt of a step, all in one batched generation.
+
+Each prompt is prefilled once and its KV cache repeated for its G completions (the cache of G
+identical prompts is identical, so this is exact); decoding then runs all B*G sequences together
+with the cache, stops a sequence at EOS and the whole batch once every sequence has stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[torch.Tensor]  # B tensors [P_b], no padding
+    completion_ids: list[torch.Tensor]  # B*G tensors [L_i], up to and including EOS, no padding
+    truncated: torch.Tensor  # [B*G] bool: hit max_completion_length without EOS
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Sample one token per row from softmax(logits) restricted to the top-p nucleus. [N, V] -> [N]"""
+    probs = torch.softmax(logits.float(), dim=-1)  # [N, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [N, V]
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # [N, V] mass before the token already > p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # [N, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[torch.Tensor],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+) -> Rollout:
+    device = next(model.parameters()).device
+    batch, width = len(prompt_ids), max(p.shape[0] for p in prompt_ids)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)  # [B, P] left-padded
+    attention_mask = torch.zeros((batch, width), dtype=torch.long, device=device)  # [B, P]
+    for b, prompt in enumerate(prompt_ids):
+        input_ids[b, width - prompt.shape[0]:] = prompt
+        attention_mask[b, width - prompt.shape[0]:] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+
+    cache = DynamicCache(config=getattr(model, "config", None))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [B*G, V]
+    attention_mask = attention_mask.repeat_interleave(group_size, dim=0)  # [B*G, P]
+    next_position = position_ids[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [B*G, 1]
+
+    eos = torch.tensor(eos_token_ids, device=device)
+    finished = torch.zeros(batch * group_size, dtype=torch.bool, device=device)  # [B*G]
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = sample_top_p(logits / temperature, top_p, generator)  # [B*G]
+        token = token.masked_fill(finished, pad_id)
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if finished.all() or len(tokens) == max_new_tokens:
+            break
+        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)  # [B*G, P+t]
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]  # [B*G, V]
+        next_position = next_position + 1
+
+    generated = torch.stack(tokens, dim=1).cpu()  # [B*G, T]
+    is_eos = torch.isin(generated, eos.cpu())  # [B*G, T]
+    has_eos = is_eos.any(dim=1)  # [B*G]
+    lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, generated.shape[1])  # [B*G] EOS included
+    return Rollout(
+        prompt_ids=[p.cpu() for p in prompt_ids],
+        completion_ids=[generated[i, : lengths[i]] for i in range(generated.shape[0])],
+        truncated=~has_eos,
+    )
