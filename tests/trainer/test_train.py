@@ -13,7 +13,7 @@ from trainer.config import LoraConfig
 from trainer.loop import train
 from trainer.progress import Progress
 
-from .factories import letter_dataset, tiny_run
+from tests.trainer.factories import letter_dataset, tiny_run
 
 pytestmark = pytest.mark.slow
 
