@@ -8,12 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.trainer.factories import letter_dataset, tiny_run
 from trainer.checkpoint import list_checkpoints
 from trainer.config import LoraConfig
 from trainer.loop import train
 from trainer.progress import Progress
-
-from tests.trainer.factories import letter_dataset, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -178,3 +177,29 @@ def test_trainer_source_names_no_web_database_or_queue_module():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert offenders == []
+
+
+def test_eval_metrics_and_merged_export(tiny_model_dir, tmp_path):
+    from trainer.checkpoint import export_merged
+
+    data = letter_dataset(tmp_path / "data.jsonl")
+    run = tiny_run(tiny_model_dir, data, max_steps=2, eval_every=1,
+                   lora=LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    run.eval_dataset = str(letter_dataset(tmp_path / "eval.jsonl", n=3))
+    progress = Recorder()
+    result = train(run, tmp_path / "out", progress)
+    assert all("eval/reward" in m and "eval/rewards/regex" in m for _, m in progress.steps)
+    merged = export_merged(result.checkpoint, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in name for name in model.state_dict())
+
+
+def test_bad_inputs_fail_with_reasons_a_user_can_act_on(tiny_model_dir, tmp_path):
+    from trainer.errors import DatasetError, ModelLoadError
+
+    data = letter_dataset(tmp_path / "data.jsonl")
+    with pytest.raises(ModelLoadError, match="could not load the tokenizer of base_model"):
+        train(tiny_run(tmp_path / "no-such-model", data), tmp_path / "a")
+    exact = [{"type": "exact_match", "field": "solution"}]
+    with pytest.raises(DatasetError, match="line 1: the rewards need the field 'solution'"):
+        train(tiny_run(tiny_model_dir, data, reward=exact), tmp_path / "b")
