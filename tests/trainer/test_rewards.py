@@ -1,0 +1,525 @@
+"""Reward functions on hand-written completions: scores, error paths, spec validation."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError
+from trainer.errors import ModelLoadError
+from trainer.rewards import (
+    REWARD_TYPES,
+    RewardSuite,
+    code_tests,
+    remote,
+    required_fields,
+    validate_reward_specs,
+)
+from trainer.rewards.base import RewardType
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def score(spec: dict, completions: list[str], rows: list[dict] | None = None):
+    """Run one reward spec over completions (empty prompts; rows default to empty objects)."""
+    rows = rows if rows is not None else [{} for _ in completions]
+    with RewardSuite([spec]) as suite:
+        return suite(["" for _ in completions], completions, rows)
+
+
+def parts(spec: dict, completions: list[str], rows: list[dict] | None = None) -> list[float | None]:
+    """The one reward's unweighted scores."""
+    (scores,) = score(spec, completions, rows).parts.values()
+    return scores
+
+
+def answers(*values) -> list[dict]:
+    return [{"answer": value} for value in values]
+
+
+# --- exact_match -------------------------------------------------------------------------------
+
+
+def test_exact_match_last_number_normalises_numbers():
+    completions = ["so the total is 1,234.", "It is 1234.0 dollars", "x = -3", "no number here", "5-3 = 2", "7 then 8"]
+    rows = answers("1234", "1,234", "-3", "7", 2, "7")
+    assert parts({"type": "exact_match"}, completions, rows) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_exact_match_boxed_takes_the_last_complete_box_with_nested_braces():
+    completions = ["first \\boxed{3} then \\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}} and \\boxed{\\frac{1}{",
+                   "\\boxed{ 2 }", "no box: \\frac{1}{2}"]
+    rows = answers("\\frac{1}{2}", "\\frac{1}{2}", "2", "\\frac{1}{2}")
+    assert parts({"type": "exact_match", "extract": "boxed"}, completions, rows) == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_exact_match_after_marker():
+    completions = ["4 + 6 = 10\n#### 1,000\n", "#### 12 apples\n#### 13", "Answer: 42", "#### "]
+    rows = answers("1000", "13", "42", "0")
+    assert parts({"type": "exact_match", "extract": "after_marker"}, completions, rows) == [1.0, 1.0, 0.0, 0.0]
+    assert parts({"type": "exact_match", "extract": "after_marker", "marker": "Answer:"}, completions[2:3],
+                 rows[2:3]) == [1.0]
+
+
+def test_exact_match_regex_group_and_case():
+    spec = {"type": "exact_match", "extract": "regex", "pattern": r"answer: (\w+)", "flags": "i"}
+    completions = ["Answer: Lyon. No wait, answer: PARIS", "answer: Rome", "I don't know"]
+    rows = answers("paris", "paris", "paris")
+    assert parts(spec, completions, rows) == [1.0, 0.0, 0.0]
+    assert parts({**spec, "case_sensitive": True}, completions[:1], rows[:1]) == [0.0]
+
+
+def test_exact_match_full_collapses_whitespace():
+    completions = ["  Hello \n  World ", "hello world!"]
+    assert parts({"type": "exact_match", "extract": "full"}, completions, answers("hello world", "hello world")) \
+        == [1.0, 0.0]
+
+
+def test_a_completion_that_raises_is_a_counted_error_and_the_total_still_adds_up():
+    suite = RewardSuite([{"type": "exact_match", "weight": 2.0}, {"type": "length", "target": 4, "weight": 0.5}])
+    output = suite(["p", "p", "p"], ["1234", "5678", "42"], [{"answer": 1234}, {"question": "?"}, {"answer": 1}])
+    assert output.parts["exact_match"] == [1.0, None, 0.0]
+    assert output.errors == {"exact_match": 1, "length": 0}
+    assert output.parts["length"] == [1.0, 1.0, 0.5]
+    assert output.total == [2.0 + 0.5, 0.5, 0.25]
+    assert output.error_messages == ["exact_match: the dataset row has no 'answer' field (its fields: question)"]
+
+
+# --- math --------------------------------------------------------------------------------------
+
+
+MATH_COMPLETIONS = ["so the answer is $\\boxed{0.5}$", "We get $(x+1)^2$", "the answer is $\\frac{1}{3}$",
+                    "I am not sure"]
+MATH_ROWS = answers("\\frac{1}{2}", "x^2+2x+1", "1/2", "4")
+
+
+def test_math_checks_symbolic_equivalence():
+    assert parts({"type": "math"}, MATH_COMPLETIONS, MATH_ROWS) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_math_runs_off_the_main_thread():
+    results = []
+    thread = threading.Thread(target=lambda: results.append(parts({"type": "math"}, MATH_COMPLETIONS, MATH_ROWS)))
+    thread.start()
+    thread.join()
+    assert results == [[1.0, 1.0, 0.0, 0.0]]
+
+
+def test_math_unreadable_gold_answer_is_an_error():
+    output = score({"type": "math"}, ["$2$"], answers("}{"))
+    assert output.errors == {"math": 1}
+    assert output.parts["math"] == [None]
+    assert "math-verify cannot read" in output.error_messages[0]
+
+
+# --- regex and length --------------------------------------------------------------------------
+
+
+def test_regex_match_full_match_and_flags():
+    completions = ["<think>a\nb</think> 4", "no tags", "<THINK>x</THINK>"]
+    assert parts({"type": "regex", "pattern": "<think>.*</think>"}, completions) == [0.0, 0.0, 0.0]
+    assert parts({"type": "regex", "pattern": "<think>.*</think>", "flags": "si"}, completions) == [1.0, 0.0, 1.0]
+    assert parts({"type": "regex", "pattern": "<think>.*</think>", "flags": "si", "full_match": True},
+                 completions) == [0.0, 0.0, 1.0]
+
+
+def test_regex_fraction_is_the_covered_share_of_characters():
+    spec = {"type": "regex", "pattern": "a+", "score": "fraction"}
+    assert parts(spec, ["aab", "bbbb", "", "aaaa", "abab"]) == [2 / 3, 0.0, 0.0, 1.0, 0.5]
+
+
+def test_length_target_and_max_length():
+    completions = ["x" * 10, "x" * 5, "x" * 25, ""]
+    assert parts({"type": "length", "target": 10}, completions) == [1.0, 0.5, 0.0, 0.0]
+    assert parts({"type": "length", "max_length": 10}, completions) == [0.0, 0.0, -1.0, 0.0]
+    assert parts({"type": "length", "max_length": 20}, ["x" * 25]) == [-0.25]
+
+
+# --- code_tests --------------------------------------------------------------------------------
+
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
+
+
+def code_rows(tests, n: int = 1) -> list[dict]:
+    return [{"tests": tests} for _ in range(n)]
+
+
+def test_code_tests_scores_the_share_of_tests_passed():
+    completions = [
+        "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.",
+        "```python\ndef add(a, b):\n    return a * b if a == 2 else a + b + 1\n```",  # passes 1 of 3
+        "```\ndef add(a, b):\n    return abs(a) + b\n```",  # untagged fence; passes 2 of 3
+        "def add(a, b) return a + b",  # no fence: the whole completion, a syntax error
+        "```python\nraise SystemExit(0)\n```",  # exiting early passes nothing
+        "```bash\nls\n```\n```python\ndef add(a, b):\n    return a + b\n",  # a fence cut off by truncation
+    ]
+    output = score({"type": "code_tests"}, completions, code_rows(ADD_TESTS, len(completions)))
+    assert output.parts["code_tests"] == [1.0, 1 / 3, 2 / 3, 0.0, 0.0, 1.0]
+    assert output.errors == {"code_tests": 0}
+    all_or_nothing = parts({"type": "code_tests", "partial": False}, completions[:3], code_rows(ADD_TESTS, 3))
+    assert all_or_nothing == [1.0, 0.0, 0.0]
+
+
+def test_code_tests_one_string_counts_each_top_level_assert():
+    tests = "def check(x):\n    return add(x, 1)\n\nassert check(1) == 2\nassert check(2) == 99\n"
+    assert parts({"type": "code_tests"}, ["def add(a, b):\n    return a + b"], code_rows(tests)) == [0.5]
+
+
+def test_code_tests_an_infinite_loop_is_stopped_by_the_time_limit():
+    completions = ["```python\nwhile True:\n    pass\n```", "```python\nimport time\ntime.sleep(60)\n```"]
+    started = time.monotonic()
+    output = score({"type": "code_tests", "timeout_s": 1}, completions, code_rows(ADD_TESTS, 2))
+    assert output.parts["code_tests"] == [0.0, 0.0]
+    assert output.errors == {"code_tests": 0}
+    assert time.monotonic() - started < 1 + code_tests.STARTUP_SLACK_S + 2
+
+
+def test_code_tests_keeps_the_tests_passed_before_a_timeout():
+    completion = "def add(a, b):\n    while a == 2:\n        pass\n    return a + b"
+    assert parts({"type": "code_tests", "timeout_s": 1}, [completion], code_rows(ADD_TESTS)) == [2 / 3]
+
+
+def test_code_tests_sandbox_has_no_network():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        completion = ("```python\nimport socket\ndef reach():\n    try:\n"
+                      f"        socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+                      "        return True\n    except OSError:\n        return False\n```")
+        tests = code_rows(["assert reach()"])
+        assert parts({"type": "code_tests"}, [completion], tests) == [0.0]
+        # The same program with the network allowed does connect: the check above is not vacuous.
+        assert parts({"type": "code_tests", "allow_network": True}, [completion], tests) == [1.0]
+
+
+def test_code_tests_sandbox_runs_in_a_scratch_directory_with_limits():
+    program = "import os, resource\ncwd = os.getcwd()\n"
+    tests = [f"assert cwd != {str(Path.cwd())!r} and os.listdir(cwd) == []",
+             "assert resource.getrlimit(resource.RLIMIT_AS)[0] == 256 * 2**20",
+             "assert 'PATH' not in os.environ and 'HOME' not in os.environ",
+             "try:\n    bytearray(300 * 2**20)\nexcept MemoryError:\n    pass\n"
+             "else:\n    raise AssertionError('no memory limit')"]
+    assert parts({"type": "code_tests", "memory_mb": 256}, [program], code_rows(tests)) == [1.0]
+
+
+def fake_sandbox(tmp_path: Path, stderr: str, status: int) -> Path:
+    script = tmp_path / "sandbox.py"
+    script.write_text(f"import sys\nsys.stderr.write({stderr!r})\nsys.exit({status})\n")
+    return script
+
+
+def test_code_tests_refuses_to_run_without_network_isolation(tmp_path, monkeypatch):
+    script = fake_sandbox(tmp_path, "cannot create a network namespace: Operation not permitted\n",
+                          code_tests.EXIT_NO_NETWORK_ISOLATION)
+    monkeypatch.setattr(code_tests, "SANDBOX_SCRIPT", script)
+    output = score({"type": "code_tests"}, ["def add(a, b): return a + b"] * 3, code_rows(ADD_TESTS, 3))
+    assert output.parts["code_tests"] == [None, None, None]
+    assert output.errors == {"code_tests": 3}
+    (message,) = output.error_messages
+    assert "refusing to run code with network access" in message and "allow_network: true" in message
+
+
+def test_code_tests_sandbox_that_fails_to_start_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(code_tests, "SANDBOX_SCRIPT", fake_sandbox(tmp_path, "boom\n", 1))
+    output = score({"type": "code_tests"}, ["x = 1"], code_rows(ADD_TESTS))
+    assert output.errors == {"code_tests": 1}
+    assert output.error_messages == ["code_tests: the sandbox failed to start (exit status 1): boom"]
+
+
+def test_code_tests_bad_tests_in_the_row_are_errors():
+    output = score({"type": "code_tests"}, ["x = 1"] * 3, [{"tests": []}, {"tests": "assert ("}, {}])
+    assert output.parts["code_tests"] == [None, None, None]
+    assert len(output.error_messages) == 3
+
+
+# --- http --------------------------------------------------------------------------------------
+
+
+class ScoringHandler(BaseHTTPRequestHandler):
+    """/good scores len(completion); /short drops one; /fail is a 500; /flaky fails once; /slow sleeps."""
+
+    hits: dict[str, int] = {}
+    headers_seen: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        hits = self.hits[self.path] = self.hits.get(self.path, 0) + 1
+        self.headers_seen.append(dict(self.headers))
+        rewards = [float(len(c)) for c in body["completions"]]
+        assert len(body["prompts"]) == len(body["rows"]) == len(rewards)
+        if self.path == "/short":
+            rewards = rewards[:-1]
+        elif self.path == "/text":
+            rewards = ["high"] * len(rewards)
+        elif self.path == "/slow":
+            time.sleep(1.0)
+        if self.path == "/fail" or (self.path == "/flaky" and hits == 1):
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"internal error")
+            return
+        payload = json.dumps({"rewards": rewards}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scoring_server(monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    ScoringHandler.hits = {}
+    ScoringHandler.headers_seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScoringHandler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+COMPLETIONS = ["a", "bb", "ccc"]
+
+
+def test_http_good_answer(scoring_server):
+    spec = {"type": "http", "url": f"{scoring_server}/good", "headers": {"Authorization": "Bearer t0ken"}}
+    output = score(spec, COMPLETIONS, [{"id": i} for i in range(3)])
+    assert output.parts["http"] == [1.0, 2.0, 3.0]
+    assert output.total == [1.0, 2.0, 3.0]
+    assert ScoringHandler.headers_seen[0]["Authorization"] == "Bearer t0ken"
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/short", "expected 3 rewards, one per completion, got 2"),
+    ("/text", "rewards[0] is 'high', not a finite number"),
+    ("/fail", "answered HTTP 500"),
+])
+def test_http_bad_answers_fail_the_whole_batch(scoring_server, path, expected):
+    output = score({"type": "http", "url": f"{scoring_server}{path}"}, COMPLETIONS)
+    assert output.parts["http"] == [None, None, None]
+    assert output.errors == {"http": 3}
+    assert output.total == [0.0, 0.0, 0.0]
+    (message,) = output.error_messages
+    assert message.startswith(f"http: POST {scoring_server}{path}: ") and expected in message
+
+
+def test_http_retries_server_errors(scoring_server):
+    assert parts({"type": "http", "url": f"{scoring_server}/flaky"}, COMPLETIONS) == [1.0, 2.0, 3.0]
+    score({"type": "http", "url": f"{scoring_server}/fail"}, COMPLETIONS)
+    assert ScoringHandler.hits == {"/flaky": 2, "/fail": 3}  # the first try and two retries
+
+
+def test_http_timeout_and_refused_connection_are_errors(scoring_server):
+    output = score({"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2}, COMPLETIONS)
+    assert output.errors == {"http": 3}
+    assert "no answer within 0.2 s" in output.error_messages[0]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed_port = unused.getsockname()[1]
+    output = score({"type": "http", "url": f"http://127.0.0.1:{closed_port}/"}, COMPLETIONS)
+    assert output.errors == {"http": 3}
+    assert "cannot connect" in output.error_messages[0]
+
+
+# --- reward_model ------------------------------------------------------------------------------
+
+
+def write_reward_model(path: Path, *, arch: str = "llama", num_labels: int = 1) -> Path:
+    """A tiny random sequence-classification model with a character-level tokenizer."""
+    import string
+
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import (
+        AutoModelForSequenceClassification,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+    )
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *string.printable])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = config_class(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reward_model_scores_prompt_plus_completion(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = write_reward_model(tmp_path / "rm")
+    prompts = ["Q: 2+2?\nA:", "Q: 2+2?\nA:", "Say hi:", "Say hi:"]
+    completions = [" 4", " 5, I think", " hi", " hello there, friend"]
+    rows = [{} for _ in prompts]
+    with RewardSuite([{"type": "reward_model", "model": str(model_dir), "batch_size": 3}]) as suite:
+        first = suite(prompts, completions, rows).parts["reward_model"]
+        again = suite(prompts, completions, rows).parts["reward_model"]
+    assert all(math.isfinite(value) for value in first)
+    assert first == again
+    assert len(set(first)) == len(first)  # each completion gets its own score
+
+    # Padding in a batch does not change a score: compare with the model run on each text alone.
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        alone = [model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item()
+                 for p, c in zip(prompts, completions, strict=True)]
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_reward_model_with_several_labels_gives_the_probability_of_label_index(tmp_path):
+    import torch
+
+    model_dir = write_reward_model(tmp_path / "rm3", arch="qwen2", num_labels=3)
+    completions = ["good", "bad", "fine answer"]
+    by_label = [parts({"type": "reward_model", "model": str(model_dir), "label_index": label}, completions)
+                for label in range(3)]
+    probabilities = torch.tensor(by_label)  # [label, completion]
+    assert ((probabilities > 0) & (probabilities < 1)).all()
+    torch.testing.assert_close(probabilities.sum(dim=0), torch.ones(3))
+    with pytest.raises(ModelLoadError, match=r"reward\[0\]\.label_index"):
+        RewardSuite([{"type": "reward_model", "model": str(model_dir), "label_index": 3}])
+
+
+def test_reward_model_that_cannot_load_names_the_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load the reward model"):
+        RewardSuite([{"type": "reward_model", "model": str(tmp_path / "missing")}])
+
+
+# --- the suite ---------------------------------------------------------------------------------
+
+
+def test_suite_counts_batch_failures_wrong_lengths_and_non_finite_scores(monkeypatch):
+    class Broken:
+        """Fails in the way its spec's ``field`` names."""
+
+        def __init__(self, mode):
+            self.mode = mode
+
+        def __call__(self, prompts, completions, rows):
+            if self.mode == "raise":
+                raise ConnectionError("scorer down")
+            if self.mode == "short":
+                return [1.0]
+            return [float("nan") if completion == "b" else 1.0 for completion in completions]
+
+        def close(self):
+            pass
+
+    options = {"field": REWARD_TYPES["exact_match"].options["field"]}
+    broken = RewardType(options=options, build=lambda spec, **_: Broken(spec["field"]))
+    monkeypatch.setitem(REWARD_TYPES, "broken", broken)
+    suite = RewardSuite([{"type": "broken", "field": "raise"}, {"type": "broken", "field": "nan", "weight": 3.0},
+                         {"type": "broken", "field": "short"}, {"type": "length", "target": 1}])
+    output = suite(["", ""], ["a", "b"], [{}, {}])
+    assert suite.names == ["broken", "broken_2", "broken_3", "length"]
+    assert output.parts == {"broken": [None, None], "broken_2": [1.0, None], "broken_3": [None, None],
+                            "length": [1.0, 1.0]}
+    assert output.errors == {"broken": 2, "broken_2": 1, "broken_3": 2, "length": 0}
+    assert output.total == [4.0, 1.0]
+    assert output.error_messages == ["broken: ConnectionError: scorer down",
+                                     "broken_2: gave a non-finite score (nan)",
+                                     "broken_3: returned 1 scores for 2 completions"]
+
+
+def test_suite_keeps_at_most_five_distinct_error_messages():
+    rows = [{f"question_{i}": "?"} for i in range(8)] + [{"question_0": "?"}]
+    output = score({"type": "exact_match"}, ["1"] * 9, rows)
+    assert output.errors == {"exact_match": 9}
+    assert len(output.error_messages) == 5 and len(set(output.error_messages)) == 5
+
+
+def test_suite_names_are_unique():
+    specs = [{"type": "regex", "pattern": "a"}, {"type": "regex", "pattern": "b", "name": "regex"},
+             {"type": "regex", "pattern": "c"}, {"type": "length", "target": 3, "name": "short"},
+             {"type": "exact_match"}]
+    assert RewardSuite(specs).names == ["regex_2", "regex", "regex_3", "short", "exact_match"]
+
+
+def test_suite_rejects_mismatched_batches():
+    with pytest.raises(ValueError, match="one prompt and one row per completion"):
+        RewardSuite([{"type": "exact_match"}])(["p"], ["a", "b"], [{}, {}])
+
+
+# --- spec validation ---------------------------------------------------------------------------
+
+
+def test_validate_fills_defaults_and_copies():
+    specs = [{"type": "exact_match"}, {"type": "code_tests", "weight": 2}]
+    normalised = validate_reward_specs(specs)
+    assert specs == [{"type": "exact_match"}, {"type": "code_tests", "weight": 2}]
+    assert normalised[0] == {"type": "exact_match", "weight": 1.0, "name": "exact_match", "field": "answer",
+                             "extract": "last_number", "marker": "####", "pattern": None, "flags": "",
+                             "case_sensitive": False}
+    assert normalised[1]["weight"] == 2.0 and normalised[1]["timeout_s"] == 5.0 and normalised[1]["memory_mb"] == 512
+    assert validate_reward_specs(normalised) == normalised
+
+
+@pytest.mark.parametrize(("specs", "param", "words"), [
+    ([{"type": "bleu"}], "reward[0].type", "known types: code_tests, exact_match, http, length, math, "
+                                           "regex, reward_model"),
+    ([{"weight": 1}], "reward[0].type", "is required"),
+    ([{"type": "exact_match"}, {"type": "regex"}], "reward[1].pattern", "is required for a regex reward"),
+    ([{"type": "regex", "pattern": "(unclosed"}], "reward[0].pattern", "not a valid regular expression"),
+    ([{"type": "regex", "pattern": "a", "flags": "q"}], "reward[0].flags", "unknown regex flag 'q'"),
+    ([{"type": "regex", "pattern": "a", "weight": "high"}], "reward[0].weight", "must be a number"),
+    ([{"type": "regex", "pattern": "a", "weight": True}], "reward[0].weight", "must be a number"),
+    ([{"type": "regex", "pattern": "a", "score": "dense"}], "reward[0].score", "expected one of match, fraction"),
+    ([{"type": "regex", "pattern": "a", "patern": "b"}], "reward[0].patern", "its options: "),
+    ([{"type": "exact_match", "extract": "regex"}], "reward[0].pattern", "is required when extract is 'regex'"),
+    ([{"type": "exact_match", "pattern": "(x)"}], "reward[0].pattern", "only used with extract: 'regex'"),
+    ([{"type": "exact_match", "extract": "first_number"}], "reward[0].extract", "last_number, boxed"),
+    ([{"type": "length"}], "reward[0].target", "exactly one of target"),
+    ([{"type": "length", "target": 10, "max_length": 20}], "reward[0].target", "exactly one of target"),
+    ([{"type": "length", "target": 0}], "reward[0].target", "must be >= 1"),
+    ([{"type": "code_tests", "timeout_s": 0}], "reward[0].timeout_s", "must be > 0"),
+    ([{"type": "code_tests", "allow_network": "yes"}], "reward[0].allow_network", "true or false"),
+    ([{"type": "http"}], "reward[0].url", "is required for a http reward"),
+    ([{"type": "http", "url": "ftp://x"}], "reward[0].url", "http:// or https://"),
+    ([{"type": "http", "url": "http://x", "headers": {"a": 1}}], "reward[0].headers", "object of strings"),
+    ([{"type": "reward_model"}], "reward[0].model", "is required"),
+    ([{"type": "math", "name": "m"}, {"type": "length", "target": 3, "name": "m"}], "reward[1].name",
+     "used by an earlier reward"),
+    ([{"type": "math", "name": ""}], "reward[0].name", "1 to 64 characters"),
+    (["exact_match"], "reward[0]", "must be an object"),
+    ([], "reward", "give a list"),
+])
+def test_validation_errors_name_the_param(specs, param, words):
+    with pytest.raises(ConfigError) as caught:
+        validate_reward_specs(specs)
+    assert caught.value.param == param
+    assert words in caught.value.message
+
+
+def test_required_fields():
+    specs = [{"type": "exact_match"}, {"type": "math", "field": "solution"}, {"type": "code_tests"},
+             {"type": "regex", "pattern": "x"}, {"type": "http", "url": "http://localhost/score"}]
+    assert required_fields(specs) == {"answer", "solution", "tests"}
+    assert required_fields([{"type": "length", "target": 5}]) == set()
+
+
+def test_importing_the_rewards_loads_no_torch():
+    code = ("import json, sys, trainer.rewards\n"
+            "print(json.dumps([m for m in ('torch', 'transformers', 'math_verify', 'httpx') if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []

@@ -1,0 +1,105 @@
+"""``RewardSuite``: the reward functions of one run, built once and combined with their weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.rewards.base import RewardError, RewardFunction
+from trainer.rewards.registry import REWARD_TYPES, validate_reward_specs
+
+logger = logging.getLogger(__name__)
+MAX_ERROR_MESSAGES = 5
+MAX_MESSAGE_CHARS = 300
+
+
+@dataclass
+class RewardOutput:
+    total: list[float]  # weighted sum per completion; an errored part contributes 0
+    parts: dict[str, list[float | None]]  # per function name, the unweighted score, None where it errored
+    errors: dict[str, int]  # per function name, how many completions errored
+    error_messages: list[str]  # up to MAX_ERROR_MESSAGES distinct "name: message"
+
+
+class RewardSuite:
+    """Validates the specs, builds each function (loading a reward model if one is named) and
+    scores batches: ``suite(prompts, completions, rows) -> RewardOutput``."""
+
+    def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu"):
+        self.specs = validate_reward_specs(specs)
+        self.names: list[str] = [spec["name"] for spec in self.specs]
+        self.weights: list[float] = [spec["weight"] for spec in self.specs]
+        self._functions: list[RewardFunction] = []
+        try:
+            for index, spec in enumerate(self.specs):
+                build = REWARD_TYPES[spec["type"]].build
+                self._functions.append(build(spec, device=device, param=f"reward[{index}]"))
+        except BaseException:
+            self.close()
+            raise
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> RewardOutput:
+        if not len(prompts) == len(completions) == len(rows):
+            raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(rows)} rows; "
+                             "pass one prompt and one row per completion")
+        total = [0.0] * len(completions)
+        parts: dict[str, list[float | None]] = {}
+        errors: dict[str, int] = {}
+        messages: list[str] = []
+        for name, weight, function in zip(self.names, self.weights, self._functions, strict=True):
+            scores = self._score(name, function, prompts, completions, rows)
+            parts[name] = []
+            errors[name] = 0
+            for index, score in enumerate(scores):
+                if isinstance(score, float):
+                    parts[name].append(score)
+                    total[index] += weight * score
+                    continue
+                parts[name].append(None)
+                errors[name] += 1
+                message = f"{name}: {_describe(score)}"
+                if message not in messages and len(messages) < MAX_ERROR_MESSAGES:
+                    messages.append(message)
+        return RewardOutput(total=total, parts=parts, errors=errors, error_messages=messages)
+
+    def _score(self, name: str, function: RewardFunction, prompts: list[str], completions: list[str],
+               rows: list[dict[str, Any]]) -> list[float | Exception]:
+        """One entry per completion: a finite float or the exception that stands for it."""
+        try:
+            scores = function(prompts, completions, rows)
+            if len(scores) != len(completions):
+                raise RewardError(f"returned {len(scores)} scores for {len(completions)} completions")
+        except Exception as exc:  # a batch-level failure (a reward model, an endpoint) fails every completion
+            logger.debug("reward %s failed for the whole batch", name, exc_info=True)
+            return [exc] * len(completions)
+        checked: list[float | Exception] = []
+        for score in scores:
+            if isinstance(score, Exception):
+                checked.append(score)
+            elif math.isfinite(score):
+                checked.append(float(score))
+            else:
+                checked.append(RewardError(f"gave a non-finite score ({score})"))
+        return checked
+
+    def close(self) -> None:
+        """Frees what the functions hold (a reward model, an HTTP client)."""
+        for function in self._functions:
+            try:
+                function.close()
+            except Exception:
+                logger.warning("closing a reward function failed", exc_info=True)
+        self._functions = []
+
+    def __enter__(self) -> RewardSuite:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc) if isinstance(exc, RewardError) else f"{type(exc).__name__}: {exc}"
+    return text[:MAX_MESSAGE_CHARS]
