@@ -3,7 +3,7 @@ the forward/backward passes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -65,7 +65,6 @@ class MicroBatch:
     seq_index: torch.Tensor  # [N] micro-batch-local completion index of each token
     ref_logps: torch.Tensor | None = None  # [N]
     old_logps: torch.Tensor | None = None  # [N]
-    extra: dict = field(default_factory=dict)
 
 
 def plan_micro_batches(

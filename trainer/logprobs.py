@@ -137,24 +137,19 @@ def pack_groups(groups: list[Group], *, pad_id: int, dtype: torch.dtype, device:
     )
 
 
-def completion_logprobs(
-    model: nn.Module,
-    groups: list[Group],
-    *,
-    pad_id: int,
-    temperature: float,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies of every completion in ``groups`` under ``model``.
-
-    ``model`` is a Hugging Face causal LM (or a peft model around one). Returns flat tensors
-    (logps [N], entropy [N]) in the order the groups list their completions.
-    """
+def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder, LM head) of a Hugging Face causal LM, or of the one inside a peft model."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    dtype = next(decoder.parameters()).dtype
-    device = next(decoder.parameters()).device
-    batch = pack_groups(groups, pad_id=pad_id, dtype=dtype, device=device)
+    return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+
+
+def completion_logprobs(
+    model: nn.Module, batch: PackedBatch, *, temperature: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of every completion packed in ``batch`` under ``model``
+    (a Hugging Face causal LM, or a peft model around one). Returns flat tensors (logps [N],
+    entropy [N]) in the order the groups list their completions."""
+    decoder, lm_head = model_parts(model)
     hidden = decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

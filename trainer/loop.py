@@ -18,7 +18,7 @@ from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
 from trainer.config import GRPOConfig, RunConfig
 from trainer.data import PromptSampler, load_rows
 from trainer.errors import DatasetError, NonFiniteLossError, OutOfMemoryError
-from trainer.logprobs import completion_logprobs
+from trainer.logprobs import completion_logprobs, model_parts, pack_groups
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
 from trainer.model import Models, load_models
 from trainer.progress import Progress
@@ -248,25 +248,28 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
 
 def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.Tensor, cfg: GRPOConfig, *,
              num_sequences: int, num_tokens: int, params, optimizer, scheduler) -> dict[str, float]:
-    policy, pad_id = models.policy, models.tokenizer.pad_token_id
-    forward = dict(pad_id=pad_id, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    policy = models.policy
+    forward = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    first_param = next(model_parts(policy)[0].parameters())
+    packed = [pack_groups(micro.groups, pad_id=models.tokenizer.pad_token_id, dtype=first_param.dtype,
+                          device=first_param.device) for micro in micro_batches]  # once, for every pass
     with torch.no_grad():  # the reference, and pi_old when the batch is reused (mu > 1)
         if cfg.beta > 0:
             with models.reference_model() as reference:
                 reference.eval()
-                for micro in micro_batches:
-                    micro.ref_logps, _ = completion_logprobs(reference, micro.groups, **forward)
+                for micro, batch in zip(micro_batches, packed, strict=True):
+                    micro.ref_logps, _ = completion_logprobs(reference, batch, **forward)
         if cfg.num_iterations > 1:
             policy.eval()
-            for micro in micro_batches:
-                micro.old_logps, _ = completion_logprobs(policy, micro.groups, **forward)
+            for micro, batch in zip(micro_batches, packed, strict=True):
+                micro.old_logps, _ = completion_logprobs(policy, batch, **forward)
 
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     policy.train()
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for micro in micro_batches:
-            logps, entropy = completion_logprobs(policy, micro.groups, **forward)  # [N], [N]
+        for micro, batch in zip(micro_batches, packed, strict=True):
+            logps, entropy = completion_logprobs(policy, batch, **forward)  # [N], [N]
             terms = clipped_token_loss(
                 logps, micro.old_logps if micro.old_logps is not None else logps.detach(),
                 token_values(advantages, micro), micro.seq_index, len(micro.sequences),

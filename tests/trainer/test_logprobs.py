@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from trainer.logprobs import Group, completion_logprobs, selected_logprobs
+from trainer.logprobs import Group, completion_logprobs, pack_groups, selected_logprobs
 
 
 def test_chunked_logprobs_equal_log_softmax_gather_with_gradients():
@@ -55,7 +55,8 @@ def test_packed_forward_equals_one_row_per_completion(arch, tiny_model_dir, tiny
     groups = _groups()
     weights = torch.linspace(-1, 1, sum(c.shape[0] for g in groups for c in g.completions))
 
-    logps, _ = completion_logprobs(packed_model, groups, pad_id=0, temperature=0.9, chunk_size=4)
+    batch = pack_groups(groups, pad_id=0, dtype=torch.float32, device=torch.device("cpu"))
+    logps, _ = completion_logprobs(packed_model, batch, temperature=0.9, chunk_size=4)
     (logps * weights).sum().backward()
     plain = _plain_logprobs(plain_model, groups, 0.9)
     (plain * weights).sum().backward()
