@@ -24,3 +24,23 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The service. `serve`, `worker` and `migrate` read GRPO_* settings (PostgreSQL and Redis in
+# production); `embedded` runs the API and a worker on SQLite and a file broker under DATA_DIR.
+DATA_DIR ?= var
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: migrate serve worker embedded
+
+migrate: setup
+	$(PY) -m api.cli migrate
+
+serve: setup
+	$(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+
+worker: setup
+	$(PY) -m worker
+
+embedded: setup
+	$(PY) -m api.cli serve --embedded --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): routes, the error shape, downloads, server-sent events."""

@@ -1,0 +1,60 @@
+"""The embedded setup: the API and one worker, as two child processes of one command.
+
+The children run the very commands of a deployment (``uvicorn api.main:app`` and
+``python -m worker``); only the settings differ: a SQLite file, the filesystem broker and the
+artifacts, all under one data directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from jobs.migrate import upgrade
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OVERRIDDEN = ("GRPO_DATABASE_URL", "GRPO_BROKER_URL", "GRPO_BROKER_DIR", "GRPO_ARTIFACT_DIR")
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OVERRIDDEN}
+    env["GRPO_DATA_DIR"] = str(data_dir.resolve())
+    return env
+
+
+def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
+    """Migrate, start the API and a worker, and stop both when either ends or on SIGINT/SIGTERM."""
+    env = embedded_env(data_dir)
+    settings = Settings(data_dir=Path(env["GRPO_DATA_DIR"]))
+    upgrade(settings.database_url)
+    log.info("embedded service: data in %s, API on http://%s:%d", settings.data_dir, host, port)
+
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    children = {
+        "api": subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)],
+                                env=env),
+        "worker": subprocess.Popen([sys.executable, "-m", "worker"], env=env),
+    }
+    while not stopping.is_set() and all(child.poll() is None for child in children.values()):
+        stopping.wait(0.5)
+    for name, child in children.items():
+        if child.poll() is None:
+            child.terminate()
+        elif not stopping.is_set():
+            log.error("the %s process exited with %s; stopping the others", name, child.returncode)
+    for child in children.values():
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0 if stopping.is_set() else 1

@@ -1,0 +1,113 @@
+"""One error shape for every failed request: ``{"error": {"code", "message", "param"}}``.
+
+Domain code raises ``jobs.errors`` exceptions; this module alone knows their HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from jobs.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceError
+from jobs.schemas import ErrorOut
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[ServiceError], int] = {InvalidRequest: 422, NotFound: 404, Conflict: 409, PayloadTooLarge: 413}
+HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, "param": param}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def status_of(exc: ServiceError) -> int:
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 400
+
+
+def dotted_path(loc: Sequence[str | int]) -> str | None:
+    """``("body", "reward", 0, "type")`` → ``"reward[0].type"``: the field as the client wrote it."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header", "cookie") else list(loc)
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+async def service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(status_of(exc), exc.code, exc.message, exc.param, exc.details)
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [{"param": dotted_path(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    first = problems[0] if problems else {"param": None, "message": "invalid request"}
+    if first["param"] is None and first["message"].startswith("JSON decode error"):
+        first = {"param": None, "message": "the body is not valid JSON"}
+    message = first["message"] if first["param"] is None else f"{first['param']}: {first['message']}"
+    return error_response(422, "invalid_request", message, first["param"], problems if len(problems) > 1 else None)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}; see /docs"
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "something went wrong on our side; the server log has details")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    document_error_shape(app)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for a route's error statuses, all with the error shape."""
+    return {status: {"model": ErrorOut} for status in statuses}
+
+
+def document_error_shape(app: FastAPI) -> None:
+    """Make OpenAPI show the error shape for FastAPI's own 422s too (it documents its default)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes, tags=app.openapi_tags)
+            error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    response = operation.get("responses", {}).get("422")
+                    if response is not None:
+                        response["content"] = error
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,61 @@
+"""Prometheus metrics: request counts and latencies by route, and jobs by status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobs.db import Database
+from jobs.models import Job, JobStatus
+
+
+class JobsByStatus(Collector):
+    """Read at scrape time, so every API replica reports the same, current numbers."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("grpo_jobs", "Jobs by status", labels=["status"])
+        with self.db.transaction() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for status in JobStatus:
+            gauge.add_metric([status.value], counts.get(status.value, 0))
+        yield gauge
+
+
+class RequestMetrics:
+    """Pure ASGI middleware (no per-request task or body buffering, unlike BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry):
+        self.app = app
+        self.requests = Counter("grpo_http_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=registry)
+        self.latency = Histogram("grpo_http_request_seconds", "Time to the response's first byte",
+                                 ["method", "route"], registry=registry,
+                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                route = scope.get("route")
+                name = getattr(route, "path", "unmatched")
+                self.latency.labels(scope["method"], name).observe(time.perf_counter() - start)
+                self.requests.labels(scope["method"], name, str(status)).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_and_observe)

@@ -1,0 +1,37 @@
+"""The artifact directory: uploaded datasets and each job's output (checkpoints, metrics.jsonl).
+
+A checkpoint directory is a Hugging Face model (or PEFT adapter) directory plus a
+``trainer_state/`` folder that only resuming needs; downloads leave that folder out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TRAINER_STATE = "trainer_state"
+
+
+def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
+    """(name inside the checkpoint, path) of every file a user downloads, in a stable order."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not (Path(root) == directory and d == TRAINER_STATE))
+        for name in sorted(names):
+            path = Path(root) / name
+            files.append((path.relative_to(directory).as_posix(), path))
+    return files
+
+
+def describe_checkpoint(directory: Path) -> tuple[str, int]:
+    """Its kind (``model`` or ``adapter``) and the bytes a download carries."""
+    kind = "adapter" if (directory / "adapter_config.json").is_file() else "model"
+    return kind, sum(path.stat().st_size for _, path in checkpoint_files(directory))
+
+
+def relative_to_artifacts(path: Path, artifact_dir: Path) -> str:
+    """Stored paths are relative, so API and workers may mount the artifacts at different places."""
+    try:
+        return path.resolve().relative_to(artifact_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())

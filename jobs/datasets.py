@@ -1,0 +1,110 @@
+"""Dataset uploads: stream to disk, hash, and check every line with the trainer's row rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from jobs.db import call_after_rollback
+from jobs.errors import InvalidDataset, PayloadTooLarge
+from jobs.models import Dataset
+from jobs.queries import create_dataset
+from jobs.settings import Settings
+from trainer.data import check_row
+from trainer.errors import DatasetError
+
+CHUNK = 1 << 20
+MAX_REPORTED_LINES = 20
+
+
+def store_dataset(*, session: Session, source: BinaryIO, name: str, settings: Settings) -> Dataset:
+    """Check an upload and record it; if the transaction rolls back, the file goes too."""
+    saved = save_dataset(source, settings.datasets_dir, max_bytes=settings.max_dataset_bytes)
+    try:
+        dataset = create_dataset(session=session, name=name, rows=saved.rows, bytes=saved.bytes,
+                                 sha256=saved.sha256, fields=saved.fields)
+        final = settings.dataset_path(dataset.id)
+        saved.path.replace(final)
+    except BaseException:
+        saved.path.unlink(missing_ok=True)
+        raise
+    call_after_rollback(session, lambda: final.unlink(missing_ok=True))
+    return dataset
+
+
+@dataclass
+class DatasetFile:
+    path: Path
+    rows: int
+    bytes: int
+    sha256: str
+    fields: list[str]  # keys present in every row
+
+
+def save_dataset(source: BinaryIO, directory: Path, *, max_bytes: int) -> DatasetFile:
+    """Copy an upload into ``directory`` under a temporary name and check it.
+
+    The caller renames the file once the dataset row exists. Raises ``PayloadTooLarge`` or
+    ``InvalidDataset`` (with every bad line, up to twenty); on any error the file is removed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".upload-", suffix=".jsonl")
+    path = Path(name)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"the dataset is larger than the {max_bytes} byte limit "
+                                          f"(GRPO_MAX_DATASET_BYTES)", param="file")
+                digest.update(chunk)
+                out.write(chunk)
+        rows, fields = check_lines(path)
+        return DatasetFile(path=path, rows=rows, bytes=size, sha256=digest.hexdigest(), fields=fields)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def check_lines(path: Path) -> tuple[int, list[str]]:
+    """Rows and common fields of a JSONL file, or ``InvalidDataset`` naming the bad lines."""
+    rows, bad, fields, problems = 0, 0, None, []
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, text in enumerate(lines, start=1):
+                if not text.strip():
+                    continue  # the trainer skips blank lines too
+                try:
+                    row = check_row(json.loads(text), number)
+                except (json.JSONDecodeError, DatasetError) as exc:
+                    bad += 1
+                    if len(problems) < MAX_REPORTED_LINES:
+                        problems.append({"line": number, "message": _describe(exc, number)})
+                    continue
+                rows += 1
+                fields = set(row) if fields is None else fields & set(row)
+    except UnicodeDecodeError:
+        raise InvalidDataset("the file is not UTF-8 text; upload JSONL, one JSON object per line",
+                             param="file") from None
+    if bad:
+        shown = "; ".join(f"line {p['line']}: {p['message']}" for p in problems[:3])
+        raise InvalidDataset(f"{bad} bad line(s) — {shown}{' …' if bad > 3 else ''}", param="file",
+                             details=problems)
+    if rows == 0:
+        raise InvalidDataset("the dataset has no rows; upload JSONL with one {\"prompt\": ...} object per line",
+                             param="file")
+    return rows, sorted(fields or ())
+
+
+def _describe(exc: Exception, line: int) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    return str(exc).removeprefix(f"line {line}: ")

@@ -1,0 +1,74 @@
+"""Domain errors. Raised by jobs/ and api/ code alike; api/errors.py turns each kind into one
+HTTP status and the service's error shape. Messages are written for the person who sent the
+request: what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+
+
+class InvalidRequest(ServiceError):
+    """The request cannot be carried out as sent."""
+
+
+class InvalidDataset(InvalidRequest):
+    code = "invalid_dataset"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class DatasetNotFound(NotFound):
+    code = "dataset_not_found"
+
+    def __init__(self, dataset_id: str, *, param: str | None = None):
+        super().__init__(f"no dataset with id {dataset_id!r}; upload one with POST /v1/datasets", param=param)
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+    def __init__(self, job_id: str):
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class CheckpointNotFound(NotFound):
+    code = "checkpoint_not_found"
+
+    def __init__(self, job_id: str, step: int, *, reason: str = "has no checkpoint at that step"):
+        super().__init__(f"job {job_id!r} {reason} (step {step}); list them with "
+                         f"GET /v1/jobs/{job_id}/checkpoints", param="step")
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+
+
+class JobAlreadyFinished(Conflict):
+    code = "job_already_finished"
+
+    def __init__(self, job_id: str, status: str):
+        super().__init__(f"job {job_id!r} already ended {status}; only queued or running jobs can be cancelled")
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__("this Idempotency-Key was used with a different request body; use a new key",
+                         param="Idempotency-Key")

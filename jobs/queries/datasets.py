@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from jobs.errors import DatasetNotFound
+from jobs.models import Dataset, new_id
+from jobs.queries._util import page
+
+
+def create_dataset(*, session: Session, name: str, rows: int, bytes: int, sha256: str, fields: list[str],
+                   dataset_id: str | None = None) -> Dataset:
+    dataset = Dataset(id=dataset_id or new_id("ds"), name=name, rows=rows, bytes=bytes, sha256=sha256,
+                      fields=fields)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(*, session: Session, dataset_id: str, param: str | None = None) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise DatasetNotFound(dataset_id, param=param)
+    return dataset
+
+
+def list_datasets(*, session: Session, after: str | None = None, limit: int = 20) -> tuple[list[Dataset], bool]:
+    """Newest first; ``after`` is the last id of the previous page."""
+    stmt = select(Dataset).order_by(Dataset.id.desc())
+    if after:
+        stmt = stmt.where(Dataset.id < after)
+    return page(session, stmt, limit=limit)

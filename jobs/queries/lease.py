@@ -1,0 +1,120 @@
+"""Who runs a job: claims, heartbeats, endings, and the sweeper's recovery queries.
+
+Every state change is a conditional ``UPDATE`` whose ``WHERE`` names the state it expects, so
+two workers (or a worker and the sweeper) racing for one job cannot both win.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, JobStatus, utcnow
+from jobs.queries.records import add_event
+
+
+def _held_by(job_id: str, worker: str) -> ColumnElement[bool]:
+    return and_(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.running)
+
+
+def claim_job(*, session: Session, job_id: str, worker: str) -> Job | None:
+    """Take a queued job for ``worker``; None if it is not queued (taken, finished, cancelled)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.running, worker=worker, heartbeat_at=now, attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, now), updated_at=now)
+    ).rowcount
+    if not claimed:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    add_event(session=session, job_id=job_id, kind="status", message=f"running on {worker} (attempt {job.attempts})",
+              data={"status": "running", "attempt": job.attempts, "worker": worker})
+    return job
+
+
+def heartbeat(*, session: Session, job_id: str, worker: str) -> bool:
+    """Renew the lease; False if ``worker`` no longer holds the job (the sweeper took it back)."""
+    now = utcnow()
+    return bool(session.execute(update(Job).where(_held_by(job_id, worker))
+                                .values(heartbeat_at=now, updated_at=now)).rowcount)
+
+
+def record_step(*, session: Session, job_id: str, worker: str, step: int) -> bool:
+    """Move the job's step forward (and renew the lease); False if ``worker`` lost the job."""
+    now = utcnow()
+    return bool(session.execute(update(Job).where(_held_by(job_id, worker))
+                                .values(step=step, heartbeat_at=now, updated_at=now)).rowcount)
+
+
+def is_cancel_requested(*, session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
+               reason: str | None = None, step: int | None = None) -> bool:
+    """End a job its worker holds; False if the lease was lost meanwhile (then nothing changes)."""
+    assert status.terminal
+    now = utcnow()
+    values = {"status": status, "failure_reason": reason, "finished_at": now, "updated_at": now,
+              "heartbeat_at": None}
+    if step is not None:
+        values["step"] = step
+    if not session.execute(update(Job).where(_held_by(job_id, worker)).values(**values)).rowcount:
+        return False
+    message = status.value if reason is None else f"{status.value}: {reason}"
+    add_event(session=session, job_id=job_id, kind="status", level="error" if status == JobStatus.failed else "info",
+              message=message, data={"status": status.value})
+    return True
+
+
+def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts: int) -> list[str]:
+    """Take back running jobs whose heartbeat is older than ``stale_before``.
+
+    Each goes back to ``queued`` (to resume from its checkpoint), or ends ``cancelled`` if a
+    cancel was pending, or ``failed`` once it has lost ``max_attempts`` workers. Returns the ids
+    re-queued, which the caller sends to the broker after committing.
+    """
+    stale = session.execute(select(Job.id, Job.attempts, Job.cancel_requested, Job.worker).where(
+        Job.status == JobStatus.running, Job.heartbeat_at < stale_before)).all()
+    requeued = []
+    now = utcnow()
+    for job_id, attempts, cancel_requested, worker in stale:
+        if cancel_requested:
+            status, message = JobStatus.cancelled, f"cancelled (its worker {worker} stopped responding)"
+            values = {"status": status, "finished_at": now}
+        elif attempts >= max_attempts:
+            reason = (f"the job's worker was lost {attempts} times (last: {worker}); it may be running out of "
+                      f"memory or crashing its process; see the worker logs")
+            status, message = JobStatus.failed, f"failed: {reason}"
+            values = {"status": status, "failure_reason": reason, "finished_at": now}
+        else:
+            status, message = JobStatus.queued, f"re-queued: worker {worker} stopped sending heartbeats"
+            values = {"status": status, "queued_at": now, "sent_at": None}
+        taken = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker,
+                              Job.heartbeat_at < stale_before)
+            .values(worker=None, heartbeat_at=None, updated_at=now, **values)
+        ).rowcount
+        if taken:
+            add_event(session=session, job_id=job_id, kind="status", message=message,
+                      level="info" if status == JobStatus.cancelled else "warning", data={"status": status.value})
+            if status == JobStatus.queued:
+                requeued.append(job_id)
+    return requeued
+
+
+def jobs_due_for_send(*, session: Session, unsent_before: datetime, resent_before: datetime) -> list[str]:
+    """Queued jobs whose message may be missing: never sent (the send after commit failed) since
+    ``unsent_before``, or last sent before ``resent_before`` (the broker may have lost it)."""
+    return list(session.scalars(select(Job.id).where(
+        Job.status == JobStatus.queued,
+        or_(and_(Job.sent_at.is_(None), Job.queued_at < unsent_before), Job.sent_at < resent_before),
+    ).order_by(Job.id)))
+
+
+def mark_sent(*, session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(sent_at=utcnow()))

@@ -1,0 +1,157 @@
+"""Request and response bodies of the HTTP API (pydantic), with the examples OpenAPI shows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from jobs.models import Job, JobStatus
+
+T = TypeVar("T")
+
+REWARD_EXAMPLE = [{"type": "exact_match", "weight": 1.0, "extract": "last_number"},
+                  {"type": "regex", "weight": 0.2, "pattern": "^<think>.*</think>"}]
+HYPERPARAMETERS_EXAMPLE = {"max_steps": 200, "prompts_per_step": 8, "learning_rate": 1e-6,
+                           "max_completion_length": 256, "beta": 0.04, "checkpoint_every": 50}
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a list, newest first; pass the last id as ``after`` to get the next one."""
+
+    data: list[T]
+    has_more: bool
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
+        "id": "ds_0193a5c1f00a7f3e2b9c4d1e", "object": "dataset", "name": "arith.jsonl", "rows": 1000,
+        "bytes": 48213, "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "fields": ["answer", "prompt"], "created_at": "2025-01-01T12:00:00Z"}]})
+
+    id: str
+    object: Literal["dataset"] = "dataset"
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    fields: list[str] = Field(description="Fields present in every row: what rewards can read.")
+    created_at: datetime
+
+
+class JobCreate(BaseModel):
+    """A GRPO job: which model, which data, which rewards, which hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "arith-grpo", "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_id": "ds_0193a5c1f00a7f3e2b9c4d1e",
+        "reward": REWARD_EXAMPLE, "group_size": 8, "hyperparameters": HYPERPARAMETERS_EXAMPLE}]})
+
+    name: str | None = Field(None, max_length=255)
+    base_model: str = Field(min_length=1, max_length=1024,
+                            description="A Hugging Face hub id, or a model directory the workers can read.")
+    dataset_id: str = Field(max_length=32)
+    eval_dataset_id: str | None = Field(None, max_length=32)
+    reward: list[dict[str, Any]] = Field(min_length=1, examples=[REWARD_EXAMPLE],
+                                         description="Reward functions, each with a `type` and a `weight`.")
+    group_size: int | None = Field(None, description="Completions sampled per prompt (G >= 2); default 8.")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, examples=[HYPERPARAMETERS_EXAMPLE])
+    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed when the job reaches a terminal state.")
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "job_0193a5c2a1b27d9e4f0a3b2c", "object": "job", "name": "arith-grpo", "status": "running",
+        "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_id": "ds_0193a5c1f00a7f3e2b9c4d1e",
+        "eval_dataset_id": None, "reward": REWARD_EXAMPLE, "group_size": 8,
+        "hyperparameters": HYPERPARAMETERS_EXAMPLE, "webhook_url": None, "step": 42, "max_steps": 200,
+        "attempts": 1, "worker": "celery@gpu-0/4242", "heartbeat_at": "2025-01-01T12:10:00Z",
+        "cancel_requested": False, "failure_reason": None, "latest_metrics": {"reward": 0.41, "kl": 0.002},
+        "created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:03Z", "finished_at": None}]})
+
+    id: str
+    object: Literal["job"] = "job"
+    name: str | None
+    status: JobStatus
+    base_model: str
+    dataset_id: str
+    eval_dataset_id: str | None
+    reward: list[dict[str, Any]]
+    group_size: int
+    hyperparameters: dict[str, Any]
+    webhook_url: str | None
+    step: int = Field(description="The last step whose metrics are recorded.")
+    max_steps: int
+    attempts: int
+    worker: str | None
+    heartbeat_at: datetime | None
+    cancel_requested: bool
+    failure_reason: str | None
+    latest_metrics: dict[str, float | None] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_job(cls, job: Job, latest_metrics: dict[str, float | None] | None = None) -> JobOut:
+        spec = job.spec
+        return cls(
+            id=job.id, name=job.name, status=JobStatus(job.status), base_model=job.base_model,
+            dataset_id=job.dataset_id, eval_dataset_id=job.eval_dataset_id, reward=spec["reward"],
+            group_size=spec["group_size"], hyperparameters=spec.get("hyperparameters") or {},
+            webhook_url=job.webhook_url, step=job.step, max_steps=job.max_steps, attempts=job.attempts,
+            worker=job.worker, heartbeat_at=job.heartbeat_at, cancel_requested=job.cancel_requested,
+            failure_reason=job.failure_reason, latest_metrics=latest_metrics, created_at=job.created_at,
+            started_at=job.started_at, finished_at=job.finished_at)
+
+
+class MetricsOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
+        "step": 3, "metrics": {"reward": 0.5, "reward_std": 0.2, "kl": 0.001, "loss": 0.01}}]})
+
+    step: int
+    metrics: dict[str, float | None]
+    created_at: datetime
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
+        "id": 7, "job_id": "job_0193a5c2a1b27d9e4f0a3b2c", "level": "info", "kind": "status",
+        "message": "running on celery@gpu-0/4242 (attempt 1)", "data": {"status": "running"},
+        "created_at": "2025-01-01T12:00:03Z"}]})
+
+    id: int
+    job_id: str
+    level: str
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "step": 50, "kind": "model", "bytes": 988211200, "created_at": "2025-01-01T12:30:00Z",
+        "download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download"}]})
+
+    step: int
+    kind: Literal["model", "adapter"]
+    bytes: int
+    created_at: datetime
+    download_url: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx response has this shape."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "error": {"code": "invalid_request", "message": "must be >= 2, got 1", "param": "group_size"}}]})
+
+    error: ErrorBody

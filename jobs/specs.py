@@ -1,0 +1,117 @@
+"""The job spec: checked in full when a job is created, turned into the trainer's RunConfig when
+it runs. The rules are the trainer's own (``trainer.config``, ``trainer.rewards``, both free of
+torch), so the API rejects exactly what the trainer would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from jobs.errors import Conflict, IdempotencyKeyReused, InvalidRequest
+from jobs.models import Job
+from jobs.queries import create_job, get_dataset, get_job_by_idempotency_key
+from jobs.schemas import JobCreate
+from jobs.settings import Settings
+from trainer.config import ConfigError, GRPOConfig, RunConfig
+from trainer.rewards import required_fields, validate_reward_specs
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class CheckedSpec:
+    spec: dict[str, Any]  # what is stored and shown back
+    config: GRPOConfig
+
+
+def check_job_request(*, session: Session, request: JobCreate) -> CheckedSpec:
+    """Every check that can fail before a GPU is spent; raises ``InvalidRequest`` or ``DatasetNotFound``."""
+    hyperparameters = dict(request.hyperparameters)
+    if request.group_size is not None:
+        hyperparameters["group_size"] = request.group_size
+    try:
+        config = GRPOConfig.from_dict(hyperparameters)
+    except ConfigError as exc:  # a top-level group_size is reported where the client wrote it
+        top_level = exc.param == "hyperparameters.group_size" and request.group_size is not None
+        raise InvalidRequest(exc.message, param="group_size" if top_level else exc.param) from None
+    try:
+        validate_reward_specs(request.reward)
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
+    check_base_model(request.base_model)
+
+    needed = required_fields(request.reward)
+    for param in ("dataset_id", "eval_dataset_id"):
+        dataset_id = getattr(request, param)
+        if dataset_id is None:
+            continue
+        dataset = get_dataset(session=session, dataset_id=dataset_id, param=param)
+        missing = sorted(needed - set(dataset.fields))
+        if missing:
+            raise InvalidRequest(
+                f"the rewards read field(s) {', '.join(map(repr, missing))}, which dataset {dataset_id} lacks "
+                f"in some rows (fields present in every row: {', '.join(dataset.fields)})", param="reward")
+    spec = request.model_dump(mode="json")
+    spec["group_size"] = config.group_size
+    return CheckedSpec(spec=spec, config=config)
+
+
+def check_base_model(base_model: str) -> None:
+    if base_model.startswith(("/", ".", "~")):
+        path = Path(base_model).expanduser()
+        if not path.is_dir():
+            raise InvalidRequest(f"model directory {base_model!r} does not exist", param="base_model")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise InvalidRequest(f"{base_model!r} is not a Hugging Face model directory (no config.json)",
+                                 param="base_model")
+    elif not HUB_ID.match(base_model):
+        raise InvalidRequest(f"{base_model!r} is neither a hub id (org/name) nor a local directory "
+                             f"(a path starting with /, . or ~)", param="base_model")
+
+
+def request_hash(request: JobCreate) -> str:
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def run_config_for(job: Job, settings: Settings) -> RunConfig:
+    """The trainer's view of a stored job: dataset ids become the uploaded files' paths."""
+    spec = job.spec
+    eval_id = spec.get("eval_dataset_id")
+    return RunConfig.from_spec({
+        "name": spec.get("name"), "base_model": spec["base_model"], "reward": spec["reward"],
+        "group_size": spec["group_size"], "hyperparameters": spec.get("hyperparameters") or {},
+        "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
+        "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
+    })
+
+
+def submit_job(*, session: Session, request: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Create a queued job, or return the one made earlier with the same ``Idempotency-Key``.
+
+    Returns the job and whether it is new (only a new job is sent to the broker).
+    """
+    digest = request_hash(request)
+    if idempotency_key:
+        existing = get_job_by_idempotency_key(session=session, idempotency_key=idempotency_key)
+        if existing is not None:
+            if existing.request_hash != digest:
+                raise IdempotencyKeyReused()
+            return existing, False
+    checked = check_job_request(session=session, request=request)
+    try:
+        job = create_job(session=session, spec=checked.spec, max_steps=checked.config.max_steps,
+                         idempotency_key=idempotency_key, request_hash=digest)
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        raise Conflict("another request with this Idempotency-Key is being processed; retry it",
+                       param="Idempotency-Key") from None
+    return job, True

@@ -1,0 +1,122 @@
+"""Small factories for service tests: datasets, job specs, worker processes, waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jobs.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_ID = uuid.uuid4().hex[:8]
+T = TypeVar("T")
+
+
+def jsonl(rows: list[Any]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def arithmetic_rows(n: int = 16) -> list[dict[str, str]]:
+    return [{"prompt": f"What is {i} + {i % 5}?", "answer": str(i + i % 5)} for i in range(n)]
+
+
+def upload(client: Any, rows: list[Any] | None = None, *, content: bytes | None = None, name: str = "data.jsonl") -> Any:
+    body = content if content is not None else jsonl(rows if rows is not None else arithmetic_rows())
+    return client.post("/v1/datasets", files={"file": (name, body, "application/jsonl")})
+
+
+def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -> dict[str, Any]:
+    """A job spec small enough to train in seconds on the tiny model."""
+    spec: dict[str, Any] = {
+        "name": "test-job", "base_model": base_model, "dataset_id": dataset_id,
+        "reward": [{"type": "exact_match", "weight": 1.0}, {"type": "regex", "pattern": "[0-9]", "weight": 0.5}],
+        "group_size": 2,
+        "hyperparameters": {"max_steps": 3, "prompts_per_step": 2, "max_completion_length": 8,
+                            "max_prompt_length": 32, "learning_rate": 1e-3, "checkpoint_every": 2},
+    }
+    hyperparameters = overrides.pop("hyperparameters", {})
+    spec.update(overrides)
+    spec["hyperparameters"].update(hyperparameters)
+    return spec
+
+
+def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {f"GRPO_{name.upper()}": str(value) for name, value in settings.model_dump().items() if value is not None}
+    return {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class WorkerProcess:
+    """``python -m worker`` in its own process group (so a SIGKILL takes the pool with it)."""
+
+    count = 0
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        WorkerProcess.count += 1
+        self.name = f"w{WorkerProcess.count}-{RUN_ID}"
+        self.log_path = Path(settings.data_dir) / f"{self.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h"],
+                                            cwd=ROOT, env=settings_env(self.settings), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool process: no shutdown, no acknowledgement, no last words."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def forget_broker_keys(self) -> None:
+        forget_broker_keys(self.settings)
+
+
+def forget_broker_keys(settings: Settings) -> None:
+    """Delete this run's keys from Redis (its queue, bindings and unacknowledged messages)."""
+    import redis
+
+    assert settings.broker_key_prefix, "refusing to delete every key"
+    client = redis.Redis.from_url(settings.broker_url)
+    for key in client.scan_iter(match=f"{settings.broker_key_prefix}*"):
+        client.delete(key)

@@ -1,0 +1,94 @@
+"""POST/GET /v1/datasets on PostgreSQL: uploads are checked line by line; a bad one leaves nothing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.service.factories import arithmetic_rows, jsonl, upload
+
+
+def stored_files(settings) -> list[str]:
+    return sorted(p.name for p in settings.datasets_dir.glob("*")) if settings.datasets_dir.exists() else []
+
+
+def test_upload_reports_rows_fields_and_hash(client, settings) -> None:
+    body = jsonl(arithmetic_rows(5) + [{"prompt": [{"role": "user", "content": "hi"}], "answer": "x", "extra": 1}])
+    response = upload(client, content=body, name="arith.jsonl")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["id"].startswith("ds_")
+    assert (dataset["name"], dataset["rows"], dataset["bytes"]) == ("arith.jsonl", 6, len(body))
+    assert dataset["sha256"] == hashlib.sha256(body).hexdigest()
+    assert dataset["fields"] == ["answer", "prompt"]  # "extra" is not in every row
+    assert settings.dataset_path(dataset["id"]).read_bytes() == body
+    assert client.get(f"/v1/datasets/{dataset['id']}").json() == dataset
+
+
+def test_blank_lines_are_skipped(client) -> None:
+    response = upload(client, content=b'{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert response.status_code == 201 and response.json()["rows"] == 2
+
+
+@pytest.mark.parametrize(("content", "lines", "says"), [
+    (b'{"prompt": "ok"}\n{"prompt": "ok",\nnot json\n', [2, 3], "not valid JSON"),
+    (b'{"prompt": "ok"}\n{"answer": "4"}\n', [2], "missing 'prompt'"),
+    (b'{"prompt": ""}\n', [1], "'prompt' is empty"),
+    (b'{"prompt": [{"role": "user"}]}\n', [1], "message"),
+    (b'[1, 2]\n', [1], "expected a JSON object"),
+])
+def test_bad_lines_are_listed_and_nothing_is_stored(client, settings, content, lines, says) -> None:
+    response = upload(client, content=content)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_dataset" and error["param"] == "file"
+    assert [d["line"] for d in error["details"]] == lines
+    assert says in error["message"]
+    assert client.get("/v1/datasets").json()["data"] == []
+    assert stored_files(settings) == []
+
+
+@pytest.mark.parametrize(("content", "says"), [(b"", "no rows"), (b"\n\n", "no rows"), (b"\xff\xfe\x00", "UTF-8")])
+def test_empty_or_binary_upload_is_rejected(client, settings, content, says) -> None:
+    response = upload(client, content=content)
+    assert response.status_code == 422 and says in response.json()["error"]["message"]
+    assert stored_files(settings) == []
+
+
+def test_upload_over_the_size_limit_is_413(settings, sent) -> None:
+    settings.max_dataset_bytes = 100
+    with TestClient(create_app(settings, send=sent.append)) as client:
+        response = upload(client, rows=arithmetic_rows(20))
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert client.get("/v1/datasets").json()["data"] == []
+    assert stored_files(settings) == []
+
+
+def test_upload_without_a_file_is_422(client) -> None:
+    response = client.post("/v1/datasets", data={"name": "x"})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "file"
+
+
+def test_list_is_newest_first_and_paginated(client) -> None:
+    ids = [upload(client, name=f"{i}.jsonl").json()["id"] for i in range(3)]
+    first = client.get("/v1/datasets", params={"limit": 2}).json()
+    assert [d["id"] for d in first["data"]] == ids[::-1][:2] and first["has_more"] is True
+    rest = client.get("/v1/datasets", params={"limit": 2, "after": first["data"][-1]["id"]}).json()
+    assert [d["id"] for d in rest["data"]] == [ids[0]] and rest["has_more"] is False
+
+
+@pytest.mark.parametrize("limit", [0, 101, "x"])
+def test_list_rejects_a_bad_limit(client, limit) -> None:
+    response = client.get("/v1/datasets", params={"limit": limit})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "limit"
+
+
+def test_unknown_dataset_is_404(client) -> None:
+    response = client.get("/v1/datasets/ds_nope")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "dataset_not_found"

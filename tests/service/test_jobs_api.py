@@ -1,0 +1,164 @@
+"""POST/GET /v1/jobs and cancel on PostgreSQL: every check happens before anything is queued."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from jobs.db import transaction
+from jobs.models import Job, JobStatus
+from jobs.queries import append_metrics, claim_job, finish_job
+from tests.service.factories import job_spec, upload
+
+
+@pytest.fixture
+def dataset_id(client) -> str:
+    return upload(client).json()["id"]
+
+
+def count_jobs(settings) -> int:
+    with transaction(settings.database_url) as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
+def test_create_queues_the_job_and_sends_it_after_commit(client, settings, sent, dataset_id) -> None:
+    response = client.post("/v1/jobs", json=job_spec(dataset_id, hyperparameters={"max_steps": 7}))
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["id"].startswith("job_") and job["status"] == "queued"
+    assert (job["step"], job["max_steps"], job["group_size"], job["attempts"]) == (0, 7, 2, 0)
+    assert job["latest_metrics"] is None and job["failure_reason"] is None
+    assert sent == [job["id"]]
+    with transaction(settings.database_url) as session:
+        assert session.get(Job, job["id"]).sent_at is not None
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
+
+
+def test_group_size_may_come_with_the_hyperparameters(client, dataset_id) -> None:
+    spec = job_spec(dataset_id, hyperparameters={"group_size": 3})
+    del spec["group_size"]
+    assert client.post("/v1/jobs", json=spec).json()["group_size"] == 3
+
+
+def test_a_local_model_directory_is_accepted(client, dataset_id, tmp_path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert client.post("/v1/jobs", json=job_spec(dataset_id, base_model=str(tmp_path))).status_code == 201
+
+
+@pytest.mark.parametrize(("change", "status", "param", "says"), [
+    ({"group_size": 1}, 422, "group_size", ">= 2"),
+    ({"reward": [{"type": "telepathy"}]}, 422, "reward[0].type", "unknown reward type"),
+    ({"reward": [{"type": "regex"}]}, 422, "reward[0].pattern", ""),
+    ({"reward": [{"type": "exact_match", "field": "solution"}]}, 422, "reward", "'solution'"),
+    ({"reward": []}, 422, "reward", ""),
+    ({"base_model": "/no/such/model"}, 422, "base_model", "does not exist"),
+    ({"base_model": "./relative/missing"}, 422, "base_model", "does not exist"),
+    ({"base_model": "not a model id!"}, 422, "base_model", "hub id"),
+    ({"hyperparameters": {"max_steps": 0}}, 422, "hyperparameters.max_steps", ">= 1"),
+    ({"hyperparameters": {"loss_type": "magic"}}, 422, "hyperparameters.loss_type", "expected one of"),
+    ({"hyperparameters": {"warp_factor": 9}}, 422, "hyperparameters.warp_factor", "unknown hyperparameter"),
+    ({"hyperparameters": {"lora": {"r": 0}}}, 422, "hyperparameters.lora.r", ""),
+    ({"dataset_id": "ds_missing"}, 404, "dataset_id", "no dataset"),
+    ({"eval_dataset_id": "ds_missing"}, 404, "eval_dataset_id", "no dataset"),
+    ({"group_size": "many"}, 422, "group_size", "integer"),
+    ({"colour": "blue"}, 422, "colour", "Extra inputs"),
+    ({"webhook_url": "not a url"}, 422, "webhook_url", "URL"),
+])
+def test_bad_specs_are_refused_and_nothing_is_created(client, settings, sent, dataset_id, change, status, param,
+                                                      says) -> None:
+    response = client.post("/v1/jobs", json={**job_spec(dataset_id), **change})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+    assert count_jobs(settings) == 0 and sent == []
+
+
+def test_missing_field_and_bad_json_are_422(client, sent) -> None:
+    response = client.post("/v1/jobs", json={"dataset_id": "ds_x", "reward": [{"type": "exact_match"}]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "base_model"
+    response = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+    assert sent == []
+
+
+def test_idempotency_key_returns_the_first_job_and_refuses_another_body(client, settings, sent, dataset_id) -> None:
+    headers = {"Idempotency-Key": "retry-me"}
+    first = client.post("/v1/jobs", json=job_spec(dataset_id), headers=headers)
+    again = client.post("/v1/jobs", json=job_spec(dataset_id), headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    other = client.post("/v1/jobs", json=job_spec(dataset_id, name="other"), headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert count_jobs(settings) == 1 and sent == [first.json()["id"]]
+
+
+def test_a_failed_send_leaves_a_queued_job_for_the_sweeper(settings, dataset_id) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    def broker_down(job_id: str) -> None:
+        raise ConnectionError("broker down")
+
+    with TestClient(create_app(settings, send=broker_down)) as client:
+        response = client.post("/v1/jobs", json=job_spec(dataset_id))
+    assert response.status_code == 201 and response.json()["status"] == "queued"
+    with transaction(settings.database_url) as session:
+        assert session.get(Job, response.json()["id"]).sent_at is None
+
+
+def test_list_filters_by_status_and_paginates(client, settings, dataset_id) -> None:
+    ids = [client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"] for _ in range(3)]
+    client.post(f"/v1/jobs/{ids[1]}/cancel")
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == [ids[2], ids[1]] and page["has_more"]
+    rest = client.get("/v1/jobs", params={"after": ids[1]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
+    queued = client.get("/v1/jobs", params={"status": "queued"}).json()["data"]
+    assert [j["id"] for j in queued] == [ids[2], ids[0]]
+    response = client.get("/v1/jobs", params={"status": "sleeping"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "status"
+
+
+def test_show_has_the_latest_metrics(client, settings, dataset_id) -> None:
+    job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="w")
+        append_metrics(session=session, job_id=job_id, step=1, metrics={"reward": 0.5})
+        session.get(Job, job_id).step = 1
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["step"], job["attempts"], job["worker"]) == ("running", 1, 1, "w")
+    assert job["latest_metrics"] == {"reward": 0.5}
+    assert client.get("/v1/jobs").json()["data"][0]["latest_metrics"] == {"reward": 0.5}
+
+
+def test_unknown_job_is_404(client) -> None:
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/metrics"), ("GET", "/events"),
+                         ("GET", "/checkpoints"), ("GET", "/checkpoints/1/download")):
+        response = client.request(method, f"/v1/jobs/job_nope{path}")
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "job_not_found"
+
+
+def test_cancel_a_queued_job_ends_it_at_once(client, dataset_id) -> None:
+    job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
+    job = client.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert job["status"] == "cancelled" and job["finished_at"] is not None
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"  # idempotent
+
+
+def test_cancel_a_running_job_asks_it_to_stop(client, settings, dataset_id) -> None:
+    job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="w")
+    job = client.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert job["status"] == "running" and job["cancel_requested"] is True
+
+
+def test_cancel_a_finished_job_is_409(client, settings, dataset_id) -> None:
+    job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="w")
+        finish_job(session=session, job_id=job_id, worker="w", status=JobStatus.succeeded)
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "job_already_finished"

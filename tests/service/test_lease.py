@@ -1,0 +1,142 @@
+"""Claims, heartbeats and the sweeper, on PostgreSQL and on SQLite: one holder per job, dead
+workers' jobs come back, lost messages are re-sent."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from jobs.db import session_factory, transaction
+from jobs.dispatch import Dispatcher
+from jobs.migrate import upgrade
+from jobs.models import Job, JobMetrics, JobStatus, utcnow
+from jobs.queries import (
+    append_metrics,
+    claim_job,
+    create_dataset,
+    create_job,
+    get_job,
+    heartbeat,
+    mark_sent,
+    record_step,
+    request_cancel,
+)
+from jobs.settings import Settings
+from tests.service.factories import job_spec
+from worker.sweeper import sweep
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def settings(request: pytest.FixtureRequest, api_database: str, tmp_path) -> Settings:
+    """The API tests' PostgreSQL database, or a migrated SQLite file."""
+    if request.param == "postgresql":
+        return Settings(data_dir=tmp_path, database_url=api_database)
+    url = f"sqlite:///{tmp_path / 'grpo.db'}"
+    upgrade(url)
+    return Settings(data_dir=tmp_path, database_url=url)
+
+
+@pytest.fixture
+def job_id(settings) -> str:
+    """A queued job, sent to the broker just now (as the API leaves it)."""
+    with transaction(settings.database_url) as session:
+        dataset = create_dataset(session=session, name="d", rows=1, bytes=1, sha256="0" * 64, fields=["prompt"])
+        spec = {**job_spec(dataset.id), "group_size": 2}
+        job = create_job(session=session, spec=spec, max_steps=3)
+        mark_sent(session=session, job_id=job.id)
+        return job.id
+
+
+@pytest.fixture
+def resent(settings) -> tuple[Dispatcher, list[str]]:
+    sent: list[str] = []
+    return Dispatcher(sent.append, session_factory(settings.database_url)), sent
+
+
+def age(settings, job_id: str, **seconds_ago: float) -> None:
+    """Move the job's timestamps into the past."""
+    values = {column: utcnow() - timedelta(seconds=s) for column, s in seconds_ago.items()}
+    with transaction(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def test_only_one_worker_can_claim_a_job(settings, job_id) -> None:
+    with transaction(settings.database_url) as session:
+        assert claim_job(session=session, job_id=job_id, worker="a") is not None
+    with transaction(settings.database_url) as session:
+        assert claim_job(session=session, job_id=job_id, worker="b") is None
+        job = get_job(session=session, job_id=job_id)
+        assert (job.status, job.worker, job.attempts) == ("running", "a", 1)
+        assert heartbeat(session=session, job_id=job_id, worker="a")
+        assert not heartbeat(session=session, job_id=job_id, worker="b")
+
+
+def test_a_replayed_step_overwrites_its_metrics(settings, job_id) -> None:
+    with transaction(settings.database_url) as session:
+        append_metrics(session=session, job_id=job_id, step=1, metrics={"reward": 0.1})
+    with transaction(settings.database_url) as session:
+        append_metrics(session=session, job_id=job_id, step=1, metrics={"reward": 0.7})
+    with transaction(settings.database_url) as session:
+        rows = session.query(JobMetrics).filter_by(job_id=job_id).all()
+        assert [(r.step, r.metrics) for r in rows] == [(1, {"reward": 0.7})]
+
+
+def test_sweeper_requeues_a_job_whose_heartbeat_went_stale(settings, job_id, resent) -> None:
+    dispatcher, sent = resent
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="dead")
+    assert sweep(settings=settings, dispatcher=dispatcher) == []  # fresh heartbeat: left alone
+    age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
+    assert sweep(settings=settings, dispatcher=dispatcher) == [job_id]
+    with transaction(settings.database_url) as session:
+        job = get_job(session=session, job_id=job_id)
+        assert (job.status, job.worker, job.attempts) == ("queued", None, 1)
+        assert job.sent_at is not None
+        # the old holder finds out at its next heartbeat or step, and writes nothing more
+        assert not heartbeat(session=session, job_id=job_id, worker="dead")
+        assert not record_step(session=session, job_id=job_id, worker="dead", step=5)
+        assert claim_job(session=session, job_id=job_id, worker="new").attempts == 2
+    assert sent == [job_id]
+
+
+def test_sweeper_fails_a_job_that_keeps_losing_its_worker(settings, job_id, resent) -> None:
+    dispatcher, sent = resent
+    for attempt in range(settings.max_attempts):
+        with transaction(settings.database_url) as session:
+            assert claim_job(session=session, job_id=job_id, worker=f"w{attempt}") is not None
+        age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
+        sweep(settings=settings, dispatcher=dispatcher)
+    with transaction(settings.database_url) as session:
+        job = get_job(session=session, job_id=job_id)
+        assert job.status == JobStatus.failed and "lost 3 times" in job.failure_reason
+    assert len(sent) == settings.max_attempts - 1
+
+
+def test_sweeper_ends_a_dead_job_that_was_being_cancelled(settings, job_id, resent) -> None:
+    dispatcher, sent = resent
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="dead")
+        request_cancel(session=session, job_id=job_id)
+    age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
+    assert sweep(settings=settings, dispatcher=dispatcher) == []
+    with transaction(settings.database_url) as session:
+        assert get_job(session=session, job_id=job_id).status == JobStatus.cancelled
+
+
+def test_sweeper_resends_queued_jobs_whose_message_may_be_lost(settings, job_id, resent) -> None:
+    dispatcher, sent = resent
+    assert sweep(settings=settings, dispatcher=dispatcher) == []  # sent just now by the API
+    age(settings, job_id, sent_at=settings.resend_after_s + 1)
+    assert sweep(settings=settings, dispatcher=dispatcher) == [job_id]
+    assert sweep(settings=settings, dispatcher=dispatcher) == []  # and not again at once
+
+
+def test_sweeper_sends_a_job_whose_send_after_commit_failed(settings, job_id, resent) -> None:
+    dispatcher, sent = resent
+    with transaction(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(sent_at=None))
+    assert sweep(settings=settings, dispatcher=dispatcher) == []  # within the grace period
+    age(settings, job_id, queued_at=settings.send_grace_s + 1)
+    assert sweep(settings=settings, dispatcher=dispatcher) == [job_id] == sent

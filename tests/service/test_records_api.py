@@ -1,0 +1,95 @@
+"""Metrics, events (JSON and server-sent) and checkpoints of a job, on PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+
+import pytest
+
+from jobs.db import transaction
+from jobs.models import JobStatus
+from jobs.queries import add_event, append_metrics, claim_job, finish_job, upsert_checkpoint
+from tests.service.factories import job_spec, upload
+
+
+@pytest.fixture
+def job_id(client) -> str:
+    dataset_id = upload(client).json()["id"]
+    return client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
+
+
+def test_metrics_in_step_order_with_incremental_polling(client, settings, job_id) -> None:
+    with transaction(settings.database_url) as session:
+        for step in (2, 1, 3):
+            append_metrics(session=session, job_id=job_id, step=step, metrics={"reward": step / 10})
+        append_metrics(session=session, job_id=job_id, step=2, metrics={"reward": 0.9, "kl": float("nan")})
+    everything = client.get(f"/v1/jobs/{job_id}/metrics").json()
+    assert [(m["step"], m["metrics"]) for m in everything["data"]] == [
+        (1, {"reward": 0.1}), (2, {"reward": 0.9, "kl": None}), (3, {"reward": 0.3})]
+    newer = client.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": 1, "limit": 1}).json()
+    assert [m["step"] for m in newer["data"]] == [2] and newer["has_more"] is True
+    response = client.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": -1})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "after_step"
+
+
+def test_events_as_json_pages(client, settings, job_id) -> None:
+    with transaction(settings.database_url) as session:
+        add_event(session=session, job_id=job_id, kind="log", level="warning", message="3 reward errors")
+    events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
+    assert [(e["kind"], e["level"], e["message"]) for e in events] == [
+        ("status", "info", "queued"), ("log", "warning", "3 reward errors")]
+    later = client.get(f"/v1/jobs/{job_id}/events", params={"after": events[0]["id"]}).json()["data"]
+    assert [e["id"] for e in later] == [events[1]["id"]]
+
+
+def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id) -> None:
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="w")
+        finish_job(session=session, job_id=job_id, worker="w", status=JobStatus.failed, reason="out of memory")
+    headers = {"accept": "text/event-stream"}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    messages = [block for block in body.split("\n\n") if block.startswith("id:")]
+    assert [m.split("\n")[1] for m in messages] == ["event: status"] * 3
+    assert "failed: out of memory" in messages[-1]
+    second_id = messages[1].split("\n")[0].removeprefix("id: ")
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={**headers, "Last-Event-ID": second_id}) as response:
+        resumed = [b for b in response.read().decode().split("\n\n") if b.startswith("id:")]
+    assert resumed == messages[2:]
+
+
+def make_checkpoint(settings, job_id: str, step: int) -> str:
+    directory = settings.job_dir(job_id) / "checkpoints" / f"step-{step:06d}"
+    (directory / "trainer_state").mkdir(parents=True)
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 5)
+    (directory / "trainer_state" / "optimizer.pt").write_bytes(b"x" * 100)
+    relative = directory.relative_to(settings.artifact_dir).as_posix()
+    with transaction(settings.database_url) as session:
+        upsert_checkpoint(session=session, job_id=job_id, step=step, path=relative, kind="model", bytes=1296)
+    return relative
+
+
+def test_checkpoints_list_and_download_as_tar(client, settings, job_id) -> None:
+    make_checkpoint(settings, job_id, 2)
+    listed = client.get(f"/v1/jobs/{job_id}/checkpoints").json()
+    assert [(c["step"], c["kind"], c["bytes"]) for c in listed["data"]] == [(2, "model", 1296)]
+    response = client.get(listed["data"][0]["download_url"])
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        names = sorted(archive.getnames())
+        weights = archive.extractfile(f"{job_id}-step-2/model.safetensors").read()
+    assert names == [f"{job_id}-step-2/config.json", f"{job_id}-step-2/model.safetensors"]  # no trainer_state
+    assert weights == bytes(range(256)) * 5
+
+
+def test_download_of_a_missing_checkpoint_is_404(client, settings, job_id) -> None:
+    response = client.get(f"/v1/jobs/{job_id}/checkpoints/9/download")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "checkpoint_not_found"
+    shutil.rmtree(settings.artifact_dir / make_checkpoint(settings, job_id, 4))
+    response = client.get(f"/v1/jobs/{job_id}/checkpoints/4/download")
+    assert response.status_code == 404 and "no longer has the files" in response.json()["error"]["message"]
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints/x/download").status_code == 422

@@ -1,0 +1,1 @@
+"""Celery workers: the task that runs one GRPO job, its heartbeat, and the sweeper."""

@@ -1,0 +1,72 @@
+"""Celery configuration. The API uses it only to send ``run_job`` messages (by name: it never
+imports the task or the trainer); ``worker.app`` is the app workers run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from jobs.settings import Settings
+
+RUN_JOB = "grpo.run_job"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.broker_url.startswith("filesystem"):
+        assert settings.broker_dir is not None
+        folders = {"data_folder_in": settings.broker_dir / "queue", "data_folder_out": settings.broker_dir / "queue",
+                   "control_folder": settings.broker_dir / "control"}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        return {key: str(folder) for key, folder in folders.items()}
+    options: dict[str, Any] = {
+        # Redis hands an unacknowledged message to another worker after this long. Jobs run for
+        # hours, so it is long; recovery does not wait for it: the sweeper re-sends a job whose
+        # lease went stale, and a redelivered message for a job someone holds is a no-op.
+        "visibility_timeout": settings.visibility_timeout_s,
+    }
+    if settings.broker_key_prefix:
+        options["global_keyprefix"] = settings.broker_key_prefix
+    return options
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("grpo", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        broker_transport_options=transport_options(settings),
+        task_default_queue=settings.queue,
+        task_routes={RUN_JOB: {"queue": settings.queue}},  # GPU work has its own queue and workers
+        task_acks_late=True,  # acknowledge when the job ends, so a dead worker's message is not lost
+        task_reject_on_worker_lost=True,  # a killed pool process requeues its message, never acks it
+        worker_prefetch_multiplier=1,  # reserve one message at a time: queued jobs stay free for idle workers
+        worker_concurrency=1,  # one job per worker; run one worker per GPU (CUDA_VISIBLE_DEVICES)
+        worker_max_tasks_per_child=1,  # a fresh pool process per job hands all GPU memory back
+        task_time_limit=None,  # jobs run for hours; they are stopped through the record (cancel)
+        task_soft_time_limit=None,
+        task_ignore_result=True,  # the job record is the result: no result backend
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # a broker blip must not kill a job
+        broker_connection_retry_on_startup=True,  # a worker may start before the broker is up
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def job_sender(app: Celery, settings: Settings) -> Callable[[str], None]:
+    def send(job_id: str) -> None:
+        app.send_task(RUN_JOB, args=[job_id], queue=settings.queue)
+
+    return send
+
+
+def broker_reachable(app: Celery, timeout: float = 2.0) -> bool:
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
