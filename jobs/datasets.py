@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from jobs.errors import InvalidDataset, PayloadTooLarge
 from jobs.models import Dataset
 from jobs.queries import create_dataset
 from jobs.settings import Settings
-from trainer.data import check_row
+from trainer.data import parse_line
 from trainer.errors import DatasetError
 
 CHUNK = 1 << 20
@@ -80,15 +79,15 @@ def check_lines(path: Path) -> tuple[int, list[str]]:
     try:
         with path.open(encoding="utf-8") as lines:
             for number, text in enumerate(lines, start=1):
-                if not text.strip():
-                    continue  # the trainer skips blank lines too
                 try:
-                    row = check_row(json.loads(text), number)
-                except (json.JSONDecodeError, DatasetError) as exc:
+                    row = parse_line(text, number)
+                except DatasetError as exc:
                     bad += 1
                     if len(problems) < MAX_REPORTED_LINES:
-                        problems.append({"line": number, "message": _describe(exc, number)})
+                        problems.append({"line": number, "message": exc.reason})
                     continue
+                if row is None:
+                    continue  # a blank line, skipped by the trainer too
                 rows += 1
                 fields = set(row) if fields is None else fields & set(row)
     except UnicodeDecodeError:
@@ -103,8 +102,3 @@ def check_lines(path: Path) -> tuple[int, list[str]]:
                              param="file")
     return rows, sorted(fields or ())
 
-
-def _describe(exc: Exception, line: int) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not valid JSON ({exc.msg} at column {exc.colno})"
-    return str(exc).removeprefix(f"line {line}: ")

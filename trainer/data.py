@@ -32,17 +32,24 @@ def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
     return row
 
 
+def parse_line(text: str, number: int) -> dict[str, Any] | None:
+    """One JSONL line as a checked row; None for a blank line; ``DatasetError`` for a bad one."""
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"not valid JSON ({exc.msg} at column {exc.colno})", number) from None
+    return check_row(row, number)
+
+
 def parse_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
     """Parse JSONL text lines (blank lines skipped); the first bad line raises ``DatasetError``."""
     rows = []
     for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"not valid JSON ({exc.msg} at column {exc.colno})", number) from None
-        rows.append(check_row(row, number))
+        row = parse_line(text, number)
+        if row is not None:
+            rows.append(row)
     if not rows:
         raise DatasetError("the dataset has no rows")
     return rows

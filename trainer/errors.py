@@ -14,6 +14,7 @@ class DatasetError(TrainingError, ValueError):
     def __init__(self, message: str, line: int | None = None):
         super().__init__(f"line {line}: {message}" if line is not None else message)
         self.line = line
+        self.reason = message
 
 
 class ModelLoadError(TrainingError):

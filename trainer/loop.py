@@ -133,8 +133,10 @@ def token_values(values: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
 
 def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = None, *, resume: bool = False,
           device: torch.device | None = None) -> TrainResult:
+    """Run GRPO as ``run`` says, writing ``output_dir/metrics.jsonl`` and ``output_dir/checkpoints/``.
+    With ``resume``, continue from the newest complete checkpoint there (none: start fresh).
+    Raises ``TrainingError`` subclasses whose message is meant for the user."""
     cfg = run.hyperparameters
-    G = cfg.group_size
     progress = progress or Progress()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +149,14 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
         if missing is not None:
             raise DatasetError(f"the rewards need the field {name!r}, which this row lacks", missing)
     eval_rows = load_rows(run.eval_dataset) if run.eval_dataset else []
-    rewards = RewardSuite(run.reward)
+    with RewardSuite(run.reward) as rewards:
+        return _train(run, rows, eval_rows, rewards, output_dir, progress, resume=resume, device=device)
+
+
+def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: RewardSuite, output_dir: Path,
+           progress: Progress, *, resume: bool, device: torch.device | None) -> TrainResult:
+    cfg = run.hyperparameters
+    G = cfg.group_size
     models = load_models(run.base_model, cfg, device)
     policy, tokenizer = models.policy, models.tokenizer
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -242,7 +251,6 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
         if stopped:
             break
 
-    rewards.close()
     return TrainResult(final_step=step, stopped=stopped, checkpoint=ckpt.latest_checkpoint(output_dir))
 
 
