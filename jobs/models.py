@@ -40,6 +40,7 @@ NAMING_CONVENTION = {
 class JobStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
+    paused = "paused"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
