@@ -2,7 +2,9 @@
 
 import json
 import math
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -12,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from trainer import net
 from trainer.config import ConfigError
 from trainer.errors import ModelLoadError
 from trainer.rewards import (
     REWARD_TYPES,
     RewardSuite,
     code_tests,
-    remote,
     required_fields,
+    sandbox,
     validate_reward_specs,
 )
 from trainer.rewards.base import RewardType
@@ -187,18 +190,6 @@ def test_code_tests_keeps_the_tests_passed_before_a_timeout():
     assert parts({"type": "code_tests", "timeout_s": 1}, [completion], code_rows(ADD_TESTS)) == [2 / 3]
 
 
-def test_code_tests_sandbox_has_no_network():
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        completion = ("```python\nimport socket\ndef reach():\n    try:\n"
-                      f"        socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
-                      "        return True\n    except OSError:\n        return False\n```")
-        tests = code_rows(["assert reach()"])
-        assert parts({"type": "code_tests"}, [completion], tests) == [0.0]
-        # The same program with the network allowed does connect: the check above is not vacuous.
-        assert parts({"type": "code_tests", "allow_network": True}, [completion], tests) == [1.0]
-
-
 def test_code_tests_sandbox_runs_in_a_scratch_directory_with_limits():
     program = "import os, resource\ncwd = os.getcwd()\n"
     tests = [f"assert cwd != {str(Path.cwd())!r} and os.listdir(cwd) == []",
@@ -209,28 +200,13 @@ def test_code_tests_sandbox_runs_in_a_scratch_directory_with_limits():
     assert parts({"type": "code_tests", "memory_mb": 256}, [program], code_rows(tests)) == [1.0]
 
 
-def fake_sandbox(tmp_path: Path, stderr: str, status: int) -> Path:
-    script = tmp_path / "sandbox.py"
-    script.write_text(f"import sys\nsys.stderr.write({stderr!r})\nsys.exit({status})\n")
-    return script
-
-
-def test_code_tests_refuses_to_run_without_network_isolation(tmp_path, monkeypatch):
-    script = fake_sandbox(tmp_path, "cannot create a network namespace: Operation not permitted\n",
-                          code_tests.EXIT_NO_NETWORK_ISOLATION)
-    monkeypatch.setattr(code_tests, "SANDBOX_SCRIPT", script)
-    output = score({"type": "code_tests"}, ["def add(a, b): return a + b"] * 3, code_rows(ADD_TESTS, 3))
-    assert output.parts["code_tests"] == [None, None, None]
-    assert output.errors == {"code_tests": 3}
-    (message,) = output.error_messages
-    assert "refusing to run code with network access" in message and "allow_network: true" in message
-
-
 def test_code_tests_sandbox_that_fails_to_start_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(code_tests, "SANDBOX_SCRIPT", fake_sandbox(tmp_path, "boom\n", 1))
+    script = tmp_path / "launcher.py"
+    script.write_text("import sys\nsys.stderr.write('boom\\n')\nsys.exit(1)\n")
+    monkeypatch.setattr(sandbox, "LAUNCHER", script)
     output = score({"type": "code_tests"}, ["x = 1"], code_rows(ADD_TESTS))
     assert output.errors == {"code_tests": 1}
-    assert output.error_messages == ["code_tests: the sandbox failed to start (exit status 1): boom"]
+    assert output.error_messages == ["code_tests: the sandbox failed (exit status 1): boom"]
 
 
 def test_code_tests_bad_tests_in_the_row_are_errors():
@@ -278,7 +254,8 @@ class ScoringHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def scoring_server(monkeypatch):
-    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(net, "BACKOFF_S", 0.01)
+    monkeypatch.delenv(net.ALLOW_PRIVATE_HOSTS_ENV, raising=False)
     ScoringHandler.hits = {}
     ScoringHandler.headers_seen = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScoringHandler)
@@ -290,14 +267,16 @@ def scoring_server(monkeypatch):
 
 
 COMPLETIONS = ["a", "bb", "ccc"]
+LOCAL = {"allowed_hosts": ["127.0.0.1"]}  # the test server listens on loopback, refused unless listed
 
 
 def test_http_good_answer(scoring_server):
-    spec = {"type": "http", "url": f"{scoring_server}/good", "headers": {"Authorization": "Bearer t0ken"}}
+    spec = {"type": "http", "url": f"{scoring_server}/good", "headers": {"Authorization": "Bearer t0ken"}, **LOCAL}
     output = score(spec, COMPLETIONS, [{"id": i} for i in range(3)])
     assert output.parts["http"] == [1.0, 2.0, 3.0]
     assert output.total == [1.0, 2.0, 3.0]
     assert ScoringHandler.headers_seen[0]["Authorization"] == "Bearer t0ken"
+    assert ScoringHandler.headers_seen[0]["Host"] == scoring_server.removeprefix("http://")
 
 
 @pytest.mark.parametrize(("path", "expected"), [
@@ -306,7 +285,7 @@ def test_http_good_answer(scoring_server):
     ("/fail", "answered HTTP 500"),
 ])
 def test_http_bad_answers_fail_the_whole_batch(scoring_server, path, expected):
-    output = score({"type": "http", "url": f"{scoring_server}{path}"}, COMPLETIONS)
+    output = score({"type": "http", "url": f"{scoring_server}{path}", **LOCAL}, COMPLETIONS)
     assert output.parts["http"] == [None, None, None]
     assert output.errors == {"http": 3}
     assert output.total == [0.0, 0.0, 0.0]
@@ -314,22 +293,143 @@ def test_http_bad_answers_fail_the_whole_batch(scoring_server, path, expected):
     assert message.startswith(f"http: POST {scoring_server}{path}: ") and expected in message
 
 
-def test_http_retries_server_errors(scoring_server):
-    assert parts({"type": "http", "url": f"{scoring_server}/flaky"}, COMPLETIONS) == [1.0, 2.0, 3.0]
-    score({"type": "http", "url": f"{scoring_server}/fail"}, COMPLETIONS)
+def test_http_retries_server_errors_and_counts_the_retries(scoring_server):
+    with RewardSuite([{"type": "http", "url": f"{scoring_server}/flaky", **LOCAL}]) as suite:
+        assert suite([""] * 3, COMPLETIONS, [{}] * 3).parts["http"] == [1.0, 2.0, 3.0]
+        assert suite._functions[0].retried == 1
+    with RewardSuite([{"type": "http", "url": f"{scoring_server}/fail", **LOCAL}]) as suite:
+        assert "answered HTTP 500: 'internal error' after 3 tries" in suite([""], ["a"], [{}]).error_messages[0]
+        assert suite._functions[0].retried == 2
     assert ScoringHandler.hits == {"/flaky": 2, "/fail": 3}  # the first try and two retries
 
 
+def test_http_backoff_doubles_up_to_a_bound(scoring_server, monkeypatch):
+    monkeypatch.setattr(net, "BACKOFF_S", 1.0)
+    monkeypatch.setattr(net, "MAX_BACKOFF_S", 3.0)
+    delays: list[float] = []
+    with pytest.raises(net.OutboundError, match="after 6 tries"):
+        net.post_json(f"{scoring_server}/fail", {"completions": []}, allowed_hosts=["127.0.0.1"], retries=99,
+                      sleep=delays.append)
+    assert delays == [1.0, 2.0, 3.0, 3.0, 3.0]  # retries capped at MAX_RETRIES, delays at MAX_BACKOFF_S
+    assert ScoringHandler.hits == {"/fail": 6}
+
+
 def test_http_timeout_and_refused_connection_are_errors(scoring_server):
-    output = score({"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2}, COMPLETIONS)
+    output = score({"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2, **LOCAL}, COMPLETIONS)
     assert output.errors == {"http": 3}
     assert "no answer within 0.2 s" in output.error_messages[0]
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         closed_port = unused.getsockname()[1]
-    output = score({"type": "http", "url": f"http://127.0.0.1:{closed_port}/"}, COMPLETIONS)
+    output = score({"type": "http", "url": f"http://127.0.0.1:{closed_port}/", **LOCAL}, COMPLETIONS)
     assert output.errors == {"http": 3}
-    assert "cannot connect" in output.error_messages[0]
+    assert "cannot connect" in output.error_messages[0] and "after 3 tries" in output.error_messages[0]
+
+
+def test_http_refuses_a_host_name_that_resolves_to_loopback_and_calls_it_once_listed(scoring_server):
+    url = scoring_server.replace("127.0.0.1", "localhost") + "/good"
+    output = score({"type": "http", "url": url}, COMPLETIONS)
+    assert output.errors == {"http": 3}
+    assert output.error_messages == [f"http: refusing to call {url}: localhost (resolved to 127.0.0.1) is a "
+                                     "loopback address; list 'localhost' in allowed_hosts to allow it"]
+    assert ScoringHandler.hits == {}  # nothing was sent
+    assert parts({"type": "http", "url": url, "allowed_hosts": ["localhost"]}, COMPLETIONS) == [1.0, 2.0, 3.0]
+    with RewardSuite([{"type": "http", "url": url}], allow_private_hosts=["127.0.0.1"]) as suite:  # the caller's
+        assert suite([""] * 3, COMPLETIONS, [{}] * 3).parts["http"] == [1.0, 2.0, 3.0]
+    assert ScoringHandler.headers_seen[0]["Host"] == url.split("/")[2]
+
+
+def test_the_operator_may_allow_private_hosts_for_every_spec(scoring_server, monkeypatch):
+    spec = {"type": "http", "url": f"{scoring_server}/good"}
+    with pytest.raises(ConfigError, match="is a loopback address"):
+        validate_reward_specs([spec])
+    monkeypatch.setenv(net.ALLOW_PRIVATE_HOSTS_ENV, "scorer.internal, 127.0.0.1")
+    assert parts(spec, COMPLETIONS) == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(("host", "reason"), [
+    ("127.0.0.1", "a loopback address"),
+    ("127.1", "a loopback address"),
+    ("2130706433", "a loopback address"),  # decimal
+    ("0177.0.0.1", "a loopback address"),  # octal
+    ("0x7f.0.0.1", "a loopback address"),  # hexadecimal
+    ("[::1]", "a loopback address"),
+    ("[::ffff:127.0.0.1]", "a loopback address (embedded in ::ffff:7f00:1)"),  # IPv4-mapped
+    ("[::ffff:169.254.169.254]", "a link-local address"),
+    ("[2002:7f00:1::]", "a loopback address (embedded in 2002:7f00:1::)"),  # 6to4
+    ("[64:ff9b::a9fe:a9fe]", "a link-local address"),  # NAT64 of the metadata address
+    ("169.254.169.254", "a link-local address (where cloud metadata services live)"),
+    ("[fe80::1]", "a link-local address"),
+    ("10.1.2.3", "a private address"),
+    ("172.16.0.1", "a private address"),
+    ("192.168.1.1", "a private address"),
+    ("[fd00::1]", "a private address"),
+    ("100.64.0.1", "not a public address"),
+    ("224.0.0.1", "a multicast address"),
+    ("[ff02::1]", "a multicast address"),
+    ("0.0.0.0", "the unspecified address"),
+    ("[::]", "the unspecified address"),
+    ("240.0.0.1", "a reserved address"),
+])
+def test_outbound_urls_to_non_public_addresses_are_refused_with_the_url(host, reason, monkeypatch):
+    monkeypatch.delenv(net.ALLOW_PRIVATE_HOSTS_ENV, raising=False)
+    url = f"http://{host}:8000/score"
+    with pytest.raises(net.OutboundError) as caught:
+        net.check_outbound_url(url)
+    message = str(caught.value)
+    assert message.startswith(f"refusing to call {url}: ") and reason in message and "allowed_hosts" in message
+    # A spec that names such an address is refused before any job runs.
+    with pytest.raises(ConfigError) as invalid:
+        validate_reward_specs([{"type": "http", "url": url}])
+    assert invalid.value.param == "reward[0].url" and reason in invalid.value.message
+
+
+def test_outbound_urls_to_public_addresses_and_listed_hosts_pass():
+    public = net.check_outbound_url("https://user:p%40ss@8.8.8.8/score?x=1")
+    assert public.addresses == ("8.8.8.8",) and public.auth == ("user", "p@ss")
+    assert public.connect_url("8.8.8.8") == "https://8.8.8.8:443/score?x=1" and public.host_header == "8.8.8.8"
+    with pytest.raises(net.OutboundError, match="is a reserved address"):  # ::/8, even around a public IPv4
+        net.check_outbound_url("http://[::ffff:8.8.8.8]/")
+    with pytest.raises(net.OutboundError) as caught:  # a password in the URL stays out of messages
+        net.check_outbound_url("http://hook:s3cret@10.0.0.1/x")
+    assert str(caught.value).startswith("refusing to call http://hook:***@10.0.0.1/x: 10.0.0.1 is a private address")
+    listed = net.check_outbound_url("http://0177.0.0.1:81/", ["127.0.0.1"])  # listed by address
+    assert listed.connect_url(listed.addresses[0]) == "http://127.0.0.1:81/"
+
+    def rebinding(host, port, **_):  # a name that resolves to a public and a private address
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("8.8.8.8", "10.0.0.1")]
+
+    with pytest.raises(net.OutboundError, match=r"scorer.example \(resolved to 10.0.0.1\) is a private address"):
+        net.check_outbound_url("http://scorer.example/", resolve=rebinding)
+    assert net.check_outbound_url("http://scorer.example/", ["Scorer.Example"], resolve=rebinding).addresses \
+        == ("8.8.8.8", "10.0.0.1")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_https_connects_to_the_checked_address_and_verifies_the_certificate_for_the_name(tmp_path):
+    import httpx
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", tmp_path / "key.pem", "-out", tmp_path / "cert.pem", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScoringHandler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=tmp_path / "cert.pem")) as client:
+            response = net.post_json(f"https://localhost:{port}/good", {"prompts": [""], "completions": ["ab"],
+                                     "rows": [{}]}, allowed_hosts=["localhost"], client=client, retries=0)
+            assert response.json() == {"rewards": [2.0]}
+            with pytest.raises(net.OutboundError, match="CERTIFICATE_VERIFY_FAILED"):  # the cert names localhost
+                net.post_json(f"https://127.0.0.1:{port}/good", {}, allowed_hosts=["127.0.0.1"], client=client,
+                              retries=0)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- reward_model ------------------------------------------------------------------------------
@@ -494,9 +594,15 @@ def test_validate_fills_defaults_and_copies():
     ([{"type": "length", "target": 0}], "reward[0].target", "must be >= 1"),
     ([{"type": "code_tests", "timeout_s": 0}], "reward[0].timeout_s", "must be > 0"),
     ([{"type": "code_tests", "allow_network": "yes"}], "reward[0].allow_network", "true or false"),
+    ([{"type": "code_tests", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
+    ([{"type": "code_tests", "memory_mb": 8192}], "reward[0].memory_mb", "must be <= 4096"),
     ([{"type": "http"}], "reward[0].url", "is required for a http reward"),
     ([{"type": "http", "url": "ftp://x"}], "reward[0].url", "http:// or https://"),
     ([{"type": "http", "url": "http://x", "headers": {"a": 1}}], "reward[0].headers", "object of strings"),
+    ([{"type": "http", "url": "http://x", "allowed_hosts": "x"}], "reward[0].allowed_hosts", "list of strings"),
+    ([{"type": "http", "url": "http://x", "allowed_hosts": ["http://x/"]}], "reward[0].allowed_hosts[0]",
+     "without scheme, port or path"),
+    ([{"type": "http", "url": "http://x", "retries": 9}], "reward[0].retries", "must be <= 5"),
     ([{"type": "reward_model"}], "reward[0].model", "is required"),
     ([{"type": "math", "name": "m"}, {"type": "length", "target": 3, "name": "m"}], "reward[1].name",
      "used by an earlier reward"),

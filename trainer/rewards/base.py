@@ -33,7 +33,7 @@ class RewardFunction(Protocol):
 class Option:
     """One option of a reward type: its kind, its default, and the values it may take."""
 
-    kind: str  # "string", "number", "integer", "boolean" or "headers" (a str -> str mapping)
+    kind: str  # "string", "number", "integer", "boolean", "strings" (a list) or "headers" (a str -> str mapping)
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive
@@ -46,8 +46,8 @@ class RewardType:
     """An entry of the registry: the options a spec of this type takes and how to build it.
 
     ``check(spec, param)`` does the cross-option checks on a spec whose options are already typed;
-    ``fields(spec)`` names the dataset fields it reads; ``build(spec, device=, param=)`` makes the
-    function (loading a model or opening a client where needed).
+    ``fields(spec)`` names the dataset fields it reads; ``build(spec, device=, param=,
+    allow_private_hosts=)`` makes the function (loading a model or opening a client where needed).
     """
 
     options: dict[str, Option]
@@ -130,6 +130,10 @@ def check_option(param: str, option: Option, value: Any) -> Any:
     elif kind == "string":
         if not isinstance(value, str):
             raise ConfigError(param, f"must be a string, got {value!r}")
+    elif kind == "strings":
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(param, f'must be a list of strings, e.g. ["127.0.0.1"], got {value!r}')
+        value = list(value)
     elif kind == "headers":
         if not isinstance(value, dict) or not all(isinstance(item, str) for pair in value.items() for item in pair):
             raise ConfigError(param, 'must be an object of strings, e.g. {"Authorization": "Bearer ..."}')

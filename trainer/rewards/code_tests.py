@@ -1,45 +1,40 @@
 """The ``code_tests`` reward: run the completion's code against the row's tests in a sandbox.
 
-The sandbox is a first one, to be hardened: a fresh ``python -I`` with an empty environment, a
-scratch working directory removed afterwards, CPU, memory, file-size and process limits, no
-network (a new network namespace), a wall-clock timeout that kills the process group, and, when
-run as root, no capabilities. It does not hide the file system, and a program that inspects the
-harness's frames could forge its result; see ``sandbox_child.py`` for the child's side.
+Each completion's program and the row's tests run together in ``code_harness.py`` inside
+``run_sandboxed`` (see ``sandbox.py`` for the layers and the residual risks, and
+``code_harness.py`` for how far a program can game its own score). A program that fails, exits,
+times out or hits a limit scores the tests it passed before; a sandbox that cannot run at all
+(or may not, on a machine without namespaces) is a counted error with the reason.
+``allow_network: true`` is accepted only where the operator sets ``GRPO_SANDBOX_ALLOW_NETWORK=1``.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import re
 import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from trainer.config import ConfigError
 from trainer.rewards.base import Option, RewardError, RewardType, Scores, row_value
+from trainer.rewards.sandbox import STARTUP_SLACK_S, SandboxError, run_sandboxed
 
-SANDBOX_SCRIPT = Path(__file__).with_name("sandbox_child.py")
-EXIT_NO_NETWORK_ISOLATION = 97  # as in sandbox_child.py
-STARTUP_SLACK_S = 2.0  # wall-clock allowance for starting two interpreters on a busy machine
-FILE_LIMIT_BYTES = 10 * 2**20
-MAX_PROCESSES = 32
+HARNESS = Path(__file__).with_name("code_harness.py")
+ALLOW_NETWORK_ENV = "GRPO_SANDBOX_ALLOW_NETWORK"
+FILE_LIMIT_MB = 10
+MAX_PROCESSES = 8  # processes (and threads) per program; each may use memory_mb
 MAX_WORKERS = 8
+MAX_TIMEOUT_S = 60.0
+MAX_MEMORY_MB = 4096
 
 _CODE_BLOCK = re.compile(r"```([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = {"python", "python3", "py"}
-
-
-class SandboxError(RewardError):
-    """The sandbox could not run the program at all (not: the program failed its tests)."""
 
 
 def extract_program(completion: str) -> str:
@@ -78,70 +73,33 @@ def split_tests(tests: Any) -> list[dict[str, Any]]:
 class SandboxLimits:
     timeout_s: float = 5.0
     memory_mb: int = 512
-    isolate_network: bool = True
+    network: bool = False
 
 
-def run_in_sandbox(program: str, steps: list[dict[str, Any]], limits: SandboxLimits) -> tuple[int, int]:
-    """Run ``program`` then ``steps`` in a sandboxed interpreter: (tests passed, tests run).
+@cache
+def harness_source() -> str:
+    return HARNESS.read_text(encoding="utf-8")
+
+
+def run_tests(program: str, steps: list[dict[str, Any]], limits: SandboxLimits) -> tuple[int, int]:
+    """Run ``program`` then ``steps`` in the sandbox: (tests passed, tests run).
 
     Tests not reached before a time or memory limit count as run and failed by the caller.
-    Raises SandboxError when the sandbox itself cannot start.
+    Raises SandboxError when the sandbox itself cannot run.
     """
     nonce = secrets.token_hex(16)
     job = json.dumps({"nonce": nonce, "program": program, "steps": steps}).encode()
-    child_limits = json.dumps({
-        "cpu_s": max(1, math.ceil(limits.timeout_s)),
-        "memory_bytes": limits.memory_mb * 2**20,
-        "file_bytes": FILE_LIMIT_BYTES,
-        "max_processes": MAX_PROCESSES,
-        "isolate_network": limits.isolate_network,
-    })
-    scratch = Path(tempfile.mkdtemp(prefix="grpo-code-"))
-    try:
-        workdir = scratch / "work"
-        workdir.mkdir()
-        with open(scratch / "stdout", "w+b") as out, open(scratch / "stderr", "w+b") as err:
-            try:
-                process = subprocess.Popen(
-                    [sys.executable, "-I", str(SANDBOX_SCRIPT), "limit", child_limits],
-                    stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir, env={},
-                    start_new_session=True,  # its own process group, killed as a whole below
-                )
-            except OSError as exc:
-                raise SandboxError(f"could not start the sandbox: {exc}") from None
-            timed_out = False
-            try:
-                process.communicate(job, timeout=limits.timeout_s + STARTUP_SLACK_S)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_group(process.pid)  # also whatever the program left running in the background
-                process.wait()
-            out.seek(0)
-            report = out.read().decode("utf-8", "replace")
-            err.seek(0)
-            stderr_tail = err.read()[-1000:].decode("utf-8", "replace").strip()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
+    result = run_sandboxed(harness_source(), stdin=job, timeout_s=limits.timeout_s, memory_mb=limits.memory_mb,
+                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, network=limits.network)
+    report = result.stdout.decode("utf-8", "replace")
     progress = re.findall(rf"^{nonce} (\d+) (\d+)$", report, re.MULTILINE)
     if progress:
         passed, done = progress[-1]
         return int(passed), int(done)
-    if process.returncode == EXIT_NO_NETWORK_ISOLATION:
-        raise SandboxError(f"refusing to run code with network access ({stderr_tail}); run the trainer where "
-                           "it may create network namespaces (root or CAP_SYS_ADMIN), or set "
-                           "allow_network: true in the code_tests reward to run without network isolation")
-    if timed_out:
+    if result.timed_out:
         raise SandboxError(f"the sandbox did not start within {limits.timeout_s + STARTUP_SLACK_S:g} s")
-    raise SandboxError(f"the sandbox failed to start (exit status {process.returncode}): {stderr_tail[-300:]}")
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    stderr_tail = result.stderr[-300:].decode("utf-8", "replace").strip()
+    raise SandboxError(f"the test harness did not start ({result.describe()}): {stderr_tail}")
 
 
 class CodeTests:
@@ -150,12 +108,12 @@ class CodeTests:
     def __init__(self, spec: dict[str, Any]):
         self.field = spec["field"]
         self.partial = spec["partial"]
-        self.limits = SandboxLimits(spec["timeout_s"], spec["memory_mb"], not spec["allow_network"])
+        self.limits = SandboxLimits(spec["timeout_s"], spec["memory_mb"], spec["allow_network"])
 
     def score(self, completion: str, row: dict[str, Any]) -> float:
         steps = split_tests(row_value(row, self.field))
         total = sum(step["test"] for step in steps)
-        passed, _ = run_in_sandbox(extract_program(completion), steps, self.limits)
+        passed, _ = run_tests(extract_program(completion), steps, self.limits)
         if self.partial:
             return passed / total
         return 1.0 if passed == total else 0.0
@@ -177,6 +135,16 @@ class CodeTests:
         pass
 
 
+def _check_code_tests(spec: dict[str, Any], param: str) -> None:
+    if spec["timeout_s"] > MAX_TIMEOUT_S:
+        raise ConfigError(f"{param}.timeout_s", f"must be <= {MAX_TIMEOUT_S:g} s, got {spec['timeout_s']:g}")
+    if spec["memory_mb"] > MAX_MEMORY_MB:
+        raise ConfigError(f"{param}.memory_mb", f"must be <= {MAX_MEMORY_MB}, got {spec['memory_mb']}")
+    if spec["allow_network"] and os.environ.get(ALLOW_NETWORK_ENV, "") != "1":
+        raise ConfigError(f"{param}.allow_network", "code from completions runs without network access; the "
+                          f"operator may allow it by setting {ALLOW_NETWORK_ENV}=1 on the API and the workers")
+
+
 CODE_TESTS = RewardType(
     summary="the share of row[field]'s tests the completion's Python code passes, run in a sandbox",
     options={
@@ -186,6 +154,7 @@ CODE_TESTS = RewardType(
         "partial": Option("boolean", True),
         "allow_network": Option("boolean", False),
     },
+    check=_check_code_tests,
     build=lambda spec, **_: CodeTests(spec),
     fields=lambda spec: {spec["field"]},
 )

@@ -2,66 +2,62 @@
 
 Request ``{"prompts": [...], "completions": [...], "rows": [...]}``; expected answer
 ``{"rewards": [float, ...]}``, one per completion. Anything else fails the whole batch.
+
+The call goes through ``trainer.net.post_json``: loopback, private, link-local and other
+non-public addresses are refused unless the spec's ``allowed_hosts``, the caller's
+``allow_private_hosts`` or the operator's ``GRPO_ALLOW_PRIVATE_HOSTS`` lists the host; connection errors and 5xx answers are retried with
+bounded exponential backoff, and ``retried`` counts those retries.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Sequence
 from typing import Any
 
 from trainer.config import ConfigError
+from trainer.net import MAX_RETRIES, OutboundError, check_url_literal, post_json, redact_url
 from trainer.rewards.base import Option, RewardError, RewardType, Scores
-
-BACKOFF_S = 0.25  # doubled after each retry
 
 
 class HttpReward:
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], allow_private_hosts: Sequence[str] = ()):
         import httpx
 
         self.url = spec["url"]
+        self.shown_url = redact_url(self.url)
         self.retries = spec["retries"]
-        self.client = httpx.Client(timeout=spec["timeout_s"], headers=spec["headers"] or {})
+        self.timeout_s = spec["timeout_s"]
+        self.headers = spec["headers"] or {}
+        self.allowed_hosts = [*(spec["allowed_hosts"] or ()), *allow_private_hosts]
+        self.client = httpx.Client(timeout=self.timeout_s, trust_env=False, follow_redirects=False)
+        self.retried = 0
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
         response = self._post({"prompts": prompts, "completions": completions, "rows": rows})
         try:
             rewards = response.json()["rewards"]
         except (ValueError, KeyError, TypeError):
-            raise RewardError(f"POST {self.url}: expected a JSON object {{\"rewards\": [numbers]}}, got "
+            raise RewardError(f"POST {self.shown_url}: expected a JSON object {{\"rewards\": [numbers]}}, got "
                               f"{response.text[:200]!r}") from None
         if not isinstance(rewards, list) or len(rewards) != len(completions):
             count = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
-            raise RewardError(f"POST {self.url}: expected {len(completions)} rewards, one per completion, "
+            raise RewardError(f"POST {self.shown_url}: expected {len(completions)} rewards, one per completion, "
                               f"got {count}")
         for index, value in enumerate(rewards):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise RewardError(f"POST {self.url}: rewards[{index}] is {value!r}, not a finite number")
+                raise RewardError(f"POST {self.shown_url}: rewards[{index}] is {value!r}, not a finite number")
         return [float(value) for value in rewards]
 
     def _post(self, payload: dict[str, Any]):
-        """The 2xx response; retries connection errors and 5xx answers, not timeouts."""
-        import httpx
+        def count_retry(reason: str) -> None:
+            self.retried += 1
 
-        for attempt in range(self.retries + 1):
-            last_try = attempt == self.retries
-            try:
-                response = self.client.post(self.url, json=payload)
-            except httpx.TimeoutException:
-                raise RewardError(f"POST {self.url}: no answer within {self.client.timeout.read:g} s "
-                                  "(raise timeout_s or make the endpoint faster)") from None
-            except httpx.TransportError as exc:
-                if last_try:
-                    raise RewardError(f"POST {self.url}: cannot connect ({exc})") from None
-            else:
-                if response.is_success:
-                    return response
-                if response.status_code < 500 or last_try:
-                    raise RewardError(f"POST {self.url}: answered HTTP {response.status_code}: "
-                                      f"{response.text[:200]!r}")
-            time.sleep(BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return post_json(self.url, payload, allowed_hosts=self.allowed_hosts, timeout_s=self.timeout_s,
+                             retries=self.retries, headers=self.headers, client=self.client, on_retry=count_retry)
+        except OutboundError as exc:
+            raise RewardError(str(exc)) from None
 
     def close(self) -> None:
         self.client.close()
@@ -70,6 +66,16 @@ class HttpReward:
 def _check_http(spec: dict[str, Any], param: str) -> None:
     if not spec["url"].startswith(("http://", "https://")):
         raise ConfigError(f"{param}.url", f"must be an http:// or https:// URL, got {spec['url']!r}")
+    if spec["retries"] > MAX_RETRIES:
+        raise ConfigError(f"{param}.retries", f"must be <= {MAX_RETRIES}, got {spec['retries']}")
+    for index, host in enumerate(spec["allowed_hosts"] or ()):
+        if not host or any(char in host for char in "/@? \t") or host.count(":") == 1:
+            raise ConfigError(f"{param}.allowed_hosts[{index}]", f"must be a host name or an IP address "
+                              f'without scheme, port or path, e.g. "127.0.0.1" or "scorer.internal", got {host!r}')
+    try:
+        check_url_literal(spec["url"], spec["allowed_hosts"] or ())
+    except OutboundError as exc:
+        raise ConfigError(f"{param}.url", str(exc)) from None
 
 
 HTTP = RewardType(
@@ -79,7 +85,8 @@ HTTP = RewardType(
         "timeout_s": Option("number", 30.0, above=0),
         "headers": Option("headers", None),
         "retries": Option("integer", 2, minimum=0),
+        "allowed_hosts": Option("strings", None),
     },
     check=_check_http,
-    build=lambda spec, **_: HttpReward(spec),
+    build=lambda spec, allow_private_hosts=(), **_: HttpReward(spec, allow_private_hosts),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,13 @@ class RewardOutput:
 
 class RewardSuite:
     """Validates the specs, builds each function (loading a reward model if one is named) and
-    scores batches: ``suite(prompts, completions, rows) -> RewardOutput``."""
+    scores batches: ``suite(prompts, completions, rows) -> RewardOutput``.
 
-    def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu"):
+    ``allow_private_hosts``: hosts the operator lets ``http`` rewards call although they are
+    loopback, private or link-local (added to each spec's own ``allowed_hosts``).
+    """
+
+    def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu", allow_private_hosts: Sequence[str] = ()):
         self.specs = validate_reward_specs(specs)
         self.names: list[str] = [spec["name"] for spec in self.specs]
         self.weights: list[float] = [spec["weight"] for spec in self.specs]
@@ -35,7 +40,8 @@ class RewardSuite:
         try:
             for index, spec in enumerate(self.specs):
                 build = REWARD_TYPES[spec["type"]].build
-                self._functions.append(build(spec, device=device, param=f"reward[{index}]"))
+                self._functions.append(build(spec, device=device, param=f"reward[{index}]",
+                                             allow_private_hosts=tuple(allow_private_hosts)))
         except BaseException:
             self.close()
             raise
