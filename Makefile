@@ -37,7 +37,7 @@ migrate: setup
 	$(PY) -m api.cli migrate
 
 serve: setup
-	$(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+	$(PY) -m api.cli serve --host $(HOST) --port $(PORT)
 
 worker: setup
 	$(PY) -m worker

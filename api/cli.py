@@ -1,14 +1,27 @@
-"""``grpo``: run the service. ``grpo serve --embedded`` is the no-services setup."""
+"""``grpo``: run the service (``grpo serve --embedded`` is the no-services setup) and manage its
+API keys (``grpo keys create NAME``)."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from grpo_client.cli import COMMANDS as client_commands
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 app = typer.Typer(help="GRPO fine-tuning service.", no_args_is_help=True)
+keys = typer.Typer(help="API keys: each reaches its owner's datasets and jobs.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+for _name, _group in client_commands.items():  # datasets, jobs, rewards: over the HTTP API
+    app.add_typer(_group, name=_name)
 
 Host = Annotated[str, typer.Option(help="Interface to listen on.")]
 Port = Annotated[int, typer.Option(help="Port to listen on.")]
@@ -37,7 +50,10 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="Where the embedded setup keeps everything.")] = Path("var"),
 ) -> None:
     """Serve the HTTP API (and, with --embedded, a worker too)."""
+    from jobs.settings import get_settings
+
     _logging()
+    refuse_open_unauthenticated(host, get_settings().auth)
     if embedded:
         from api.embedded import run_embedded
 
@@ -47,12 +63,99 @@ def serve(
     uvicorn.run("api.main:app", host=host, port=port)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def refuse_open_unauthenticated(host: str, auth: str) -> None:
+    """With authentication disabled, anyone who reaches the port owns every job: loopback only."""
+    if auth == "disabled" and not is_loopback(host):
+        typer.echo(f"refusing to listen on {host} with GRPO_AUTH=disabled: anyone who can reach it could use "
+                   f"the API. Listen on 127.0.0.1, or leave GRPO_AUTH=required and create keys with "
+                   f"`grpo keys create NAME`.", err=True)
+        raise typer.Exit(2)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(ctx: typer.Context) -> None:
     """Run a GPU worker on the configured queue; extra options go to `celery worker`."""
     from worker.__main__ import main
 
     main(list(ctx.args))
+
+
+@contextmanager
+def _key_store() -> Iterator[Session]:
+    """A unit of work on GRPO_DATABASE_URL, with a readable failure if that is not migrated."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from jobs.db import transaction
+    from jobs.settings import get_settings
+
+    url = get_settings().database_url
+    try:
+        with transaction(url) as session:
+            yield session
+    except DBAPIError as exc:
+        typer.echo(f"could not use the database {make_url(url).render_as_string(hide_password=True)}: "
+                   f"{exc.orig}; is it migrated (`grpo migrate`)?", err=True)
+        raise typer.Exit(1) from None
+
+
+@keys.command("create")
+def create_key(
+    name: Annotated[str, typer.Argument(help="What the key is for, e.g. ci or alice-laptop.")],
+    owner: Annotated[str | None, typer.Option(help=(
+        "Whose datasets and jobs the key reaches; defaults to NAME. Give an existing owner to add a "
+        "key for them (e.g. to rotate one)."))] = None,
+) -> None:
+    """Create a key. Its secret goes to stdout, once: only a hash of it is stored."""
+    from jobs.keys import issue_key
+
+    for label, value in (("NAME", name), ("--owner", owner)):
+        if value is not None and not 0 < len(value.strip()) <= 255:
+            raise typer.BadParameter("must be 1 to 255 characters", param_hint=label)
+    with _key_store() as session:
+        key, secret = issue_key(session=session, name=name.strip(), owner=owner and owner.strip())
+    typer.echo(f"created {key.id} ({key.name!r}, owner {key.owner!r}); the secret below is shown only "
+               f"this once; send it as 'Authorization: Bearer <secret>':", err=True)
+    typer.echo(secret)
+
+
+@keys.command("list")
+def list_keys() -> None:
+    """Every key: id, name, owner, the secret's first characters, when made, when revoked."""
+    from jobs.queries import list_api_keys
+
+    with _key_store() as session:
+        rows = [(k.id, k.name, k.owner, f"{k.prefix}…", f"{k.created_at:%Y-%m-%d %H:%M}",
+                 f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active")
+                for k in list_api_keys(session=session)]
+    header = ("ID", "NAME", "OWNER", "SECRET", "CREATED", "STATUS")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@keys.command("revoke")
+def revoke_key(key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id, from `grpo keys list`.")]) -> None:
+    """Revoke a key: its next request is a 401."""
+    from jobs.errors import ApiKeyNotFound
+    from jobs.queries import revoke_api_key
+
+    try:
+        with _key_store() as session:
+            key = revoke_api_key(session=session, key_id=key_id)
+    except ApiKeyNotFound as exc:
+        typer.echo(exc.message, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked {key.id} ({key.name!r}, owner {key.owner!r})")
 
 
 if __name__ == "__main__":

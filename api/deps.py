@@ -9,12 +9,17 @@ waiting for a thread holds). One unit of work in one thread cannot.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from jobs.db import Database
 from jobs.dispatch import Dispatcher
+from jobs.errors import RateLimited, Unauthenticated, UnsupportedMediaType
+from jobs.keys import HOW_TO_GET_ONE, LOCAL_OWNER, authenticate
+from jobs.models import ApiKey
 from jobs.settings import Settings
 
 # ``async def`` although they do no I/O: FastAPI runs a plain ``def`` dependency in the
@@ -33,8 +38,55 @@ async def dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
+bearer = HTTPBearer(auto_error=False, description="An API key: `grpo keys create NAME` prints one.")
+
+
+def _live_key(db: Database, token: str) -> ApiKey:
+    with db.transaction() as session:
+        return authenticate(session=session, token=token)
+
+
+async def current_owner(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """Whose request this is: the owner of its API key (or the one local owner when
+    ``GRPO_AUTH=disabled``). 401 without a live key, 429 once the key is over its rate."""
+    settings: Settings = request.app.state.settings
+    if settings.auth == "disabled":
+        owner = bucket = LOCAL_OWNER
+    elif credentials is None:
+        raise Unauthenticated(f"no API key; {HOW_TO_GET_ONE}")
+    else:
+        key = await run_in_threadpool(_live_key, request.app.state.database, credentials.credentials)
+        owner, bucket = key.owner, key.id
+    wait_s = request.app.state.rate_limiter.take(bucket)
+    if wait_s:
+        raise RateLimited(wait_s)
+    return owner
+
+
+def accepts(media_type: str) -> Any:
+    """A route dependency: 415 unless the request's body is ``media_type``."""
+
+    async def content_type_is(request: Request) -> None:
+        sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if sent != media_type:
+            raise UnsupportedMediaType(f"{request.method} {request.url.path} takes {media_type}, "
+                                       f"not {sent or 'a body without a Content-Type'}", param="Content-Type")
+
+    return Depends(content_type_is)
+
+
+# The database's integers: a larger value in a query would fail there, so it is a 422 here.
+MAX_STEP = 2**31 - 1
+MAX_EVENT_ID = 2**63 - 1
+
+CurrentOwner = Annotated[str, Depends(current_owner)]
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 DatabaseDep = Annotated[Database, Depends(database)]
 DispatcherDep = Annotated[Dispatcher, Depends(dispatcher)]
+IdempotencyKey = Annotated[str | None, Header(max_length=255, description=(
+    "Retrying with the same key and body within 24 hours (GRPO_IDEMPOTENCY_TTL_S) returns what the "
+    "first request made; the same key with another body is a 409. Keys are per owner."))]
 After = Annotated[str | None, Query(description="The last id of the previous page.", max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]

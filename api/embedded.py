@@ -29,12 +29,20 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+def embedded_settings(data_dir: Path) -> Settings:
+    """The settings the embedded children run with (e.g. to create an API key in their database)."""
+    return Settings(data_dir=data_dir.resolve(), database_url="", broker_url="filesystem://", broker_dir=None,
+                    artifact_dir=None)
+
+
 def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
     """Migrate, start the API and a worker, and stop both when either ends or on SIGINT/SIGTERM."""
     env = embedded_env(data_dir)
-    settings = Settings(data_dir=Path(env["GRPO_DATA_DIR"]))
+    settings = embedded_settings(data_dir)
     upgrade(settings.database_url)
     log.info("embedded service: data in %s, API on http://%s:%d", settings.data_dir, host, port)
+    if settings.auth == "required":
+        log.info("API keys for it: GRPO_DATA_DIR=%s grpo keys create NAME", settings.data_dir)
 
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -6,6 +6,7 @@ Domain code raises ``jobs.errors`` exceptions; this module alone knows their HTT
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,12 +16,24 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from jobs.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceError
+from jobs.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceError,
+    TooManyActiveJobs,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
 from jobs.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[ServiceError], int] = {InvalidRequest: 422, NotFound: 404, Conflict: 409, PayloadTooLarge: 413}
+STATUS: dict[type[ServiceError], int] = {
+    InvalidRequest: 422, Unauthenticated: 401, NotFound: 404, Conflict: 409, PayloadTooLarge: 413,
+    UnsupportedMediaType: 415, RateLimited: 429, TooManyActiveJobs: 429}
 HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -49,9 +62,17 @@ def dotted_path(loc: Sequence[str | int]) -> str | None:
     return path or None
 
 
+def headers_of(exc: ServiceError) -> dict[str, str] | None:
+    if isinstance(exc, Unauthenticated):
+        return {"WWW-Authenticate": 'Bearer realm="grpo"'}
+    if isinstance(exc, RateLimited):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return None
+
+
 async def service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(status_of(exc), exc.code, exc.message, exc.param, exc.details)
+    return error_response(status_of(exc), exc.code, exc.message, exc.param, exc.details, headers_of(exc))
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:

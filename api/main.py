@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from api import errors
+from api.deps import current_owner
+from api.limits import BodyLimit
 from api.observability import JobsByStatus, RequestMetrics
-from api.routes import checkpoints, datasets, events, health, jobs
+from api.ratelimit import RateLimiter
+from api.routes import checkpoints, dashboard, datasets, events, health, jobs, rewards, samples
 from jobs.db import Database
 from jobs.dispatch import Dispatcher, Send
 from jobs.settings import Settings, get_settings
@@ -17,15 +20,20 @@ from worker.broker import job_sender, make_celery
 
 DESCRIPTION = """POST a GRPO job, watch its reward curve, download the fine-tuned checkpoint.
 
-Errors always have the shape `{"error": {"code": ..., "message": ..., "param": ...}}`, where
-`param` is the dotted path of the offending field (e.g. `reward[0].pattern`). Lists are
-paginated with `after=<last id>&limit=` and answer `{"data": [...], "has_more": bool}`."""
+Every `/v1` request carries an API key, `Authorization: Bearer grpo_…` (`grpo keys create NAME`
+makes one); a key reaches its owner's datasets and jobs only, and another owner's resource is a
+404 like a missing one. Errors always have the shape `{"error": {"code": ..., "message": ...,
+"param": ...}}`, where `param` is the dotted path of the offending field (e.g.
+`reward[0].pattern`). Lists are paginated with `after=<last id>&limit=` and answer
+`{"data": [...], "has_more": bool}`."""
 
 TAGS = [
     {"name": "datasets", "description": "JSONL prompts (and the fields rewards read), uploaded once."},
     {"name": "jobs", "description": "Create, follow and cancel GRPO jobs; per-step metrics."},
     {"name": "events", "description": "A job's log, also as server-sent events."},
     {"name": "checkpoints", "description": "Hugging Face checkpoints, streamed as tar archives."},
+    {"name": "samples", "description": "What the model writes: a few completions per step, with rewards."},
+    {"name": "rewards", "description": "Try a reward spec on completions before a job runs."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
 
@@ -40,10 +48,17 @@ def create_app(settings: Settings | None = None, *, send: Send | None = None) ->
     app.state.dispatcher = Dispatcher(send or job_sender(app.state.celery, settings), app.state.database.sessions)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsByStatus(app.state.database))
-    app.add_middleware(RequestMetrics, registry=app.state.registry)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestMetrics, registry=app.state.registry)  # outermost: it counts the 413s too
     errors.install(app)
-    for module in (datasets, jobs, events, checkpoints, health):
-        app.include_router(module.router)
+    for module in (datasets, jobs, events, checkpoints, samples, rewards):
+        # every /v1 route, including ones that never ask for the owner, needs a live key
+        app.include_router(module.router, dependencies=[Depends(current_owner)],
+                           responses=errors.responses(401, 429))
+    app.include_router(health.router)  # open: liveness, readiness, Prometheus
+    app.include_router(dashboard.router)  # open: a static page; its requests carry the key
+    app.mount("/static", dashboard.static_files, name="static")
     return app
 
 

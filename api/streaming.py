@@ -46,21 +46,22 @@ def sse_message(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
 
 
-def _read_events(db: Database, job_id: str, after: int) -> tuple[list[JobEvent], bool]:
+def _read_events(db: Database, owner: str, job_id: str, after: int) -> tuple[list[JobEvent], bool]:
     """New events, and whether the stream is complete (the job ended and all is sent)."""
     with db.transaction() as session:
-        ended = JobStatus(get_job(session=session, job_id=job_id).status).terminal  # read before the events
+        job = get_job(session=session, owner=owner, job_id=job_id)
+        ended = JobStatus(job.status).terminal  # read before the events
         events, has_more = list_events(session=session, job_id=job_id, after=after, limit=500)
     return events, ended and not has_more
 
 
-async def event_stream(request: Request, db: Database, job_id: str, *, after: int,
+async def event_stream(request: Request, db: Database, owner: str, job_id: str, *, after: int,
                        poll_s: float) -> AsyncIterator[str]:
     """Events after ``after`` as they are recorded; ends once the job has ended."""
     yield f"retry: {int(poll_s * 2000)}\n\n"
     quiet_since = time.monotonic()
     while True:
-        events, complete = await run_in_threadpool(_read_events, db, job_id, after)
+        events, complete = await run_in_threadpool(_read_events, db, owner, job_id, after)
         for event in events:
             yield sse_message(event)
             after = event.id

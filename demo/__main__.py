@@ -4,7 +4,8 @@
 
 1. builds a tiny model and an addition dataset, warm-started so that it is sometimes right
    (cached in --data-dir; see demo/prepare.py);
-2. starts the embedded service (API + worker, SQLite, file broker; no PostgreSQL, no Redis);
+2. starts the embedded service (API + worker, SQLite, file broker; no PostgreSQL, no Redis) and
+   creates an API key for itself, as ``grpo keys create demo`` would;
 3. uploads the dataset, creates a job over HTTP and follows it step by step;
 4. shows the reward curve, downloads the final checkpoint, loads it with ``from_pretrained``,
    generates from it and prints held-out accuracy before and after.
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import httpx
 
+from api.embedded import embedded_settings
 from demo.prepare import accuracy, prepare, rows
+from jobs.db import transaction
+from jobs.keys import issue_key
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -57,6 +61,13 @@ def wait_ready(client: httpx.Client, service: subprocess.Popen, timeout: float =
             pass
         time.sleep(0.5)
     raise SystemExit("the embedded service did not become ready in time")
+
+
+def create_api_key(service_dir: Path) -> str:
+    """A key in the embedded service's database, made by the code behind `grpo keys create`."""
+    with transaction(embedded_settings(service_dir).database_url) as session:
+        _, secret = issue_key(session=session, name="demo")
+    return secret
 
 
 def check(response: httpx.Response) -> dict:
@@ -99,14 +110,15 @@ def main() -> int:
     print(f"   held-out accuracy of the warm-started model: {before:.1%}")
 
     port = args.port or free_port()
-    service_log = args.data_dir / "service.log"
+    service_dir, service_log = args.data_dir / "service", args.data_dir / "service.log"
     print(f"2. starting the embedded service on http://127.0.0.1:{port} (SQLite, file broker; log: {service_log})")
     service = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--embedded", "--port", str(port),
-                                "--data-dir", str(args.data_dir / "service")],
+                                "--data-dir", str(service_dir)],
                                stdout=service_log.open("w"), stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            wait_ready(client, service)
+            wait_ready(client, service)  # migrated by now: the key can go in
+            client.headers["Authorization"] = f"Bearer {create_api_key(service_dir)}"
             print("3. uploading the dataset and creating the job")
             with paths["train"].open("rb") as f:
                 dataset = check(client.post("/v1/datasets", files={"file": ("train.jsonl", f, "application/jsonl")}))

@@ -19,8 +19,18 @@ def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
         dirs[:] = sorted(d for d in dirs if not (Path(root) == directory and d == TRAINER_STATE))
         for name in sorted(names):
             path = Path(root) / name
+            if path.is_symlink():  # a checkpoint holds plain files; a link could point anywhere
+                continue
             files.append((path.relative_to(directory).as_posix(), path))
     return files
+
+
+def inside(artifact_dir: Path, stored: str) -> Path | None:
+    """The artifact at the stored (relative) path ``stored``, or None if it resolves outside the
+    artifact directory: an absolute path, ``..`` or a link never lead a download elsewhere."""
+    root = artifact_dir.resolve()
+    path = (root / stored).resolve()
+    return path if path.is_relative_to(root) and path != root else None
 
 
 def describe_checkpoint(directory: Path) -> tuple[str, int]:

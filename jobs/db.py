@@ -39,7 +39,9 @@ def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
         return engine
     if pooled:
         pooling = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
-    return create_engine(database_url, **pooling)
+    # A database that went away fails a new connection in seconds, not after the OS gives up on
+    # the TCP handshake: the worker's retries and the API's 5xx depend on hearing about it.
+    return create_engine(database_url, connect_args={"connect_timeout": 10}, **pooling)
 
 
 _engines: dict[str, Engine] = {}

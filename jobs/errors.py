@@ -25,8 +25,38 @@ class InvalidDataset(InvalidRequest):
     code = "invalid_dataset"
 
 
+class LimitExceeded(InvalidRequest):
+    """A job spec over one of this server's limits (a setting, named in the message)."""
+
+    code = "limit_exceeded"
+
+
 class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+
+
+class Unauthenticated(ServiceError):
+    code = "unauthorized"
+
+
+class RateLimited(ServiceError):
+    code = "rate_limited"
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"too many requests with this API key; retry in {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class TooManyActiveJobs(ServiceError):
+    code = "too_many_active_jobs"
+
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"you already have {active} queued or running job(s), this server's limit "
+                         f"(GRPO_MAX_ACTIVE_JOBS_PER_OWNER) is {limit}; wait for one to end or cancel one")
 
 
 class NotFound(ServiceError):
@@ -55,6 +85,13 @@ class CheckpointNotFound(NotFound):
                          f"GET /v1/jobs/{job_id}/checkpoints", param="step")
 
 
+class ApiKeyNotFound(NotFound):
+    code = "api_key_not_found"
+
+    def __init__(self, key_id: str):
+        super().__init__(f"no API key with id {key_id!r}; list them with `grpo keys list`")
+
+
 class Conflict(ServiceError):
     code = "conflict"
 
@@ -63,7 +100,16 @@ class JobAlreadyFinished(Conflict):
     code = "job_already_finished"
 
     def __init__(self, job_id: str, status: str):
-        super().__init__(f"job {job_id!r} already ended {status}; only queued or running jobs can be cancelled")
+        super().__init__(f"job {job_id!r} already ended {status}; only queued, running or paused jobs can be cancelled")
+
+
+class JobStateConflict(Conflict):
+    """The job is not in a state the request applies to (e.g. resuming a job that is not paused)."""
+
+    code = "job_state_conflict"
+
+    def __init__(self, job_id: str, problem: str):
+        super().__init__(f"job {job_id!r} {problem}")
 
 
 class IdempotencyKeyReused(Conflict):

@@ -66,7 +66,8 @@ class JobOut(BaseModel):
         "eval_dataset_id": None, "reward": REWARD_EXAMPLE, "group_size": 8,
         "hyperparameters": HYPERPARAMETERS_EXAMPLE, "webhook_url": None, "step": 42, "max_steps": 200,
         "attempts": 1, "worker": "celery@gpu-0/4242", "heartbeat_at": "2025-01-01T12:10:00Z",
-        "cancel_requested": False, "failure_reason": None, "latest_metrics": {"reward": 0.41, "kl": 0.002},
+        "cancel_requested": False, "pause_requested": False, "failure_reason": None,
+        "latest_metrics": {"reward": 0.41, "kl": 0.002},
         "created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:03Z", "finished_at": None}]})
 
     id: str
@@ -86,6 +87,7 @@ class JobOut(BaseModel):
     worker: str | None
     heartbeat_at: datetime | None
     cancel_requested: bool
+    pause_requested: bool = Field(description="Running, and asked to pause: it stops after its current step.")
     failure_reason: str | None
     latest_metrics: dict[str, float | None] | None
     created_at: datetime
@@ -101,8 +103,8 @@ class JobOut(BaseModel):
             group_size=spec["group_size"], hyperparameters=spec.get("hyperparameters") or {},
             webhook_url=job.webhook_url, step=job.step, max_steps=job.max_steps, attempts=job.attempts,
             worker=job.worker, heartbeat_at=job.heartbeat_at, cancel_requested=job.cancel_requested,
-            failure_reason=job.failure_reason, latest_metrics=latest_metrics, created_at=job.created_at,
-            started_at=job.started_at, finished_at=job.finished_at)
+            pause_requested=job.pause_requested, failure_reason=job.failure_reason, latest_metrics=latest_metrics,
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
 
 
 class MetricsOut(BaseModel):
@@ -139,6 +141,73 @@ class CheckpointOut(BaseModel):
     bytes: int
     created_at: datetime
     download_url: str
+
+
+class SampleOut(BaseModel):
+    """One completion a job's worker kept from a step (the first of a few groups), with its rewards."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 12, "object": "sample", "job_id": "job_0193a5c2a1b27d9e4f0a3b2c", "step": 3,
+        "prompt": "What is 2 + 3?", "completion": "<think>2 plus 3</think> 5", "reward": 1.2,
+        "advantage": 0.87, "rewards": {"exact_match": 1.0, "regex": 1.0}, "truncated": False,
+        "created_at": "2025-01-01T12:01:00Z"}]})
+
+    id: int
+    object: Literal["sample"] = "sample"
+    job_id: str
+    step: int
+    prompt: Any = Field(description="The prompt as the model saw it.")
+    completion: str
+    reward: float | None = Field(description="The weighted total of the reward functions.")
+    advantage: float | None = Field(description="The reward relative to its group (what the update used).")
+    rewards: dict[str, float | None] = Field(description="Each reward function's unweighted score; null: it errored.")
+    truncated: bool | None = Field(description="The completion hit max_completion_length.")
+    created_at: datetime
+
+
+class RewardRunSample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    completion: str = Field(max_length=100_000)
+    prompt: str | list[dict[str, Any]] | None = Field(
+        None, description="Defaults to the row's `prompt`; chat messages are joined by their contents.")
+    row: dict[str, Any] = Field(default_factory=dict, description="The dataset row: the fields rewards read.")
+
+
+class RewardRunIn(BaseModel):
+    """Reward functions (as in a job spec) and completions to score with them."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "reward": REWARD_EXAMPLE, "samples": [
+            {"prompt": "What is 2 + 3?", "completion": "<think>2 plus 3</think> 5", "row": {"answer": "5"}},
+            {"prompt": "What is 2 + 3?", "completion": "6", "row": {"answer": "5"}}]}]})
+
+    reward: list[dict[str, Any]] = Field(min_length=1, examples=[REWARD_EXAMPLE])
+    samples: list[RewardRunSample] = Field(min_length=1)
+
+
+class RewardScore(BaseModel):
+    total: float = Field(description="The weighted sum of the parts; a part that errored counts 0.")
+    parts: dict[str, float | None] = Field(description="Each function's unweighted score; null: it errored.")
+    errors: list[str] = Field(description="The functions that errored on this sample (see error_messages).")
+
+
+class RewardRunOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "object": "reward_run", "reward": [
+            {"type": "exact_match", "weight": 1.0, "name": "exact_match", "field": "answer", "extract": "last_number",
+             "marker": "####", "pattern": None, "flags": "", "case_sensitive": False},
+            {"type": "regex", "weight": 0.2, "name": "regex", "pattern": "^<think>.*</think>", "flags": "",
+             "score": "match", "full_match": False}],
+        "data": [{"total": 1.2, "parts": {"exact_match": 1.0, "regex": 1.0}, "errors": []},
+                 {"total": 0.0, "parts": {"exact_match": 0.0, "regex": 0.0}, "errors": []}],
+        "errors": {"exact_match": 0, "regex": 0}, "error_messages": []}]})
+
+    object: Literal["reward_run"] = "reward_run"
+    reward: list[dict[str, Any]] = Field(description="The specs as the trainer reads them: defaults filled, names given.")
+    data: list[RewardScore] = Field(description="One score per sample, in order.")
+    errors: dict[str, int] = Field(description="Per function, how many samples it errored on.")
+    error_messages: list[str] = Field(description="A few distinct errors, as `name: message`.")
 
 
 class ErrorBody(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,10 +34,34 @@ class Settings(BaseSettings):
     resend_after_s: float = 1800.0  # a queued job is re-sent this long after its last send
     visibility_timeout_s: int = 6 * 3600
     max_attempts: int = 3  # worker losses before a job is failed instead of re-queued
+    # A running job's worker retries database writes this long (backing off) when the database
+    # is unreachable, then gives the job up; the sweeper re-queues it once its heartbeat is stale.
+    database_retry_s: float = 120.0
 
-    # Limits
+    # Authentication. "required": every /v1 request carries an API key (`grpo keys create`), and
+    # what it creates belongs to the key's owner. "disabled": everything belongs to one local
+    # owner, and `grpo serve` refuses to listen beyond loopback.
+    auth: Literal["required", "disabled"] = "required"
+    rate_limit_per_s: float = 20.0  # requests per second per API key, sustained; 0: no rate limit
+    rate_limit_burst: int = 100  # requests a key may send at once before the rate applies
+    idempotency_ttl_s: float = 24 * 3600  # how long an Idempotency-Key returns the first response
+
+    # Limits: each refusal names the setting. The hyperparameter caps are upper bounds on the
+    # job spec's fields of the same names.
     max_dataset_bytes: int = 512 * 1024 * 1024
+    max_dataset_rows: int = 1_000_000
+    max_request_bytes: int = 1024 * 1024  # any request body but a dataset upload
+    max_group_size: int = 64
+    max_prompts_per_step: int = 1024
+    max_steps: int = 100_000
+    max_prompt_length: int = 8192
+    max_completion_length: int = 8192
+    max_active_jobs_per_owner: int = 8  # queued or running at once
     event_poll_interval_s: float = 0.5  # server-sent events: how often the stream looks for news
+    # The reward dry-run (POST /v1/rewards/run) scores in the API process: a bounded batch, and
+    # only a few batches at once, so that code_tests sandboxes cannot starve the other routes.
+    max_reward_run_samples: int = 64
+    reward_runs_at_once: int = 2
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

@@ -11,18 +11,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobs.errors import Conflict, IdempotencyKeyReused, InvalidRequest
+from jobs.errors import InvalidRequest, LimitExceeded, TooManyActiveJobs
 from jobs.models import Job
-from jobs.queries import create_job, get_dataset, get_job_by_idempotency_key
+from jobs.queries import (
+    count_active_jobs,
+    create_job,
+    find_idempotent_resource,
+    get_dataset,
+    get_job,
+    remember_idempotency_key,
+)
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
 from trainer.config import ConfigError, GRPOConfig, RunConfig
 from trainer.rewards import required_fields, validate_reward_specs
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+ENDPOINT = "POST /v1/jobs"  # what its Idempotency-Keys are scoped to
+CAPPED = ("group_size", "prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length")
 
 
 @dataclass
@@ -31,8 +39,9 @@ class CheckedSpec:
     config: GRPOConfig
 
 
-def check_job_request(*, session: Session, request: JobCreate) -> CheckedSpec:
-    """Every check that can fail before a GPU is spent; raises ``InvalidRequest`` or ``DatasetNotFound``."""
+def check_job_request(*, session: Session, owner: str, request: JobCreate, settings: Settings) -> CheckedSpec:
+    """Every check that can fail before a GPU is spent; raises ``InvalidRequest`` or ``DatasetNotFound``
+    (the datasets must be ``owner``'s)."""
     hyperparameters = dict(request.hyperparameters)
     if request.group_size is not None:
         hyperparameters["group_size"] = request.group_size
@@ -41,6 +50,7 @@ def check_job_request(*, session: Session, request: JobCreate) -> CheckedSpec:
     except ConfigError as exc:  # a top-level group_size is reported where the client wrote it
         top_level = exc.param == "hyperparameters.group_size" and request.group_size is not None
         raise InvalidRequest(exc.message, param="group_size" if top_level else exc.param) from None
+    check_limits(config, settings, top_level_group_size=request.group_size is not None)
     try:
         validate_reward_specs(request.reward)
     except ConfigError as exc:
@@ -52,7 +62,7 @@ def check_job_request(*, session: Session, request: JobCreate) -> CheckedSpec:
         dataset_id = getattr(request, param)
         if dataset_id is None:
             continue
-        dataset = get_dataset(session=session, dataset_id=dataset_id, param=param)
+        dataset = get_dataset(session=session, owner=owner, dataset_id=dataset_id, param=param)
         missing = sorted(needed - set(dataset.fields))
         if missing:
             raise InvalidRequest(
@@ -61,6 +71,17 @@ def check_job_request(*, session: Session, request: JobCreate) -> CheckedSpec:
     spec = request.model_dump(mode="json")
     spec["group_size"] = config.group_size
     return CheckedSpec(spec=spec, config=config)
+
+
+def check_limits(config: GRPOConfig, settings: Settings, *, top_level_group_size: bool) -> None:
+    """This server's caps (``GRPO_MAX_<FIELD>``) on the hyperparameters that size a job."""
+    for field in CAPPED:
+        value, setting = getattr(config, field), field if field.startswith("max_") else f"max_{field}"
+        limit = getattr(settings, setting)
+        if value > limit:
+            param = field if field == "group_size" and top_level_group_size else f"hyperparameters.{field}"
+            raise LimitExceeded(f"{field} is {value}, above this server's limit of {limit} "
+                                f"(GRPO_{setting.upper()})", param=param)
 
 
 def check_base_model(base_model: str) -> None:
@@ -93,25 +114,25 @@ def run_config_for(job: Job, settings: Settings) -> RunConfig:
     })
 
 
-def submit_job(*, session: Session, request: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Create a queued job, or return the one made earlier with the same ``Idempotency-Key``.
+def submit_job(*, session: Session, owner: str, request: JobCreate, settings: Settings,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Create a queued job for ``owner``, or return the one made earlier with the same
+    ``Idempotency-Key`` (and body) within ``settings.idempotency_ttl_s``.
 
     Returns the job and whether it is new (only a new job is sent to the broker).
     """
     digest = request_hash(request)
     if idempotency_key:
-        existing = get_job_by_idempotency_key(session=session, idempotency_key=idempotency_key)
-        if existing is not None:
-            if existing.request_hash != digest:
-                raise IdempotencyKeyReused()
-            return existing, False
-    checked = check_job_request(session=session, request=request)
-    try:
-        job = create_job(session=session, spec=checked.spec, max_steps=checked.config.max_steps,
-                         idempotency_key=idempotency_key, request_hash=digest)
-    except IntegrityError:
-        if not idempotency_key:
-            raise
-        raise Conflict("another request with this Idempotency-Key is being processed; retry it",
-                       param="Idempotency-Key") from None
+        earlier = find_idempotent_resource(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
+                                           request_hash=digest, ttl_s=settings.idempotency_ttl_s)
+        if earlier is not None:
+            return get_job(session=session, owner=owner, job_id=earlier), False
+    checked = check_job_request(session=session, owner=owner, request=request, settings=settings)
+    active = count_active_jobs(session=session, owner=owner)
+    if active >= settings.max_active_jobs_per_owner:
+        raise TooManyActiveJobs(active, settings.max_active_jobs_per_owner)
+    job = create_job(session=session, owner=owner, spec=checked.spec, max_steps=checked.config.max_steps)
+    if idempotency_key:
+        remember_idempotency_key(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
+                                 request_hash=digest, resource_id=job.id, ttl_s=settings.idempotency_ttl_s)
     return job, True

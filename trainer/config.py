@@ -96,6 +96,7 @@ class GRPOConfig:
     eval_every: int = 0
     logprob_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection
     num_samples_logged: int = 4  # completions a step hands to Progress.on_samples
+    max_reward_error_steps: int = 3  # fail once a reward errs on every completion this many steps in a row; 0: never
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -112,7 +113,7 @@ class GRPOConfig:
                      "num_iterations", "logprob_chunk_size"):
             _at_least(f"{name}", getattr(self, name), 1, integer=True)
         for name in ("warmup_steps", "checkpoint_every", "keep_last_checkpoints", "eval_every", "seed",
-                     "num_samples_logged", "max_resample_rounds"):
+                     "num_samples_logged", "max_resample_rounds", "max_reward_error_steps"):
             _at_least(f"{name}", getattr(self, name), 0, integer=True)
         _at_least("learning_rate", self.learning_rate, 0.0)
         _at_least("weight_decay", self.weight_decay, 0.0)

@@ -27,3 +27,11 @@ class NonFiniteLossError(TrainingError):
 
 class OutOfMemoryError(TrainingError):
     pass
+
+
+class DiskFullError(TrainingError):
+    """No room left for a checkpoint; the half-written one is removed, never listed."""
+
+
+class RewardFailedError(TrainingError):
+    """A reward function errored on every completion for ``max_reward_error_steps`` steps in a row."""

@@ -17,7 +17,8 @@ from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
 from trainer.config import GRPOConfig, RunConfig
 from trainer.data import PromptSampler, load_rows
-from trainer.errors import DatasetError, NonFiniteLossError, OutOfMemoryError
+from trainer.errors import DatasetError
+from trainer.failures import Failures
 from trainer.logprobs import completion_logprobs, model_parts, pack_groups
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
 from trainer.model import Models, load_models
@@ -166,6 +167,7 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
     sampler = PromptSampler(len(rows), cfg.seed)
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
     rollouts = Rollouts(rows, models, rewards, cfg, generator)
+    failures = Failures(cfg, output_dir, policy)
 
     start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
     if latest is not None:
@@ -187,7 +189,8 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
             rng={"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
             extra={"sampler": sampler.state_dict(), "config": run.to_spec()},
         )
-        path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints)
+        with failures.saving(step):
+            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints)
         progress.on_checkpoint(step, path)
         return path
 
@@ -198,7 +201,8 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
         timings: dict[str, float] = {}
 
         # 1-2. sample prompts, generate G completions each, score them
-        batch, extra_prompts = draw_batch(rollouts, sampler, cfg, timings)
+        with failures.during(step, "generation and scoring"):
+            batch, extra_prompts = draw_batch(rollouts, sampler, cfg, timings)
 
         # 3. advantages; which completions need a forward/backward at all
         started = time.perf_counter()
@@ -212,19 +216,11 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
         micro_batches = plan_micro_batches(batch, active, G, FORWARD_TOKEN_BUDGET)
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
-        try:
+        with failures.during(step, "the forward and backward passes"):
             stats = optimize(models, micro_batches, advantages, cfg, num_sequences=num_sequences,
                              num_tokens=num_tokens, params=params, optimizer=optimizer, scheduler=scheduler)
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemoryError(
-                f"out of memory at step {step}: lower prompts_per_step or group_size, shorten "
-                "max_completion_length, or turn on LoRA or gradient_checkpointing") from exc
         if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
-            last = ckpt.latest_checkpoint(output_dir)
-            raise NonFiniteLossError(
-                f"the loss became non-finite at step {step} (loss={stats['loss']}, grad_norm={stats['grad_norm']}); "
-                f"the last good checkpoint is {last.name if last else 'none'}. Lower learning_rate, set "
-                "max_grad_norm, or use dtype float32")
+            raise failures.non_finite_loss(step, stats["loss"], stats["grad_norm"])
         timings["train"] = time.perf_counter() - started
 
         # 5. metrics
@@ -243,6 +239,7 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
         if sum(batch.errors.values()):
             progress.on_log("warning", f"step {step}: {sum(batch.errors.values())} reward errors: "
                                        + "; ".join(batch.error_messages))
+        failures.check_rewards(step, batch)
 
         # 6-7. checkpoint, stop check
         stopped = progress.should_stop() and step < cfg.max_steps

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from celery.signals import worker_init
+
 from jobs.settings import get_settings
 from worker.broker import make_celery
 from worker.sweeper import SweeperStep
@@ -18,3 +20,15 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = make_celery(get_settings())
 app.steps["worker"].add(SweeperStep)
+
+
+@worker_init.connect
+def preload_model_code(**_: object) -> None:
+    """Import what a job's first ``from_pretrained`` would (a thousand modules, seconds of CPU)
+    once, in the main process: every job runs in a freshly forked pool process, which inherits
+    them instead of importing them again."""
+    import peft  # noqa: F401  (LoRA)
+    import transformers.generation.utils  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the common architectures)
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401

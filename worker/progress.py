@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.artifacts import describe_checkpoint, relative_to_artifacts
-from jobs.db import unit_of_work
 from jobs.queries import (
     add_event,
     add_samples,
     append_metrics,
-    is_cancel_requested,
+    is_stop_requested,
     prune_checkpoints,
     record_step,
     upsert_checkpoint,
 )
 from trainer.progress import Progress
+from worker.retry import with_retries
 
 LEVELS = {"debug": "info", "info": "info", "warning": "warning", "warn": "warning", "error": "error"}
+T = TypeVar("T")
 
 
 class LeaseLost(Exception):
@@ -29,48 +31,61 @@ class LeaseLost(Exception):
 
 
 class JobProgress(Progress):
-    def __init__(self, *, job_id: str, worker: str, sessions: sessionmaker[Session], artifact_dir: Path):
+    """Every hook is one unit of work, retried while the database is unreachable (for up to
+    ``database_retry_s``): a short outage pauses training instead of ending it."""
+
+    def __init__(self, *, job_id: str, worker: str, sessions: sessionmaker[Session], artifact_dir: Path,
+                 database_retry_s: float):
         self.job_id, self.worker, self.sessions, self.artifact_dir = job_id, worker, sessions, artifact_dir
+        self.database_retry_s = database_retry_s
         self.lease_lost = threading.Event()  # set by the heartbeat thread
 
     def _hold(self) -> None:
         if self.lease_lost.is_set():
             raise LeaseLost(self.job_id)
 
+    def _write(self, work: Callable[[Session], T], what: str) -> T:
+        return with_retries(self.sessions, work, within_s=self.database_retry_s, what=f"job {self.job_id}: {what}")
+
     def on_start(self, *, start_step: int, max_steps: int) -> None:
         message = (f"training from step {start_step + 1} of {max_steps}" if start_step == 0 else
                    f"resuming after step {start_step} of {max_steps}")
-        with unit_of_work(self.sessions) as session:
-            add_event(session=session, job_id=self.job_id, kind="log", message=message,
-                      data={"start_step": start_step, "max_steps": max_steps})
+        self._write(lambda session: add_event(session=session, job_id=self.job_id, kind="log", message=message,
+                                              data={"start_step": start_step, "max_steps": max_steps}), "start")
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._hold()
-        with unit_of_work(self.sessions) as session:
+
+        def write(session: Session) -> None:
             if not record_step(session=session, job_id=self.job_id, worker=self.worker, step=step):
                 raise LeaseLost(self.job_id)
             append_metrics(session=session, job_id=self.job_id, step=step, metrics=metrics)
 
+        self._write(write, f"metrics of step {step}")
+
     def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        with unit_of_work(self.sessions) as session:
-            add_samples(session=session, job_id=self.job_id, step=step, samples=samples)
+        self._write(lambda session: add_samples(session=session, job_id=self.job_id, step=step, samples=samples),
+                    f"samples of step {step}")
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self._hold()
         kind, size = describe_checkpoint(Path(path))
-        with unit_of_work(self.sessions) as session:
+
+        def write(session: Session) -> None:
             upsert_checkpoint(session=session, job_id=self.job_id, step=step, kind=kind, bytes=size,
                               path=relative_to_artifacts(Path(path), self.artifact_dir))
             prune_checkpoints(session=session, job_id=self.job_id, artifact_dir=self.artifact_dir)
             add_event(session=session, job_id=self.job_id, kind="checkpoint", message=f"checkpoint at step {step}",
                       data={"step": step, "kind": kind, "bytes": size})
 
+        self._write(write, f"checkpoint of step {step}")
+
     def on_log(self, level: str, message: str) -> None:
-        with unit_of_work(self.sessions) as session:
-            add_event(session=session, job_id=self.job_id, kind="log", level=LEVELS.get(level.lower(), "info"),
-                      message=message)
+        self._write(lambda session: add_event(session=session, job_id=self.job_id, kind="log",
+                                              level=LEVELS.get(level.lower(), "info"), message=message), "log")
 
     def should_stop(self) -> bool:
+        """True once the job was asked to cancel or to pause: the trainer then writes a checkpoint
+        and returns, and the runner records which of the two it was."""
         self._hold()
-        with unit_of_work(self.sessions) as session:
-            return is_cancel_requested(session=session, job_id=self.job_id)
+        return self._write(lambda session: is_stop_requested(session=session, job_id=self.job_id), "stop check")

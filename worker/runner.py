@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from jobs.db import session_factory, unit_of_work
+from sqlalchemy.orm import Session
+
+from jobs.db import session_factory
 from jobs.models import JobStatus
-from jobs.queries import claim_job, finish_job, prune_checkpoints
+from jobs.queries import claim_job, finish_job, prune_checkpoints, stop_job
 from jobs.settings import Settings
 from jobs.specs import run_config_for
 from trainer.config import ConfigError
@@ -14,30 +16,38 @@ from trainer.errors import TrainingError
 from trainer.loop import train
 from worker.heartbeat import Heartbeat
 from worker.progress import JobProgress, LeaseLost
+from worker.retry import DATABASE_UNREACHABLE, with_retries
 
 log = logging.getLogger(__name__)
 
 
 def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
     sessions = session_factory(settings.database_url)
-    with unit_of_work(sessions) as session:
-        job = claim_job(session=session, job_id=job_id, worker=worker)
+    retry_s = settings.database_retry_s
+    job = with_retries(sessions, lambda session: claim_job(session=session, job_id=job_id, worker=worker),
+                       within_s=retry_s, what=f"job {job_id}: claim")
     if job is None:
-        # A duplicate message (a re-send, a redelivery): the job is held, finished or cancelled.
+        # A duplicate message (a re-send, a redelivery): the job is held, finished, paused or cancelled.
         log.info("job %s is not queued; nothing to do", job_id)
         return
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker, job.attempts)
     assert settings.artifact_dir is not None
-    progress = JobProgress(job_id=job_id, worker=worker, sessions=sessions, artifact_dir=settings.artifact_dir)
-    status, reason = JobStatus.failed, None
+    artifact_dir = settings.artifact_dir
+    progress = JobProgress(job_id=job_id, worker=worker, sessions=sessions, artifact_dir=artifact_dir,
+                           database_retry_s=retry_s)
+    stopped_at, reason = None, None
     try:
         run = run_config_for(job, settings)
         with Heartbeat(sessions=sessions, job_id=job_id, worker=worker, interval=settings.heartbeat_interval_s,
                        on_lost=progress.lease_lost.set):
             result = train(run, settings.job_dir(job_id), progress=progress, resume=True)
-        status = JobStatus.cancelled if result.stopped else JobStatus.succeeded
+        stopped_at = result.final_step if result.stopped else None
     except LeaseLost:
         log.warning("job %s: another worker holds it now; leaving it alone", job_id)
+        return
+    except DATABASE_UNREACHABLE:
+        log.exception("job %s: the database stayed unreachable for %ss; giving the job up (the sweeper "
+                      "re-queues it once the database is back and its heartbeat is stale)", job_id, retry_s)
         return
     except ConfigError as exc:  # the spec passed these checks when created; a newer trainer may disagree
         reason = f"{exc.param}: {exc.message}"
@@ -46,9 +56,17 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
     except Exception as exc:
         log.exception("job %s crashed", job_id)
         reason = f"internal error ({type(exc).__name__}: {str(exc)[:300]}); the worker log has the traceback"
-    with unit_of_work(sessions) as session:
-        prune_checkpoints(session=session, job_id=job_id, artifact_dir=settings.artifact_dir)
-        if not finish_job(session=session, job_id=job_id, worker=worker, status=status, reason=reason):
-            log.warning("job %s: lease lost before it could be marked %s", job_id, status.value)
-            return
+
+    def record_end(session: Session) -> JobStatus | None:
+        prune_checkpoints(session=session, job_id=job_id, artifact_dir=artifact_dir)
+        if stopped_at is not None:  # asked to stop: cancelled, or paused to be resumed
+            return stop_job(session=session, job_id=job_id, worker=worker, step=stopped_at)
+        status = JobStatus.succeeded if reason is None else JobStatus.failed
+        return status if finish_job(session=session, job_id=job_id, worker=worker, status=status,
+                                    reason=reason) else None
+
+    status = with_retries(sessions, record_end, within_s=retry_s, what=f"job {job_id}: record its end")
+    if status is None:
+        log.warning("job %s: lease lost before its end could be recorded", job_id)
+        return
     log.info("job %s: %s%s", job_id, status.value, f" ({reason})" if reason else "")

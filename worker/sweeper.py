@@ -5,15 +5,26 @@ beat: it needs no extra process, it keeps running while the pool process trains 
 sweep task would wait behind the GPU job on a one-slot worker), and wherever jobs can run a
 sweeper runs. Several sweepers are safe: each recovery is a conditional update, and a job sent
 twice is harmless because only one claim can succeed.
+
+A message goes missing when the send after commit fails, or when the broker loses it (Redis
+restarted without persistence). The first is seen in the database (no ``sent_at``); the second
+is seen by an idle worker: with prefetch 1, a worker that has had a free slot for
+``send_grace_s`` while jobs are queued would be holding one of their messages, had the broker
+kept it. So an idle worker re-sends every queued job, and a busy one leaves them alone: the queue
+never fills with copies while the workers are busy, and a lost queue is refilled within seconds.
+(A resend after ``resend_after_s`` remains as a backstop.)
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
+from celery.worker import state as worker_state
 
 from jobs.db import session_factory, unit_of_work
 from jobs.dispatch import Dispatcher
@@ -25,35 +36,45 @@ from worker.broker import job_sender
 log = logging.getLogger(__name__)
 
 
-def sweep(*, settings: Settings, dispatcher: Dispatcher) -> list[str]:
-    """One pass; returns the ids sent to the broker."""
+def sweep(*, settings: Settings, dispatcher: Dispatcher, idle_for_s: float = 0.0) -> list[str]:
+    """One pass; returns the ids sent to the broker. ``idle_for_s``: how long this worker has
+    had a slot free (held fewer messages than it can run)."""
     with unit_of_work(dispatcher.sessions) as session:
         requeued = requeue_stale_jobs(session=session, stale_before=since(settings.heartbeat_stale_s),
                                       max_attempts=settings.max_attempts)
+    idle = idle_for_s >= settings.send_grace_s
+    resend_after_s = settings.send_grace_s if idle else settings.resend_after_s
     with unit_of_work(dispatcher.sessions) as session:
         missing = jobs_due_for_send(session=session, unsent_before=since(settings.send_grace_s),
-                                    resent_before=since(settings.resend_after_s))
+                                    resent_before=since(resend_after_s))
     sent = []
     for job_id in dict.fromkeys(requeued + missing):
         if dispatcher.deliver(job_id):
             sent.append(job_id)
     if sent:
-        log.info("sweeper sent %d job(s) to the broker: %s (re-queued after a lost worker: %s)",
-                 len(sent), ", ".join(sent), ", ".join(requeued) or "none")
+        log.info("sweeper sent %d job(s) to the broker%s: %s (re-queued after a lost worker: %s)", len(sent),
+                 f" (a slot of this worker free for {idle_for_s:.0f} s)" if idle else "", ", ".join(sent),
+                 ", ".join(requeued) or "none")
     return sent
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, *, settings: Settings, dispatcher: Dispatcher):
+    def __init__(self, *, settings: Settings, dispatcher: Dispatcher,
+                 has_free_slot: Callable[[], bool] = lambda: False):
         super().__init__(name="grpo-sweeper", daemon=True)
         self.settings = settings
         self.dispatcher = dispatcher
+        self.has_free_slot = has_free_slot
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        busy_at = time.monotonic()
         while True:
+            if not self.has_free_slot():
+                busy_at = time.monotonic()
             try:
-                sweep(settings=self.settings, dispatcher=self.dispatcher)
+                if sweep(settings=self.settings, dispatcher=self.dispatcher, idle_for_s=time.monotonic() - busy_at):
+                    busy_at = time.monotonic()  # give what was sent time to arrive
             except Exception:
                 log.exception("sweep failed; trying again in %ss", self.settings.sweep_interval_s)
             if self.stopping.wait(self.settings.sweep_interval_s):
@@ -62,6 +83,11 @@ class Sweeper(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         self.join(timeout=10)
+
+
+def free_slot(concurrency: int) -> Callable[[], bool]:
+    """Whether the worker holds fewer messages (prefetched or running) than it runs at once."""
+    return lambda: len(worker_state.reserved_requests) < concurrency
 
 
 class SweeperStep(bootsteps.StartStopStep):
@@ -76,7 +102,7 @@ class SweeperStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         settings = get_settings()
         dispatcher = Dispatcher(job_sender(worker.app, settings), session_factory(settings.database_url))
-        self.sweeper = Sweeper(settings=settings, dispatcher=dispatcher)
+        self.sweeper = Sweeper(settings=settings, dispatcher=dispatcher, has_free_slot=free_slot(worker.concurrency))
         self.sweeper.start()
 
     def stop(self, worker: Any) -> None:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
-from api.deps import DatabaseDep, SettingsDep
+from api.deps import MAX_STEP, CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import responses
 from api.streaming import tar_stream
-from jobs.artifacts import checkpoint_files
+from jobs.artifacts import checkpoint_files, inside
 from jobs.errors import CheckpointNotFound
 from jobs.queries import get_checkpoint, get_job, list_checkpoints
 from jobs.schemas import CheckpointOut, Page
@@ -18,10 +20,10 @@ TAR_RESPONSE = {200: {"content": {"application/x-tar": {"schema": {"type": "stri
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointOut], responses=responses(404))
-def get_checkpoints(db: DatabaseDep, job_id: str) -> Page[CheckpointOut]:
+def get_checkpoints(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> Page[CheckpointOut]:
     """Complete checkpoints, oldest first (the trainer keeps the last few)."""
     with db.transaction() as session:
-        get_job(session=session, job_id=job_id)
+        get_job(session=session, owner=owner, job_id=job_id)
         checkpoints = list_checkpoints(session=session, job_id=job_id)
     return Page(has_more=False, data=[
         CheckpointOut(step=c.step, kind=c.kind, bytes=c.bytes, created_at=c.created_at,
@@ -30,16 +32,17 @@ def get_checkpoints(db: DatabaseDep, job_id: str) -> Page[CheckpointOut]:
 
 
 @router.get("/{job_id}/checkpoints/{step}/download", response_class=StreamingResponse,
-            responses={**TAR_RESPONSE, **responses(404)})
-def download_checkpoint(db: DatabaseDep, settings: SettingsDep, job_id: str, step: int) -> StreamingResponse:
+            responses={**TAR_RESPONSE, **responses(404, 422)})
+def download_checkpoint(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
+                        step: Annotated[int, Path(ge=0, le=MAX_STEP)]) -> StreamingResponse:
     """A tar of the checkpoint, ready for ``from_pretrained`` once extracted (the optimizer
     state that only resuming needs is left out)."""
     with db.transaction() as session:
-        get_job(session=session, job_id=job_id)
+        get_job(session=session, owner=owner, job_id=job_id)
         checkpoint = get_checkpoint(session=session, job_id=job_id, step=step)
     assert settings.artifact_dir is not None
-    directory = settings.artifact_dir / checkpoint.path
-    if not directory.is_dir():
+    directory = inside(settings.artifact_dir, checkpoint.path)
+    if directory is None or not directory.is_dir():
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
     root = f"{job_id}-step-{step}"
     return StreamingResponse(tar_stream(checkpoint_files(directory), root), media_type="application/x-tar",

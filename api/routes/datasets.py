@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
-from api.deps import After, DatabaseDep, Limit, SettingsDep
+from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, Limit, SettingsDep, accepts
 from api.errors import responses
 from jobs.datasets import store_dataset
 from jobs.queries import get_dataset, list_datasets
@@ -13,27 +13,33 @@ from jobs.schemas import DatasetOut, Page
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=responses(413, 422))
+@router.post("", status_code=201, response_model=DatasetOut, responses=responses(400, 409, 413, 415, 422),
+             dependencies=[accepts("multipart/form-data")])
 def upload_dataset(
-    db: DatabaseDep, settings: SettingsDep,
+    db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, response: Response,
     file: Annotated[UploadFile, File(description="JSONL: one object a line, each with a `prompt`.")],
     name: Annotated[str | None, Form(max_length=255, description="Defaults to the file's name.")] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> DatasetOut:
-    """Upload a JSONL dataset. Every line is checked now; a 422 lists the bad ones."""
+    """Upload a JSONL dataset (multipart/form-data). Every line is checked now; a 422 lists the
+    bad ones. Over GRPO_MAX_DATASET_BYTES or GRPO_MAX_DATASET_ROWS it is a 413."""
     with db.transaction() as session:
-        dataset = store_dataset(session=session, source=file.file, settings=settings,
-                                name=name or file.filename or "dataset.jsonl")
+        dataset, created = store_dataset(session=session, owner=owner, source=file.file, settings=settings,
+                                         name=name or file.filename or "dataset.jsonl",
+                                         idempotency_key=idempotency_key)
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
         return DatasetOut.model_validate(dataset)
 
 
 @router.get("", response_model=Page[DatasetOut], responses=responses(422))
-def get_datasets(db: DatabaseDep, after: After = None, limit: Limit = 20) -> Page[DatasetOut]:
+def get_datasets(db: DatabaseDep, owner: CurrentOwner, after: After = None, limit: Limit = 20) -> Page[DatasetOut]:
     with db.transaction() as session:
-        datasets, has_more = list_datasets(session=session, after=after, limit=limit)
+        datasets, has_more = list_datasets(session=session, owner=owner, after=after, limit=limit)
         return Page(data=[DatasetOut.model_validate(d) for d in datasets], has_more=has_more)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=responses(404))
-def show_dataset(db: DatabaseDep, dataset_id: str) -> DatasetOut:
+def show_dataset(db: DatabaseDep, owner: CurrentOwner, dataset_id: str) -> DatasetOut:
     with db.transaction() as session:
-        return DatasetOut.model_validate(get_dataset(session=session, dataset_id=dataset_id))
+        return DatasetOut.model_validate(get_dataset(session=session, owner=owner, dataset_id=dataset_id))

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.sse import EventSourceResponse
 
-from api.deps import DatabaseDep, SettingsDep
+from api.deps import MAX_EVENT_ID, CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import responses
 from api.streaming import event_stream
 from jobs.queries import get_job, list_events
@@ -21,21 +21,22 @@ SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "stri
 
 @router.get("/{job_id}/events", response_model=Page[EventOut], responses={**SSE_RESPONSE, **responses(404, 422)})
 def get_events(
-    db: DatabaseDep, settings: SettingsDep, request: Request, job_id: str,
-    after: Annotated[int, Query(ge=0, description="Only events after this id.")] = 0,
+    db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, request: Request, job_id: str,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events after this id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     accept: Annotated[str, Header()] = "application/json",
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_EVENT_ID)] = None,
 ) -> Page[EventOut] | EventSourceResponse:
     """The job's log: state changes, checkpoints, warnings, errors. Ask for `text/event-stream`
     to follow it live (server-sent events, resumable with `Last-Event-ID`); the stream ends
     when the job has ended."""
     if "text/event-stream" in accept:
         with db.transaction() as session:
-            get_job(session=session, job_id=job_id)
+            get_job(session=session, owner=owner, job_id=job_id)
         start = last_event_id if last_event_id is not None else after
-        return EventSourceResponse(event_stream(request, db, job_id, after=start, poll_s=settings.event_poll_interval_s))
+        return EventSourceResponse(event_stream(request, db, owner, job_id, after=start,
+                                                poll_s=settings.event_poll_interval_s))
     with db.transaction() as session:
-        get_job(session=session, job_id=job_id)
+        get_job(session=session, owner=owner, job_id=job_id)
         events, has_more = list_events(session=session, job_id=job_id, after=after, limit=limit)
         return Page(data=[EventOut.model_validate(e) for e in events], has_more=has_more)

@@ -5,23 +5,28 @@ transaction.
 """
 
 from jobs.queries.datasets import create_dataset, get_dataset, list_datasets
+from jobs.queries.idempotency import find_idempotent_resource, remember_idempotency_key
 from jobs.queries.jobs import (
+    count_active_jobs,
     create_job,
     get_job,
-    get_job_by_idempotency_key,
     get_job_with_metrics,
     list_jobs,
     request_cancel,
+    request_pause,
+    request_resume,
 )
+from jobs.queries.keys import create_api_key, get_api_key_by_hash, list_api_keys, revoke_api_key
 from jobs.queries.lease import (
     claim_job,
     finish_job,
     heartbeat,
-    is_cancel_requested,
+    is_stop_requested,
     jobs_due_for_send,
     mark_sent,
     record_step,
     requeue_stale_jobs,
+    stop_job,
 )
 from jobs.queries.records import (
     add_event,
@@ -31,14 +36,17 @@ from jobs.queries.records import (
     list_checkpoints,
     list_events,
     list_metrics,
+    list_samples,
     prune_checkpoints,
     upsert_checkpoint,
 )
 
 __all__ = [
-    "add_event", "add_samples", "append_metrics", "claim_job", "create_dataset", "create_job", "finish_job",
-    "get_checkpoint", "get_dataset", "get_job", "get_job_by_idempotency_key", "get_job_with_metrics", "heartbeat", "is_cancel_requested",
+    "add_event", "add_samples", "append_metrics", "claim_job", "count_active_jobs", "create_api_key",
+    "create_dataset", "create_job", "find_idempotent_resource", "finish_job", "get_api_key_by_hash",
+    "get_checkpoint", "get_dataset", "get_job", "get_job_with_metrics", "heartbeat", "is_stop_requested",
+    "list_api_keys", "remember_idempotency_key", "revoke_api_key",
     "jobs_due_for_send", "list_checkpoints", "list_datasets", "list_events", "list_jobs",
-    "list_metrics", "mark_sent", "prune_checkpoints", "record_step", "request_cancel", "requeue_stale_jobs",
-    "upsert_checkpoint",
+    "list_metrics", "list_samples", "mark_sent", "prune_checkpoints", "record_step", "request_cancel", "request_pause",
+    "request_resume", "requeue_stale_jobs", "stop_job", "upsert_checkpoint",
 ]

@@ -50,8 +50,10 @@ def record_step(*, session: Session, job_id: str, worker: str, step: int) -> boo
                                 .values(step=step, heartbeat_at=now, updated_at=now)).rowcount)
 
 
-def is_cancel_requested(*, session: Session, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+def is_stop_requested(*, session: Session, job_id: str) -> bool:
+    """Whether the job was asked to stop at its next step boundary: cancelled or paused."""
+    requested = session.execute(select(Job.cancel_requested, Job.pause_requested).where(Job.id == job_id)).first()
+    return requested is not None and any(requested)
 
 
 def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
@@ -60,7 +62,7 @@ def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
     assert status.terminal
     now = utcnow()
     values = {"status": status, "failure_reason": reason, "finished_at": now, "updated_at": now,
-              "heartbeat_at": None}
+              "heartbeat_at": None, "pause_requested": False}  # a pause asked during the last step is moot
     if step is not None:
         values["step"] = step
     if not session.execute(update(Job).where(_held_by(job_id, worker)).values(**values)).rowcount:
@@ -71,21 +73,42 @@ def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
     return True
 
 
+def stop_job(*, session: Session, job_id: str, worker: str, step: int) -> JobStatus | None:
+    """End a run that stopped at a step boundary because it was asked to: ``cancelled`` if a
+    cancel was requested (it wins over a pause), else ``paused``, to be resumed from the
+    checkpoint just written. None if ``worker`` lost the job meanwhile (then nothing changes)."""
+    now = utcnow()
+    ends = ((JobStatus.cancelled, Job.cancel_requested.is_(True), {"finished_at": now}),
+            (JobStatus.paused, Job.cancel_requested.is_(False), {"worker": None}))
+    for status, asked, values in ends:
+        stopped = session.execute(update(Job).where(_held_by(job_id, worker), asked).values(
+            status=status, heartbeat_at=None, pause_requested=False, updated_at=now, **values)).rowcount
+        if stopped:
+            message = "cancelled" if status == JobStatus.cancelled else f"paused after step {step}"
+            add_event(session=session, job_id=job_id, kind="status", message=message,
+                      data={"status": status.value, "step": step})
+            return status
+    return None
+
+
 def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts: int) -> list[str]:
     """Take back running jobs whose heartbeat is older than ``stale_before``.
 
-    Each goes back to ``queued`` (to resume from its checkpoint), or ends ``cancelled`` if a
-    cancel was pending, or ``failed`` once it has lost ``max_attempts`` workers. Returns the ids
-    re-queued, which the caller sends to the broker after committing.
+    Each goes back to ``queued`` (to resume from its checkpoint), or ends ``cancelled`` or
+    ``paused`` if that was asked for, or ``failed`` once it has lost ``max_attempts`` workers.
+    Returns the ids re-queued, which the caller sends to the broker after committing.
     """
-    stale = session.execute(select(Job.id, Job.attempts, Job.cancel_requested, Job.worker).where(
-        Job.status == JobStatus.running, Job.heartbeat_at < stale_before)).all()
+    stale = session.execute(select(Job.id, Job.attempts, Job.cancel_requested, Job.pause_requested, Job.worker)
+                            .where(Job.status == JobStatus.running, Job.heartbeat_at < stale_before)).all()
     requeued = []
     now = utcnow()
-    for job_id, attempts, cancel_requested, worker in stale:
+    for job_id, attempts, cancel_requested, pause_requested, worker in stale:
         if cancel_requested:
             status, message = JobStatus.cancelled, f"cancelled (its worker {worker} stopped responding)"
             values = {"status": status, "finished_at": now}
+        elif pause_requested:  # resumes from its newest checkpoint, like a re-queued job
+            status, message = JobStatus.paused, f"paused (its worker {worker} stopped responding)"
+            values = {"status": status, "pause_requested": False}
         elif attempts >= max_attempts:
             reason = (f"the job's worker was lost {attempts} times (last: {worker}); it may be running out of "
                       f"memory or crashing its process; see the worker logs")
@@ -101,7 +124,8 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
         ).rowcount
         if taken:
             add_event(session=session, job_id=job_id, kind="status", message=message,
-                      level="info" if status == JobStatus.cancelled else "warning", data={"status": status.value})
+                      level="warning" if status in (JobStatus.queued, JobStatus.failed) else "info",
+                      data={"status": status.value})
             if status == JobStatus.queued:
                 requeued.append(job_id)
     return requeued

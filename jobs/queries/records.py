@@ -1,4 +1,7 @@
-"""What a running job leaves behind: per-step metrics, events, samples, checkpoints."""
+"""What a running job leaves behind: per-step metrics, events, samples, checkpoints.
+
+They are keyed by job id: the API reads them only after ``get_job(owner=...)`` found the job in
+the same transaction (``list_metrics``, polled hardest, filters by owner itself)."""
 
 from __future__ import annotations
 
@@ -44,12 +47,13 @@ def append_metrics(*, session: Session, job_id: str, step: int, metrics: dict[st
                                                  "created_at": stmt.excluded.created_at}))
 
 
-def list_metrics(*, session: Session, job_id: str, after_step: int = 0,
+def list_metrics(*, session: Session, owner: str, job_id: str, after_step: int = 0,
                  limit: int = 1000) -> tuple[list[JobMetrics], bool]:
-    """Metrics after ``after_step`` in step order; raises ``JobNotFound``. One query (clients
-    poll this): the job's row, outer-joined to its newer metrics."""
+    """Metrics after ``after_step`` in step order; raises ``JobNotFound`` (also for another
+    owner's job). One query (clients poll this): the job's row, outer-joined to its newer metrics."""
     newer = and_(JobMetrics.job_id == Job.id, JobMetrics.step > after_step)
-    rows = session.execute(select(Job.id, JobMetrics).outerjoin(JobMetrics, newer).where(Job.id == job_id)
+    rows = session.execute(select(Job.id, JobMetrics).outerjoin(JobMetrics, newer)
+                           .where(Job.id == job_id, Job.owner == owner)
                            .order_by(JobMetrics.step).limit(limit + 1)).all()
     if not rows:
         raise JobNotFound(job_id)
@@ -70,11 +74,31 @@ def list_events(*, session: Session, job_id: str, after: int = 0, limit: int = 1
     return page(session, stmt, limit=limit)
 
 
+MAX_SAMPLES_PER_STEP = 16  # the trainer hands num_samples_logged (default 4), which a spec may raise
+MAX_SAMPLE_CHARS = 16_000  # per prompt or completion: enough to read, bounded to store
+
+
+def _clipped(sample: dict[str, Any]) -> dict[str, Any]:
+    return {key: value[:MAX_SAMPLE_CHARS] + " [...]" if isinstance(value, str) and len(value) > MAX_SAMPLE_CHARS
+            else value for key, value in jsonable(sample).items()}
+
+
 def add_samples(*, session: Session, job_id: str, step: int, samples: list[dict[str, Any]]) -> None:
-    """Store a step's samples, replacing those of an earlier attempt at the same step."""
+    """Store a step's samples (at most ``MAX_SAMPLES_PER_STEP``, long texts clipped), replacing
+    those of an earlier attempt at the same step."""
     session.execute(delete(JobSample).where(JobSample.job_id == job_id, JobSample.step == step))
-    session.add_all(JobSample(job_id=job_id, step=step, data=jsonable(sample)) for sample in samples)
+    session.add_all(JobSample(job_id=job_id, step=step, data=_clipped(sample))
+                    for sample in samples[:MAX_SAMPLES_PER_STEP])
     session.flush()
+
+
+def list_samples(*, session: Session, job_id: str, step: int | None = None, after: int = 0,
+                 limit: int = 20) -> tuple[list[JobSample], bool]:
+    """A job's samples in the order they were stored (step order), optionally of one step."""
+    stmt = select(JobSample).where(JobSample.job_id == job_id, JobSample.id > after).order_by(JobSample.id)
+    if step is not None:
+        stmt = stmt.where(JobSample.step == step)
+    return page(session, stmt, limit=limit)
 
 
 def upsert_checkpoint(*, session: Session, job_id: str, step: int, path: str, kind: str, bytes: int) -> None:

@@ -18,7 +18,7 @@ from jobs.db import get_engine
 from jobs.migrate import upgrade
 from jobs.models import Base
 from jobs.settings import Settings
-from tests.service.factories import RUN_ID, WorkerProcess
+from tests.service.factories import RUN_ID, WorkerProcess, api_key, bearer
 
 ADMIN_URL = os.environ.get("GRPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GRPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -79,7 +79,8 @@ def sent() -> list[str]:
 
 @pytest.fixture
 def client(settings: Settings, sent: list[str]) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, send=sent.append)) as test_client:
+    """The API, called with an API key of the owner ``alice``."""
+    with TestClient(create_app(settings, send=sent.append), headers=bearer(api_key(settings))) as test_client:
         yield test_client
 
 

@@ -20,6 +20,15 @@ def wait_until_ended(client: Any, job_id: str, timeout: float = 180) -> dict[str
     return wait_for(ended, timeout=timeout, what=f"job {job_id} to end", interval=0.2)
 
 
+def wait_for_status(client: Any, job_id: str, status: str, timeout: float = 120) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == status or job["status"] not in TERMINAL, f"job ended {job['status']}: {job}"
+        return job if job["status"] == status else None
+
+    return wait_for(reached, timeout=timeout, what=f"job {job_id} to be {status}", interval=0.1)
+
+
 def wait_for_step(client: Any, job_id: str, step: int, timeout: float = 180) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         job = client.get(f"/v1/jobs/{job_id}").json()

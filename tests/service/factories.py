@@ -1,4 +1,4 @@
-"""Small factories for service tests: datasets, job specs, worker processes, waiting."""
+"""Small factories for service tests: API keys, datasets, job specs, worker processes, waiting."""
 
 from __future__ import annotations
 
@@ -14,11 +14,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobs.db import transaction
+from jobs.keys import issue_key
+from jobs.queries import upsert_checkpoint
 from jobs.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:8]
 T = TypeVar("T")
+
+
+def api_key(settings: Settings, owner: str = "alice") -> str:
+    """The secret of a new API key for ``owner``, made as `grpo keys create` makes one."""
+    with transaction(settings.database_url) as session:
+        return issue_key(session=session, name=f"{owner}-key", owner=owner)[1]
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
 
 
 def jsonl(rows: list[Any]) -> bytes:
@@ -29,9 +42,11 @@ def arithmetic_rows(n: int = 16) -> list[dict[str, str]]:
     return [{"prompt": f"What is {i} + {i % 5}?", "answer": str(i + i % 5)} for i in range(n)]
 
 
-def upload(client: Any, rows: list[Any] | None = None, *, content: bytes | None = None, name: str = "data.jsonl") -> Any:
+def upload(client: Any, rows: list[Any] | None = None, *, content: bytes | None = None, name: str = "data.jsonl",
+           **request: Any) -> Any:
+    """POST a dataset; ``request`` goes to the client (``headers=``, ...)."""
     body = content if content is not None else jsonl(rows if rows is not None else arithmetic_rows())
-    return client.post("/v1/datasets", files={"file": (name, body, "application/jsonl")})
+    return client.post("/v1/datasets", files={"file": (name, body, "application/jsonl")}, **request)
 
 
 def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -> dict[str, Any]:
@@ -47,6 +62,21 @@ def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -
     spec.update(overrides)
     spec["hyperparameters"].update(hyperparameters)
     return spec
+
+
+def make_checkpoint(settings: Settings, job_id: str, step: int, path: str | None = None) -> str:
+    """A checkpoint on disk and in the job record, as a worker leaves one; ``path`` overrides the
+    stored (relative) path. Returns the stored path."""
+    directory = settings.job_dir(job_id) / "checkpoints" / f"step-{step:06d}"
+    (directory / "trainer_state").mkdir(parents=True)
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 5)
+    (directory / "trainer_state" / "optimizer.pt").write_bytes(b"x" * 100)
+    assert settings.artifact_dir is not None
+    relative = path if path is not None else directory.relative_to(settings.artifact_dir).as_posix()
+    with transaction(settings.database_url) as session:
+        upsert_checkpoint(session=session, job_id=job_id, step=step, path=relative, kind="model", bytes=1296)
+    return relative
 
 
 def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1) -> T:
@@ -75,8 +105,9 @@ class WorkerProcess:
 
     count = 0
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, *, concurrency: int = 1):
+        """``concurrency`` > 1 runs that many jobs at once (a CPU worker; a GPU worker runs one)."""
+        self.settings, self.concurrency = settings, concurrency
         WorkerProcess.count += 1
         self.name = f"w{WorkerProcess.count}-{RUN_ID}"
         self.log_path = Path(settings.data_dir) / f"{self.name}.log"
@@ -84,7 +115,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h"],
+            self.process = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h",
+                                             "--concurrency", str(self.concurrency)],
                                             cwd=ROOT, env=settings_env(self.settings), stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.service.factories import arithmetic_rows, jsonl, upload
+from tests.service.factories import api_key, arithmetic_rows, bearer, jsonl, upload
 
 
 def stored_files(settings) -> list[str]:
@@ -60,7 +60,7 @@ def test_empty_or_binary_upload_is_rejected(client, settings, content, says) -> 
 
 def test_upload_over_the_size_limit_is_413(settings, sent) -> None:
     settings.max_dataset_bytes = 100
-    with TestClient(create_app(settings, send=sent.append)) as client:
+    with TestClient(create_app(settings, send=sent.append), headers=bearer(api_key(settings))) as client:
         response = upload(client, rows=arithmetic_rows(20))
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
@@ -69,7 +69,7 @@ def test_upload_over_the_size_limit_is_413(settings, sent) -> None:
 
 
 def test_upload_without_a_file_is_422(client) -> None:
-    response = client.post("/v1/datasets", data={"name": "x"})
+    response = client.post("/v1/datasets", files={"name": (None, b"x")})  # multipart, with no file part
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "file"
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.embedded import embedded_settings
 from tests.service.e2e import download_and_load, metric_steps, status_changes, wait_until_ended
-from tests.service.factories import ROOT, free_port, job_spec, upload, wait_for
+from tests.service.factories import ROOT, api_key, free_port, job_spec, upload, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.C
 
     try:
         wait_for(up, timeout=60, what="the embedded service to start", interval=0.3)
+        client.headers["Authorization"] = f"Bearer {api_key(embedded_settings(data_dir))}"
         yield client, data_dir
     finally:
         client.close()

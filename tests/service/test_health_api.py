@@ -62,9 +62,10 @@ def test_the_api_process_never_imports_torch(settings) -> None:
     import subprocess
     import sys
 
-    from tests.service.factories import ROOT, settings_env
+    from tests.service.factories import ROOT, api_key, settings_env
 
     code = ("import sys; from fastapi.testclient import TestClient; import api.main; "
-            "TestClient(api.main.app).get('/v1/jobs'); "
+            f"assert TestClient(api.main.app).get('/v1/jobs', headers={{'Authorization': 'Bearer {api_key(settings)}'}})"
+            ".status_code == 200; "
             "loaded = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=settings_env(settings), check=True, timeout=60)

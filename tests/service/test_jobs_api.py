@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from jobs.db import transaction
 from jobs.models import Job, JobStatus
 from jobs.queries import append_metrics, claim_job, finish_job
-from tests.service.factories import job_spec, upload
+from tests.service.factories import api_key, bearer, job_spec, upload
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_a_failed_send_leaves_a_queued_job_for_the_sweeper(settings, dataset_id)
     def broker_down(job_id: str) -> None:
         raise ConnectionError("broker down")
 
-    with TestClient(create_app(settings, send=broker_down)) as client:
+    with TestClient(create_app(settings, send=broker_down), headers=bearer(api_key(settings))) as client:
         response = client.post("/v1/jobs", json=job_spec(dataset_id))
     assert response.status_code == 201 and response.json()["status"] == "queued"
     with transaction(settings.database_url) as session:

@@ -27,6 +27,8 @@ from jobs.settings import Settings
 from tests.service.factories import job_spec
 from worker.sweeper import sweep
 
+OWNER = "alice"
+
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def settings(request: pytest.FixtureRequest, api_database: str, tmp_path) -> Settings:
@@ -42,9 +44,10 @@ def settings(request: pytest.FixtureRequest, api_database: str, tmp_path) -> Set
 def job_id(settings) -> str:
     """A queued job, sent to the broker just now (as the API leaves it)."""
     with transaction(settings.database_url) as session:
-        dataset = create_dataset(session=session, name="d", rows=1, bytes=1, sha256="0" * 64, fields=["prompt"])
+        dataset = create_dataset(session=session, owner=OWNER, name="d", rows=1, bytes=1, sha256="0" * 64,
+                                 fields=["prompt"])
         spec = {**job_spec(dataset.id), "group_size": 2}
-        job = create_job(session=session, spec=spec, max_steps=3)
+        job = create_job(session=session, owner=OWNER, spec=spec, max_steps=3)
         mark_sent(session=session, job_id=job.id)
         return job.id
 
@@ -67,7 +70,7 @@ def test_only_one_worker_can_claim_a_job(settings, job_id) -> None:
         assert claim_job(session=session, job_id=job_id, worker="a") is not None
     with transaction(settings.database_url) as session:
         assert claim_job(session=session, job_id=job_id, worker="b") is None
-        job = get_job(session=session, job_id=job_id)
+        job = get_job(session=session, owner=OWNER, job_id=job_id)
         assert (job.status, job.worker, job.attempts) == ("running", "a", 1)
         assert heartbeat(session=session, job_id=job_id, worker="a")
         assert not heartbeat(session=session, job_id=job_id, worker="b")
@@ -91,7 +94,7 @@ def test_sweeper_requeues_a_job_whose_heartbeat_went_stale(settings, job_id, res
     age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
     assert sweep(settings=settings, dispatcher=dispatcher) == [job_id]
     with transaction(settings.database_url) as session:
-        job = get_job(session=session, job_id=job_id)
+        job = get_job(session=session, owner=OWNER, job_id=job_id)
         assert (job.status, job.worker, job.attempts) == ("queued", None, 1)
         assert job.sent_at is not None
         # the old holder finds out at its next heartbeat or step, and writes nothing more
@@ -109,7 +112,7 @@ def test_sweeper_fails_a_job_that_keeps_losing_its_worker(settings, job_id, rese
         age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
         sweep(settings=settings, dispatcher=dispatcher)
     with transaction(settings.database_url) as session:
-        job = get_job(session=session, job_id=job_id)
+        job = get_job(session=session, owner=OWNER, job_id=job_id)
         assert job.status == JobStatus.failed and "lost 3 times" in job.failure_reason
     assert len(sent) == settings.max_attempts - 1
 
@@ -118,11 +121,11 @@ def test_sweeper_ends_a_dead_job_that_was_being_cancelled(settings, job_id, rese
     dispatcher, sent = resent
     with transaction(settings.database_url) as session:
         claim_job(session=session, job_id=job_id, worker="dead")
-        request_cancel(session=session, job_id=job_id)
+        request_cancel(session=session, owner=OWNER, job_id=job_id)
     age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
     assert sweep(settings=settings, dispatcher=dispatcher) == []
     with transaction(settings.database_url) as session:
-        assert get_job(session=session, job_id=job_id).status == JobStatus.cancelled
+        assert get_job(session=session, owner=OWNER, job_id=job_id).status == JobStatus.cancelled
 
 
 def test_sweeper_resends_queued_jobs_whose_message_may_be_lost(settings, job_id, resent) -> None:
@@ -140,3 +143,25 @@ def test_sweeper_sends_a_job_whose_send_after_commit_failed(settings, job_id, re
     assert sweep(settings=settings, dispatcher=dispatcher) == []  # within the grace period
     age(settings, job_id, queued_at=settings.send_grace_s + 1)
     assert sweep(settings=settings, dispatcher=dispatcher) == [job_id] == sent
+
+
+def test_sweeper_pauses_a_dead_job_that_was_being_paused(settings, job_id, resent) -> None:
+    dispatcher, sent = resent
+    with transaction(settings.database_url) as session:
+        claim_job(session=session, job_id=job_id, worker="dead")
+        session.execute(update(Job).where(Job.id == job_id).values(pause_requested=True))
+    age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
+    assert sweep(settings=settings, dispatcher=dispatcher) == []  # not re-queued: it waits to be resumed
+    with transaction(settings.database_url) as session:
+        job = get_job(session=session, owner=OWNER, job_id=job_id)
+        assert (job.status, job.worker, job.pause_requested) == (JobStatus.paused, None, False)
+
+
+def test_a_worker_with_a_free_slot_resends_queued_jobs_a_busy_one_waits(settings, job_id, resent) -> None:
+    # A worker that has had a slot free for send_grace_s would be holding a queued job's message,
+    # had the broker kept it (Redis restarted without persistence): it re-sends them all.
+    dispatcher, sent = resent
+    age(settings, job_id, sent_at=settings.send_grace_s + 1)
+    assert sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s - 1) == []
+    assert sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s) == [job_id] == sent
+    assert sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s) == []  # just sent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from jobs.db import make_engine
 from jobs.migrate import downgrade, upgrade
@@ -35,4 +35,25 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(empty_database:
 
     upgrade(empty_database)  # and up again from nothing
     assert TABLES <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_rows_made_before_owners_belong_to_the_local_owner_and_keep_their_idempotency_key(make_database) -> None:
+    url = make_database(migrate=False)
+    upgrade(url, "0002")
+    engine = make_engine(url, pooled=False)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO datasets (id, name, rows, bytes, sha256, fields, created_at) "
+            "VALUES ('ds_1', 'd', 1, 1, 'x', '[]', now())"))
+        connection.execute(text(
+            "INSERT INTO jobs (id, status, spec, base_model, dataset_id, max_steps, step, attempts, cancel_requested, "
+            "pause_requested, idempotency_key, request_hash, created_at, queued_at, updated_at) VALUES ('job_1', "
+            "'queued', '{}', 'm', 'ds_1', 1, 0, 0, false, false, 'retry-me', 'h', now(), now(), now())"))
+    upgrade(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT owner FROM datasets")).scalars().all() == ["local"]
+        assert connection.execute(text("SELECT owner FROM jobs")).scalars().all() == ["local"]
+        assert connection.execute(text("SELECT owner, endpoint, key, request_hash, resource_id FROM idempotency_keys")
+                                  ).all() == [("local", "POST /v1/jobs", "retry-me", "h", "job_1")]
     engine.dispose()

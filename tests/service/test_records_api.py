@@ -10,8 +10,8 @@ import pytest
 
 from jobs.db import transaction
 from jobs.models import JobStatus
-from jobs.queries import add_event, append_metrics, claim_job, finish_job, upsert_checkpoint
-from tests.service.factories import job_spec, upload
+from jobs.queries import add_event, append_metrics, claim_job, finish_job
+from tests.service.factories import job_spec, make_checkpoint, upload
 
 
 @pytest.fixture
@@ -59,18 +59,6 @@ def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id)
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={**headers, "Last-Event-ID": second_id}) as response:
         resumed = [b for b in response.read().decode().split("\n\n") if b.startswith("id:")]
     assert resumed == messages[2:]
-
-
-def make_checkpoint(settings, job_id: str, step: int) -> str:
-    directory = settings.job_dir(job_id) / "checkpoints" / f"step-{step:06d}"
-    (directory / "trainer_state").mkdir(parents=True)
-    (directory / "config.json").write_text('{"model_type": "llama"}')
-    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 5)
-    (directory / "trainer_state" / "optimizer.pt").write_bytes(b"x" * 100)
-    relative = directory.relative_to(settings.artifact_dir).as_posix()
-    with transaction(settings.database_url) as session:
-        upsert_checkpoint(session=session, job_id=job_id, step=step, path=relative, kind="model", bytes=1296)
-    return relative
 
 
 def test_checkpoints_list_and_download_as_tar(client, settings, job_id) -> None:

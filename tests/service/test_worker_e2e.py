@@ -9,14 +9,15 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from tests.service.e2e import download_and_load, metric_steps, status_changes, wait_for_step, wait_until_ended
-from tests.service.factories import job_spec, upload
+from tests.service.factories import api_key, bearer, job_spec, upload
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def client(redis_worker_settings, redis_worker) -> Iterator[TestClient]:
-    with TestClient(create_app(redis_worker_settings)) as test_client:  # sends to Redis for real
+    with TestClient(create_app(redis_worker_settings), headers=bearer(api_key(redis_worker_settings))) as test_client:
+        # sends to Redis for real
         yield test_client
 
 

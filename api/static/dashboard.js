@@ -1,0 +1,277 @@
+// The GRPO dashboard: jobs, a job's metric curves (polled with after_step=), its events,
+// samples and checkpoints. Plain DOM and SVG; every request carries the user's API key.
+"use strict";
+
+const KEY = "grpo_api_key";
+const POLL_MS = Number(new URLSearchParams(location.search).get("poll_ms")) || 2000;
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const FIRST_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "kl", "loss", "grad_norm", "entropy",
+  "clip_ratio", "completion_length", "truncated_ratio", "learning_rate", "tokens_per_second"];
+const SVG = "http://www.w3.org/2000/svg";
+const $ = (selector) => document.querySelector(selector);
+
+let job = null; // what is shown: {id, metrics: [], lastStep, lastEvent, generation}
+let generation = 0; // bumped on each job switch, so answers about the previous job are dropped
+
+// ---- the API key and requests ----
+
+function takeKeyFromUrl() {
+  const params = new URLSearchParams(location.search);
+  if (!params.get("key")) return;
+  localStorage.setItem(KEY, params.get("key"));
+  params.delete("key"); // keep the secret out of the history and of shared links
+  const query = params.toString();
+  history.replaceState(null, "", location.pathname + (query ? "?" + query : "") + location.hash);
+}
+
+function askForKey(message) {
+  $("#app").hidden = true;
+  $("#key-form").hidden = false;
+  $("#change-key").hidden = true;
+  $("#key-error").textContent = message || "";
+  $("#key-input").focus();
+}
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(path) {
+  const key = localStorage.getItem(KEY); // none: a server whose authentication is disabled
+  const response = await fetch(path, { headers: key ? { Authorization: `Bearer ${key}` } : {} });
+  if (response.ok) return response;
+  let message = `${response.status} ${response.statusText}`;
+  try { message = (await response.json()).error.message; } catch { /* not the error shape */ }
+  if (response.status === 401) askForKey(key ? message : "");
+  throw new ApiError(response.status, message);
+}
+
+const getJson = async (path) => (await api(path)).json();
+
+// ---- small DOM helpers ----
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+const fmt = (value) => value === null || value === undefined ? "–"
+  : Math.abs(value) >= 1000 || (value !== 0 && Math.abs(value) < 0.001) ? value.toExponential(2)
+  : String(Math.round(value * 1000) / 1000);
+
+const size = (bytes) => bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB`
+  : `${Math.ceil(bytes / 1e3)} kB`;
+
+const text = (value) => typeof value === "string" ? value : JSON.stringify(value);
+
+// ---- the jobs list ----
+
+async function refreshJobs() {
+  const page = await getJson("/v1/jobs?limit=50");
+  const rows = page.data.map((j) => {
+    const row = el("tr", { "data-job": j.id },
+      el("td", {}, j.name || "", el("br"), el("span", { class: "id" }, j.id)),
+      el("td", {}, el("span", { class: `status ${j.status}` }, j.status)),
+      el("td", {}, `${j.step} / ${j.max_steps}`),
+      el("td", {}, fmt(j.latest_metrics?.reward)));
+    if (j.id === job?.id) row.classList.add("selected");
+    row.addEventListener("click", () => { location.hash = j.id; });
+    return row;
+  });
+  $("#jobs tbody").replaceChildren(...rows);
+  $("#jobs-empty").hidden = rows.length > 0;
+}
+
+// ---- one job ----
+
+function showJob(id) {
+  generation += 1;
+  job = { id, metrics: [], lastStep: 0, lastEvent: 0, generation, checkpointsAt: null };
+  $("#job").hidden = !id;
+  if (!id) return;
+  $("#charts").replaceChildren();
+  $("#events").replaceChildren();
+  $("#samples tbody").replaceChildren();
+  $("#checkpoints").replaceChildren();
+  $("#sample-step").replaceChildren(el("option", { value: "" }, "latest"));
+  for (const row of document.querySelectorAll("#jobs tbody tr")) row.classList.toggle("selected", row.dataset.job === id);
+  pollJob(job);
+}
+
+async function pollJob(shown) {
+  let ended = false;
+  try {
+    const info = await getJson(`/v1/jobs/${shown.id}`);
+    if (shown.generation !== generation) return;
+    renderHeader(info);
+    await pollMetrics(shown);
+    await pollEvents(shown);
+    await refreshSamples(shown);
+    const checkpointsAt = `${info.status}:${shown.lastEvent}`;
+    if (checkpointsAt !== shown.checkpointsAt) await refreshCheckpoints(shown, checkpointsAt);
+    ended = TERMINAL.has(info.status);
+  } catch (error) {
+    if (!(error instanceof ApiError)) console.error(error);
+    $("#job-failure").textContent = String(error.message);
+    ended = error.status === 401 || error.status === 404; // another key, or not this owner's job
+  }
+  if (shown.generation === generation && !ended) setTimeout(() => pollJob(shown), POLL_MS);
+}
+
+function renderHeader(info) {
+  $("#job-title").textContent = info.name || info.id;
+  $("#job-status").textContent = info.status;
+  $("#job-status").className = `status ${info.status}`;
+  $("#job-step").textContent = `step ${info.step} / ${info.max_steps}` +
+    (info.attempts > 1 ? ` · attempt ${info.attempts}` : "") + (info.worker ? ` · ${info.worker}` : "");
+  $("#job-step").dataset.step = info.step;
+  $("#job-progress").value = info.max_steps ? info.step / info.max_steps : 0;
+  $("#job-failure").textContent = info.failure_reason || "";
+}
+
+async function pollMetrics(shown) {
+  let page;
+  do {
+    page = await getJson(`/v1/jobs/${shown.id}/metrics?after_step=${shown.lastStep}`);
+    if (shown.generation !== generation) return;
+    for (const row of page.data) {
+      shown.metrics.push(row);
+      shown.lastStep = row.step;
+    }
+  } while (page.has_more && page.data.length);
+  renderCharts(shown.metrics);
+}
+
+function metricNames(metrics) {
+  const names = new Set();
+  for (const row of metrics) for (const name of Object.keys(row.metrics)) names.add(name);
+  const first = FIRST_METRICS.filter((name) => names.has(name));
+  return [...first, ...[...names].filter((name) => !first.includes(name)).sort()];
+}
+
+function renderCharts(metrics) {
+  const charts = $("#charts");
+  for (const name of metricNames(metrics)) {
+    const id = "chart-" + name.replace(/[^\w-]/g, "_");
+    let chart = document.getElementById(id);
+    if (!chart) {
+      chart = el("div", { class: name === "reward" ? "chart main" : "chart", id, "data-metric": name },
+        el("span", { class: "name" }, name), el("span", { class: "last" }), svgChart(), el("div", { class: "axis" }));
+      charts.append(chart);
+    }
+    drawLine(chart, metrics.map((row) => [row.step, row.metrics[name]]));
+  }
+}
+
+function svgChart() {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", "0 0 300 100");
+  svg.setAttribute("preserveAspectRatio", "none");
+  const path = document.createElementNS(SVG, "path");
+  path.setAttribute("class", "line");
+  svg.append(path);
+  return svg;
+}
+
+// One SVG path over steps; a missing (or non-finite) value breaks the line.
+function drawLine(chart, points) {
+  const known = points.filter(([, value]) => typeof value === "number");
+  const steps = points.map(([step]) => step);
+  const [lo, hi] = [Math.min(...known.map((p) => p[1])), Math.max(...known.map((p) => p[1]))];
+  const [first, last] = [Math.min(...steps), Math.max(...steps)];
+  const x = (step) => last === first ? 150 : ((step - first) / (last - first)) * 300;
+  const y = (value) => hi === lo ? 50 : 96 - ((value - lo) / (hi - lo)) * 92;
+  let d = "", pen = "M";
+  for (const [step, value] of points) {
+    if (typeof value !== "number") { pen = "M"; continue; }
+    d += `${pen}${x(step).toFixed(1)},${y(value).toFixed(1)} `;
+    pen = "L";
+  }
+  if (known.length === 1) d += `L${(x(known[0][0]) + 1).toFixed(1)},${y(known[0][1]).toFixed(1)}`; // a visible dot
+  chart.querySelector("path").setAttribute("d", d.trim());
+  chart.dataset.points = known.length;
+  chart.querySelector(".last").textContent = known.length ? fmt(known[known.length - 1][1]) : "–";
+  chart.querySelector(".axis").textContent = known.length ? `${fmt(lo)} … ${fmt(hi)} · steps ${first}–${last}` : "";
+}
+
+async function pollEvents(shown) {
+  const page = await getJson(`/v1/jobs/${shown.id}/events?after=${shown.lastEvent}&limit=500`);
+  if (shown.generation !== generation) return;
+  for (const event of page.data) {
+    const when = new Date(event.created_at).toLocaleTimeString();
+    $("#events").append(el("li", { class: event.level }, `${when} · ${event.kind} · ${event.message}`));
+    shown.lastEvent = event.id;
+  }
+}
+
+async function refreshSamples(shown) {
+  const select = $("#sample-step");
+  for (let step = select.options.length; step <= shown.lastStep; step++) {
+    select.add(el("option", { value: step }, `step ${step}`), 1); // newest first, after "latest"
+  }
+  let steps = select.value ? [Number(select.value)] : [shown.lastStep, shown.lastStep - 1];
+  steps = steps.filter((step) => step >= 1);
+  for (const step of steps) {
+    const page = await getJson(`/v1/jobs/${shown.id}/samples?step=${step}&limit=100`);
+    if (shown.generation !== generation) return;
+    if (!page.data.length && step !== steps[steps.length - 1]) continue; // the newest step's are not in yet
+    $("#samples tbody").replaceChildren(...page.data.map((s) => el("tr", {},
+      el("td", {}, s.step), el("td", { class: "text" }, text(s.prompt)), el("td", { class: "text" }, s.completion),
+      el("td", {}, fmt(s.reward)), el("td", {}, fmt(s.advantage)),
+      el("td", {}, Object.entries(s.rewards).map(([name, v]) => `${name}: ${fmt(v)}`).join(", ")))));
+    return;
+  }
+}
+
+async function refreshCheckpoints(shown, checkpointsAt) {
+  const page = await getJson(`/v1/jobs/${shown.id}/checkpoints`);
+  if (shown.generation !== generation) return;
+  shown.checkpointsAt = checkpointsAt;
+  $("#checkpoints").replaceChildren(...page.data.map((c) => {
+    const button = el("button", { type: "button" }, "download");
+    button.addEventListener("click", () => download(c.download_url, `${shown.id}-step-${c.step}.tar`));
+    return el("li", {}, `step ${c.step} · ${c.kind} · ${size(c.bytes)} `, button,
+      el("br"), el("code", { class: "hint" }, `grpo jobs download ${shown.id} --step ${c.step}`));
+  }));
+}
+
+// A link cannot carry the Authorization header, so the archive is fetched and handed over as a
+// blob: fine for small checkpoints; for big ones use the command shown beside the button.
+async function download(url, name) {
+  const blob = await (await api(url)).blob();
+  const link = el("a", { href: URL.createObjectURL(blob), download: name });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+}
+
+// ---- start ----
+
+async function start() {
+  $("#key-form").hidden = true;
+  try {
+    await refreshJobs();
+  } catch (error) {
+    if (!$("#key-form").hidden) return; // a 401: the form asks for another key
+    $("#whoami").textContent = error.message;
+  }
+  $("#app").hidden = false;
+  $("#change-key").hidden = false;
+  showJob(location.hash.slice(1) || null);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  takeKeyFromUrl();
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    localStorage.setItem(KEY, $("#key-input").value.trim());
+    $("#key-input").value = "";
+    start();
+  });
+  $("#change-key").addEventListener("click", () => askForKey(""));
+  $("#sample-step").addEventListener("change", () => job?.id && refreshSamples(job));
+  window.addEventListener("hashchange", () => showJob(location.hash.slice(1) || null));
+  setInterval(() => { if (!$("#app").hidden) refreshJobs().catch(() => {}); }, Math.max(POLL_MS, 5000));
+  start();
+});

@@ -1,0 +1,246 @@
+"""The user's half of ``grpo``: ``datasets``, ``jobs`` and ``rewards`` commands over the Python
+client (``api/cli.py`` adds them beside ``serve``, ``worker``, ``migrate`` and ``keys``).
+
+The server and key come from ``--url``/``--api-key`` or ``GRPO_API_URL``/``GRPO_API_KEY``. A
+refused request prints the server's message and exits 1, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column, Table
+
+from grpo_client.client import TERMINAL, Client
+from grpo_client.errors import GrpoError
+
+EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2, "paused": 3}
+F = TypeVar("F", bound=Callable[..., Any])
+
+datasets = typer.Typer(help="Upload and list JSONL datasets.", no_args_is_help=True)
+jobs = typer.Typer(help="Create, follow, cancel and download GRPO jobs.", no_args_is_help=True)
+rewards = typer.Typer(help="Try a reward spec on completions before a job runs.", no_args_is_help=True)
+
+Url = Annotated[str | None, typer.Option("--url", envvar="GRPO_API_URL", help="The service, e.g. http://host:8000.")]
+Key = Annotated[str | None, typer.Option("--api-key", envvar="GRPO_API_KEY", help="An API key (grpo_…).",
+                                         show_default=False)]
+JobId = Annotated[str, typer.Argument(help="A job id (job_…).")]
+
+
+def _connect(ctx: typer.Context, url: Url = None, api_key: Key = None) -> None:
+    ctx.obj = {"url": url, "api_key": api_key}
+
+
+COMMANDS = {"datasets": datasets, "jobs": jobs, "rewards": rewards}
+for group in COMMANDS.values():
+    group.callback()(_connect)
+
+
+def client(ctx: typer.Context) -> Client:
+    return Client(ctx.obj["url"], ctx.obj["api_key"])
+
+
+def console() -> Console:
+    # Made per command (tests capture stdout by replacing it); no markup: job names, completions
+    # and server messages are shown as written, "[INST]" and all.
+    return Console(highlight=False, markup=False)
+
+
+def reports_errors(command: F) -> F:
+    """The server's message (and the offending field) on stderr and exit 1, not a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except GrpoError as exc:
+            Console(stderr=True, highlight=False, markup=False).print(f"error: {exc}", style="red")
+            raise typer.Exit(1) from None
+
+    return run  # type: ignore[return-value]
+
+
+def id_column() -> Column:
+    return Column("id", no_wrap=True, min_width=28)  # ids are copied from here: never cut them short
+
+
+def when(timestamp: str) -> str:
+    return timestamp[:16].replace("T", " ")
+
+
+def read_spec(path: Path) -> Any:
+    """A JSON or YAML file (YAML is a superset of JSON, so either parses)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise GrpoError(f"cannot read {path}: {exc}", code="invalid_file") from None
+
+
+# ---- datasets ----
+
+
+@datasets.command("upload")
+@reports_errors
+def upload_dataset(ctx: typer.Context, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+                   name: Annotated[str | None, typer.Option(help="Defaults to the file's name.")] = None) -> None:
+    """Upload a JSONL file; prints the dataset's id."""
+    dataset = client(ctx).datasets.upload(file, name=name)
+    console().print(f"{dataset['id']}  {dataset['rows']} rows  fields: {', '.join(dataset['fields'])}")
+
+
+@datasets.command("list")
+@reports_errors
+def list_datasets(ctx: typer.Context) -> None:
+    """Your datasets, newest first."""
+    table = Table(id_column(), "name", "rows", "fields", "created")
+    for d in client(ctx).datasets.list():
+        table.add_row(d["id"], d["name"], str(d["rows"]), ", ".join(d["fields"]), when(d["created_at"]))
+    console().print(table)
+
+
+# ---- jobs ----
+
+
+@jobs.command("create")
+@reports_errors
+def create_job(ctx: typer.Context, spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                                        help="The job spec, JSON or YAML.")],
+               follow: Annotated[bool, typer.Option(help="Then follow it to the end.")] = False) -> None:
+    """Queue a job; prints its id."""
+    job = client(ctx).jobs.create(read_spec(spec))
+    console().print(f"{job['id']}  {job['status']}")
+    if follow:
+        follow_job(ctx, job["id"])
+
+
+@jobs.command("list")
+@reports_errors
+def list_jobs(ctx: typer.Context, status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+              limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20) -> None:
+    """Your jobs, newest first, with their step and latest reward."""
+    table = Table(id_column(), "name", "status", "step", "reward", "created")
+    for index, job in enumerate(client(ctx).jobs.list(status=status)):
+        if index == limit:
+            break
+        reward = (job["latest_metrics"] or {}).get("reward")
+        table.add_row(job["id"], job["name"] or "", job["status"], f"{job['step']}/{job['max_steps']}",
+                      "" if reward is None else f"{reward:.3f}", when(job["created_at"]))
+    console().print(table)
+
+
+@jobs.command("show")
+@reports_errors
+def show_job(ctx: typer.Context, job_id: JobId,
+             as_json: Annotated[bool, typer.Option("--json", help="The job object as JSON.")] = False) -> None:
+    """A job's state, its failure reason if any, and its latest metrics."""
+    job = client(ctx).jobs.get(job_id)
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+        return
+    out = console()
+    out.print(f"{job['id']}  {job['name'] or ''}  {job['status']}  step {job['step']}/{job['max_steps']}"
+              f"  attempts {job['attempts']}")
+    out.print(f"model {job['base_model']}  dataset {job['dataset_id']}  group size {job['group_size']}")
+    if job["failure_reason"]:
+        out.print(job["failure_reason"], style="red")
+    for name, value in sorted((job["latest_metrics"] or {}).items()):
+        out.print(f"  {name:<28} {value if value is None else f'{value:.4g}'}")
+
+
+@jobs.command("follow")
+@reports_errors
+def follow_job(ctx: typer.Context, job_id: JobId,
+               interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0) -> None:
+    """A live progress bar (step, reward, time left) and the job's warnings, until it ends.
+    Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 paused."""
+    grpo, out = client(ctx), console()
+    job, last_event = grpo.jobs.get(job_id), 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[reward]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=out) as progress:
+        bar = progress.add_task(job_id, total=job["max_steps"], completed=job["step"], reward="")
+        while True:
+            for event in grpo.jobs.events(job_id, after=last_event):
+                last_event = event["id"]
+                if event["level"] != "info" or event["kind"] == "status":
+                    progress.console.print(f"{event['created_at'][11:19]} {event['message']}")
+            reward = (job["latest_metrics"] or {}).get("reward")
+            progress.update(bar, completed=job["step"], description=f"{job_id} {job['status']}",
+                            reward="" if reward is None else f"reward {reward:.3f}")
+            if job["status"] in TERMINAL or job["status"] == "paused":
+                break
+            time.sleep(interval)
+            job = grpo.jobs.get(job_id)
+    out.print(f"{job_id} {job['status']} at step {job['step']}/{job['max_steps']}"
+              + (f": {job['failure_reason']}" if job["failure_reason"] else ""))
+    raise typer.Exit(EXIT_CODES[job["status"]])
+
+
+def _job_action(action: str) -> Callable[..., None]:
+    @reports_errors
+    def act(ctx: typer.Context, job_id: JobId) -> None:
+        job = getattr(client(ctx).jobs, action)(job_id)
+        asked = {"cancel": job["cancel_requested"], "pause": job.get("pause_requested")}.get(action)
+        console().print(f"{job['id']}  {job['status']}" + (f" ({action} requested)" if asked else ""))
+
+    act.__doc__ = {"cancel": "Cancel a job (a running one stops after its current step).",
+                   "pause": "Pause a job at its next step boundary, with a checkpoint.",
+                   "resume": "Queue a paused job again, from its checkpoint."}[action]
+    return act
+
+
+for _action in ("cancel", "pause", "resume"):
+    jobs.command(_action)(_job_action(_action))
+
+
+@jobs.command("download")
+@reports_errors
+def download_checkpoint(ctx: typer.Context, job_id: JobId,
+                        step: Annotated[int | None, typer.Option(help="Defaults to the newest checkpoint.")] = None,
+                        dest: Annotated[Path, typer.Option(help="Where to put it.")] = Path("."),
+                        tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False) -> None:
+    """Download a checkpoint: a directory `from_pretrained` loads."""
+    grpo = client(ctx)
+    if step is None:
+        checkpoints = grpo.jobs.checkpoints(job_id)
+        if not checkpoints:
+            raise GrpoError(f"job {job_id} has no checkpoint yet", code="checkpoint_not_found")
+        step = checkpoints[-1]["step"]
+    console().print(str(grpo.jobs.download(job_id, step, dest, extract=not tar)))
+
+
+# ---- rewards ----
+
+
+@rewards.command("run")
+@reports_errors
+def run_rewards(ctx: typer.Context,
+                spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                     help="A reward list, or a job spec with a `reward`; JSON or YAML.")],
+                samples: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                        help='JSONL: {"completion", "prompt"?, "row"?} a line.')]) -> None:
+    """Score completions with a reward spec: each sample's total and parts, and the errors."""
+    reward = read_spec(spec)
+    reward = reward["reward"] if isinstance(reward, dict) and "reward" in reward else reward
+    try:
+        lines = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise GrpoError(f"{samples}: not JSONL ({exc})", code="invalid_file") from None
+    result = client(ctx).rewards.run(reward, lines)
+    names = [spec["name"] for spec in result["reward"]]
+    table = Table("#", "total", *names, "completion")
+    for index, (score, line) in enumerate(zip(result["data"], lines, strict=True)):
+        parts = ["error" if score["parts"][n] is None else f"{score['parts'][n]:.3g}" for n in names]
+        table.add_row(str(index), f"{score['total']:.3g}", *parts, str(line.get("completion", ""))[:60])
+    out = console()
+    out.print(table)
+    for message in result["error_messages"]:
+        out.print(message, style="yellow")

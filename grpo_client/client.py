@@ -1,0 +1,187 @@
+"""``Client``: the service's HTTP API as methods, grouped as ``datasets``, ``jobs`` and ``rewards``."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, cast
+
+import httpx
+
+from grpo_client.errors import GrpoError
+from grpo_client.transport import RetryPolicy, send
+from grpo_client.types import Checkpoint, Dataset, Event, Job, Metrics, RewardRun, Sample
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Client:
+    """``base_url`` and ``api_key`` default to ``GRPO_API_URL`` and ``GRPO_API_KEY``; the key goes
+    as ``Authorization: Bearer``. Failed requests raise ``GrpoError``; 429s, 5xx and unreachable
+    servers are retried per ``retry`` (honouring ``Retry-After``)."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
+                 retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
+                 transport: httpx.BaseTransport | None = None):
+        self.base_url = (base_url or os.environ.get("GRPO_API_URL") or DEFAULT_URL).rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get("GRPO_API_KEY")
+        headers = {"User-Agent": "grpo-client/0.1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self.datasets = Datasets(self)
+        self.jobs = Jobs(self)
+        self.rewards = Rewards(self)
+
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
+                headers: dict[str, str] | None = None, files: Callable[[], dict[str, Any]] | None = None,
+                data: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+
+        def build() -> httpx.Request:
+            return self.http.build_request(method, path, params=params, json=json, headers=headers,
+                                           files=files() if files else None, data=data)
+
+        return send(self.http, build, self.retry, stream=stream, sleep=self.sleep)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params).json()
+
+    def post(self, path: str, json: Any = None, **kwargs: Any) -> Any:
+        return self.request("POST", path, json=json, **kwargs).json()
+
+    def pages(self, path: str, *, cursor: str = "after", key: str = "id", **params: Any) -> Iterator[Any]:
+        """Every item of a cursor-paginated list: ``cursor=<the last item's key>`` until no more."""
+        while True:
+            page = self.get(path, **params)
+            yield from page["data"]
+            if not page["has_more"] or not page["data"]:
+                return
+            params[cursor] = page["data"][-1][key]
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Datasets:
+    def __init__(self, client: Client):
+        self.client = client
+
+    def upload(self, path: str | Path, *, name: str | None = None, idempotency_key: str | None = None) -> Dataset:
+        """Upload a JSONL file (every line is checked by the server; a 422 lists the bad ones)."""
+        path = Path(path)
+        opened: list[IO[bytes]] = []
+
+        def files() -> dict[str, Any]:  # a fresh handle for each attempt
+            opened.append(path.open("rb"))
+            return {"file": (path.name, opened[-1], "application/jsonl")}
+
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        try:
+            response = self.client.request("POST", "/v1/datasets", files=files, headers=headers,
+                                           data={"name": name} if name else None)
+        finally:
+            for handle in opened:
+                handle.close()
+        return cast(Dataset, response.json())
+
+    def list(self) -> Iterator[Dataset]:
+        return self.client.pages("/v1/datasets", limit=100)
+
+    def get(self, dataset_id: str) -> Dataset:
+        return cast(Dataset, self.client.get(f"/v1/datasets/{dataset_id}"))
+
+
+class Jobs:
+    def __init__(self, client: Client):
+        self.client = client
+
+    def create(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
+        """Queue a job; retried requests carry one Idempotency-Key, so a retry never makes two."""
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return cast(Job, self.client.post("/v1/jobs", spec, headers=headers))
+
+    def list(self, *, status: str | None = None) -> Iterator[Job]:
+        """Every job (newest first), fetched a page at a time as you iterate."""
+        return self.client.pages("/v1/jobs", status=status, limit=100)
+
+    def get(self, job_id: str) -> Job:
+        return cast(Job, self.client.get(f"/v1/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> Job:
+        return cast(Job, self.client.post(f"/v1/jobs/{job_id}/cancel"))
+
+    def pause(self, job_id: str) -> Job:
+        return cast(Job, self.client.post(f"/v1/jobs/{job_id}/pause"))
+
+    def resume(self, job_id: str) -> Job:
+        return cast(Job, self.client.post(f"/v1/jobs/{job_id}/resume"))
+
+    def metrics(self, job_id: str, *, after_step: int = 0) -> list[Metrics]:
+        """Per-step metrics after ``after_step``: poll with the last step you have."""
+        return list(self.client.pages(f"/v1/jobs/{job_id}/metrics", cursor="after_step", key="step",
+                                      after_step=after_step))
+
+    def events(self, job_id: str, *, after: int = 0) -> list[Event]:
+        return list(self.client.pages(f"/v1/jobs/{job_id}/events", after=after, limit=1000))
+
+    def samples(self, job_id: str, *, step: int | None = None) -> Iterator[Sample]:
+        return self.client.pages(f"/v1/jobs/{job_id}/samples", step=step, limit=100)
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return cast(list[Checkpoint], self.client.get(f"/v1/jobs/{job_id}/checkpoints")["data"])
+
+    def download(self, job_id: str, step: int, dest: str | Path, *, extract: bool = True) -> Path:
+        """Stream a checkpoint into ``dest``: the directory ``from_pretrained`` loads, or with
+        ``extract=False`` the tar itself. A partial download never takes the final name."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        root = f"{job_id}-step-{step}"
+        partial = dest / f".{root}.tar.part"
+        response = self.client.request("GET", f"/v1/jobs/{job_id}/checkpoints/{step}/download", stream=True)
+        try:
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+        except httpx.HTTPError as exc:
+            partial.unlink(missing_ok=True)
+            raise GrpoError(f"the download of {root} broke off: {exc}; try again", code="connection_error") from exc
+        finally:
+            response.close()
+        if not extract:
+            return partial.replace(dest / f"{root}.tar")
+        with tarfile.open(partial) as archive:
+            archive.extractall(dest, filter="data")
+        partial.unlink()
+        return dest / root
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 2.0) -> Job:
+        """The job once it has ended (succeeded, failed or cancelled); ``TimeoutError`` otherwise."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (job := self.get(job_id))["status"] not in TERMINAL:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+            self.client.sleep(poll_s)
+        return job
+
+
+class Rewards:
+    def __init__(self, client: Client):
+        self.client = client
+
+    def run(self, reward: list[dict[str, Any]], samples: list[dict[str, Any]]) -> RewardRun:
+        """Score ``samples`` (each ``{"completion", "prompt"?, "row"?}``) with a reward spec."""
+        return cast(RewardRun, self.client.post("/v1/rewards/run", {"reward": reward, "samples": samples}))

@@ -1,0 +1,85 @@
+"""The service's JSON objects, as the client returns them (plain dicts, typed for editors)."""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class Dataset(TypedDict):
+    id: str
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    fields: list[str]
+    created_at: str
+
+
+class Job(TypedDict):
+    id: str
+    name: str | None
+    status: str  # queued, running, paused, succeeded, failed, cancelled
+    base_model: str
+    dataset_id: str
+    reward: list[dict[str, Any]]
+    group_size: int
+    hyperparameters: dict[str, Any]
+    step: int
+    max_steps: int
+    attempts: int
+    cancel_requested: bool
+    failure_reason: str | None
+    latest_metrics: dict[str, float | None] | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+class Metrics(TypedDict):
+    step: int
+    metrics: dict[str, float | None]
+    created_at: str
+
+
+class Event(TypedDict):
+    id: int
+    job_id: str
+    level: str
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: str
+
+
+class Checkpoint(TypedDict):
+    step: int
+    kind: str  # "model" or "adapter"
+    bytes: int
+    created_at: str
+    download_url: str
+
+
+class Sample(TypedDict):
+    id: int
+    job_id: str
+    step: int
+    prompt: Any
+    completion: str
+    reward: float | None
+    advantage: float | None
+    rewards: dict[str, float | None]
+    truncated: bool | None
+    created_at: str
+
+
+class RewardScore(TypedDict):
+    total: float
+    parts: dict[str, float | None]
+    errors: list[str]
+
+
+class RewardRun(TypedDict):
+    reward: list[dict[str, Any]]
+    data: list[RewardScore]
+    errors: dict[str, int]
+    error_messages: list[str]

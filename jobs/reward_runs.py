@@ -1,0 +1,66 @@
+"""The reward dry-run: score given completions with a job's reward spec, before a GPU is spent.
+
+It runs the trainer's own ``RewardSuite`` on the whole batch at once, as a training step does
+(an ``http`` reward gets the batch in one POST). It never loads a model: ``reward_model`` rewards
+are refused, since they would pull torch into the API process; and generating completions with
+the base model is a job's work, not the API's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.errors import InvalidRequest, LimitExceeded
+from jobs.schemas import RewardRunIn, RewardRunOut, RewardRunSample, RewardScore
+from jobs.settings import Settings
+from trainer.config import ConfigError
+from trainer.errors import TrainingError
+from trainer.rewards import RewardSuite, validate_reward_specs
+
+NOT_IN_DRY_RUNS = {
+    "reward_model": "a reward_model reward loads a model, which the API process does not do; "
+                    "try the other rewards here, and the reward model in a short job (max_steps: 1)",
+}
+
+
+def check_reward_run(request: RewardRunIn, settings: Settings) -> list[dict[str, Any]]:
+    """The normalised specs, or ``InvalidRequest`` naming ``reward[i].field`` or ``samples``."""
+    if len(request.samples) > settings.max_reward_run_samples:
+        raise LimitExceeded(f"{len(request.samples)} samples; this server scores at most "
+                            f"{settings.max_reward_run_samples} per request (GRPO_MAX_REWARD_RUN_SAMPLES)",
+                            param="samples")
+    try:
+        specs = validate_reward_specs(request.reward)
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
+    for index, spec in enumerate(specs):
+        if spec["type"] in NOT_IN_DRY_RUNS:
+            raise InvalidRequest(NOT_IN_DRY_RUNS[spec["type"]], param=f"reward[{index}].type")
+    return specs
+
+
+def prompt_text(sample: RewardRunSample) -> str:
+    """The prompt a reward sees. Chat messages are joined by their contents: the API has no
+    tokenizer to apply the base model's chat template (rule-based rewards rarely read it)."""
+    prompt = sample.prompt if sample.prompt is not None else sample.row.get("prompt", "")
+    if isinstance(prompt, list):
+        return "\n".join(str(message.get("content", "")) for message in prompt if isinstance(message, dict))
+    return prompt if isinstance(prompt, str) else ""
+
+
+def run_rewards(request: RewardRunIn, settings: Settings) -> RewardRunOut:
+    """Blocking (sandboxes, HTTP rewards): call it from a worker thread."""
+    specs = check_reward_run(request, settings)
+    rows = [{"prompt": prompt_text(s), **s.row} for s in request.samples]
+    try:
+        with RewardSuite(specs) as suite:
+            out = suite([prompt_text(s) for s in request.samples], [s.completion for s in request.samples], rows)
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
+    except TrainingError as exc:  # a reward that cannot even be built, e.g. no sandbox on this host
+        raise InvalidRequest(str(exc), param="reward") from None
+    scores = [RewardScore(total=total,
+                          parts={name: values[i] for name, values in out.parts.items()},
+                          errors=[name for name, values in out.parts.items() if values[i] is None])
+              for i, total in enumerate(out.total)]
+    return RewardRunOut(reward=specs, data=scores, errors=out.errors, error_messages=out.error_messages)

@@ -1,0 +1,123 @@
+"""``grpo datasets|jobs|rewards`` (typer's CliRunner) against the live API on PostgreSQL. Jobs
+progress through a simulated worker (simulate.py): the subject is the command line."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from api.cli import app
+from api.main import create_app
+from jobs.models import JobStatus
+from jobs.settings import Settings
+from tests.service.conftest import REDIS_URL
+from tests.service.factories import RUN_ID, api_key, arithmetic_rows, job_spec, jsonl
+from tests.service.live import serve
+from tests.service.simulate import SimulatedWorker
+
+
+@pytest.fixture(scope="module")
+def settings(make_database, tmp_path_factory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("cli"), database_url=make_database(), broker_url=REDIS_URL,
+                    broker_key_prefix=f"grpo-test-{RUN_ID}:", queue=f"gpu-{RUN_ID}")
+
+
+@pytest.fixture(scope="module")
+def env(settings) -> Iterator[dict[str, str]]:
+    with serve(create_app(settings, send=lambda job_id: None)) as url:
+        yield {"GRPO_API_URL": url, "GRPO_API_KEY": api_key(settings)}
+
+
+def grpo(env, *args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def spec_file(env, tmp_path_factory):
+    """A YAML job spec whose dataset was uploaded with `grpo datasets upload`."""
+    directory = tmp_path_factory.mktemp("spec")
+    (directory / "arith.jsonl").write_bytes(jsonl(arithmetic_rows()))
+    uploaded = grpo(env, "datasets", "upload", directory / "arith.jsonl", "--name", "arith")
+    assert uploaded.exit_code == 0, uploaded.output
+    dataset_id = uploaded.output.split()[0]
+    assert dataset_id.startswith("ds_") and "16 rows" in uploaded.output
+    path = directory / "spec.yaml"
+    path.write_text(json.dumps(job_spec(dataset_id, hyperparameters={"max_steps": 6}, name="cli-job")))
+    return path
+
+
+def create(env, spec_file) -> str:
+    created = grpo(env, "jobs", "create", spec_file)
+    assert created.exit_code == 0, created.output
+    return created.output.split()[0]
+
+
+def test_create_list_show_and_cancel(env, spec_file) -> None:
+    job_id = create(env, spec_file)
+    assert "queued" in grpo(env, "jobs", "list").output
+    shown = grpo(env, "jobs", "show", job_id)
+    assert shown.exit_code == 0 and "cli-job" in shown.output and "step 0/6" in shown.output
+    assert json.loads(grpo(env, "jobs", "show", job_id, "--json").output)["id"] == job_id
+    cancelled = grpo(env, "jobs", "cancel", job_id)
+    assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
+    assert "arith" in grpo(env, "datasets", "list").output
+
+
+def test_follow_shows_progress_and_exits_with_the_final_status(env, settings, spec_file, tmp_path) -> None:
+    job_id = create(env, spec_file)
+    worker = SimulatedWorker(settings, job_id)
+
+    def train() -> None:
+        worker.claim()
+        for step in range(1, 7):
+            time.sleep(0.1)
+            worker.step(step)
+        worker.checkpoint(6)
+        worker.finish()
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    followed = grpo(env, "jobs", "follow", job_id, "--interval", "0.05")
+    thread.join()
+    assert followed.exit_code == 0, followed.output
+    assert "running on sim@test/1" in followed.output and f"{job_id} succeeded at step 6/6" in followed.output
+
+    downloaded = grpo(env, "jobs", "download", job_id, "--dest", tmp_path)
+    assert downloaded.exit_code == 0, downloaded.output
+    assert (tmp_path / f"{job_id}-step-6" / "config.json").exists()
+
+
+def test_a_failed_job_exits_1_with_its_reason(env, settings, spec_file) -> None:
+    job_id = create(env, spec_file)
+    worker = SimulatedWorker(settings, job_id).claim()
+    worker.step(1)
+    worker.finish(JobStatus.failed, reason="the loss became NaN at step 2; lower the learning rate")
+    followed = grpo(env, "jobs", "follow", job_id)
+    assert followed.exit_code == 1 and "lower the learning rate" in followed.output
+
+
+def test_errors_print_the_servers_message_not_a_traceback(env, tmp_path) -> None:
+    missing = grpo(env, "jobs", "show", "job_nope")
+    assert (missing.exit_code, missing.output) == (1, "error: no job with id 'job_nope'\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"base_model": "org/model", "dataset_id": "ds_nope", "reward": [{"type": "regex"}]}))
+    refused = grpo(env, "jobs", "create", bad)
+    assert refused.exit_code == 1 and "reward[0].pattern" in refused.output
+    unauthorized = grpo({**env, "GRPO_API_KEY": "grpo_wrong"}, "jobs", "list")
+    assert unauthorized.exit_code == 1 and "invalid API key" in unauthorized.output
+
+
+def test_rewards_run(env, tmp_path) -> None:
+    (tmp_path / "reward.yaml").write_text("reward:\n  - type: exact_match\n  - type: regex\n    pattern: '^<think>'\n")
+    (tmp_path / "samples.jsonl").write_bytes(jsonl([{"completion": "<think>so</think> 5", "row": {"answer": "5"}},
+                                                    {"completion": "7", "row": {}}]))
+    result = grpo(env, "rewards", "run", tmp_path / "reward.yaml", tmp_path / "samples.jsonl")
+    assert result.exit_code == 0, result.output
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines() if "│" in line]
+    assert rows == [["0", "2", "1", "1", "<think>so</think> 5"], ["1", "0", "error", "0", "7"]]
+    assert "exact_match: the dataset row has no 'answer' field" in result.output
