@@ -42,8 +42,8 @@ class Heartbeat:
             try:
                 with unit_of_work(self.sessions) as session:
                     held = heartbeat(session=session, job_id=self.job_id, worker=self.worker)
-            except Exception:
-                log.warning("heartbeat for job %s failed; retrying", self.job_id, exc_info=True)
+            except Exception as exc:  # the database is unreachable, say: the next beat tries again
+                log.warning("heartbeat for job %s failed (%s); retrying", self.job_id, " ".join(str(exc).split())[:200])
                 continue
             if not held:
                 log.warning("job %s: lease lost (the sweeper re-queued it); stopping", self.job_id)

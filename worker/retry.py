@@ -37,7 +37,7 @@ def with_retries(sessions: sessionmaker[Session], work: Callable[[Session], T], 
         except DATABASE_UNREACHABLE as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s: database unreachable (%s); retrying in %.1f s", what,
-                        str(exc).strip().splitlines()[0][:200], delay)
+            log.warning("%s: database unreachable (%s); retrying in %.1f s", what, " ".join(str(exc).split())[:200],
+                        delay)
             time.sleep(delay)
             delay = min(2 * delay, MAX_DELAY_S)

@@ -136,10 +136,11 @@ def request_resume(*, session: Session, owner: str, job_id: str, max_active_jobs
     """Queue a paused job again (the caller sends it after committing); its next run continues
     from its newest checkpoint. Like a new job, it counts against ``max_active_jobs``."""
     job = get_job(session=session, owner=owner, job_id=job_id)
-    if job.status != JobStatus.paused:
-        pausing = job.status == JobStatus.running and job.pause_requested
+    if job.status == JobStatus.running and job.pause_requested:
         raise JobStateConflict(job_id, "is still pausing (it stops after its current step); resume it once it "
-                                       "shows paused" if pausing else f"is {job.status}; only a paused job can be resumed")
+                                       "shows paused")
+    if job.status != JobStatus.paused:
+        raise JobStateConflict(job_id, f"is {job.status}; only a paused job can be resumed")
     active = count_active_jobs(session=session, owner=owner)
     if active >= max_active_jobs:
         raise TooManyActiveJobs(active, max_active_jobs)

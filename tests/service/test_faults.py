@@ -98,6 +98,9 @@ def post_until_answered(http: httpx.Client, spec: dict[str, Any]) -> str:
         except httpx.TransportError:  # the API is down, or died mid-request
             time.sleep(0.1)
             continue
+        if response.status_code >= 500:
+            time.sleep(0.1)
+            continue
         assert response.status_code == 201, response.text
         return response.json()["id"]
     raise AssertionError("the API did not come back")
@@ -107,12 +110,16 @@ def test_an_api_killed_under_load_loses_no_accepted_job(settings, key, worker, t
     before = {job.id for job in jobs_in_database(settings)}
     api = ApiProcess(settings).start()
     accepted: list[str] = []
-    requests = iter(range(12))  # jobs to create, shared by the clients
+    problems: list[str] = []
+    requests = iter(range(12))  # twelve jobs to create, shared by the clients (next() holds the GIL)
 
     def client_loop() -> None:
         with httpx.Client(base_url=api.url, headers=bearer(key), timeout=10) as http:
             for _ in requests:
-                accepted.append(post_until_answered(http, tiny_spec))
+                try:
+                    accepted.append(post_until_answered(http, tiny_spec))
+                except Exception as exc:
+                    problems.append(repr(exc))
 
     clients = [threading.Thread(target=client_loop) for _ in range(4)]
     try:
@@ -127,6 +134,7 @@ def test_an_api_killed_under_load_loses_no_accepted_job(settings, key, worker, t
         api.stop()
 
     created = {job.id for job in jobs_in_database(settings)} - before
+    assert problems == [] and len(accepted) == 12
     assert len(accepted) == len(set(accepted)) == len(created) and set(accepted) == created  # none lost, none twice
     with TestClient(create_app(settings), headers=bearer(key)) as client:
         for job_id in accepted:
@@ -147,7 +155,7 @@ def test_a_worker_that_loses_its_database_for_a_while_retries_and_finishes_the_j
     try:
         with TestClient(create_app(direct), headers=bearer(api_key(direct))) as client:
             dataset_id = upload(client).json()["id"]
-            spec = job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 16, "checkpoint_every": 4})
+            spec = job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 10, "checkpoint_every": 5})
             job_id = client.post("/v1/jobs", json=spec).json()["id"]
             wait_for_step(client, job_id, 3)
             proxy.cut()  # every connection dropped, new ones refused
@@ -158,8 +166,8 @@ def test_a_worker_that_loses_its_database_for_a_while_retries_and_finishes_the_j
             proxy.restore()
 
             job = wait_until_ended(client, job_id)
-            assert (job["status"], job["step"], job["attempts"]) == ("succeeded", 16, 1), (job, worker.log()[-3000:])
-            assert metric_steps(client, job_id) == list(range(1, 17))
+            assert (job["status"], job["step"], job["attempts"]) == ("succeeded", 10, 1), (job, worker.log()[-3000:])
+            assert metric_steps(client, job_id) == list(range(1, 11))
             assert status_changes(client, job_id) == ["queued", "running", "succeeded"]  # never re-queued
         assert "database unreachable" in worker.log() and "retrying" in worker.log()
     finally:

@@ -18,6 +18,7 @@ from tests.service.faults import ScoringEndpoint
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def worker(redis_worker_settings) -> Iterator[WorkerProcess]:
     # Two slots: each job starts at once in a ready pool process while the last one's is replaced

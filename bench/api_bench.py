@@ -1,0 +1,229 @@
+"""API benchmark: throughput and latency of the job endpoints beside a bare FastAPI endpoint,
+and the time from POST /v1/jobs to ``running`` with the Redis broker.
+
+    .venv/bin/python bench/api_bench.py [--concurrency 64] [--seconds 5] [--jobs 5]
+
+Needs PostgreSQL and Redis (GRPO_TEST_POSTGRES_URL, GRPO_TEST_REDIS_URL as in the tests). It
+makes a throwaway database, serves each app with one uvicorn process on loopback, and drives
+them from one asyncio httpx client (which shares the machine's cores with the server). Prints
+figures; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import httpx
+import psycopg
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs.db import transaction  # noqa: E402
+from jobs.migrate import upgrade  # noqa: E402
+from jobs.models import Job  # noqa: E402
+from jobs.queries import append_metrics  # noqa: E402
+from jobs.settings import Settings  # noqa: E402
+from tests.service.conftest import ADMIN_URL, REDIS_URL  # noqa: E402
+from tests.service.factories import (  # noqa: E402
+    WorkerProcess,
+    forget_broker_keys,
+    free_port,
+    job_spec,
+    settings_env,
+    upload,
+    wait_for,
+)
+
+BARE_APP = '''
+from fastapi import FastAPI
+app = FastAPI()
+
+@app.get("/async")
+async def bare_async():
+    return {"id": "job_0", "status": "running"}
+
+@app.get("/sync")
+def bare_sync():
+    return {"id": "job_0", "status": "running"}
+'''
+METRICS = {name: 0.5 for name in (
+    "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "loss", "grad_norm", "learning_rate",
+    "completion_length", "completion_length/min", "completion_length/max", "truncated_ratio", "entropy",
+    "time/generate", "time/reward", "time/train", "tokens_per_second", "rewards/exact_match")}
+
+
+@contextmanager
+def serve(app: str, env: dict[str, str], cwd: Path, port: int):
+    """One uvicorn process serving ``app``; yields its base URL and pid."""
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log",
+                                "--log-level", "warning"], cwd=cwd, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(base), timeout=30, what=f"{app} to start", interval=0.2)
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: unlike wall time, not inflated by other load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(base + "/openapi.json").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def load(url: str, *, concurrency: int, seconds: float, max_requests: int, pid: int) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        await client.get(url)  # warm the route
+
+        async def one_client() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline and len(latencies) < max_requests:
+                start = time.perf_counter()
+                response = await client.get(url)
+                latencies.append(time.perf_counter() - start)
+                errors += response.status_code != 200
+
+        start, cpu_start = time.perf_counter(), cpu_seconds(pid)
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu_start
+    latencies.sort()
+    return {"rps": len(latencies) / elapsed, "p50": latencies[len(latencies) // 2] * 1000,
+            "p99": latencies[int(len(latencies) * 0.99)] * 1000, "n": len(latencies), "errors": errors,
+            "cpu_ms": cpu / len(latencies) * 1000}
+
+
+def make_database() -> tuple[str, str]:
+    name = f"grpo_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return name, ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> None:
+    (work / "bare_app.py").write_text(BARE_APP)
+    env = settings_env(settings)
+    with serve("api.main:app", env, REPO, free_port()) as (base, api_pid), httpx.Client(base_url=base) as client:
+        dataset_id = upload(client).json()["id"]
+        job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
+        with transaction(settings.database_url) as session:
+            for step in range(1, args.steps + 1):
+                append_metrics(session=session, job_id=job_id, step=step, metrics=METRICS)
+            session.get(Job, job_id).step = args.steps  # so the job shows its latest metrics
+        with serve("bare_app:app", env, work, free_port()) as (bare, bare_pid):
+            targets = {
+                "bare FastAPI, async def": (f"{bare}/async", bare_pid),
+                "bare FastAPI, def (threadpool)": (f"{bare}/sync", bare_pid),
+                "GET /v1/jobs/{id}": (f"{base}/v1/jobs/{job_id}", api_pid),
+                "GET /v1/jobs/{id}/metrics?after_step= (1 new)": (
+                    f"{base}/v1/jobs/{job_id}/metrics?after_step={args.steps - 1}", api_pid),
+                f"GET /v1/jobs/{{id}}/metrics (all {args.steps} steps)": (f"{base}/v1/jobs/{job_id}/metrics", api_pid),
+            }
+            print(f"\n{args.concurrency} concurrent clients, {args.seconds:g} s or {args.requests} requests each run;"
+                  " server CPU = the uvicorn process's CPU time per request")
+            print(f"{'endpoint':48} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'n':>6} {'errors':>6}")
+            for name, (url, pid) in targets.items():
+                r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
+                                     max_requests=args.requests, pid=pid))
+                print(f"{name:48} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
+                      f"{r['n']:6d} {r['errors']:6d}")
+
+
+def bench_time_to_running(settings: Settings, args: argparse.Namespace, work: Path) -> None:
+    from trainer.tiny import make_tiny_model
+
+    model = make_tiny_model(work / "tiny", hidden_size=32, num_heads=2)
+    worker = WorkerProcess(settings).start()
+    try:
+        with serve("api.main:app", settings_env(settings), REPO, free_port()) as (base, _), \
+                httpx.Client(base_url=base) as client:
+            dataset_id = upload(client).json()["id"]
+            spec = job_spec(dataset_id, str(model), hyperparameters={"max_steps": 1})
+            seen, recorded = [], []
+            for attempt in range(args.jobs + 1):  # the first one (untimed) waits for the worker to start
+                start = time.perf_counter()
+                job_id = client.post("/v1/jobs", json=spec).json()["id"]
+                job = wait_for(partial(_status, client, job_id, until_not="queued"), timeout=120,
+                               what="running", interval=0.005)
+                if attempt:
+                    seen.append(time.perf_counter() - start)
+                    recorded.append(_ts(job["started_at"]) - _ts(job["created_at"]))
+                wait_for(partial(_status, client, job_id, until_not="running"), timeout=120,
+                         what="the job to end", interval=0.1)
+                time.sleep(3)  # the pool forks a fresh process after each job: let it be idle again
+        print(f"\nPOST /v1/jobs → running (Redis broker, one idle worker, {args.jobs} jobs)")
+        for name, values in (("seen by the client (POST sent → GET says running)", seen),
+                             ("recorded (created_at → started_at)", recorded)):
+            ms = sorted(v * 1000 for v in values)
+            print(f"  {name:52} median {statistics.median(ms):6.0f} ms   min {ms[0]:6.0f}   max {ms[-1]:6.0f}")
+    finally:
+        worker.stop()
+
+
+def _status(client: httpx.Client, job_id: str, *, until_not: str) -> dict | None:
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    return job if job["status"] != until_not else None
+
+
+def _ts(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value).timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--steps", type=int, default=200, help="metrics rows of the benchmarked job")
+    parser.add_argument("--jobs", type=int, default=5, help="jobs timed from POST to running (0: skip)")
+    args = parser.parse_args()
+    name, url = make_database()
+    try:
+        upgrade(url)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            tag = uuid.uuid4().hex[:8]
+            settings = Settings(data_dir=work, database_url=url, broker_url=REDIS_URL,
+                                broker_key_prefix=f"grpo-bench-{tag}:", queue=f"gpu-bench-{tag}")
+            try:
+                bench_reads(settings, args, work)
+                if args.jobs:
+                    bench_time_to_running(settings, args, work)
+            finally:
+                forget_broker_keys(settings)
+    finally:
+        drop_database(name)
+
+
+if __name__ == "__main__":
+    main()
