@@ -100,7 +100,33 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-class WorkerProcess:
+class ChildProcess:
+    """A process started in its own session, so that kill/stop reach its children too."""
+
+    process: subprocess.Popen | None
+    log_path: Path
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: no shutdown, no acknowledgement, no last words."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class WorkerProcess(ChildProcess):
     """``python -m worker`` in its own process group (so a SIGKILL takes the pool with it)."""
 
     count = 0
@@ -121,24 +147,6 @@ class WorkerProcess:
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool process: no shutdown, no acknowledgement, no last words."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def forget_broker_keys(self) -> None:
         forget_broker_keys(self.settings)

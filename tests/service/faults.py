@@ -6,9 +6,7 @@ made it; the machine's shared services are never touched."""
 from __future__ import annotations
 
 import json
-import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 
 from jobs.settings import Settings
-from tests.service.factories import ROOT, free_port, settings_env, wait_for
+from tests.service.factories import ROOT, ChildProcess, free_port, settings_env, wait_for
 
 
 class RedisServer:
@@ -148,7 +146,7 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-class ApiProcess:
+class ApiProcess(ChildProcess):
     """``uvicorn api.main:app`` in a process of its own, on a fixed port so that it can be
     killed and started again where clients expect it."""
 
@@ -176,25 +174,6 @@ class ApiProcess:
             return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
-
-    def kill(self) -> None:
-        """SIGKILL: requests in flight get no answer; nothing is flushed or closed."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 Answer = Callable[[int, int], tuple[int, dict[str, Any]]]
