@@ -193,6 +193,17 @@ def parameter_count(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def quiet() -> None:
+    """No progress bars or deprecation chatter from transformers/TRL in the children's output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set so far: VmHWM, in MB.
 

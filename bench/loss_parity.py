@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_common import REPO  # noqa: F401  (puts the checkout on sys.path)
+from bench_common import quiet  # also puts the checkout on sys.path
 
 from trainer.logprobs import Group, completion_logprobs, model_parts, pack_groups
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
@@ -130,7 +130,33 @@ def compare(model, tokenizer, batch: dict, *, loss_type: str, level: str, temper
             "clipped": clipped}
 
 
+def logprob_check(model_dir: Path, tokenizer, batch: dict, output_dir: str) -> str:
+    """Per-token log-probs three ways: TRL's fused-head forward, ours, and a plain
+    ``log_softmax(model(prompt + completion).logits)`` for each sequence alone (no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = trl_trainer(model, tokenizer, loss_type="dapo", level="token", temperature=1.0, output_dir=output_dir)
+    model, mask = trainer.model, batch["completion_mask"].bool()  # [B*G, C]
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)  # [B*G, P+C]
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)  # [B*G, P+C]
+        trl, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attention, mask.shape[1])  # [B*G, C]
+        groups = [Group(prompt=p, completions=batch["completions"][b * G:(b + 1) * G])
+                  for b, p in enumerate(batch["prompts"])]
+        ours = our_logprobs(model, groups, pad_id=tokenizer.pad_token_id, temperature=1.0)  # [N]
+        plain = []
+        for i, completion in enumerate(batch["completions"]):
+            prompt = batch["prompts"][i // G]
+            logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1:-1]  # [L, V]
+            plain.append(logits.log_softmax(-1).gather(-1, completion[:, None]).squeeze(-1))  # [L]
+        plain = torch.cat(plain)  # [N]
+    return (f"per-token log-probs, max |diff|: TRL vs ours {(trl[mask] - ours).abs().max().item():.1e}, "
+            f"ours vs plain {(ours - plain).abs().max().item():.1e}, TRL vs plain {(trl[mask] - plain).abs().max().item():.1e}")
+
+
 def main() -> int:
+    quiet()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,6 +182,7 @@ def main() -> int:
                   f"{r['trl']:.9f} | {r['ours']:.9f} | {diff:.1e} | {r['grad_diff']:.1e} ({r['grad_scale']:.1e}) | "
                   f"{r['clipped']:.2f} |")
         print(f"\nlargest loss difference: {worst:.2e}")
+        print(logprob_check(model_dir, tokenizer, batch, str(Path(tmp) / "trl")))
         # TRL 1.16's default multiplies the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL);
         # ours has no such option, so the benchmark turns it off. What it changes, for the record:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import CONFIGS
+from bench_common import CONFIGS, quiet
 from trainer_bench import DEFAULT_WORKDIR, prepare, spec_for
 
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
+    quiet()
 
     config = CONFIGS[args.config]
     spec = spec_for(config, prepare(config, args.workdir), args.steps)

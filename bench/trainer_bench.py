@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from bench_common import (
     parameter_count,
     peak_rss_mb,
     prepare,
+    quiet,
     write_result,
 )
 
@@ -69,10 +71,12 @@ def run_ours(config_name: str, workdir: Path, out: Path, steps: int) -> None:
     from trainer.loop import train
     from trainer.progress import Progress
 
+    quiet()
     config = CONFIGS[config_name]
     prepared = prepare(config, workdir)
     spec = spec_for(config, prepared, steps)
     run_dir = workdir / config.name / "ours"
+    shutil.rmtree(run_dir / "output", ignore_errors=True)  # a fresh run, not a continuation
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
 
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         run_ours(args.config, args.workdir, args.out, args.steps)
         return 0
     if args.command == "prepare":
+        quiet()
         prepared = prepare(CONFIGS[args.config], args.workdir)
         prepared["parameters"] = parameter_count(prepared["model_dir"])
         print(json.dumps(prepared))

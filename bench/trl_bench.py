@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import CONFIGS, StepRecord, peak_rss_mb, prepare, regex_match_rewards, write_result
+from bench_common import CONFIGS, StepRecord, peak_rss_mb, prepare, quiet, regex_match_rewards, write_result
 
 
 def run_trl(config_name: str, workdir: Path, out: Path, steps: int) -> None:
@@ -31,8 +31,10 @@ def run_trl(config_name: str, workdir: Path, out: Path, steps: int) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    quiet()
     config = CONFIGS[config_name]
     prepared = prepare(config, workdir)
     rows = [json.loads(line) for line in Path(prepared["dataset"]).read_text().splitlines() if line.strip()]
@@ -88,6 +90,7 @@ def run_trl(config_name: str, workdir: Path, out: Path, steps: int) -> None:
             generate_seconds.append(time.perf_counter() - started)
 
     trainer._generate_single_turn = timed_generate
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the recorder keeps them
     trainer.train()
 
     records, last, last_cpu, seen = [], recorder.start, recorder.start_cpu, 0.0
