@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # `make setup TORCH_SPEC="torch>=2.3"`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench-setup
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,14 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# A second environment with TRL, for bench/trainer_bench.py's side-by-side runs only: trl is never
+# a dependency of the package.
+bench-setup: setup
+	python3 -m venv .venv-bench
+	.venv-bench/bin/pip install -q "$(TORCH_SPEC)"
+	.venv-bench/bin/pip install -q "trl==1.16.0" "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
+	.venv-bench/bin/pip install -q -e .
 
 # The service. `serve`, `worker` and `migrate` read GRPO_* settings (PostgreSQL and Redis in
 # production); `embedded` runs the API and a worker on SQLite and a file broker under DATA_DIR.
