@@ -52,8 +52,9 @@ def is_disk_full(exc: BaseException, directory: Path, needed: int) -> bool:
 
 
 def is_non_finite_sampling(exc: BaseException) -> bool:
-    """torch.multinomial's refusal of inf or NaN probabilities: the model's outputs are no longer finite."""
-    return isinstance(exc, RuntimeError) and "probability tensor contains either" in str(exc)
+    """The sampler's refusal of inf or NaN probabilities: the model's outputs are no longer finite."""
+    return isinstance(exc, FloatingPointError) or (
+        isinstance(exc, RuntimeError) and "probability tensor contains either" in str(exc))
 
 
 class Failures:

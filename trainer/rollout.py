@@ -33,6 +33,8 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator)
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # [N, V]
     cdf = probs.cumsum(dim=-1)  # [N, V]
+    if not torch.isfinite(cdf[:, -1]).all():  # any inf or NaN logit makes its row's total NaN
+        raise FloatingPointError("sampling met inf or NaN probabilities: the model's outputs are no longer finite")
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # [N, 1]
     # right=True picks the first index with cdf > u, which always has positive mass
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [N]

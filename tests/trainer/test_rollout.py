@@ -56,3 +56,11 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     tokens = sample_top_p(logits, 0.7, torch.Generator().manual_seed(0))
     assert set(tokens.tolist()) == {0, 1}
+
+
+def test_non_finite_logits_are_refused_not_sampled():
+    import pytest
+
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(FloatingPointError, match="inf or NaN"):
+        sample_top_p(logits, 1.0, torch.Generator().manual_seed(0))
