@@ -15,11 +15,11 @@ from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.keycache import CheckedKey, KeyCache
 from jobs.db import Database
 from jobs.dispatch import Dispatcher
 from jobs.errors import RateLimited, Unauthenticated, UnsupportedMediaType
 from jobs.keys import HOW_TO_GET_ONE, LOCAL_OWNER, authenticate
-from jobs.models import ApiKey
 from jobs.settings import Settings
 
 # ``async def`` although they do no I/O: FastAPI runs a plain ``def`` dependency in the
@@ -41,9 +41,10 @@ async def dispatcher(request: Request) -> Dispatcher:
 bearer = HTTPBearer(auto_error=False, description="An API key: `grpo keys create NAME` prints one.")
 
 
-def _live_key(db: Database, token: str) -> ApiKey:
+def _live_key(db: Database, token: str) -> CheckedKey:
     with db.transaction() as session:
-        return authenticate(session=session, token=token)
+        key = authenticate(session=session, token=token)
+        return CheckedKey(id=key.id, owner=key.owner)
 
 
 async def current_owner(
@@ -57,7 +58,11 @@ async def current_owner(
     elif credentials is None:
         raise Unauthenticated(f"no API key; {HOW_TO_GET_ONE}")
     else:
-        key = await run_in_threadpool(_live_key, request.app.state.database, credentials.credentials)
+        keys: KeyCache = request.app.state.key_cache
+        key = keys.get(credentials.credentials)
+        if key is None:
+            key = await run_in_threadpool(_live_key, request.app.state.database, credentials.credentials)
+            keys.put(credentials.credentials, key)
         owner, bucket = key.owner, key.id
     wait_s = request.app.state.rate_limiter.take(bucket)
     if wait_s:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import lru_cache
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from api import errors
 from api.deps import current_owner
+from api.keycache import KeyCache
 from api.limits import BodyLimit
 from api.observability import JobsByStatus, RequestMetrics
 from api.ratelimit import RateLimiter
@@ -38,12 +42,22 @@ TAGS = [
 ]
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Routes run their database work in the thread pool: as many threads as pooled connections,
+    # so that a thread never waits for a connection, nor opens and closes one per request.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.database.pool_size
+    yield
+
+
 def create_app(settings: Settings | None = None, *, send: Send | None = None) -> FastAPI:
     """``send`` replaces the broker (tests that only look at HTTP); it defaults to Celery."""
     settings = settings or get_settings()
-    app = FastAPI(title="GRPO fine-tuning service", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS)
+    app = FastAPI(title="GRPO fine-tuning service", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS,
+                  lifespan=lifespan)
     app.state.settings = settings
-    app.state.database = Database(settings.database_url)
+    app.state.database = Database(settings.database_url, pool_size=settings.database_pool_size)
+    app.state.key_cache = KeyCache(settings.api_key_cache_s)
     app.state.celery = make_celery(settings)
     app.state.dispatcher = Dispatcher(send or job_sender(app.state.celery, settings), app.state.database.sessions)
     app.state.registry = CollectorRegistry()

@@ -38,6 +38,8 @@ from jobs.settings import Settings  # noqa: E402
 from tests.service.conftest import ADMIN_URL, REDIS_URL  # noqa: E402
 from tests.service.factories import (  # noqa: E402
     WorkerProcess,
+    api_key,
+    bearer,
     forget_broker_keys,
     free_port,
     job_spec,
@@ -91,12 +93,13 @@ def _up(base: str) -> bool:
         return False
 
 
-async def load(url: str, *, concurrency: int, seconds: float, max_requests: int, pid: int) -> dict[str, float]:
+async def load(url: str, *, concurrency: int, seconds: float, max_requests: int, pid: int,
+               headers: dict[str, str]) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
         await client.get(url)  # warm the route
 
         async def one_client() -> None:
@@ -131,7 +134,9 @@ def drop_database(name: str) -> None:
 def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> None:
     (work / "bare_app.py").write_text(BARE_APP)
     env = settings_env(settings)
-    with serve("api.main:app", env, REPO, free_port()) as (base, api_pid), httpx.Client(base_url=base) as client:
+    headers = bearer(api_key(settings))
+    with serve("api.main:app", env, REPO, free_port()) as (base, api_pid), \
+            httpx.Client(base_url=base, headers=headers) as client:
         dataset_id = upload(client).json()["id"]
         job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
         with transaction(settings.database_url) as session:
@@ -152,7 +157,7 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
             print(f"{'endpoint':48} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'n':>6} {'errors':>6}")
             for name, (url, pid) in targets.items():
                 r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
-                                     max_requests=args.requests, pid=pid))
+                                     max_requests=args.requests, pid=pid, headers=headers))
                 print(f"{name:48} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
                       f"{r['n']:6d} {r['errors']:6d}")
 
@@ -164,7 +169,7 @@ def bench_time_to_running(settings: Settings, args: argparse.Namespace, work: Pa
     worker = WorkerProcess(settings).start()
     try:
         with serve("api.main:app", settings_env(settings), REPO, free_port()) as (base, _), \
-                httpx.Client(base_url=base) as client:
+                httpx.Client(base_url=base, headers=bearer(api_key(settings))) as client:
             dataset_id = upload(client).json()["id"]
             spec = job_spec(dataset_id, str(model), hyperparameters={"max_steps": 1})
             seen, recorded = [], []
@@ -213,8 +218,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             tag = uuid.uuid4().hex[:8]
+            # Rate limiting stays on (its cost is part of every request) at a rate this load never hits.
             settings = Settings(data_dir=work, database_url=url, broker_url=REDIS_URL,
-                                broker_key_prefix=f"grpo-bench-{tag}:", queue=f"gpu-bench-{tag}")
+                                broker_key_prefix=f"grpo-bench-{tag}:", queue=f"gpu-bench-{tag}",
+                                rate_limit_per_s=1e9, rate_limit_burst=10**9)
             try:
                 bench_reads(settings, args, work)
                 if args.jobs:

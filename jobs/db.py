@@ -27,7 +27,11 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
+POOL_SIZE = 20
+MAX_OVERFLOW = 10  # beyond the pool: connections opened for a burst and closed after it
+
+
+def make_engine(database_url: str, *, pooled: bool = True, pool_size: int = POOL_SIZE) -> Engine:
     """An engine for ``database_url``; ``pooled=False`` for one-off work such as migrations."""
     pooling: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if database_url.startswith("sqlite"):
@@ -38,7 +42,7 @@ def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         return engine
     if pooled:
-        pooling = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+        pooling = {"pool_pre_ping": True, "pool_size": pool_size, "max_overflow": MAX_OVERFLOW}
     # A database that went away fails a new connection in seconds, not after the OS gives up on
     # the TCP handshake: the worker's retries and the API's 5xx depend on hearing about it.
     return create_engine(database_url, connect_args={"connect_timeout": 10}, **pooling)
@@ -47,11 +51,11 @@ def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
 _engines: dict[str, Engine] = {}
 
 
-def get_engine(database_url: str) -> Engine:
-    """One engine per URL and process."""
+def get_engine(database_url: str, *, pool_size: int = POOL_SIZE) -> Engine:
+    """One engine per URL and process (``pool_size`` counts when it is made)."""
     engine = _engines.get(database_url)
     if engine is None:
-        engine = _engines[database_url] = make_engine(database_url)
+        engine = _engines[database_url] = make_engine(database_url, pool_size=pool_size)
     return engine
 
 
@@ -72,8 +76,8 @@ def _sessionmaker_for(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def session_factory(database_url: str) -> sessionmaker[Session]:
-    return _sessionmaker_for(get_engine(database_url))
+def session_factory(database_url: str, *, pool_size: int = POOL_SIZE) -> sessionmaker[Session]:
+    return _sessionmaker_for(get_engine(database_url, pool_size=pool_size))
 
 
 def call_after_commit(session: Session, callback: Callable[[], None]) -> None:
@@ -134,9 +138,10 @@ def transaction(database_url: str) -> AbstractContextManager[Session]:
 class Database:
     """The service's database as the API holds it: ``with db.transaction() as session:``."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str, *, pool_size: int = POOL_SIZE):
         self.url = database_url
-        self.sessions = session_factory(database_url)
+        self.pool_size = pool_size
+        self.sessions = session_factory(database_url, pool_size=pool_size)
 
     def transaction(self) -> AbstractContextManager[Session]:
         return unit_of_work(self.sessions)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -37,11 +37,15 @@ class Settings(BaseSettings):
     # A running job's worker retries database writes this long (backing off) when the database
     # is unreachable, then gives the job up; the sweeper re-queues it once its heartbeat is stale.
     database_retry_s: float = 120.0
+    # Pooled database connections per process; the API runs at most this many requests' database
+    # work at once (its thread pool is sized to match), so no request waits for or opens one.
+    database_pool_size: int = 20
 
     # Authentication. "required": every /v1 request carries an API key (`grpo keys create`), and
     # what it creates belongs to the key's owner. "disabled": everything belongs to one local
     # owner, and `grpo serve` refuses to listen beyond loopback.
     auth: Literal["required", "disabled"] = "required"
+    api_key_cache_s: float = 10.0  # an API process trusts a checked key this long: revoking takes effect within it
     rate_limit_per_s: float = 20.0  # requests per second per API key, sustained; 0: no rate limit
     rate_limit_burst: int = 100  # requests a key may send at once before the rate applies
     idempotency_ttl_s: float = 24 * 3600  # how long an Idempotency-Key returns the first response
@@ -62,6 +66,36 @@ class Settings(BaseSettings):
     # only a few batches at once, so that code_tests sandboxes cannot starve the other routes.
     max_reward_run_samples: int = 64
     reward_runs_at_once: int = 2
+
+    # What jobs may reach, decided here and never by a job spec (a tenant writes the spec): the
+    # API (dry-runs, job creation) and the workers must agree, so set them alike on both.
+    # Loopback, private or link-local hosts that http rewards and webhooks may call anyway:
+    # comma-separated names, or IP addresses (which then match by address).
+    allow_private_hosts: Annotated[list[str], NoDecode] = []
+    sandbox_allow_unisolated: bool = False  # where namespaces are refused, run code_tests with limits only (unsafe)
+    sandbox_allow_network: bool = False  # a code_tests reward may ask for allow_network
+
+    # Webhooks (a job's webhook_url, POSTed when it ends), signed as Standard Webhooks sign: the
+    # secret is "whsec_" + base64 of the key, or any other string (its UTF-8 bytes are the key).
+    # None: this server sends no webhooks, and a job that asks for one is refused.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = 10.0  # one attempt's connect and read timeout
+    webhook_max_attempts: int = 12  # then the delivery is given up (an event says so)
+    webhook_backoff_s: float = 5.0  # the wait after the first failed attempt, doubled after each
+    webhook_max_backoff_s: float = 3600.0
+
+    @field_validator("allow_private_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            value = [str(host).strip().lower() for host in value if str(host).strip()]
+            for host in value:
+                if any(char in host for char in "/@? \t") or host.count(":") == 1:
+                    raise ValueError(f"GRPO_ALLOW_PRIVATE_HOSTS: {host!r} is not a host name or an IP address; "
+                                     'give names or addresses without scheme, port or path, e.g. "127.0.0.1,scorer.internal"')
+        return value
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

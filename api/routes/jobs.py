@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Response
 
 from api.deps import (
     MAX_STEP,
@@ -16,7 +16,7 @@ from api.deps import (
     accepts,
 )
 from api.errors import responses
-from jobs.models import JobStatus
+from jobs.models import JobStatus, WebhookStatus
 from jobs.queries import (
     get_job_with_metrics,
     list_jobs,
@@ -27,6 +27,7 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate, JobOut, MetricsOut, Page
 from jobs.specs import submit_job
+from jobs.webhooks import first_attempt
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -65,12 +66,16 @@ def show_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404, 409))
-def cancel_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
+def cancel_job(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
+               background: BackgroundTasks) -> JobOut:
     """A queued or paused job is cancelled at once; a running one stops after its current step
     (keeping its checkpoints) and then shows ``cancelled``."""
     with db.transaction() as session:
-        request_cancel(session=session, owner=owner, job_id=job_id)
-        return JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
+        job = request_cancel(session=session, owner=owner, job_id=job_id)
+        shown = JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
+    if job.webhook_status == WebhookStatus.pending:  # committed: its first attempt, once the answer is sent
+        background.add_task(first_attempt, job_id, sessions=db.sessions, settings=settings)
+    return shown
 
 
 @router.post("/{job_id}/pause", response_model=JobOut, responses=responses(404, 409))
@@ -105,4 +110,5 @@ def get_metrics(
     with db.transaction() as session:
         rows, has_more = list_metrics(session=session, owner=owner, job_id=job_id, after_step=after_step,
                                       limit=limit)
-        return Page(data=[MetricsOut.model_validate(row) for row in rows], has_more=has_more)
+        return Page(data=[MetricsOut(step=step, metrics=metrics, created_at=created_at)
+                          for step, metrics, created_at in rows], has_more=has_more)

@@ -6,6 +6,7 @@ the same transaction (``list_metrics``, polled hardest, filters by owner itself)
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,18 @@ def append_metrics(*, session: Session, job_id: str, step: int, metrics: dict[st
 
 
 def list_metrics(*, session: Session, owner: str, job_id: str, after_step: int = 0,
-                 limit: int = 1000) -> tuple[list[JobMetrics], bool]:
-    """Metrics after ``after_step`` in step order; raises ``JobNotFound`` (also for another
-    owner's job). One query (clients poll this): the job's row, outer-joined to its newer metrics."""
+                 limit: int = 1000) -> tuple[list[tuple[int, dict[str, float | None], datetime]], bool]:
+    """``(step, metrics, created_at)`` rows after ``after_step`` in step order; raises
+    ``JobNotFound`` (also for another owner's job). One query, of plain columns rather than ORM
+    objects (clients poll this, hundreds of rows at a time): the job's row, outer-joined to its
+    newer metrics."""
     newer = and_(JobMetrics.job_id == Job.id, JobMetrics.step > after_step)
-    rows = session.execute(select(Job.id, JobMetrics).outerjoin(JobMetrics, newer)
-                           .where(Job.id == job_id, Job.owner == owner)
+    rows = session.execute(select(Job.id, JobMetrics.step, JobMetrics.metrics, JobMetrics.created_at)
+                           .outerjoin(JobMetrics, newer).where(Job.id == job_id, Job.owner == owner)
                            .order_by(JobMetrics.step).limit(limit + 1)).all()
     if not rows:
         raise JobNotFound(job_id)
-    metrics = [row for _, row in rows if row is not None]
+    metrics = [tuple(row[1:]) for row in rows if row.step is not None]
     return metrics[:limit], len(metrics) > limit
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from api.cli import app, refuse_open_unauthenticated
+from api.keycache import KeyCache
 from jobs.db import transaction
 from jobs.models import ApiKey
 from jobs.settings import get_settings
@@ -63,6 +64,7 @@ def test_the_owner_defaults_to_the_name_and_an_owner_may_hold_several_keys(grpo,
 
 
 def test_revoke_makes_the_next_request_a_401(grpo, client, settings) -> None:
+    client.app.state.key_cache = KeyCache(0)  # GRPO_API_KEY_CACHE_S=0: no process trusts a key it checked earlier
     secret = grpo("keys", "create", "temp").stdout.strip()
     key_id = next(k.id for k in stored_keys(settings) if k.name == "temp")
     assert client.get("/v1/jobs", headers=bearer(secret)).status_code == 200

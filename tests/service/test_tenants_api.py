@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from api.keycache import KeyCache
 from api.main import create_app
 from api.ratelimit import RateLimiter
 from jobs.db import transaction
@@ -67,14 +68,34 @@ def test_missing_or_invalid_keys_are_401(client, authorization, says) -> None:
     assert says in response.json()["error"]["message"]
 
 
-def test_a_revoked_key_is_401_at_once(client, settings) -> None:
-    secret = api_key(settings, owner="bob")
-    assert client.get("/v1/jobs", headers=bearer(secret)).status_code == 200
+def _revoke_bobs_key(settings) -> None:
     with transaction(settings.database_url) as session:
         key_id = session.scalar(select(ApiKey.id).where(ApiKey.owner == "bob"))
         revoke_api_key(session=session, key_id=key_id)
+
+
+def test_a_revoked_key_is_401_at_once_without_a_key_cache(client, settings) -> None:
+    client.app.state.key_cache = KeyCache(0)  # GRPO_API_KEY_CACHE_S=0
+    secret = api_key(settings, owner="bob")
+    assert client.get("/v1/jobs", headers=bearer(secret)).status_code == 200
+    _revoke_bobs_key(settings)
     response = client.get("/v1/jobs", headers=bearer(secret))
     assert response.status_code == 401 and "revoked" in response.json()["error"]["message"]
+
+
+def test_a_revoked_key_is_401_once_the_key_cache_forgets_it(client, settings) -> None:
+    now = [0.0]
+    client.app.state.key_cache = KeyCache(10, clock=lambda: now[0])
+    secret, unknown = api_key(settings, owner="bob"), "grpo_not-a-real-key"
+    assert client.get("/v1/jobs", headers=bearer(unknown)).status_code == 401  # failures are not cached
+    assert client.get("/v1/jobs", headers=bearer(secret)).status_code == 200
+    _revoke_bobs_key(settings)
+    now[0] = 9.5
+    assert client.get("/v1/jobs", headers=bearer(secret)).status_code == 200  # still trusted by this process
+    now[0] = 10.5
+    response = client.get("/v1/jobs", headers=bearer(secret))
+    assert response.status_code == 401 and "revoked" in response.json()["error"]["message"]
+    assert client.get("/v1/jobs", headers=bearer(unknown)).status_code == 401
 
 
 def test_health_metrics_and_docs_stay_open(settings, sent) -> None:
