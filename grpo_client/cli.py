@@ -206,15 +206,25 @@ for _action in ("cancel", "pause", "resume"):
 def download_checkpoint(ctx: typer.Context, job_id: JobId,
                         step: Annotated[int | None, typer.Option(help="Defaults to the newest checkpoint.")] = None,
                         dest: Annotated[Path, typer.Option(help="Where to put it.")] = Path("."),
-                        tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False) -> None:
+                        tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False,
+                        merged: Annotated[bool, typer.Option(
+                            "--merged", help="A LoRA job: the adapter merged into its base model.")] = False,
+                        adapter: Annotated[bool, typer.Option(
+                            "--adapter", help="A LoRA job: the adapter alone (the default).")] = False) -> None:
     """Download a checkpoint: a directory `from_pretrained` loads."""
+    if merged and adapter:
+        raise GrpoError("give --merged or --adapter, not both", code="invalid_request", param="--merged")
     grpo = client(ctx)
     if step is None:
         checkpoints = grpo.jobs.checkpoints(job_id)
+        if merged:  # only a finished LoRA job's final checkpoint is merged
+            checkpoints = [c for c in checkpoints if c["kind"] == "model" or c.get("merged_download_url")]
         if not checkpoints:
-            raise GrpoError(f"job {job_id} has no checkpoint yet", code="checkpoint_not_found")
+            what = "merged checkpoint (a LoRA job's is written when it succeeds)" if merged else "checkpoint yet"
+            raise GrpoError(f"job {job_id} has no {what}", code="checkpoint_not_found")
         step = checkpoints[-1]["step"]
-    console().print(str(grpo.jobs.download(job_id, step, dest, extract=not tar)))
+    format = "merged" if merged else "adapter" if adapter else None
+    console().print(str(grpo.jobs.download(job_id, step, dest, extract=not tar, format=format)))
 
 
 # ---- rewards ----

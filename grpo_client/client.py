@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Literal, cast
 
 import httpx
 
@@ -144,14 +144,18 @@ class Jobs:
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return cast(list[Checkpoint], self.client.get(f"/v1/jobs/{job_id}/checkpoints")["data"])
 
-    def download(self, job_id: str, step: int, dest: str | Path, *, extract: bool = True) -> Path:
+    def download(self, job_id: str, step: int, dest: str | Path, *, extract: bool = True,
+                 format: Literal["adapter", "merged"] | None = None) -> Path:
         """Stream a checkpoint into ``dest``: the directory ``from_pretrained`` loads, or with
-        ``extract=False`` the tar itself. A partial download never takes the final name."""
+        ``extract=False`` the tar itself. A partial download never takes the final name.
+        ``format``: a LoRA job's ``adapter`` (the default) or its final checkpoint ``merged`` into
+        the base model."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        root = f"{job_id}-step-{step}"
+        root = f"{job_id}-step-{step}" + ("-merged" if format == "merged" else "")
         partial = dest / f".{root}.tar.part"
-        response = self.client.request("GET", f"/v1/jobs/{job_id}/checkpoints/{step}/download", stream=True)
+        response = self.client.request("GET", f"/v1/jobs/{job_id}/checkpoints/{step}/download",
+                                       params={"format": format}, stream=True)
         try:
             with partial.open("wb") as out:
                 for chunk in response.iter_bytes(1 << 20):

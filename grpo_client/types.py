@@ -57,6 +57,7 @@ class Checkpoint(TypedDict):
     bytes: int
     created_at: str
     download_url: str
+    merged_download_url: str | None  # a LoRA job's final checkpoint, merged into its base model
 
 
 class Sample(TypedDict):

@@ -33,6 +33,12 @@ def inside(artifact_dir: Path, stored: str) -> Path | None:
     return path if path.is_relative_to(root) and path != root else None
 
 
+def merged_dir(job_dir: Path, step: int) -> Path:
+    """Where a LoRA job's adapter of ``step``, merged into its base model, is written (the
+    worker does it for the final checkpoint when the job succeeds)."""
+    return job_dir / "merged" / f"step-{step:06d}"
+
+
 def describe_checkpoint(directory: Path) -> tuple[str, int]:
     """Its kind (``model`` or ``adapter``) and the bytes a download carries."""
     kind = "adapter" if (directory / "adapter_config.json").is_file() else "model"

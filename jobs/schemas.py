@@ -133,14 +133,19 @@ class EventOut(BaseModel):
 
 class CheckpointOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "step": 50, "kind": "model", "bytes": 988211200, "created_at": "2025-01-01T12:30:00Z",
-        "download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download"}]})
+        "step": 50, "kind": "adapter", "bytes": 8811200, "created_at": "2025-01-01T12:30:00Z",
+        "download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download",
+        "merged_download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download?format=merged"}]})
 
     step: int
-    kind: Literal["model", "adapter"]
+    kind: Literal["model", "adapter"] = Field(
+        description="`model`: every parameter was trained, a full model. `adapter`: a LoRA (PEFT) adapter.")
     bytes: int
     created_at: datetime
-    download_url: str
+    download_url: str = Field(description="The checkpoint as it is: the full model, or the adapter alone.")
+    merged_download_url: str | None = Field(None, description=(
+        "A LoRA job's adapter merged into its base model, a plain model for `from_pretrained`: written for "
+        "the final checkpoint when the job succeeds. Null for other checkpoints and for full models."))
 
 
 class SampleOut(BaseModel):

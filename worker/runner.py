@@ -15,6 +15,7 @@ from trainer.config import ConfigError
 from trainer.errors import TrainingError
 from trainer.loop import train
 from worker.heartbeat import Heartbeat
+from worker.merge import merge_final_adapter
 from worker.progress import JobProgress, LeaseLost
 from worker.retry import DATABASE_UNREACHABLE, with_retries
 
@@ -41,6 +42,8 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
         with Heartbeat(sessions=sessions, job_id=job_id, worker=worker, interval=settings.heartbeat_interval_s,
                        on_lost=progress.lease_lost.set):
             result = train(run, settings.job_dir(job_id), progress=progress, resume=True)
+            if not result.stopped and run.hyperparameters.lora is not None and result.checkpoint is not None:
+                merge_final_adapter(result.checkpoint, settings.job_dir(job_id), result.final_step, progress)
         stopped_at = result.final_step if result.stopped else None
     except LeaseLost:
         log.warning("job %s: another worker holds it now; leaving it alone", job_id)

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated
+import pathlib
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from api.deps import MAX_STEP, CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import responses
 from api.streaming import tar_stream
-from jobs.artifacts import checkpoint_files, inside
-from jobs.errors import CheckpointNotFound
+from jobs.artifacts import checkpoint_files, inside, merged_dir
+from jobs.errors import CheckpointNotFound, InvalidRequest
+from jobs.models import Checkpoint
 from jobs.queries import get_checkpoint, get_job, list_checkpoints
 from jobs.schemas import CheckpointOut, Page
 
@@ -20,21 +22,30 @@ TAR_RESPONSE = {200: {"content": {"application/x-tar": {"schema": {"type": "stri
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointOut], responses=responses(404))
-def get_checkpoints(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> Page[CheckpointOut]:
+def get_checkpoints(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str) -> Page[CheckpointOut]:
     """Complete checkpoints, oldest first (the trainer keeps the last few)."""
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)
         checkpoints = list_checkpoints(session=session, job_id=job_id)
-    return Page(has_more=False, data=[
-        CheckpointOut(step=c.step, kind=c.kind, bytes=c.bytes, created_at=c.created_at,
-                      download_url=f"/v1/jobs/{job_id}/checkpoints/{c.step}/download")
-        for c in checkpoints])
+    return Page(has_more=False, data=[checkpoint_out(c, settings.job_dir(job_id)) for c in checkpoints])
+
+
+def checkpoint_out(checkpoint: Checkpoint, job_dir: pathlib.Path) -> CheckpointOut:
+    url = f"/v1/jobs/{checkpoint.job_id}/checkpoints/{checkpoint.step}/download"
+    merged = checkpoint.kind == "adapter" and merged_dir(job_dir, checkpoint.step).is_dir()
+    return CheckpointOut(step=checkpoint.step, kind=checkpoint.kind, bytes=checkpoint.bytes,
+                         created_at=checkpoint.created_at, download_url=url,
+                         merged_download_url=f"{url}?format=merged" if merged else None)
 
 
 @router.get("/{job_id}/checkpoints/{step}/download", response_class=StreamingResponse,
             responses={**TAR_RESPONSE, **responses(404, 422)})
 def download_checkpoint(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
-                        step: Annotated[int, Path(ge=0, le=MAX_STEP)]) -> StreamingResponse:
+                        step: Annotated[int, Path(ge=0, le=MAX_STEP)],
+                        format: Annotated[Literal["adapter", "merged"] | None, Query(description=(
+                            "A LoRA job's checkpoint: `adapter` (the default) or `merged` into its base "
+                            "model (its final checkpoint, once it succeeded). A full model is the same "
+                            "either way but has no `adapter`."))] = None) -> StreamingResponse:
     """A tar of the checkpoint, ready for ``from_pretrained`` once extracted (the optimizer
     state that only resuming needs is left out)."""
     with db.transaction() as session:
@@ -45,5 +56,15 @@ def download_checkpoint(db: DatabaseDep, settings: SettingsDep, owner: CurrentOw
     if directory is None or not directory.is_dir():
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
     root = f"{job_id}-step-{step}"
+    if format == "adapter" and checkpoint.kind == "model":
+        raise InvalidRequest(f"the checkpoint of step {step} is a full model (the job trained every parameter, "
+                             "not a LoRA adapter); download it without format", param="format")
+    if format == "merged" and checkpoint.kind == "adapter":
+        directory, root = merged_dir(settings.job_dir(job_id), step), f"{root}-merged"
+        if not directory.is_dir():
+            raise CheckpointNotFound(job_id, step, reason=(
+                "has no merged model at that step: a LoRA job's adapter is merged into its base model for "
+                "the final checkpoint when the job succeeds; download format=adapter and merge it yourself "
+                "with `python -m trainer export-merged ADAPTER_DIR OUT_DIR`"))
     return StreamingResponse(tar_stream(checkpoint_files(directory), root), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{root}.tar"'})

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from api.deps import (
     MAX_STEP,
@@ -16,7 +16,7 @@ from api.deps import (
     accepts,
 )
 from api.errors import responses
-from jobs.models import JobStatus, WebhookStatus
+from jobs.models import JobStatus
 from jobs.queries import (
     get_job_with_metrics,
     list_jobs,
@@ -27,7 +27,6 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate, JobOut, MetricsOut, Page
 from jobs.specs import submit_job
-from jobs.webhooks import first_attempt
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -66,16 +65,12 @@ def show_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404, 409))
-def cancel_job(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
-               background: BackgroundTasks) -> JobOut:
+def cancel_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
     """A queued or paused job is cancelled at once; a running one stops after its current step
     (keeping its checkpoints) and then shows ``cancelled``."""
     with db.transaction() as session:
-        job = request_cancel(session=session, owner=owner, job_id=job_id)
-        shown = JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
-    if job.webhook_status == WebhookStatus.pending:  # committed: its first attempt, once the answer is sent
-        background.add_task(first_attempt, job_id, sessions=db.sessions, settings=settings)
-    return shown
+        request_cancel(session=session, owner=owner, job_id=job_id)
+        return JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
 
 
 @router.post("/{job_id}/pause", response_model=JobOut, responses=responses(404, 409))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobs.artifacts import describe_checkpoint
 from jobs.db import transaction
 from jobs.keys import issue_key
 from jobs.queries import upsert_checkpoint
@@ -64,18 +65,24 @@ def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -
     return spec
 
 
-def make_checkpoint(settings: Settings, job_id: str, step: int, path: str | None = None) -> str:
-    """A checkpoint on disk and in the job record, as a worker leaves one; ``path`` overrides the
-    stored (relative) path. Returns the stored path."""
+def make_checkpoint(settings: Settings, job_id: str, step: int, path: str | None = None, *,
+                    kind: str = "model") -> str:
+    """A checkpoint on disk and in the job record, as a worker leaves one (a full model, or with
+    ``kind="adapter"`` a LoRA adapter); ``path`` overrides the stored (relative) path. Returns the
+    stored path."""
     directory = settings.job_dir(job_id) / "checkpoints" / f"step-{step:06d}"
     (directory / "trainer_state").mkdir(parents=True)
+    if kind == "adapter":
+        (directory / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (directory / "config.json").write_text('{"model_type": "llama"}')
-    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 5)
+    weights = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+    (directory / weights).write_bytes(bytes(range(256)) * 5)
     (directory / "trainer_state" / "optimizer.pt").write_bytes(b"x" * 100)
     assert settings.artifact_dir is not None
     relative = path if path is not None else directory.relative_to(settings.artifact_dir).as_posix()
+    size = describe_checkpoint(directory)[1]  # what a download carries, as the worker records it
     with transaction(settings.database_url) as session:
-        upsert_checkpoint(session=session, job_id=job_id, step=step, path=relative, kind="model", bytes=1296)
+        upsert_checkpoint(session=session, job_id=job_id, step=step, path=relative, kind=kind, bytes=size)
     return relative
 
 

@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from api.cli import app
 from api.main import create_app
+from jobs.artifacts import merged_dir
 from jobs.models import JobStatus
 from jobs.settings import Settings
 from tests.service.conftest import REDIS_URL
-from tests.service.factories import RUN_ID, api_key, arithmetic_rows, job_spec, jsonl
+from tests.service.factories import RUN_ID, api_key, arithmetic_rows, job_spec, jsonl, make_checkpoint
 from tests.service.live import serve
 from tests.service.simulate import SimulatedWorker
 
@@ -121,3 +122,23 @@ def test_rewards_run(env, tmp_path) -> None:
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines() if "│" in line]
     assert rows == [["0", "2", "1", "1", "<think>so</think> 5"], ["1", "0", "error", "0", "7"]]
     assert "exact_match: the dataset row has no 'answer' field" in result.output
+
+
+def test_download_merged_or_adapter(env, settings, spec_file, tmp_path) -> None:
+    job_id = create(env, spec_file)
+    make_checkpoint(settings, job_id, 4, kind="adapter")
+    refused = grpo(env, "jobs", "download", job_id, "--merged", "--dest", tmp_path)
+    assert refused.exit_code == 1 and " ".join(refused.output.split()) == (
+        f"error: job {job_id} has no merged checkpoint (a LoRA job's is written when it succeeds)")
+    merged = merged_dir(settings.job_dir(job_id), 4)  # as the worker leaves it when the job succeeds
+    merged.mkdir(parents=True)
+    (merged / "model.safetensors").write_bytes(b"w" * 64)
+
+    downloaded = grpo(env, "jobs", "download", job_id, "--merged", "--dest", tmp_path)
+    assert downloaded.exit_code == 0, downloaded.output
+    assert [p.name for p in (tmp_path / f"{job_id}-step-4-merged").iterdir()] == ["model.safetensors"]
+    downloaded = grpo(env, "jobs", "download", job_id, "--adapter", "--dest", tmp_path)
+    assert downloaded.exit_code == 0, downloaded.output
+    assert (tmp_path / f"{job_id}-step-4" / "adapter_config.json").exists()
+    both = grpo(env, "jobs", "download", job_id, "--adapter", "--merged")
+    assert (both.exit_code, both.output) == (1, "error: give --merged or --adapter, not both\n")

@@ -66,6 +66,33 @@ def test_a_job_from_upload_to_downloaded_checkpoint(grpo, dataset, tiny_model, r
     assert grpo.jobs.download(job["id"], 3, tmp_path, extract=False).stat().st_size > 0
 
 
+def test_a_lora_job_downloads_as_adapter_or_merged(grpo, dataset, tiny_model, redis_worker, tmp_path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = job_spec(dataset["id"], str(tiny_model), hyperparameters={
+        "max_steps": 2, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8}},
+        reward=[{"type": "regex", "pattern": "[0-9]", "score": "fraction"}])  # varies in every group: a gradient
+    job = grpo.jobs.wait(grpo.jobs.create(spec)["id"], timeout=120, poll_s=0.2)
+    assert job["status"] == "succeeded", (job, redis_worker.log()[-3000:])
+    final = grpo.jobs.checkpoints(job["id"])[-1]
+    assert final["kind"] == "adapter" and final["merged_download_url"].endswith("/2/download?format=merged")
+    assert any("merged model of step 2 written" in e["message"] for e in grpo.jobs.events(job["id"]))
+
+    adapter = grpo.jobs.download(job["id"], 2, tmp_path, format="adapter")
+    merged = grpo.jobs.download(job["id"], 2, tmp_path, format="merged")
+    assert (adapter / "adapter_config.json").exists() and not (merged / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tokens = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():  # the merged weights compute what base + adapter computes, and differ from the base
+        assert torch.allclose(plain(tokens).logits, with_adapter(tokens).logits, atol=1e-4)
+        with with_adapter.disable_adapter():
+            assert not torch.allclose(plain(tokens).logits, with_adapter(tokens).logits, atol=1e-4)
+
+
 def test_pause_resume_and_cancel(grpo, dataset, tiny_model) -> None:
     spec = job_spec(dataset["id"], str(tiny_model), hyperparameters={"max_steps": 500, "checkpoint_every": 0})
     job_id = grpo.jobs.create(spec)["id"]

@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 
+from jobs.artifacts import merged_dir
 from jobs.db import transaction
 from jobs.models import JobStatus
 from jobs.queries import add_event, append_metrics, claim_job, finish_job
@@ -64,7 +65,7 @@ def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id)
 def test_checkpoints_list_and_download_as_tar(client, settings, job_id) -> None:
     make_checkpoint(settings, job_id, 2)
     listed = client.get(f"/v1/jobs/{job_id}/checkpoints").json()
-    assert [(c["step"], c["kind"], c["bytes"]) for c in listed["data"]] == [(2, "model", 1296)]
+    assert [(c["step"], c["kind"], c["bytes"]) for c in listed["data"]] == [(2, "model", 1280 + 23)]  # weights + config.json
     response = client.get(listed["data"][0]["download_url"])
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
@@ -81,3 +82,44 @@ def test_download_of_a_missing_checkpoint_is_404(client, settings, job_id) -> No
     response = client.get(f"/v1/jobs/{job_id}/checkpoints/4/download")
     assert response.status_code == 404 and "no longer has the files" in response.json()["error"]["message"]
     assert client.get(f"/v1/jobs/{job_id}/checkpoints/x/download").status_code == 422
+
+
+def _tar_names(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        return sorted(archive.getnames())
+
+
+def test_a_lora_checkpoint_downloads_as_adapter_or_merged(client, settings, job_id) -> None:
+    make_checkpoint(settings, job_id, 3, kind="adapter")
+    url = f"/v1/jobs/{job_id}/checkpoints/3/download"
+    [listed] = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert (listed["kind"], listed["merged_download_url"]) == ("adapter", None)
+    adapter = [f"{job_id}-step-3/{name}" for name in ("adapter_config.json", "adapter_model.safetensors",
+                                                         "config.json")]
+    assert _tar_names(client.get(url)) == _tar_names(client.get(url, params={"format": "adapter"})) == adapter
+
+    response = client.get(url, params={"format": "merged"})  # not merged (yet): says how to get one
+    error = response.json()["error"]
+    assert response.status_code == 404 and "export-merged" in error["message"]
+
+    merged = merged_dir(settings.job_dir(job_id), 3)  # as the worker leaves it when the job succeeds
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text('{"model_type": "llama"}')
+    (merged / "model.safetensors").write_bytes(b"w" * 64)
+    [listed] = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert listed["merged_download_url"] == f"{url}?format=merged"
+    assert _tar_names(client.get(listed["merged_download_url"])) == [
+        f"{job_id}-step-3-merged/config.json", f"{job_id}-step-3-merged/model.safetensors"]
+
+
+def test_a_full_model_checkpoint_has_no_adapter(client, settings, job_id) -> None:
+    make_checkpoint(settings, job_id, 2)
+    url = f"/v1/jobs/{job_id}/checkpoints/2/download"
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"][0]["merged_download_url"] is None
+    assert _tar_names(client.get(url, params={"format": "merged"})) == _tar_names(client.get(url))
+    response = client.get(url, params={"format": "adapter"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "format"
+    assert "full model" in response.json()["error"]["message"]
+    response = client.get(url, params={"format": "gguf"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "format"
