@@ -12,14 +12,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.keycache import CheckedKey, KeyCache
+from api.auth import authorize
 from jobs.db import Database
 from jobs.dispatch import Dispatcher
-from jobs.errors import RateLimited, Unauthenticated, UnsupportedMediaType
-from jobs.keys import HOW_TO_GET_ONE, LOCAL_OWNER, authenticate
+from jobs.errors import UnsupportedMediaType
 from jobs.settings import Settings
 
 # ``async def`` although they do no I/O: FastAPI runs a plain ``def`` dependency in the
@@ -41,32 +39,16 @@ async def dispatcher(request: Request) -> Dispatcher:
 bearer = HTTPBearer(auto_error=False, description="An API key: `grpo keys create NAME` prints one.")
 
 
-def _live_key(db: Database, token: str) -> CheckedKey:
-    with db.transaction() as session:
-        key = authenticate(session=session, token=token)
-        return CheckedKey(id=key.id, owner=key.owner)
-
-
 async def current_owner(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
     """Whose request this is: the owner of its API key (or the one local owner when
-    ``GRPO_AUTH=disabled``). 401 without a live key, 429 once the key is over its rate."""
-    settings: Settings = request.app.state.settings
-    if settings.auth == "disabled":
-        owner = bucket = LOCAL_OWNER
-    elif credentials is None:
-        raise Unauthenticated(f"no API key; {HOW_TO_GET_ONE}")
-    else:
-        keys: KeyCache = request.app.state.key_cache
-        key = keys.get(credentials.credentials)
-        if key is None:
-            key = await run_in_threadpool(_live_key, request.app.state.database, credentials.credentials)
-            keys.put(credentials.credentials, key)
-        owner, bucket = key.owner, key.id
-    wait_s = request.app.state.rate_limiter.take(bucket)
-    if wait_s:
-        raise RateLimited(wait_s)
+    ``GRPO_AUTH=disabled``). 401 without a live key, 429 once the key is over its rate.
+
+    ``AuthenticateFirst`` has normally decided it already, before the body was read."""
+    owner = getattr(request.state, "owner", None)
+    if owner is None:  # an app built without the middleware
+        owner = await authorize(request.app.state, credentials.credentials if credentials else None)
     return owner
 
 

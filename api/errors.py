@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from jobs.errors import (
@@ -97,6 +98,32 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "something went wrong on our side; the server log has details")
+
+
+class OpenAIRoute(APIRoute):
+    """A route of the OpenAI-compatible API. The error shape is the same, but a request refused as
+    invalid is a 400 (a 422 elsewhere), as OpenAI answers it and its SDK expects
+    (``BadRequestError``); the message starts with the param, since the SDK shows the message
+    alone; a 409 carries ``x-should-retry: false``, or the SDK would retry it."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_as_openai(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except RequestValidationError as exc:
+                response = await validation_error(request, exc)
+            except ServiceError as exc:
+                message = exc.message if exc.param is None else f"{exc.param}: {exc.message}"
+                response = error_response(status_of(exc), exc.code, message, exc.param, exc.details, headers_of(exc))
+            if response.status_code == 422:
+                response.status_code = 400
+            elif response.status_code == 409:
+                response.headers["x-should-retry"] = "false"
+            return response
+
+        return handle_as_openai
 
 
 def install(app: FastAPI) -> None:

@@ -11,12 +11,24 @@ from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from api import errors
+from api.auth import AuthenticateFirst
 from api.deps import current_owner
 from api.keycache import KeyCache
 from api.limits import BodyLimit
 from api.observability import JobsByStatus, RequestMetrics
-from api.ratelimit import RateLimiter
-from api.routes import checkpoints, dashboard, datasets, events, health, jobs, rewards, samples
+from api.ratelimit import make_rate_limiter
+from api.routes import (
+    checkpoints,
+    dashboard,
+    datasets,
+    events,
+    files,
+    fine_tuning,
+    health,
+    jobs,
+    rewards,
+    samples,
+)
 from jobs.db import Database
 from jobs.dispatch import Dispatcher, Send
 from jobs.settings import Settings, get_settings
@@ -39,6 +51,7 @@ TAGS = [
     {"name": "samples", "description": "What the model writes: a few completions per step, with rewards."},
     {"name": "rewards", "description": "Try a reward spec on completions before a job runs."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+    {"name": "openai", "description": "OpenAI-compatible files and reinforcement fine-tuning jobs, for the `openai` SDK."},
 ]
 
 
@@ -48,6 +61,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # so that a thread never waits for a connection, nor opens and closes one per request.
     anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.database.pool_size
     yield
+    close = getattr(app.state.rate_limiter, "close", None)  # the Redis limiter's connections
+    if close is not None:
+        await close()
 
 
 def create_app(settings: Settings | None = None, *, send: Send | None = None) -> FastAPI:
@@ -62,11 +78,12 @@ def create_app(settings: Settings | None = None, *, send: Send | None = None) ->
     app.state.dispatcher = Dispatcher(send or job_sender(app.state.celery, settings), app.state.database.sessions)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsByStatus(app.state.database))
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.state.rate_limiter = make_rate_limiter(settings)  # shared through Redis when the broker is Redis
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(AuthenticateFirst)  # 401/429 before the body is read or even its size looked at
     app.add_middleware(RequestMetrics, registry=app.state.registry)  # outermost: it counts the 413s too
     errors.install(app)
-    for module in (datasets, jobs, events, checkpoints, samples, rewards):
+    for module in (datasets, jobs, events, checkpoints, samples, rewards, files, fine_tuning):
         # every /v1 route, including ones that never ask for the owner, needs a live key
         app.include_router(module.router, dependencies=[Depends(current_owner)],
                            responses=errors.responses(401, 429))

@@ -1,12 +1,13 @@
 """API benchmark: throughput and latency of the job endpoints beside a bare FastAPI endpoint,
 and the time from POST /v1/jobs to ``running`` with the Redis broker.
 
-    .venv/bin/python bench/api_bench.py [--concurrency 64] [--seconds 5] [--jobs 5]
+    .venv/bin/python bench/api_bench.py [--concurrency 64] [--seconds 5] [--jobs 5] [--client wrk|httpx]
 
 Needs PostgreSQL and Redis (GRPO_TEST_POSTGRES_URL, GRPO_TEST_REDIS_URL as in the tests). It
 makes a throwaway database, serves each app with one uvicorn process on loopback, and drives
-them from one asyncio httpx client (which shares the machine's cores with the server). Prints
-figures; writes nothing.
+them with ``wrk`` (C, one thread: it takes little of the cores it shares with the server; Debian
+package ``wrk``) or, without it, one asyncio httpx client (which costs the machine about as much
+CPU per request as the server does). Prints figures; writes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,6 +122,31 @@ async def load(url: str, *, concurrency: int, seconds: float, max_requests: int,
             "cpu_ms": cpu / len(latencies) * 1000}
 
 
+def load_wrk(url: str, *, concurrency: int, seconds: float, pid: int, headers: dict[str, str]) -> dict[str, float]:
+    """The same figures from ``wrk --latency`` (its percentiles are corrected for coordinated omission)."""
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    httpx.get(url, headers=headers)  # warm the route
+    cpu_start = cpu_seconds(pid)
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu_start
+
+    def ms(text: str) -> float:
+        value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    percentiles = dict(re.findall(r"^\s*(50|99)%\s+(\S+)\s*$", out, re.M))
+    if len(percentiles) < 2:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms(percentiles["50"]),
+            "p99": ms(percentiles["99"]), "n": n, "cpu_ms": cpu / max(n, 1) * 1000,
+            "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, errors.groups())) if errors else 0)}
+
+
 def make_database() -> tuple[str, str]:
     name = f"grpo_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
@@ -152,12 +180,15 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
                     f"{base}/v1/jobs/{job_id}/metrics?after_step={args.steps - 1}", api_pid),
                 f"GET /v1/jobs/{{id}}/metrics (all {args.steps} steps)": (f"{base}/v1/jobs/{job_id}/metrics", api_pid),
             }
-            print(f"\n{args.concurrency} concurrent clients, {args.seconds:g} s or {args.requests} requests each run;"
-                  " server CPU = the uvicorn process's CPU time per request")
+            print(f"\n{args.concurrency} concurrent clients ({args.client}), {args.seconds:g} s each run; "
+                  "server CPU = the uvicorn process's CPU time per request")
             print(f"{'endpoint':48} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'n':>6} {'errors':>6}")
             for name, (url, pid) in targets.items():
-                r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
-                                     max_requests=args.requests, pid=pid, headers=headers))
+                if args.client == "wrk":
+                    r = load_wrk(url, concurrency=args.concurrency, seconds=args.seconds, pid=pid, headers=headers)
+                else:
+                    r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
+                                         max_requests=args.requests, pid=pid, headers=headers))
                 print(f"{name:48} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
                       f"{r['n']:6d} {r['errors']:6d}")
 
@@ -211,6 +242,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=200, help="metrics rows of the benchmarked job")
     parser.add_argument("--jobs", type=int, default=5, help="jobs timed from POST to running (0: skip)")
+    parser.add_argument("--client", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
+                        help="the load generator (default: wrk when installed)")
     args = parser.parse_args()
     name, url = make_database()
     try:

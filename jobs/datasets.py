@@ -11,10 +11,16 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from jobs.db import call_after_rollback
+from jobs.db import call_after_commit, call_after_rollback
 from jobs.errors import InvalidDataset, PayloadTooLarge
 from jobs.models import Dataset
-from jobs.queries import create_dataset, find_idempotent_resource, get_dataset, remember_idempotency_key
+from jobs.queries import (
+    create_dataset,
+    delete_dataset,
+    find_idempotent_resource,
+    get_dataset,
+    remember_idempotency_key,
+)
 from jobs.settings import Settings
 from trainer.data import parse_line
 from trainer.errors import DatasetError
@@ -55,6 +61,14 @@ def store_dataset(*, session: Session, owner: str, source: BinaryIO, name: str, 
         raise
     call_after_rollback(session, lambda: final.unlink(missing_ok=True))
     return dataset, True
+
+
+def remove_dataset(*, session: Session, owner: str, dataset_id: str, settings: Settings) -> Dataset:
+    """Forget ``owner``'s dataset and, once that is committed, its file (``DatasetInUse`` while a job uses it)."""
+    dataset = delete_dataset(session=session, owner=owner, dataset_id=dataset_id)
+    path = settings.dataset_path(dataset_id)
+    call_after_commit(session, lambda: path.unlink(missing_ok=True))
+    return dataset
 
 
 @dataclass

@@ -135,13 +135,34 @@ def transaction(database_url: str) -> AbstractContextManager[Session]:
     return unit_of_work(session_factory(database_url))
 
 
+def _refuse_writes(session: Session, _context: Any, _instances: Any) -> None:
+    raise RuntimeError("a Database.read() session cannot write; use Database.transaction()")
+
+
 class Database:
-    """The service's database as the API holds it: ``with db.transaction() as session:``."""
+    """The service's database as the API holds it: ``with db.transaction() as session:``, or for
+    a route that only reads, with one statement, ``with db.read() as session:``."""
 
     def __init__(self, database_url: str, *, pool_size: int = POOL_SIZE):
         self.url = database_url
         self.pool_size = pool_size
         self.sessions = session_factory(database_url, pool_size=pool_size)
+        # The same pool, its connections in autocommit: a lone SELECT is consistent by itself and
+        # needs no BEGIN and COMMIT around it, one round trip instead of three on a polled route.
+        engine = get_engine(database_url, pool_size=pool_size)
+        self.read_sessions = sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"),
+                                          expire_on_commit=False)
+        event.listen(self.read_sessions, "before_flush", _refuse_writes)
 
     def transaction(self) -> AbstractContextManager[Session]:
         return unit_of_work(self.sessions)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading with a single statement (several statements would each see
+        their own snapshot); anything it writes is refused."""
+        session = self.read_sessions()
+        try:
+            yield session
+        finally:
+            session.close()

@@ -103,6 +103,14 @@ class JobAlreadyFinished(Conflict):
         super().__init__(f"job {job_id!r} already ended {status}; only queued, running or paused jobs can be cancelled")
 
 
+class DatasetInUse(Conflict):
+    code = "dataset_in_use"
+
+    def __init__(self, dataset_id: str, job_id: str):
+        super().__init__(f"dataset {dataset_id!r} is used by job {job_id!r} (and perhaps others); a job's data "
+                         "stays as long as the job")
+
+
 class JobStateConflict(Conflict):
     """The job is not in a state the request applies to (e.g. resuming a job that is not paused)."""
 

@@ -53,6 +53,14 @@ class JobStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
+class WebhookStatus(enum.StrEnum):
+    """Where the delivery of a job's webhook stands (none until a job with a webhook_url ends)."""
+
+    pending = "pending"  # an attempt is due at webhook_due_at, or under way
+    delivered = "delivered"
+    failed = "failed"  # given up after GRPO_WEBHOOK_MAX_ATTEMPTS attempts, or refused
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -143,6 +151,7 @@ class Job(Base):
         Index(None, "status", "heartbeat_at"),
         Index(None, "owner", "id"),
         Index(None, "owner", "status"),
+        Index(None, "webhook_status", "webhook_due_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -168,6 +177,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # The webhook's delivery, kept here so that no crash loses it: set pending with the terminal
+    # status, in the same transaction; attempted at once, then by the sweepers when due.
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # next attempt; a claimed one's deadline
 
 
 class JobMetrics(Base):

@@ -13,9 +13,10 @@ from typing import Any
 from jobs.errors import InvalidRequest, LimitExceeded
 from jobs.schemas import RewardRunIn, RewardRunOut, RewardRunSample, RewardScore
 from jobs.settings import Settings
+from jobs.specs import check_rewards, operator_policy
 from trainer.config import ConfigError
 from trainer.errors import TrainingError
-from trainer.rewards import RewardSuite, validate_reward_specs
+from trainer.rewards import RewardSuite
 
 NOT_IN_DRY_RUNS = {
     "reward_model": "a reward_model reward loads a model, which the API process does not do; "
@@ -29,10 +30,7 @@ def check_reward_run(request: RewardRunIn, settings: Settings) -> list[dict[str,
         raise LimitExceeded(f"{len(request.samples)} samples; this server scores at most "
                             f"{settings.max_reward_run_samples} per request (GRPO_MAX_REWARD_RUN_SAMPLES)",
                             param="samples")
-    try:
-        specs = validate_reward_specs(request.reward)
-    except ConfigError as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
+    specs = check_rewards(request.reward, settings)
     for index, spec in enumerate(specs):
         if spec["type"] in NOT_IN_DRY_RUNS:
             raise InvalidRequest(NOT_IN_DRY_RUNS[spec["type"]], param=f"reward[{index}].type")
@@ -53,7 +51,7 @@ def run_rewards(request: RewardRunIn, settings: Settings) -> RewardRunOut:
     specs = check_reward_run(request, settings)
     rows = [{"prompt": prompt_text(s), **s.row} for s in request.samples]
     try:
-        with RewardSuite(specs) as suite:
+        with RewardSuite(specs, policy=operator_policy(settings)) as suite:
             out = suite([prompt_text(s) for s in request.samples], [s.completion for s in request.samples], rows)
     except ConfigError as exc:
         raise InvalidRequest(exc.message, param=exc.param) from None

@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
-from jobs.models import Job, JobStatus
+from jobs.models import Job, JobStatus, WebhookStatus
 
 T = TypeVar("T")
 
@@ -64,7 +64,8 @@ class JobOut(BaseModel):
         "id": "job_0193a5c2a1b27d9e4f0a3b2c", "object": "job", "name": "arith-grpo", "status": "running",
         "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_id": "ds_0193a5c1f00a7f3e2b9c4d1e",
         "eval_dataset_id": None, "reward": REWARD_EXAMPLE, "group_size": 8,
-        "hyperparameters": HYPERPARAMETERS_EXAMPLE, "webhook_url": None, "step": 42, "max_steps": 200,
+        "hyperparameters": HYPERPARAMETERS_EXAMPLE, "webhook_url": None, "webhook_status": None, "step": 42,
+        "max_steps": 200,
         "attempts": 1, "worker": "celery@gpu-0/4242", "heartbeat_at": "2025-01-01T12:10:00Z",
         "cancel_requested": False, "pause_requested": False, "failure_reason": None,
         "latest_metrics": {"reward": 0.41, "kl": 0.002},
@@ -81,6 +82,9 @@ class JobOut(BaseModel):
     group_size: int
     hyperparameters: dict[str, Any]
     webhook_url: str | None
+    webhook_status: WebhookStatus | None = Field(None, description=(
+        "Once a job with a webhook_url has ended: `pending` (retried with backoff), `delivered`, or `failed` "
+        "(given up); each attempt is an event of kind `webhook`."))
     step: int = Field(description="The last step whose metrics are recorded.")
     max_steps: int
     attempts: int
@@ -101,9 +105,10 @@ class JobOut(BaseModel):
             id=job.id, name=job.name, status=JobStatus(job.status), base_model=job.base_model,
             dataset_id=job.dataset_id, eval_dataset_id=job.eval_dataset_id, reward=spec["reward"],
             group_size=spec["group_size"], hyperparameters=spec.get("hyperparameters") or {},
-            webhook_url=job.webhook_url, step=job.step, max_steps=job.max_steps, attempts=job.attempts,
-            worker=job.worker, heartbeat_at=job.heartbeat_at, cancel_requested=job.cancel_requested,
-            pause_requested=job.pause_requested, failure_reason=job.failure_reason, latest_metrics=latest_metrics,
+            webhook_url=job.webhook_url, webhook_status=job.webhook_status, step=job.step, max_steps=job.max_steps,
+            attempts=job.attempts, worker=job.worker, heartbeat_at=job.heartbeat_at,
+            cancel_requested=job.cancel_requested, pause_requested=job.pause_requested,
+            failure_reason=job.failure_reason, latest_metrics=latest_metrics,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
 
 

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = 5.0  # the wait after the first failed attempt, doubled after each
     webhook_max_backoff_s: float = 3600.0
 
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value  # compose passes an unset variable as ""
+
     @field_validator("allow_private_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:

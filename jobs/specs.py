@@ -25,8 +25,9 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
-from trainer.config import ConfigError, GRPOConfig, RunConfig
-from trainer.rewards import required_fields, validate_reward_specs
+from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig
+from trainer.net import OutboundError, check_url_literal
+from trainer.rewards import check_operator_policy, required_fields, validate_reward_specs
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ENDPOINT = "POST /v1/jobs"  # what its Idempotency-Keys are scoped to
@@ -51,11 +52,10 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
         top_level = exc.param == "hyperparameters.group_size" and request.group_size is not None
         raise InvalidRequest(exc.message, param="group_size" if top_level else exc.param) from None
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
-    try:
-        validate_reward_specs(request.reward)
-    except ConfigError as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
+    check_rewards(request.reward, settings)
     check_base_model(request.base_model)
+    if request.webhook_url is not None:
+        check_webhook_url(str(request.webhook_url), settings)
 
     needed = required_fields(request.reward)
     for param in ("dataset_id", "eval_dataset_id"):
@@ -71,6 +71,37 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
     spec = request.model_dump(mode="json")
     spec["group_size"] = config.group_size
     return CheckedSpec(spec=spec, config=config)
+
+
+def operator_policy(settings: Settings) -> OperatorPolicy:
+    """What this server lets a job's rewards do beyond their spec (the operator's settings)."""
+    return OperatorPolicy(allow_private_hosts=tuple(settings.allow_private_hosts),
+                          sandbox_allow_unisolated=settings.sandbox_allow_unisolated,
+                          sandbox_allow_network=settings.sandbox_allow_network)
+
+
+def check_rewards(reward: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    """The normalised reward specs, or ``InvalidRequest`` naming ``reward[i].option``: the
+    trainer's own checks, and what this server's operator allows (a non-public URL, a network)."""
+    try:
+        specs = validate_reward_specs(reward)
+        check_operator_policy(specs, operator_policy(settings))
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
+    return specs
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    """A webhook needs this server's signing secret, and a URL whose address (when written in
+    it) is public or listed by the operator; a host name is checked again at every delivery."""
+    if settings.webhook_secret is None:
+        raise InvalidRequest("this server sends no webhooks: its operator has not set GRPO_WEBHOOK_SECRET (the "
+                             "key that signs them); leave webhook_url out, or poll GET /v1/jobs/{id}",
+                             param="webhook_url")
+    try:
+        check_url_literal(url, settings.allow_private_hosts)
+    except OutboundError as exc:
+        raise InvalidRequest(str(exc), param="webhook_url") from None
 
 
 def check_limits(config: GRPOConfig, settings: Settings, *, top_level_group_size: bool) -> None:
@@ -97,8 +128,9 @@ def check_base_model(base_model: str) -> None:
                              f"(a path starting with /, . or ~)", param="base_model")
 
 
-def request_hash(request: JobCreate) -> str:
-    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def request_hash(request: JobCreate, extra_spec: dict[str, Any] | None = None) -> str:
+    body = {**request.model_dump(mode="json"), **(extra_spec or {})}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -111,17 +143,19 @@ def run_config_for(job: Job, settings: Settings) -> RunConfig:
         "group_size": spec["group_size"], "hyperparameters": spec.get("hyperparameters") or {},
         "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
         "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
-    })
+    }, policy=operator_policy(settings))
 
 
 def submit_job(*, session: Session, owner: str, request: JobCreate, settings: Settings,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
+               idempotency_key: str | None = None, extra_spec: dict[str, Any] | None = None) -> tuple[Job, bool]:
     """Create a queued job for ``owner``, or return the one made earlier with the same
     ``Idempotency-Key`` (and body) within ``settings.idempotency_ttl_s``.
 
+    ``extra_spec`` is stored in the spec beside the request (the OpenAI-compatible API keeps
+    what only its objects show there); the trainer never reads it.
     Returns the job and whether it is new (only a new job is sent to the broker).
     """
-    digest = request_hash(request)
+    digest = request_hash(request, extra_spec)
     if idempotency_key:
         earlier = find_idempotent_resource(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
                                            request_hash=digest, ttl_s=settings.idempotency_ttl_s)
@@ -131,7 +165,8 @@ def submit_job(*, session: Session, owner: str, request: JobCreate, settings: Se
     active = count_active_jobs(session=session, owner=owner)
     if active >= settings.max_active_jobs_per_owner:
         raise TooManyActiveJobs(active, settings.max_active_jobs_per_owner)
-    job = create_job(session=session, owner=owner, spec=checked.spec, max_steps=checked.config.max_steps)
+    job = create_job(session=session, owner=owner, spec={**checked.spec, **(extra_spec or {})},
+                     max_steps=checked.config.max_steps)
     if idempotency_key:
         remember_idempotency_key(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
                                  request_hash=digest, resource_id=job.id, ttl_s=settings.idempotency_ttl_s)

@@ -3,6 +3,11 @@
     python -m trainer run SPEC.json --output DIR [--resume]
     python -m trainer make-tiny-model DIR [--arch llama|qwen2] [--vocab-size N] ...
     python -m trainer export-merged CHECKPOINT_DIR OUTPUT_DIR
+
+With no server, the operator is whoever runs the command: what a run may reach beyond its spec
+comes from the service's environment variables of the same names (GRPO_ALLOW_PRIVATE_HOSTS,
+comma-separated; GRPO_SANDBOX_ALLOW_UNISOLATED, GRPO_SANDBOX_ALLOW_NETWORK: 1/true). This is
+the only place the trainer reads them; under the service they come from its settings.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-from trainer.config import ConfigError, RunConfig
+from trainer.config import ConfigError, OperatorPolicy, RunConfig
 from trainer.errors import TrainingError
 from trainer.progress import Progress
 
@@ -41,14 +48,25 @@ class PrintProgress(Progress):
         print(f"{level}: {message}", file=sys.stderr, flush=True)
 
 
-def load_spec(path: Path) -> RunConfig:
+def policy_from_environ(environ: Mapping[str, str] = os.environ) -> OperatorPolicy:
+    """The operator's allowances from ``GRPO_*`` environment variables, as the service's settings read them."""
+    def flag(name: str) -> bool:
+        return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+    hosts = environ.get("GRPO_ALLOW_PRIVATE_HOSTS", "").split(",")
+    return OperatorPolicy(allow_private_hosts=tuple(host.strip() for host in hosts if host.strip()),
+                          sandbox_allow_unisolated=flag("GRPO_SANDBOX_ALLOW_UNISOLATED"),
+                          sandbox_allow_network=flag("GRPO_SANDBOX_ALLOW_NETWORK"))
+
+
+def load_spec(path: Path, policy: OperatorPolicy | None = None) -> RunConfig:
     spec = json.loads(path.read_text())
     base = path.parent
     for key in ("dataset", "eval_dataset", "base_model"):  # relative paths are relative to the spec file
         value = spec.get(key)
         if isinstance(value, str) and value.startswith(".") and (base / value).exists():
             spec[key] = str((base / value).resolve())
-    return RunConfig.from_spec(spec)
+    return RunConfig.from_spec(spec, policy=policy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop import train
 
     try:
-        result = train(load_spec(args.spec), args.output, PrintProgress(), resume=args.resume)
+        result = train(load_spec(args.spec, policy_from_environ()), args.output, PrintProgress(), resume=args.resume)
     except (ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -166,11 +166,27 @@ class GRPOConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class OperatorPolicy:
+    """What the operator of the machine lets a run do. Never part of a job spec (a tenant writes
+    the spec): the service fills it from its settings (``GRPO_ALLOW_PRIVATE_HOSTS``,
+    ``GRPO_SANDBOX_ALLOW_UNISOLATED``, ``GRPO_SANDBOX_ALLOW_NETWORK``), ``python -m trainer`` from
+    the environment variables of the same names. The defaults allow nothing."""
+
+    # non-public hosts (by name, or by address for an IP) that outbound calls may reach anyway
+    allow_private_hosts: tuple[str, ...] = ()
+    # where the machine refuses the sandbox's namespaces, run code_tests with its limits only
+    sandbox_allow_unisolated: bool = False
+    # a code_tests spec may ask for allow_network
+    sandbox_allow_network: bool = False
+
+
 @dataclass
 class RunConfig:
     """One run: which model, which data, which rewards, which hyperparameters.
 
-    The same shape as the HTTP job spec, with ``dataset`` a local JSONL path instead of an id.
+    The same shape as the HTTP job spec, with ``dataset`` a local JSONL path instead of an id;
+    ``policy`` is the operator's, not the spec's.
     """
 
     base_model: str
@@ -179,9 +195,10 @@ class RunConfig:
     hyperparameters: GRPOConfig = field(default_factory=GRPOConfig)
     eval_dataset: str | None = None
     name: str | None = None
+    policy: OperatorPolicy = field(default_factory=OperatorPolicy)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> RunConfig:
+    def from_spec(cls, spec: dict[str, Any], policy: OperatorPolicy | None = None) -> RunConfig:
         """Build from a job spec dict. ``group_size`` may sit at the top level (as in the HTTP spec)."""
         for required in ("base_model", "dataset", "reward"):
             if not spec.get(required):
@@ -196,7 +213,8 @@ class RunConfig:
             raise ConfigError("reward", "give a list of reward functions, e.g. [{\"type\": \"exact_match\"}]")
         config = GRPOConfig.from_dict(hp)
         return cls(base_model=str(spec["base_model"]), dataset=str(spec["dataset"]), reward=reward,
-                   hyperparameters=config, eval_dataset=spec.get("eval_dataset"), name=spec.get("name"))
+                   hyperparameters=config, eval_dataset=spec.get("eval_dataset"), name=spec.get("name"),
+                   policy=policy or OperatorPolicy())
 
     def to_spec(self) -> dict[str, Any]:
         return {"name": self.name, "base_model": self.base_model, "dataset": self.dataset,

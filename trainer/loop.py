@@ -150,7 +150,7 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
         if missing is not None:
             raise DatasetError(f"the rewards need the field {name!r}, which this row lacks", missing)
     eval_rows = load_rows(run.eval_dataset) if run.eval_dataset else []
-    with RewardSuite(run.reward) as rewards:
+    with RewardSuite(run.reward, policy=run.policy) as rewards:
         return _train(run, rows, eval_rows, rewards, output_dir, progress, resume=resume, device=device)
 
 

@@ -5,9 +5,10 @@ when any address it resolves to is loopback, link-local (cloud metadata at 169.2
 private, shared (100.64/10), multicast, unspecified, reserved or otherwise not global, IPv4 and
 IPv6 alike, IPv4 embedded in IPv6 (mapped ``::ffff:a.b.c.d``, 6to4, Teredo, NAT64) included.
 Numeric spellings (``2130706433``, ``0177.0.0.1``, ``0x7f.1``) resolve to the address they
-mean and are judged by it. A host listed in ``allowed_hosts`` or in the operator's
-``GRPO_ALLOW_PRIVATE_HOSTS`` environment variable (comma-separated; by name, or by address for
-an IP entry) is let through. The answer names the address to connect to: ``post_json`` connects to
+mean and are judged by it. A host listed in ``allowed_hosts`` (by name, or by address for an IP
+entry) is let through: that list is the operator's ``GRPO_ALLOW_PRIVATE_HOSTS`` setting, handed
+down by the caller (this module reads no environment), never a job spec's. The answer names the
+address to connect to: ``post_json`` connects to
 that very address (the Host header and TLS SNI/certificate check still use the name), so a DNS
 answer that changes between the check and the connection (rebinding) cannot redirect it.
 
@@ -21,7 +22,6 @@ Standard library only at import; httpx is imported when a request is made.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import socket
 import time
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-ALLOW_PRIVATE_HOSTS_ENV = "GRPO_ALLOW_PRIVATE_HOSTS"
+ALLOW_PRIVATE_HOSTS_ENV = "GRPO_ALLOW_PRIVATE_HOSTS"  # the operator setting that fills allowed_hosts
 BACKOFF_S = 0.25  # the first retry's delay, doubled after each retry
 MAX_BACKOFF_S = 8.0
 MAX_RETRIES = 5
@@ -46,6 +46,10 @@ class OutboundError(ValueError):
 
 class UnresolvableHost(OutboundError):
     """The URL's host name does not resolve (now)."""
+
+
+class RefusedUrl(OutboundError):
+    """The URL may not be called at all: not http(s), or a non-public address nobody allowed."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,7 @@ def forbidden_reason(address: IPAddress) -> str | None:
 def _allowed(host: str, allowed_hosts: Iterable[str]) -> tuple[bool, set[IPAddress]]:
     """Whether ``host`` is listed by name, and the listed IP addresses."""
     names, addresses = set(), set()
-    operator = os.environ.get(ALLOW_PRIVATE_HOSTS_ENV, "").split(",")
-    for entry in [*allowed_hosts, *filter(None, map(str.strip, operator))]:
+    for entry in allowed_hosts:
         entry = entry.strip().lower().strip("[]")
         try:
             addresses.add(ipaddress.ip_address(entry))
@@ -112,9 +115,9 @@ def check_outbound_url(url: str, allowed_hosts: Iterable[str] = (), *,
         parts = urlsplit(url)
         port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     except ValueError as exc:
-        raise OutboundError(f"refusing to call {shown_url}: not a valid URL ({exc})") from None
+        raise RefusedUrl(f"refusing to call {shown_url}: not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise OutboundError(f"refusing to call {shown_url}: give an http:// or https:// URL with a host")
+        raise RefusedUrl(f"refusing to call {shown_url}: give an http:// or https:// URL with a host")
     host = parts.hostname
     by_name, allowed_addresses = _allowed(host, allowed_hosts)
     try:
@@ -129,8 +132,8 @@ def check_outbound_url(url: str, allowed_hosts: Iterable[str] = (), *,
             reason = forbidden_reason(address)
             if reason and address not in allowed_addresses:
                 shown = host if str(address) == host else f"{host} (resolved to {address})"
-                raise OutboundError(f"refusing to call {shown_url}: {shown} is {reason}; list {host!r} in "
-                                    "allowed_hosts to allow it")
+                raise RefusedUrl(f"refusing to call {shown_url}: {shown} is {reason}; the operator may "
+                                  f"allow it by listing {host!r} in {ALLOW_PRIVATE_HOSTS_ENV}")
     query = f"?{parts.query}" if parts.query else ""
     auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username is not None else None
     return OutboundTarget(
@@ -155,6 +158,8 @@ def post_json(url: str, payload: Any, *, allowed_hosts: Iterable[str] = (), time
               retries: int = 2, headers: dict[str, str] | None = None, client: Any = None,
               sleep: Callable[[float], None] | None = None, on_retry: Callable[[str], None] | None = None):
     """POST ``payload`` as JSON to the checked ``url``: its 2xx ``httpx.Response``, else OutboundError.
+    ``payload`` is a JSON-able value, or ``bytes`` of JSON already encoded, sent as they are (when
+    a signature covers the exact body).
 
     Connection errors (connect timeouts included) and 5xx answers are retried up to ``retries``
     times (at most MAX_RETRIES), after BACKOFF_S, 2*BACKOFF_S, ... (at most MAX_BACKOFF_S);
@@ -196,12 +201,15 @@ def _post_once(client: Any, target: OutboundTarget, payload: Any, headers: dict[
     """(the response, "") from the first of the target's addresses that connects, else (None, why not)."""
     import httpx
 
+    encoded = isinstance(payload, bytes)
+    body = {"content": payload} if encoded else {"json": payload}
+    headers = {**({"Content-Type": "application/json"} if encoded else {}), **(headers or {}),
+               "Host": target.host_header}
     reason = "no address"
     for address in target.addresses:
         try:
             return client.post(
-                target.connect_url(address), json=payload, auth=target.auth,
-                headers={**(headers or {}), "Host": target.host_header},
+                target.connect_url(address), auth=target.auth, headers=headers, **body,
                 extensions={"sni_hostname": target.host} if target.scheme == "https" else None,
             ), ""
         except (httpx.ConnectTimeout, httpx.ConnectError) as exc:

@@ -11,6 +11,7 @@ from jobs.models import JobStatus
 from jobs.queries import claim_job, finish_job, prune_checkpoints, stop_job
 from jobs.settings import Settings
 from jobs.specs import run_config_for
+from jobs.webhooks import first_attempt
 from trainer.config import ConfigError
 from trainer.errors import TrainingError
 from trainer.loop import train
@@ -73,3 +74,5 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
         log.warning("job %s: lease lost before its end could be recorded", job_id)
         return
     log.info("job %s: %s%s", job_id, status.value, f" ({reason})" if reason else "")
+    if status.terminal:  # the webhook's first attempt; retries are the sweepers'
+        first_attempt(job_id, sessions=sessions, settings=settings)

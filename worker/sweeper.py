@@ -1,4 +1,6 @@
-"""The sweeper: takes back jobs whose worker died and re-sends jobs whose message went missing.
+"""The sweeper: takes back jobs whose worker died and re-sends jobs whose message went missing;
+and beside it, on a thread of its own, the webhook deliverer, which makes the job webhook attempts
+that are due (``jobs.webhooks``): a slow receiver never delays the recovery of jobs.
 
 It runs as a thread in every worker's main process, beside the pool, rather than under celery
 beat: it needs no extra process, it keeps running while the pool process trains (a beat-sent
@@ -25,12 +27,14 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker import state as worker_state
+from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import session_factory, unit_of_work
 from jobs.dispatch import Dispatcher
 from jobs.models import since
 from jobs.queries import jobs_due_for_send, requeue_stale_jobs
 from jobs.settings import Settings, get_settings
+from jobs.webhooks import deliver_due_webhooks
 from worker.broker import job_sender
 
 log = logging.getLogger(__name__)
@@ -85,26 +89,52 @@ class Sweeper(threading.Thread):
         self.join(timeout=10)
 
 
+class WebhookDeliverer(threading.Thread):
+    """Every ``sweep_interval_s``, the webhook attempts that are due: retries, and first attempts
+    that the process that ended the job did not make (it crashed, or its database blinked)."""
+
+    def __init__(self, *, settings: Settings, sessions: sessionmaker[Session]):
+        super().__init__(name="grpo-webhooks", daemon=True)
+        self.settings, self.sessions = settings, sessions
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.settings.sweep_interval_s):
+            try:
+                deliver_due_webhooks(sessions=self.sessions, settings=self.settings)
+            except Exception:
+                log.exception("webhook deliveries failed; trying again in %ss", self.settings.sweep_interval_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+
+
 def free_slot(concurrency: int) -> Callable[[], bool]:
     """Whether the worker holds fewer messages (prefetched or running) than it runs at once."""
     return lambda: len(worker_state.reserved_requests) < concurrency
 
 
 class SweeperStep(bootsteps.StartStopStep):
-    """Starts the sweeper with the worker (after the pool) and stops it on shutdown."""
+    """Starts the sweeper and the webhook deliverer with the worker (after the pool) and stops
+    them on shutdown."""
 
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any):
         super().__init__(worker, **kwargs)
-        self.sweeper: Sweeper | None = None
+        self.threads: list[Sweeper | WebhookDeliverer] = []
 
     def start(self, worker: Any) -> None:
         settings = get_settings()
         dispatcher = Dispatcher(job_sender(worker.app, settings), session_factory(settings.database_url))
-        self.sweeper = Sweeper(settings=settings, dispatcher=dispatcher, has_free_slot=free_slot(worker.concurrency))
-        self.sweeper.start()
+        self.threads = [
+            Sweeper(settings=settings, dispatcher=dispatcher, has_free_slot=free_slot(worker.concurrency)),
+            WebhookDeliverer(settings=settings, sessions=dispatcher.sessions),
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def stop(self, worker: Any) -> None:
-        if self.sweeper is not None:
-            self.sweeper.stop()
+        for thread in self.threads:
+            thread.stop()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Response
 
 from api.deps import (
     MAX_STEP,
@@ -16,7 +16,7 @@ from api.deps import (
     accepts,
 )
 from api.errors import responses
-from jobs.models import JobStatus
+from jobs.models import JobStatus, WebhookStatus
 from jobs.queries import (
     get_job_with_metrics,
     list_jobs,
@@ -27,6 +27,7 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate, JobOut, MetricsOut, Page
 from jobs.specs import submit_job
+from jobs.webhooks import first_attempt
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -53,24 +54,28 @@ def create_job(
 @router.get("", response_model=Page[JobOut], responses=responses(422))
 def get_jobs(db: DatabaseDep, owner: CurrentOwner, status: JobStatus | None = None, after: After = None,
              limit: Limit = 20) -> Page[JobOut]:
-    with db.transaction() as session:
+    with db.read() as session:
         jobs, has_more = list_jobs(session=session, owner=owner, status=status, after=after, limit=limit)
         return Page(data=[JobOut.from_job(job, metrics) for job, metrics in jobs], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=responses(404))
 def show_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
-    with db.transaction() as session:
+    with db.read() as session:
         return JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404, 409))
-def cancel_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
+def cancel_job(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
+               background: BackgroundTasks) -> JobOut:
     """A queued or paused job is cancelled at once; a running one stops after its current step
     (keeping its checkpoints) and then shows ``cancelled``."""
     with db.transaction() as session:
-        request_cancel(session=session, owner=owner, job_id=job_id)
-        return JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
+        job = request_cancel(session=session, owner=owner, job_id=job_id)
+        shown = JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
+    if job.webhook_status == WebhookStatus.pending:  # committed: its first attempt, once the answer is sent
+        background.add_task(first_attempt, job_id, sessions=db.sessions, settings=settings)
+    return shown
 
 
 @router.post("/{job_id}/pause", response_model=JobOut, responses=responses(404, 409))
@@ -102,7 +107,7 @@ def get_metrics(
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> Page[MetricsOut]:
     """Per-step metrics in step order."""
-    with db.transaction() as session:
+    with db.read() as session:
         rows, has_more = list_metrics(session=session, owner=owner, job_id=job_id, after_step=after_step,
                                       limit=limit)
         return Page(data=[MetricsOut(step=step, metrics=metrics, created_at=created_at)

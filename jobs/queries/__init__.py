@@ -4,7 +4,8 @@ They flush and never commit: the caller's unit of work (``jobs.db.unit_of_work``
 transaction.
 """
 
-from jobs.queries.datasets import create_dataset, get_dataset, list_datasets
+from jobs.queries.datasets import create_dataset, delete_dataset, get_dataset, list_datasets
+from jobs.queries.history import list_events_newest_first
 from jobs.queries.idempotency import find_idempotent_resource, remember_idempotency_key
 from jobs.queries.jobs import (
     count_active_jobs,
@@ -40,13 +41,20 @@ from jobs.queries.records import (
     prune_checkpoints,
     upsert_checkpoint,
 )
+from jobs.queries.webhooks import (
+    claim_webhook_attempt,
+    list_due_webhooks,
+    queue_webhook,
+    record_webhook_attempt,
+)
 
 __all__ = [
     "add_event", "add_samples", "append_metrics", "claim_job", "count_active_jobs", "create_api_key",
-    "create_dataset", "create_job", "find_idempotent_resource", "finish_job", "get_api_key_by_hash",
+    "create_dataset", "create_job", "delete_dataset", "find_idempotent_resource", "finish_job", "get_api_key_by_hash",
     "get_checkpoint", "get_dataset", "get_job", "get_job_with_metrics", "heartbeat", "is_stop_requested",
     "list_api_keys", "remember_idempotency_key", "revoke_api_key",
-    "jobs_due_for_send", "list_checkpoints", "list_datasets", "list_events", "list_jobs",
+    "jobs_due_for_send", "list_checkpoints", "list_datasets", "list_events", "list_events_newest_first", "list_jobs",
     "list_metrics", "list_samples", "mark_sent", "prune_checkpoints", "record_step", "request_cancel", "request_pause",
     "request_resume", "requeue_stale_jobs", "stop_job", "upsert_checkpoint",
+    "claim_webhook_attempt", "list_due_webhooks", "queue_webhook", "record_webhook_attempt",
 ]

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from jobs.errors import DatasetNotFound
-from jobs.models import Dataset, new_id
+from jobs.errors import DatasetInUse, DatasetNotFound
+from jobs.models import Dataset, Job, new_id
 from jobs.queries._util import page
 
 
@@ -32,3 +32,15 @@ def list_datasets(*, session: Session, owner: str, after: str | None = None,
     if after:
         stmt = stmt.where(Dataset.id < after)
     return page(session, stmt, limit=limit)
+
+
+def delete_dataset(*, session: Session, owner: str, dataset_id: str) -> Dataset:
+    """Forget ``owner``'s dataset (the caller removes its file); ``DatasetInUse`` while a job refers to it."""
+    dataset = get_dataset(session=session, owner=owner, dataset_id=dataset_id)
+    job_id = session.scalar(select(Job.id).where(or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id))
+                            .limit(1))
+    if job_id is not None:
+        raise DatasetInUse(dataset_id, job_id)
+    session.delete(dataset)
+    session.flush()
+    return dataset

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from jobs.errors import JobAlreadyFinished, JobNotFound, JobStateConflict, TooManyActiveJobs
 from jobs.models import Job, JobMetrics, JobStatus, new_id, utcnow
 from jobs.queries.records import add_event
+from jobs.queries.webhooks import queue_webhook
 
 _reached_step = and_(JobMetrics.job_id == Job.id, JobMetrics.step == Job.step)
 
@@ -56,12 +57,16 @@ def count_active_jobs(*, session: Session, owner: str) -> int:
 
 
 def list_jobs(*, session: Session, owner: str, status: JobStatus | None = None, after: str | None = None,
-              limit: int = 20) -> tuple[list[tuple[Job, dict[str, Any] | None]], bool]:
-    """Jobs with their latest metrics, newest first; ``after`` is the last id of the previous page."""
+              limit: int = 20, metadata: dict[str, str] | None = None,
+              ) -> tuple[list[tuple[Job, dict[str, Any] | None]], bool]:
+    """Jobs with their latest metrics, newest first; ``after`` is the last id of the previous page.
+    ``metadata``: only jobs whose OpenAI-style metadata (kept in the spec) has these values."""
     stmt = (select(Job, JobMetrics.metrics).outerjoin(JobMetrics, _reached_step).where(Job.owner == owner)
             .order_by(Job.id.desc()))
     if status is not None:
         stmt = stmt.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.spec["openai"]["metadata"][key].as_string() == value)
     if after:
         stmt = stmt.where(Job.id < after)
     rows = [(job, metrics) for job, metrics in session.execute(stmt.limit(limit + 1))]
@@ -83,6 +88,7 @@ def request_cancel(*, session: Session, owner: str, job_id: str) -> Job:
     if cancelled:
         message = "cancelled while paused" if was == JobStatus.paused else "cancelled before it started"
         add_event(session=session, job_id=job_id, kind="status", message=message, data={"status": "cancelled"})
+        queue_webhook(session=session, job_id=job_id)
     else:
         asked = session.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.cancel_requested.is_(False))

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from jobs.models import Job, JobStatus, utcnow
 from jobs.queries.records import add_event
+from jobs.queries.webhooks import queue_webhook
 
 
 def _held_by(job_id: str, worker: str) -> ColumnElement[bool]:
@@ -70,6 +71,7 @@ def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
     message = status.value if reason is None else f"{status.value}: {reason}"
     add_event(session=session, job_id=job_id, kind="status", level="error" if status == JobStatus.failed else "info",
               message=message, data={"status": status.value})
+    queue_webhook(session=session, job_id=job_id)
     return True
 
 
@@ -87,6 +89,8 @@ def stop_job(*, session: Session, job_id: str, worker: str, step: int) -> JobSta
             message = "cancelled" if status == JobStatus.cancelled else f"paused after step {step}"
             add_event(session=session, job_id=job_id, kind="status", message=message,
                       data={"status": status.value, "step": step})
+            if status.terminal:
+                queue_webhook(session=session, job_id=job_id)
             return status
     return None
 
@@ -128,6 +132,8 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
                       data={"status": status.value})
             if status == JobStatus.queued:
                 requeued.append(job_id)
+            elif status.terminal:
+                queue_webhook(session=session, job_id=job_id)
     return requeued
 
 

@@ -93,11 +93,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def redis_worker_settings(make_database, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings of an end-to-end setup: its own database, Redis keys and queue, short leases."""
+    """Settings of an end-to-end setup: its own database, Redis keys and queue, short leases; the
+    operator lets jobs call loopback, where the tests' scoring endpoints and webhook receivers listen."""
     tag = uuid.uuid4().hex[:8]
     return Settings(data_dir=tmp_path_factory.mktemp("e2e"), database_url=make_database(), broker_url=REDIS_URL,
                     broker_key_prefix=f"grpo-test-{tag}:", queue=f"gpu-{tag}", heartbeat_interval_s=0.5,
-                    heartbeat_stale_s=4, sweep_interval_s=1, send_grace_s=2)
+                    heartbeat_stale_s=4, sweep_interval_s=1, send_grace_s=2, allow_private_hosts=["127.0.0.1"])
 
 
 @pytest.fixture(scope="module")

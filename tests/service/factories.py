@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import SecretStr
+
 from jobs.artifacts import describe_checkpoint
 from jobs.db import transaction
 from jobs.keys import issue_key
@@ -102,8 +104,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def env_value(value: Any) -> str:
+    """A setting as its ``GRPO_*`` variable spells it: lists comma-separated, secrets revealed."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return str(value)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = {f"GRPO_{name.upper()}": str(value) for name, value in settings.model_dump().items() if value is not None}
+    env = {f"GRPO_{name.upper()}": env_value(value) for name, value in settings.model_dump().items()
+           if value is not None}
     return {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -159,13 +159,14 @@ class ApiProcess(ChildProcess):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> ApiProcess:
+    def start(self, timeout: float = 60) -> ApiProcess:
+        """Start it, and wait up to ``timeout`` seconds for it to answer."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "warning"], cwd=ROOT, env=settings_env(self.settings), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._answers, timeout=60, what=f"the API on port {self.port}", interval=0.2)
+        wait_for(self._answers, timeout=timeout, what=f"the API on port {self.port}", interval=0.2)
         return self
 
     def _answers(self) -> bool:
@@ -210,8 +211,9 @@ class ScoringEndpoint:
         return f"http://127.0.0.1:{self.server.server_port}/score"
 
     def reward(self, **options: Any) -> dict[str, Any]:
-        """An ``http`` reward spec for this endpoint (loopback, so it is listed as allowed)."""
-        return {"type": "http", "url": self.url, "allowed_hosts": ["127.0.0.1"], "retries": 0, **options}
+        """An ``http`` reward spec for this endpoint (on loopback: the workers' settings must list
+        127.0.0.1 in ``allow_private_hosts``, as ``redis_worker_settings`` does)."""
+        return {"type": "http", "url": self.url, "retries": 0, **options}
 
     def __enter__(self) -> ScoringEndpoint:
         return self

@@ -89,16 +89,22 @@ def test_twenty_jobs_queued_when_redis_restarts_all_run(client, settings, redis_
 
 
 def post_until_answered(http: httpx.Client, spec: dict[str, Any]) -> str:
-    """Create a job as a careful client does: one Idempotency-Key, retried until the API answers."""
+    """Create a job as a careful client does: one Idempotency-Key, retried until the API answers.
+
+    A retry can overtake the attempt it repeats: the client gave up waiting (its 10 s timeout, on
+    a loaded machine) while the server went on. The retry then waits for that attempt's key and,
+    once it commits, is told 409 "another request with this Idempotency-Key is being processed;
+    retry it", and the next retry gets the job. Any other answer but 201 is a failure."""
     idempotency_key = uuid.uuid4().hex
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a restart on a loaded machine, and then a queue of retries
     while time.monotonic() < deadline:
         try:
             response = http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": idempotency_key})
-        except httpx.TransportError:  # the API is down, or died mid-request
+        except httpx.TransportError:  # the API is down, or died mid-request, or is slower than our timeout
             time.sleep(0.1)
             continue
-        if response.status_code >= 500:
+        if response.status_code >= 500 or (response.status_code == 409
+                                            and response.json()["error"]["code"] == "conflict"):
             time.sleep(0.1)
             continue
         assert response.status_code == 201, response.text
@@ -125,11 +131,13 @@ def test_an_api_killed_under_load_loses_no_accepted_job(settings, key, worker, t
     try:
         for thread in clients:
             thread.start()
-        wait_for(lambda: len(accepted) >= 3, timeout=60, what="the first jobs")
+        wait_for(lambda: len(accepted) >= 3, timeout=120, what="the first jobs")
         api.kill()  # SIGKILL, requests in flight: some committed and unanswered, some not committed
-        api.start()
+        api.start(timeout=180)
+        joined_by = time.monotonic() + 600  # each request gives up on its own after 180 s
         for thread in clients:
-            thread.join(timeout=120)
+            thread.join(timeout=max(0.0, joined_by - time.monotonic()))
+        assert not any(thread.is_alive() for thread in clients), "a client is still creating jobs"
     finally:
         api.stop()
 

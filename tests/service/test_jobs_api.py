@@ -8,7 +8,9 @@ from sqlalchemy import func, select
 from jobs.db import transaction
 from jobs.models import Job, JobStatus
 from jobs.queries import append_metrics, claim_job, finish_job
+from jobs.specs import run_config_for
 from tests.service.factories import api_key, bearer, job_spec, upload
+from trainer.config import OperatorPolicy
 
 
 @pytest.fixture
@@ -63,6 +65,12 @@ def test_a_local_model_directory_is_accepted(client, dataset_id, tmp_path) -> No
     ({"group_size": "many"}, 422, "group_size", "integer"),
     ({"colour": "blue"}, 422, "colour", "Extra inputs"),
     ({"webhook_url": "not a url"}, 422, "webhook_url", "URL"),
+    ({"reward": [{"type": "http", "url": "http://127.0.0.1:9000/score"}]}, 422, "reward[0].url",
+     "is a loopback address; the operator may allow it by listing '127.0.0.1' in GRPO_ALLOW_PRIVATE_HOSTS"),
+    ({"reward": [{"type": "http", "url": "https://scorer.example.com/", "allowed_hosts": ["10.0.0.1"]}]}, 422,
+     "reward[0].allowed_hosts", "is an operator setting, not a reward option"),
+    ({"reward": [{"type": "code_tests", "allow_network": True}]}, 422, "reward[0].allow_network",
+     "GRPO_SANDBOX_ALLOW_NETWORK"),
 ])
 def test_bad_specs_are_refused_and_nothing_is_created(client, settings, sent, dataset_id, change, status, param,
                                                       says) -> None:
@@ -162,3 +170,19 @@ def test_cancel_a_finished_job_is_409(client, settings, dataset_id) -> None:
         finish_job(session=session, job_id=job_id, worker="w", status=JobStatus.succeeded)
     response = client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 409 and response.json()["error"]["code"] == "job_already_finished"
+
+
+def test_the_operator_settings_let_jobs_reach_what_specs_cannot(client, settings) -> None:
+    """Private hosts and a network for code are the operator's to allow, and the workers' runs
+    get the settings' allowances (not the spec's, not the trainer's environment)."""
+    settings.allow_private_hosts = ["127.0.0.1"]
+    settings.sandbox_allow_network = True
+    dataset_id = upload(client, [{"prompt": "Write add.", "tests": ["assert add(1, 2) == 3"]}]).json()["id"]
+    reward = [{"type": "http", "url": "http://127.0.0.1:9000/score"},
+              {"type": "code_tests", "allow_network": True, "weight": 0.5}]
+    response = client.post("/v1/jobs", json=job_spec(dataset_id, reward=reward))
+    assert response.status_code == 201, response.text
+    with transaction(settings.database_url) as session:
+        run = run_config_for(session.get(Job, response.json()["id"]), settings)
+    assert run.policy == OperatorPolicy(allow_private_hosts=("127.0.0.1",), sandbox_allow_unisolated=False,
+                                        sandbox_allow_network=True)

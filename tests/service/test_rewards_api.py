@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,6 +59,21 @@ def test_a_bad_spec_is_a_422_that_names_the_field(client, reward, param, says) -
     assert error["param"] == param and says in error["message"]
 
 
+def test_private_hosts_and_networks_for_code_are_the_operators_to_allow(client, settings) -> None:
+    http = [{"type": "http", "url": "http://127.0.0.1:9/score", "retries": 0}]
+    refused = run(client, reward=http).json()["error"]
+    assert refused["param"] == "reward[0].url" and "GRPO_ALLOW_PRIVATE_HOSTS" in refused["message"]
+    spec_allowed = run(client, reward=[{**http[0], "allowed_hosts": ["127.0.0.1"]}]).json()["error"]
+    assert spec_allowed["param"] == "reward[0].allowed_hosts" and "operator setting" in spec_allowed["message"]
+    networked = run(client, reward=[{"type": "code_tests", "allow_network": True}]).json()["error"]
+    assert networked["param"] == "reward[0].allow_network"
+
+    settings.allow_private_hosts = ["127.0.0.1"]  # now the dry-run calls it (nothing listens: a counted error)
+    response = run(client, reward=http)
+    assert response.status_code == 200, response.text
+    assert response.json()["errors"] == {"http": 1} and "cannot connect" in response.json()["error_messages"][0]
+
+
 def test_the_number_of_samples_is_bounded(client, settings) -> None:
     settings.max_reward_run_samples = 2
     response = run(client, samples=[{"completion": str(i), "row": {"answer": "1"}} for i in range(3)])
@@ -80,3 +96,21 @@ def test_scoring_loads_no_torch_into_the_api_process(settings) -> None:
             "loaded = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code, f"Bearer {api_key(settings)}"], cwd=ROOT,
                    env=settings_env(settings), check=True, timeout=60)
+
+
+def test_a_pathological_expression_or_pattern_is_a_counted_error_not_a_hung_request(client) -> None:
+    """The dry-run scores on the API's worker threads, where math-verify's signal-based timeout
+    cannot run: 9^(9^(9^9)) would keep sympy busy for hours, "(a|a)+$" backtracks 2**40 ways."""
+    reward = [{"type": "math", "timeout_s": 1}, {"type": "regex", "pattern": "(a|a)+$"}]
+    samples = [{"completion": "$\\boxed{9^{9^{9^{9}}}}$ " + "a" * 40 + "!", "row": {"answer": "2"}},
+               {"completion": "$\\boxed{2}$", "row": {"answer": "2"}}]
+    run(client, reward=reward[:1], samples=samples[1:])  # a math-verify process started, outside the timing
+    started = time.monotonic()
+    response = run(client, reward=reward, samples=samples)
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started < 10  # 1 s for each, and a loaded machine's slack
+    body = response.json()
+    assert body["errors"] == {"math": 1, "regex": 1}
+    assert [score["errors"] for score in body["data"]] == [["math", "regex"], []]
+    assert "math: math-verify timed out after 1s" in body["error_messages"][0]
+    assert "regex: the pattern '(a|a)+$' timed out after 1s" in body["error_messages"][1]

@@ -39,7 +39,7 @@ def alice(client, settings) -> dict[str, str | int]:
     dataset_id = upload(client).json()["id"]
     job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
     make_checkpoint(settings, job_id, 2)
-    return {"dataset_id": dataset_id, "job_id": job_id, "step": 2}
+    return {"dataset_id": dataset_id, "file_id": dataset_id, "job_id": job_id, "step": 2}  # a file is a dataset
 
 
 @pytest.fixture
@@ -105,7 +105,8 @@ def test_health_metrics_and_docs_stay_open(settings, sent) -> None:
 
 
 def test_another_owner_s_resources_are_404_like_missing_ones_on_every_route(client, settings, alice, bob) -> None:
-    missing = {"dataset_id": new_id("ds"), "job_id": new_id("job"), "step": 2}
+    missing_dataset = new_id("ds")
+    missing = {"dataset_id": missing_dataset, "file_id": missing_dataset, "job_id": new_id("job"), "step": 2}
     tried = set()
     for method, path in v1_routes(client):
         if "{" not in path:
@@ -121,7 +122,8 @@ def test_another_owner_s_resources_are_404_like_missing_ones_on_every_route(clie
             tried.add(f"{method} {path}")
     assert {"GET /v1/datasets/{dataset_id}", "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel",
             "GET /v1/jobs/{job_id}/metrics", "GET /v1/jobs/{job_id}/events", "GET /v1/jobs/{job_id}/checkpoints",
-            "GET /v1/jobs/{job_id}/checkpoints/{step}/download"} <= tried
+            "GET /v1/jobs/{job_id}/checkpoints/{step}/download", "GET /v1/files/{file_id}",
+            "GET /v1/fine_tuning/jobs/{job_id}", "POST /v1/fine_tuning/jobs/{job_id}/cancel"} <= tried
 
     # nothing bob did reached alice's job, and she still sees all of it
     job = client.get(f"/v1/jobs/{alice['job_id']}").json()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from trainer.config import ConfigError, GRPOConfig, RunConfig
+from trainer.__main__ import policy_from_environ
+from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig
 from trainer.data import PromptSampler, parse_rows
 from trainer.errors import DatasetError
 
@@ -63,3 +64,12 @@ def test_run_config_from_spec_takes_top_level_group_size():
     assert run.reward == [{"type": "exact_match"}]
     with pytest.raises(ConfigError, match="base_model: is required"):
         RunConfig.from_spec({"dataset": "d", "reward": []})
+
+
+def test_only_the_cli_reads_the_operators_allowances_from_the_environment():
+    assert policy_from_environ({}) == OperatorPolicy() == RunConfig.from_spec(
+        {"base_model": "m", "dataset": "d.jsonl", "reward": [{"type": "exact_match"}]}).policy
+    environ = {"GRPO_ALLOW_PRIVATE_HOSTS": " 127.0.0.1, scorer.internal ,", "GRPO_SANDBOX_ALLOW_UNISOLATED": "1",
+               "GRPO_SANDBOX_ALLOW_NETWORK": "true"}
+    assert policy_from_environ(environ) == OperatorPolicy(allow_private_hosts=("127.0.0.1", "scorer.internal"),
+                                                          sandbox_allow_unisolated=True, sandbox_allow_network=True)

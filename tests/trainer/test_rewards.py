@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import socket
 import ssl
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from trainer import net
-from trainer.config import ConfigError
+from trainer.config import ConfigError, OperatorPolicy
 from trainer.errors import ModelLoadError
 from trainer.rewards import (
     REWARD_TYPES,
     RewardSuite,
+    check_operator_policy,
     code_tests,
     required_fields,
     sandbox,
@@ -30,16 +32,17 @@ from trainer.rewards.base import RewardType
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def score(spec: dict, completions: list[str], rows: list[dict] | None = None):
+def score(spec: dict, completions: list[str], rows: list[dict] | None = None, policy: OperatorPolicy | None = None):
     """Run one reward spec over completions (empty prompts; rows default to empty objects)."""
     rows = rows if rows is not None else [{} for _ in completions]
-    with RewardSuite([spec]) as suite:
+    with RewardSuite([spec], policy=policy) as suite:
         return suite(["" for _ in completions], completions, rows)
 
 
-def parts(spec: dict, completions: list[str], rows: list[dict] | None = None) -> list[float | None]:
+def parts(spec: dict, completions: list[str], rows: list[dict] | None = None,
+          policy: OperatorPolicy | None = None) -> list[float | None]:
     """The one reward's unweighted scores."""
-    (scores,) = score(spec, completions, rows).parts.values()
+    (scores,) = score(spec, completions, rows, policy).parts.values()
     return scores
 
 
@@ -79,6 +82,13 @@ def test_exact_match_regex_group_and_case():
     assert parts({**spec, "case_sensitive": True}, completions[:1], rows[:1]) == [0.0]
 
 
+def test_exact_match_boxed_is_linear_in_a_completion_that_repeats_boxes():
+    completion = "\\boxed{" * 20_000 + "\\boxed{7}"  # quadratic scanning took ~8 s at a quarter of this
+    started = time.monotonic()
+    assert parts({"type": "exact_match", "extract": "boxed"}, [completion], answers("7")) == [1.0]
+    assert time.monotonic() - started < 2
+
+
 def test_exact_match_full_collapses_whitespace():
     completions = ["  Hello \n  World ", "hello world!"]
     assert parts({"type": "exact_match", "extract": "full"}, completions, answers("hello world", "hello world")) \
@@ -115,6 +125,54 @@ def test_math_runs_off_the_main_thread():
     assert results == [[1.0, 1.0, 0.0, 0.0]]
 
 
+def test_math_that_never_ends_is_a_timeout_error_off_the_main_thread():
+    """9^(9^(9^9)) makes sympy compute for hours; the API scores in worker threads, where
+    math-verify's own signal-based timeout cannot run."""
+    spec = {"type": "math", "timeout_s": 1}
+    completions = ["$\\boxed{9^{9^{9^{9}}}}$", "$\\boxed{2}$"]
+    parts({"type": "math"}, ["$2$"], answers("2"))  # a child process started, outside the timing
+    results, elapsed = [], []
+
+    def run() -> None:
+        started = time.monotonic()
+        results.append(score(spec, completions, answers("2", "2")))
+        elapsed.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and elapsed[0] < 5
+    (output,) = results
+    assert output.parts["math"] == [None, 1.0] and output.errors == {"math": 1}
+    assert output.error_messages == ["math: math-verify timed out after 1s on this completion"]
+
+
+def test_a_math_child_that_stops_answering_is_killed_at_the_limit(tmp_path):
+    """The backstop for work a signal cannot interrupt (a long computation in C)."""
+    from trainer.rewards.base import RewardError
+    from trainer.rewards.math_pool import KILL_GRACE_S, MathPool
+
+    stuck = tmp_path / "stuck_child.py"
+    stuck.write_text("import os, signal, sys, time\n"
+                     "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                     "print('{\"ready\": true}', flush=True)\n"
+                     "sys.stdin.readline()\n"
+                     "print(os.getpid(), file=open(sys.argv[0] + '.pid', 'w'), flush=True)\n"
+                     "time.sleep(3600)\n")
+    pool = MathPool(size=1, script=stuck)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RewardError, match="timed out after 1s"):
+            pool.check("2", "$2$", timeout_s=1)
+        assert time.monotonic() - started < 1 + KILL_GRACE_S + 2
+        pid = int((tmp_path / "stuck_child.py.pid").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
+        assert pool.idle == []  # the next check starts a fresh child
+    finally:
+        pool.close()
+
+
 def test_math_unreadable_gold_answer_is_an_error():
     output = score({"type": "math"}, ["$2$"], answers("}{"))
     assert output.errors == {"math": 1}
@@ -136,6 +194,37 @@ def test_regex_match_full_match_and_flags():
 def test_regex_fraction_is_the_covered_share_of_characters():
     spec = {"type": "regex", "pattern": "a+", "score": "fraction"}
     assert parts(spec, ["aab", "bbbb", "", "aaaa", "abab"]) == [2 / 3, 0.0, 0.0, 1.0, 0.5]
+
+
+# "(a|a)+$" tries 2**n ways to split n a's before it fails at the "!": no end in a lifetime at 40.
+BACKTRACKING = "(a|a)+$"
+BACKTRACKING_TEXT = "a" * 40 + "!"
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "regex", "pattern": BACKTRACKING},
+    {"type": "regex", "pattern": BACKTRACKING, "full_match": True},
+    {"type": "regex", "pattern": BACKTRACKING, "score": "fraction"},
+    {"type": "exact_match", "extract": "regex", "pattern": BACKTRACKING},
+], ids=["search", "full_match", "fraction", "exact_match"])
+def test_a_backtracking_pattern_is_a_timeout_error_per_completion(spec):
+    from trainer.rewards.base import PATTERN_TIMEOUT_S
+
+    started = time.monotonic()
+    output = score(spec, [BACKTRACKING_TEXT, "aaa"], answers("aaa", "a"))
+    assert time.monotonic() - started < PATTERN_TIMEOUT_S + 2
+    (name,) = output.parts
+    assert output.parts[name][0] is None and output.parts[name][1] is not None  # the other completion scored
+    assert output.errors == {name: 1}
+    assert output.error_messages == [
+        f"{name}: the pattern '(a|a)+$' timed out after {PATTERN_TIMEOUT_S:g}s on this completion; nested "
+        "repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it"]
+
+
+def test_patterns_are_checked_and_run_by_the_same_engine():
+    # Variable-length lookbehind and Unicode properties: the regex engine has them, re has not.
+    assert parts({"type": "regex", "pattern": r"(?<=answer: +)\p{Lu}+"}, ["answer:   PARIS", "answer: paris"]) \
+        == [1.0, 0.0]
 
 
 def test_length_target_and_max_length():
@@ -255,7 +344,6 @@ class ScoringHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def scoring_server(monkeypatch):
     monkeypatch.setattr(net, "BACKOFF_S", 0.01)
-    monkeypatch.delenv(net.ALLOW_PRIVATE_HOSTS_ENV, raising=False)
     ScoringHandler.hits = {}
     ScoringHandler.headers_seen = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScoringHandler)
@@ -267,12 +355,12 @@ def scoring_server(monkeypatch):
 
 
 COMPLETIONS = ["a", "bb", "ccc"]
-LOCAL = {"allowed_hosts": ["127.0.0.1"]}  # the test server listens on loopback, refused unless listed
+LOCAL = OperatorPolicy(allow_private_hosts=("127.0.0.1",))  # the test server listens on loopback
 
 
 def test_http_good_answer(scoring_server):
-    spec = {"type": "http", "url": f"{scoring_server}/good", "headers": {"Authorization": "Bearer t0ken"}, **LOCAL}
-    output = score(spec, COMPLETIONS, [{"id": i} for i in range(3)])
+    spec = {"type": "http", "url": f"{scoring_server}/good", "headers": {"Authorization": "Bearer t0ken"}}
+    output = score(spec, COMPLETIONS, [{"id": i} for i in range(3)], LOCAL)
     assert output.parts["http"] == [1.0, 2.0, 3.0]
     assert output.total == [1.0, 2.0, 3.0]
     assert ScoringHandler.headers_seen[0]["Authorization"] == "Bearer t0ken"
@@ -285,7 +373,7 @@ def test_http_good_answer(scoring_server):
     ("/fail", "answered HTTP 500"),
 ])
 def test_http_bad_answers_fail_the_whole_batch(scoring_server, path, expected):
-    output = score({"type": "http", "url": f"{scoring_server}{path}", **LOCAL}, COMPLETIONS)
+    output = score({"type": "http", "url": f"{scoring_server}{path}"}, COMPLETIONS, policy=LOCAL)
     assert output.parts["http"] == [None, None, None]
     assert output.errors == {"http": 3}
     assert output.total == [0.0, 0.0, 0.0]
@@ -294,10 +382,10 @@ def test_http_bad_answers_fail_the_whole_batch(scoring_server, path, expected):
 
 
 def test_http_retries_server_errors_and_counts_the_retries(scoring_server):
-    with RewardSuite([{"type": "http", "url": f"{scoring_server}/flaky", **LOCAL}]) as suite:
+    with RewardSuite([{"type": "http", "url": f"{scoring_server}/flaky"}], policy=LOCAL) as suite:
         assert suite([""] * 3, COMPLETIONS, [{}] * 3).parts["http"] == [1.0, 2.0, 3.0]
         assert suite._functions[0].retried == 1
-    with RewardSuite([{"type": "http", "url": f"{scoring_server}/fail", **LOCAL}]) as suite:
+    with RewardSuite([{"type": "http", "url": f"{scoring_server}/fail"}], policy=LOCAL) as suite:
         assert "answered HTTP 500: 'internal error' after 3 tries" in suite([""], ["a"], [{}]).error_messages[0]
         assert suite._functions[0].retried == 2
     assert ScoringHandler.hits == {"/flaky": 2, "/fail": 3}  # the first try and two retries
@@ -315,13 +403,13 @@ def test_http_backoff_doubles_up_to_a_bound(scoring_server, monkeypatch):
 
 
 def test_http_timeout_and_refused_connection_are_errors(scoring_server):
-    output = score({"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2, **LOCAL}, COMPLETIONS)
+    output = score({"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2}, COMPLETIONS, policy=LOCAL)
     assert output.errors == {"http": 3}
     assert "no answer within 0.2 s" in output.error_messages[0]
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         closed_port = unused.getsockname()[1]
-    output = score({"type": "http", "url": f"http://127.0.0.1:{closed_port}/", **LOCAL}, COMPLETIONS)
+    output = score({"type": "http", "url": f"http://127.0.0.1:{closed_port}/"}, COMPLETIONS, policy=LOCAL)
     assert output.errors == {"http": 3}
     assert "cannot connect" in output.error_messages[0] and "after 3 tries" in output.error_messages[0]
 
@@ -331,20 +419,34 @@ def test_http_refuses_a_host_name_that_resolves_to_loopback_and_calls_it_once_li
     output = score({"type": "http", "url": url}, COMPLETIONS)
     assert output.errors == {"http": 3}
     assert output.error_messages == [f"http: refusing to call {url}: localhost (resolved to 127.0.0.1) is a "
-                                     "loopback address; list 'localhost' in allowed_hosts to allow it"]
+                                     "loopback address; the operator may allow it by listing 'localhost' in "
+                                     "GRPO_ALLOW_PRIVATE_HOSTS"]
     assert ScoringHandler.hits == {}  # nothing was sent
-    assert parts({"type": "http", "url": url, "allowed_hosts": ["localhost"]}, COMPLETIONS) == [1.0, 2.0, 3.0]
-    with RewardSuite([{"type": "http", "url": url}], allow_private_hosts=["127.0.0.1"]) as suite:  # the caller's
+    by_name = OperatorPolicy(allow_private_hosts=("localhost",))
+    assert parts({"type": "http", "url": url}, COMPLETIONS, policy=by_name) == [1.0, 2.0, 3.0]
+    with RewardSuite([{"type": "http", "url": url}], policy=LOCAL) as suite:  # by address
         assert suite([""] * 3, COMPLETIONS, [{}] * 3).parts["http"] == [1.0, 2.0, 3.0]
     assert ScoringHandler.headers_seen[0]["Host"] == url.split("/")[2]
 
 
-def test_the_operator_may_allow_private_hosts_for_every_spec(scoring_server, monkeypatch):
+def test_only_the_operator_may_allow_private_hosts(scoring_server, monkeypatch):
     spec = {"type": "http", "url": f"{scoring_server}/good"}
-    with pytest.raises(ConfigError, match="is a loopback address"):
-        validate_reward_specs([spec])
-    monkeypatch.setenv(net.ALLOW_PRIVATE_HOSTS_ENV, "scorer.internal, 127.0.0.1")
-    assert parts(spec, COMPLETIONS) == [1.0, 2.0, 3.0]
+    # The trainer reads no environment: the operator's list comes from the caller (the service's settings).
+    monkeypatch.setenv(net.ALLOW_PRIVATE_HOSTS_ENV, "127.0.0.1")
+    for policy in (None, OperatorPolicy(allow_private_hosts=("scorer.internal",))):
+        with pytest.raises(ConfigError, match="is a loopback address") as refused:
+            RewardSuite([spec], policy=policy)
+        assert refused.value.param == "reward[0].url" and "GRPO_ALLOW_PRIVATE_HOSTS" in refused.value.message
+    assert parts(spec, COMPLETIONS, policy=OperatorPolicy(allow_private_hosts=("scorer.internal", "127.0.0.1"))) \
+        == [1.0, 2.0, 3.0]
+    # A spec cannot allow a host itself: its former allowed_hosts option points to the operator's setting.
+    for allowed in (["127.0.0.1"], []):
+        with pytest.raises(ConfigError) as caught:
+            validate_reward_specs([{**spec, "allowed_hosts": allowed}])
+        assert caught.value.param == "reward[0].allowed_hosts"
+        assert "operator setting" in caught.value.message and "GRPO_ALLOW_PRIVATE_HOSTS" in caught.value.message
+    assert "allowed_hosts" not in validate_reward_specs([spec])[0]
+    assert ScoringHandler.hits == {"/good": 1}
 
 
 @pytest.mark.parametrize(("host", "reason"), [
@@ -371,16 +473,16 @@ def test_the_operator_may_allow_private_hosts_for_every_spec(scoring_server, mon
     ("[::]", "the unspecified address"),
     ("240.0.0.1", "a reserved address"),
 ])
-def test_outbound_urls_to_non_public_addresses_are_refused_with_the_url(host, reason, monkeypatch):
-    monkeypatch.delenv(net.ALLOW_PRIVATE_HOSTS_ENV, raising=False)
+def test_outbound_urls_to_non_public_addresses_are_refused_with_the_url(host, reason):
     url = f"http://{host}:8000/score"
-    with pytest.raises(net.OutboundError) as caught:
+    with pytest.raises(net.RefusedUrl) as caught:
         net.check_outbound_url(url)
     message = str(caught.value)
-    assert message.startswith(f"refusing to call {url}: ") and reason in message and "allowed_hosts" in message
+    assert message.startswith(f"refusing to call {url}: ") and reason in message
+    assert "GRPO_ALLOW_PRIVATE_HOSTS" in message
     # A spec that names such an address is refused before any job runs.
     with pytest.raises(ConfigError) as invalid:
-        validate_reward_specs([{"type": "http", "url": url}])
+        check_operator_policy(validate_reward_specs([{"type": "http", "url": url}]), OperatorPolicy())
     assert invalid.value.param == "reward[0].url" and reason in invalid.value.message
 
 
@@ -577,10 +679,12 @@ def test_validate_fills_defaults_and_copies():
 
 @pytest.mark.parametrize(("specs", "param", "words"), [
     ([{"type": "bleu"}], "reward[0].type", "known types: code_tests, exact_match, http, length, math, "
-                                           "regex, reward_model"),
+                                           "python_grader, regex, reward_model, string_check, text_similarity"),
     ([{"weight": 1}], "reward[0].type", "is required"),
     ([{"type": "exact_match"}, {"type": "regex"}], "reward[1].pattern", "is required for a regex reward"),
     ([{"type": "regex", "pattern": "(unclosed"}], "reward[0].pattern", "not a valid regular expression"),
+    ([{"type": "regex", "pattern": r"\p{Nonsense}"}], "reward[0].pattern", "not a valid regular expression"),
+    ([{"type": "math", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
     ([{"type": "regex", "pattern": "a", "flags": "q"}], "reward[0].flags", "unknown regex flag 'q'"),
     ([{"type": "regex", "pattern": "a", "weight": "high"}], "reward[0].weight", "must be a number"),
     ([{"type": "regex", "pattern": "a", "weight": True}], "reward[0].weight", "must be a number"),
@@ -600,8 +704,8 @@ def test_validate_fills_defaults_and_copies():
     ([{"type": "http", "url": "ftp://x"}], "reward[0].url", "http:// or https://"),
     ([{"type": "http", "url": "http://x", "headers": {"a": 1}}], "reward[0].headers", "object of strings"),
     ([{"type": "http", "url": "http://x", "allowed_hosts": "x"}], "reward[0].allowed_hosts", "list of strings"),
-    ([{"type": "http", "url": "http://x", "allowed_hosts": ["http://x/"]}], "reward[0].allowed_hosts[0]",
-     "without scheme, port or path"),
+    ([{"type": "http", "url": "http://x", "allowed_hosts": ["x"]}], "reward[0].allowed_hosts",
+     "GRPO_ALLOW_PRIVATE_HOSTS"),
     ([{"type": "http", "url": "http://x", "retries": 9}], "reward[0].retries", "must be <= 5"),
     ([{"type": "reward_model"}], "reward[0].model", "is required"),
     ([{"type": "math", "name": "m"}, {"type": "length", "target": 3, "name": "m"}], "reward[1].name",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.config import OperatorPolicy
 from trainer.rewards import RewardSuite, code_tests, sandbox
 from trainer.rewards.sandbox import SandboxUnavailable, run_sandboxed
 
@@ -69,8 +70,9 @@ def printed(code: str, **options) -> str:
     return result.stdout.decode().strip()
 
 
-def reward(program: str, tests: list[str], **spec) -> tuple[list, dict, list[str]]:
-    with RewardSuite([{"type": "code_tests", **spec}]) as suite:
+def reward(program: str, tests: list[str], policy: OperatorPolicy | None = None,
+           **spec) -> tuple[list, dict, list[str]]:
+    with RewardSuite([{"type": "code_tests", **spec}], policy=policy) as suite:
         output = suite([""], [textwrap.dedent(program)], [{"tests": tests}])
     return output.parts["code_tests"], output.errors, output.error_messages
 
@@ -130,15 +132,15 @@ def test_the_program_runs_unprivileged_with_an_empty_environment():
 # --- network -----------------------------------------------------------------------------------
 
 
-def test_no_tcp_even_to_the_hosts_loopback(monkeypatch):
+def test_no_tcp_even_to_the_hosts_loopback():
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()"
         assert reward(program, ["assert True"]) == ([0.0], {"code_tests": 0}, [])
         assert printed(outcome(f"socket.create_connection(('127.0.0.1', {port}), timeout=1)")) == "OSError ENETUNREACH"
         # The operator may allow the network; then the same program connects: the checks above are not vacuous.
-        monkeypatch.setenv(code_tests.ALLOW_NETWORK_ENV, "1")
-        assert reward(program, ["assert True"], allow_network=True) == ([1.0], {"code_tests": 0}, [])
+        networked = OperatorPolicy(sandbox_allow_network=True)
+        assert reward(program, ["assert True"], networked, allow_network=True) == ([1.0], {"code_tests": 0}, [])
 
 
 def test_no_udp():
@@ -154,9 +156,10 @@ def test_no_udp():
 
 
 def test_allow_network_needs_the_operators_consent(monkeypatch):
-    monkeypatch.delenv(code_tests.ALLOW_NETWORK_ENV, raising=False)
-    with pytest.raises(ValueError, match="GRPO_SANDBOX_ALLOW_NETWORK=1"):
+    monkeypatch.setenv(code_tests.ALLOW_NETWORK_ENV, "1")  # read by the service's settings, not by the trainer
+    with pytest.raises(ValueError, match="GRPO_SANDBOX_ALLOW_NETWORK=1") as refused:
         RewardSuite([{"type": "code_tests", "allow_network": True}])
+    assert refused.value.param == "reward[0].allow_network"
     UIDS.append(-1)  # no sandbox ran; nothing to check
 
 
@@ -276,7 +279,7 @@ def no_namespaces(tmp_path, monkeypatch):
     script = tmp_path / "launcher.py"
     script.write_text(NO_UNSHARE_LAUNCHER.format(launcher=str(sandbox.LAUNCHER)))
     monkeypatch.setattr(sandbox, "LAUNCHER", script)
-    monkeypatch.delenv(sandbox.ALLOW_UNISOLATED_ENV, raising=False)
+    monkeypatch.setenv(sandbox.ALLOW_UNISOLATED_ENV, "1")  # read by the service's settings, not by the trainer
 
 
 def test_without_namespaces_code_rewards_are_refused_with_the_reason(no_namespaces):

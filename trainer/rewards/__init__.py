@@ -9,8 +9,9 @@ with it); a ``reward_model`` reward imports them when it is built.
 
 from trainer.rewards.base import RewardError
 from trainer.rewards.registry import REWARD_TYPES, required_fields, validate_reward_specs
-from trainer.rewards.suite import RewardOutput, RewardSuite
+from trainer.rewards.suite import RewardOutput, RewardSuite, check_operator_policy
 
 __all__ = [
-    "REWARD_TYPES", "RewardError", "RewardOutput", "RewardSuite", "required_fields", "validate_reward_specs",
+    "REWARD_TYPES", "RewardError", "RewardOutput", "RewardSuite", "check_operator_policy", "required_fields",
+    "validate_reward_specs",
 ]

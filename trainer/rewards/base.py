@@ -8,12 +8,13 @@ batch-level failure, which the suite counts against every completion.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from trainer.config import ConfigError
+import regex
+
+from trainer.config import ConfigError, OperatorPolicy
 
 Scores = list[float | Exception]
 REQUIRED = object()  # marks an option without a default
@@ -46,13 +47,16 @@ class RewardType:
     """An entry of the registry: the options a spec of this type takes and how to build it.
 
     ``check(spec, param)`` does the cross-option checks on a spec whose options are already typed;
-    ``fields(spec)`` names the dataset fields it reads; ``build(spec, device=, param=,
-    allow_private_hosts=)`` makes the function (loading a model or opening a client where needed).
+    ``check_policy(spec, param, policy)`` refuses what the operator's ``OperatorPolicy`` does not
+    allow (a non-public URL, a network for code); ``fields(spec)`` names the dataset fields it
+    reads; ``build(spec, device=, param=, policy=)`` makes the function (loading a model or opening
+    a client where needed).
     """
 
     options: dict[str, Option]
     build: Callable[..., RewardFunction]
     check: Callable[[dict[str, Any], str], None] | None = None
+    check_policy: Callable[[dict[str, Any], str, OperatorPolicy], None] | None = None
     fields: Callable[[dict[str, Any]], set[str]] = field(default=lambda spec: set())
     summary: str = ""
 
@@ -87,15 +91,26 @@ def row_value(row: dict[str, Any], name: str) -> Any:
     return value
 
 
-REGEX_FLAGS = {"a": re.ASCII, "i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+# User patterns run on the ``regex`` engine, the one ``re``-compatible engine with a time limit: a
+# pattern that backtracks catastrophically, e.g. "(a|a)+$", would otherwise hold a worker forever.
+REGEX_FLAGS = {"a": regex.ASCII, "i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL,
+               "x": regex.VERBOSE}
+PATTERN_TIMEOUT_S = 1.0  # one pattern on one completion; a sane pattern takes microseconds
 
 
-def compile_pattern(pattern: str, flags: str) -> re.Pattern[str]:
+def compile_pattern(pattern: str, flags: str) -> regex.Pattern[str]:
     """Compile a spec's ``pattern`` with its ``flags`` letters (already validated)."""
     value = 0
     for letter in flags:
         value |= REGEX_FLAGS[letter]
-    return re.compile(pattern, value)
+    return regex.compile(pattern, value)
+
+
+def pattern_timed_out(pattern: regex.Pattern[str]) -> RewardError:
+    """The error a completion gets when ``pattern`` ran past PATTERN_TIMEOUT_S on it."""
+    shown = pattern.pattern if len(pattern.pattern) <= 60 else pattern.pattern[:57] + "..."
+    return RewardError(f"the pattern {shown!r} timed out after {PATTERN_TIMEOUT_S:g}s on this completion; "
+                       "nested repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it")
 
 
 def check_pattern(spec: dict[str, Any], param: str) -> None:
@@ -107,7 +122,7 @@ def check_pattern(spec: dict[str, Any], param: str) -> None:
                           "s: dot matches newline, x: verbose)")
     try:
         compile_pattern(spec["pattern"], spec["flags"])
-    except re.error as exc:
+    except regex.error as exc:
         raise ConfigError(f"{param}.pattern", f"is not a valid regular expression ({exc}); fix it or escape "
                           "special characters with a backslash") from None
 

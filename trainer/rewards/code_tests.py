@@ -5,7 +5,9 @@ Each completion's program and the row's tests run together in ``code_harness.py`
 ``code_harness.py`` for how far a program can game its own score). A program that fails, exits,
 times out or hits a limit scores the tests it passed before; a sandbox that cannot run at all
 (or may not, on a machine without namespaces) is a counted error with the reason.
-``allow_network: true`` is accepted only where the operator sets ``GRPO_SANDBOX_ALLOW_NETWORK=1``.
+``allow_network: true`` is accepted only where the operator allows it (``OperatorPolicy``'s
+``sandbox_allow_network``, the ``GRPO_SANDBOX_ALLOW_NETWORK`` setting); running without namespaces
+where the machine refuses them is the operator's call too (``sandbox_allow_unisolated``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, OperatorPolicy
 from trainer.rewards.base import Option, RewardError, RewardType, Scores, row_value
 from trainer.rewards.sandbox import STARTUP_SLACK_S, SandboxError, run_sandboxed
 
@@ -74,6 +76,7 @@ class SandboxLimits:
     timeout_s: float = 5.0
     memory_mb: int = 512
     network: bool = False
+    allow_unisolated: bool = False  # the operator's: limits only where the machine refuses namespaces
 
 
 @cache
@@ -90,7 +93,8 @@ def run_tests(program: str, steps: list[dict[str, Any]], limits: SandboxLimits) 
     nonce = secrets.token_hex(16)
     job = json.dumps({"nonce": nonce, "program": program, "steps": steps}).encode()
     result = run_sandboxed(harness_source(), stdin=job, timeout_s=limits.timeout_s, memory_mb=limits.memory_mb,
-                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, network=limits.network)
+                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, network=limits.network,
+                           allow_unisolated=limits.allow_unisolated)
     report = result.stdout.decode("utf-8", "replace")
     progress = re.findall(rf"^{nonce} (\d+) (\d+)$", report, re.MULTILINE)
     if progress:
@@ -105,10 +109,11 @@ def run_tests(program: str, steps: list[dict[str, Any]], limits: SandboxLimits) 
 class CodeTests:
     """Scores a batch: each completion's program runs in its own sandbox, a few at a time."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], policy: OperatorPolicy):
         self.field = spec["field"]
         self.partial = spec["partial"]
-        self.limits = SandboxLimits(spec["timeout_s"], spec["memory_mb"], spec["allow_network"])
+        self.limits = SandboxLimits(spec["timeout_s"], spec["memory_mb"], spec["allow_network"],
+                                    policy.sandbox_allow_unisolated)
 
     def score(self, completion: str, row: dict[str, Any]) -> float:
         steps = split_tests(row_value(row, self.field))
@@ -140,7 +145,10 @@ def _check_code_tests(spec: dict[str, Any], param: str) -> None:
         raise ConfigError(f"{param}.timeout_s", f"must be <= {MAX_TIMEOUT_S:g} s, got {spec['timeout_s']:g}")
     if spec["memory_mb"] > MAX_MEMORY_MB:
         raise ConfigError(f"{param}.memory_mb", f"must be <= {MAX_MEMORY_MB}, got {spec['memory_mb']}")
-    if spec["allow_network"] and os.environ.get(ALLOW_NETWORK_ENV, "") != "1":
+
+
+def _check_code_tests_policy(spec: dict[str, Any], param: str, policy: OperatorPolicy) -> None:
+    if spec["allow_network"] and not policy.sandbox_allow_network:
         raise ConfigError(f"{param}.allow_network", "code from completions runs without network access; the "
                           f"operator may allow it by setting {ALLOW_NETWORK_ENV}=1 on the API and the workers")
 
@@ -155,6 +163,7 @@ CODE_TESTS = RewardType(
         "allow_network": Option("boolean", False),
     },
     check=_check_code_tests,
-    build=lambda spec, **_: CodeTests(spec),
+    check_policy=_check_code_tests_policy,
+    build=lambda spec, *, policy, **_: CodeTests(spec, policy),
     fields=lambda spec: {spec["field"]},
 )

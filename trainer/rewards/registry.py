@@ -11,6 +11,7 @@ from typing import Any
 from trainer.config import ConfigError
 from trainer.rewards.base import REQUIRED, Option, RewardType, check_option, known
 from trainer.rewards.code_tests import CODE_TESTS
+from trainer.rewards.graders import PYTHON_GRADER, STRING_CHECK, TEXT_SIMILARITY
 from trainer.rewards.model import REWARD_MODEL
 from trainer.rewards.remote import HTTP
 from trainer.rewards.rules import EXACT_MATCH, LENGTH, MATH, REGEX
@@ -23,6 +24,9 @@ REWARD_TYPES: dict[str, RewardType] = {
     "code_tests": CODE_TESTS,
     "reward_model": REWARD_MODEL,
     "http": HTTP,
+    "string_check": STRING_CHECK,
+    "text_similarity": TEXT_SIMILARITY,
+    "python_grader": PYTHON_GRADER,
 }
 COMMON_OPTIONS = {"weight": Option("number", 1.0), "name": Option("string", None)}
 MAX_NAME_LENGTH = 64

@@ -4,24 +4,32 @@ Request ``{"prompts": [...], "completions": [...], "rows": [...]}``; expected an
 ``{"rewards": [float, ...]}``, one per completion. Anything else fails the whole batch.
 
 The call goes through ``trainer.net.post_json``: loopback, private, link-local and other
-non-public addresses are refused unless the spec's ``allowed_hosts``, the caller's
-``allow_private_hosts`` or the operator's ``GRPO_ALLOW_PRIVATE_HOSTS`` lists the host; connection errors and 5xx answers are retried with
-bounded exponential backoff, and ``retried`` counts those retries.
+non-public addresses are refused unless the operator lists the host (``OperatorPolicy``'s
+``allow_private_hosts``, the ``GRPO_ALLOW_PRIVATE_HOSTS`` setting); a spec cannot (its former
+``allowed_hosts`` option is refused with a pointer to that setting: the spec is the tenant's, the
+network is the operator's). Connection errors and 5xx answers are retried with bounded
+exponential backoff, and ``retried`` counts those retries.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
-from trainer.config import ConfigError
-from trainer.net import MAX_RETRIES, OutboundError, check_url_literal, post_json, redact_url
+from trainer.config import ConfigError, OperatorPolicy
+from trainer.net import (
+    ALLOW_PRIVATE_HOSTS_ENV,
+    MAX_RETRIES,
+    OutboundError,
+    check_url_literal,
+    post_json,
+    redact_url,
+)
 from trainer.rewards.base import Option, RewardError, RewardType, Scores
 
 
 class HttpReward:
-    def __init__(self, spec: dict[str, Any], allow_private_hosts: Sequence[str] = ()):
+    def __init__(self, spec: dict[str, Any], policy: OperatorPolicy):
         import httpx
 
         self.url = spec["url"]
@@ -29,7 +37,7 @@ class HttpReward:
         self.retries = spec["retries"]
         self.timeout_s = spec["timeout_s"]
         self.headers = spec["headers"] or {}
-        self.allowed_hosts = [*(spec["allowed_hosts"] or ()), *allow_private_hosts]
+        self.allowed_hosts = policy.allow_private_hosts
         self.client = httpx.Client(timeout=self.timeout_s, trust_env=False, follow_redirects=False)
         self.retried = 0
 
@@ -68,12 +76,19 @@ def _check_http(spec: dict[str, Any], param: str) -> None:
         raise ConfigError(f"{param}.url", f"must be an http:// or https:// URL, got {spec['url']!r}")
     if spec["retries"] > MAX_RETRIES:
         raise ConfigError(f"{param}.retries", f"must be <= {MAX_RETRIES}, got {spec['retries']}")
-    for index, host in enumerate(spec["allowed_hosts"] or ()):
-        if not host or any(char in host for char in "/@? \t") or host.count(":") == 1:
-            raise ConfigError(f"{param}.allowed_hosts[{index}]", f"must be a host name or an IP address "
-                              f'without scheme, port or path, e.g. "127.0.0.1" or "scorer.internal", got {host!r}')
+    if spec["allowed_hosts"] is not None:
+        raise ConfigError(f"{param}.allowed_hosts", "is an operator setting, not a reward option: which loopback, "
+                          f"private or link-local hosts the workers may call is set by {ALLOW_PRIVATE_HOSTS_ENV} on "
+                          "the API and the workers; remove allowed_hosts from the spec (and ask the operator to "
+                          "list your host if it is not a public one)")
+    del spec["allowed_hosts"]  # an option only to be refused with that pointer; never part of a normalised spec
+
+
+def _check_http_policy(spec: dict[str, Any], param: str, policy: OperatorPolicy) -> None:
+    """A non-public address written in the URL is refused before anything runs; a host name is
+    resolved and checked again before every call."""
     try:
-        check_url_literal(spec["url"], spec["allowed_hosts"] or ())
+        check_url_literal(spec["url"], policy.allow_private_hosts)
     except OutboundError as exc:
         raise ConfigError(f"{param}.url", str(exc)) from None
 
@@ -85,8 +100,9 @@ HTTP = RewardType(
         "timeout_s": Option("number", 30.0, above=0),
         "headers": Option("headers", None),
         "retries": Option("integer", 2, minimum=0),
-        "allowed_hosts": Option("strings", None),
+        "allowed_hosts": Option("strings", None),  # refused: GRPO_ALLOW_PRIVATE_HOSTS is the operator's
     },
     check=_check_http,
-    build=lambda spec, allow_private_hosts=(), **_: HttpReward(spec, allow_private_hosts),
+    check_policy=_check_http_policy,
+    build=lambda spec, *, policy, **_: HttpReward(spec, policy),
 )

@@ -1,23 +1,29 @@
-"""Rule-based rewards: ``exact_match``, ``math``, ``regex`` and ``length``. Standard library only
-(math-verify is imported when a ``math`` reward is built)."""
+"""Rule-based rewards: ``exact_match``, ``math``, ``regex`` and ``length``. User patterns run on
+the ``regex`` engine with a time limit (PATTERN_TIMEOUT_S); math-verify runs in child processes
+(``math_pool.py``), which bound it on any thread."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import threading
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import regex
+
 from trainer.config import ConfigError
 from trainer.rewards.base import (
+    PATTERN_TIMEOUT_S,
     Option,
     PerCompletion,
     RewardError,
     RewardType,
     check_pattern,
     compile_pattern,
+    pattern_timed_out,
     row_value,
 )
+from trainer.rewards.math_pool import GoldUnreadable, check_math
 
 # A number not glued to a digit or point before it ("5-3" ends in "3", not "-3"), with optional
 # thousands separators and decimals.
@@ -37,16 +43,22 @@ def last_number(text: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{...}``; nested braces are balanced."""
-    found = None
-    for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for end in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            if depth == 0:
-                found = text[start:end]
-                break
-    return found
+    """The content of the last complete ``\\boxed{...}``; nested braces are balanced.
+
+    One pass pairs every brace (a stack), so a completion that repeats "\\boxed{" thousands of
+    times costs linear time, not the quadratic of scanning forward from each box."""
+    closing: dict[int, int] = {}  # the index of each "{" that closes -> the index of its "}"
+    opened: list[int] = []
+    for index, char in enumerate(text):
+        if char == "{":
+            opened.append(index)
+        elif char == "}" and opened:
+            closing[opened.pop()] = index
+    for match in reversed(list(_BOXED.finditer(text))):
+        end = closing.get(match.end() - 1)
+        if end is not None:
+            return text[match.end():end]
+    return None
 
 
 def after_marker(text: str, marker: str) -> str | None:
@@ -107,7 +119,10 @@ def _build_exact_match(spec: dict[str, Any], **_: Any) -> PerCompletion:
         if mode == "after_marker":
             return after_marker(completion, spec["marker"])
         if mode == "regex":
-            matches = list(pattern.finditer(completion))
+            try:
+                matches = list(pattern.finditer(completion, timeout=PATTERN_TIMEOUT_S))
+            except TimeoutError:
+                raise pattern_timed_out(pattern) from None
             if not matches:
                 return None
             return matches[-1].group(1 if pattern.groups else 0)
@@ -142,26 +157,27 @@ EXACT_MATCH = RewardType(
 # --- math --------------------------------------------------------------------------------------
 
 
-def _build_math(spec: dict[str, Any], **_: Any) -> PerCompletion:
-    from math_verify import parse, verify
+MAX_MATH_TIMEOUT_S = 60  # a check holds one of the process's few math-verify children this long
 
+
+def _check_math(spec: dict[str, Any], param: str) -> None:
+    if spec["timeout_s"] > MAX_MATH_TIMEOUT_S:
+        raise ConfigError(f"{param}.timeout_s", f"must be <= {MAX_MATH_TIMEOUT_S} s, got {spec['timeout_s']}; "
+                          "math-verify answers in milliseconds unless an expression is pathological")
+
+
+def _build_math(spec: dict[str, Any], **_: Any) -> PerCompletion:
+    if importlib.util.find_spec("math_verify") is None:
+        raise ModuleNotFoundError("the math reward needs math-verify: pip install math-verify")
     field_name = spec["field"]
 
     def score(prompt: str, completion: str, row: dict[str, Any]) -> float:
-        # math-verify times out with signal.alarm, which only the main thread may set; elsewhere
-        # (a web server's worker thread) it raises, so run without its timeout there.
-        timeout = spec["timeout_s"] if threading.current_thread() is threading.main_thread() else None
         expected = str(row_value(row, field_name))
-        # Plain "x^2+1" reads only as LaTeX; a string fallback there would hide an unreadable gold.
-        gold = (parse(expected, parsing_timeout=timeout)
-                or parse(f"${expected}$", parsing_timeout=timeout, fallback_mode="no_fallback"))
-        if not gold:
+        try:
+            return check_math(expected, completion, timeout_s=spec["timeout_s"])
+        except GoldUnreadable:
             raise RewardError(f"math-verify cannot read the row's {field_name!r} value {expected[:80]!r}; "
-                              "write it as a number or LaTeX, e.g. \\frac{1}{2}")
-        answer = parse(completion, parsing_timeout=timeout)
-        if not answer:
-            return 0.0
-        return float(verify(gold, answer, timeout_seconds=timeout))
+                              "write it as a number or LaTeX, e.g. \\frac{1}{2}") from None
 
     return PerCompletion(score)
 
@@ -169,6 +185,7 @@ def _build_math(spec: dict[str, Any], **_: Any) -> PerCompletion:
 MATH = RewardType(
     summary="1.0 when the completion's answer is mathematically equivalent to row[field] (math-verify)",
     options={"field": Option("string", "answer"), "timeout_s": Option("integer", 5, minimum=1)},
+    check=_check_math,
     build=_build_math,
     fields=lambda spec: {spec["field"]},
 )
@@ -177,21 +194,24 @@ MATH = RewardType(
 # --- regex -------------------------------------------------------------------------------------
 
 
-def covered_fraction(pattern: re.Pattern[str], text: str) -> float:
+def covered_fraction(pattern: regex.Pattern[str], text: str, timeout_s: float | None = None) -> float:
     """The share of ``text``'s characters inside non-overlapping matches of ``pattern``."""
     if not text:
         return 0.0
-    return sum(match.end() - match.start() for match in pattern.finditer(text)) / len(text)
+    return sum(match.end() - match.start() for match in pattern.finditer(text, timeout=timeout_s)) / len(text)
 
 
 def _build_regex(spec: dict[str, Any], **_: Any) -> PerCompletion:
     pattern = compile_pattern(spec["pattern"], spec["flags"])
 
     def score(prompt: str, completion: str, row: dict[str, Any]) -> float:
-        if spec["score"] == "fraction":
-            return covered_fraction(pattern, completion)
-        found = pattern.fullmatch(completion) if spec["full_match"] else pattern.search(completion)
-        return 1.0 if found else 0.0
+        try:
+            if spec["score"] == "fraction":
+                return covered_fraction(pattern, completion, PATTERN_TIMEOUT_S)
+            match = pattern.fullmatch if spec["full_match"] else pattern.search
+            return 1.0 if match(completion, timeout=PATTERN_TIMEOUT_S) else 0.0
+        except TimeoutError:
+            raise pattern_timed_out(pattern) from None
 
     return PerCompletion(score)
 

@@ -33,8 +33,9 @@ runs user-supplied code. Each call runs ``code`` in a fresh interpreter set up b
 The outcome is a ``SandboxResult`` whatever the program does. Where the machine refuses a
 namespace (not root; a container without CAP_SYS_ADMIN or whose seccomp profile blocks
 ``unshare``), ``run_sandboxed`` raises ``SandboxUnavailable`` with the reason, unless
-``allow_unisolated`` (default: the ``GRPO_SANDBOX_ALLOW_UNISOLATED=1`` environment variable) says
-to run with the limits, a scratch working directory and (as root) the uid drop only.
+``allow_unisolated`` (the operator's ``GRPO_SANDBOX_ALLOW_UNISOLATED`` setting, passed down; this
+module reads no environment) says to run with the limits, a scratch working directory and (as
+root) the uid drop only.
 
 Residual risks, not stopped here:
 
@@ -107,14 +108,12 @@ class SandboxResult:
 
 def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memory_mb: int = 512,
                   file_mb: int = 10, tmp_mb: int = 64, max_processes: int = 16, network: bool = False,
-                  allow_unisolated: bool | None = None) -> SandboxResult:
+                  allow_unisolated: bool = False) -> SandboxResult:
     """Run the Python source ``code`` with ``stdin`` in the sandbox; its outcome, whatever the code does.
 
     Raises SandboxUnavailable when the namespaces cannot be had (and ``allow_unisolated`` is
     false), SandboxError when the sandbox itself fails; never for what the program does.
     """
-    if allow_unisolated is None:
-        allow_unisolated = os.environ.get(ALLOW_UNISOLATED_ENV, "") == "1"
     python, prefix, hidden = _python_installation()
     scratch = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))
     try:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trainer.config import OperatorPolicy
 from trainer.rewards.base import RewardError, RewardFunction
 from trainer.rewards.registry import REWARD_TYPES, validate_reward_specs
 
@@ -24,24 +25,32 @@ class RewardOutput:
     error_messages: list[str]  # up to MAX_ERROR_MESSAGES distinct "name: message"
 
 
-class RewardSuite:
-    """Validates the specs, builds each function (loading a reward model if one is named) and
-    scores batches: ``suite(prompts, completions, rows) -> RewardOutput``.
+def check_operator_policy(specs: Sequence[dict[str, Any]], policy: OperatorPolicy) -> None:
+    """ConfigError naming ``reward[i].option`` where validated ``specs`` ask for what ``policy``
+    (the operator's) does not allow: a non-public URL, a network for code."""
+    for index, spec in enumerate(specs):
+        check = REWARD_TYPES[spec["type"]].check_policy
+        if check is not None:
+            check(spec, f"reward[{index}]", policy)
 
-    ``allow_private_hosts``: hosts the operator lets ``http`` rewards call although they are
-    loopback, private or link-local (added to each spec's own ``allowed_hosts``).
+
+class RewardSuite:
+    """Validates the specs, checks them against the operator's ``policy`` (default: allow
+    nothing beyond the spec's own checks), builds each function (loading a reward model if one
+    is named) and scores batches: ``suite(prompts, completions, rows) -> RewardOutput``.
     """
 
-    def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu", allow_private_hosts: Sequence[str] = ()):
+    def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu", policy: OperatorPolicy | None = None):
+        policy = policy or OperatorPolicy()
         self.specs = validate_reward_specs(specs)
+        check_operator_policy(self.specs, policy)
         self.names: list[str] = [spec["name"] for spec in self.specs]
         self.weights: list[float] = [spec["weight"] for spec in self.specs]
         self._functions: list[RewardFunction] = []
         try:
             for index, spec in enumerate(self.specs):
                 build = REWARD_TYPES[spec["type"]].build
-                self._functions.append(build(spec, device=device, param=f"reward[{index}]",
-                                             allow_private_hosts=tuple(allow_private_hosts)))
+                self._functions.append(build(spec, device=device, param=f"reward[{index}]", policy=policy))
         except BaseException:
             self.close()
             raise
