@@ -48,6 +48,8 @@ def serve(
         "Run a worker beside the API, with a SQLite database, a file-based broker and the artifacts "
         "all under --data-dir: no PostgreSQL, no Redis."))] = False,
     data_dir: Annotated[Path, typer.Option(help="Where the embedded setup keeps everything.")] = Path("var"),
+    workers: Annotated[int, typer.Option(min=1, help=(
+        "API processes (uvicorn workers): one per core the API may use. Not with --embedded."))] = 1,
 ) -> None:
     """Serve the HTTP API (and, with --embedded, a worker too)."""
     from jobs.settings import get_settings
@@ -55,12 +57,15 @@ def serve(
     _logging()
     refuse_open_unauthenticated(host, get_settings().auth)
     if embedded:
+        if workers != 1:
+            raise typer.BadParameter("the embedded setup runs one API process (SQLite, one writer)",
+                                     param_hint="--workers")
         from api.embedded import run_embedded
 
         raise typer.Exit(run_embedded(data_dir, host=host, port=port))
     import uvicorn
 
-    uvicorn.run("api.main:app", host=host, port=port)
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers)
 
 
 def is_loopback(host: str) -> bool:
