@@ -23,33 +23,37 @@ from torch import nn
 
 class _ChunkedSelectedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
         # hidden [N, H], weight [V, H], targets [N]
         logps = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N]
-        entropy = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N]
+        lse = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N] kept for backward
+        entropy = hidden.new_empty(targets.shape[0] if with_entropy else 0, dtype=torch.float32)  # [N] or [0]
         for start in range(0, targets.shape[0], chunk_size):
             end = start + chunk_size
             logits = (hidden[start:end] @ weight.T).float() / temperature  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
-            logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - lse
-            probs = torch.exp(logits - lse[:, None])  # [n, V]
-            entropy[start:end] = lse - (probs * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets)
+            peak = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+            exps = torch.exp(logits - peak)  # [n, V] the one exponential pass
+            total = exps.sum(-1)  # [n]
+            lse[start:end] = peak.squeeze(-1) + torch.log(total)
+            logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - lse[start:end]
+            if with_entropy:  # H = lse - sum(p * logits), p = exps / total
+                entropy[start:end] = lse[start:end] - (exps * logits).sum(-1) / total
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None  # [V, H]
         for start in range(0, targets.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             logits = (hidden[start:end] @ weight.T).float() / ctx.temperature  # [n, V]
-            # d logp(target) / d logits = onehot(target) - softmax(logits)
-            grad_logits = -torch.softmax(logits, dim=-1)  # [n, V]
+            # d logp(target) / d logits = onehot(target) - softmax(logits), softmax = exp(logits - lse)
+            grad_logits = torch.exp(logits.sub_(lse[start:end, None])).neg_()  # [n, V]
             grad_logits.scatter_add_(-1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits *= grad_logps[start:end, None] / ctx.temperature
             if need_hidden:
@@ -58,18 +62,22 @@ class _ChunkedSelectedLogProbs(torch.autograd.Function):
                 grad_weight += grad_logits.T @ hidden[start:end].float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def selected_logprobs(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
+    chunk_size: int = 1024, with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(lm_head(hidden) / T)[target] and the distribution's entropy, per row, in chunks.
 
-    hidden [N, H], targets [N] -> (logps [N] float32, differentiable; entropy [N] float32, not).
+    hidden [N, H], targets [N] -> (logps [N] float32, differentiable; entropy [N] float32, not,
+    or None without ``with_entropy``: the reference and old-policy passes need only log-probs).
     """
     if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
-        return _ChunkedSelectedLogProbs.apply(hidden, lm_head.weight, targets, temperature, chunk_size)
+        logps, entropy = _ChunkedSelectedLogProbs.apply(hidden, lm_head.weight, targets, temperature, chunk_size,
+                                                        with_entropy)
+        return logps, entropy if with_entropy else None
     # An LM head that is not a plain linear map (e.g. wrapped by an adapter): chunk it all the same,
     # letting autograd keep each chunk's logits.
     logps, entropies = [], []
@@ -77,8 +85,9 @@ def selected_logprobs(
         logits = lm_head(hidden[start:start + chunk_size]).float() / temperature  # [n, V]
         log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
         logps.append(log_probs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1))
-        entropies.append(-(log_probs.exp() * log_probs).sum(-1).detach())
-    return torch.cat(logps), torch.cat(entropies)
+        if with_entropy:
+            entropies.append(-(log_probs.exp() * log_probs).sum(-1).detach())
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
 @dataclass
@@ -144,11 +153,11 @@ def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def completion_logprobs(
-    model: nn.Module, batch: PackedBatch, *, temperature: float, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: nn.Module, batch: PackedBatch, *, temperature: float, chunk_size: int, with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs and entropies of every completion packed in ``batch`` under ``model``
     (a Hugging Face causal LM, or a peft model around one). Returns flat tensors (logps [N],
-    entropy [N]) in the order the groups list their completions."""
+    entropy [N], or None without ``with_entropy``) in the order the groups list their completions."""
     decoder, lm_head = model_parts(model)
     hidden = decoder(
         input_ids=batch.input_ids,
@@ -157,4 +166,5 @@ def completion_logprobs(
         use_cache=False,
     ).last_hidden_state  # [R, S, H]
     hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_from]  # [N, H]
-    return selected_logprobs(hidden, lm_head, batch.targets, temperature=temperature, chunk_size=chunk_size)
+    return selected_logprobs(hidden, lm_head, batch.targets, temperature=temperature, chunk_size=chunk_size,
+                             with_entropy=with_entropy)

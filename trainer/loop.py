@@ -263,11 +263,11 @@ def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.
             with models.reference_model() as reference:
                 reference.eval()
                 for micro, batch in zip(micro_batches, packed, strict=True):
-                    micro.ref_logps, _ = completion_logprobs(reference, batch, **forward)
+                    micro.ref_logps, _ = completion_logprobs(reference, batch, **forward, with_entropy=False)
         if cfg.num_iterations > 1:
             policy.eval()
             for micro, batch in zip(micro_batches, packed, strict=True):
-                micro.old_logps, _ = completion_logprobs(policy, batch, **forward)
+                micro.old_logps, _ = completion_logprobs(policy, batch, **forward, with_entropy=False)
 
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     policy.train()

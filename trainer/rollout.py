@@ -2,7 +2,8 @@
 
 Each prompt is prefilled once and its KV cache repeated for its G completions (the cache of G
 identical prompts is identical, so this is exact); decoding then runs all B*G sequences together
-with the cache, stops a sequence at EOS and the whole batch once every sequence has stopped.
+with the cache, stops a sequence at EOS (and drops finished sequences from the batch once a
+quarter of it has finished) and the whole batch once every sequence has stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+PRUNE_WHEN_FINISHED = 4  # drop finished rows from the decoding batch once 1/4 of it has finished
 
 
 @dataclass
@@ -72,22 +75,33 @@ def generate(
     next_position = position_ids[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [B*G, 1]
 
     eos = torch.tensor(eos_token_ids, device=device)
-    finished = torch.zeros(batch * group_size, dtype=torch.bool, device=device)  # [B*G]
-    tokens = []
-    for _ in range(max_new_tokens):
-        token = sample_top_p(logits / temperature if temperature != 1.0 else logits, top_p, generator)  # [B*G]
+    rows = torch.arange(batch * group_size, device=device)  # [A] the completion each decoding row is
+    finished = torch.zeros(batch * group_size, dtype=torch.bool, device=device)  # [A]
+    generated = torch.full((batch * group_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    steps = 0
+    for step in range(max_new_tokens):
+        token = sample_top_p(logits / temperature if temperature != 1.0 else logits, top_p, generator)  # [A]
         token = token.masked_fill(finished, pad_id)
-        tokens.append(token)
+        generated[rows, step] = token
+        steps = step + 1
         finished |= torch.isin(token, eos)
-        if finished.all() or len(tokens) == max_new_tokens:
+        if finished.all() or steps == max_new_tokens:
             break
-        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)  # [B*G, P+t]
+        if int(finished.sum()) * PRUNE_WHEN_FINISHED >= finished.numel():
+            # Enough rows are done to be worth a copy of the cache without them: the rest of
+            # the decode costs what the unfinished rows cost. Their sampling draws change (the
+            # batch is smaller), their distribution does not.
+            keep = (~finished).nonzero().squeeze(-1)  # [A']
+            cache.batch_select_indices(keep)
+            rows, finished, token = rows[keep], finished[keep], token[keep]
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)  # [A, P+t]
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
                     cache=cache, use_cache=True)
-        logits = out.logits[:, -1]  # [B*G, V]
+        logits = out.logits[:, -1]  # [A, V]
         next_position = next_position + 1
 
-    generated = torch.stack(tokens, dim=1).cpu()  # [B*G, T]
+    generated = generated[:, :steps].cpu()  # [B*G, T]
     is_eos = torch.isin(generated, eos.cpu())  # [B*G, T]
     has_eos = is_eos.any(dim=1)  # [B*G]
     lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, generated.shape[1])  # [B*G] EOS included

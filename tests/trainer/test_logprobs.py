@@ -28,6 +28,13 @@ def test_chunked_logprobs_equal_log_softmax_gather_with_gradients():
     assert_close(hidden.grad, hidden2.grad)
     assert_close(head.weight.grad, weight2.grad)
 
+    hidden.grad = None  # without the entropy (reference and old-policy passes): the same log-probs and gradients
+    alone, none = selected_logprobs(hidden, head, targets, temperature=0.7, chunk_size=3, with_entropy=False)
+    (alone * upstream).sum().backward()
+    assert none is None
+    assert_close(alone, plain)
+    assert_close(hidden.grad, hidden2.grad)
+
 
 def _groups():
     g = torch.Generator().manual_seed(1)

@@ -1,8 +1,11 @@
 """Batched generation with one prefill per prompt matches Hugging Face's generate."""
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from collections import Counter
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from trainer import rollout
 from trainer.rollout import generate, sample_top_p
 
 
@@ -23,6 +26,35 @@ def test_greedy_rollout_matches_hf_generate_per_prompt(tiny_model_dir):
         for g in range(3):
             assert rollout.completion_ids[b * 3 + g].tolist() == expected.tolist()
             assert bool(rollout.truncated[b * 3 + g]) == (expected[-1].item() != tokenizer.eos_token_id)
+
+
+def test_dropping_finished_rows_from_the_batch_changes_no_completion(tiny_model_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi", "abc", "what?", "x y z", "42", "ok")]
+    kwargs = dict(group_size=2, max_new_tokens=16, eos_token_ids=[eos], pad_id=tokenizer.pad_token_id,
+                  temperature=1e-5, top_p=1.0)  # greedy: no random draws to differ
+    plain = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    common = Counter(t for c in plain.completion_ids for t in c.tolist()).most_common(1)[0][0]
+    with torch.no_grad():  # EOS where the commonest token was likely: completions end at different steps
+        model.lm_head.weight[eos] = model.lm_head.weight[common] * 1.5
+        for layer in model.model.layers:  # sharp attention, so that positions and masks change the output
+            layer.self_attn.q_proj.weight *= 30
+            layer.self_attn.k_proj.weight *= 30
+
+    selected = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda cache, indices: (selected.append(len(indices)), select(cache, indices)))
+    pruned = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    monkeypatch.setattr(rollout, "PRUNE_WHEN_FINISHED", 10**9)  # never drop a row
+    kept = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    lengths = sorted({len(c) for c in kept.completion_ids})
+    assert len(lengths) >= 3 and lengths[0] < 16 and selected  # rows did finish early and were dropped
+    assert [c.tolist() for c in pruned.completion_ids] == [c.tolist() for c in kept.completion_ids]
+    assert pruned.truncated.tolist() == kept.truncated.tolist()
 
 
 def test_sampling_stops_at_eos_and_flags_truncation(tiny_model_dir):
