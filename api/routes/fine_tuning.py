@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 
 from api.deps import After, CurrentOwner, DatabaseDep, DispatcherDep, IdempotencyKey, SettingsDep, accepts
 from api.errors import OpenAIRoute, responses
 from jobs.errors import InvalidRequest, ServiceError
-from jobs.models import utcnow
+from jobs.models import WebhookStatus, utcnow
 from jobs.openai_compat import (
     checkpoint_object,
     checkpoint_step,
@@ -41,6 +41,7 @@ from jobs.queries import (
     request_resume,
 )
 from jobs.specs import submit_job
+from jobs.webhooks import first_attempt
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], route_class=OpenAIRoute)
 
@@ -97,10 +98,15 @@ def retrieve_fine_tuning_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) 
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJobOut, responses=responses(404, 409))
-def cancel_fine_tuning_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> FineTuningJobOut:
+def cancel_fine_tuning_job(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
+                           background: BackgroundTasks) -> FineTuningJobOut:
     """A queued or paused job is cancelled at once; a running one after its current step."""
     with db.transaction() as session:
-        return job_object(request_cancel(session=session, owner=owner, job_id=job_id), now=utcnow())
+        job = request_cancel(session=session, owner=owner, job_id=job_id)
+        shown = job_object(job, now=utcnow())
+    if job.webhook_status == WebhookStatus.pending:  # committed: its first attempt, once the answer is sent
+        background.add_task(first_attempt, job_id, sessions=db.sessions, settings=settings)
+    return shown
 
 
 @router.post("/{job_id}/pause", response_model=FineTuningJobOut, responses=responses(404, 409))

@@ -295,3 +295,16 @@ def test_deliveries_work_on_the_embedded_sqlite_database(tmp_path) -> None:
             assert list_due_webhooks(session=session) == [job_id]
         assert deliver_webhook(job_id, sessions=sessions, settings=settings) == "delivered"
         assert [verified(post, job_id)["type"] for post in receiver.posts] == ["job.cancelled"] * 2
+
+
+def test_the_openai_cancel_of_a_queued_job_makes_the_first_attempt_itself(settings, sent) -> None:
+    # No worker here (so no sweeper): the one POST can only come from the API's own first attempt.
+    settings = settings.model_copy(update={"webhook_secret": SecretStr(SECRET), "allow_private_hosts": ["127.0.0.1"]})
+    with TestClient(create_app(settings, send=sent.append), headers=bearer(api_key(settings))) as client, \
+            Receiver() as receiver:
+        dataset_id = upload(client).json()["id"]
+        job_id = client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()["id"]
+        assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        wait_for_webhook(client, job_id, "delivered", timeout=15)
+        (post,) = receiver.posts
+    assert verified(post, job_id)["type"] == "job.cancelled"
