@@ -230,10 +230,18 @@ async function refreshCheckpoints(shown, checkpointsAt) {
   if (shown.generation !== generation) return;
   shown.checkpointsAt = checkpointsAt;
   $("#checkpoints").replaceChildren(...page.data.map((c) => {
-    const button = el("button", { type: "button" }, "download");
+    const button = el("button", { type: "button" }, c.kind === "adapter" ? "adapter" : "download");
     button.addEventListener("click", () => download(c.download_url, `${shown.id}-step-${c.step}.tar`));
-    return el("li", {}, `step ${c.step} · ${c.kind} · ${size(c.bytes)} `, button,
-      el("br"), el("code", { class: "hint" }, `grpo jobs download ${shown.id} --step ${c.step}`));
+    const item = el("li", {}, `step ${c.step} · ${c.kind} · ${size(c.bytes)} `, button);
+    let hint = `grpo jobs download ${shown.id} --step ${c.step}`;
+    if (c.merged_download_url) { // a LoRA job's final adapter, merged into its base model
+      const merged = el("button", { type: "button", class: "merged" }, "merged model");
+      merged.addEventListener("click", () => download(c.merged_download_url, `${shown.id}-step-${c.step}-merged.tar`));
+      item.append(" ", merged);
+      hint += " [--merged]";
+    }
+    item.append(el("br"), el("code", { class: "hint" }, hint));
+    return item;
   }));
 }
 

@@ -15,9 +15,20 @@ import httpx
 import pytest
 
 from api.main import create_app
+from jobs.artifacts import merged_dir
 from jobs.settings import Settings
 from tests.service.conftest import REDIS_URL
-from tests.service.factories import ROOT, RUN_ID, api_key, arithmetic_rows, bearer, job_spec, jsonl, wait_for
+from tests.service.factories import (
+    ROOT,
+    RUN_ID,
+    api_key,
+    arithmetic_rows,
+    bearer,
+    job_spec,
+    jsonl,
+    make_checkpoint,
+    wait_for,
+)
 from tests.service.live import serve
 from tests.service.simulate import SimulatedWorker
 
@@ -127,6 +138,21 @@ def test_a_running_jobs_page_follows_its_progress(browser, server, api, settings
     assert points(browser, "reward") == 5 and css(browser, "#chart-reward path.line")[0].get_attribute("d").count("L") == 4
     worker.finish()
     wait_for(lambda: css(browser, "#job-status")[0].text == "succeeded", timeout=10, what="the final status")
+
+
+def test_a_lora_job_offers_its_adapter_and_merged_model(browser, server, api, settings) -> None:
+    job_id = new_job(api, "lora", max_steps=2)
+    SimulatedWorker(settings, job_id).claim().finish()
+    make_checkpoint(settings, job_id, 2, kind="adapter")
+    merged = merged_dir(settings.job_dir(job_id), 2)  # as the worker leaves it when a LoRA job succeeds
+    merged.mkdir(parents=True)
+    (merged / "model.safetensors").write_bytes(b"w" * 64)
+
+    browser.get(f"{server}/?poll_ms=200#{job_id}")
+    wait_for(lambda: css(browser, "#checkpoints li"), timeout=15, what="the checkpoint")
+    [item] = css(browser, "#checkpoints li")
+    assert [b.text for b in item.find_elements("css selector", "button")] == ["adapter", "merged model"]
+    assert f"grpo jobs download {job_id} --step 2 [--merged]" in item.text
 
 
 def test_without_a_valid_key_the_page_asks_for_one(browser, server, settings) -> None:
