@@ -65,7 +65,9 @@ def serve(
         raise typer.Exit(run_embedded(data_dir, host=host, port=port))
     import uvicorn
 
-    uvicorn.run("api.main:app", host=host, port=port, workers=workers)
+    from api.main import KEEP_ALIVE_S
+
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 def is_loopback(host: str) -> bool:

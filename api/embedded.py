@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from api.main import KEEP_ALIVE_S
 from jobs.migrate import upgrade
 from jobs.settings import Settings
 
@@ -48,7 +49,8 @@ def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     children = {
-        "api": subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)],
+        "api": subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port),
+                                 "--timeout-keep-alive", str(KEEP_ALIVE_S)],
                                 env=env),
         "worker": subprocess.Popen([sys.executable, "-m", "worker"], env=env),
     }

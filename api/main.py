@@ -43,6 +43,12 @@ makes one); a key reaches its owner's datasets and jobs only, and another owner'
 `reward[0].pattern`). Lists are paginated with `after=<last id>&limit=` and answer
 `{"data": [...], "has_more": bool}`."""
 
+# How long the server keeps an idle connection open. Longer than clients and load balancers keep
+# theirs (httpx: 5 s, uvicorn's default too; load balancers: 60 s), so that the client always
+# closes first: a server closing a connection at the moment a client reuses it makes that
+# request fail with no answer.
+KEEP_ALIVE_S = 75
+
 TAGS = [
     {"name": "datasets", "description": "JSONL prompts (and the fields rewards read), uploaded once."},
     {"name": "jobs", "description": "Create, follow and cancel GRPO jobs; per-step metrics."},

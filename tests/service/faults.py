@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from api.main import KEEP_ALIVE_S
 from jobs.settings import Settings
 from tests.service.factories import ROOT, ChildProcess, free_port, settings_env, wait_for
 
@@ -164,7 +165,7 @@ class ApiProcess(ChildProcess):
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "warning"], cwd=ROOT, env=settings_env(self.settings), stdout=log,
+                 "--timeout-keep-alive", str(KEEP_ALIVE_S), "--log-level", "warning"], cwd=ROOT, env=settings_env(self.settings), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._answers, timeout=timeout, what=f"the API on port {self.port}", interval=0.2)
         return self

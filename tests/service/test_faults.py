@@ -209,7 +209,7 @@ def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_j
                     if shown.status_code != 200 or shown.json()["id"] != job_id:
                         problems.append(f"GET {shown.status_code}: {shown.text[:200]}")
             except httpx.HTTPError as exc:
-                problems.append(f"{type(exc).__name__}: {exc}")
+                problems.append(f"{exc.request.method} {exc.request.url.path}: {type(exc).__name__}: {exc}")
 
     async def load(seconds: float) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -229,7 +229,7 @@ def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_j
                 after = page["data"][-1]["id"]
     finally:
         api.stop()
-    assert problems == []
+    assert problems == [], f"{problems}\n{api.log()[-4000:]}"
     assert len(created) >= 64, "fewer jobs than clients: the load did not happen"
     assert len(set(created)) == len(created)
     assert set(created) <= set(listed)  # every job a client was given is there, once
