@@ -366,7 +366,9 @@ def checkpoint_model_name(job: Job, step: int) -> str:
     return f"ft:{model}:{job.owner}:{suffix}:{job.id}:ckpt-step-{step}"
 
 
-def job_object(job: Job, *, now: datetime) -> FineTuningJobOut:
+def job_object(job: Job, *, now: datetime, latest_metrics: dict[str, float | None] | None = None) -> FineTuningJobOut:
+    """``latest_metrics``: the job's metrics at the step it reached, whose cumulative ``num_tokens``
+    is OpenAI's ``trained_tokens`` once the job has ended (null before, as OpenAI has it)."""
     spec, extra = job.spec, job.spec.get("openai") or {}
     native = spec.get("hyperparameters") or {}
     method = extra.get("method") or {"type": "reinforcement", "reinforcement": {"grader": None, "hyperparameters": {
@@ -377,6 +379,10 @@ def job_object(job: Job, *, now: datetime) -> FineTuningJobOut:
     error = None
     if status == JobStatus.failed:
         error = {"code": "job_failed", "message": job.failure_reason or "the job failed", "param": None}
+    trained_tokens = None
+    if status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled) and latest_metrics:
+        seen = latest_metrics.get("num_tokens")
+        trained_tokens = int(seen) if seen is not None else None
     estimated = None
     if status == JobStatus.running and job.started_at is not None and job.step > 0:
         elapsed = (now - job.started_at).total_seconds()
@@ -386,7 +392,7 @@ def job_object(job: Job, *, now: datetime) -> FineTuningJobOut:
         fine_tuned_model=checkpoint_model_name(job, job.step) if status == JobStatus.succeeded else None,
         organization_id=job.owner, status=status, training_file=job.dataset_id, validation_file=job.eval_dataset_id,
         hyperparameters={key: shown.get(key, "auto") for key in ("n_epochs", "batch_size", "learning_rate_multiplier")},
-        method=method, result_files=[], seed=native.get("seed", DEFAULTS.seed), trained_tokens=None, error=error,
+        method=method, result_files=[], seed=native.get("seed", DEFAULTS.seed), trained_tokens=trained_tokens, error=error,
         estimated_finish=estimated, integrations=[], metadata=extra.get("metadata"), suffix=extra.get("suffix"),
         step=job.step, max_steps=job.max_steps, reward=spec["reward"])
 

@@ -170,6 +170,7 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
     failures = Failures(cfg, output_dir, policy)
 
     start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
+    num_tokens_seen = 0  # prompt and completion tokens of every step so far (TRL's num_tokens)
     if latest is not None:
         state = ckpt.load_training_state(latest)
         ckpt.load_policy_weights(policy, latest, models.uses_lora)
@@ -180,6 +181,7 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
         torch.set_rng_state(state.rng["torch"])
         random.setstate(state.rng["python"])
         start_step = state.step
+        num_tokens_seen = int(state.extra.get("num_tokens", 0))
         progress.on_log("info", f"resumed from checkpoint {latest.name} (step {start_step})")
     metrics_file = MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step)
 
@@ -187,7 +189,7 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
         state = ckpt.TrainingState(
             step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             rng={"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
-            extra={"sampler": sampler.state_dict(), "config": run.to_spec()},
+            extra={"sampler": sampler.state_dict(), "config": run.to_spec(), "num_tokens": num_tokens_seen},
         )
         with failures.saving(step):
             path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints)
@@ -231,8 +233,10 @@ def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: Rew
         if eval_rows and cfg.eval_every and step % cfg.eval_every == 0:
             metrics.update(evaluate(rollouts, eval_rows))
         metrics["step_seconds"] = time.perf_counter() - step_started
-        prompt_tokens = sum(p.shape[0] for p in batch.prompt_ids) * G
-        metrics["tokens_per_second"] = (prompt_tokens + int(lengths.sum())) / metrics["step_seconds"]
+        step_tokens = sum(p.shape[0] for p in batch.prompt_ids) * G + int(lengths.sum())
+        num_tokens_seen += step_tokens
+        metrics["tokens_per_second"] = step_tokens / metrics["step_seconds"]
+        metrics["num_tokens"] = float(num_tokens_seen)
         metrics_file.append(step, metrics)
         progress.on_step(step, metrics)
         progress.on_samples(step, samples(batch, advantages, cfg))

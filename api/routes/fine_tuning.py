@@ -32,6 +32,7 @@ from jobs.openai_schemas import (
 from jobs.queries import (
     get_dataset,
     get_job,
+    get_job_with_metrics,
     list_checkpoints,
     list_events_newest_first,
     list_jobs,
@@ -88,13 +89,15 @@ def list_fine_tuning_jobs(request: Request, db: DatabaseDep, owner: CurrentOwner
     with db.transaction() as session:
         jobs, has_more = list_jobs(session=session, owner=owner, after=after, limit=limit, metadata=metadata)
         now = utcnow()
-        return ListOut(data=[job_object(job, now=now) for job, _ in jobs], has_more=has_more)
+        return ListOut(data=[job_object(job, now=now, latest_metrics=metrics) for job, metrics in jobs],
+                       has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=FineTuningJobOut, responses=responses(404))
 def retrieve_fine_tuning_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> FineTuningJobOut:
     with db.transaction() as session:
-        return job_object(get_job(session=session, owner=owner, job_id=job_id), now=utcnow())
+        job, metrics = get_job_with_metrics(session=session, owner=owner, job_id=job_id)
+        return job_object(job, now=utcnow(), latest_metrics=metrics)
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJobOut, responses=responses(404, 409))

@@ -87,6 +87,9 @@ def test_a_reinforcement_job_runs_to_success(client, training_file, tiny_model, 
     assert job.status == "succeeded", (job, redis_worker.log()[-3000:])
     assert job.error is None and job.finished_at >= job.created_at
     assert job.fine_tuned_model == f"ft:{tiny_model.name}:alice:sdk:{job.id}:ckpt-step-2"
+    native = client.get(f"/jobs/{job.id}", cast_to=object)  # the same job through the native API
+    assert job.trained_tokens == native["latest_metrics"]["num_tokens"] > 0  # every token the two steps saw
+    assert client.fine_tuning.jobs.list(metadata={"case": "success"}).data[0].trained_tokens == job.trained_tokens
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # every page, newest first
     statuses = [e.data["status"] for e in events if e.data and "status" in e.data]

@@ -55,9 +55,11 @@ def test_reward_rises_and_every_parameter_changes(tiny_model_dir, tmp_path):
     for name in ("reward_std", "frac_reward_zero_std", "kl", "clip_ratio/low", "clip_ratio/high", "grad_norm",
                  "learning_rate", "completion_length/min", "completion_length/max", "truncated_ratio", "entropy",
                  "reward_errors", "time/generate", "time/reward", "time/train", "step_seconds",
-                 "tokens_per_second", "rewards/regex"):
+                 "tokens_per_second", "num_tokens", "rewards/regex"):
         assert name in metrics
     assert metrics["kl"] > 0
+    seen = [m["num_tokens"] for _, m in progress.steps]  # cumulative: prompts x G + completions, every step
+    assert seen[0] >= 4 * 2 * 2 and all(later > earlier for earlier, later in zip(seen, seen[1:], strict=False))
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 31))
     assert progress.samples[0][1][0]["completion"] is not None
