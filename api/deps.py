@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import BackgroundTasks, Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import authorize
 from jobs.db import Database
 from jobs.dispatch import Dispatcher
 from jobs.errors import UnsupportedMediaType
+from jobs.models import Job, WebhookStatus
 from jobs.settings import Settings
+from jobs.webhooks import first_attempt
 
 # ``async def`` although they do no I/O: FastAPI runs a plain ``def`` dependency in the
 # threadpool, a thread hop per request that would buy nothing here.
@@ -50,6 +52,13 @@ async def current_owner(
     if owner is None:  # an app built without the middleware
         owner = await authorize(request.app.state, credentials.credentials if credentials else None)
     return owner
+
+
+def send_webhook_after_response(background: BackgroundTasks, job: Job, db: Database, settings: Settings) -> None:
+    """A job this request ended (committed by now) has its webhook due: the first attempt runs
+    once the answer is sent; retries are the workers' deliverers'."""
+    if job.webhook_status == WebhookStatus.pending:
+        background.add_task(first_attempt, job.id, sessions=db.sessions, settings=settings)
 
 
 def accepts(media_type: str) -> Any:

@@ -96,14 +96,15 @@ class RedisRateLimiter:
         self.prefix = f"{prefix}ratelimit:"
         self.url = url
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.client: redis.asyncio.Redis | None = None
+        self.client: redis.asyncio.Redis | None = None  # and its script: made in the first loop that takes
+        self.script: AsyncScript | None = None
         self.fallback = RateLimiter(rate_per_s, burst)
         self.failing = False
         self.down_until = 0.0  # monotonic time before which Redis is not tried again
 
     def _script(self) -> AsyncScript:
         loop = asyncio.get_running_loop()
-        if self.loop is not loop or self.client is None:  # asyncio connections belong to one loop
+        if self.loop is not loop or self.script is None:  # asyncio connections belong to one loop
             self.loop = loop
             self.client = redis.asyncio.Redis.from_url(self.url, socket_timeout=self.timeout_s,
                                                        socket_connect_timeout=self.timeout_s)

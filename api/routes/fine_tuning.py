@@ -11,10 +11,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 
-from api.deps import After, CurrentOwner, DatabaseDep, DispatcherDep, IdempotencyKey, SettingsDep, accepts
+from api.deps import (
+    After,
+    CurrentOwner,
+    DatabaseDep,
+    DispatcherDep,
+    IdempotencyKey,
+    SettingsDep,
+    accepts,
+    send_webhook_after_response,
+)
 from api.errors import OpenAIRoute, responses
 from jobs.errors import InvalidRequest, ServiceError
-from jobs.models import WebhookStatus, utcnow
+from jobs.models import utcnow
 from jobs.openai_compat import (
     checkpoint_object,
     checkpoint_step,
@@ -42,7 +51,6 @@ from jobs.queries import (
     request_resume,
 )
 from jobs.specs import submit_job
-from jobs.webhooks import first_attempt
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], route_class=OpenAIRoute)
 
@@ -107,8 +115,7 @@ def cancel_fine_tuning_job(db: DatabaseDep, settings: SettingsDep, owner: Curren
     with db.transaction() as session:
         job = request_cancel(session=session, owner=owner, job_id=job_id)
         shown = job_object(job, now=utcnow())
-    if job.webhook_status == WebhookStatus.pending:  # committed: its first attempt, once the answer is sent
-        background.add_task(first_attempt, job_id, sessions=db.sessions, settings=settings)
+    send_webhook_after_response(background, job, db, settings)
     return shown
 
 

@@ -14,9 +14,10 @@ from api.deps import (
     Limit,
     SettingsDep,
     accepts,
+    send_webhook_after_response,
 )
 from api.errors import responses
-from jobs.models import JobStatus, WebhookStatus
+from jobs.models import JobStatus
 from jobs.queries import (
     get_job_with_metrics,
     list_jobs,
@@ -27,7 +28,6 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate, JobOut, MetricsOut, Page
 from jobs.specs import submit_job
-from jobs.webhooks import first_attempt
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -73,8 +73,7 @@ def cancel_job(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_
     with db.transaction() as session:
         job = request_cancel(session=session, owner=owner, job_id=job_id)
         shown = JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
-    if job.webhook_status == WebhookStatus.pending:  # committed: its first attempt, once the answer is sent
-        background.add_task(first_attempt, job_id, sessions=db.sessions, settings=settings)
+    send_webhook_after_response(background, job, db, settings)
     return shown
 
 
