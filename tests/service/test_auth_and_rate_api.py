@@ -120,6 +120,53 @@ def test_the_redis_bucket_refills_at_its_rate(settings) -> None:
     asyncio.run(scenario())
 
 
+def test_a_fast_key_takes_its_tokens_from_redis_a_few_at_a_time(settings) -> None:
+    async def scenario() -> None:
+        limiter = RedisRateLimiter(settings.broker_url, settings.broker_key_prefix, rate_per_s=100, burst=1000)
+        assert limiter.lease_size == 10  # the rate's worth of 0.1 s
+        key = f"lease-{time.monotonic_ns()}"
+
+        async def in_redis() -> float:
+            return float(await limiter.client.hget(limiter.prefix + key, "tokens"))
+
+        assert await limiter.take(key) == 0
+        after_one = await in_redis()
+        assert 989 <= after_one <= 991  # ten taken at once (and a token refilled, at most)
+        assert [await limiter.take(key) for _ in range(9)] == [0] * 9
+        assert await in_redis() == after_one  # the nine spent from memory
+        calls = 0
+        refill = limiter._refill
+
+        async def counted(key: str) -> float | None:
+            nonlocal calls
+            calls += 1
+            return await refill(key)
+
+        limiter._refill = counted  # type: ignore[method-assign]
+        assert await asyncio.gather(*(limiter.take(key) for _ in range(50))) == [0] * 50
+        assert calls == 5  # fifty concurrent requests, ten tokens a call: the waiting ones shared each call
+        await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_leasing_processes_together_stay_within_the_shared_bucket(settings) -> None:
+    async def scenario() -> None:
+        one, two = (RedisRateLimiter(settings.broker_url, settings.broker_key_prefix, rate_per_s=100, burst=50)
+                    for _ in range(2))
+        key = f"shared-{time.monotonic_ns()}"
+        started = time.monotonic()
+        waits = await asyncio.gather(*(limiter.take(key) for _ in range(60) for limiter in (one, two)))
+        elapsed = time.monotonic() - started
+        admitted = waits.count(0)
+        assert 50 - 2 * one.lease_size <= admitted <= 50 + 100 * elapsed + 1, (admitted, elapsed)
+        assert all(0 < wait <= 0.01 for wait in waits if wait)
+        for limiter in (one, two):
+            await limiter.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_redis_outage_fails_open_to_each_process_s_own_bucket(settings, sent, tmp_path, caplog,
                                                                 monkeypatch) -> None:
     redis_server = RedisServer(tmp_path).start()
