@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -131,31 +130,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
-    document_error_shape(app)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for a route's error statuses, all with the error shape."""
     return {status: {"model": ErrorOut} for status in statuses}
-
-
-def document_error_shape(app: FastAPI) -> None:
-    """Make OpenAPI show the error shape for FastAPI's own 422s too (it documents its default)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes, tags=app.openapi_tags)
-            error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    response = operation.get("responses", {}).get("422")
-                    if response is not None:
-                        response["content"] = error
-            components = schema.get("components", {}).get("schemas", {})
-            for name in ("HTTPValidationError", "ValidationError"):
-                components.pop(name, None)
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -27,7 +27,7 @@ class BodyLimit:
         return self.settings.max_request_bytes, "GRPO_MAX_REQUEST_BYTES"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):  # no route reads their bodies
             await self.app(scope, receive, send)
             return
         limit, setting = self.limit_for(scope)

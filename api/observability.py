@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -40,22 +41,23 @@ class RequestMetrics:
         self.latency = Histogram("grpo_http_request_seconds", "Time to the response's first byte",
                                  ["method", "route"], registry=registry,
                                  buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # (method, route, status) -> its two series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
 
         async def send_and_observe(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
-                route = scope.get("route")
-                name = getattr(route, "path", "unmatched")
-                self.latency.labels(scope["method"], name).observe(time.perf_counter() - start)
-                self.requests.labels(scope["method"], name, str(status)).inc()
+                labels = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), message["status"])
+                series = self.series.get(labels)
+                if series is None:  # labels() costs microseconds a request: each series is looked up once
+                    series = self.series[labels] = (self.latency.labels(*labels[:2]),
+                                                    self.requests.labels(*labels[:2], str(labels[2])))
+                series[0].observe(time.perf_counter() - start)
+                series[1].inc()
             await send(message)
 
         await self.app(scope, receive, send_and_observe)

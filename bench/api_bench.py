@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -21,8 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -159,9 +162,29 @@ def drop_database(name: str) -> None:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def writing(database_url: str, job_id: str, per_second: float) -> Iterator[None]:
+    """A worker's writes to the job meanwhile (heartbeats, steps): each one drops its cached answers."""
+    stop = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as connection:
+            while not stop.wait(1 / per_second):
+                connection.execute("UPDATE jobs SET heartbeat_at = now() WHERE id = %s", (job_id,))
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join()
+
+
 def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> None:
     (work / "bare_app.py").write_text(BARE_APP)
     env = settings_env(settings)
+    uncached_env = {**env, "GRPO_RESPONSE_CACHE_MB": "0"}
     headers = bearer(api_key(settings))
     with serve("api.main:app", env, REPO, free_port()) as (base, api_pid), \
             httpx.Client(base_url=base, headers=headers) as client:
@@ -171,25 +194,33 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
             for step in range(1, args.steps + 1):
                 append_metrics(session=session, job_id=job_id, step=step, metrics=METRICS)
             session.get(Job, job_id).step = args.steps  # so the job shows its latest metrics
-        with serve("bare_app:app", env, work, free_port()) as (bare, bare_pid):
-            targets = {
-                "bare FastAPI, async def": (f"{bare}/async", bare_pid),
-                "bare FastAPI, def (threadpool)": (f"{bare}/sync", bare_pid),
-                "GET /v1/jobs/{id}": (f"{base}/v1/jobs/{job_id}", api_pid),
-                "GET /v1/jobs/{id}/metrics?after_step= (1 new)": (
-                    f"{base}/v1/jobs/{job_id}/metrics?after_step={args.steps - 1}", api_pid),
-                f"GET /v1/jobs/{{id}}/metrics (all {args.steps} steps)": (f"{base}/v1/jobs/{job_id}/metrics", api_pid),
+        with serve("bare_app:app", env, work, free_port()) as (bare, bare_pid), \
+                serve("api.main:app", uncached_env, REPO, free_port()) as (uncached, uncached_pid):
+            show, poll, everything = (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/metrics?after_step={args.steps - 1}",
+                                      f"/v1/jobs/{job_id}/metrics")
+            no_writes = contextlib.nullcontext
+            every_50_ms = partial(writing, settings.database_url, job_id, 20)
+            targets = {  # name: (url, server pid, what runs meanwhile)
+                "bare FastAPI, async def": (f"{bare}/async", bare_pid, no_writes),
+                "bare FastAPI, def (threadpool)": (f"{bare}/sync", bare_pid, no_writes),
+                "GET /v1/jobs/{id}": (base + show, api_pid, no_writes),
+                "GET /v1/jobs/{id}/metrics?after_step= (1 new)": (base + poll, api_pid, no_writes),
+                f"GET /v1/jobs/{{id}}/metrics (all {args.steps} steps)": (base + everything, api_pid, no_writes),
+                "GET /v1/jobs/{id}, the job written 20 times/s": (base + show, api_pid, every_50_ms),
+                "GET /v1/jobs/{id}, cache off": (uncached + show, uncached_pid, no_writes),
+                "GET /v1/jobs/{id}/metrics?after_step=, cache off": (uncached + poll, uncached_pid, no_writes),
             }
             print(f"\n{args.concurrency} concurrent clients ({args.client}), {args.seconds:g} s each run; "
                   "server CPU = the uvicorn process's CPU time per request")
-            print(f"{'endpoint':48} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'n':>6} {'errors':>6}")
-            for name, (url, pid) in targets.items():
-                if args.client == "wrk":
-                    r = load_wrk(url, concurrency=args.concurrency, seconds=args.seconds, pid=pid, headers=headers)
-                else:
-                    r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
-                                         max_requests=args.requests, pid=pid, headers=headers))
-                print(f"{name:48} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
+            print(f"{'endpoint':52} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'n':>6} {'errors':>6}")
+            for name, (url, pid, meanwhile) in targets.items():
+                with meanwhile():
+                    if args.client == "wrk":
+                        r = load_wrk(url, concurrency=args.concurrency, seconds=args.seconds, pid=pid, headers=headers)
+                    else:
+                        r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
+                                             max_requests=args.requests, pid=pid, headers=headers))
+                print(f"{name:52} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
                       f"{r['n']:6d} {r['errors']:6d}")
 
 

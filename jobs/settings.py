@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Pooled database connections per process; the API runs at most this many requests' database
     # work at once (its thread pool is sized to match), so no request waits for or opens one.
     database_pool_size: int = 20
+    # Each API process keeps the answers of the polled job routes (a job, its metrics) until
+    # PostgreSQL notifies that the job changed: up to this many MiB. 0: off. (SQLite: always off.)
+    response_cache_mb: float = Field(64.0, ge=0)
 
     # Authentication. "required": every /v1 request carries an API key (`grpo keys create`), and
     # what it creates belongs to the key's owner. "disabled": everything belongs to one local

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 
 from api.deps import (
     MAX_STEP,
@@ -14,6 +14,7 @@ from api.deps import (
     Limit,
     SettingsDep,
     accepts,
+    poll,
     send_webhook_after_response,
 )
 from api.errors import responses
@@ -30,6 +31,44 @@ from jobs.schemas import JobCreate, JobOut, MetricsOut, Page
 from jobs.specs import submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# The two routes every client polls come first (FastAPI tries a request against the routes in
+# order), are ``async`` (a kept answer needs no thread) and answer from ResponseCache: the JSON
+# read last time, until the job changes.
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=responses(404))
+async def show_job(request: Request, job_id: str) -> Response:
+    """The job: status, step / max_steps, latest metrics, failure reason."""
+    db, cache, owner = poll(request)
+
+    def read() -> bytes:
+        with db.read() as session:
+            job = JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
+        return job.model_dump_json().encode()
+
+    return await cache.answer(job_id, (owner, "job"), read)
+
+
+@router.get("/{job_id}/metrics", response_model=Page[MetricsOut], responses=responses(404, 422))
+async def get_metrics(
+    request: Request, job_id: str,
+    after_step: Annotated[int, Query(ge=0, le=MAX_STEP, description=(
+        "Only steps after this one: poll with the last step seen."))] = 0,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> Response:
+    """Per-step metrics in step order."""
+    db, cache, owner = poll(request)
+
+    def read() -> bytes:
+        with db.read() as session:
+            rows, has_more = list_metrics(session=session, owner=owner, job_id=job_id, after_step=after_step,
+                                          limit=limit)
+        page = Page[MetricsOut](data=[MetricsOut(step=step, metrics=metrics, created_at=created_at)
+                                      for step, metrics, created_at in rows], has_more=has_more)
+        return page.model_dump_json().encode()
+
+    return await cache.answer(job_id, (owner, "metrics", after_step, limit), read)
 
 
 @router.post("", status_code=201, response_model=JobOut, responses=responses(404, 409, 413, 415, 422, 429),
@@ -57,12 +96,6 @@ def get_jobs(db: DatabaseDep, owner: CurrentOwner, status: JobStatus | None = No
     with db.read() as session:
         jobs, has_more = list_jobs(session=session, owner=owner, status=status, after=after, limit=limit)
         return Page(data=[JobOut.from_job(job, metrics) for job, metrics in jobs], has_more=has_more)
-
-
-@router.get("/{job_id}", response_model=JobOut, responses=responses(404))
-def show_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> JobOut:
-    with db.read() as session:
-        return JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404, 409))
@@ -96,18 +129,3 @@ def resume_job(db: DatabaseDep, settings: SettingsDep, dispatcher: DispatcherDep
         request_resume(session=session, owner=owner, job_id=job_id, max_active_jobs=settings.max_active_jobs_per_owner)
         dispatcher.deliver_after_commit(session, job_id)
         return JobOut.from_job(*get_job_with_metrics(session=session, owner=owner, job_id=job_id))
-
-
-@router.get("/{job_id}/metrics", response_model=Page[MetricsOut], responses=responses(404, 422))
-def get_metrics(
-    db: DatabaseDep, owner: CurrentOwner, job_id: str,
-    after_step: Annotated[int, Query(ge=0, le=MAX_STEP, description=(
-        "Only steps after this one: poll with the last step seen."))] = 0,
-    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-) -> Page[MetricsOut]:
-    """Per-step metrics in step order."""
-    with db.read() as session:
-        rows, has_more = list_metrics(session=session, owner=owner, job_id=job_id, after_step=after_step,
-                                      limit=limit)
-        return Page(data=[MetricsOut(step=step, metrics=metrics, created_at=created_at)
-                          for step, metrics, created_at in rows], has_more=has_more)
