@@ -222,6 +222,7 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
                                              max_requests=args.requests, pid=pid, headers=headers))
                 print(f"{name:52} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
                       f"{r['n']:6d} {r['errors']:6d}")
+        client.post(f"/v1/jobs/{job_id}/cancel")  # it is queued: the next part's worker must not run it first
 
 
 def bench_time_to_running(settings: Settings, args: argparse.Namespace, work: Path) -> None:
@@ -251,8 +252,11 @@ def bench_time_to_running(settings: Settings, args: argparse.Namespace, work: Pa
                              ("recorded (created_at → started_at)", recorded)):
             ms = sorted(v * 1000 for v in values)
             print(f"  {name:52} median {statistics.median(ms):6.0f} ms   min {ms[0]:6.0f}   max {ms[-1]:6.0f}")
+            print(f"  {'':52} each, in order: {' '.join(f'{v * 1000:.0f}' for v in values)}")
     finally:
         worker.stop()
+        if os.environ.get("BENCH_WORKER_LOG"):
+            print(worker.log_path.read_text()[-int(os.environ["BENCH_WORKER_LOG"]):])
 
 
 def _status(client: httpx.Client, job_id: str, *, until_not: str) -> dict | None:
@@ -273,6 +277,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=200, help="metrics rows of the benchmarked job")
     parser.add_argument("--jobs", type=int, default=5, help="jobs timed from POST to running (0: skip)")
+    parser.add_argument("--no-reads", dest="reads", action="store_false", help="skip the read endpoints")
     parser.add_argument("--client", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
                         help="the load generator (default: wrk when installed)")
     args = parser.parse_args()
@@ -287,7 +292,8 @@ def main() -> None:
                                 broker_key_prefix=f"grpo-bench-{tag}:", queue=f"gpu-bench-{tag}",
                                 rate_limit_per_s=1e9, rate_limit_burst=10**9)
             try:
-                bench_reads(settings, args, work)
+                if args.reads:
+                    bench_reads(settings, args, work)
                 if args.jobs:
                     bench_time_to_running(settings, args, work)
             finally:
