@@ -9,15 +9,18 @@ to a job's row or metrics, whoever writes it, and a listener here drops that job
 
 Fresh, not "fresh within a TTL":
 
-* An answer read from the database is kept only if no change was heard while it was being read
-  (it might predate the change). Nothing is served while the listener is not connected, and its
-  (re)connection drops everything kept, since it may have missed notifications.
+* An answer read from the database is kept only if no change of its job was heard while it was
+  being read (it might predate the change). Nothing is served while the listener is not
+  connected, and its (re)connection drops everything kept, since it may have missed notifications.
+* Polls arriving while an answer is being read join that read: after a step, the clients
+  polling the job cost the database one query, not one each.
 * A request in this process that writes a job (cancel, pause, resume) drops that job's answers
   before its own response goes out (``ForgetWrittenJobs``), so a client sees its own write at once.
   A write through another API process or a worker is seen once its notification arrives, which
   PostgreSQL sends as the write commits: milliseconds, as for a read from a replica.
-* The listener pings its connection every few seconds; a connection that fails or stops
-  answering stops the serving until a new one is listening.
+* The listener pings its connection every 5 s; a connection that fails or stops answering stops
+  the serving until a new one is listening. (One that dies without a word, its server's host
+  gone, is found out by the next ping: answers may lag that long, ``ping_s + timeout_s``, once.)
 
 SQLite (the embedded default) has no NOTIFY: there the cache is off and every poll reads the
 database. ``GRPO_RESPONSE_CACHE_MB=0`` turns it off anywhere.
