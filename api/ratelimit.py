@@ -123,7 +123,6 @@ class RedisRateLimiter:
             self.client = redis.asyncio.Redis.from_url(self.url, socket_timeout=self.timeout_s,
                                                        socket_connect_timeout=self.timeout_s)
             self.script = self.client.register_script(TAKE_SCRIPT)
-            self.refills.clear()
         return self.script
 
     def _spend_leased(self, key: str) -> bool:

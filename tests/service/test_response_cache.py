@@ -179,7 +179,7 @@ def test_a_lost_listener_stops_the_serving_and_its_return_drops_what_it_missed(a
     listener = api.app.state.change_listener
     assert api.get(f"/v1/jobs/{job_id}").json()["step"] == 0
     pid = listener.connection.info.backend_pid
-    with psycopg.connect(settings.database_url.replace("+psycopg", ""), autocommit=True) as admin:
+    with psycopg.connect(listener.conninfo, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     # A write while no one listens: its notification is lost for good.
     write_step(settings, job_id, 1, 0.5)
