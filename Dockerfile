@@ -15,6 +15,7 @@ COPY trainer trainer
 COPY jobs jobs
 COPY api api
 COPY worker worker
+COPY grpo_client grpo_client
 COPY migrations migrations
 RUN pip install .
 
