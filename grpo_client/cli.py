@@ -54,6 +54,11 @@ def console() -> Console:
     return Console(highlight=False, markup=False)
 
 
+def notes() -> Console:
+    """What a person reads but a script capturing stdout should not get: stderr."""
+    return Console(stderr=True, highlight=False, markup=False)
+
+
 def reports_errors(command: F) -> F:
     """The server's message (and the offending field) on stderr and exit 1, not a traceback."""
 
@@ -62,7 +67,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except GrpoError as exc:
-            Console(stderr=True, highlight=False, markup=False).print(f"error: {exc}", style="red")
+            notes().print(f"error: {exc}", style="red")
             raise typer.Exit(1) from None
 
     return run  # type: ignore[return-value]
@@ -91,9 +96,10 @@ def read_spec(path: Path) -> Any:
 @reports_errors
 def upload_dataset(ctx: typer.Context, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
                    name: Annotated[str | None, typer.Option(help="Defaults to the file's name.")] = None) -> None:
-    """Upload a JSONL file; prints the dataset's id."""
+    """Upload a JSONL file; prints the dataset's id (alone on stdout: `DS=$(grpo datasets upload f)`)."""
     dataset = client(ctx).datasets.upload(file, name=name)
-    console().print(f"{dataset['id']}  {dataset['rows']} rows  fields: {', '.join(dataset['fields'])}")
+    console().print(dataset["id"])
+    notes().print(f"{dataset['rows']} rows  fields: {', '.join(dataset['fields'])}")
 
 
 @datasets.command("list")
@@ -114,9 +120,10 @@ def list_datasets(ctx: typer.Context) -> None:
 def create_job(ctx: typer.Context, spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                                                         help="The job spec, JSON or YAML.")],
                follow: Annotated[bool, typer.Option(help="Then follow it to the end.")] = False) -> None:
-    """Queue a job; prints its id."""
+    """Queue a job; prints its id (alone on stdout: `JOB=$(grpo jobs create spec.yaml)`)."""
     job = client(ctx).jobs.create(read_spec(spec))
-    console().print(f"{job['id']}  {job['status']}")
+    console().print(job["id"])
+    notes().print(job["status"])
     if follow:
         follow_job(ctx, job["id"])
 

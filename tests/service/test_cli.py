@@ -45,8 +45,8 @@ def spec_file(env, tmp_path_factory):
     (directory / "arith.jsonl").write_bytes(jsonl(arithmetic_rows()))
     uploaded = grpo(env, "datasets", "upload", directory / "arith.jsonl", "--name", "arith")
     assert uploaded.exit_code == 0, uploaded.output
-    dataset_id = uploaded.output.split()[0]
-    assert dataset_id.startswith("ds_") and "16 rows" in uploaded.output
+    dataset_id = uploaded.stdout.strip()  # the id alone, for DS=$(grpo datasets upload f)
+    assert dataset_id.startswith("ds_") and "16 rows" in uploaded.stderr
     path = directory / "spec.yaml"
     path.write_text(json.dumps(job_spec(dataset_id, hyperparameters={"max_steps": 6}, name="cli-job")))
     return path
@@ -55,7 +55,8 @@ def spec_file(env, tmp_path_factory):
 def create(env, spec_file) -> str:
     created = grpo(env, "jobs", "create", spec_file)
     assert created.exit_code == 0, created.output
-    return created.output.split()[0]
+    assert created.stdout.strip().startswith("job_") and "queued" in created.stderr
+    return created.stdout.strip()  # the id alone, for JOB=$(grpo jobs create spec)
 
 
 def test_create_list_show_and_cancel(env, spec_file) -> None:
