@@ -166,10 +166,11 @@ def show_job(ctx: typer.Context, job_id: JobId,
 @reports_errors
 def follow_job(ctx: typer.Context, job_id: JobId,
                interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0) -> None:
-    """A live progress bar (step, reward, time left) and the job's warnings, until it ends.
+    """A live progress bar (step, reward, time left) and the job's warnings, until it ends; without
+    a terminal (CI, nohup, a pipe), a line per step instead of the bar.
     Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 paused."""
     grpo, out = client(ctx), console()
-    job, last_event = grpo.jobs.get(job_id), 0
+    job, last_event, last_step = grpo.jobs.get(job_id), 0, 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[reward]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=out) as progress:
@@ -179,6 +180,10 @@ def follow_job(ctx: typer.Context, job_id: JobId,
                 last_event = event["id"]
                 if event["level"] != "info" or event["kind"] == "status":
                     progress.console.print(f"{event['created_at'][11:19]} {event['message']}")
+            if not out.is_terminal:  # no bar to redraw: one line per step, for logs
+                for row in grpo.jobs.metrics(job_id, after_step=last_step):
+                    last_step = row["step"]
+                    progress.console.print(step_line(row, job["max_steps"]))
             reward = (job["latest_metrics"] or {}).get("reward")
             progress.update(bar, completed=job["step"], description=f"{job_id} {job['status']}",
                             reward="" if reward is None else f"reward {reward:.3f}")
@@ -189,6 +194,13 @@ def follow_job(ctx: typer.Context, job_id: JobId,
     out.print(f"{job_id} {job['status']} at step {job['step']}/{job['max_steps']}"
               + (f": {job['failure_reason']}" if job["failure_reason"] else ""))
     raise typer.Exit(EXIT_CODES[job["status"]])
+
+
+def step_line(row: dict[str, Any], max_steps: int) -> str:
+    shown = ("reward", "reward_std", "kl", "loss", "completion_length", "time/step")
+    figures = "  ".join(f"{name} {row['metrics'][name]:.4g}" for name in shown
+                        if row["metrics"].get(name) is not None)
+    return f"{row['created_at'][11:19]} step {row['step']}/{max_steps}  {figures}"
 
 
 def _job_action(action: str) -> Callable[..., None]:

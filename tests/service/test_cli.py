@@ -88,6 +88,9 @@ def test_follow_shows_progress_and_exits_with_the_final_status(env, settings, sp
     thread.join()
     assert followed.exit_code == 0, followed.output
     assert "running on sim@test/1" in followed.output and f"{job_id} succeeded at step 6/6" in followed.output
+    # no terminal here (as in CI or under nohup): a line for every step, none skipped between polls
+    assert [line.split()[2] for line in followed.output.splitlines() if " step " in line[:14]] == \
+        [f"{step}/6" for step in range(1, 7)], followed.output
 
     downloaded = grpo(env, "jobs", "download", job_id, "--dest", tmp_path)
     assert downloaded.exit_code == 0, downloaded.output
