@@ -7,6 +7,7 @@ refused request prints the server's message and exits 1, never a traceback."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -131,12 +132,16 @@ def create_job(ctx: typer.Context, spec: Annotated[Path, typer.Argument(exists=T
 @jobs.command("list")
 @reports_errors
 def list_jobs(ctx: typer.Context, status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
-              limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20) -> None:
+              limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20,
+              as_json: Annotated[bool, typer.Option("--json", help="The job objects as a JSON list.")] = False) -> None:
     """Your jobs, newest first, with their step and latest reward."""
-    table = Table(id_column(), "name", "status", "step", "reward", "created")
-    for index, job in enumerate(client(ctx).jobs.list(status=status)):
-        if index == limit:
-            break
+    listed = list(itertools.islice(client(ctx).jobs.list(status=status), limit))
+    if as_json:
+        console().print_json(json.dumps(listed))
+        return
+    table = Table(id_column(), "name", Column("status", no_wrap=True, min_width=9),  # "cancelled"
+                  Column("step", no_wrap=True, min_width=9), "reward", Column("created", no_wrap=True, min_width=16))
+    for job in listed:
         reward = (job["latest_metrics"] or {}).get("reward")
         table.add_row(job["id"], job["name"] or "", job["status"], f"{job['step']}/{job['max_steps']}",
                       "" if reward is None else f"{reward:.3f}", when(job["created_at"]))

@@ -62,6 +62,10 @@ def create(env, spec_file) -> str:
 def test_create_list_show_and_cancel(env, spec_file) -> None:
     job_id = create(env, spec_file)
     assert "queued" in grpo(env, "jobs", "list").output
+    listed = grpo(env, "jobs", "list", "--json", "--limit", "1")
+    assert [job["id"] for job in json.loads(listed.stdout)] == [job_id]
+    narrow = grpo({**env, "COLUMNS": "60"}, "jobs", "list").stdout
+    assert "queued" in narrow and "queu…" not in narrow  # the status is never cut short
     shown = grpo(env, "jobs", "show", job_id)
     assert shown.exit_code == 0 and "cli-job" in shown.output and "step 0/6" in shown.output
     assert json.loads(grpo(env, "jobs", "show", job_id, "--json").output)["id"] == job_id
