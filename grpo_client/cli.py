@@ -238,17 +238,8 @@ def download_checkpoint(ctx: typer.Context, job_id: JobId,
     """Download a checkpoint: a directory `from_pretrained` loads."""
     if merged and adapter:
         raise GrpoError("give --merged or --adapter, not both", code="invalid_request", param="--merged")
-    grpo = client(ctx)
-    if step is None:
-        checkpoints = grpo.jobs.checkpoints(job_id)
-        if merged:  # only a finished LoRA job's final checkpoint is merged
-            checkpoints = [c for c in checkpoints if c["kind"] == "model" or c.get("merged_download_url")]
-        if not checkpoints:
-            what = "merged checkpoint (a LoRA job's is written when it succeeds)" if merged else "checkpoint yet"
-            raise GrpoError(f"job {job_id} has no {what}", code="checkpoint_not_found")
-        step = checkpoints[-1]["step"]
     format = "merged" if merged else "adapter" if adapter else None
-    console().print(str(grpo.jobs.download(job_id, step, dest, extract=not tar, format=format)))
+    console().print(str(client(ctx).jobs.download(job_id, step, dest, extract=not tar, format=format)))
 
 
 # ---- rewards ----

@@ -144,12 +144,15 @@ class Jobs:
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return cast(list[Checkpoint], self.client.get(f"/v1/jobs/{job_id}/checkpoints")["data"])
 
-    def download(self, job_id: str, step: int, dest: str | Path, *, extract: bool = True,
+    def download(self, job_id: str, step: int | None = None, dest: str | Path = ".", *, extract: bool = True,
                  format: Literal["adapter", "merged"] | None = None) -> Path:
         """Stream a checkpoint into ``dest``: the directory ``from_pretrained`` loads, or with
         ``extract=False`` the tar itself. A partial download never takes the final name.
+        ``step``: defaults to the newest checkpoint (with ``format="merged"``, the newest merged one).
         ``format``: a LoRA job's ``adapter`` (the default) or its final checkpoint ``merged`` into
         the base model."""
+        if step is None:
+            step = self.newest_checkpoint(job_id, merged=format == "merged")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         root = f"{job_id}-step-{step}" + ("-merged" if format == "merged" else "")
@@ -172,10 +175,21 @@ class Jobs:
         partial.unlink()
         return dest / root
 
+    def newest_checkpoint(self, job_id: str, *, merged: bool = False) -> int:
+        """The step of the job's newest checkpoint (``merged``: that can be downloaded merged)."""
+        checkpoints = self.checkpoints(job_id)
+        if merged:  # only a finished LoRA job's final checkpoint is merged
+            checkpoints = [c for c in checkpoints if c["kind"] == "model" or c.get("merged_download_url")]
+        if not checkpoints:
+            what = "merged checkpoint (a LoRA job's is written when it succeeds)" if merged else "checkpoint yet"
+            raise GrpoError(f"job {job_id} has no {what}", code="checkpoint_not_found")
+        return max(c["step"] for c in checkpoints)
+
     def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 2.0) -> Job:
-        """The job once it has ended (succeeded, failed or cancelled); ``TimeoutError`` otherwise."""
+        """The job once it has ended (succeeded, failed or cancelled) or paused (it waits for a
+        resume, which may never come); ``TimeoutError`` otherwise."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (job := self.get(job_id))["status"] not in TERMINAL:
+        while (job := self.get(job_id))["status"] not in (*TERMINAL, "paused"):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
             self.client.sleep(poll_s)

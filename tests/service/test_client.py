@@ -59,7 +59,7 @@ def test_a_job_from_upload_to_downloaded_checkpoint(grpo, dataset, tiny_model, r
     assert all(s["step"] == 2 for s in grpo.jobs.samples(job["id"], step=2))
 
     assert [c["step"] for c in grpo.jobs.checkpoints(job["id"])] == [2, 3]
-    directory = grpo.jobs.download(job["id"], 3, tmp_path)
+    directory = grpo.jobs.download(job["id"], dest=tmp_path)  # the newest checkpoint unless a step is given
     assert directory == tmp_path / f"{job['id']}-step-3"
     assert {"config.json", "model.safetensors"} <= {p.name for p in directory.iterdir()}
     assert not (directory / "trainer_state").exists() and not list(tmp_path.glob("*.part"))
@@ -81,7 +81,7 @@ def test_a_lora_job_downloads_as_adapter_or_merged(grpo, dataset, tiny_model, re
     assert any("merged model of step 2 written" in e["message"] for e in grpo.jobs.events(job["id"]))
 
     adapter = grpo.jobs.download(job["id"], 2, tmp_path, format="adapter")
-    merged = grpo.jobs.download(job["id"], 2, tmp_path, format="merged")
+    merged = grpo.jobs.download(job["id"], dest=tmp_path, format="merged")
     assert (adapter / "adapter_config.json").exists() and not (merged / "adapter_config.json").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with_adapter = PeftModel.from_pretrained(base, adapter).eval()
@@ -98,7 +98,7 @@ def test_pause_resume_and_cancel(grpo, dataset, tiny_model) -> None:
     job_id = grpo.jobs.create(spec)["id"]
     wait_for(lambda: grpo.jobs.get(job_id)["step"] >= 1, timeout=60, what="the first step")
     grpo.jobs.pause(job_id)
-    wait_for(lambda: grpo.jobs.get(job_id)["status"] == "paused", timeout=60, what="the pause", interval=0.2)
+    assert grpo.jobs.wait(job_id, timeout=60, poll_s=0.2)["status"] == "paused"  # it returns for a pause too
     assert grpo.jobs.resume(job_id)["status"] == "queued"
     grpo.jobs.cancel(job_id)
     assert grpo.jobs.wait(job_id, timeout=60, poll_s=0.2)["status"] == "cancelled"
