@@ -1,6 +1,6 @@
 """``python -m trainer``: run a job spec with no server, or build a tiny model for tests and demos.
 
-    python -m trainer run SPEC.json --output DIR [--resume]
+    python -m trainer run SPEC.json --output DIR [--resume | --overwrite]
     python -m trainer make-tiny-model DIR [--arch llama|qwen2] [--vocab-size N] ...
     python -m trainer export-merged CHECKPOINT_DIR OUTPUT_DIR
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run a job spec (JSON) with no server")
     run.add_argument("spec", type=Path)
     run.add_argument("--output", type=Path, required=True)
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in an --output that holds an earlier run (its checkpoints are replaced)")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-init causal LM + char tokenizer")
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
@@ -103,8 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         print(export_merged(args.checkpoint, args.output))
         return 0
 
+    from trainer.checkpoint import list_checkpoints
     from trainer.loop import train
 
+    earlier = list_checkpoints(args.output)
+    if earlier and not (args.resume or args.overwrite):
+        print(f"error: {args.output} already holds a run (checkpoints up to step {earlier[-1][0]}); pass --resume to "
+              f"continue it, --overwrite to start over there, or choose another --output", file=sys.stderr)
+        return 2
+    if args.overwrite:
+        shutil.rmtree(args.output / "checkpoints", ignore_errors=True)
+        (args.output / "metrics.jsonl").unlink(missing_ok=True)
     try:
         result = train(load_spec(args.spec, policy_from_environ()), args.output, PrintProgress(), resume=args.resume)
     except (ConfigError, TrainingError) as exc:

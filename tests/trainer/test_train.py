@@ -145,9 +145,15 @@ def test_cli_runs_a_spec_and_resumes(tiny_model_dir, tmp_path):
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     spec["hyperparameters"]["max_steps"] = 3
     (tmp_path / "spec.json").write_text(json.dumps(spec))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # neither --resume nor --overwrite
+    assert again.returncode == 2 and "already holds a run (checkpoints up to step 2)" in again.stderr
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2  # nothing was started over
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resuming at step 3/3" in done.stdout
+    over = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=300)
+    assert over.returncode == 0 and "resuming" not in over.stdout and "step 1/3" in over.stdout, over.stderr
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
     bad = dict(spec, group_size=1)
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     done = subprocess.run(cmd[:4] + [str(tmp_path / "bad.json"), "--output", str(tmp_path / "bad")],
