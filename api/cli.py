@@ -47,7 +47,9 @@ def serve(
     embedded: Annotated[bool, typer.Option(help=(
         "Run a worker beside the API, with a SQLite database, a file-based broker and the artifacts "
         "all under --data-dir: no PostgreSQL, no Redis."))] = False,
-    data_dir: Annotated[Path, typer.Option(help="Where the embedded setup keeps everything.")] = Path("var"),
+    data_dir: Annotated[Path | None, typer.Option(help=(
+        "Where the embedded setup keeps everything; defaults to GRPO_DATA_DIR (as `grpo keys create` "
+        "reads it), else ./var."), show_default=False)] = None,
     workers: Annotated[int, typer.Option(min=1, help=(
         "API processes (uvicorn workers): one per core the API may use. Not with --embedded."))] = 1,
 ) -> None:
@@ -62,7 +64,7 @@ def serve(
                                      param_hint="--workers")
         from api.embedded import run_embedded
 
-        raise typer.Exit(run_embedded(data_dir, host=host, port=port))
+        raise typer.Exit(run_embedded(data_dir or get_settings().data_dir, host=host, port=port))
     import uvicorn
 
     from api.main import KEEP_ALIVE_S

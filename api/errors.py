@@ -13,8 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from jobs.errors import (
     Conflict,
@@ -28,6 +29,7 @@ from jobs.errors import (
     UnsupportedMediaType,
 )
 from jobs.schemas import ErrorOut
+from jobs.text import UNSTORABLE_ERROR, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +77,55 @@ async def service_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status_of(exc), exc.code, exc.message, exc.param, exc.details, headers_of(exc))
 
 
+def _location(error: Any) -> tuple[str | int, ...]:
+    """Where a pydantic error is; text the database cannot store names its place inside the field.
+    A location is the client's own keys: one the response could not encode is shown escaped."""
+    loc = tuple(error["loc"])
+    if error.get("type") == UNSTORABLE_ERROR:
+        loc += tuple(error["ctx"]["at"])
+    return tuple(storable_text(part) if isinstance(part, str) else part for part in loc)
+
+
+def _problem(error: Any) -> dict[str, Any]:
+    if error.get("type") == "json_invalid":  # FastAPI's location is ("body", <character offset>)
+        return {"param": None, "message": f"the body is not valid JSON: {error['ctx']['error']} "
+                                          f"(character {error['loc'][-1]})"}
+    return {"param": dotted_path(_location(error)), "message": error["msg"]}
+
+
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = [{"param": dotted_path(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    problems = [_problem(e) for e in exc.errors()]
     first = problems[0] if problems else {"param": None, "message": "invalid request"}
-    if first["param"] is None and first["message"].startswith("JSON decode error"):
-        first = {"param": None, "message": "the body is not valid JSON"}
     message = first["message"] if first["param"] is None else f"{first['param']}: {first['message']}"
     return error_response(422, "invalid_request", message, first["param"], problems if len(problems) > 1 else None)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path (Starlette's 405 names only those of
+    the first route that matched the path: ``GET /v1/jobs`` and ``POST /v1/jobs`` are two)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    headers = dict(exc.headers or {})
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}; see /docs"
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+    elif exc.status_code == 405 and (allowed := allowed_methods(request)):
+        headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 lists what the resource supports
+        message = f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
+    elif exc.status_code == 400 and message == "There was an error parsing the body":
+        # FastAPI's answer to a JSON body that json.loads cannot even decode
+        message = "the body could not be decoded: a JSON body must be UTF-8 text"
+    return error_response(exc.status_code, code, message, headers=headers or None)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -17,6 +17,7 @@ from api.cache import ChangeListener, ForgetWrittenJobs, ResponseCache
 from api.keycache import KeyCache
 from api.limits import BodyLimit
 from api.observability import JobsByStatus, RequestMetrics
+from api.params import RefuseUnstorableParams
 from api.ratelimit import make_rate_limiter
 from api.routes import (
     checkpoints,
@@ -30,6 +31,7 @@ from api.routes import (
     rewards,
     samples,
 )
+from jobs.datasets import remove_leftover_uploads
 from jobs.db import Database
 from jobs.dispatch import Dispatcher, Send
 from jobs.settings import Settings, get_settings
@@ -76,6 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if gc.get_freeze_count() == 0:
         gc.collect()
         gc.freeze()
+    remove_leftover_uploads(app.state.settings.datasets_dir)  # what an API process killed mid-upload left
     yield
     if listener is not None:
         await listener.stop()
@@ -103,6 +106,7 @@ def create_app(settings: Settings | None = None, *, send: Send | None = None) ->
         if settings.response_cache_mb > 0 and settings.database_url.startswith("postgresql") else None)
     app.add_middleware(ForgetWrittenJobs, cache=app.state.response_cache)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RefuseUnstorableParams)  # a NUL in an id or a query parameter: a 4xx, not the database's 500
     app.add_middleware(AuthenticateFirst)  # 401/429 before the body is read or even its size looked at
     app.add_middleware(RequestMetrics, registry=app.state.registry)  # outermost: it counts the 413s too
     errors.install(app)

@@ -228,7 +228,7 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
 def bench_time_to_running(settings: Settings, args: argparse.Namespace, work: Path) -> None:
     from trainer.tiny import make_tiny_model
 
-    model = make_tiny_model(work / "tiny", hidden_size=32, num_heads=2)
+    model = make_tiny_model(work / "models" / "tiny", hidden_size=32, num_heads=2)  # <data_dir>/models: allowed
     worker = WorkerProcess(settings).start()
     try:
         with serve("api.main:app", settings_env(settings), REPO, free_port()) as (base, _), \

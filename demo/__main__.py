@@ -112,9 +112,11 @@ def main() -> int:
     port = args.port or free_port()
     service_dir, service_log = args.data_dir / "service", args.data_dir / "service.log"
     print(f"2. starting the embedded service on http://127.0.0.1:{port} (SQLite, file broker; log: {service_log})")
+    # The service loads local models only from directories its operator lists: here, the demo's own.
+    env = {**os.environ, "GRPO_MODEL_DIRS": str(paths["model"].parent.resolve())}
     service = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--embedded", "--port", str(port),
                                 "--data-dir", str(service_dir)],
-                               stdout=service_log.open("w"), stderr=subprocess.STDOUT)
+                               env=env, stdout=service_log.open("w"), stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             wait_ready(client, service)  # migrated by now: the key can go in

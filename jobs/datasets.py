@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
@@ -22,24 +25,32 @@ from jobs.queries import (
     remember_idempotency_key,
 )
 from jobs.settings import Settings
-from trainer.data import parse_line
+from jobs.text import find_unstorable
+from trainer.data import json_over_limits, parse_json, parse_line
 from trainer.errors import DatasetError
 
-CHUNK = 1 << 20
+log = logging.getLogger(__name__)
+
 MAX_REPORTED_LINES = 20
+UPLOAD_PREFIX = ".upload-"  # an upload being checked, renamed to <dataset id>.jsonl once recorded
+# An upload writes its temporary file as it checks it, so one untouched this long was left by a
+# killed API process, not written by a live one (uploads from several API processes share the
+# directory).
+LEFTOVER_UPLOAD_AGE_S = 300.0
 ENDPOINT = "POST /v1/datasets"  # what its Idempotency-Keys are scoped to
 
 
 def store_dataset(*, session: Session, owner: str, source: BinaryIO, name: str, settings: Settings,
-                  idempotency_key: str | None = None) -> tuple[Dataset, bool]:
+                  idempotency_key: str | None = None, convert: Callable[[bytes], bytes] | None = None
+                  ) -> tuple[Dataset, bool]:
     """Check an upload and record it for ``owner``; if the transaction rolls back, the file goes too.
+    ``convert`` rewrites each line before it is stored (see ``save_dataset``).
 
     With an ``idempotency_key`` used before (within ``settings.idempotency_ttl_s``) for the same
     name and content, the dataset made then is returned and nothing is stored. Returns the
     dataset and whether it is new.
     """
-    saved = save_dataset(source, settings.datasets_dir, max_bytes=settings.max_dataset_bytes,
-                         max_rows=settings.max_dataset_rows)
+    saved = save_dataset(source, settings=settings, convert=convert)
     try:
         request_hash = hashlib.sha256(f"{name}\n{saved.sha256}".encode()).hexdigest()
         if idempotency_key:
@@ -71,6 +82,22 @@ def remove_dataset(*, session: Session, owner: str, dataset_id: str, settings: S
     return dataset
 
 
+def remove_leftover_uploads(directory: Path, *, older_than_s: float = LEFTOVER_UPLOAD_AGE_S) -> int:
+    """Delete the temporary files of uploads that never finished (their API process was killed),
+    those untouched for ``older_than_s``; returns how many went."""
+    cutoff, removed = time.time() - older_than_s, 0
+    for path in directory.glob(f"{UPLOAD_PREFIX}*.jsonl") if directory.is_dir() else ():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # renamed or removed by the process that wrote it, or by another starting up
+    if removed:
+        log.info("removed %d unfinished upload(s) from %s", removed, directory)
+    return removed
+
+
 @dataclass
 class DatasetFile:
     path: Path
@@ -80,63 +107,123 @@ class DatasetFile:
     fields: list[str]  # keys present in every row
 
 
-def save_dataset(source: BinaryIO, directory: Path, *, max_bytes: int, max_rows: int) -> DatasetFile:
-    """Copy an upload into ``directory`` under a temporary name and check it.
+def save_dataset(source: BinaryIO, *, settings: Settings, convert: Callable[[bytes], bytes] | None = None
+                 ) -> DatasetFile:
+    """Copy an upload into the datasets directory under a temporary name, checking it line by line.
 
-    The caller renames the file once the dataset row exists. Raises ``PayloadTooLarge`` (over
-    ``max_bytes`` or ``max_rows``) or ``InvalidDataset`` (with every bad line, up to twenty); on
-    any error the file is removed.
+    Memory holds one line (at most GRPO_MAX_DATASET_LINE_BYTES) and what checking it takes, whatever
+    the file's size: each line's size, nesting and number of values are checked on its bytes before
+    it is parsed. ``convert`` rewrites a line once it is known to be small and storable (the OpenAI
+    files route turns ``messages`` into a ``prompt``); the stored file, its size and hash are what it
+    returns. The caller renames the file once the dataset row exists. Raises ``PayloadTooLarge``
+    (over a size limit, or past ``GRPO_MAX_DATASET_ROWS``) or ``InvalidDataset`` (with every bad
+    line, up to twenty); on any error the file is removed.
     """
+    directory = settings.datasets_dir
     directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".upload-", suffix=".jsonl")
+    fd, name = tempfile.mkstemp(dir=directory, prefix=UPLOAD_PREFIX, suffix=".jsonl")
     path = Path(name)
     try:
-        digest, size = hashlib.sha256(), 0
+        lines = LineChecker(settings, convert)
+        digest, received, size = hashlib.sha256(), 0, 0
         with os.fdopen(fd, "wb") as out:
-            while chunk := source.read(CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"the dataset is larger than this server's limit of {max_bytes} "
-                                          f"bytes (GRPO_MAX_DATASET_BYTES)", param="file")
-                digest.update(chunk)
-                out.write(chunk)
-        rows, fields = check_lines(path, max_rows=max_rows)
+            for number, line in enumerate(read_lines(source, settings.max_dataset_line_bytes), start=1):
+                received += len(line)
+                line = lines.check(line, number)
+                size += len(line)
+                if max(received, size) > settings.max_dataset_bytes:
+                    raise PayloadTooLarge(f"the dataset is larger than this server's limit of "
+                                          f"{settings.max_dataset_bytes} bytes (GRPO_MAX_DATASET_BYTES)", param="file")
+                if not lines.bad:  # the upload is refused at the end anyway: no point storing the rest
+                    digest.update(line)
+                    out.write(line)
+        rows, fields = lines.result()
         return DatasetFile(path=path, rows=rows, bytes=size, sha256=digest.hexdigest(), fields=fields)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
 
 
-def check_lines(path: Path, *, max_rows: int) -> tuple[int, list[str]]:
-    """Rows and common fields of a JSONL file, or ``InvalidDataset`` naming the bad lines
-    (``PayloadTooLarge`` past ``max_rows``)."""
-    rows, bad, fields, problems = 0, 0, None, []
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, text in enumerate(lines, start=1):
-                try:
-                    row = parse_line(text, number)
-                except DatasetError as exc:
-                    bad += 1
-                    if len(problems) < MAX_REPORTED_LINES:
-                        problems.append({"line": number, "message": exc.reason})
-                    continue
-                if row is None:
-                    continue  # a blank line, skipped by the trainer too
-                rows += 1
-                if rows > max_rows:
-                    raise PayloadTooLarge(f"the dataset has more than {max_rows} rows, this server's limit "
-                                          f"(GRPO_MAX_DATASET_ROWS)", param="file")
-                fields = set(row) if fields is None else fields & set(row)
-    except UnicodeDecodeError:
-        raise InvalidDataset("the file is not UTF-8 text; upload JSONL, one JSON object per line",
-                             param="file") from None
-    if bad:
-        shown = "; ".join(f"line {p['line']}: {p['message']}" for p in problems[:3])
-        raise InvalidDataset(f"{bad} bad line(s) — {shown}{' …' if bad > 3 else ''}", param="file",
-                             details=problems)
-    if rows == 0:
-        raise InvalidDataset("the dataset has no rows; upload JSONL with one {\"prompt\": ...} object per line",
-                             param="file")
-    return rows, sorted(fields or ())
+def read_lines(source: BinaryIO, max_line_bytes: int) -> Iterator[bytes]:
+    """The lines of ``source``, each with its ending; one longer than ``max_line_bytes`` (not
+    counting its ending) is refused after reading no more than that much of it."""
+    number = 0
+    while line := source.readline(max_line_bytes + 2):
+        number += 1
+        if len(line.rstrip(b"\r\n")) > max_line_bytes:
+            message = (f"line {number} is longer than this server's limit of {max_line_bytes} bytes a line "
+                       f"(GRPO_MAX_DATASET_LINE_BYTES); shorten that row")
+            raise PayloadTooLarge(message, param="file", details=[{"line": number, "message": message}])
+        yield line
 
+
+class LineChecker:
+    """Checks JSONL lines one at a time with the trainer's row rules and this server's limits, and
+    keeps what the dataset record needs: the row count, the fields every row has, the bad lines."""
+
+    def __init__(self, settings: Settings, convert: Callable[[bytes], bytes] | None = None):
+        self.settings, self.convert = settings, convert
+        self.rows, self.bad, self.fields, self.problems = 0, 0, None, []
+
+    def check(self, line: bytes, number: int) -> bytes:
+        """``line`` as it is to be stored (converted); a bad line is noted and comes back as it was."""
+        try:
+            line, row = self._parse(line, number)
+        except DatasetError as exc:
+            self.bad += 1
+            if len(self.problems) < MAX_REPORTED_LINES:
+                self.problems.append({"line": number, "message": exc.reason})
+            return line
+        if row is not None:
+            self.rows += 1
+            if self.rows > self.settings.max_dataset_rows:
+                raise PayloadTooLarge(f"the dataset has more than {self.settings.max_dataset_rows} rows, this "
+                                      f"server's limit (GRPO_MAX_DATASET_ROWS)", param="file")
+            self.fields = set(row) if self.fields is None else self.fields & set(row)
+        return line
+
+    def _parse(self, line: bytes, number: int) -> tuple[bytes, dict[str, Any] | None]:
+        settings = self.settings
+        over = json_over_limits(line, max_depth=settings.max_dataset_depth, max_values=settings.max_dataset_row_values)
+        if over == "values":
+            raise DatasetError(f"more than {settings.max_dataset_row_values} JSON values (fields, list items, "
+                               f"objects and lists) in one row, this server's limit (GRPO_MAX_DATASET_ROW_VALUES)")
+        if over == "depth":
+            raise DatasetError(f"nested deeper than {settings.max_dataset_depth} levels of objects and lists, "
+                               f"this server's limit (GRPO_MAX_DATASET_DEPTH)")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatasetError("not UTF-8 text; upload JSONL, one JSON object per line") from None
+        if self.convert is not None and text.strip():
+            check_row_storable(parse_json(text, number), line)  # before convert parses and re-encodes it
+            line = self.convert(line)
+            text = line.decode("utf-8")
+        row = parse_line(text, number)
+        if row is not None:
+            check_row_storable(row, line)
+        return line, row
+
+    def result(self) -> tuple[int, list[str]]:
+        """Rows and common fields, or ``InvalidDataset`` naming the bad lines."""
+        if self.bad:
+            shown = "; ".join(f"line {p['line']}: {p['message']}" for p in self.problems[:3])
+            raise InvalidDataset(f"{self.bad} bad line(s) — {shown}{' …' if self.bad > 3 else ''}", param="file",
+                                 details=self.problems)
+        if self.rows == 0:
+            raise InvalidDataset("the dataset has no rows; upload JSONL with one {\"prompt\": ...} object per line",
+                                 param="file")
+        return self.rows, sorted(self.fields or ())
+
+
+def check_row_storable(row: Any, line: bytes) -> None:
+    """``DatasetError`` naming the first string or key of ``row`` the database cannot store (a NUL,
+    a lone surrogate). Both come only from ``\\u`` escapes (raw control characters are not JSON,
+    and UTF-8 cannot encode a surrogate), so a line with none is not walked."""
+    if b"\\u" not in line:
+        return
+    found = find_unstorable(row)
+    if found is not None:
+        path, reason = found
+        where = "".join(f"[{part!r}]" if i or isinstance(part, int) else repr(part) for i, part in enumerate(path))
+        raise DatasetError(f"{where or 'the row'} {reason}")

@@ -51,6 +51,24 @@ class RateLimited(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRewardRuns(RateLimited):
+    """An owner's reward dry-runs fill their line in this API process."""
+
+    code = "too_many_reward_runs"
+
+    def __init__(self, held: int, retry_after_s: float):
+        ServiceError.__init__(self, f"you already have {held} reward dry-run(s) scoring or waiting, this server's limit "
+                              "(GRPO_REWARD_RUNS_PER_KEY scoring plus GRPO_REWARD_RUN_QUEUE_PER_KEY waiting); retry "
+                              f"in {retry_after_s:.0f} s, once one has ended")
+        self.retry_after_s = retry_after_s
+
+
+class RewardRunTimedOut(LimitExceeded):
+    """A reward dry-run ran past GRPO_REWARD_RUN_TIMEOUT_S; its work was stopped."""
+
+    code = "reward_run_timed_out"
+
+
 class TooManyActiveJobs(ServiceError):
     code = "too_many_active_jobs"
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import ast
 import json
 import math
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO, Any, BinaryIO
+from typing import Any
 
 from jobs.errors import InvalidRequest, ServiceError
 from jobs.models import Checkpoint, Dataset, Job, JobEvent, JobStatus
@@ -60,7 +59,7 @@ def rft_line(line: bytes) -> bytes:
     joined. A line this cannot read goes through unchanged: the dataset check reports it."""
     try:
         row = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return line
     if not isinstance(row, dict) or "prompt" in row or not isinstance(row.get("messages"), list):
         return line
@@ -75,15 +74,6 @@ def rft_line(line: bytes) -> bytes:
         role = "system" if message.get("role") == "developer" else message.get("role")
         prompt.append({**message, "role": role, "content": content})
     return json.dumps({"prompt": prompt, **row}, ensure_ascii=False).encode() + b"\n"
-
-
-def rft_file(source: BinaryIO) -> IO[bytes]:
-    """An upload with each line through ``rft_line``, line numbers kept (spooled to disk when large)."""
-    converted = tempfile.SpooledTemporaryFile(max_size=8 << 20)
-    for line in source:
-        converted.write(rft_line(line))
-    converted.seek(0)
-    return converted
 
 
 def file_object(dataset: Dataset) -> FileOut:

@@ -4,11 +4,12 @@ keeps unknown fields; ``job.model_extra`` shows them)."""
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from jobs.models import JobStatus
+from jobs.text import STORABLE, StorableStr
 
 T = TypeVar("T")
 
@@ -66,18 +67,18 @@ class FineTuningJobCreate(BaseModel):
         "model": "Qwen/Qwen2.5-0.5B-Instruct", "training_file": "ds_0193a5c1f00a7f3e2b9c4d1e",
         "method": METHOD_EXAMPLE, "suffix": "arith", "seed": 0}]})
 
-    model: str = Field(min_length=1, max_length=1024,
-                       description="A Hugging Face hub id, or a model directory the workers can read.")
-    training_file: str = Field(min_length=1, max_length=64)
-    validation_file: str | None = Field(None, max_length=64)
-    method: dict[str, Any] | None = Field(None, examples=[METHOD_EXAMPLE])
-    hyperparameters: dict[str, Any] | None = Field(
+    model: StorableStr = Field(min_length=1, max_length=1024,
+                               description="A Hugging Face hub id, or a model directory the workers can read.")
+    training_file: StorableStr = Field(min_length=1, max_length=64)
+    validation_file: StorableStr | None = Field(None, max_length=64)
+    method: Annotated[dict[str, Any] | None, STORABLE] = Field(None, examples=[METHOD_EXAMPLE])
+    hyperparameters: Annotated[dict[str, Any] | None, STORABLE] = Field(
         None, description="OpenAI's deprecated form; give them in method.reinforcement.hyperparameters.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    suffix: str | None = Field(None, min_length=1, max_length=64)
-    metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
-    name: str | None = Field(None, max_length=255, description="Extension: the native job's name.")
+    suffix: StorableStr | None = Field(None, min_length=1, max_length=64)
+    metadata: Annotated[dict[str, str] | None, STORABLE] = None
+    integrations: Annotated[list[dict[str, Any]] | None, STORABLE] = None
+    name: StorableStr | None = Field(None, max_length=255, description="Extension: the native job's name.")
     webhook_url: AnyHttpUrl | None = Field(None, description="Extension: POSTed when the job reaches a terminal state.")
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from jobs.models import Job, JobStatus, WebhookStatus
+from jobs.text import STORABLE, StorableStr
 
 T = TypeVar("T")
 
@@ -47,15 +48,17 @@ class JobCreate(BaseModel):
         "name": "arith-grpo", "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset_id": "ds_0193a5c1f00a7f3e2b9c4d1e",
         "reward": REWARD_EXAMPLE, "group_size": 8, "hyperparameters": HYPERPARAMETERS_EXAMPLE}]})
 
-    name: str | None = Field(None, max_length=255)
-    base_model: str = Field(min_length=1, max_length=1024,
-                            description="A Hugging Face hub id, or a model directory the workers can read.")
-    dataset_id: str = Field(max_length=32)
-    eval_dataset_id: str | None = Field(None, max_length=32)
-    reward: list[dict[str, Any]] = Field(min_length=1, examples=[REWARD_EXAMPLE],
-                                         description="Reward functions, each with a `type` and a `weight`.")
+    name: StorableStr | None = Field(None, max_length=255)
+    base_model: StorableStr = Field(min_length=1, max_length=1024,
+                                    description="A Hugging Face hub id (org/name), or a model directory under one "
+                                                "this server's operator allows (GRPO_MODEL_DIRS).")
+    dataset_id: StorableStr = Field(max_length=32)
+    eval_dataset_id: StorableStr | None = Field(None, max_length=32)
+    reward: Annotated[list[dict[str, Any]], STORABLE] = Field(
+        min_length=1, examples=[REWARD_EXAMPLE], description="Reward functions, each with a `type` and a `weight`.")
     group_size: int | None = Field(None, description="Completions sampled per prompt (G >= 2); default 8.")
-    hyperparameters: dict[str, Any] = Field(default_factory=dict, examples=[HYPERPARAMETERS_EXAMPLE])
+    hyperparameters: Annotated[dict[str, Any], STORABLE] = Field(default_factory=dict,
+                                                                 examples=[HYPERPARAMETERS_EXAMPLE])
     webhook_url: AnyHttpUrl | None = Field(None, description="POSTed when the job reaches a terminal state.")
 
 
@@ -178,10 +181,11 @@ class SampleOut(BaseModel):
 class RewardRunSample(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    completion: str = Field(max_length=100_000)
-    prompt: str | list[dict[str, Any]] | None = Field(
+    completion: StorableStr = Field(max_length=100_000)
+    prompt: Annotated[str | list[dict[str, Any]] | None, STORABLE] = Field(
         None, description="Defaults to the row's `prompt`; chat messages are joined by their contents.")
-    row: dict[str, Any] = Field(default_factory=dict, description="The dataset row: the fields rewards read.")
+    row: Annotated[dict[str, Any], STORABLE] = Field(default_factory=dict,
+                                                     description="The dataset row: the fields rewards read.")
 
 
 class RewardRunIn(BaseModel):
@@ -192,7 +196,7 @@ class RewardRunIn(BaseModel):
             {"prompt": "What is 2 + 3?", "completion": "<think>2 plus 3</think> 5", "row": {"answer": "5"}},
             {"prompt": "What is 2 + 3?", "completion": "6", "row": {"answer": "5"}}]}]})
 
-    reward: list[dict[str, Any]] = Field(min_length=1, examples=[REWARD_EXAMPLE])
+    reward: Annotated[list[dict[str, Any]], STORABLE] = Field(min_length=1, examples=[REWARD_EXAMPLE])
     samples: list[RewardRunSample] = Field(min_length=1)
 
 

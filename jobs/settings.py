@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     # job spec's fields of the same names.
     max_dataset_bytes: int = 512 * 1024 * 1024
     max_dataset_rows: int = 1_000_000
+    # One dataset line (row), checked on its bytes before it is parsed, so that checking an upload
+    # takes memory for one line whatever the file's size: its length, how deep its JSON nests, and
+    # how many JSON values (fields, list items, objects and lists) it holds.
+    max_dataset_line_bytes: int = Field(1024 * 1024, ge=1)
+    max_dataset_depth: int = Field(32, ge=2)
+    max_dataset_row_values: int = Field(10_000, ge=2)
     max_request_bytes: int = 1024 * 1024  # any request body but a dataset upload
     max_group_size: int = 64
     max_prompts_per_step: int = 1024
@@ -68,13 +74,26 @@ class Settings(BaseSettings):
     # The reward dry-run (POST /v1/rewards/run) scores in the API process: a bounded batch, and
     # only a few batches at once, so that code_tests sandboxes cannot starve the other routes.
     max_reward_run_samples: int = 64
+    max_reward_run_rewards: int = 8  # reward functions in one dry-run's spec
     reward_runs_at_once: int = 2
+    # One dry-run's time, from when it gets a slot: past it, its sandboxes are killed, its HTTP
+    # calls cut, and the answer is a 422 naming this setting.
+    reward_run_timeout_s: float = Field(60.0, gt=0)
+    # Per owner (all their keys) and API process: dry-runs scoring at once; the owner's next ones
+    # wait in the owner's own line (at most reward_run_queue_per_key of them), never in front of
+    # another owner's; past that line, 429.
+    reward_runs_per_key: int = Field(1, ge=1)
+    reward_run_queue_per_key: int = Field(2, ge=0)
 
     # What jobs may reach, decided here and never by a job spec (a tenant writes the spec): the
     # API (dry-runs, job creation) and the workers must agree, so set them alike on both.
     # Loopback, private or link-local hosts that http rewards and webhooks may call anyway:
     # comma-separated names, or IP addresses (which then match by address).
     allow_private_hosts: Annotated[list[str], NoDecode] = []
+    # Local models a job may load (base_model, a reward_model's model): directories under these,
+    # comma-separated; anything else must be a hub id. Never the artifact store, even when one of
+    # these contains it (it holds every owner's checkpoints). Unset: <data_dir>/models.
+    model_dirs: Annotated[list[Path] | None, NoDecode] = None
     sandbox_allow_unisolated: bool = False  # where namespaces are refused, run code_tests with limits only (unsafe)
     sandbox_allow_network: bool = False  # a code_tests reward may ask for allow_network
 
@@ -105,6 +124,13 @@ class Settings(BaseSettings):
                                      'give names or addresses without scheme, port or path, e.g. "127.0.0.1,scorer.internal"')
         return value
 
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()] or None
+        return value
+
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
         if not self.database_url:
@@ -113,6 +139,8 @@ class Settings(BaseSettings):
             self.broker_dir = self.data_dir / "broker"
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
+        if self.model_dirs is None:
+            self.model_dirs = [self.data_dir / "models"]
         return self
 
     @property

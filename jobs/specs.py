@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from jobs.errors import InvalidRequest, LimitExceeded, TooManyActiveJobs
+from jobs.model_paths import check_job_models
 from jobs.models import Job
 from jobs.queries import (
     count_active_jobs,
@@ -29,7 +28,6 @@ from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig
 from trainer.net import OutboundError, check_url_literal
 from trainer.rewards import check_operator_policy, required_fields, validate_reward_specs
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ENDPOINT = "POST /v1/jobs"  # what its Idempotency-Keys are scoped to
 CAPPED = ("group_size", "prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length")
 
@@ -52,8 +50,11 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
         top_level = exc.param == "hyperparameters.group_size" and request.group_size is not None
         raise InvalidRequest(exc.message, param="group_size" if top_level else exc.param) from None
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
-    check_rewards(request.reward, settings)
-    check_base_model(request.base_model)
+    rewards = check_rewards(request.reward, settings)
+    try:
+        check_models(request.base_model, rewards, settings)
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
     if request.webhook_url is not None:
         check_webhook_url(str(request.webhook_url), settings)
 
@@ -115,17 +116,12 @@ def check_limits(config: GRPOConfig, settings: Settings, *, top_level_group_size
                                 f"(GRPO_{setting.upper()})", param=param)
 
 
-def check_base_model(base_model: str) -> None:
-    if base_model.startswith(("/", ".", "~")):
-        path = Path(base_model).expanduser()
-        if not path.is_dir():
-            raise InvalidRequest(f"model directory {base_model!r} does not exist", param="base_model")
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise InvalidRequest(f"{base_model!r} is not a Hugging Face model directory (no config.json)",
-                                 param="base_model")
-    elif not HUB_ID.match(base_model):
-        raise InvalidRequest(f"{base_model!r} is neither a hub id (org/name) nor a local directory "
-                             f"(a path starting with /, . or ~)", param="base_model")
+def check_models(base_model: str, rewards: list[dict[str, Any]], settings: Settings) -> None:
+    """``base_model`` and every ``reward_model``'s model: a hub id or a directory this server's
+    operator allows (``GRPO_MODEL_DIRS``), never in the artifact store. ``ConfigError`` naming
+    the field; the API and the worker both call this."""
+    assert settings.model_dirs is not None and settings.artifact_dir is not None
+    check_job_models(base_model, rewards, model_dirs=settings.model_dirs, artifact_dir=settings.artifact_dir)
 
 
 def request_hash(request: JobCreate, extra_spec: dict[str, Any] | None = None) -> str:
@@ -135,8 +131,11 @@ def request_hash(request: JobCreate, extra_spec: dict[str, Any] | None = None) -
 
 
 def run_config_for(job: Job, settings: Settings) -> RunConfig:
-    """The trainer's view of a stored job: dataset ids become the uploaded files' paths."""
+    """The trainer's view of a stored job: dataset ids become the uploaded files' paths. Its
+    models are checked again (``ConfigError``) before the worker loads anything: the settings may
+    have changed since the job was created."""
     spec = job.spec
+    check_models(spec["base_model"], spec.get("reward") or [], settings)
     eval_id = spec.get("eval_dataset_id")
     return RunConfig.from_spec({
         "name": spec.get("name"), "base_model": spec["base_model"], "reward": spec["reward"],

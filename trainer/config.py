@@ -8,6 +8,7 @@ field and whose message says how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +33,40 @@ def _choice(param: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(param, f"unknown {param.rsplit('.', 1)[-1]} {value!r}; expected one of {', '.join(allowed)}")
 
 
-def _at_least(param: str, value: Any, low: float, *, integer: bool = False) -> None:
+# Every integer fits a 32-bit signed int (what torch, numpy and a database column all take), and a
+# seed an unsigned one (numpy's and torch's seeding); JSON has no such limits.
+MAX_INTEGER = 2**31 - 1
+MAX_SEED = 2**32 - 1
+
+
+def _at_least(param: str, value: Any, low: float, *, integer: bool = False, high: float | None = None) -> None:
+    """ConfigError unless ``value`` is an integer (or a finite number) in ``[low, high]``; an
+    integer's ``high`` defaults to MAX_INTEGER. Every numeric field goes through here: NaN fails
+    every comparison, so it must be refused before any of them."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(param, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not integer and not is_finite_number(value):
+        raise ConfigError(param, f"must be a finite number, got {value!r}")
     if value < low:
         raise ConfigError(param, f"must be >= {low}, got {value!r}")
+    if high is None and integer:
+        high = MAX_INTEGER
+    if high is not None and value > high:
+        raise ConfigError(param, f"must be <= {high}, got {value!r}")
+
+
+def is_finite_number(value: int | float) -> bool:
+    """Neither NaN nor infinite, and (an integer) within a float's range."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _boolean(param: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(param, f"must be true or false, got {value!r}")
 
 
 @dataclass
@@ -45,16 +74,21 @@ class LoraConfig:
     """Low-rank adapters instead of full fine-tuning (peft)."""
 
     r: int = 16
-    alpha: int = 32
+    alpha: float = 32  # peft's lora_alpha: the adapter's output is scaled by alpha / r
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
 
     def validate(self, prefix: str = "lora") -> None:
         _at_least(f"{prefix}.r", self.r, 1, integer=True)
         _at_least(f"{prefix}.alpha", self.alpha, 1e-9)
-        if not 0.0 <= self.dropout < 1.0:
+        _at_least(f"{prefix}.dropout", self.dropout, 0.0)
+        if not self.dropout < 1.0:
             raise ConfigError(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules:
+        modules = self.target_modules
+        if not (isinstance(modules, str) or isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+            raise ConfigError(f"{prefix}.target_modules", f"must be a list of module names or 'all-linear', "
+                              f"got {modules!r}")
+        if not modules:
             raise ConfigError(f"{prefix}.target_modules", "name at least one module, or 'all-linear'")
 
 
@@ -112,9 +146,12 @@ class GRPOConfig:
         for name in ("prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length",
                      "num_iterations", "logprob_chunk_size"):
             _at_least(f"{name}", getattr(self, name), 1, integer=True)
-        for name in ("warmup_steps", "checkpoint_every", "keep_last_checkpoints", "eval_every", "seed",
+        for name in ("warmup_steps", "checkpoint_every", "keep_last_checkpoints", "eval_every",
                      "num_samples_logged", "max_resample_rounds", "max_reward_error_steps"):
             _at_least(f"{name}", getattr(self, name), 0, integer=True)
+        _at_least("seed", self.seed, 0, integer=True, high=MAX_SEED)
+        for name in ("mask_truncated_completions", "dynamic_sampling", "gradient_checkpointing"):
+            _boolean(name, getattr(self, name))
         _at_least("learning_rate", self.learning_rate, 0.0)
         _at_least("weight_decay", self.weight_decay, 0.0)
         _at_least("beta", self.beta, 0.0)
@@ -139,6 +176,8 @@ class GRPOConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("dtype", self.dtype, DTYPES)
         if self.lora is not None:
+            if not isinstance(self.lora, LoraConfig):
+                raise ConfigError("lora", f'must be an object such as {{"r": 16, "alpha": 32}}, or null; got {self.lora!r}')
             self.lora.validate("lora")
 
     @classmethod

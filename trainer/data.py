@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+import re
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
 from trainer.errors import DatasetError
 
@@ -32,15 +34,61 @@ def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
     return row
 
 
-def parse_line(text: str, number: int) -> dict[str, Any] | None:
+def parse_line(text: str, number: int | None) -> dict[str, Any] | None:
     """One JSONL line as a checked row; None for a blank line; ``DatasetError`` for a bad one."""
     if not text.strip():
         return None
+    return check_row(parse_json(text, number), number)
+
+
+def parse_json(text: str, number: int | None) -> Any:
+    """``json.loads``, every failure a ``DatasetError`` naming the line."""
     try:
-        row = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"not valid JSON ({exc.msg} at column {exc.colno})", number) from None
-    return check_row(row, number)
+    except RecursionError:
+        raise DatasetError("not valid JSON: nested too deeply to read", number) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise DatasetError(f"not valid JSON ({exc})", number) from None
+
+
+# A JSON string, escapes and all; one never left open (an unterminated string runs to the end of
+# the line), so that a match started at a quote always succeeds and the scan stays linear.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def json_over_limits(line: bytes, *, max_depth: int, max_values: int) -> Literal["depth", "values"] | None:
+    """Whether a JSON text nests deeper than ``max_depth`` or holds more than ``max_values`` values
+    (containers and scalars), read off its raw bytes without building anything: ``json.loads`` of
+    ``[],[],…`` takes ~25 times the text's size, and of deep nesting, the stack. Linear time, and
+    memory within twice the line's. Says "values" first when both are over; None when neither.
+
+    Every value but a container's first follows a comma, so commas + opening brackets + 1,
+    outside strings, bound the values. The depth is the number of rounds of deleting innermost
+    ``[]``/``{}`` pairs (one level a round) that empty the brackets. Brackets that do not balance
+    stop the count early: that text is not JSON, and the parser says where (nested too deep for
+    it, a ``RecursionError``, which ``parse_line`` reports).
+    """
+    openings = line.count(b"[") + line.count(b"{")
+    if line.count(b",") + openings + 1 <= max_values and openings <= max_depth:
+        return None  # even counting the brackets and commas inside strings
+    # Each string opens with a quote no backslash precedes, and a row within the limit has at
+    # most 2 * max_values strings (values and keys): more such quotes, and emptying the strings
+    # below could take as many regex matches as the line has bytes.
+    if line.count(b'"') - line.count(b'\\"') > 4 * max_values + 4:
+        return "values"
+    bare = _JSON_STRING.sub(b'""', line)  # [n] bytes: the text, strings emptied
+    if bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1 > max_values:
+        return "values"
+    brackets = _NOT_BRACKET.sub(b"", bare)  # at most 2 * max_values bytes
+    for _ in range(max_depth):
+        brackets, removed = _INNERMOST_PAIR.subn(b"", brackets)
+        if not brackets or not removed:
+            return None
+    return "depth" if brackets and _INNERMOST_PAIR.search(brackets) else None
 
 
 def parse_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
@@ -55,12 +103,66 @@ def parse_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8") as f:
-        return parse_rows(f)
+class RowFile(Sequence[dict[str, Any]]):
+    """A JSONL dataset read on demand: each row is parsed again when asked for, from the byte
+    offset of its line, so memory holds 8 bytes a row rather than the rows. Opening it reads
+    every line once and checks it (the first bad line raises ``DatasetError``); so does
+    ``required``, fields every row must have. Lines end at ``\\n``, as the upload check splits
+    them. Not for several threads at once."""
+
+    def __init__(self, path: str | Path, *, required: Iterable[str] = ()):
+        self.path = Path(path)
+        self._file: BinaryIO | None = None  # opened on the first row read
+        if not self.path.is_file():
+            raise DatasetError(f"dataset file {str(self.path)!r} does not exist")
+        required = sorted(required)
+        self._offsets = array("q")  # [rows] where each row's line starts
+        offset = 0
+        with self.path.open("rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                row = _decode_line(line, number)
+                if row is not None:
+                    missing = next((name for name in required if name not in row), None)
+                    if missing is not None:
+                        raise DatasetError(f"the rewards need the field {missing!r}, which this row lacks", number)
+                    self._offsets.append(offset)
+                offset += len(line)
+        if not self._offsets:
+            raise DatasetError("the dataset has no rows")
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]  # no slices
+        if self._file is None:
+            self._file = self.path.open("rb")
+        self._file.seek(self._offsets[index])
+        row = _decode_line(self._file.readline(), None)
+        assert row is not None
+        return row
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with self.path.open("rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                row = _decode_line(line, number)
+                if row is not None:
+                    yield row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _decode_line(line: bytes, number: int | None) -> dict[str, Any] | None:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError("not UTF-8 text", number) from None
+    return parse_line(text, number)
 
 
 class PromptSampler:

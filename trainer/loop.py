@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
 from trainer.config import GRPOConfig, RunConfig
-from trainer.data import PromptSampler, load_rows
-from trainer.errors import DatasetError
+from trainer.data import PromptSampler, RowFile
 from trainer.failures import Failures
 from trainer.logprobs import completion_logprobs, model_parts, pack_groups
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
@@ -57,7 +57,7 @@ def lr_lambda(config: GRPOConfig):
 class Rollouts:
     """Turns dataset rows into scored groups: prompt formatting, generation, rewards."""
 
-    def __init__(self, rows: list[dict], models: Models, rewards: RewardSuite, config: GRPOConfig,
+    def __init__(self, rows: Sequence[dict], models: Models, rewards: RewardSuite, config: GRPOConfig,
                  generator: torch.Generator):
         self.rows, self.models, self.rewards, self.config, self.generator = rows, models, rewards, config, generator
         tokenizer = models.tokenizer
@@ -144,17 +144,14 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    rows = load_rows(run.dataset)
-    for name in sorted(required_fields(run.reward)):
-        missing = next((i for i, row in enumerate(rows, start=1) if name not in row), None)
-        if missing is not None:
-            raise DatasetError(f"the rewards need the field {name!r}, which this row lacks", missing)
-    eval_rows = load_rows(run.eval_dataset) if run.eval_dataset else []
+    # Rows are read from disk when drawn (the file's line offsets stay in memory, not the rows).
+    rows = RowFile(run.dataset, required=required_fields(run.reward))
+    eval_rows = RowFile(run.eval_dataset) if run.eval_dataset else []
     with RewardSuite(run.reward, policy=run.policy) as rewards:
         return _train(run, rows, eval_rows, rewards, output_dir, progress, resume=resume, device=device)
 
 
-def _train(run: RunConfig, rows: list[dict], eval_rows: list[dict], rewards: RewardSuite, output_dir: Path,
+def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewards: RewardSuite, output_dir: Path,
            progress: Progress, *, resume: bool, device: torch.device | None) -> TrainResult:
     cfg = run.hyperparameters
     G = cfg.group_size
@@ -351,7 +348,7 @@ def samples(batch: ScoredGroups, advantages: torch.Tensor, cfg: GRPOConfig) -> l
     return picked
 
 
-def evaluate(rollouts: Rollouts, eval_rows: list[dict]) -> dict[str, float]:
+def evaluate(rollouts: Rollouts, eval_rows: Sequence[dict]) -> dict[str, float]:
     """Mean reward of one low-temperature completion per eval row (does not touch the training RNG)."""
     saved = rollouts.generator.get_state()
     original_rows, rollouts.rows = rollouts.rows, eval_rows

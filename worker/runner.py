@@ -23,6 +23,13 @@ from worker.retry import DATABASE_UNREACHABLE, with_retries
 log = logging.getLogger(__name__)
 
 
+def internal_failure_reason(job_id: str, exc: Exception) -> str:
+    """A failure reason for an error the worker did not expect: the kind of error, never its text."""
+    return (f"internal error in the worker ({type(exc).__name__}); this is a fault of the service, not known to "
+            f"come from your spec: create the job again, and if it fails the same way, give the operator its id "
+            f"({job_id}), whose traceback the worker log has")
+
+
 def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
     sessions = session_factory(settings.database_url)
     retry_s = settings.database_retry_s
@@ -58,8 +65,10 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
     except TrainingError as exc:
         reason = str(exc)
     except Exception as exc:
+        # Its text may quote SQL, paths or a traceback of this machine: the log keeps it, the user
+        # gets what to do. (Errors meant for the user are TrainingError or ConfigError, above.)
         log.exception("job %s crashed", job_id)
-        reason = f"internal error ({type(exc).__name__}: {str(exc)[:300]}); the worker log has the traceback"
+        reason = internal_failure_reason(job_id, exc)
 
     def record_end(session: Session) -> JobStatus | None:
         prune_checkpoints(session=session, job_id=job_id, artifact_dir=artifact_dir)

@@ -9,6 +9,7 @@ from api.errors import responses
 from jobs.datasets import store_dataset
 from jobs.queries import get_dataset, list_datasets
 from jobs.schemas import DatasetOut, Page
+from jobs.text import StorableStr, check_file_name
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -18,11 +19,16 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 def upload_dataset(
     db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, response: Response,
     file: Annotated[UploadFile, File(description="JSONL: one object a line, each with a `prompt`.")],
-    name: Annotated[str | None, Form(max_length=255, description="Defaults to the file's name.")] = None,
+    name: Annotated[StorableStr | None, Form(max_length=255, description="Defaults to the file's name.")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> DatasetOut:
     """Upload a JSONL dataset (multipart/form-data). Every line is checked now; a 422 lists the
-    bad ones. Over GRPO_MAX_DATASET_BYTES or GRPO_MAX_DATASET_ROWS it is a 413."""
+    bad ones (a row nested deeper than GRPO_MAX_DATASET_DEPTH, with more JSON values than
+    GRPO_MAX_DATASET_ROW_VALUES, or with a NUL or an unpaired surrogate in a string or key is bad).
+    Over GRPO_MAX_DATASET_BYTES or GRPO_MAX_DATASET_ROWS, or with a line longer than
+    GRPO_MAX_DATASET_LINE_BYTES, it is a 413."""
+    if name is None:
+        check_file_name(file.filename)
     with db.transaction() as session:
         dataset, created = store_dataset(session=session, owner=owner, source=file.file, settings=settings,
                                          name=name or file.filename or "dataset.jsonl",

@@ -11,9 +11,10 @@ from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, SettingsD
 from api.errors import OpenAIRoute, responses
 from jobs.datasets import remove_dataset, store_dataset
 from jobs.errors import DatasetNotFound, InvalidDataset, InvalidRequest
-from jobs.openai_compat import file_object, rft_file
+from jobs.openai_compat import file_object, rft_line
 from jobs.openai_schemas import FileDeleted, FileOut, ListOut
 from jobs.queries import get_dataset, list_datasets
+from jobs.text import check_file_name
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
 
@@ -29,7 +30,7 @@ def create_file(
     db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner,
     file: Annotated[UploadFile, File(description="JSONL; OpenAI's reinforcement fine-tuning format: "
                                                  "`{\"messages\": [...], \"reference_answer\": ...}` a line.")],
-    purpose: Annotated[str, Form(max_length=64, description="`fine-tune`, the only purpose served here.")],
+    purpose: Annotated[str, Form(min_length=1, max_length=64, description="`fine-tune`, the only purpose served here.")],
     idempotency_key: IdempotencyKey = None,
 ) -> FileOut:
     """Upload a training file (multipart/form-data, as `client.files.create(file=..., purpose="fine-tune")`).
@@ -38,10 +39,12 @@ def create_file(
     if purpose != "fine-tune":
         raise InvalidRequest(f"purpose {purpose!r} is not served here; upload training data with purpose "
                              "'fine-tune'", param="purpose")
+    check_file_name(file.filename)
     with db.transaction() as session:
         try:
-            dataset, _ = store_dataset(session=session, owner=owner, source=rft_file(file.file), settings=settings,
-                                       name=file.filename or "file.jsonl", idempotency_key=idempotency_key)
+            dataset, _ = store_dataset(session=session, owner=owner, source=file.file, settings=settings,
+                                       name=file.filename or "file.jsonl", idempotency_key=idempotency_key,
+                                       convert=rft_line)
         except InvalidDataset as exc:
             exc.message += f" ({RFT_HINT})"
             raise

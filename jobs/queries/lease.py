@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from jobs.models import Job, JobStatus, utcnow
 from jobs.queries.records import add_event
 from jobs.queries.webhooks import queue_webhook
+from jobs.text import storable_text
 
 
 def _held_by(job_id: str, worker: str) -> ColumnElement[bool]:
@@ -62,6 +63,7 @@ def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
     """End a job its worker holds; False if the lease was lost meanwhile (then nothing changes)."""
     assert status.terminal
     now = utcnow()
+    reason = None if reason is None else storable_text(reason)  # it may quote a grader's or a model's output
     values = {"status": status, "failure_reason": reason, "finished_at": now, "updated_at": now,
               "heartbeat_at": None, "pause_requested": False}  # a pause asked during the last step is moot
     if step is not None:

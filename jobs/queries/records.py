@@ -16,22 +16,26 @@ from sqlalchemy.orm import Session
 from jobs.errors import CheckpointNotFound, JobNotFound
 from jobs.models import Checkpoint, Job, JobEvent, JobMetrics, JobSample, utcnow
 from jobs.queries._util import page, upsert
+from jobs.text import storable_text
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON: JSON has no NaN or infinity (a diverged value becomes null) and
-    anything unknown becomes its string."""
-    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+    """``value`` as plain JSON the database can store: JSON has no NaN or infinity (a diverged
+    value becomes null), a string loses the characters no column can hold (a model's or a
+    grader's output may have a NUL), and anything unknown becomes its string."""
+    if isinstance(value, bool) or value is None or isinstance(value, int):
         return value
+    if isinstance(value, str):
+        return storable_text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {storable_text(str(k)): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     if hasattr(value, "item"):  # numpy and torch scalars
         return jsonable(value.item())
-    return str(value)
+    return storable_text(str(value))
 
 
 def _metric_values(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -66,7 +70,7 @@ def list_metrics(*, session: Session, owner: str, job_id: str, after_step: int =
 
 def add_event(*, session: Session, job_id: str, kind: str, message: str, level: str = "info",
               data: dict[str, Any] | None = None) -> JobEvent:
-    event = JobEvent(job_id=job_id, kind=kind, level=level, message=message, data=jsonable(data))
+    event = JobEvent(job_id=job_id, kind=kind, level=level, message=storable_text(message), data=jsonable(data))
     session.add(event)
     session.flush()
     return event

@@ -65,10 +65,17 @@ def api_database(api_database_url: str) -> Iterator[str]:
         connection.execute(text(f"TRUNCATE {tables} CASCADE"))
 
 
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """GRPO_MODEL_DIRS of the tests' servers: pytest's base temporary directory, where the tiny
+    models live (each server's artifact store, under it too, stays refused)."""
+    return [tmp_path_factory.getbasetemp()]
+
+
 @pytest.fixture
-def settings(api_database: str, tmp_path: Path) -> Settings:
+def settings(api_database: str, tmp_path: Path, model_dirs: list[Path]) -> Settings:
     return Settings(data_dir=tmp_path, database_url=api_database, broker_url=REDIS_URL,
-                    broker_key_prefix=f"grpo-test-{RUN_ID}:", queue=f"gpu-{RUN_ID}")
+                    broker_key_prefix=f"grpo-test-{RUN_ID}:", queue=f"gpu-{RUN_ID}", model_dirs=model_dirs)
 
 
 @pytest.fixture
@@ -92,13 +99,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def redis_worker_settings(make_database, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def redis_worker_settings(make_database, tmp_path_factory: pytest.TempPathFactory, model_dirs: list[Path]) -> Settings:
     """Settings of an end-to-end setup: its own database, Redis keys and queue, short leases; the
     operator lets jobs call loopback, where the tests' scoring endpoints and webhook receivers listen."""
     tag = uuid.uuid4().hex[:8]
     return Settings(data_dir=tmp_path_factory.mktemp("e2e"), database_url=make_database(), broker_url=REDIS_URL,
                     broker_key_prefix=f"grpo-test-{tag}:", queue=f"gpu-{tag}", heartbeat_interval_s=0.5,
-                    heartbeat_stale_s=4, sweep_interval_s=1, send_grace_s=2, allow_private_hosts=["127.0.0.1"])
+                    heartbeat_stale_s=4, sweep_interval_s=1, send_grace_s=2, allow_private_hosts=["127.0.0.1"],
+                    model_dirs=model_dirs)
 
 
 @pytest.fixture(scope="module")

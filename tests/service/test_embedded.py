@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.embedded import embedded_settings
 from tests.service.e2e import download_and_load, metric_steps, status_changes, wait_until_ended
-from tests.service.factories import ROOT, api_key, free_port, job_spec, upload, wait_for
+from tests.service.factories import ROOT, free_port, job_spec, upload, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,11 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.C
     data_dir = tmp_path_factory.mktemp("embedded")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRPO_HEARTBEAT_INTERVAL_S="0.5")
+    # GRPO_DATA_DIR rather than --data-dir: the README's way, which `grpo keys create` reads too
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRPO_HEARTBEAT_INTERVAL_S="0.5", GRPO_DATA_DIR=str(data_dir))
     log = (data_dir / "service.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--embedded", "--data-dir", str(data_dir),
-                                "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--embedded", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 
     def up() -> bool:
@@ -41,7 +41,9 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.C
 
     try:
         wait_for(up, timeout=60, what="the embedded service to start", interval=0.3)
-        client.headers["Authorization"] = f"Bearer {api_key(embedded_settings(data_dir))}"
+        created = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "me"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=60, check=True)
+        client.headers["Authorization"] = f"Bearer {created.stdout.split()[-1]}"
         yield client, data_dir
     finally:
         client.close()
@@ -65,8 +67,11 @@ def group_alive(pgid: int) -> bool:
 
 def test_embedded_service_runs_a_job_end_to_end(embedded, tiny_model, tmp_path) -> None:
     client, data_dir = embedded
+    model = shutil.copytree(tiny_model, data_dir / "models" / "tiny")  # the embedded default's GRPO_MODEL_DIRS
     dataset_id = upload(client).json()["id"]
-    job_id = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 4}))
+    outside = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model)))
+    assert outside.status_code == 422 and outside.json()["error"]["param"] == "base_model"
+    job_id = client.post("/v1/jobs", json=job_spec(dataset_id, str(model), hyperparameters={"max_steps": 4}))
     job_id = job_id.json()["id"]
 
     statuses = []  # followed live over server-sent events; the stream ends with the job

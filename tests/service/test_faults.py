@@ -36,12 +36,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="module")
-def settings(make_database, redis_server, tmp_path_factory) -> Settings:
+def settings(make_database, redis_server, tmp_path_factory, model_dirs) -> Settings:
     """The module's own Redis and database; short leases, and a sweeper that acts on a message
     missing for 2 s (30 s in production). No cap on active jobs, no rate limit: the load is the point."""
     return Settings(data_dir=tmp_path_factory.mktemp("faults"), database_url=make_database(),
                     broker_url=redis_server.url, heartbeat_interval_s=0.5, heartbeat_stale_s=10, sweep_interval_s=1,
-                    send_grace_s=2, max_active_jobs_per_owner=10_000, rate_limit_per_s=0)
+                    send_grace_s=2, max_active_jobs_per_owner=10_000, rate_limit_per_s=0, model_dirs=model_dirs)
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def test_a_multi_grader_becomes_weighted_rewards(client, file_id) -> None:
     ({"top": {"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}}, "integrations", "not supported"),
     ({"top": {"hyperparameters": {"n_epochs": 2}}}, "hyperparameters", "method.reinforcement.hyperparameters"),
     ({"top": {"colour": "blue"}}, "colour", "Extra inputs are not permitted"),
-    ({"top": {"model": "not a model!"}}, "model", "neither a hub id"),
+    ({"top": {"model": "not a model!"}}, "model", "neither a Hugging Face hub id"),
 ])
 def test_what_cannot_run_here_is_a_400_naming_the_openai_param(client, file_id, change, param, says) -> None:
     body = rft_job(file_id, change.get("grader"), change.get("hyperparameters", {"group_size": 2}))

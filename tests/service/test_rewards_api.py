@@ -83,6 +83,16 @@ def test_the_number_of_samples_is_bounded(client, settings) -> None:
     assert run(client, samples=[]).json()["error"]["param"] == "samples"
 
 
+def test_the_number_of_reward_functions_is_bounded(client, settings) -> None:
+    settings.max_reward_run_rewards = 3
+    response = run(client, reward=[{"type": "length", "name": f"length_{i}", "max_length": 10} for i in range(4)])
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("limit_exceeded", "reward")
+    assert "GRPO_MAX_REWARD_RUN_REWARDS" in error["message"]
+    assert run(client, reward=[{"type": "length", "name": f"length_{i}", "max_length": 10} for i in range(3)]).status_code == 200
+
+
 def test_a_dry_run_needs_an_api_key(client) -> None:
     assert run(client, headers={"Authorization": ""}).status_code == 401
 

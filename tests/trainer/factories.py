@@ -1,9 +1,11 @@
 """Small factories for trainer tests: datasets and run configs on a tiny model."""
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
-from trainer.config import GRPOConfig, RunConfig
+from trainer.config import GRPOConfig, LoraConfig, RunConfig
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -26,3 +28,20 @@ def tiny_run(model_dir: Path, dataset: Path, reward=None, **hyperparameters) -> 
     defaults.update(hyperparameters)
     return RunConfig(base_model=str(model_dir), dataset=str(dataset), reward=reward or A_SHARE,
                      hyperparameters=GRPOConfig(**defaults))
+
+
+def numeric_fields(config: type, prefix: str = "") -> list[tuple[str, type]]:
+    """Every int and float field of a config dataclass, dotted under ``prefix`` (``float | None``
+    too; a bool is no int here): tests that range over them cover a field added later."""
+    hints = typing.get_type_hints(config)
+    fields = []
+    for field in dataclasses.fields(config):
+        kinds = typing.get_args(hints[field.name]) or (hints[field.name],)
+        if float in kinds:
+            fields.append((prefix + field.name, float))
+        elif int in kinds:
+            fields.append((prefix + field.name, int))
+    return fields
+
+
+NUMERIC_HYPERPARAMETERS = numeric_fields(GRPOConfig) + numeric_fields(LoraConfig, "lora.")

@@ -4,7 +4,7 @@ import pytest
 
 from trainer.__main__ import policy_from_environ
 from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig
-from trainer.data import PromptSampler, parse_rows
+from trainer.data import PromptSampler, RowFile, json_over_limits, parse_line, parse_rows
 from trainer.errors import DatasetError
 
 
@@ -26,6 +26,69 @@ def test_rows_keep_every_field_and_accept_chat_prompts():
 def test_malformed_rows_are_reported_with_their_line(lines, message):
     with pytest.raises(DatasetError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_rows(lines)
+
+
+@pytest.mark.parametrize(("line", "over"), [
+    (b'{"prompt": "x", "answer": [1, 2, {"a": [3]}]}', None),
+    (b'{"prompt": "[[[[{{{{,,,,\\"[[[", "x": "\\\\"}', None),  # brackets and commas in strings are text
+    (b"[" * 4 + b"]" * 4, None),
+    (b"[" * 5 + b"]" * 5, "depth"),
+    (b'{"a": {"b": {"c": {"d": {"e": 1}}}}}', "depth"),
+    (b'{"a": "' + b"[" * 50 + b'"}', None),
+    (b"[" + b"1," * 18 + b"1]", None),  # 19 numbers + the list
+    (b"[" + b"1," * 19 + b"1]", "values"),
+    (b"[" + b"[]," * 10 + b"[]]", "values"),  # empty containers count
+    (b"[" * 100_000, "values"),
+    (b'"' + b'\\"' * 1000, None),  # an unterminated string: the parser's to report
+    (b"[" * 10 + b"}" * 10, None),  # unbalanced: the parser's to report
+])
+def test_json_shape_is_read_off_the_bytes(line, over):
+    assert json_over_limits(line, max_depth=4, max_values=20) == over
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("[" * 100_000 + "]" * 100_000, "line 7: not valid JSON: nested too deeply"),
+    ('{"prompt": ' + "9" * 5000 + "}", "line 7: not valid JSON (Exceeds the limit"),
+])
+def test_json_the_parser_cannot_read_is_a_dataset_error(text, says):
+    with pytest.raises(DatasetError, match=says.replace("(", r"\(")):
+        parse_line(text, 7)
+
+
+def rows_file(path, lines: list[bytes]):
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_a_row_file_reads_each_row_from_disk_when_asked(tmp_path):
+    path = rows_file(tmp_path / "d.jsonl", [b'{"prompt": "a", "answer": "1"}\n', b"\n", b"  \r\n",
+                                            '{"prompt": "\u00e9\u4e2d", "answer": "2"}\r\n'.encode(),
+                                            b'{"prompt": [{"role": "user", "content": "c"}], "answer": "3"}'])
+    rows = RowFile(path, required=["answer"])
+    assert len(rows) == 3
+    assert [row["answer"] for row in rows] == ["1", "2", "3"] == [rows[i]["answer"] for i in range(3)]
+    assert rows[1]["prompt"] == "\u00e9\u4e2d" and rows[-1]["prompt"][0]["content"] == "c"
+    assert list(rows) == parse_rows(path.read_text(encoding="utf-8").splitlines())
+    # The rows are not kept: a row rewritten in place (same length) is read as it now is.
+    path.write_bytes(path.read_bytes().replace(b'"answer": "1"', b'"answer": "9"'))
+    assert rows[0]["answer"] == "9"
+    rows.close()
+
+
+@pytest.mark.parametrize(("lines", "required", "says"), [
+    ([b'{"prompt": "a", "x": 1}\n', b"\n", b'{"prompt": "b"}\n'], ["x"], "line 3: the rewards need the field 'x'"),
+    ([b'{"prompt": "a"}\n', b"\xff\xfe\n"], [], "line 2: not UTF-8 text"),
+    ([b'{"prompt": "a"}\n', b"[" * 5000 + b"\n"], [], "line 2: not valid JSON"),
+    ([b"\n", b"  \n"], [], "the dataset has no rows"),
+])
+def test_a_row_file_names_the_bad_line(tmp_path, lines, required, says):
+    with pytest.raises(DatasetError, match=says):
+        RowFile(rows_file(tmp_path / "d.jsonl", lines), required=required)
+
+
+def test_a_missing_row_file_says_so(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        RowFile(tmp_path / "nope.jsonl")
 
 
 def test_prompt_sampler_visits_every_row_each_epoch_and_resumes():

@@ -7,14 +7,14 @@ batch-level failure, which the suite counts against every completion.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import regex
 
-from trainer.config import ConfigError, OperatorPolicy
+from trainer.config import MAX_INTEGER, ConfigError, OperatorPolicy, is_finite_number
+from trainer.rewards.stop import check_stop
 
 Scores = list[float | Exception]
 REQUIRED = object()  # marks an option without a default
@@ -39,6 +39,7 @@ class Option:
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive
     above: float | None = None  # exclusive
+    maximum: float | None = None  # inclusive
     example: str = ""  # shown when a required option is missing
 
 
@@ -70,6 +71,7 @@ class PerCompletion:
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
         scores: Scores = []
         for prompt, completion, row in zip(prompts, completions, rows, strict=True):
+            check_stop()  # a stopped batch ends here, not after the rest of its completions
             try:
                 scores.append(float(self.score(prompt, completion, row)))
             except Exception as exc:  # one bad completion must not sink the batch
@@ -132,13 +134,17 @@ def check_option(param: str, option: Option, value: Any) -> Any:
     if value is None and option.default is None:
         return None
     kind = option.kind
-    if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if kind == "number":  # the run config's own rule: finite, and within what a float holds
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(param, f"must be a number, got {value!r}")
+        if not is_finite_number(value):
+            raise ConfigError(param, f"must be a finite number, got {value!r}")
         value = float(value)
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(param, f"must be an integer, got {value!r}")
+        if abs(value) > MAX_INTEGER:
+            raise ConfigError(param, f"must be between -{MAX_INTEGER} and {MAX_INTEGER}, got {value!r}")
     elif kind == "boolean":
         if not isinstance(value, bool):
             raise ConfigError(param, f"must be true or false, got {value!r}")
@@ -161,6 +167,8 @@ def check_option(param: str, option: Option, value: Any) -> Any:
         raise ConfigError(param, f"must be >= {option.minimum:g}, got {value!r}")
     if option.above is not None and value <= option.above:
         raise ConfigError(param, f"must be > {option.above:g}, got {value!r}")
+    if option.maximum is not None and value > option.maximum:
+        raise ConfigError(param, f"must be <= {option.maximum:g}, got {value!r}")
     return value
 
 

@@ -13,6 +13,7 @@ where the machine refuses them is the operator's call too (``sandbox_allow_uniso
 from __future__ import annotations
 
 import ast
+import contextvars
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 from trainer.config import ConfigError, OperatorPolicy
 from trainer.rewards.base import Option, RewardError, RewardType, Scores, row_value
 from trainer.rewards.sandbox import STARTUP_SLACK_S, SandboxError, run_sandboxed
+from trainer.rewards.stop import current_stop
 
 HARNESS = Path(__file__).with_name("code_harness.py")
 ALLOW_NETWORK_ENV = "GRPO_SANDBOX_ALLOW_NETWORK"
@@ -94,7 +96,7 @@ def run_tests(program: str, steps: list[dict[str, Any]], limits: SandboxLimits) 
     job = json.dumps({"nonce": nonce, "program": program, "steps": steps}).encode()
     result = run_sandboxed(harness_source(), stdin=job, timeout_s=limits.timeout_s, memory_mb=limits.memory_mb,
                            file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, network=limits.network,
-                           allow_unisolated=limits.allow_unisolated)
+                           allow_unisolated=limits.allow_unisolated, stop=current_stop())
     report = result.stdout.decode("utf-8", "replace")
     progress = re.findall(rf"^{nonce} (\d+) (\d+)$", report, re.MULTILINE)
     if progress:
@@ -126,7 +128,8 @@ class CodeTests:
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
         workers = max(1, min(len(completions), os.cpu_count() or 1, MAX_WORKERS))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-tests") as pool:
-            futures = [pool.submit(self.score, completion, row)
+            # each in a copy of this context: a stop signal (``current_stop``) reaches the sandboxes
+            futures = [pool.submit(contextvars.copy_context().run, self.score, completion, row)
                        for completion, row in zip(completions, rows, strict=True)]
         scores: Scores = []
         for future in futures:

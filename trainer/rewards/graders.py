@@ -11,6 +11,7 @@ objects), as in OpenAI's graders, so a grader from an OpenAI job means the same 
 from __future__ import annotations
 
 import ast
+import contextvars
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from rapidfuzz import fuzz
 from trainer.config import ConfigError, OperatorPolicy
 from trainer.rewards.base import Option, PerCompletion, RewardError, RewardType, Scores, row_value
 from trainer.rewards.sandbox import STARTUP_SLACK_S, SandboxError, run_sandboxed
+from trainer.rewards.stop import current_stop
 
 # --- templates ---------------------------------------------------------------------------------
 
@@ -252,7 +254,8 @@ def grade_in_sandbox(source: str, cases: list[dict[str, Any]], *, timeout_s: flo
     nonce = secrets.token_hex(16)
     job = json.dumps({"nonce": nonce, "source": source, "cases": cases, "timeout_s": timeout_s}).encode()
     result = run_sandboxed(harness_source(), stdin=job, timeout_s=timeout_s * len(cases), memory_mb=memory_mb,
-                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, allow_unisolated=allow_unisolated)
+                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, allow_unisolated=allow_unisolated,
+                           stop=current_stop())
     report = result.stdout.decode("utf-8", "replace")
     lines = re.findall(rf"^{nonce} (\S+) (ok|error) (.*)$", report, re.MULTILINE)
     if not any(index == "start" for index, _, _ in lines):
@@ -287,7 +290,9 @@ class PythonGrader:
         parts = max(1, min(len(cases), os.cpu_count() or 1, MAX_SANDBOXES))
         chunks = [cases[index::parts] for index in range(parts)]  # round robin: chunk i holds cases i, i+parts, ...
         with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="python-grader") as pool:
-            futures = [pool.submit(grade_in_sandbox, self.source, chunk, timeout_s=self.timeout_s,
+            # each in a copy of this context: a stop signal (``current_stop``) reaches the sandboxes
+            futures = [pool.submit(contextvars.copy_context().run, grade_in_sandbox, self.source, chunk,
+                                   timeout_s=self.timeout_s,
                                    memory_mb=self.memory_mb, allow_unisolated=self.allow_unisolated)
                        for chunk in chunks]
         scores: Scores = [RewardError("not graded")] * len(cases)

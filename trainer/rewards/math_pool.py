@@ -20,10 +20,12 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from trainer.rewards.base import RewardError
+from trainer.rewards.stop import current_stop
 
 CHILD = Path(__file__).with_name("math_child.py")
 MAX_CHILDREN = 2  # checks at once per process; more callers wait for a child
@@ -119,9 +121,11 @@ class MathPool:
         the check timed out or failed; GoldUnreadable when ``gold`` cannot be read."""
         with self.slots:
             child = self._idle_child() or _Child(self.script)
+            stop = current_stop()  # a stopped batch kills the child rather than wait for its answer
             try:
-                reply = child.ask({"gold": gold, "answer": answer, "timeout_s": timeout_s},
-                                  timeout_s + KILL_GRACE_S)
+                with stop.on_stop(child.process.kill) if stop is not None else nullcontext():
+                    reply = child.ask({"gold": gold, "answer": answer, "timeout_s": timeout_s},
+                                      timeout_s + KILL_GRACE_S)
             except TimeoutError:
                 child.kill()
                 raise RewardError(f"math-verify timed out after {timeout_s:g}s on this completion") from None

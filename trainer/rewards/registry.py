@@ -28,7 +28,9 @@ REWARD_TYPES: dict[str, RewardType] = {
     "text_similarity": TEXT_SIMILARITY,
     "python_grader": PYTHON_GRADER,
 }
-COMMON_OPTIONS = {"weight": Option("number", 1.0), "name": Option("string", None)}
+MAX_WEIGHT = 1e6  # with scores within MAX_ABS_SCORE, a total stays far from a float's overflow
+COMMON_OPTIONS = {"weight": Option("number", 1.0, minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
+                  "name": Option("string", None)}
 MAX_NAME_LENGTH = 64
 
 

@@ -9,11 +9,17 @@ non-public addresses are refused unless the operator lists the host (``OperatorP
 ``allowed_hosts`` option is refused with a pointer to that setting: the spec is the tenant's, the
 network is the operator's). Connection errors and 5xx answers are retried with bounded
 exponential backoff, and ``retried`` counts those retries.
+
+A stopped batch (``stop.py``) does not wait for the endpoint: its connections are shut down at
+once, and a retry's backoff ends early.
 """
 
 from __future__ import annotations
 
 import math
+import socket
+import threading
+from contextlib import nullcontext
 from typing import Any
 
 from trainer.config import ConfigError, OperatorPolicy
@@ -26,6 +32,7 @@ from trainer.net import (
     redact_url,
 )
 from trainer.rewards.base import Option, RewardError, RewardType, Scores
+from trainer.rewards.stop import check_stop, current_stop
 
 
 class HttpReward:
@@ -38,11 +45,16 @@ class HttpReward:
         self.timeout_s = spec["timeout_s"]
         self.headers = spec["headers"] or {}
         self.allowed_hosts = policy.allow_private_hosts
-        self.client = httpx.Client(timeout=self.timeout_s, trust_env=False, follow_redirects=False)
+        self.connections = CuttableConnections()
+        transport = httpx.HTTPTransport(trust_env=False)
+        transport._pool._network_backend = self.connections  # httpx has no public way to hand httpcore a backend
+        self.client = httpx.Client(transport=transport, timeout=self.timeout_s, trust_env=False, follow_redirects=False)
         self.retried = 0
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
-        response = self._post({"prompts": prompts, "completions": completions, "rows": rows})
+        stop = current_stop()
+        with stop.on_stop(self.connections.cut) if stop is not None else nullcontext():
+            response = self._post({"prompts": prompts, "completions": completions, "rows": rows})
         try:
             rewards = response.json()["rewards"]
         except (ValueError, KeyError, TypeError):
@@ -61,14 +73,93 @@ class HttpReward:
         def count_retry(reason: str) -> None:
             self.retried += 1
 
+        stop = current_stop()
         try:
             return post_json(self.url, payload, allowed_hosts=self.allowed_hosts, timeout_s=self.timeout_s,
-                             retries=self.retries, headers=self.headers, client=self.client, on_retry=count_retry)
+                             retries=self.retries, headers=self.headers, client=self.client, on_retry=count_retry,
+                             sleep=stop.sleep if stop is not None else None)
         except OutboundError as exc:
             raise RewardError(str(exc)) from None
 
     def close(self) -> None:
         self.client.close()
+
+
+class CuttableConnections:
+    """httpcore's network backend (the sync one), able to cut every open connection at once
+    from another thread (``cut``). It shuts down a duplicate of each connection's socket: that
+    wakes a thread blocked reading or writing it, TLS or not, and leaves closing the socket
+    to its owner, httpcore."""
+
+    def __init__(self) -> None:
+        import httpcore
+
+        self._backend = httpcore.SyncBackend()
+        self._lock = threading.Lock()
+        self._open: dict[int, socket.socket] = {}  # id of the stream -> a duplicate of its socket
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> Any:
+        check_stop()  # no new connection (a retry) for a stopped batch
+        stream = self._backend.connect_tcp(host, port, timeout=timeout, local_address=local_address,
+                                           socket_options=socket_options)
+        return _CuttableStream(stream, self)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
+        raise OSError("unix sockets are not used by http rewards")
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+    def cut(self) -> None:
+        with self._lock:
+            for handle in self._open.values():
+                try:
+                    handle.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by the peer
+
+    def _track(self, stream: _CuttableStream, sock: socket.socket) -> None:
+        with self._lock:
+            self._open[id(stream)] = sock.dup()
+
+    def _forget(self, stream: _CuttableStream) -> None:
+        with self._lock:
+            handle = self._open.pop(id(stream), None)
+        if handle is not None:
+            handle.close()
+
+
+class _CuttableStream:
+    """A connection's stream that ``CuttableConnections.cut`` can shut down (httpcore's NetworkStream)."""
+
+    def __init__(self, stream: Any, connections: CuttableConnections) -> None:
+        self._stream = stream
+        self._connections = connections
+        connections._track(self, stream.get_extra_info("socket"))
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._connections._forget(self)
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        try:  # TLS wraps the same socket: the duplicate still reaches it
+            self._stream = self._stream.start_tls(ssl_context, server_hostname, timeout)
+        except BaseException:
+            self._connections._forget(self)
+            raise
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
 
 
 def _check_http(spec: dict[str, Any], param: str) -> None:

@@ -67,10 +67,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.rewards.base import RewardError
+from trainer.rewards.stop import StopSignal
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
 ALLOW_UNISOLATED_ENV = "GRPO_SANDBOX_ALLOW_UNISOLATED"
@@ -108,12 +110,16 @@ class SandboxResult:
 
 def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memory_mb: int = 512,
                   file_mb: int = 10, tmp_mb: int = 64, max_processes: int = 16, network: bool = False,
-                  allow_unisolated: bool = False) -> SandboxResult:
+                  allow_unisolated: bool = False, stop: StopSignal | None = None) -> SandboxResult:
     """Run the Python source ``code`` with ``stdin`` in the sandbox; its outcome, whatever the code does.
 
     Raises SandboxUnavailable when the namespaces cannot be had (and ``allow_unisolated`` is
     false), SandboxError when the sandbox itself fails; never for what the program does.
+    ``stop.stop()`` (from another thread) kills the run's process group at once, as the
+    wall-clock limit does, and the call then raises ``ScoringStopped``.
     """
+    if stop is not None:
+        stop.check()
     python, prefix, hidden = _python_installation()
     scratch = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))
     try:
@@ -132,9 +138,11 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memo
         with (open(scratch / "stdout", "w+b") as out, open(scratch / "stderr", "w+b") as err,
               open(scratch / "status", "w+b") as status):
             config["status_fd"] = status.fileno()
-            timed_out, exit_status = _launch(config, stdin, out, err, timeout_s + STARTUP_SLACK_S)
+            timed_out, exit_status = _launch(config, stdin, out, err, timeout_s + STARTUP_SLACK_S, stop)
             duration = time.monotonic() - started
             entries = _read_status(status)
+            if stop is not None:
+                stop.check()  # killed from outside: its outcome is no result
             stdout, stderr = _tail(out), _tail(err)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -160,8 +168,8 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memo
                          isolated=entries.get("isolated", False), duration_s=duration, uid=uid)
 
 
-def _launch(config: dict, stdin: bytes, out, err, wall_s: float) -> tuple[bool, int]:
-    """Run the launcher to completion or to ``wall_s``: (timed out, its exit status)."""
+def _launch(config: dict, stdin: bytes, out, err, wall_s: float, stop: StopSignal | None) -> tuple[bool, int]:
+    """Run the launcher to completion, to ``wall_s`` or until ``stop``: (timed out, its exit status)."""
     try:
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(config)],
@@ -172,7 +180,8 @@ def _launch(config: dict, stdin: bytes, out, err, wall_s: float) -> tuple[bool, 
         raise SandboxError(f"could not start the sandbox: {exc}") from None
     timed_out = False
     try:
-        process.communicate(stdin, timeout=wall_s)
+        with stop.on_stop(lambda: os.killpg(process.pid, signal.SIGKILL)) if stop is not None else nullcontext():
+            process.communicate(stdin, timeout=wall_s)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:

@@ -11,10 +11,12 @@ from typing import Any
 from trainer.config import OperatorPolicy
 from trainer.rewards.base import RewardError, RewardFunction
 from trainer.rewards.registry import REWARD_TYPES, validate_reward_specs
+from trainer.rewards.stop import ScoringStopped, StopSignal, scoring_under
 
 logger = logging.getLogger(__name__)
 MAX_ERROR_MESSAGES = 5
 MAX_MESSAGE_CHARS = 300
+MAX_ABS_SCORE = 1e12  # a larger score is a bug; weighted and summed it could overflow to infinity
 
 
 @dataclass
@@ -38,6 +40,10 @@ class RewardSuite:
     """Validates the specs, checks them against the operator's ``policy`` (default: allow
     nothing beyond the spec's own checks), builds each function (loading a reward model if one
     is named) and scores batches: ``suite(prompts, completions, rows) -> RewardOutput``.
+
+    ``suite(..., stop=signal)`` lets another thread end the batch: ``signal.stop(reason)`` kills
+    its sandboxes, cuts its HTTP calls, and the call raises ``ScoringStopped`` (see ``stop.py``);
+    ``running`` then names the index of the reward function that was scoring.
     """
 
     def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu", policy: OperatorPolicy | None = None):
@@ -47,6 +53,7 @@ class RewardSuite:
         self.names: list[str] = [spec["name"] for spec in self.specs]
         self.weights: list[float] = [spec["weight"] for spec in self.specs]
         self._functions: list[RewardFunction] = []
+        self.running: int | None = None  # the index of the function scoring now
         try:
             for index, spec in enumerate(self.specs):
                 build = REWARD_TYPES[spec["type"]].build
@@ -55,7 +62,8 @@ class RewardSuite:
             self.close()
             raise
 
-    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> RewardOutput:
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], *,
+                 stop: StopSignal | None = None) -> RewardOutput:
         if not len(prompts) == len(completions) == len(rows):
             raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(rows)} rows; "
                              "pass one prompt and one row per completion")
@@ -63,8 +71,14 @@ class RewardSuite:
         parts: dict[str, list[float | None]] = {}
         errors: dict[str, int] = {}
         messages: list[str] = []
-        for name, weight, function in zip(self.names, self.weights, self._functions, strict=True):
-            scores = self._score(name, function, prompts, completions, rows)
+        for index, (name, weight, function) in enumerate(zip(self.names, self.weights, self._functions, strict=True)):
+            self.running = index
+            with scoring_under(stop):
+                if stop is not None:
+                    stop.check()
+                scores = self._score(name, function, prompts, completions, rows)
+                if stop is not None:
+                    stop.check()  # a stopped function's scores are what its cut-off work left: not results
             parts[name] = []
             errors[name] = 0
             for index, score in enumerate(scores):
@@ -77,6 +91,7 @@ class RewardSuite:
                 message = f"{name}: {_describe(score)}"
                 if message not in messages and len(messages) < MAX_ERROR_MESSAGES:
                     messages.append(message)
+        self.running = None
         return RewardOutput(total=total, parts=parts, errors=errors, error_messages=messages)
 
     def _score(self, name: str, function: RewardFunction, prompts: list[str], completions: list[str],
@@ -86,6 +101,8 @@ class RewardSuite:
             scores = function(prompts, completions, rows)
             if len(scores) != len(completions):
                 raise RewardError(f"returned {len(scores)} scores for {len(completions)} completions")
+        except ScoringStopped:
+            raise
         except Exception as exc:  # a batch-level failure (a reward model, an endpoint) fails every completion
             logger.debug("reward %s failed for the whole batch", name, exc_info=True)
             return [exc] * len(completions)
@@ -93,8 +110,10 @@ class RewardSuite:
         for score in scores:
             if isinstance(score, Exception):
                 checked.append(score)
-            elif math.isfinite(score):
+            elif math.isfinite(score) and abs(score) <= MAX_ABS_SCORE:
                 checked.append(float(score))
+            elif math.isfinite(score):
+                checked.append(RewardError(f"gave the score {score:g}, beyond ±{MAX_ABS_SCORE:g}; scale it down"))
             else:
                 checked.append(RewardError(f"gave a non-finite score ({score})"))
         return checked

@@ -1,0 +1,171 @@
+"""Which models a job may load, on the real API and PostgreSQL: a hub id or a directory under
+GRPO_MODEL_DIRS, never the artifact store (another owner's checkpoints). One refusal whatever is
+on disk, on the native route, the OpenAI route and for a reward model; and the worker's own check
+before it loads anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from api.main import create_app
+from jobs.db import transaction
+from jobs.models import Job
+from jobs.settings import Settings
+from tests.service.factories import api_key, bearer, job_spec, make_checkpoint, upload
+from tests.service.test_openai_api import rft_job, upload_file
+
+
+@pytest.fixture
+def dataset_id(client) -> str:
+    return upload(client).json()["id"]
+
+
+@pytest.fixture
+def bobs_checkpoint(client, settings) -> Path:
+    """A checkpoint of another owner's job, as a worker leaves it in the artifact store."""
+    bob = bearer(api_key(settings, owner="bob"))
+    job = client.post("/v1/jobs", json=job_spec(upload(client, headers=bob).json()["id"]), headers=bob).json()
+    return settings.artifact_dir / make_checkpoint(settings, job["id"], 1)
+
+
+def native(client, dataset_id: str, base_model: str) -> tuple[int, dict]:
+    response = client.post("/v1/jobs", json=job_spec(dataset_id, base_model))
+    return response.status_code, response.json().get("error", {})
+
+
+def reward_model(client, dataset_id: str, model: str) -> tuple[int, dict]:
+    spec = job_spec(dataset_id, reward=[{"type": "exact_match"}, {"type": "reward_model", "model": model}])
+    response = client.post("/v1/jobs", json=spec)
+    return response.status_code, response.json().get("error", {})
+
+
+def openai(client, file_id: str, model: str) -> tuple[int, dict]:
+    response = client.post("/v1/fine_tuning/jobs", json=rft_job(file_id, model=model))
+    return response.status_code, response.json().get("error", {})
+
+
+def refusal_of(status: int, error: dict, *, param: str, path: str, expected_status: int = 422) -> str:
+    """The refusal's message with the refused value taken out (it echoes what the caller sent)."""
+    assert status == expected_status and error["param"] == param, error
+    assert repr(path) in error["message"] and "GRPO_MODEL_DIRS" in error["message"], error
+    return error["message"].replace(repr(path), "PATH")
+
+
+def test_another_owners_checkpoint_is_refused_alike_whether_it_exists_or_not(
+        client, settings, dataset_id, bobs_checkpoint: Path, tmp_path: Path) -> None:
+    assert (bobs_checkpoint / "config.json").is_file()
+    missing = bobs_checkpoint.with_name("step-000002")
+    link = tmp_path / "innocent-model"  # in an allowed directory, but leading into the artifact store
+    link.symlink_to(bobs_checkpoint)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    paths = [bobs_checkpoint, missing, link, not_a_model, Path("/etc"), Path("/no/such/dir"),
+             tmp_path / "a-file" / "x", Path("/etc/passwd/x")]
+    (tmp_path / "a-file").write_text("not a directory")
+    file_id = upload_file(client).json()["id"]
+
+    messages = set()
+    for path in map(str, paths):
+        messages.add(refusal_of(*native(client, dataset_id, path), param="base_model", path=path))
+        messages.add(refusal_of(*reward_model(client, dataset_id, path), param="reward[1].model", path=path))
+        openai_message = refusal_of(*openai(client, file_id, path), param="model", path=path, expected_status=400)
+        messages.add(openai_message.removeprefix("model: "))  # OpenAI's errors say the param in the message too
+    assert messages == {"PATH is neither a Hugging Face hub id (org/name) nor a model directory (with a config.json) "
+                        "under one this server allows (its operator lists them in GRPO_MODEL_DIRS)"}
+    assert client.get("/v1/jobs").json()["data"] == []
+
+
+@pytest.mark.parametrize("hub_id", ["x/..", "..", ".", "x/.", "../x", "a/b/c", "-a/b", "a./b", "a--b", "a..b",
+                                    "a/b.git", "a" * 97, "org/" + "a" * 97, "a b", "a/"])
+def test_what_is_not_a_hub_id_is_refused_as_one(client, dataset_id, hub_id: str) -> None:
+    status, error = native(client, dataset_id, hub_id)
+    assert status == 422 and error["param"] == "base_model" and "GRPO_MODEL_DIRS" in error["message"], error
+
+
+def test_a_hub_id_that_names_a_local_directory_is_checked_as_one(client, dataset_id, bobs_checkpoint: Path,
+                                                                 monkeypatch) -> None:
+    """``from_pretrained("step-000001")`` loads ./step-000001 when it exists, not the hub's repository."""
+    monkeypatch.chdir(bobs_checkpoint.parent)
+    refusal_of(*native(client, dataset_id, bobs_checkpoint.name), param="base_model", path=bobs_checkpoint.name)
+    monkeypatch.chdir(bobs_checkpoint.parents[1])
+    path = f"{bobs_checkpoint.parent.name}/{bobs_checkpoint.name}"  # an org/name
+    assert path == "checkpoints/step-000001"
+    refusal_of(*native(client, dataset_id, path), param="base_model", path=path)
+
+
+@pytest.mark.parametrize("hub_id", ["gpt2", "Qwen/Qwen2.5-0.5B-Instruct", "org_1/model.v2-final", "a" * 96])
+def test_hub_ids_are_accepted(client, dataset_id, hub_id: str) -> None:
+    assert native(client, dataset_id, hub_id)[0] == 201
+
+
+def test_paths_the_disk_cannot_answer_for_are_a_4xx(client, dataset_id, settings, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    (locked / "model").mkdir(parents=True)
+    (locked / "model" / "config.json").write_text("{}")
+    locked.chmod(0)  # (root reads it anyway; the paths below fail however the tests run)
+    try:
+        long_name = str(tmp_path / ("a" * 300))  # a name longer than a file system allows: ENAMETOOLONG
+        long_path = "/" + "/".join(["b" * 200] * 25)  # 5000 characters
+        cases = [(native, long_name, "base_model"), (reward_model, long_path, "reward[1].model"),
+                 (reward_model, long_name, "reward[1].model")]
+        if not (locked / "model" / "config.json").exists():  # not root: a PermissionError
+            cases.append((native, str(locked / "model"), "base_model"))
+        for route, path, param in cases:
+            status, error = route(client, dataset_id, path)
+            assert status == 422 and error["param"] == param and "GRPO_MODEL_DIRS" in error["message"], error
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_model_directory_the_operator_allows_is_accepted(client, dataset_id, tiny_model: Path, settings) -> None:
+    assert any(tiny_model.is_relative_to(directory) for directory in settings.model_dirs)
+    assert native(client, dataset_id, str(tiny_model))[0] == 201
+    assert reward_model(client, dataset_id, str(tiny_model))[0] == 201
+    assert openai(client, upload_file(client).json()["id"], str(tiny_model))[0] == 200
+
+
+def test_a_directory_is_allowed_only_under_the_operators(client, dataset_id, tiny_model: Path, settings,
+                                                          tmp_path: Path) -> None:
+    narrowed = settings.model_copy(update={"model_dirs": [tmp_path / "models"]})
+    with TestClient(create_app(narrowed, send=lambda job_id: None), headers=dict(client.headers)) as other:
+        refusal_of(*native(other, dataset_id, str(tiny_model)), param="base_model", path=str(tiny_model))
+
+
+@pytest.mark.parametrize("field", ["base_model", "reward_model"])
+def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(client, settings, dataset_id, tiny_model: Path,
+                                                                  bobs_checkpoint: Path, field: str) -> None:
+    """A job stored before the settings changed (or written past the API) names another owner's
+    checkpoint: the worker's run refuses it before loading, the job fails with the API's message."""
+    from worker.runner import run_job
+
+    job = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model))).json()
+    path = str(bobs_checkpoint)
+    if field == "base_model":
+        message = native(client, dataset_id, path)[1]["message"]
+        spec = job_spec(dataset_id, path)
+    else:
+        message = reward_model(client, dataset_id, path)[1]["message"]
+        spec = job_spec(dataset_id, str(tiny_model), reward=[{"type": "reward_model", "model": path}])
+    with transaction(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job["id"]).values(spec=spec, base_model=spec["base_model"]))
+
+    run_job(job["id"], settings=settings, worker="test-worker")
+
+    ended = client.get(f"/v1/jobs/{job['id']}").json()
+    param = "base_model" if field == "base_model" else "reward[0].model"
+    assert ended["status"] == "failed" and ended["failure_reason"] == f"{param}: {message}", ended
+    assert not (settings.job_dir(job["id"]) / "checkpoints").exists()  # nothing was trained or saved
+
+
+def test_the_setting_reads_comma_separated_directories_and_defaults_to_the_data_dirs(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("GRPO_MODEL_DIRS", "/srv/models, /mnt/weights,")
+    assert Settings(data_dir=tmp_path).model_dirs == [Path("/srv/models"), Path("/mnt/weights")]
+    for unset in ("", " "):  # compose passes an unset variable as ""
+        monkeypatch.setenv("GRPO_MODEL_DIRS", unset)
+        assert Settings(data_dir=tmp_path).model_dirs == [tmp_path / "models"]
+    monkeypatch.delenv("GRPO_MODEL_DIRS")
+    assert Settings(data_dir=tmp_path).model_dirs == [tmp_path / "models"]
