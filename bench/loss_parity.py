@@ -7,7 +7,7 @@ lengths (TRL right-pads them), advantages from rewards that leave one group zero
 "old" and reference log-probs that differ from the current ones by up to +-0.5 nats, so that the
 clip and the KL term both act. TRL's side is ``GRPOTrainer._compute_loss(model, inputs)`` with
 the inputs dict ``_generate_and_score_completions`` builds; ours is what trainer/loop.py's
-``optimize`` does for one micro-batch holding the whole step: ``completion_logprobs`` ->
+``optimize`` does for one micro-batch holding the whole step: ``token_logprobs`` ->
 ``clipped_token_loss`` -> ``aggregate_loss``. Both run on the same float32 model (TRL's fused LM
 head patches only its own ``fused_lm_head=True`` calls). Printed per case: both losses, their
 difference, and the largest difference between the two parameter gradients.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from bench_common import quiet  # also puts the checkout on sys.path
 
-from trainer.logprobs import Group, completion_logprobs, model_parts, pack_groups
+from trainer.logprobs import Group, token_logprobs
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
 from trainer.tiny import make_tiny_model
 
@@ -74,11 +74,11 @@ def trl_trainer(model, tokenizer, *, loss_type: str, level: str, temperature: fl
 
 
 def our_logprobs(model, groups: list[Group], *, pad_id: int, temperature: float) -> torch.Tensor:
-    """Per-token log-probs [N] as trainer/loop.py's ``optimize`` computes them: pack, then forward."""
-    first = next(model_parts(model)[0].parameters())
-    packed = pack_groups(groups, pad_id=pad_id, dtype=first.dtype, device=first.device)
-    logps, _ = completion_logprobs(model, packed, temperature=temperature, chunk_size=CHUNK_SIZE)
-    return logps
+    """Per-token log-probs [N] as trainer/loop.py's ``optimize`` computes them (``pad_id`` unused:
+    token_logprobs pads with its own)."""
+    nested = token_logprobs(model, [g.prompt for g in groups], [g.completions for g in groups],
+                            temperature=temperature, chunk_size=CHUNK_SIZE)
+    return torch.cat([t for group in nested for t in group])
 
 
 def gradients(model) -> list[torch.Tensor]:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     config = CONFIGS[args.config]
     spec = spec_for(config, prepare(config, args.workdir), args.steps)
     # Label the phases inside optimize() for the profiler, without touching trainer/.
-    for name in ("generate", "completion_logprobs", "clipped_token_loss", "aggregate_loss", "pack_groups"):
+    for name in ("generate", "token_logprobs", "clipped_token_loss", "aggregate_loss"):
         original = getattr(loop, name)
 
         def labelled(*a, _original=original, _name=name, **k):

@@ -1,36 +1,64 @@
-"""Per-token log-probabilities of completions, computed the lean way.
+"""Per-token log-probabilities of completions under a causal LM: ``token_logprobs``, the one
+scoring path of the policy, reference and old-policy passes.
 
-Two ideas make this faster and smaller than the textbook ``log_softmax(model(ids).logits)``:
+It equals ``log_softmax(model(prompt + completion).logits / T)`` at the completion's tokens, and is
+lean where that stays exact:
 
-1. *Shared-prefix packing.* The G completions of a prompt share its tokens, so each group is one
-   row ``[prompt, c_1, ..., c_G]`` with positions restarting after the prompt and an attention
-   mask in which c_i sees the prompt and its own earlier tokens only. The prompt is computed once
-   per group instead of G times, its gradient is the sum over the group (exactly what G separate
-   rows would give), and no completion is padded to the longest one.
-2. *Chunked vocabulary projection.* Only the hidden states that predict completion tokens go
-   through the LM head, in chunks, inside an autograd function that keeps no ``[N, V]`` tensor
-   alive: the backward pass recomputes each chunk's logits. The simple equivalent is
-   ``torch.log_softmax(hidden @ weight.T / T, -1).gather(-1, targets)``.
+1. *The prompt once per group.* The prompt runs through the model once with its KV cache kept in
+   the autograd graph; the cache is repeated along the batch dimension for the group's G
+   completions, which then run through the model's own forward (so its own mask builder applies
+   sliding windows, chunked attention and sinks). The prompt's gradient is the sum over the group,
+   exactly what G separate rows would give; completions are right-padded within their group only.
+   Hybrid caches (linear-attention and conv layers) cannot be repeated: such models score one row
+   ``[prompt, completion]`` per completion.
+2. *No full-vocabulary tensor.* Only the hidden states that predict completion tokens go through
+   the LM head, in chunks, inside an autograd function that keeps no ``[N, V]`` tensor alive (the
+   backward recomputes each chunk), followed by the model's own logit transform (Gemma's soft-cap,
+   Cohere's and Granite's scales). A model whose head or transform this cannot reproduce uses its
+   own full logits.
+
+``check_scoring`` compares the lean path with the plain forward when a model is loaded and picks
+the leanest ``Scoring`` that agrees with it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``lm_head(hidden)`` before returning its logits:
+    ``softcap * tanh(scale * x / softcap)`` (no cap: ``scale * x``)."""
+
+    scale: float = 1.0  # Cohere's logit_scale; 1 / Granite's logits_scaling
+    softcap: float | None = None  # Gemma-2/3's final_logit_softcapping
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        scaled = raw * self.scale if self.scale != 1.0 else raw
+        return self.softcap * torch.tanh(scaled / self.softcap) if self.softcap else scaled
+
+    def derivative(self, raw: torch.Tensor) -> torch.Tensor | float:
+        """d transform / d raw, elementwise (a float where it is constant)."""
+        if not self.softcap:
+            return self.scale
+        return self.scale * (1 - torch.tanh(raw * (self.scale / self.softcap)).square())
+
+
 class _ChunkedSelectedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, transform):
         # hidden [N, H], weight [V, H], targets [N]
         logps = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N]
         lse = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N] kept for backward
         entropy = hidden.new_empty(targets.shape[0] if with_entropy else 0, dtype=torch.float32)  # [N] or [0]
         for start in range(0, targets.shape[0], chunk_size):
             end = start + chunk_size
-            logits = (hidden[start:end] @ weight.T).float() / temperature  # [n, V]
+            logits = transform((hidden[start:end] @ weight.T).float()) / temperature  # [n, V]
             peak = logits.amax(dim=-1, keepdim=True)  # [n, 1]
             exps = torch.exp(logits - peak)  # [n, V] the one exponential pass
             total = exps.sum(-1)  # [n]
@@ -39,7 +67,7 @@ class _ChunkedSelectedLogProbs(torch.autograd.Function):
             if with_entropy:  # H = lse - sum(p * logits), p = exps / total
                 entropy[start:end] = lse[start:end] - (exps * logits).sum(-1) / total
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.transform = temperature, chunk_size, transform
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
@@ -51,38 +79,41 @@ class _ChunkedSelectedLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None  # [V, H]
         for start in range(0, targets.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            logits = (hidden[start:end] @ weight.T).float() / ctx.temperature  # [n, V]
+            raw = (hidden[start:end] @ weight.T).float()  # [n, V]
+            logits = ctx.transform(raw) / ctx.temperature  # [n, V]
             # d logp(target) / d logits = onehot(target) - softmax(logits), softmax = exp(logits - lse)
             grad_logits = torch.exp(logits.sub_(lse[start:end, None])).neg_()  # [n, V]
             grad_logits.scatter_add_(-1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits *= grad_logps[start:end, None] / ctx.temperature
+            grad_logits *= ctx.transform.derivative(raw)  # d logits / d raw: the chain through the transform
             if need_hidden:
                 grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
                 grad_weight += grad_logits.T @ hidden[start:end].float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def selected_logprobs(
     hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
-    chunk_size: int = 1024, with_entropy: bool = True,
+    chunk_size: int = 1024, with_entropy: bool = True, transform: LogitTransform = LogitTransform(),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(lm_head(hidden) / T)[target] and the distribution's entropy, per row, in chunks.
+    """log softmax(transform(lm_head(hidden)) / T)[target] and the distribution's entropy, per row,
+    in chunks.
 
     hidden [N, H], targets [N] -> (logps [N] float32, differentiable; entropy [N] float32, not,
     or None without ``with_entropy``: the reference and old-policy passes need only log-probs).
     """
     if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
         logps, entropy = _ChunkedSelectedLogProbs.apply(hidden, lm_head.weight, targets, temperature, chunk_size,
-                                                        with_entropy)
+                                                        with_entropy, transform)
         return logps, entropy if with_entropy else None
     # An LM head that is not a plain linear map (e.g. wrapped by an adapter): chunk it all the same,
     # letting autograd keep each chunk's logits.
     logps, entropies = [], []
     for start in range(0, targets.shape[0], chunk_size):
-        logits = lm_head(hidden[start:start + chunk_size]).float() / temperature  # [n, V]
+        logits = transform(lm_head(hidden[start:start + chunk_size]).float()) / temperature  # [n, V]
         log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
         logps.append(log_probs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1))
         if with_entropy:
@@ -94,77 +125,299 @@ def selected_logprobs(
 class Group:
     """One prompt and the completions of it that a forward pass needs (token ids, no padding)."""
 
-    prompt: torch.Tensor  # [P]
-    completions: list[torch.Tensor]  # each [L_i], L_i >= 1
+    prompt: torch.Tensor  # [P], P >= 1
+    completions: list[torch.Tensor]  # each [L_i]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How ``token_logprobs`` runs a model. The leanest is the default; ``check_scoring`` moves a
+    model to a plainer one when the lean one does not reproduce its forward."""
+
+    share_prompt: bool = True  # the prompt's KV cache computed once per group, repeated for its completions
+    own_logits: bool = False  # the model's own full logits instead of the chunked LM head and its transform
+
+    def describe(self) -> str:
+        rows = "the prompt once per group" if self.share_prompt else "one row per completion"
+        head = "the model's own full logits" if self.own_logits else "the chunked LM head"
+        return f"{rows}, {head}"
+
+
+PLAIN = Scoring(share_prompt=False, own_logits=True)  # the model's own forward, one row per completion
+
+
+def token_logprobs(
+    model: nn.Module, prompts: list[torch.Tensor], completions: list[list[torch.Tensor]], *,
+    temperature: float = 1.0, scoring: Scoring | None = None, with_entropy: bool = False,
+    chunk_size: int = 1024, token_budget: int = 8192,
+) -> list[list[torch.Tensor]] | tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Per-token log-probs of each completion after its prompt under ``model`` (a Hugging Face
+    causal LM, or a peft model around one): ``log_softmax(model(prompt + c).logits / T)`` at c's
+    tokens.
+
+    prompts: B x [P_b] token ids; completions: B lists of [L_i] -> B lists of [L_i] float32,
+    differentiable. With ``with_entropy`` also the entropies of the same distributions (not
+    differentiable), as a second nested list. ``scoring`` defaults to ``default_scoring(model)``;
+    a forward pass runs at most ``token_budget`` tokens, padding included (one row at least).
+    """
+    causal_lm = _causal_lm(model)
+    scoring = scoring or default_scoring(model)
+    device = next(model.parameters()).device
+    prompts = [p.to(device) for p in prompts]
+    completions = [[c.to(device) for c in group] for group in completions]
+    lengths = [c.shape[0] for group in completions for c in group]
+    if any(p.shape[0] == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token: nothing would predict a completion's first token")
+
+    if scoring.own_logits:
+        pieces = [_own_logits_logprobs(causal_lm, p, group, temperature, token_budget, with_entropy)
+                  for p, group in zip(prompts, completions, strict=True)]
+        logps = torch.cat([lp for lp, _ in pieces])  # [N]
+        entropy = torch.cat([e for _, e in pieces]) if with_entropy else None  # [N]
+    else:
+        backbone, lm_head = _backbone_and_head(causal_lm)
+        hidden_of = _shared_prompt_hidden if scoring.share_prompt else _row_hidden
+        hidden = torch.cat([hidden_of(backbone, p, group, token_budget)
+                            for p, group in zip(prompts, completions, strict=True)])  # [N, H]
+        targets = torch.cat([c for group in completions for c in group]) if lengths else hidden.new_empty(0).long()
+        logps, entropy = selected_logprobs(hidden, lm_head, targets, temperature=temperature, chunk_size=chunk_size,
+                                           with_entropy=with_entropy, transform=logit_transform(causal_lm.config))
+    nested = _nest(logps, lengths, completions)
+    return (nested, _nest(entropy, lengths, completions)) if with_entropy else nested
+
+
+def _nest(flat: torch.Tensor, lengths: list[int], completions: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    pieces = iter(flat.split(lengths))  # [N] -> [L_i] each
+    return [[next(pieces) for _ in group] for group in completions]
+
+
+def _shared_prompt_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
+                          token_budget: int) -> torch.Tensor:
+    """The hidden states that predict each completion's tokens, the prompt computed once. -> [sum L_i, H]
+
+    The prompt's KV cache stays in the autograd graph and is repeated for each run of completions
+    (right-padded to the run's longest; a causal model never looks at the padding after a token).
+    Token j of a completion is predicted by the state before it: the prompt's last one for j = 0."""
+    out = backbone(input_ids=prompt[None], use_cache=True)
+    cache = _require_repeatable(out.cache)
+    last = out.last_hidden_state[0, -1:]  # [1, H]
+    plen, hidden = prompt.shape[0], [None] * len(completions)
+    fed = [max(c.shape[0] - 1, 0) for c in completions]  # a completion's last token predicts nothing
+    for run in _runs(fed, token_budget):
+        width = max(fed[i] for i in run)
+        states = last.new_empty(len(run), 0, last.shape[-1])  # [k, 0, H]
+        if width > 0:
+            ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, W] right-padded
+            mask = torch.zeros(len(run), plen + width, dtype=torch.long, device=prompt.device)  # [k, P+W]
+            mask[:, :plen] = 1
+            for r, i in enumerate(run):
+                ids[r, :fed[i]] = completions[i][:-1]
+                mask[r, plen:plen + fed[i]] = 1
+            positions = torch.arange(plen, plen + width, device=prompt.device).expand(len(run), -1)  # [k, W]
+            states = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              cache=_repeated(cache, len(run)), use_cache=True).last_hidden_state  # [k, W, H]
+        for r, i in enumerate(run):
+            hidden[i] = torch.cat([last, states[r, :fed[i]]])[:completions[i].shape[0]]  # [L_i, H]
+    return torch.cat(hidden) if hidden else last[:0]
+
+
+def _row_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
+                token_budget: int) -> torch.Tensor:
+    """The same states from one row ``[prompt, completion]`` per completion. -> [sum L_i, H]"""
+    plen, hidden = prompt.shape[0], [None] * len(completions)
+    for run, ids, mask in _rows(prompt, completions, token_budget):
+        states = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [k, S, H]
+        for r, i in enumerate(run):
+            hidden[i] = states[r, plen - 1:plen - 1 + completions[i].shape[0]]  # [L_i, H]
+    return torch.cat(hidden) if hidden else prompt.new_empty(0, 0).float()
+
+
+def _own_logits_logprobs(causal_lm: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
+                         temperature: float, token_budget: int, with_entropy: bool):
+    """The plain path: the model's own forward and full logits, one row per completion. -> ([sum L_i], [sum L_i])"""
+    plen, logps, entropies = prompt.shape[0], [None] * len(completions), [None] * len(completions)
+    for run, ids, mask in _rows(prompt, completions, token_budget):
+        logits = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [k, S, V]
+        for r, i in enumerate(run):
+            length = completions[i].shape[0]
+            log_probs = torch.log_softmax(logits[r, plen - 1:plen - 1 + length].float() / temperature, -1)  # [L_i, V]
+            logps[i] = log_probs.gather(-1, completions[i][:, None]).squeeze(-1)
+            entropies[i] = -(log_probs.exp() * log_probs).sum(-1).detach() if with_entropy else None
+    empty = prompt.new_empty(0, dtype=torch.float32)
+    return (torch.cat(logps) if logps else empty), (torch.cat(entropies) if with_entropy and entropies else empty)
+
+
+def _rows(prompt: torch.Tensor, completions: list[torch.Tensor], token_budget: int):
+    """Runs of rows ``[prompt, c_i[:-1]]``, right-padded: yields (indices, ids [k, S], mask [k, S])."""
+    plen, fed = prompt.shape[0], [max(c.shape[0] - 1, 0) for c in completions]
+    for run in _runs([plen + f for f in fed], token_budget):
+        width = plen + max(fed[i] for i in run)
+        ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, S]
+        mask = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, S]
+        for r, i in enumerate(run):
+            ids[r, :plen + fed[i]] = torch.cat([prompt, completions[i][:fed[i]]])
+            mask[r, :plen + fed[i]] = 1
+        yield run, ids, mask
+
+
+def _runs(sizes: list[int], token_budget: int) -> list[list[int]]:
+    """Indices of ``sizes``, longest first, cut so that each run's rows x longest <= token_budget
+    (a run has one row at least)."""
+    runs: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if runs and (len(runs[-1]) + 1) * max(sizes[runs[-1][0]], 1) <= token_budget:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _repeated(cache, times: int):
+    """A copy of a prompt's cache with its one row repeated ``times`` times; the original stays as
+    it is (a forward appends to the copy) and the copy's tensors stay in the autograd graph."""
+    repeated = copy.copy(cache)
+    repeated.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in repeated.layers:
+        layer.batch_repeat_interleave(times)
+    return repeated
+
+
+def _require_repeatable(cache):
+    """The cache itself, when it holds only keys and values (full or sliding-window attention)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [])}
+    if type(cache) is not DynamicCache or not kinds <= {DynamicLayer.__name__, DynamicSlidingWindowLayer.__name__}:
+        raise TypeError(f"the prompt's cache ({type(cache).__name__} with {sorted(kinds)}) cannot be repeated "
+                        "for a group: score one row per completion (Scoring(share_prompt=False))")
+    return cache
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _backbone_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the transformer whose last hidden state the LM head reads, the LM head) of a causal LM."""
+    from transformers import PreTrainedModel
+
+    backbone = causal_lm.base_model
+    if backbone is causal_lm:  # a base_model_prefix that names no attribute (Llama-4's text model)
+        backbone = next((m for m in causal_lm.children() if isinstance(m, PreTrainedModel)), None)
+    head = causal_lm.get_output_embeddings()
+    if backbone is None or head is None:
+        raise TypeError(f"{type(causal_lm).__name__} has no separate backbone and LM head: use its own logits "
+                        "(Scoring(own_logits=True))")
+    return backbone, head
+
+
+def logit_transform(config) -> LogitTransform:
+    """The transform a model applies after its LM head, as its config names it."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(text, "logit_scale", None) or 1.0)  # Cohere multiplies
+    divisor = getattr(text, "logits_scaling", None)  # Granite divides
+    if divisor:
+        scale /= float(divisor)
+    return LogitTransform(scale=scale, softcap=getattr(text, "final_logit_softcapping", None) or None)
+
+
+def _repeatable_cache_config(config) -> bool:
+    """Whether the cache the model builds holds only keys and values (no conv or recurrent state)."""
+    from transformers import DynamicCache
+
+    try:
+        _require_repeatable(DynamicCache(config=config))
+    except Exception:  # a layer type DynamicCache cannot build from this config is not repeatable either
+        return False
+    return True
+
+
+def default_scoring(model: nn.Module) -> Scoring:
+    """The leanest scoring the model's structure allows: the prompt once per group unless its cache
+    has conv or recurrent state (hybrids) or gradient checkpointing drops caches in training."""
+    causal_lm = _causal_lm(model)
+    checkpointing = getattr(causal_lm, "is_activation_checkpointing", None)  # is_gradient_checkpointing before 5.x
+    if checkpointing is None:
+        checkpointing = getattr(causal_lm, "is_gradient_checkpointing", False)
+    share = _repeatable_cache_config(causal_lm.config) and not checkpointing
+    try:
+        _backbone_and_head(causal_lm)
+        own_logits = False
+    except TypeError:
+        own_logits = True
+    return Scoring(share_prompt=share, own_logits=own_logits)
 
 
 @dataclass
-class PackedBatch:
-    input_ids: torch.Tensor  # [R, S] one row per group, right-padded
-    position_ids: torch.Tensor  # [R, S]
-    attention_mask: torch.Tensor  # [R, 1, S, S] additive float mask
-    predict_from: torch.Tensor  # [N] flat index into [R*S] of the hidden state predicting each target
-    targets: torch.Tensor  # [N] completion token ids, completion after completion
+class ScoringCheck:
+    scoring: Scoring  # what the run uses
+    default: Scoring  # what the model's structure suggested
+    mismatches: list[str]  # why each leaner scoring was passed over
 
 
-def pack_groups(groups: list[Group], *, pad_id: int, dtype: torch.dtype, device: torch.device) -> PackedBatch:
-    """Lay each group out as ``[prompt, c_1, ..., c_G]`` with a shared-prefix attention mask."""
-    lengths = [g.prompt.shape[0] + sum(c.shape[0] for c in g.completions) for g in groups]
-    rows, width = len(groups), max(lengths)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # [R, S]
-    position_ids = torch.zeros((rows, width), dtype=torch.long)  # [R, S]
-    allowed = torch.zeros((rows, width, width), dtype=torch.bool)  # [R, S, S] query x key
-    predict_from, targets = [], []
-    for r, group in enumerate(groups):
-        plen = group.prompt.shape[0]
-        input_ids[r, :plen] = group.prompt
-        position_ids[r, :plen] = torch.arange(plen)
-        allowed[r, :plen, :plen] = torch.ones(plen, plen, dtype=torch.bool).tril()
-        start = plen
-        for completion in group.completions:
-            clen = completion.shape[0]
-            end = start + clen
-            input_ids[r, start:end] = completion
-            position_ids[r, start:end] = torch.arange(plen, plen + clen)
-            allowed[r, start:end, :plen] = True
-            allowed[r, start:end, start:end] = torch.ones(clen, clen, dtype=torch.bool).tril()
-            # token j of the completion is predicted by the state before it: the prompt's last
-            # token for j = 0, else the completion's own token j - 1
-            before = torch.cat([torch.tensor([plen - 1]), torch.arange(start, end - 1)])  # [L_i]
-            predict_from.append(r * width + before)
-            targets.append(completion)
-            start = end
-        allowed[r, start:, start:] = torch.eye(width - start, dtype=torch.bool)  # padding sees itself only
-    mask = torch.zeros((rows, 1, width, width), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return PackedBatch(
-        input_ids=input_ids.to(device),
-        position_ids=position_ids.to(device),
-        attention_mask=mask.to(device),
-        predict_from=torch.cat(predict_from).to(device),
-        targets=torch.cat(targets).to(device),
-    )
+def check_scoring(model: nn.Module, *, max_length: int = 512, seed: int = 0) -> ScoringCheck:
+    """Compare the lean scoring with the plain forward on a short random sample and keep the
+    leanest that agrees, values and gradients (run dtype: 1e-3 in float32, 5e-2 in half precision).
+
+    The sample: a prompt and three completions of unequal lengths, prompt and longest completion
+    each longer than the model's sliding window or attention chunk where that fits ``max_length``.
+    Raises RuntimeError when not even the plain forward runs."""
+    causal_lm = _causal_lm(model)
+    text = causal_lm.config.get_text_config()
+    window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None) or 8
+    long = min(int(window) + 5, max_length // 2)
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(text.vocab_size)
+    prompt = torch.randint(0, vocab, (long,), generator=g)
+    completions = [torch.randint(0, vocab, (n,), generator=g) for n in (long, 4, 1)]
+    weights = torch.linspace(-1.0, 1.0, sum(c.shape[0] for c in completions))  # [N]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # a parameter whose gradient flows from the prompt's tokens too; LoRA's B (A's gradient is 0 at init)
+    probe = next((p for name, p in trainable if "lora_B" in name), trainable[0][1] if trainable else None)
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    tolerance = 5e-2 if half else 1e-3
+
+    def scored(scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logps = torch.cat(token_logprobs(model, [prompt], [completions], scoring=scoring)[0])  # [N]
+        total = (logps * weights.to(logps.device)).sum()
+        grad = torch.autograd.grad(total, probe, allow_unused=True)[0] if probe is not None else None
+        return logps.detach(), grad
+
+    was_training = model.training
+    model.eval()  # no dropout: both sides must be the same function
+    try:
+        try:
+            want, want_grad = scored(PLAIN)
+        except Exception as exc:
+            raise RuntimeError(f"the model's own forward fails on a sample: {type(exc).__name__}: {exc}") from exc
+        default = default_scoring(model)
+        candidates = [default, replace(default, share_prompt=False), PLAIN]
+        mismatches = []
+        for scoring in dict.fromkeys(candidates):  # in order, without repeats
+            if scoring == PLAIN:
+                return ScoringCheck(scoring=PLAIN, default=default, mismatches=mismatches)
+            try:
+                got, got_grad = scored(scoring)
+            except Exception as exc:
+                mismatches.append(f"{scoring.describe()}: {type(exc).__name__}: {exc}")
+                continue
+            delta = _relative_gap(got, want, got_grad, want_grad, half)
+            if delta <= tolerance:
+                return ScoringCheck(scoring=scoring, default=default, mismatches=mismatches)
+            mismatches.append(f"{scoring.describe()}: differs from the model's own forward by {delta:.3g}")
+        raise AssertionError("unreachable: PLAIN is the last candidate")
+    finally:
+        model.train(was_training)
 
 
-def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(decoder, LM head) of a Hugging Face causal LM, or of the one inside a peft model."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-
-
-def completion_logprobs(
-    model: nn.Module, batch: PackedBatch, *, temperature: float, chunk_size: int, with_entropy: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs and entropies of every completion packed in ``batch`` under ``model``
-    (a Hugging Face causal LM, or a peft model around one). Returns flat tensors (logps [N],
-    entropy [N], or None without ``with_entropy``) in the order the groups list their completions."""
-    decoder, lm_head = model_parts(model)
-    hidden = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state  # [R, S, H]
-    hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_from]  # [N, H]
-    return selected_logprobs(hidden, lm_head, batch.targets, temperature=temperature, chunk_size=chunk_size,
-                             with_entropy=with_entropy)
+def _relative_gap(got, want, got_grad, want_grad, half: bool) -> float:
+    """How far a scoring is from the plain forward: log-probs (max |d|, mean |d| in half precision,
+    where rounding alone moves single tokens) and the probe gradient (|d| / |want|)."""
+    diff = (got - want).abs()
+    gap = float(diff.mean() if half else diff.max()) if diff.numel() else 0.0
+    if want_grad is not None and got_grad is not None:
+        gap = max(gap, float((got_grad - want_grad).float().norm() / want_grad.float().norm().clamp(min=1e-12)))
+    elif (want_grad is None) != (got_grad is None):
+        gap = float("inf")
+    return gap

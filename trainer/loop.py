@@ -19,7 +19,7 @@ from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
 from trainer.config import GRPOConfig, RunConfig
 from trainer.data import PromptSampler, RowFile
 from trainer.failures import Failures
-from trainer.logprobs import completion_logprobs, model_parts, pack_groups
+from trainer.logprobs import token_logprobs
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
 from trainer.model import Models, load_models
 from trainer.progress import Progress
@@ -28,7 +28,7 @@ from trainer.rollout import generate
 
 log = logging.getLogger(__name__)
 
-FORWARD_TOKEN_BUDGET = 8192  # padded tokens per packed forward pass
+FORWARD_TOKEN_BUDGET = 8192  # tokens per forward pass, padding included
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
            progress: Progress, *, resume: bool, device: torch.device | None) -> TrainResult:
     cfg = run.hyperparameters
     G = cfg.group_size
-    models = load_models(run.base_model, cfg, device)
+    models = load_models(run.base_model, cfg, device, on_log=progress.on_log)
     policy, tokenizer = models.policy, models.tokenizer
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -252,30 +252,37 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
     return TrainResult(final_step=step, stopped=stopped, checkpoint=ckpt.latest_checkpoint(output_dir))
 
 
+def micro_logprobs(model: torch.nn.Module, micro: MicroBatch, models: Models, cfg: GRPOConfig, *,
+                   with_entropy: bool = False):
+    """Per-token log-probs [N] of a micro-batch's completions, in its order (and entropies [N])."""
+    scored = token_logprobs(model, [g.prompt for g in micro.groups], [g.completions for g in micro.groups],
+                            temperature=cfg.temperature, scoring=models.scoring, with_entropy=with_entropy,
+                            chunk_size=cfg.logprob_chunk_size, token_budget=FORWARD_TOKEN_BUDGET)
+    if not with_entropy:
+        return torch.cat([t for group in scored for t in group])
+    return tuple(torch.cat([t for group in nested for t in group]) for nested in scored)
+
+
 def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.Tensor, cfg: GRPOConfig, *,
              num_sequences: int, num_tokens: int, params, optimizer, scheduler) -> dict[str, float]:
     policy = models.policy
-    forward = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
-    first_param = next(model_parts(policy)[0].parameters())
-    packed = [pack_groups(micro.groups, pad_id=models.tokenizer.pad_token_id, dtype=first_param.dtype,
-                          device=first_param.device) for micro in micro_batches]  # once, for every pass
     with torch.no_grad():  # the reference, and pi_old when the batch is reused (mu > 1)
         if cfg.beta > 0:
             with models.reference_model() as reference:
                 reference.eval()
-                for micro, batch in zip(micro_batches, packed, strict=True):
-                    micro.ref_logps, _ = completion_logprobs(reference, batch, **forward, with_entropy=False)
+                for micro in micro_batches:
+                    micro.ref_logps = micro_logprobs(reference, micro, models, cfg)
         if cfg.num_iterations > 1:
             policy.eval()
-            for micro, batch in zip(micro_batches, packed, strict=True):
-                micro.old_logps, _ = completion_logprobs(policy, batch, **forward, with_entropy=False)
+            for micro in micro_batches:
+                micro.old_logps = micro_logprobs(policy, micro, models, cfg)
 
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     policy.train()
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for micro, batch in zip(micro_batches, packed, strict=True):
-            logps, entropy = completion_logprobs(policy, batch, **forward)  # [N], [N]
+        for micro in micro_batches:
+            logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
             terms = clipped_token_loss(
                 logps, micro.old_logps if micro.old_logps is not None else logps.detach(),
                 token_values(advantages, micro), micro.seq_index, len(micro.sequences),

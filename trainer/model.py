@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trainer.config import GRPOConfig
 from trainer.errors import ModelLoadError
+from trainer.logprobs import Scoring, check_scoring
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Models:
     reference: torch.nn.Module | None  # None when beta = 0, or when LoRA provides it (adapters off)
     tokenizer: PreTrainedTokenizerBase
     uses_lora: bool
+    scoring: Scoring | None = None  # how token_logprobs runs the model (None: the leanest its structure allows)
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[torch.nn.Module]:
@@ -69,7 +71,10 @@ class Models:
             yield self.reference
 
 
-def load_models(base_model: str | Path, config: GRPOConfig, device: torch.device | None = None) -> Models:
+def load_models(base_model: str | Path, config: GRPOConfig, device: torch.device | None = None, *,
+                on_log: Callable[[str, str], None] | None = None) -> Models:
+    """The policy (with LoRA adapters when asked), its frozen reference and tokenizer, and the
+    scoring checked against the model's own forward (``on_log`` hears when it falls back)."""
     device = device or default_device()
     tokenizer = load_tokenizer(base_model)
     policy = load_causal_lm(base_model, resolve_dtype(config.dtype, device), device)
@@ -90,4 +95,23 @@ def load_models(base_model: str | Path, config: GRPOConfig, device: torch.device
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if uses_lora:
             policy.enable_input_require_grads()
-    return Models(policy=policy, reference=reference, tokenizer=tokenizer, uses_lora=uses_lora)
+    return Models(policy=policy, reference=reference, tokenizer=tokenizer, uses_lora=uses_lora,
+                  scoring=checked_scoring(policy, on_log or (lambda level, message: None)))
+
+
+def checked_scoring(policy: torch.nn.Module, on_log: Callable[[str, str], None]) -> Scoring:
+    """The leanest scoring that reproduces the model's own forward on a sample; a fallback is
+    announced, and a model whose own forward fails cannot train."""
+    architecture = type(getattr(policy, "get_base_model", lambda: policy)()).__name__
+    try:
+        check = check_scoring(policy)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{architecture} cannot be trained: {exc}") from exc
+    if check.mismatches:
+        on_log("warning", f"{architecture}: the lean log-prob path does not reproduce the model's own forward "
+                          f"({'; '.join(check.mismatches)}); this run scores with {check.scoring.describe()} "
+                          "(slower, but right)")
+    elif check.scoring != Scoring():
+        on_log("info", f"{architecture}: log-probs scored with {check.scoring.describe()}")
+    log.info("%s scores with %s", architecture, check.scoring.describe())
+    return check.scoring

@@ -43,6 +43,23 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [N]
 
 
+def repeat_rows(cache, rows: int, times: int) -> None:
+    """Repeat each row of the cache ``times`` times, in place: keys and values of attention layers,
+    and the conv / recurrent states of hybrid models' layers (which can only reorder)."""
+    if all(hasattr(layer, "batch_repeat_interleave") for layer in cache.layers):
+        cache.batch_repeat_interleave(times)
+    else:
+        cache.reorder_cache(torch.arange(rows).repeat_interleave(times))
+
+
+def select_rows(cache, index: torch.Tensor) -> None:
+    """Keep the cache's rows ``index`` [A'], in place (as ``repeat_rows`` does for hybrids)."""
+    if all(hasattr(layer, "batch_select_indices") for layer in cache.layers):
+        cache.batch_select_indices(index)
+    else:
+        cache.reorder_cache(index)
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -69,7 +86,7 @@ def generate(
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 cache=cache, use_cache=True, logits_to_keep=1)
     cache = out.cache
-    cache.batch_repeat_interleave(group_size)
+    repeat_rows(cache, batch, group_size)  # [B] rows -> [B*G]
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [B*G, V]
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)  # [B*G, P]
     next_position = position_ids[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [B*G, 1]
@@ -92,7 +109,7 @@ def generate(
             # the decode costs what the unfinished rows cost. Their sampling draws change (the
             # batch is smaller), their distribution does not.
             keep = (~finished).nonzero().squeeze(-1)  # [A']
-            cache.batch_select_indices(keep)
+            select_rows(cache, keep)
             rows, finished, token = rows[keep], finished[keep], token[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)  # [A, P+t]

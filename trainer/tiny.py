@@ -44,26 +44,30 @@ def make_tiny_model(
     intermediate_size: int | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
+    **config_overrides,
 ) -> Path:
-    """Write a random-init ``arch`` ("llama" or "qwen2") causal LM and its tokenizer to ``output_dir``."""
+    """Write a random-init ``arch`` causal LM and its tokenizer to ``output_dir``: "llama", "qwen2",
+    or the name of any transformers config class ("Gemma2Config"), with ``config_overrides``."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     tokenizer = char_tokenizer(vocab_size)
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    config = config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    config_class = getattr(transformers, {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}.get(arch, arch))
+    config = config_class(**{
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or 4 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": max(1, num_heads // 2),
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        **config_overrides,
+    })
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(

@@ -1,11 +1,12 @@
-"""Shared-prefix packing and chunked log-probs equal the plain computation, values and gradients."""
+"""The chunked LM head and ``token_logprobs`` (the prompt once per group) equal the plain
+computation, values and gradients."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from trainer.logprobs import Group, completion_logprobs, pack_groups, selected_logprobs
+from trainer.logprobs import LogitTransform, Scoring, selected_logprobs, token_logprobs
 
 
 def test_chunked_logprobs_equal_log_softmax_gather_with_gradients():
@@ -36,39 +37,61 @@ def test_chunked_logprobs_equal_log_softmax_gather_with_gradients():
     assert_close(hidden.grad, hidden2.grad)
 
 
+def test_chunked_logprobs_apply_the_logit_transform_with_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 30, bias=False)
+    targets = torch.randint(0, 30, (9,))
+    upstream = torch.randn(9)
+    transform = LogitTransform(scale=3.0, softcap=2.0)
+    logps, entropy = selected_logprobs(hidden, head, targets, temperature=0.7, chunk_size=4, transform=transform)
+    (logps * upstream).sum().backward()
+
+    hidden2 = hidden.detach().clone().requires_grad_()
+    weight2 = head.weight.detach().clone().requires_grad_()
+    log_probs = torch.log_softmax(2.0 * torch.tanh(3.0 * (hidden2 @ weight2.T) / 2.0) / 0.7, dim=-1)
+    plain = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    (plain * upstream).sum().backward()
+
+    assert_close(logps, plain)
+    assert_close(entropy, -(log_probs.exp() * log_probs).sum(-1))
+    assert_close(hidden.grad, hidden2.grad)
+    assert_close(head.weight.grad, weight2.grad)
+
+
 def _groups():
     g = torch.Generator().manual_seed(1)
-    return [
-        Group(torch.randint(4, 100, (7,), generator=g), [torch.randint(4, 100, (n,), generator=g) for n in (3, 5, 1)]),
-        Group(torch.randint(4, 100, (4,), generator=g), [torch.randint(4, 100, (n,), generator=g) for n in (6, 2, 2)]),
-    ]
+    prompts = [torch.randint(4, 100, (n,), generator=g) for n in (7, 4)]
+    completions = [[torch.randint(4, 100, (n,), generator=g) for n in lengths] for lengths in ((3, 5, 1), (6, 2, 2))]
+    return prompts, completions
 
 
-def _plain_logprobs(model, groups, temperature):
+def _plain_logprobs(model, prompts, completions, temperature):
     out = []
-    for group in groups:
-        for completion in group.completions:
-            ids = torch.cat([group.prompt, completion])[None]
-            logits = model(input_ids=ids).logits[0, group.prompt.shape[0] - 1:-1] / temperature
+    for prompt, group in zip(prompts, completions, strict=True):
+        for completion in group:
+            ids = torch.cat([prompt, completion])[None]
+            logits = model(input_ids=ids).logits[0, prompt.shape[0] - 1:-1] / temperature
             out.append(torch.log_softmax(logits.float(), -1).gather(-1, completion[:, None]).squeeze(-1))
     return torch.cat(out)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_packed_forward_equals_one_row_per_completion(arch, tiny_model_dir, tiny_qwen_dir):
+@pytest.mark.parametrize("scoring", [Scoring(), Scoring(share_prompt=False)], ids=["shared-prompt", "rows"])
+def test_token_logprobs_equal_one_plain_forward_per_completion(arch, scoring, tiny_model_dir, tiny_qwen_dir):
     path = tiny_model_dir if arch == "llama" else tiny_qwen_dir
-    packed_model = AutoModelForCausalLM.from_pretrained(path)
+    lean_model = AutoModelForCausalLM.from_pretrained(path)
     plain_model = AutoModelForCausalLM.from_pretrained(path)
-    groups = _groups()
-    weights = torch.linspace(-1, 1, sum(c.shape[0] for g in groups for c in g.completions))
+    prompts, completions = _groups()
+    weights = torch.linspace(-1, 1, sum(c.shape[0] for group in completions for c in group))
 
-    batch = pack_groups(groups, pad_id=0, dtype=torch.float32, device=torch.device("cpu"))
-    logps, _ = completion_logprobs(packed_model, batch, temperature=0.9, chunk_size=4)
+    nested = token_logprobs(lean_model, prompts, completions, temperature=0.9, scoring=scoring, chunk_size=4)
+    logps = torch.cat([lp for group in nested for lp in group])
     (logps * weights).sum().backward()
-    plain = _plain_logprobs(plain_model, groups, 0.9)
+    plain = _plain_logprobs(plain_model, prompts, completions, 0.9)
     (plain * weights).sum().backward()
 
     assert_close(logps, plain, atol=1e-5, rtol=1e-5)
     # the prompt, computed once per group, gets the sum of its completions' gradients
-    for (name, p), p2 in zip(packed_model.named_parameters(), plain_model.parameters(), strict=True):
+    for (name, p), p2 in zip(lean_model.named_parameters(), plain_model.parameters(), strict=True):
         assert_close(p.grad, p2.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,5 +1,6 @@
 """The shortcuts of a training step change nothing: micro-batching, skipping zero-advantage
-completions (beta = 0) and packing give the gradient of the plain full-batch loss."""
+completions (beta = 0) and scoring each prompt once per group give the gradient of the plain
+full-batch loss."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.batch import ScoredGroups, plan_micro_batches
 from trainer.config import GRPOConfig
+from trainer.logprobs import PLAIN, Scoring
 from trainer.loop import optimize
 from trainer.loss import group_advantages
 from trainer.model import Models
@@ -24,10 +26,11 @@ def _batch(rewards):
                         rewards=torch.tensor(rewards), parts={}, errors={}, error_messages=[])
 
 
-def _gradients(model_dir, batch, cfg, *, token_budget, skip_zero_advantage):
+def _gradients(model_dir, batch, cfg, *, token_budget, skip_zero_advantage, scoring=None):
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
-    models = Models(policy=policy, reference=None, tokenizer=AutoTokenizer.from_pretrained(model_dir), uses_lora=False)
+    models = Models(policy=policy, reference=None, tokenizer=AutoTokenizer.from_pretrained(model_dir), uses_lora=False,
+                    scoring=scoring)
     advantages, _ = group_advantages(batch.rewards, G)
     active = advantages != 0 if skip_zero_advantage else torch.ones(len(advantages), dtype=torch.bool)
     micro = plan_micro_batches(batch, active, G, token_budget)
@@ -51,3 +54,19 @@ def test_micro_batches_and_zero_advantage_skipping_keep_the_gradient(tiny_model_
     assert grads.keys() == grads_s.keys() and grads
     for name in grads:
         assert_close(grads[name], grads_s[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lean_scoring_gives_the_plain_forwards_step(arch, tiny_model_dir, tiny_qwen_dir):
+    """The whole GRPO step (num_iterations = 2 reuses the batch through the old-policy pass) with
+    the prompt once per group equals the one with the model's own forward per completion."""
+    batch = _batch([1.0, 0.0, 1.0, 2.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 2.0, 1.0])
+    cfg = GRPOConfig(group_size=G, beta=0.0, loss_type="dapo", max_grad_norm=None, max_completion_length=6,
+                     num_iterations=2)
+    path = tiny_model_dir if arch == "llama" else tiny_qwen_dir
+    loss, grads, _ = _gradients(path, batch, cfg, token_budget=10_000, skip_zero_advantage=False, scoring=Scoring())
+    loss_p, grads_p, _ = _gradients(path, batch, cfg, token_budget=10_000, skip_zero_advantage=False, scoring=PLAIN)
+    assert loss == pytest.approx(loss_p, abs=1e-6)
+    assert grads.keys() == grads_p.keys() and grads
+    for name in grads:
+        assert_close(grads[name], grads_p[name], atol=1e-6, rtol=1e-4, msg=name)
