@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from grpo_client.cli import COMMANDS as client_commands
+from grpo_client.cli import chat as chat_command
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -22,6 +23,7 @@ keys = typer.Typer(help="API keys: each reaches its owner's datasets and jobs.",
 app.add_typer(keys, name="keys")
 for _name, _group in client_commands.items():  # datasets, jobs, rewards: over the HTTP API
     app.add_typer(_group, name=_name)
+app.command("chat")(chat_command)  # grpo chat JOB "prompt": over the HTTP API too
 
 Host = Annotated[str, typer.Option(help="Interface to listen on.")]
 Port = Annotated[int, typer.Option(help="Port to listen on.")]
@@ -91,11 +93,13 @@ def refuse_open_unauthenticated(host: str, auth: str) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context) -> None:
+def worker(ctx: typer.Context, inference: Annotated[bool, typer.Option(
+        "--inference", help="Answer chat completions from checkpoints (GRPO_INFERENCE_QUEUE) instead of "
+        "running jobs.")] = False) -> None:
     """Run a GPU worker on the configured queue; extra options go to `celery worker`."""
     from worker.__main__ import main
 
-    main(list(ctx.args))
+    main([*(["--inference"] if inference else []), *ctx.args])
 
 
 @contextmanager

@@ -1,8 +1,10 @@
-"""The embedded setup: the API and one worker, as two child processes of one command.
+"""The embedded setup: the API, one worker and one inference worker, as child processes of one
+command.
 
-The children run the very commands of a deployment (``uvicorn api.main:app`` and
-``python -m worker``); only the settings differ: a SQLite file, the filesystem broker and the
-artifacts, all under one data directory.
+The children run the very commands of a deployment (``uvicorn api.main:app``,
+``python -m worker`` and ``python -m worker --inference``); only the settings differ: a SQLite
+file, the filesystem broker, chat answers as files, and the artifacts, all under one data
+directory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OVERRIDDEN = ("GRPO_DATABASE_URL", "GRPO_BROKER_URL", "GRPO_BROKER_DIR", "GRPO_ARTIFACT_DIR")
+OVERRIDDEN = ("GRPO_DATABASE_URL", "GRPO_BROKER_URL", "GRPO_BROKER_DIR", "GRPO_ARTIFACT_DIR", "GRPO_RESULT_BACKEND")
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
@@ -33,11 +35,12 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 def embedded_settings(data_dir: Path) -> Settings:
     """The settings the embedded children run with (e.g. to create an API key in their database)."""
     return Settings(data_dir=data_dir.resolve(), database_url="", broker_url="filesystem://", broker_dir=None,
-                    artifact_dir=None)
+                    artifact_dir=None, result_backend="")
 
 
 def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
-    """Migrate, start the API and a worker, and stop both when either ends or on SIGINT/SIGTERM."""
+    """Migrate, start the API, a worker and an inference worker, and stop them all when one ends
+    or on SIGINT/SIGTERM."""
     env = embedded_env(data_dir)
     settings = embedded_settings(data_dir)
     upgrade(settings.database_url)
@@ -53,6 +56,7 @@ def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
                                  "--timeout-keep-alive", str(KEEP_ALIVE_S)],
                                 env=env),
         "worker": subprocess.Popen([sys.executable, "-m", "worker"], env=env),
+        "inference worker": subprocess.Popen([sys.executable, "-m", "worker", "--inference"], env=env),
     }
     while not stopping.is_set() and all(child.poll() is None for child in children.values()):
         stopping.wait(0.5)

@@ -19,6 +19,8 @@ from starlette.routing import Match
 
 from jobs.errors import (
     Conflict,
+    InferenceTimedOut,
+    InferenceUnavailable,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[ServiceError], int] = {
     InvalidRequest: 422, Unauthenticated: 401, NotFound: 404, Conflict: 409, PayloadTooLarge: 413,
-    UnsupportedMediaType: 415, RateLimited: 429, TooManyActiveJobs: 429}
+    UnsupportedMediaType: 415, RateLimited: 429, TooManyActiveJobs: 429, InferenceUnavailable: 503,
+    InferenceTimedOut: 504}
 HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -137,7 +140,7 @@ class OpenAIRoute(APIRoute):
     """A route of the OpenAI-compatible API. The error shape is the same, but a request refused as
     invalid is a 400 (a 422 elsewhere), as OpenAI answers it and its SDK expects
     (``BadRequestError``); the message starts with the param, since the SDK shows the message
-    alone; a 409 carries ``x-should-retry: false``, or the SDK would retry it."""
+    alone; a 409 and a 504 carry ``x-should-retry: false``, or the SDK would retry them."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
@@ -152,7 +155,7 @@ class OpenAIRoute(APIRoute):
                 response = error_response(status_of(exc), exc.code, message, exc.param, exc.details, headers_of(exc))
             if response.status_code == 422:
                 response.status_code = 400
-            elif response.status_code == 409:
+            elif response.status_code in (409, 504):  # a timed-out chat completion: retrying waits as long again
                 response.headers["x-should-retry"] = "false"
             return response
 

@@ -20,6 +20,7 @@ from api.observability import JobsByStatus, RequestMetrics
 from api.params import RefuseUnstorableParams
 from api.ratelimit import make_rate_limiter
 from api.routes import (
+    chat,
     checkpoints,
     dashboard,
     datasets,
@@ -60,7 +61,8 @@ TAGS = [
     {"name": "samples", "description": "What the model writes: a few completions per step, with rewards."},
     {"name": "rewards", "description": "Try a reward spec on completions before a job runs."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
-    {"name": "openai", "description": "OpenAI-compatible files and reinforcement fine-tuning jobs, for the `openai` SDK."},
+    {"name": "openai", "description": "OpenAI-compatible files, reinforcement fine-tuning jobs and chat completions "
+                                      "from their checkpoints, for the `openai` SDK."},
 ]
 
 
@@ -111,7 +113,7 @@ def create_app(settings: Settings | None = None, *, send: Send | None = None) ->
     app.add_middleware(RequestMetrics, registry=app.state.registry)  # outermost: it counts the 413s too
     errors.install(app)
     openapi.install(app)
-    for module in (jobs, datasets, events, checkpoints, samples, rewards, files, fine_tuning):
+    for module in (jobs, datasets, events, checkpoints, samples, rewards, files, fine_tuning, chat):
         # every /v1 route needs a live key: AuthenticateFirst sees to it (OpenAPI says so: api/openapi.py)
         app.include_router(module.router, responses=errors.responses(401, 429))
     app.include_router(health.router)  # open: liveness, readiness, Prometheus

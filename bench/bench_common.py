@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:  # the package is not installed in either venv; ru
     sys.path.insert(0, str(REPO))
 
 EOS_CALIBRATION_SEED = 1234
+NEVER_EOS_SCALE = 200.0  # eos_probability 0: EOS logit = -200 x a projection that is about 1 on average
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class BenchConfig:
     prompts_per_step: int
     max_completion_length: int
     reward_pattern: str  # regex "match" reward: 1.0 if the completion contains it
-    eos_probability: float | None  # edit the LM head so EOS comes with about this chance per token
+    eos_probability: float | None  # edit the LM head so EOS comes with about this chance per token (0: never)
     beta: float = 0.04
     learning_rate: float = 1e-5
     epsilon: float = 0.2
@@ -62,6 +63,15 @@ CONFIGS = {
                                    vocab_size=None, prompt_chars=(90, 110), group_size=8, prompts_per_step=4,
                                    max_completion_length=64, reward_pattern="Q", eos_probability=0.04),
 }
+# Long completions: the realistic model with its EOS row pointed away from the hidden states
+# (eos_probability 0: EOS never comes), so every completion runs to the length; 2 prompts x G=8
+# a step. The reward pays for one of a set of extra tokens sized so that about half of the
+# completions contain one at that length (n tokens of 32k over L draws: 1 - exp(-n L / 32k)).
+for _length, _pattern in ((256, r"<extra_1[0-8]\d>"), (1024, r"<extra_1[01]\d>"), (2048, r"<extra_10\d>")):
+    CONFIGS[f"long-{_length}"] = BenchConfig(
+        name=f"long-{_length}", hidden_size=256, num_layers=8, num_heads=8, vocab_size=32000,
+        prompt_chars=(90, 110), group_size=8, prompts_per_step=2, max_completion_length=_length,
+        reward_pattern=_pattern, eos_probability=0.0, steps=2)  # a warm-up step and one timed
 
 
 def regex_match_rewards(pattern: str, completions: list[str]) -> list[float]:
@@ -119,6 +129,11 @@ def calibrate_eos(model_dir: Path, dataset: Path, config: BenchConfig) -> dict:
     direction = direction / (hidden @ direction).mean()  # projection of the mean hidden state = 1
     projection = hidden @ direction  # [N]
     weight = model.get_output_embeddings().weight.data  # [V, H]
+    if config.eos_probability == 0.0:  # never: the EOS logit far below every other along the direction
+        weight[eos] = -NEVER_EOS_SCALE * direction
+        model.save_pretrained(model_dir)
+        return {"eos_scale": -NEVER_EOS_SCALE, "projection_std": projection.std().item(),
+                "projection_min": projection.min().item()}
     others = torch.logsumexp(hidden @ torch.cat([weight[:eos], weight[eos + 1:]]).T, dim=-1)  # [N]
     low, high = 0.0, 100.0
     for _ in range(60):  # bisect the scale: mean P(EOS) = eos_probability
@@ -149,7 +164,7 @@ def prepare(config: BenchConfig, workdir: Path) -> dict:
     dataset = write_dataset(root / "data.jsonl", config)
     eos = calibrate_eos(model_dir, dataset, config) if config.eos_probability is not None else {}
     prepared = {"config": wanted, "model_dir": str(model_dir), "dataset": str(dataset), "eos": eos,
-                "sample": sample_lengths(model_dir, dataset, config)}
+                "sample": sample_lengths(model_dir, dataset, config, prompts=8 if config.max_completion_length <= 256 else 2)}
     marker.write_text(json.dumps(prepared, indent=2))
     return prepared
 

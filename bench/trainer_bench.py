@@ -3,6 +3,10 @@
     .venv/bin/python bench/trainer_bench.py [--configs toy,realistic,realistic-small] [--steps N]
         [--repeats 2] [--threads 1] [--workdir /tmp/grpo-bench] [--trl-python .venv-bench/bin/python]
 
+Long completions: ``--configs long-256,long-1024,long-2048`` (the realistic 24M/32k model, whose
+EOS never comes, so every completion runs to the length; 2 prompts x G=8 a step; a warm-up step
+and one timed step each, see ``bench_common.CONFIGS``).
+
 The driver (this file, in ``.venv``: no trl) builds each config's model and data once, then runs
 each side as its own subprocess, alternating ours/TRL and swapping who goes first on every
 repeat, so that a busy neighbour on the machine slows both. Each child writes a JSON record of

@@ -1,5 +1,5 @@
-"""The user's half of ``grpo``: ``datasets``, ``jobs`` and ``rewards`` commands over the Python
-client (``api/cli.py`` adds them beside ``serve``, ``worker``, ``migrate`` and ``keys``).
+"""The user's half of ``grpo``: ``datasets``, ``jobs`` and ``rewards`` commands and ``chat`` over the
+Python client (``api/cli.py`` adds them beside ``serve``, ``worker``, ``migrate`` and ``keys``).
 
 The server and key come from ``--url``/``--api-key`` or ``GRPO_API_URL``/``GRPO_API_KEY``. A
 refused request prints the server's message and exits 1, never a traceback."""
@@ -120,13 +120,56 @@ def list_datasets(ctx: typer.Context) -> None:
 @reports_errors
 def create_job(ctx: typer.Context, spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                                                         help="The job spec, JSON or YAML.")],
-               follow: Annotated[bool, typer.Option(help="Then follow it to the end.")] = False) -> None:
+               follow: Annotated[bool, typer.Option(help="Then follow it to the end.")] = False,
+               estimate: Annotated[bool, typer.Option(help=(
+                   "Create nothing: print what the job would need (tokens per step, memory, time per step and "
+                   "in all) and any warning, e.g. lengths beyond the model's context."))] = False,
+               as_json: Annotated[bool, typer.Option("--json", help="With --estimate: the estimate as JSON.")] = False,
+               ) -> None:
     """Queue a job; prints its id (alone on stdout: `JOB=$(grpo jobs create spec.yaml)`)."""
+    if estimate:
+        print_estimate(client(ctx).jobs.estimate(read_spec(spec)), as_json=as_json)
+        return
     job = client(ctx).jobs.create(read_spec(spec))
     console().print(job["id"])
     notes().print(job["status"])
     if follow:
         follow_job(ctx, job["id"])
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def print_estimate(estimate: dict[str, Any], *, as_json: bool) -> None:
+    """An estimate as a few lines (warnings in red, to stderr too), or as JSON."""
+    if as_json:
+        typer.echo(json.dumps(estimate, indent=2))
+        return
+    out, tokens, time_, memory = console(), estimate["tokens"], estimate["time"], estimate["memory"]
+    out.print(f"tokens per step  {tokens['per_step']:,}  (prompt ~{tokens['prompt_tokens_mean']:g} by "
+              f"{tokens['prompt_tokens_from']} + completion <= {tokens['completion_tokens_max']}); "
+              f"{tokens['total']:,} in all")
+    out.print(f"time             {duration(time_['seconds_per_step'])} a step, {duration(time_['total_seconds'])} in all "
+              f"at {time_['tokens_per_second']:,.0f} tokens/s ({time_['tokens_per_second_from']})")
+    if memory is None:
+        out.print("memory           unknown (see the notes)")
+    else:
+        out.print(f"memory           {gib(memory['total_bytes'])}: weights {gib(memory['weights_bytes'])} "
+                  f"({memory['parameters']:,} parameters, {memory['dtype']}), reference "
+                  f"{gib(memory['reference_model_bytes'])}, gradients {gib(memory['gradients_bytes'])}, optimizer "
+                  f"{gib(memory['optimizer_bytes'])}, activations {gib(memory['activations_bytes'])}, generation "
+                  f"cache {gib(memory['generation_cache_bytes'])}")
+    for warning in estimate["warnings"]:
+        out.print(f"warning: {warning}", style="red")
+    for note in estimate["notes"]:
+        out.print(f"note: {note}", style="dim")
 
 
 @jobs.command("list")
@@ -163,6 +206,9 @@ def show_job(ctx: typer.Context, job_id: JobId,
     out.print(f"model {job['base_model']}  dataset {job['dataset_id']}  group size {job['group_size']}")
     if job["failure_reason"]:
         out.print(job["failure_reason"], style="red")
+    if job.get("best_checkpoint_step") is not None:
+        best_by = (job["hyperparameters"] or {}).get("keep_best_by")
+        out.print(f"best checkpoint: step {job['best_checkpoint_step']} (by {best_by}; `grpo jobs checkpoints` lists all)")
     for name, value in sorted((job["latest_metrics"] or {}).items()):
         out.print(f"  {name:<28} {value if value is None else f'{value:.4g}'}")
 
@@ -225,10 +271,33 @@ for _action in ("cancel", "pause", "resume"):
     jobs.command(_action)(_job_action(_action))
 
 
+@jobs.command("checkpoints")
+@reports_errors
+def list_checkpoints(ctx: typer.Context, job_id: JobId,
+                     as_json: Annotated[bool, typer.Option("--json", help="The checkpoint objects as JSON.")] = False
+                     ) -> None:
+    """A job's checkpoints: size, figures on the eval set, and the best one (what download fetches)."""
+    listed = client(ctx).jobs.checkpoints(job_id)
+    if as_json:
+        typer.echo(json.dumps(listed, indent=2))
+        return
+    shown = sorted({name for c in listed for name in (c.get("eval") or {})
+                    if name == "reward" or name.startswith("pass@")}, key=lambda n: (n != "reward", len(n), n))
+    table = Table(Column("step", justify="right"), "kind", Column("size", justify="right"),
+                  *(Column(f"eval {name}", justify="right") for name in shown), "best")
+    for c in listed:
+        figures = c.get("eval") or {}
+        table.add_row(str(c["step"]), c["kind"], f"{c['bytes'] / 1e6:.1f} MB",
+                      *("" if figures.get(name) is None else f"{figures[name]:.3f}" for name in shown),
+                      "best" if c.get("best") else "")
+    console().print(table)
+
+
 @jobs.command("download")
 @reports_errors
 def download_checkpoint(ctx: typer.Context, job_id: JobId,
-                        step: Annotated[int | None, typer.Option(help="Defaults to the newest checkpoint.")] = None,
+                        step: Annotated[int | None, typer.Option(help=(
+                            "Defaults to the best checkpoint (keep_best_by), else the newest."))] = None,
                         dest: Annotated[Path, typer.Option(help="Where to put it.")] = Path("."),
                         tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False,
                         merged: Annotated[bool, typer.Option(
@@ -240,6 +309,37 @@ def download_checkpoint(ctx: typer.Context, job_id: JobId,
         raise GrpoError("give --merged or --adapter, not both", code="invalid_request", param="--merged")
     format = "merged" if merged else "adapter" if adapter else None
     console().print(str(client(ctx).jobs.download(job_id, step, dest, extract=not tar, format=format)))
+
+
+# ---- chat ----
+
+
+@reports_errors
+def chat(model: Annotated[str, typer.Argument(metavar="JOB_OR_MODEL", help=(
+             "A job id (its best checkpoint, else its newest), JOB_ID:STEP, or a fine_tuned_model name (ft:…)."))],
+         prompt: Annotated[str, typer.Argument(help="The user message.")],
+         system: Annotated[str | None, typer.Option(help="A system message before the prompt.")] = None,
+         max_tokens: Annotated[int | None, typer.Option(help="Tokens to generate at most (default: the server's cap).")] = None,
+         temperature: Annotated[float, typer.Option(help="0: greedy, the same answer every time.")] = 0.0,
+         n: Annotated[int, typer.Option(help="Answers to generate.")] = 1,
+         seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
+         as_json: Annotated[bool, typer.Option("--json", help="The chat completion object as JSON.")] = False,
+         url: Url = None, api_key: Key = None) -> None:
+    """Ask a job's checkpoint: prints its answer (each of --n on its own line, on stdout); which
+    checkpoint answered and the token counts go to stderr."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    completion = Client(url, api_key).chat(model, messages, max_tokens=max_tokens, temperature=temperature,
+                                           n=n if n != 1 else None, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(completion, indent=2))
+        return
+    out = console()
+    for choice in completion["choices"]:
+        out.print(choice["message"]["content"])
+    usage = completion["usage"]
+    finished = ", ".join(choice["finish_reason"] for choice in completion["choices"])
+    notes().print(f"{completion['model']}  {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+                  f"completion tokens  finish: {finished}")
 
 
 # ---- rewards ----

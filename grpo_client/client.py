@@ -1,4 +1,5 @@
-"""``Client``: the service's HTTP API as methods, grouped as ``datasets``, ``jobs`` and ``rewards``."""
+"""``Client``: the service's HTTP API as methods, grouped as ``datasets``, ``jobs`` and ``rewards``,
+and ``chat`` with a job's checkpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
@@ -14,7 +16,7 @@ import httpx
 
 from grpo_client.errors import GrpoError
 from grpo_client.transport import RetryPolicy, send
-from grpo_client.types import Checkpoint, Dataset, Event, Job, Metrics, RewardRun, Sample
+from grpo_client.types import ChatCompletion, Checkpoint, Dataset, Event, Job, Metrics, RewardRun, Sample
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -66,6 +68,24 @@ class Client:
                 return
             params[cursor] = page["data"][-1][key]
 
+    def chat(self, model: str, messages: str | list[dict[str, Any]], *, max_tokens: int | None = None,
+             temperature: float | None = None, timeout: float = 300.0, **options: Any) -> ChatCompletion:
+        """A chat completion (``POST /v1/chat/completions``) from a checkpoint: ``model`` is a job
+        id (its best checkpoint, else its newest), ``JOB_ID:STEP`` or a ``fine_tuned_model`` name; ``messages`` a
+        list of ``{"role", "content"}`` or one user message's text. ``options``: ``n``, ``top_p``,
+        ``stop``, ``seed``. The answer's text: ``["choices"][0]["message"]["content"]``. A timed-out
+        request (504) is not retried: it would wait as long again."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **options}
+        body = {key: value for key, value in body.items() if value is not None}
+
+        def build() -> httpx.Request:
+            return self.http.build_request("POST", "/v1/chat/completions", json=body, timeout=timeout)
+
+        policy = replace(self.retry, statuses=self.retry.statuses - {504})
+        return cast(ChatCompletion, send(self.http, build, policy, sleep=self.sleep).json())
+
     def close(self) -> None:
         self.http.close()
 
@@ -114,6 +134,11 @@ class Jobs:
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         return cast(Job, self.client.post("/v1/jobs", spec, headers=headers))
 
+    def estimate(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """What the job would need (tokens per step, memory, time) and what would go wrong, checked
+        as ``create`` checks it; nothing is created (``POST /v1/jobs?dry_run=true``)."""
+        return cast(dict[str, Any], self.client.post("/v1/jobs", spec, params={"dry_run": "true"}))
+
     def list(self, *, status: str | None = None) -> Iterator[Job]:
         """Every job (newest first), fetched a page at a time as you iterate."""
         return self.client.pages("/v1/jobs", status=status, limit=100)
@@ -148,11 +173,12 @@ class Jobs:
                  format: Literal["adapter", "merged"] | None = None) -> Path:
         """Stream a checkpoint into ``dest``: the directory ``from_pretrained`` loads, or with
         ``extract=False`` the tar itself. A partial download never takes the final name.
-        ``step``: defaults to the newest checkpoint (with ``format="merged"``, the newest merged one).
+        ``step``: defaults to the job's best checkpoint (``keep_best_by``), else the newest one
+        (with ``format="merged"``, the newest merged one: only a LoRA job's final checkpoint is).
         ``format``: a LoRA job's ``adapter`` (the default) or its final checkpoint ``merged`` into
         the base model."""
         if step is None:
-            step = self.newest_checkpoint(job_id, merged=format == "merged")
+            step = self.default_checkpoint(job_id, merged=format == "merged")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         root = f"{job_id}-step-{step}" + ("-merged" if format == "merged" else "")
@@ -174,6 +200,15 @@ class Jobs:
             archive.extractall(dest, filter="data")
         partial.unlink()
         return dest / root
+
+    def default_checkpoint(self, job_id: str, *, merged: bool = False) -> int:
+        """The step ``download`` fetches when none is given: the best checkpoint by the job's
+        ``keep_best_by`` when it has one, else the newest (``merged``: the newest merged one)."""
+        if not merged:
+            best = [c["step"] for c in self.checkpoints(job_id) if c.get("best")]
+            if best:
+                return best[0]
+        return self.newest_checkpoint(job_id, merged=merged)
 
     def newest_checkpoint(self, job_id: str, *, merged: bool = False) -> int:
         """The step of the job's newest checkpoint (``merged``: that can be downloaded merged)."""

@@ -30,6 +30,7 @@ class Job(TypedDict):
     cancel_requested: bool
     failure_reason: str | None
     latest_metrics: dict[str, float | None] | None
+    best_checkpoint_step: int | None  # the best checkpoint by keep_best_by
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -58,6 +59,8 @@ class Checkpoint(TypedDict):
     created_at: str
     download_url: str
     merged_download_url: str | None  # a LoRA job's final checkpoint, merged into its base model
+    eval: dict[str, float | None] | None  # its figures on the eval set: reward, pass@k, ...
+    best: bool  # the best by the job's keep_best_by: what download fetches by default
 
 
 class Sample(TypedDict):
@@ -84,3 +87,14 @@ class RewardRun(TypedDict):
     data: list[RewardScore]
     errors: dict[str, int]
     error_messages: list[str]
+
+
+class ChatCompletion(TypedDict):
+    """OpenAI's chat completion object: ``choices[i]["message"]["content"]`` is a choice's text."""
+
+    id: str
+    object: str  # "chat.completion"
+    created: int
+    model: str  # the checkpoint that answered, by its fine_tuned_model name
+    choices: list[dict[str, Any]]  # {"index", "message": {"role", "content"}, "finish_reason": "stop" | "length"}
+    usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens

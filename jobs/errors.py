@@ -144,3 +144,27 @@ class IdempotencyKeyReused(Conflict):
     def __init__(self) -> None:
         super().__init__("this Idempotency-Key was used with a different request body; use a new key",
                          param="Idempotency-Key")
+
+
+class ModelNotFound(NotFound):
+    """A chat completion's ``model`` names no checkpoint of the caller's (another owner's reads the same)."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str, *, reason: str | None = None):
+        shown = model if len(model) <= 200 else model[:200] + "…"
+        super().__init__(reason or (
+            f"the model {shown!r} does not exist or you do not have access to it; name a job's "
+            "fine_tuned_model (ft:…:ckpt-step-N), a job id (its best checkpoint, else its newest), or JOB_ID:STEP"), param="model")
+
+
+class InferenceUnavailable(ServiceError):
+    """The inference queue could not be reached, or the inference worker failed on a request."""
+
+    code = "inference_unavailable"
+
+
+class InferenceTimedOut(ServiceError):
+    """No answer from an inference worker within GRPO_INFERENCE_TIMEOUT_S."""
+
+    code = "inference_timed_out"

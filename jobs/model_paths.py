@@ -12,6 +12,7 @@ allowed directories, in the artifact store), so the answer tells nobody which pa
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +25,10 @@ from trainer.config import ConfigError
 # "_", without "--" or "..", at most 96 characters; and no ".git" at the end.
 HUB_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 SHOWN_CHARS = 200  # of a refused value, in the message
+CONFIG_READ_LIMIT = 1 << 20  # bytes of a config.json read to learn its architecture
+# The heads GRPO can train: a causal LM's (a multimodal model's ...ForConditionalGeneration too, as
+# AutoModelForCausalLM loads it), unless the config is an encoder-decoder's (T5, BART, Whisper).
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def is_hub_id(value: str) -> bool:
@@ -75,10 +80,36 @@ def check_model(value: str, *, param: str, model_dirs: Sequence[Path], artifact_
         raise ConfigError(param, refusal(value))
 
 
+def check_causal_lm(value: str, *, param: str) -> None:
+    """``ConfigError(param, ...)`` when an allowed local model directory's ``config.json`` shows a
+    model without a causal-LM head (``BertForMaskedLM``, ``T5ForConditionalGeneration``, a
+    ``...ForSequenceClassification``, a bare ``LlamaModel``): transformers would load it with a
+    head it does not have, or not at all. A hub id, an adapter directory, or a config that does
+    not say (no ``architectures``, unreadable) is left to the worker's load."""
+    if is_hub_id(value) and not value.startswith(("/", ".", "~")) and not Path(value).exists():
+        return
+    try:
+        with (Path(value).expanduser() / "config.json").open("rb") as file:
+            config = json.loads(file.read(CONFIG_READ_LIMIT))
+    except (OSError, ValueError):
+        return
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
+        return
+    encoder_decoder = config.get("is_encoder_decoder") is True
+    if not encoder_decoder and any(a.endswith(CAUSAL_HEADS) for a in architectures):
+        return
+    shown = ", ".join(a[:SHOWN_CHARS] for a in architectures[:5])
+    why = "an encoder-decoder model" if encoder_decoder else "a model without a causal language-model head"
+    raise ConfigError(param, f"the model directory's config.json names {shown}: {why}, which GRPO cannot train. Use a "
+                             "decoder-only model whose architecture is a ...ForCausalLM")
+
+
 def check_job_models(base_model: str, rewards: Sequence[dict[str, Any]], *, model_dirs: Sequence[Path],
                      artifact_dir: Path) -> None:
     """The job's ``base_model`` and each ``reward_model`` reward's ``model`` (``reward[i].model``)."""
     check_model(base_model, param="base_model", model_dirs=model_dirs, artifact_dir=artifact_dir)
+    check_causal_lm(base_model, param="base_model")
     for index, spec in enumerate(rewards):
         if isinstance(spec, dict) and spec.get("type") == "reward_model" and isinstance(spec.get("model"), str):
             check_model(spec["model"], param=f"reward[{index}].model", model_dirs=model_dirs,

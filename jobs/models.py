@@ -182,6 +182,8 @@ class Job(Base):
     webhook_status: Mapped[str | None] = mapped_column(String(16))
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # next attempt; a claimed one's deadline
+    # the best checkpoint by the spec's keep_best_by, as the trainer last reported it (null: none chosen)
+    best_checkpoint_step: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobMetrics(Base):
@@ -204,6 +206,8 @@ class Checkpoint(Base):
     kind: Mapped[str] = mapped_column(String(16))  # "model" or "adapter"
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # its figures on the eval set ({"reward": …, "pass@4": …}); null: the job has no eval set
+    eval_metrics: Mapped[dict[str, float | None] | None] = mapped_column(JSONType)
 
 
 class JobEvent(Base):

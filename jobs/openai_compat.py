@@ -27,6 +27,8 @@ from jobs.openai_schemas import (
 )
 from jobs.schemas import JobCreate
 from trainer.config import GRPOConfig
+from trainer.data import chat_row
+from trainer.errors import DatasetError
 
 GRADER = "method.reinforcement.grader"
 HYPERPARAMETERS = "method.reinforcement.hyperparameters"
@@ -55,25 +57,21 @@ def bad(param: str, message: str) -> InvalidRequest:
 def rft_line(line: bytes) -> bytes:
     """One line of an OpenAI reinforcement fine-tuning file, as a row the trainer reads: its
     ``messages`` become the ``prompt`` (the row keeps them too, for graders that read
-    ``item.messages``), ``developer`` messages become ``system`` ones and text content parts are
-    joined. A line this cannot read goes through unchanged: the dataset check reports it."""
+    ``item.messages``), as ``trainer.data.chat_row`` reads any chat-format row (``developer``
+    messages become ``system`` ones, text content parts are joined). It is written into the stored
+    file, so ``GET /v1/files/{id}/content`` shows it. A line this cannot read goes through
+    unchanged: the dataset check reports it."""
     try:
         row = json.loads(line)
     except (ValueError, RecursionError):
         return line
     if not isinstance(row, dict) or "prompt" in row or not isinstance(row.get("messages"), list):
         return line
-    prompt = []
-    for message in row["messages"]:
-        if not isinstance(message, dict):
-            return line
-        content = message.get("content")
-        if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("text"), str)
-                                             and part.get("type") in ("text", "input_text") for part in content):
-            content = "".join(part["text"] for part in content)
-        role = "system" if message.get("role") == "developer" else message.get("role")
-        prompt.append({**message, "role": role, "content": content})
-    return json.dumps({"prompt": prompt, **row}, ensure_ascii=False).encode() + b"\n"
+    try:
+        row = chat_row(row)
+    except DatasetError:
+        return line
+    return json.dumps(row, ensure_ascii=False).encode() + b"\n"
 
 
 def file_object(dataset: Dataset) -> FileOut:
@@ -406,10 +404,12 @@ def checkpoint_step(checkpoint_id: str) -> int | None:
     return int(step) if checkpoint_id.startswith("ftckpt_") and step.isdigit() else None
 
 
-def checkpoint_object(job: Job, checkpoint: Checkpoint, metrics: dict[str, float | None] | None) -> FineTuningCheckpointOut:
+def checkpoint_object(job: Job, checkpoint: Checkpoint, metrics: dict[str, float | None] | None, *,
+                      download_url: str) -> FineTuningCheckpointOut:
+    """``download_url``: the API's (``api.routes.checkpoints.download_url``), absolute."""
     metrics = metrics or {}
     return FineTuningCheckpointOut(
         id=checkpoint_id(job.id, checkpoint.step), created_at=unix(checkpoint.created_at),
         fine_tuned_model_checkpoint=checkpoint_model_name(job, checkpoint.step), fine_tuning_job_id=job.id,
         step_number=checkpoint.step, metrics={"step": float(checkpoint.step), "train_loss": metrics.get("loss"), **metrics},
-        download_url=f"/v1/jobs/{job.id}/checkpoints/{checkpoint.step}/download")
+        download_url=download_url)

@@ -148,7 +148,7 @@ class FineTuningCheckpointOut(BaseModel):
             "ft:Qwen2.5-0.5B-Instruct:alice:arith:job_0193a5c2a1b27d9e4f0a3b2c:ckpt-step-50",
         "fine_tuning_job_id": "job_0193a5c2a1b27d9e4f0a3b2c", "step_number": 50,
         "metrics": {"step": 50, "train_loss": 0.01, "reward": 0.41, "kl": 0.002},
-        "download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download"}]})
+        "download_url": "https://grpo.example.com/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download"}]})
 
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
@@ -157,4 +157,5 @@ class FineTuningCheckpointOut(BaseModel):
     fine_tuning_job_id: str
     step_number: int
     metrics: dict[str, float | None] = Field(description="step and train_loss, and every per-step metric of that step.")
-    download_url: str = Field(description="Extension: the checkpoint as a tar archive, for from_pretrained.")
+    download_url: str = Field(description="Extension: the checkpoint as a tar archive, for from_pretrained; an "
+                              "absolute URL, so that it is not joined to the client's base_url.")

@@ -71,7 +71,7 @@ class JobOut(BaseModel):
         "max_steps": 200,
         "attempts": 1, "worker": "celery@gpu-0/4242", "heartbeat_at": "2025-01-01T12:10:00Z",
         "cancel_requested": False, "pause_requested": False, "failure_reason": None,
-        "latest_metrics": {"reward": 0.41, "kl": 0.002},
+        "latest_metrics": {"reward": 0.41, "kl": 0.002}, "best_checkpoint_step": None,
         "created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:03Z", "finished_at": None}]})
 
     id: str
@@ -97,6 +97,8 @@ class JobOut(BaseModel):
     pause_requested: bool = Field(description="Running, and asked to pause: it stops after its current step.")
     failure_reason: str | None
     latest_metrics: dict[str, float | None] | None
+    best_checkpoint_step: int | None = Field(None, description=(
+        "The best checkpoint so far by `hyperparameters.keep_best_by` (null: not set, or nothing evaluated yet)."))
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -112,7 +114,7 @@ class JobOut(BaseModel):
             attempts=job.attempts, worker=job.worker, heartbeat_at=job.heartbeat_at,
             cancel_requested=job.cancel_requested, pause_requested=job.pause_requested,
             failure_reason=job.failure_reason, latest_metrics=latest_metrics,
-            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
+            best_checkpoint_step=job.best_checkpoint_step, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
 
 
 class MetricsOut(BaseModel):
@@ -142,18 +144,28 @@ class EventOut(BaseModel):
 class CheckpointOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "step": 50, "kind": "adapter", "bytes": 8811200, "created_at": "2025-01-01T12:30:00Z",
-        "download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download",
-        "merged_download_url": "/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download?format=merged"}]})
+        "download_url": "https://grpo.example.com/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download",
+        "merged_download_url":
+            "https://grpo.example.com/v1/jobs/job_0193a5c2a1b27d9e4f0a3b2c/checkpoints/50/download?format=merged",
+        "eval": {"reward": 0.62, "pass@1": 0.55, "pass@4": 0.81}, "best": True}]})
 
     step: int
     kind: Literal["model", "adapter"] = Field(
         description="`model`: every parameter was trained, a full model. `adapter`: a LoRA (PEFT) adapter.")
     bytes: int
     created_at: datetime
-    download_url: str = Field(description="The checkpoint as it is: the full model, or the adapter alone.")
+    download_url: str = Field(description="The checkpoint as it is: the full model, or the adapter alone. An "
+                              "absolute URL (this server's address as the request reached it).")
     merged_download_url: str | None = Field(None, description=(
         "A LoRA job's adapter merged into its base model, a plain model for `from_pretrained`: written for "
         "the final checkpoint when the job succeeds. Null for other checkpoints and for full models."))
+    eval: dict[str, float | None] | None = Field(None, description=(
+        "Its figures on the job's eval set (`eval_dataset_id`): `reward`, the mean reward of one greedy completion "
+        "per eval row; `pass@1` and `pass@k` with `eval_pass_k`; `rewards/<name>` per reward function. Null "
+        "without an eval set."))
+    best: bool = Field(False, description=(
+        "The best checkpoint by the job's `keep_best_by`: kept beyond `keep_last_checkpoints`, and what the "
+        "client downloads by default."))
 
 
 class SampleOut(BaseModel):
@@ -222,6 +234,78 @@ class RewardRunOut(BaseModel):
     data: list[RewardScore] = Field(description="One score per sample, in order.")
     errors: dict[str, int] = Field(description="Per function, how many samples it errored on.")
     error_messages: list[str] = Field(description="A few distinct errors, as `name: message`.")
+
+
+class EstimateTokens(BaseModel):
+    prompt_tokens_mean: float = Field(description="Mean prompt length over the sampled rows, capped at "
+                                      "max_prompt_length (the chat template's own markup not counted).")
+    prompt_tokens_max: int = Field(description="The longest sampled prompt, before truncation.")
+    prompt_tokens_from: Literal["tokenizer", "characters"] = Field(description=(
+        "`tokenizer`: counted with the base model's tokenizer.json; `characters`: characters / 4, a typical "
+        "ratio for English and BPE tokenizers (the model is a hub id, or has no tokenizer.json)."))
+    prompts_sampled: int = Field(description="Rows of the dataset read for it (its first ones).")
+    prompts_truncated: float = Field(description="Share of the sampled prompts longer than max_prompt_length.")
+    completion_tokens_max: int = Field(description="max_completion_length: completions are counted at full "
+                                       "length, an upper bound (they often stop earlier).")
+    per_step: int = Field(description="prompts_per_step x group_size x (prompt_tokens_mean + completion_tokens_max).")
+    total: int = Field(description="per_step x max_steps.")
+
+
+class EstimateMemory(BaseModel):
+    parameters: int
+    parameters_from: Literal["safetensors", "config.json"] = Field(description=(
+        "`safetensors`: counted from the weight files' headers (exact); `config.json`: from hidden_size, "
+        "layers, vocabulary and intermediate_size (a dense transformer's count)."))
+    dtype: str = Field(description="What the weights train in (`auto`: float32 on a CPU worker, bfloat16 on a "
+                                   "GPU; GRPO_WORKER_DEVICE says which this server has).")
+    trainable_parameters: int = Field(description="Every parameter, or LoRA's adapters alone.")
+    weights_bytes: int
+    reference_model_bytes: int = Field(description="A frozen copy of the weights when beta > 0 without LoRA "
+                                       "(LoRA's reference is the base with its adapters off: no copy).")
+    gradients_bytes: int
+    optimizer_bytes: int = Field(description="AdamW's two moments per trainable parameter, in its dtype (the "
+                                 "trainer keeps no float32 master copy).")
+    activations_bytes: int = Field(description="One forward/backward's saved activations: a micro-batch of whole "
+                                   "groups, about 8192 tokens (fewer kept with gradient_checkpointing).")
+    generation_cache_bytes: int = Field(description="The key/value cache while prompts_per_step x group_size "
+                                        "completions are sampled.")
+    total_bytes: int = Field(description="Weights, reference, gradients and optimizer, plus the larger of the "
+                             "activations and the generation cache (they are not held at once).")
+
+
+class EstimateTime(BaseModel):
+    tokens_per_second: float = Field(description="The throughput assumed for this model on this server's workers.")
+    tokens_per_second_from: str = Field(description="Where it comes from: your finished jobs of this base_model, "
+                                        "or GRPO_WORKER_TOKENS_PER_S scaled to the model's size.")
+    seconds_per_step: float
+    total_seconds: float
+
+
+class JobEstimate(BaseModel):
+    """What a job would need, answered by ``POST /v1/jobs?dry_run=true``: nothing is created or queued."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "object": "job.estimate", "base_model": "/models/qwen2.5-0.5b", "tokens": {
+            "prompt_tokens_mean": 61.4, "prompt_tokens_max": 143, "prompt_tokens_from": "tokenizer",
+            "prompts_sampled": 200, "prompts_truncated": 0.0, "completion_tokens_max": 256, "per_step": 20345,
+            "total": 4069000},
+        "memory": {"parameters": 494032768, "parameters_from": "safetensors", "dtype": "bfloat16",
+                   "trainable_parameters": 494032768, "weights_bytes": 988065536, "reference_model_bytes": 988065536,
+                   "gradients_bytes": 988065536, "optimizer_bytes": 1976131072, "activations_bytes": 1283457024,
+                   "generation_cache_bytes": 249823232, "total_bytes": 6223784960},
+        "time": {"tokens_per_second": 5200.0, "tokens_per_second_from": "GRPO_WORKER_TOKENS_PER_S (5200 tokens/s)",
+                 "seconds_per_step": 3.9, "total_seconds": 782.5},
+        "warnings": [], "notes": ["completions are counted at max_completion_length, an upper bound"]}]})
+
+    object: Literal["job.estimate"] = "job.estimate"
+    base_model: str
+    tokens: EstimateTokens
+    memory: EstimateMemory | None = Field(description="Null when base_model is a hub id: the figures need its "
+                                          "config.json, which this server does not download (see notes).")
+    time: EstimateTime
+    warnings: list[str] = Field(description="What would go wrong or be cut: lengths beyond the model's context, "
+                                "prompts truncated, no room for another active job.")
+    notes: list[str] = Field(description="How each figure was estimated.")
 
 
 class ErrorBody(BaseModel):

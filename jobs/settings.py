@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     broker_key_prefix: str = ""  # Redis: prefix every key (isolates test runs sharing one Redis)
     artifact_dir: Path | None = None  # datasets and job outputs; None: <data_dir>/artifacts
     queue: str = "gpu"  # the Celery queue GPU workers consume
+    # Results of chat completions come back through this Celery result backend; empty: the broker's
+    # Redis (redis:// brokers), else a directory under data_dir (file://, for the filesystem broker).
+    result_backend: str = ""
 
     # Leases: a running job's worker writes a heartbeat every heartbeat_interval_s; one older
     # than heartbeat_stale_s means the worker is gone and the sweeper re-queues the job.
@@ -70,6 +73,16 @@ class Settings(BaseSettings):
     max_prompt_length: int = 8192
     max_completion_length: int = 8192
     max_active_jobs_per_owner: int = 8  # queued or running at once
+
+    # What a job's estimate (POST /v1/jobs?dry_run=true) assumes of the workers. Throughput: the
+    # trainer's tokens_per_second (prompt tokens x G + completion tokens a second) for a model of
+    # worker_tokens_per_s_params parameters; the estimate scales it inversely with a model's size.
+    # The default is bench/RESULTS.md's `realistic` config (24.3M parameters) on one CPU thread,
+    # 657 tokens/s; set it from a job on your workers (its tokens_per_second metric, and its model's
+    # size). Your finished jobs of the same base_model, when there are some, are used instead.
+    worker_tokens_per_s: float = Field(650.0, gt=0)
+    worker_tokens_per_s_params: float = Field(24.3e6, gt=0)
+    worker_device: Literal["cpu", "cuda"] = "cpu"  # what dtype "auto" becomes: float32 on cpu, bfloat16 on cuda
     event_poll_interval_s: float = 0.5  # server-sent events: how often the stream looks for news
     # The reward dry-run (POST /v1/rewards/run) scores in the API process: a bounded batch, and
     # only a few batches at once, so that code_tests sandboxes cannot starve the other routes.
@@ -97,6 +110,13 @@ class Settings(BaseSettings):
     sandbox_allow_unisolated: bool = False  # where namespaces are refused, run code_tests with limits only (unsafe)
     sandbox_allow_network: bool = False  # a code_tests reward may ask for allow_network
 
+    # Tracking: every job writes TensorBoard event files under its job directory; with a project
+    # set here, workers also send each job's metrics to Weights & Biases (the optional `wandb`
+    # package; its key and host come from wandb's own WANDB_API_KEY / WANDB_BASE_URL). Unset: off.
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: runs under the job dir, for `wandb sync`
+
     # Webhooks (a job's webhook_url, POSTed when it ends), signed as Standard Webhooks sign: the
     # secret is "whsec_" + base64 of the key, or any other string (its UTF-8 bytes are the key).
     # None: this server sends no webhooks, and a job that asks for one is refused.
@@ -106,7 +126,17 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = 5.0  # the wait after the first failed attempt, doubled after each
     webhook_max_backoff_s: float = 3600.0
 
-    @field_validator("webhook_secret", mode="before")
+    # Chat completions (POST /v1/chat/completions) are answered by inference workers
+    # (`grpo worker --inference`) on their own queue, so that training workers stay on jobs.
+    inference_queue: str = "inference"
+    # How long the API waits for an answer; past it the request is a 504 (and the message, if no
+    # worker took it by then, is dropped unanswered rather than answered for nobody).
+    inference_timeout_s: float = Field(120.0, gt=0)
+    inference_models: int = Field(2, ge=1)  # checkpoints an inference worker keeps loaded (least recently used goes)
+    max_chat_tokens: int = Field(512, ge=1)  # a chat completion's max_tokens: the cap, and the default
+    max_chat_choices: int = Field(4, ge=1)  # a chat completion's n
+
+    @field_validator("webhook_secret", "wandb_project", "wandb_entity", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value  # compose passes an unset variable as ""
@@ -141,6 +171,9 @@ class Settings(BaseSettings):
             self.artifact_dir = self.data_dir / "artifacts"
         if self.model_dirs is None:
             self.model_dirs = [self.data_dir / "models"]
+        if not self.result_backend:
+            self.result_backend = (self.broker_url if self.broker_url.startswith(("redis://", "rediss://"))
+                                   else f"file://{(self.data_dir / 'results').resolve()}")
         return self
 
     @property

@@ -12,9 +12,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from jobs.errors import InvalidRequest, LimitExceeded, TooManyActiveJobs
+from jobs.estimate import context_warnings, local_model_dir, read_model_shape
 from jobs.model_paths import check_job_models
 from jobs.models import Job
 from jobs.queries import (
+    add_event,
     count_active_jobs,
     create_job,
     find_idempotent_resource,
@@ -24,7 +26,7 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
-from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig
+from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig, check_eval_settings
 from trainer.net import OutboundError, check_url_literal
 from trainer.rewards import check_operator_policy, required_fields, validate_reward_specs
 
@@ -50,6 +52,10 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
         top_level = exc.param == "hyperparameters.group_size" and request.group_size is not None
         raise InvalidRequest(exc.message, param="group_size" if top_level else exc.param) from None
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
+    try:
+        check_eval_settings(config, has_eval_dataset=request.eval_dataset_id is not None)
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
     rewards = check_rewards(request.reward, settings)
     try:
         check_models(request.base_model, rewards, settings)
@@ -114,6 +120,10 @@ def check_limits(config: GRPOConfig, settings: Settings, *, top_level_group_size
             param = field if field == "group_size" and top_level_group_size else f"hyperparameters.{field}"
             raise LimitExceeded(f"{field} is {value}, above this server's limit of {limit} "
                                 f"(GRPO_{setting.upper()})", param=param)
+    if config.eval_pass_k > settings.max_group_size:  # k completions per eval row: a group's worth of work
+        raise LimitExceeded(f"eval_pass_k is {config.eval_pass_k}, above this server's limit of "
+                            f"{settings.max_group_size} completions per prompt (GRPO_MAX_GROUP_SIZE)",
+                            param="hyperparameters.eval_pass_k")
 
 
 def check_models(base_model: str, rewards: list[dict[str, Any]], settings: Settings) -> None:
@@ -166,6 +176,9 @@ def submit_job(*, session: Session, owner: str, request: JobCreate, settings: Se
         raise TooManyActiveJobs(active, settings.max_active_jobs_per_owner)
     job = create_job(session=session, owner=owner, spec={**checked.spec, **(extra_spec or {})},
                      max_steps=checked.config.max_steps)
+    model_dir = local_model_dir(request.base_model)
+    for warning in context_warnings(checked.config, read_model_shape(model_dir) if model_dir else None):
+        add_event(session=session, job_id=job.id, kind="warning", level="warning", message=warning)
     if idempotency_key:
         remember_idempotency_key(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
                                  request_hash=digest, resource_id=job.id, ttl_s=settings.idempotency_ttl_s)

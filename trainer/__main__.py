@@ -6,8 +6,9 @@
 
 With no server, the operator is whoever runs the command: what a run may reach beyond its spec
 comes from the service's environment variables of the same names (GRPO_ALLOW_PRIVATE_HOSTS,
-comma-separated; GRPO_SANDBOX_ALLOW_UNISOLATED, GRPO_SANDBOX_ALLOW_NETWORK: 1/true). This is
-the only place the trainer reads them; under the service they come from its settings.
+comma-separated; GRPO_SANDBOX_ALLOW_UNISOLATED, GRPO_SANDBOX_ALLOW_NETWORK: 1/true; W&B tracking:
+GRPO_WANDB_PROJECT, GRPO_WANDB_ENTITY, GRPO_WANDB_MODE). This is the only place the trainer reads
+them; under the service they come from its settings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from trainer.config import ConfigError, OperatorPolicy, RunConfig
 from trainer.errors import TrainingError
 from trainer.progress import Progress
+from trainer.tracking import TENSORBOARD_DIR, WandbOptions
 
 HEADLINE = ("reward", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "completion_length",
             "step_seconds")
@@ -45,6 +47,11 @@ class PrintProgress(Progress):
     def on_checkpoint(self, step: int, path: Path) -> None:
         print(f"checkpoint {path}", flush=True)
 
+    def on_evaluation(self, step: int, figures: dict[str, float], *, best_step: int | None) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in figures.items() if k == "reward" or k.startswith("pass@"))
+        best = "" if best_step is None else f" (best: step {best_step})"
+        print(f"eval at step {step}: {shown}{best}", flush=True)
+
     def on_log(self, level: str, message: str) -> None:
         print(f"{level}: {message}", file=sys.stderr, flush=True)
 
@@ -58,6 +65,16 @@ def policy_from_environ(environ: Mapping[str, str] = os.environ) -> OperatorPoli
     return OperatorPolicy(allow_private_hosts=tuple(host.strip() for host in hosts if host.strip()),
                           sandbox_allow_unisolated=flag("GRPO_SANDBOX_ALLOW_UNISOLATED"),
                           sandbox_allow_network=flag("GRPO_SANDBOX_ALLOW_NETWORK"))
+
+
+def wandb_from_environ(environ: Mapping[str, str] = os.environ) -> WandbOptions | None:
+    """W&B tracking as the service's settings configure it (GRPO_WANDB_PROJECT, GRPO_WANDB_ENTITY,
+    GRPO_WANDB_MODE); unset: TensorBoard files only."""
+    project = environ.get("GRPO_WANDB_PROJECT", "").strip()
+    if not project:
+        return None
+    return WandbOptions(project=project, entity=environ.get("GRPO_WANDB_ENTITY", "").strip() or None,
+                        mode=environ.get("GRPO_WANDB_MODE", "").strip() or "online")
 
 
 def load_spec(path: Path, policy: OperatorPolicy | None = None) -> RunConfig:
@@ -117,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.overwrite:
         shutil.rmtree(args.output / "checkpoints", ignore_errors=True)
+        shutil.rmtree(args.output / TENSORBOARD_DIR, ignore_errors=True)
         (args.output / "metrics.jsonl").unlink(missing_ok=True)
     try:
-        result = train(load_spec(args.spec, policy_from_environ()), args.output, PrintProgress(), resume=args.resume)
+        result = train(load_spec(args.spec, policy_from_environ()), args.output, PrintProgress(), resume=args.resume,
+                       wandb=wandb_from_environ())
     except (ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"done at step {result.final_step}; checkpoint {result.checkpoint}")
+    print(f"done at step {result.final_step}; checkpoint {result.checkpoint}"
+          + (f"; best checkpoint {result.best_checkpoint}" if result.best_checkpoint else ""))
     return 0
 
 

@@ -3,7 +3,7 @@ the forward/backward passes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,8 +22,9 @@ class ScoredGroups:
     truncated: torch.Tensor  # [B*G] bool
     rewards: torch.Tensor  # [B*G] weighted total
     parts: dict[str, list[float | None]]  # per reward function, [B*G]
-    errors: dict[str, int]
+    errors: dict[str, int]  # per reward function, the completions it errored on (each counted once)
     error_messages: list[str]
+    prompt_lengths: list[int] = field(default_factory=list)  # [B] prompt tokens before max_prompt_length cut them
 
     def select(self, groups: list[int], group_size: int) -> ScoredGroups:
         """The sub-batch made of the given groups, in that order."""
@@ -37,8 +38,13 @@ class ScoredGroups:
             truncated=self.truncated[seqs],
             rewards=self.rewards[seqs],
             parts={name: [values[i] for i in seqs] for name, values in self.parts.items()},
-            errors=dict(self.errors),
-            error_messages=list(self.error_messages),
+            # an errored part is None: the sub-batch counts its own errors, and names only those
+            errors={name: sum(self.parts[name][i] is None for i in seqs) if name in self.parts else 0
+                    for name in self.errors},
+            error_messages=[m for m in self.error_messages
+                            if any(m.startswith(f"{name}: ") and self.parts.get(name) is not None
+                                   and any(self.parts[name][i] is None for i in seqs) for name in self.errors)],
+            prompt_lengths=[self.prompt_lengths[b] for b in groups] if self.prompt_lengths else [],
         )
 
     @staticmethod
@@ -54,7 +60,9 @@ class ScoredGroups:
             rewards=torch.cat([b.rewards for b in batches]),
             parts={name: [v for b in batches for v in b.parts[name]] for name in first.parts},
             errors={name: sum(b.errors.get(name, 0) for b in batches) for name in first.errors},
-            error_messages=[m for b in batches for m in b.error_messages][:5],
+            error_messages=list(dict.fromkeys(m for b in batches for m in b.error_messages))[:5],
+            prompt_lengths=[n for b in batches for n in b.prompt_lengths]
+            if all(b.prompt_lengths for b in batches) else [],
         )
 
 
@@ -67,13 +75,26 @@ class MicroBatch:
     old_logps: torch.Tensor | None = None  # [N]
 
 
+def group_cost(group: Group, *, share_prompt: bool = True) -> int:
+    """Token positions whose activations a group's scoring holds for the backward, padding
+    included: ``token_logprobs`` runs the prompt once and right-pads the completions of a forward
+    to its longest, so at most P + n x L_max (one row [prompt, completion] per completion without
+    a shared prompt: n x (P + L_max))."""
+    longest = max((c.shape[0] for c in group.completions), default=0)
+    n, plen = len(group.completions), group.prompt.shape[0]
+    return plen + n * longest if share_prompt else n * (plen + longest)
+
+
 def plan_micro_batches(
-    batch: ScoredGroups, active: torch.Tensor, group_size: int, token_budget: int
+    batch: ScoredGroups, active: torch.Tensor, group_size: int, token_budget: int, *, share_prompt: bool = True
 ) -> list[MicroBatch]:
-    """Cut the step into micro-batches of whole groups, each at most ``token_budget`` padded tokens
-    (rows x longest row); only ``active`` [B*G] completions are packed."""
+    """Cut the step into micro-batches of whole groups whose held autograd graph stays within
+    ``token_budget`` token positions (the sum of ``group_cost``; a group over it goes alone); only
+    ``active`` [B*G] completions are scored. How the step is cut changes no result: the loss is
+    normalised by whole-step counts."""
     plans: list[MicroBatch] = []
     current: list[tuple[Group, list[int]]] = []
+    held = 0  # the current micro-batch's cost
 
     def flush() -> None:
         if not current:
@@ -92,10 +113,11 @@ def plan_micro_batches(
         if not seqs:
             continue
         group = Group(prompt=prompt, completions=[batch.completion_ids[i] for i in seqs])
-        row_length = prompt.shape[0] + sum(c.shape[0] for c in group.completions)
-        width = max([row_length] + [g.prompt.shape[0] + sum(c.shape[0] for c in g.completions) for g, _ in current])
-        if current and width * (len(current) + 1) > token_budget:
+        cost = group_cost(group, share_prompt=share_prompt)
+        if current and held + cost > token_budget:
             flush()
+            held = 0
         current.append((group, seqs))
+        held += cost
     flush()
     return plans

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,10 @@ class TrainingState:
     extra: dict[str, Any]  # JSON-able: prompt sampler position, the config that wrote it
 
 
-def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingState, *, keep_last: int) -> Path:
-    """Write a complete checkpoint for ``state.step`` and prune older ones to ``keep_last`` (0: keep all)."""
+def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingState, *, keep_last: int,
+                    keep_steps: Collection[int] = ()) -> Path:
+    """Write a complete checkpoint for ``state.step`` and prune older ones to ``keep_last`` (0: keep all);
+    the checkpoints of ``keep_steps`` (the best one by evaluation) are never pruned."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
@@ -77,8 +80,9 @@ def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingSt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for step, old in list_checkpoints(output_dir)[:-keep_last]:
+            if step not in keep_steps:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -15,9 +15,12 @@ from trainer.errors import DatasetError
 
 
 def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
-    """Return ``row`` if it can be trained on, else raise ``DatasetError`` naming the line."""
+    """Return ``row`` if it can be trained on, else raise ``DatasetError`` naming the line. A row
+    in the chat format (``messages`` and no ``prompt``) comes back with its prompt: see ``chat_row``."""
     if not isinstance(row, dict):
         raise DatasetError(f"expected a JSON object, got {type(row).__name__}", line)
+    if "prompt" not in row and "messages" in row:
+        row = chat_row(row, line)
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -28,10 +31,43 @@ def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
                     and isinstance(message.get("content"), str)):
                 raise DatasetError(f"'prompt'[{i}] must be a message {{\"role\": ..., \"content\": ...}}", line)
     elif prompt is None:
-        raise DatasetError("missing 'prompt' (a string, or a list of chat messages)", line)
+        raise DatasetError("missing 'prompt' (a string, or a list of chat messages); a chat-format row may give "
+                           "'messages' instead, the prompt being every message before a final assistant one", line)
     else:
         raise DatasetError("'prompt' must be a non-empty string or a non-empty list of chat messages", line)
     return row
+
+
+def chat_row(row: dict[str, Any], line: int | None = None) -> dict[str, Any]:
+    """A chat-format row (``{"messages": [{"role", "content"}, ...], ...}``, as OpenAI's and most
+    chat datasets have it) with its ``prompt``: the messages up to a final ``assistant`` one, whose
+    content (the reference reply) becomes the field ``completion`` unless the row has one. The row
+    keeps ``messages`` and every other field for the rewards. ``developer`` messages become
+    ``system`` ones and a content list of text parts is joined, as OpenAI's formats allow."""
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError("missing 'prompt' (a string, or a list of chat messages); this row's 'messages' must be "
+                           'a non-empty list of chat messages {"role": ..., "content": ...} to be read as one', line)
+    prompt = [chat_message(message) for message in messages]
+    extra: dict[str, Any] = {}
+    if len(prompt) > 1 and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        reply = prompt.pop()
+        if "completion" not in row and isinstance(reply.get("content"), str):
+            extra["completion"] = reply["content"]
+    return {"prompt": prompt, **row, **extra}
+
+
+def chat_message(message: Any) -> Any:
+    """One chat message as the trainer's chat templates take it (what cannot be read is left for
+    ``check_row`` to name)."""
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("text"), str)
+                                         and part.get("type") in ("text", "input_text") for part in content):
+        content = "".join(part["text"] for part in content)
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {**message, "role": role, "content": content}
 
 
 def parse_line(text: str, number: int | None) -> dict[str, Any] | None:
@@ -42,11 +78,18 @@ def parse_line(text: str, number: int | None) -> dict[str, Any] | None:
 
 
 def parse_json(text: str, number: int | None) -> Any:
-    """``json.loads``, every failure a ``DatasetError`` naming the line."""
+    """``json.loads``, every failure a ``DatasetError`` naming the line and the column (in
+    characters, as an editor counts them). A UTF-8 byte order mark before the JSON is skipped (some
+    editors start a file with one)."""
+    text = text.removeprefix("\ufeff")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"not valid JSON ({exc.msg} at column {exc.colno})", number) from None
+        # exc.colno counts from the last newline before the error, and the text ends with the
+        # line's own: a line cut short was blamed on "column 1" (of the empty line after it).
+        end = len(text.rstrip("\r\n"))
+        where = f"column {exc.pos + 1}" if exc.pos < end else f"the end of the line, column {end + 1}"
+        raise DatasetError(f"not valid JSON ({exc.msg} at {where})", number) from None
     except RecursionError:
         raise DatasetError("not valid JSON: nested too deeply to read", number) from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -132,6 +175,11 @@ class RowFile(Sequence[dict[str, Any]]):
 
     def __len__(self) -> int:
         return len(self._offsets)
+
+    def line_number(self, index: int) -> int:
+        """The 1-based line of row ``index`` in the file (blank lines hold no row), for messages."""
+        with self.path.open("rb") as lines:
+            return lines.read(self._offsets[index]).count(b"\n") + 1
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]  # no slices
         if self._file is None:

@@ -149,8 +149,8 @@ PLAIN = Scoring(share_prompt=False, own_logits=True)  # the model's own forward,
 def token_logprobs(
     model: nn.Module, prompts: list[torch.Tensor], completions: list[list[torch.Tensor]], *,
     temperature: float = 1.0, scoring: Scoring | None = None, with_entropy: bool = False,
-    chunk_size: int = 1024, token_budget: int = 8192,
-) -> list[list[torch.Tensor]] | tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    chunk_size: int = 1024, token_budget: int = 8192, router_aux_loss: bool = False,
+):
     """Per-token log-probs of each completion after its prompt under ``model`` (a Hugging Face
     causal LM, or a peft model around one): ``log_softmax(model(prompt + c).logits / T)`` at c's
     tokens.
@@ -159,6 +159,9 @@ def token_logprobs(
     differentiable. With ``with_entropy`` also the entropies of the same distributions (not
     differentiable), as a second nested list. ``scoring`` defaults to ``default_scoring(model)``;
     a forward pass runs at most ``token_budget`` tokens, padding included (one row at least).
+    With ``router_aux_loss`` (a mixture-of-experts model) the result comes as ``(result,
+    aux_loss)``: the model's own load-balancing loss over the router logits of every token these
+    forwards ran (see ``router_aux_loss``), differentiable.
     """
     causal_lm = _causal_lm(model)
     scoring = scoring or default_scoring(model)
@@ -168,22 +171,60 @@ def token_logprobs(
     lengths = [c.shape[0] for group in completions for c in group]
     if any(p.shape[0] == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token: nothing would predict a completion's first token")
+    router: list | None = [] if router_aux_loss else None  # (router logits per layer, token mask) per forward
 
     if scoring.own_logits:
-        pieces = [_own_logits_logprobs(causal_lm, p, group, temperature, token_budget, with_entropy)
+        pieces = [_own_logits_logprobs(causal_lm, p, group, temperature, token_budget, with_entropy, router)
                   for p, group in zip(prompts, completions, strict=True)]
         logps = torch.cat([lp for lp, _ in pieces])  # [N]
         entropy = torch.cat([e for _, e in pieces]) if with_entropy else None  # [N]
     else:
         backbone, lm_head = _backbone_and_head(causal_lm)
         hidden_of = _shared_prompt_hidden if scoring.share_prompt else _row_hidden
-        hidden = torch.cat([hidden_of(backbone, p, group, token_budget)
+        hidden = torch.cat([hidden_of(backbone, p, group, token_budget, router)
                             for p, group in zip(prompts, completions, strict=True)])  # [N, H]
         targets = torch.cat([c for group in completions for c in group]) if lengths else hidden.new_empty(0).long()
         logps, entropy = selected_logprobs(hidden, lm_head, targets, temperature=temperature, chunk_size=chunk_size,
                                            with_entropy=with_entropy, transform=logit_transform(causal_lm.config))
     nested = _nest(logps, lengths, completions)
-    return (nested, _nest(entropy, lengths, completions)) if with_entropy else nested
+    result = (nested, _nest(entropy, lengths, completions)) if with_entropy else nested
+    return (result, _router_aux_loss(causal_lm, router)) if router is not None else result
+
+
+def router_aux_loss_coef(model: nn.Module) -> float:
+    """The weight of the router's load-balancing loss in the training loss, as TRL adds it: the
+    config's ``router_aux_loss_coef`` where it sets ``output_router_logits``, else 0."""
+    config = _causal_lm(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "output_router_logits", False):
+        return 0.0
+    return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def _router_forward_kwargs(router: list | None) -> dict:
+    return {"output_router_logits": True} if router is not None else {}
+
+
+def _keep_router_logits(router: list | None, out, mask: torch.Tensor) -> None:
+    """Keep a forward's router logits (per layer [rows, E]) with its token mask [rows]."""
+    if router is not None and getattr(out, "router_logits", None):
+        router.append((tuple(out.router_logits), mask.reshape(-1)))
+
+
+def _router_aux_loss(causal_lm: nn.Module, router: list) -> torch.Tensor:
+    """The model's own ``load_balancing_loss_func`` over the router logits of every real token the
+    forwards ran (padding masked out), each layer's rows laid end to end: the loss of one forward
+    over those tokens. A shared prompt counts once per group, not once per completion. -> [] float32"""
+    import sys
+
+    device = next(causal_lm.parameters()).device
+    balance = getattr(sys.modules[type(causal_lm).__module__], "load_balancing_loss_func", None)
+    experts, top_k = getattr(causal_lm, "num_experts", None), getattr(causal_lm, "num_experts_per_tok", None)
+    if not router or balance is None or experts is None or top_k is None:
+        return torch.zeros((), device=device)
+    layers = tuple(torch.cat([logits[layer] for logits, _ in router]) for layer in range(len(router[0][0])))
+    mask = torch.cat([m.to(layers[0].device) for _, m in router])  # [rows]
+    return torch.as_tensor(balance(layers, experts, top_k, mask), device=device).float()
 
 
 def _nest(flat: torch.Tensor, lengths: list[int], completions: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -192,13 +233,14 @@ def _nest(flat: torch.Tensor, lengths: list[int], completions: list[list[torch.T
 
 
 def _shared_prompt_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
-                          token_budget: int) -> torch.Tensor:
+                          token_budget: int, router: list | None = None) -> torch.Tensor:
     """The hidden states that predict each completion's tokens, the prompt computed once. -> [sum L_i, H]
 
     The prompt's KV cache stays in the autograd graph and is repeated for each run of completions
     (right-padded to the run's longest; a causal model never looks at the padding after a token).
     Token j of a completion is predicted by the state before it: the prompt's last one for j = 0."""
-    out = backbone(input_ids=prompt[None], use_cache=True)
+    out = backbone(input_ids=prompt[None], use_cache=True, **_router_forward_kwargs(router))
+    _keep_router_logits(router, out, torch.ones_like(prompt))
     cache = _require_repeatable(out.cache)
     last = out.last_hidden_state[0, -1:]  # [1, H]
     plen, hidden = prompt.shape[0], [None] * len(completions)
@@ -214,30 +256,36 @@ def _shared_prompt_hidden(backbone: nn.Module, prompt: torch.Tensor, completions
                 ids[r, :fed[i]] = completions[i][:-1]
                 mask[r, plen:plen + fed[i]] = 1
             positions = torch.arange(plen, plen + width, device=prompt.device).expand(len(run), -1)  # [k, W]
-            states = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              cache=_repeated(cache, len(run)), use_cache=True).last_hidden_state  # [k, W, H]
+            out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           cache=_repeated(cache, len(run)), use_cache=True, **_router_forward_kwargs(router))
+            _keep_router_logits(router, out, mask[:, plen:])
+            states = out.last_hidden_state  # [k, W, H]
         for r, i in enumerate(run):
             hidden[i] = torch.cat([last, states[r, :fed[i]]])[:completions[i].shape[0]]  # [L_i, H]
     return torch.cat(hidden) if hidden else last[:0]
 
 
 def _row_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
-                token_budget: int) -> torch.Tensor:
+                token_budget: int, router: list | None = None) -> torch.Tensor:
     """The same states from one row ``[prompt, completion]`` per completion. -> [sum L_i, H]"""
     plen, hidden = prompt.shape[0], [None] * len(completions)
     for run, ids, mask in _rows(prompt, completions, token_budget):
-        states = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [k, S, H]
+        out = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **_router_forward_kwargs(router))
+        _keep_router_logits(router, out, mask)
+        states = out.last_hidden_state  # [k, S, H]
         for r, i in enumerate(run):
             hidden[i] = states[r, plen - 1:plen - 1 + completions[i].shape[0]]  # [L_i, H]
     return torch.cat(hidden) if hidden else prompt.new_empty(0, 0).float()
 
 
 def _own_logits_logprobs(causal_lm: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
-                         temperature: float, token_budget: int, with_entropy: bool):
+                         temperature: float, token_budget: int, with_entropy: bool, router: list | None = None):
     """The plain path: the model's own forward and full logits, one row per completion. -> ([sum L_i], [sum L_i])"""
     plen, logps, entropies = prompt.shape[0], [None] * len(completions), [None] * len(completions)
     for run, ids, mask in _rows(prompt, completions, token_budget):
-        logits = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [k, S, V]
+        out = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False, **_router_forward_kwargs(router))
+        _keep_router_logits(router, out, mask)
+        logits = out.logits  # [k, S, V]
         for r, i in enumerate(run):
             length = completions[i].shape[0]
             log_probs = torch.log_softmax(logits[r, plen - 1:plen - 1 + length].float() / temperature, -1)  # [L_i, V]

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +20,20 @@ from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
 from trainer.config import GRPOConfig, RunConfig
 from trainer.data import PromptSampler, RowFile
+from trainer.evaluation import BestCheckpoint, DivergenceWatch, Evaluator, checkpoint_figures
 from trainer.failures import Failures
-from trainer.logprobs import token_logprobs
+from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logprobs
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
 from trainer.model import Models, load_models
 from trainer.progress import Progress
 from trainer.rewards import RewardSuite, required_fields
 from trainer.rollout import generate
+from trainer.tracking import Tracker, WandbOptions
 
 log = logging.getLogger(__name__)
 
 FORWARD_TOKEN_BUDGET = 8192  # tokens per forward pass, padding included
+MAX_TRUNCATION_WARNINGS = 3  # warning events per run naming a prompt cut to max_prompt_length (the metric counts all)
 
 
 @dataclass
@@ -36,6 +41,22 @@ class TrainResult:
     final_step: int
     stopped: bool  # Progress.should_stop() ended the run early
     checkpoint: Path | None  # the newest complete checkpoint
+    best_checkpoint: Path | None = None  # the best by keep_best_by, when set and evaluated
+
+
+def run_threads() -> int:
+    """The intra-op thread count a run computes with. CPU kernels split their sums by thread, so
+    the same seed gives bitwise different numbers (and, compounded over steps, different samples)
+    with another count; the count a process happens to have (a forked worker child, a caller's
+    torch.set_num_threads) must not decide it. OMP_NUM_THREADS where the operator sets it, else
+    the CPUs this process may run on; a resume keeps the count its checkpoint recorded."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def lr_lambda(config: GRPOConfig):
@@ -54,6 +75,23 @@ def lr_lambda(config: GRPOConfig):
     return factor
 
 
+@contextlib.contextmanager
+def no_router_logits(model: torch.nn.Module) -> Iterator[None]:
+    """Sampling needs no router logits: a MoE config with ``output_router_logits`` would make each
+    cached decoding step compute a load-balancing loss against the whole attention mask (and
+    fail). The training pass asks for them itself (``token_logprobs(router_aux_loss=True)``)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "output_router_logits", False):
+        yield
+        return
+    text.output_router_logits = False
+    try:
+        yield
+    finally:
+        text.output_router_logits = True
+
+
 class Rollouts:
     """Turns dataset rows into scored groups: prompt formatting, generation, rewards."""
 
@@ -65,6 +103,12 @@ class Rollouts:
         generation_eos = getattr(getattr(models.policy, "generation_config", None), "eos_token_id", None)
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
         self.eos_token_ids = sorted(eos)
+        # Whether the tokenizer puts a BOS before a text of its own accord (its post-processor, or a
+        # slow tokenizer's add_bos_token): plain-string prompts get it, as TRL's do.
+        bos = tokenizer.bos_token_id
+        self.bos_token_id = bos
+        self.adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos] \
+            and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
     def prompt_text(self, prompt: str | list[dict]) -> str:
         tokenizer = self.models.tokenizer
@@ -74,18 +118,41 @@ class Rollouts:
             return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         return "\n".join(m["content"] for m in prompt)
 
+    def prompt_ids(self, prompt: str | list[dict], text: str) -> list[int]:
+        """``text``'s token ids, BOS as the tokenizer adds it: a plain string gets the tokenizer's
+        BOS (as TRL's prompts do); a chat template's text carries its own BOS where the template
+        writes one, and never gets a second."""
+        ids = self.models.tokenizer(text, add_special_tokens=False)["input_ids"]
+        templated = not isinstance(prompt, str) and bool(self.models.tokenizer.chat_template)
+        if self.adds_bos and not templated and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def truncated(self, ids: list[int]) -> list[int]:
+        """At most max_prompt_length tokens, cut from the left as TRL does: the end of the prompt
+        (the question, a chat template's generation header) stays; a leading BOS stays too."""
+        limit = self.config.max_prompt_length
+        if len(ids) <= limit:
+            return ids
+        if limit > 1 and self.bos_token_id is not None and ids[0] == self.bos_token_id:
+            return [ids[0], *ids[len(ids) - (limit - 1):]]
+        return ids[len(ids) - limit:]
+
     def __call__(self, row_indices: list[int], *, group_size: int, temperature: float, timings: dict) -> ScoredGroups:
-        tokenizer, cfg = self.models.tokenizer, self.config
-        prompts = [self.prompt_text(self.rows[i]["prompt"]) for i in row_indices]
-        prompt_ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"][-cfg.max_prompt_length:])
-                      for p in prompts]
+        tokenizer = self.models.tokenizer
+        cfg = self.config
+        raw = [self.rows[i]["prompt"] for i in row_indices]
+        prompts = [self.prompt_text(p) for p in raw]
+        full_ids = [self.prompt_ids(p, text) for p, text in zip(raw, prompts, strict=True)]
+        prompt_ids = [torch.tensor(self.truncated(ids)) for ids in full_ids]
         started = time.perf_counter()
         self.models.policy.eval()
-        rollout = generate(
-            self.models.policy, prompt_ids, group_size=group_size, max_new_tokens=cfg.max_completion_length,
-            eos_token_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id, temperature=temperature,
-            top_p=cfg.top_p, generator=self.generator,
-        )
+        with no_router_logits(self.models.policy):
+            rollout = generate(
+                self.models.policy, prompt_ids, group_size=group_size, max_new_tokens=cfg.max_completion_length,
+                eos_token_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id, temperature=temperature,
+                top_p=cfg.top_p, generator=self.generator,
+            )
         completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - started
 
@@ -98,7 +165,7 @@ class Rollouts:
             row_indices=row_indices, prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
             prompts=prompts, completions=completions, truncated=rollout.truncated,
             rewards=torch.tensor(scored.total, dtype=torch.float32), parts=scored.parts, errors=scored.errors,
-            error_messages=scored.error_messages,
+            error_messages=scored.error_messages, prompt_lengths=[len(ids) for ids in full_ids],
         )
 
 
@@ -110,6 +177,7 @@ def draw_batch(rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, t
     batch = rollouts(sampler.draw(config.prompts_per_step), group_size=G, temperature=config.temperature, timings=timings)
     if not config.dynamic_sampling:
         return batch, 0
+    draws = [batch]
     _, zero_std = group_advantages(batch.rewards, G)
     informative = [batch.select([b], G) for b in range(len(zero_std)) if not zero_std[b]]
     flat = [batch.select([b], G) for b in range(len(zero_std)) if zero_std[b]]
@@ -119,12 +187,45 @@ def draw_batch(rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, t
         if missing == 0:
             break
         fresh = rollouts(sampler.draw(missing), group_size=G, temperature=config.temperature, timings=timings)
+        draws.append(fresh)
         extra += missing
         _, fresh_zero = group_advantages(fresh.rewards, G)
         informative += [fresh.select([b], G) for b in range(missing) if not fresh_zero[b]]
         flat += [fresh.select([b], G) for b in range(missing) if fresh_zero[b]]
-    chosen = (informative + flat)[: config.prompts_per_step]
-    return ScoredGroups.concat(chosen), extra
+    chosen = ScoredGroups.concat((informative + flat)[: config.prompts_per_step])
+    # Reward errors count once each over every completion scored this step, the groups dynamic
+    # sampling dropped included: an erroring reward makes flat groups, which would otherwise hide it.
+    chosen.errors = {name: sum(d.errors.get(name, 0) for d in draws) for name in batch.errors}
+    chosen.error_messages = list(dict.fromkeys(m for d in draws for m in d.error_messages))[:5]
+    return chosen, extra
+
+
+def truncated_prompts(batch: ScoredGroups) -> list[int]:
+    """The groups whose prompt max_prompt_length cut (none known: a batch built without lengths)."""
+    if not batch.prompt_lengths:
+        return []
+    return [b for b, (full, kept) in enumerate(zip(batch.prompt_lengths, batch.prompt_ids, strict=True))
+            if full > kept.shape[0]]
+
+
+def warn_truncated_prompts(step: int, batch: ScoredGroups, rows: Sequence[dict], cfg: GRPOConfig, progress: Progress,
+                           warned: set[int]) -> set[int]:
+    """A warning event for each prompt cut to max_prompt_length, once per row and at most
+    MAX_TRUNCATION_WARNINGS per run; the ``prompts_truncated`` metric counts every one."""
+    for b in truncated_prompts(batch):
+        row = batch.row_indices[b]
+        if row in warned or len(warned) >= MAX_TRUNCATION_WARNINGS:
+            continue
+        warned.add(row)
+        line = rows.line_number(row) if isinstance(rows, RowFile) else row + 1
+        full, kept = batch.prompt_lengths[b], batch.prompt_ids[b].shape[0]
+        more = "" if len(warned) < MAX_TRUNCATION_WARNINGS else "; further cut prompts are only counted"
+        progress.on_log("warning", (
+            f"step {step}: the prompt on dataset line {line} is {full} tokens, more than max_prompt_length "
+            f"{cfg.max_prompt_length}: its first {full - kept} tokens were cut (left truncation, as TRL: the end "
+            "of the prompt and a leading BOS stay, so the model may start mid-text). The metric "
+            f"prompts_truncated counts every cut prompt{more}. Raise max_prompt_length or shorten the prompt"))
+    return warned
 
 
 def token_values(values: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
@@ -133,11 +234,13 @@ def token_values(values: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
 
 
 def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = None, *, resume: bool = False,
-          device: torch.device | None = None) -> TrainResult:
-    """Run GRPO as ``run`` says, writing ``output_dir/metrics.jsonl`` and ``output_dir/checkpoints/``.
+          device: torch.device | None = None, wandb: WandbOptions | None = None) -> TrainResult:
+    """Run GRPO as ``run`` says, writing ``output_dir/metrics.jsonl``, ``output_dir/checkpoints/`` and
+    TensorBoard event files in ``output_dir/tensorboard/`` (and to W&B, given ``wandb``).
     With ``resume``, continue from the newest complete checkpoint there (none: start fresh).
     Raises ``TrainingError`` subclasses whose message is meant for the user."""
     cfg = run.hyperparameters
+    run.check_eval_settings()
     progress = progress or Progress()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,12 +250,13 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
     # Rows are read from disk when drawn (the file's line offsets stay in memory, not the rows).
     rows = RowFile(run.dataset, required=required_fields(run.reward))
     eval_rows = RowFile(run.eval_dataset) if run.eval_dataset else []
-    with RewardSuite(run.reward, policy=run.policy) as rewards:
-        return _train(run, rows, eval_rows, rewards, output_dir, progress, resume=resume, device=device)
+    with RewardSuite(run.reward, policy=run.policy) as rewards, \
+            Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker:
+        return _train(run, rows, eval_rows, rewards, output_dir, progress, tracker, resume=resume, device=device)
 
 
 def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewards: RewardSuite, output_dir: Path,
-           progress: Progress, *, resume: bool, device: torch.device | None) -> TrainResult:
+           progress: Progress, tracker: Tracker, *, resume: bool, device: torch.device | None) -> TrainResult:
     cfg = run.hyperparameters
     G = cfg.group_size
     models = load_models(run.base_model, cfg, device, on_log=progress.on_log)
@@ -165,9 +269,14 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
     rollouts = Rollouts(rows, models, rewards, cfg, generator)
     failures = Failures(cfg, output_dir, policy)
+    # Evaluation has its own generator (reseeded per evaluation): it never moves the training draws.
+    evaluator = Evaluator(Rollouts(eval_rows, models, rewards, cfg, torch.Generator(generator.device)), cfg) \
+        if eval_rows else None
+    best, divergence = BestCheckpoint(cfg.keep_best_by), DivergenceWatch()
 
     start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
     num_tokens_seen = 0  # prompt and completion tokens of every step so far (TRL's num_tokens)
+    threads = run_threads()
     if latest is not None:
         state = ckpt.load_training_state(latest)
         ckpt.load_policy_weights(policy, latest, models.uses_lora)
@@ -179,22 +288,44 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         random.setstate(state.rng["python"])
         start_step = state.step
         num_tokens_seen = int(state.extra.get("num_tokens", 0))
+        threads = int(state.extra.get("torch_threads") or threads)  # a resume elsewhere reduces alike
+        best.load_state_dict(state.extra.get("best"))
+        divergence.load_state_dict(state.extra.get("divergence"))
         progress.on_log("info", f"resumed from checkpoint {latest.name} (step {start_step})")
     metrics_file = MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step)
+    torch.set_num_threads(threads)
 
-    def save(step: int) -> Path:
+    def run_evaluation(step: int) -> dict[str, float]:
+        assert evaluator is not None
+        with failures.during(step, "evaluation"):
+            evaluation = evaluator(step)
+        warning = divergence.observe(step, evaluation["eval/reward"])
+        if warning:
+            progress.on_log("warning", f"step {step}: {warning}")
+        return evaluation
+
+    def save(step: int, evaluation: dict[str, float] | None) -> Path:
+        if evaluation is not None:
+            best.consider(step, evaluation)
         state = ckpt.TrainingState(
             step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             rng={"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
-            extra={"sampler": sampler.state_dict(), "config": run.to_spec(), "num_tokens": num_tokens_seen},
+            extra={"sampler": sampler.state_dict(), "config": run.to_spec(), "num_tokens": num_tokens_seen,
+                   "torch_threads": threads,
+                   "eval": checkpoint_figures(evaluation or {}) or None, "best": best.state_dict(),
+                   "divergence": divergence.state_dict()},
         )
         with failures.saving(step):
-            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints)
+            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints,
+                                        keep_steps=() if best.step is None else (best.step,))
         progress.on_checkpoint(step, path)
+        if evaluation is not None:
+            progress.on_evaluation(step, checkpoint_figures(evaluation), best_step=best.step)
         return path
 
     progress.on_start(start_step=start_step, max_steps=cfg.max_steps)
     step, stopped = start_step, False
+    truncation_warnings: set[int] = set()  # rows a warning event named
     for step in range(start_step + 1, cfg.max_steps + 1):
         step_started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -202,6 +333,7 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         # 1-2. sample prompts, generate G completions each, score them
         with failures.during(step, "generation and scoring"):
             batch, extra_prompts = draw_batch(rollouts, sampler, cfg, timings)
+        truncation_warnings = warn_truncated_prompts(step, batch, rows, cfg, progress, truncation_warnings)
 
         # 3. advantages; which completions need a forward/backward at all
         started = time.perf_counter()
@@ -209,10 +341,12 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         lengths = torch.tensor([c.shape[0] for c in batch.completion_ids])  # [B*G]
         loss_mask = ~batch.truncated if cfg.mask_truncated_completions else torch.ones_like(batch.truncated)  # [B*G]
         # With beta = 0 a zero-advantage completion has zero loss and zero gradient: skip its pass,
-        # but keep it in the normalising counts below.
-        active = loss_mask & ((advantages != 0) if cfg.beta == 0 else torch.ones_like(loss_mask))  # [B*G]
+        # but keep it in the normalising counts below (not where the router's aux loss needs its tokens).
+        skip_zero = cfg.beta == 0 and not router_aux_loss_coef(policy)
+        active = loss_mask & ((advantages != 0) if skip_zero else torch.ones_like(loss_mask))  # [B*G]
         num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
-        micro_batches = plan_micro_batches(batch, active, G, FORWARD_TOKEN_BUDGET)
+        micro_batches = plan_micro_batches(batch, active, G, FORWARD_TOKEN_BUDGET,
+                                           share_prompt=(models.scoring or default_scoring(policy)).share_prompt)
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
         with failures.during(step, "the forward and backward passes"):
@@ -227,14 +361,20 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         metrics["learning_rate"] = scheduler.get_last_lr()[0]
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/extra_prompts"] = float(extra_prompts)
-        if eval_rows and cfg.eval_every and step % cfg.eval_every == 0:
-            metrics.update(evaluate(rollouts, eval_rows))
         metrics["step_seconds"] = time.perf_counter() - step_started
         step_tokens = sum(p.shape[0] for p in batch.prompt_ids) * G + int(lengths.sum())
         num_tokens_seen += step_tokens
         metrics["tokens_per_second"] = step_tokens / metrics["step_seconds"]
         metrics["num_tokens"] = float(num_tokens_seen)
+        # every checkpoint is evaluated (and every eval_every steps); its figures join the step's metrics
+        checkpoint_due = step == cfg.max_steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        divergence.add_training_reward(metrics["reward"])
+        evaluation = None
+        if evaluator is not None and (checkpoint_due or (cfg.eval_every and step % cfg.eval_every == 0)):
+            evaluation = run_evaluation(step)
+            metrics.update(evaluation)
         metrics_file.append(step, metrics)
+        tracker.log(step, metrics)
         progress.on_step(step, metrics)
         progress.on_samples(step, samples(batch, advantages, cfg))
         if sum(batch.errors.values()):
@@ -244,23 +384,30 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
 
         # 6-7. checkpoint, stop check
         stopped = progress.should_stop() and step < cfg.max_steps
-        if stopped or step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            save(step)
+        if stopped or checkpoint_due:
+            if evaluator is not None and evaluation is None:  # a pause or cancel's checkpoint
+                evaluation = run_evaluation(step)
+            save(step, evaluation)
         if stopped:
             break
 
-    return TrainResult(final_step=step, stopped=stopped, checkpoint=ckpt.latest_checkpoint(output_dir))
+    best_path = output_dir / "checkpoints" / ckpt.checkpoint_name(best.step) if best.step is not None else None
+    return TrainResult(final_step=step, stopped=stopped, checkpoint=ckpt.latest_checkpoint(output_dir),
+                       best_checkpoint=best_path)
 
 
 def micro_logprobs(model: torch.nn.Module, micro: MicroBatch, models: Models, cfg: GRPOConfig, *,
-                   with_entropy: bool = False):
-    """Per-token log-probs [N] of a micro-batch's completions, in its order (and entropies [N])."""
+                   with_entropy: bool = False, router_aux_loss: bool = False):
+    """Per-token log-probs [N] of a micro-batch's completions, in its order (and entropies [N], and
+    the router's load-balancing loss [] with ``router_aux_loss``)."""
     scored = token_logprobs(model, [g.prompt for g in micro.groups], [g.completions for g in micro.groups],
                             temperature=cfg.temperature, scoring=models.scoring, with_entropy=with_entropy,
-                            chunk_size=cfg.logprob_chunk_size, token_budget=FORWARD_TOKEN_BUDGET)
-    if not with_entropy:
-        return torch.cat([t for group in scored for t in group])
-    return tuple(torch.cat([t for group in nested for t in group]) for nested in scored)
+                            chunk_size=cfg.logprob_chunk_size, token_budget=FORWARD_TOKEN_BUDGET,
+                            router_aux_loss=router_aux_loss)
+    scored, aux = scored if router_aux_loss else (scored, None)
+    flat = (torch.cat([t for group in scored for t in group]) if not with_entropy
+            else tuple(torch.cat([t for group in nested for t in group]) for nested in scored))
+    return (flat, aux) if router_aux_loss else flat
 
 
 def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.Tensor, cfg: GRPOConfig, *,
@@ -278,11 +425,22 @@ def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.
                 micro.old_logps = micro_logprobs(policy, micro, models, cfg)
 
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    # A mixture-of-experts config that asks for router logits gets its load-balancing loss added,
+    # coef * aux_loss, as TRL and the model's own forward do; each micro-batch's aux loss weighs by
+    # its share of the step's scored completions (TRL: by gradient-accumulation step).
+    aux_coef = router_aux_loss_coef(policy)
+    scored_sequences = sum(len(micro.sequences) for micro in micro_batches)
+    if aux_coef:
+        totals["aux_loss"] = 0.0
     policy.train()
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches:
-            logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
+            if aux_coef:
+                (logps, entropy), aux = micro_logprobs(policy, micro, models, cfg, with_entropy=True,
+                                                       router_aux_loss=True)  # [N], [N], []
+            else:
+                logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
             terms = clipped_token_loss(
                 logps, micro.old_logps if micro.old_logps is not None else logps.detach(),
                 token_values(advantages, micro), micro.seq_index, len(micro.sequences),
@@ -292,6 +450,10 @@ def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.
             loss = aggregate_loss(terms.loss, micro.seq_index, len(micro.sequences), cfg.loss_type,
                                   num_sequences=num_sequences, num_tokens=num_tokens,
                                   max_completion_length=cfg.max_completion_length)
+            if aux_coef:
+                share = len(micro.sequences) / scored_sequences
+                loss = loss + aux_coef * aux * share
+                totals["aux_loss"] += aux.item() * share / cfg.num_iterations
             loss.backward()
             totals["loss"] += loss.item() / cfg.num_iterations
             totals["tokens"] += logps.shape[0]
@@ -329,11 +491,15 @@ def step_metrics(batch: ScoredGroups, advantages, zero_std, lengths, stats, timi
         "completion_length/min": lengths.min().item(),
         "completion_length/max": lengths.max().item(),
         "truncated_ratio": batch.truncated.float().mean().item(),
+        "prompts_truncated": float(len(truncated_prompts(batch))),
+        "prompt_truncated_ratio": len(truncated_prompts(batch)) / max(len(batch.prompt_ids), 1),
         "reward_errors": float(sum(batch.errors.values())),
         "time/generate": timings.get("generate", 0.0),
         "time/reward": timings.get("reward", 0.0),
         "time/train": timings.get("train", 0.0),
     }
+    if "aux_loss" in stats:
+        metrics["aux_loss"] = stats["aux_loss"]
     for name, values in batch.parts.items():
         scored = [v for v in values if v is not None]
         metrics[f"rewards/{name}"] = sum(scored) / len(scored) if scored else float("nan")
@@ -353,22 +519,6 @@ def samples(batch: ScoredGroups, advantages: torch.Tensor, cfg: GRPOConfig) -> l
             "truncated": bool(batch.truncated[i]),
         })
     return picked
-
-
-def evaluate(rollouts: Rollouts, eval_rows: Sequence[dict]) -> dict[str, float]:
-    """Mean reward of one low-temperature completion per eval row (does not touch the training RNG)."""
-    saved = rollouts.generator.get_state()
-    original_rows, rollouts.rows = rollouts.rows, eval_rows
-    try:
-        scored = rollouts(list(range(len(eval_rows))), group_size=1, temperature=1e-4, timings={})
-    finally:
-        rollouts.rows = original_rows
-        rollouts.generator.set_state(saved)
-    metrics = {"eval/reward": scored.rewards.mean().item()}
-    for name, values in scored.parts.items():
-        scored_values = [v for v in values if v is not None]
-        metrics[f"eval/rewards/{name}"] = sum(scored_values) / max(len(scored_values), 1)
-    return metrics
 
 
 class MetricsFile:

@@ -22,6 +22,11 @@ class Progress:
     def on_checkpoint(self, step: int, path: Path) -> None:
         """A complete checkpoint of step ``step`` now lies at ``path``."""
 
+    def on_evaluation(self, step: int, figures: dict[str, float], *, best_step: int | None) -> None:
+        """The checkpoint of step ``step`` (just reported by ``on_checkpoint``) scored ``figures``
+        on the eval set (``reward``, ``pass@k``, ...: the ``eval/`` metrics without their prefix);
+        ``best_step`` is the best checkpoint so far by ``keep_best_by`` (None: not set)."""
+
     def on_log(self, level: str, message: str) -> None:
         """Something a user should read: a warning (reward errors, truncation) or a note."""
 

@@ -3,7 +3,10 @@
 Each prompt is prefilled once and its KV cache repeated for its G completions (the cache of G
 identical prompts is identical, so this is exact); decoding then runs all B*G sequences together
 with the cache, stops a sequence at EOS (and drops finished sequences from the batch once a
-quarter of it has finished) and the whole batch once every sequence has stopped.
+quarter of it has finished) and the whole batch once every sequence has stopped. Full-attention
+layers keep their keys and values in a buffer that grows geometrically (``GrowingLayer``), not by
+concatenating every token onto the whole cache. Each completion gets its own uniform draw every
+step, so which rows are still in the batch changes no token.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 PRUNE_WHEN_FINISHED = 4  # drop finished rows from the decoding batch once 1/4 of it has finished
 
@@ -23,11 +27,13 @@ class Rollout:
     truncated: torch.Tensor  # [B*G] bool: hit max_completion_length without EOS
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator,
+                 uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token per row from softmax(logits) restricted to the top-p nucleus. [N, V] -> [N]
 
     Inverse-CDF sampling (the same distribution as ``torch.multinomial``, about ten times faster
     on a 32k vocabulary on CPU): the first token whose cumulative mass exceeds u ~ U[0, total).
+    ``uniforms`` [N] in [0, 1) are the draws to use, else they come from ``generator``.
     """
     probs = torch.softmax(logits.float(), dim=-1)  # [N, V]
     if top_p < 1.0:
@@ -38,9 +44,84 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator)
     cdf = probs.cumsum(dim=-1)  # [N, V]
     if not torch.isfinite(cdf[:, -1]).all():  # any inf or NaN logit makes its row's total NaN
         raise FloatingPointError("sampling met inf or NaN probabilities: the model's outputs are no longer finite")
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # [N, 1]
+    if uniforms is None:
+        uniforms = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)  # [N]
+    u = uniforms[:, None] * cdf[:, -1:]  # [N, 1]
     # right=True picks the first index with cdf > u, which always has positive mass
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [N]
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values live in a buffer with room to grow.
+
+    ``DynamicLayer`` concatenates every new token onto the whole cache, so decoding L tokens
+    copies O(L^2) cache slots (at 2k-token completions that copy cost twice the attention
+    itself). Here ``keys`` / ``values`` are views of the first ``t`` positions of a buffer that
+    grows geometrically (doubling, never past ``max_length``): a token writes one slot, and the
+    views hold exactly what concatenation would have returned.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [A, H, capacity, D] each
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # what keys / values were last set to
+
+    def _move_into(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """New buffers holding ``keys`` / ``values`` [A, H, t, D] with space for ``room`` more positions."""
+        length = keys.shape[-2]
+        capacity = max(length + room, min(2 * length, self.max_length))
+        new = []
+        for states in (keys, values):
+            buffer = states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+            buffer[..., :length, :] = states
+            new.append(buffer)
+        self._buffers = (new[0], new[1])
+        self._set_length(length)
+
+    def _set_length(self, length: int) -> None:
+        self.keys, self.values = (b[..., :length, :] for b in self._buffers)
+        self._views = (self.keys, self.values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if length == 0:
+            self._move_into(key_states[..., :0, :], value_states[..., :0, :], new)
+        elif (self._views is None or self._views[0] is not self.keys or self._views[1] is not self.values
+              or length + new > self._buffers[0].shape[-2]):  # full, or keys were replaced from outside
+            self._move_into(self.keys, self.values, new)
+        self._buffers[0][..., length:length + new, :] = key_states
+        self._buffers[1][..., length:length + new, :] = value_states
+        self._set_length(length + new)
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._move_into(self.keys.repeat_interleave(repeats, dim=0),
+                            self.values.repeat_interleave(repeats, dim=0), 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._move_into(self.keys[indices], self.values[indices], 0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.keys.device))
+
+    def reset(self) -> None:
+        self._buffers = self._views = None
+        super().reset()
+
+
+def new_cache(model: torch.nn.Module, max_length: int) -> DynamicCache:
+    """The model's dynamic cache with its full-attention layers (exactly ``DynamicLayer``: not
+    sliding-window, linear-attention or other kinds, which keep their own) growing in place."""
+    cache = DynamicCache(config=getattr(model, "config", None))
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = GrowingLayer(max_length)
+    return cache
 
 
 def repeat_rows(cache, rows: int, times: int) -> None:
@@ -82,7 +163,7 @@ def generate(
         attention_mask[b, width - prompt.shape[0]:] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
 
-    cache = DynamicCache(config=getattr(model, "config", None))
+    cache = new_cache(model, width + max_new_tokens)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 cache=cache, use_cache=True, logits_to_keep=1)
     cache = out.cache
@@ -97,17 +178,25 @@ def generate(
     generated = torch.full((batch * group_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
     steps = 0
     for step in range(max_new_tokens):
-        token = sample_top_p(logits / temperature if temperature != 1.0 else logits, top_p, generator)  # [A]
+        if temperature == 0:  # greedy (evaluation): the argmax, as HF generate(do_sample=False)
+            token = logits.argmax(dim=-1)  # [A]
+        else:
+            # One draw for every completion, finished or dropped or not, each step: a completion's
+            # tokens do not depend on which other rows are still in the batch.
+            uniforms = torch.rand(batch * group_size, generator=generator, device=device)[rows]  # [A]
+            token = sample_top_p(logits / temperature if temperature != 1.0 else logits, top_p, generator,
+                                 uniforms)  # [A]
         token = token.masked_fill(finished, pad_id)
         generated[rows, step] = token
         steps = step + 1
         finished |= torch.isin(token, eos)
-        if finished.all() or steps == max_new_tokens:
+        done = int(finished.sum())  # the step's one read of a device value
+        if done == finished.numel() or steps == max_new_tokens:
             break
-        if int(finished.sum()) * PRUNE_WHEN_FINISHED >= finished.numel():
+        if done * PRUNE_WHEN_FINISHED >= finished.numel():
             # Enough rows are done to be worth a copy of the cache without them: the rest of
-            # the decode costs what the unfinished rows cost. Their sampling draws change (the
-            # batch is smaller), their distribution does not.
+            # the decode costs what the unfinished rows cost. Each row keeps its own draws
+            # (above), so dropping rows changes no token.
             keep = (~finished).nonzero().squeeze(-1)  # [A']
             select_rows(cache, keep)
             rows, finished, token = rows[keep], finished[keep], token[keep]

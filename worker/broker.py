@@ -1,5 +1,5 @@
-"""Celery configuration. The API uses it only to send ``run_job`` messages (by name: it never
-imports the task or the trainer); ``worker.app`` is the app workers run.
+"""Celery configuration. The API uses it only to send ``run_job`` and chat completion messages
+(by name: it never imports the tasks or the trainer); ``worker.app`` is the app workers run.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from typing import Any
 
 from celery import Celery
 
+from jobs.chat import CHAT_COMPLETION
+from jobs.chat_queue import result_backend_config
 from jobs.settings import Settings
 
 RUN_JOB = "grpo.run_job"
@@ -34,11 +36,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("grpo", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("grpo", broker=settings.broker_url, include=["worker.tasks", "worker.inference"])
     app.conf.update(
         broker_transport_options=transport_options(settings),
         task_default_queue=settings.queue,
-        task_routes={RUN_JOB: {"queue": settings.queue}},  # GPU work has its own queue and workers
+        # GPU work has its own queue and workers; chat completions theirs, so neither waits for the other
+        task_routes={RUN_JOB: {"queue": settings.queue}, CHAT_COMPLETION: {"queue": settings.inference_queue}},
         task_acks_late=True,  # acknowledge when the job ends, so a dead worker's message is not lost
         task_reject_on_worker_lost=True,  # a killed pool process requeues its message, never acks it
         worker_prefetch_multiplier=1,  # reserve one message at a time: queued jobs stay free for idle workers
@@ -46,7 +49,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=1,  # a fresh pool process per job hands all GPU memory back
         task_time_limit=None,  # jobs run for hours; they are stopped through the record (cancel)
         task_soft_time_limit=None,
-        task_ignore_result=True,  # the job record is the result: no result backend
+        task_ignore_result=True,  # the job record is the result; only chat completions store one
+        **result_backend_config(settings),  # where chat answers come back (worker.inference)
         worker_cancel_long_running_tasks_on_connection_loss=False,  # a broker blip must not kill a job
         broker_connection_retry_on_startup=True,  # a worker may start before the broker is up
         task_serializer="json",

@@ -16,14 +16,26 @@ from jobs.queries import (
     append_metrics,
     is_stop_requested,
     prune_checkpoints,
+    record_evaluation,
     record_step,
     upsert_checkpoint,
 )
+from jobs.settings import Settings
 from trainer.progress import Progress
+from trainer.tracking import WandbOptions
 from worker.retry import with_retries
 
 LEVELS = {"debug": "info", "info": "info", "warning": "warning", "warn": "warning", "error": "error"}
 T = TypeVar("T")
+
+
+def wandb_options(settings: Settings, *, job_id: str, job_name: str | None) -> WandbOptions | None:
+    """Where the job's metrics go in W&B, when the operator set ``GRPO_WANDB_PROJECT``; one W&B run
+    per job (its id), so a resumed attempt continues the same run."""
+    if not settings.wandb_project:
+        return None
+    return WandbOptions(project=settings.wandb_project, entity=settings.wandb_entity, mode=settings.wandb_mode,
+                        run_id=job_id, name=job_name or job_id, tags=("grpo",))
 
 
 class LeaseLost(Exception):
@@ -79,6 +91,20 @@ class JobProgress(Progress):
                       data={"step": step, "kind": kind, "bytes": size})
 
         self._write(write, f"checkpoint of step {step}")
+
+    def on_evaluation(self, step: int, figures: dict[str, float], *, best_step: int | None) -> None:
+        self._hold()
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
+                          if name == "reward" or name.startswith("pass@"))
+        best = "" if best_step is None else f"; best checkpoint: step {best_step}"
+
+        def write(session: Session) -> None:
+            record_evaluation(session=session, job_id=self.job_id, step=step, figures=figures, best_step=best_step)
+            add_event(session=session, job_id=self.job_id, kind="evaluation",
+                      message=f"checkpoint at step {step} on the eval set: {shown}{best}",
+                      data={"step": step, "eval": figures, "best_step": best_step})
+
+        self._write(write, f"evaluation of step {step}")
 
     def on_log(self, level: str, message: str) -> None:
         self._write(lambda session: add_event(session=session, job_id=self.job_id, kind="log",

@@ -17,7 +17,7 @@ from trainer.errors import TrainingError
 from trainer.loop import train
 from worker.heartbeat import Heartbeat
 from worker.merge import merge_final_adapter
-from worker.progress import JobProgress, LeaseLost
+from worker.progress import JobProgress, LeaseLost, wandb_options
 from worker.retry import DATABASE_UNREACHABLE, with_retries
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
         run = run_config_for(job, settings)
         with Heartbeat(sessions=sessions, job_id=job_id, worker=worker, interval=settings.heartbeat_interval_s,
                        on_lost=progress.lease_lost.set):
-            result = train(run, settings.job_dir(job_id), progress=progress, resume=True)
+            result = train(run, settings.job_dir(job_id), progress=progress, resume=True,
+                           wandb=wandb_options(settings, job_id=job_id, job_name=job.name))
             if not result.stopped and run.hyperparameters.lora is not None and result.checkpoint is not None:
                 merge_final_adapter(result.checkpoint, settings.job_dir(job_id), result.final_step, progress)
         stopped_at = result.final_step if result.stopped else None

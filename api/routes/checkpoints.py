@@ -3,7 +3,7 @@ from __future__ import annotations
 import pathlib
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import MAX_STEP, CurrentOwner, DatabaseDep, SettingsDep
@@ -22,20 +22,34 @@ TAR_RESPONSE = {200: {"content": {"application/x-tar": {"schema": {"type": "stri
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointOut], responses=responses(404))
-def get_checkpoints(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str) -> Page[CheckpointOut]:
-    """Complete checkpoints, oldest first (the trainer keeps the last few)."""
+def get_checkpoints(request: Request, db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner,
+                    job_id: str) -> Page[CheckpointOut]:
+    """Complete checkpoints, oldest first (the trainer keeps the last few, and the best by
+    `keep_best_by`), each with its figures on the eval set."""
     with db.transaction() as session:
-        get_job(session=session, owner=owner, job_id=job_id)
+        job = get_job(session=session, owner=owner, job_id=job_id)
         checkpoints = list_checkpoints(session=session, job_id=job_id)
-    return Page(has_more=False, data=[checkpoint_out(c, settings.job_dir(job_id)) for c in checkpoints])
+    return Page(has_more=False, data=[checkpoint_out(request, c, settings.job_dir(job_id),
+                                                     best_step=job.best_checkpoint_step) for c in checkpoints])
 
 
-def checkpoint_out(checkpoint: Checkpoint, job_dir: pathlib.Path) -> CheckpointOut:
-    url = f"/v1/jobs/{checkpoint.job_id}/checkpoints/{checkpoint.step}/download"
+def download_url(request: Request, job_id: str, step: int) -> str:
+    """Where a checkpoint downloads: an absolute URL, from the one this request came to (its
+    scheme, host and any root path). A host-relative ``/v1/...`` doubled its ``/v1`` when a client
+    joined it to an OpenAI-style base URL (``http://host/v1`` + ``/v1/jobs/...``); an absolute
+    one reads the same to every client. Behind a proxy, uvicorn's ``--proxy-headers`` (and
+    ``--forwarded-allow-ips``) make it the public address."""
+    return str(request.url_for("download_checkpoint", job_id=job_id, step=str(step)))
+
+
+def checkpoint_out(request: Request, checkpoint: Checkpoint, job_dir: pathlib.Path, *,
+                   best_step: int | None = None) -> CheckpointOut:
+    url = download_url(request, checkpoint.job_id, checkpoint.step)
     merged = checkpoint.kind == "adapter" and merged_dir(job_dir, checkpoint.step).is_dir()
     return CheckpointOut(step=checkpoint.step, kind=checkpoint.kind, bytes=checkpoint.bytes,
                          created_at=checkpoint.created_at, download_url=url,
-                         merged_download_url=f"{url}?format=merged" if merged else None)
+                         merged_download_url=f"{url}?format=merged" if merged else None,
+                         eval=checkpoint.eval_metrics, best=checkpoint.step == best_step)
 
 
 @router.get("/{job_id}/checkpoints/{step}/download", response_class=StreamingResponse,

@@ -22,6 +22,7 @@ from api.deps import (
     send_webhook_after_response,
 )
 from api.errors import OpenAIRoute, responses
+from api.routes.checkpoints import download_url
 from jobs.errors import InvalidRequest, ServiceError
 from jobs.models import utcnow
 from jobs.openai_compat import (
@@ -154,8 +155,8 @@ def list_fine_tuning_events(db: DatabaseDep, owner: CurrentOwner, job_id: str, a
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListOut[FineTuningCheckpointOut], responses=responses(400, 404))
-def list_fine_tuning_checkpoints(db: DatabaseDep, owner: CurrentOwner, job_id: str, after: After = None,
-                                 limit: PageSize = 10) -> ListOut[FineTuningCheckpointOut]:
+def list_fine_tuning_checkpoints(request: Request, db: DatabaseDep, owner: CurrentOwner, job_id: str,
+                                 after: After = None, limit: PageSize = 10) -> ListOut[FineTuningCheckpointOut]:
     """Complete checkpoints, newest first, with the metrics of their step; `download_url` streams
     one as a tar archive that `from_pretrained` loads once extracted."""
     before = None
@@ -171,5 +172,6 @@ def list_fine_tuning_checkpoints(db: DatabaseDep, owner: CurrentOwner, job_id: s
         for checkpoint in newest[:limit]:
             rows, _ = list_metrics(session=session, owner=owner, job_id=job_id, after_step=checkpoint.step - 1, limit=1)
             metrics = rows[0][1] if rows and rows[0][0] == checkpoint.step else None  # (step, metrics, created_at)
-            data.append(checkpoint_object(job, checkpoint, metrics))
+            data.append(checkpoint_object(job, checkpoint, metrics,
+                                          download_url=download_url(request, job_id, checkpoint.step)))
         return ListOut(data=data, has_more=len(newest) > limit)

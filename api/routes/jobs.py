@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from api.deps import (
     MAX_STEP,
@@ -18,8 +19,10 @@ from api.deps import (
     send_webhook_after_response,
 )
 from api.errors import responses
+from jobs.estimate import estimate_job
 from jobs.models import JobStatus
 from jobs.queries import (
+    count_active_jobs,
     get_job_with_metrics,
     list_jobs,
     list_metrics,
@@ -27,8 +30,8 @@ from jobs.queries import (
     request_pause,
     request_resume,
 )
-from jobs.schemas import JobCreate, JobOut, MetricsOut, Page
-from jobs.specs import submit_job
+from jobs.schemas import JobCreate, JobEstimate, JobOut, MetricsOut, Page
+from jobs.specs import check_job_request, submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -71,15 +74,37 @@ async def get_metrics(
     return await cache.answer(job_id, (owner, "metrics", after_step, limit), read)
 
 
-@router.post("", status_code=201, response_model=JobOut, responses=responses(404, 409, 413, 415, 422, 429),
+ESTIMATE_RESPONSE = {200: {"model": JobEstimate, "description": (
+    "With `dry_run=true`: what the job would need (tokens per step, memory, time) and what would go wrong; "
+    "nothing is created or queued.")}}
+
+
+@router.post("", status_code=201, response_model=JobOut,
+             responses={**ESTIMATE_RESPONSE, **responses(404, 409, 413, 415, 422, 429)},
              dependencies=[accepts("application/json")])
 def create_job(
     request: JobCreate, db: DatabaseDep, settings: SettingsDep, dispatcher: DispatcherDep, owner: CurrentOwner,
     response: Response, idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+    dry_run: Annotated[bool, Query(description=(
+        "Check the spec in full and answer (200) with an estimate of what the job would need, without creating "
+        "or queueing it (an Idempotency-Key is then ignored)."))] = False,
+) -> JobOut | JSONResponse:
     """Check the spec in full (hyperparameters and this server's limits on them, rewards,
     datasets and the fields the rewards read, the base model) and queue the job. A 429 when
-    you already have GRPO_MAX_ACTIVE_JOBS_PER_OWNER jobs queued or running."""
+    you already have GRPO_MAX_ACTIVE_JOBS_PER_OWNER jobs queued or running. With `dry_run=true`,
+    the same checks and an estimate instead (tokens per step, memory, time per step and in all,
+    lengths beyond the model's context); a job whose lengths exceed its model's context is
+    created with a warning event saying so."""
+    if dry_run:
+        with db.transaction() as session:  # several statements; it writes nothing
+            checked = check_job_request(session=session, owner=owner, request=request, settings=settings)
+            estimate = estimate_job(session=session, owner=owner, config=checked.config, base_model=request.base_model,
+                                    dataset=settings.dataset_path(request.dataset_id), settings=settings)
+            active = count_active_jobs(session=session, owner=owner)
+        if active >= settings.max_active_jobs_per_owner:
+            estimate.warnings.append(f"you have {active} jobs queued or running, this server's limit "
+                                     "(GRPO_MAX_ACTIVE_JOBS_PER_OWNER): creating it now would be refused (429)")
+        return JSONResponse(estimate.model_dump(mode="json"))
     with db.transaction() as session:
         job, created = submit_job(session=session, owner=owner, request=request, settings=settings,
                                   idempotency_key=idempotency_key)

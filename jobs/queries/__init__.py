@@ -39,6 +39,7 @@ from jobs.queries.records import (
     list_metrics,
     list_samples,
     prune_checkpoints,
+    record_evaluation,
     upsert_checkpoint,
 )
 from jobs.queries.webhooks import (
@@ -54,7 +55,7 @@ __all__ = [
     "get_checkpoint", "get_dataset", "get_job", "get_job_with_metrics", "heartbeat", "is_stop_requested",
     "list_api_keys", "remember_idempotency_key", "revoke_api_key",
     "jobs_due_for_send", "list_checkpoints", "list_datasets", "list_events", "list_events_newest_first", "list_jobs",
-    "list_metrics", "list_samples", "mark_sent", "prune_checkpoints", "record_step", "request_cancel", "request_pause",
+    "list_metrics", "list_samples", "mark_sent", "prune_checkpoints", "record_evaluation", "record_step", "request_cancel", "request_pause",
     "request_resume", "requeue_stale_jobs", "stop_job", "upsert_checkpoint",
     "claim_webhook_attempt", "list_due_webhooks", "queue_webhook", "record_webhook_attempt",
 ]

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, select
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.orm import Session
 
 from jobs.errors import CheckpointNotFound, JobNotFound
@@ -109,10 +109,25 @@ def list_samples(*, session: Session, job_id: str, step: int | None = None, afte
 
 
 def upsert_checkpoint(*, session: Session, job_id: str, step: int, path: str, kind: str, bytes: int) -> None:
-    values = {"job_id": job_id, "step": step, "path": path, "kind": kind, "bytes": bytes, "created_at": utcnow()}
+    """Record a complete checkpoint; one replayed after a resume replaces the row (and its
+    evaluation, which ``record_evaluation`` writes again)."""
+    values = {"job_id": job_id, "step": step, "path": path, "kind": kind, "bytes": bytes, "created_at": utcnow(),
+              "eval_metrics": None}
     stmt = upsert(session, Checkpoint.__table__).values(**values)
     session.execute(stmt.on_conflict_do_update(
-        index_elements=["job_id", "step"], set_={k: stmt.excluded[k] for k in ("path", "kind", "bytes", "created_at")}))
+        index_elements=["job_id", "step"],
+        set_={k: stmt.excluded[k] for k in ("path", "kind", "bytes", "created_at", "eval_metrics")}))
+
+
+def record_evaluation(*, session: Session, job_id: str, step: int, figures: dict[str, Any],
+                      best_step: int | None) -> None:
+    """Store checkpoint ``step``'s figures on the eval set and, when the job chooses one
+    (``keep_best_by``), which checkpoint is now its best."""
+    session.execute(update(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
+                    .values(eval_metrics=_metric_values(figures)))
+    if best_step is not None:
+        session.execute(update(Job).where(Job.id == job_id, Job.best_checkpoint_step.is_distinct_from(best_step))
+                        .values(best_checkpoint_step=best_step))
 
 
 def prune_checkpoints(*, session: Session, job_id: str, artifact_dir: Path) -> None:

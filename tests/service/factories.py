@@ -150,18 +150,19 @@ class WorkerProcess(ChildProcess):
 
     count = 0
 
-    def __init__(self, settings: Settings, *, concurrency: int = 1):
-        """``concurrency`` > 1 runs that many jobs at once (a CPU worker; a GPU worker runs one)."""
-        self.settings, self.concurrency = settings, concurrency
+    def __init__(self, settings: Settings, *, concurrency: int = 1, inference: bool = False):
+        """``concurrency`` > 1 runs that many jobs at once (a CPU worker; a GPU worker runs one);
+        ``inference``: an inference worker (``python -m worker --inference``) instead."""
+        self.settings, self.concurrency, self.inference = settings, concurrency, inference
         WorkerProcess.count += 1
-        self.name = f"w{WorkerProcess.count}-{RUN_ID}"
+        self.name = f"{'i' if inference else 'w'}{WorkerProcess.count}-{RUN_ID}"
         self.log_path = Path(settings.data_dir) / f"{self.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h",
-                                             "--concurrency", str(self.concurrency)],
+            role = ["--inference"] if self.inference else ["--concurrency", str(self.concurrency)]
+            self.process = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h", *role],
                                             cwd=ROOT, env=settings_env(self.settings), stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self

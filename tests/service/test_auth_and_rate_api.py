@@ -77,14 +77,14 @@ def test_a_401_arrives_while_a_large_upload_has_barely_started(settings, sent) -
     back at once. A server that read the body first would wait here for the rest, forever."""
     with serve(create_app(settings, send=sent.append)) as url:
         port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        # A server that read the body first would never answer: recv's timeout (generous for a loaded
+        # 2-core CI) is what tells, not how fast the 401 came.
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
             connection.sendall(f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer grpo_nope\r\n"
                                f"Content-Type: {MULTIPART}\r\nContent-Length: {LARGE}\r\n\r\n--xyz\r\n".encode())
-            started = time.monotonic()
-            answer = connection.recv(65536)
-            waited = time.monotonic() - started
+            answer = connection.recv(65536)  # raises socket.timeout if the server waits for the body
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
-    assert b"invalid API key" in answer and waited < 5
+    assert b"invalid API key" in answer
 
 
 # -- the rate limit, shared through Redis ---------------------------------------------------------

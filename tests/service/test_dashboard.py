@@ -6,6 +6,7 @@ simulate.py): what is under test is the page, its key handling and its polling.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Iterator
@@ -163,3 +164,132 @@ def test_without_a_valid_key_the_page_asks_for_one(browser, server, settings) ->
     css(browser, "#key-form button")[0].click()
     wait_for(lambda: css(browser, "#app")[0].is_displayed(), timeout=10, what="the dashboard")
     wait_for(lambda: css(browser, "#jobs-empty")[0].is_displayed(), timeout=10, what="bob's empty job list")
+
+
+# What each element's box is, read in the page: [left, top, right, bottom, line boxes, overflows].
+BOXES = """
+return Array.from(document.querySelectorAll(arguments[0])).map((node) => {
+  const r = node.getBoundingClientRect();
+  return [r.left, r.top, r.right, r.bottom, node.getClientRects().length, node.scrollWidth > node.clientWidth + 1,
+          node.textContent];
+});"""
+
+
+def boxes(browser, selector: str) -> list[list]:
+    return browser.execute_script(BOXES, selector)
+
+
+def inside(box: list, outer: list) -> bool:
+    return outer[0] - 0.5 <= box[0] and box[2] <= outer[2] + 0.5 and outer[1] - 0.5 <= box[1] and box[3] <= outer[3] + 0.5
+
+
+def test_event_numbers_job_ids_and_chart_axes_are_readable(browser, server, api, settings, key, tmp_path) -> None:
+    """Event numbers past 9 were clipped, a job id wrapped over three lines, and no chart had axes."""
+    job_id = new_job(api, "readable", max_steps=12)
+    SimulatedWorker(settings, job_id).run(12, checkpoint_every=1)  # 12 checkpoint events, 14 or more in all
+    browser.set_window_size(1280, 1000)
+    browser.get(f"{server}/?key={key}&poll_ms=300#{job_id}")
+    wait_for(lambda: points(browser, "reward") == 12 and len(css(browser, "#events li")) >= 14, timeout=15,
+             what="the curves and the events")
+
+    numbers = boxes(browser, "#events li .n")
+    assert [n[6] for n in numbers] == [str(i) for i in range(1, len(numbers) + 1)]
+    [events] = boxes(browser, "#events")
+    for number in numbers[9:]:  # 10, 11, ...: wholly inside the list's width (it scrolls down), not cut
+        assert events[0] - 0.5 <= number[0] and number[2] <= events[2] + 0.5 and not number[5], (number, events)
+
+    [panel] = boxes(browser, "#jobs-panel")
+    assert not panel[5], panel  # the jobs table fits its panel: no scrolling sideways
+    for box in boxes(browser, "#jobs tbody .id"):
+        assert box[4] == 1 and box[3] - box[1] < 20, box  # one line
+        assert box[6].startswith("job_") and len(box[6]) == 28
+
+    for chart in css(browser, "#charts .chart"):
+        metric = chart.get_attribute("data-metric")
+        [outer] = boxes(browser, f"#{chart.get_attribute('id')}")
+        y_ticks = boxes(browser, f"#{chart.get_attribute('id')} .ticks.y .tick")
+        x_ticks = boxes(browser, f"#{chart.get_attribute('id')} .ticks.x .tick")
+        titles = [t[6] for t in boxes(browser, f"#{chart.get_attribute('id')} .title")]
+        assert titles == [metric, "step"], (metric, titles)
+        assert len(x_ticks) >= 2 and len(y_ticks) >= (1 if metric == "learning_rate" else 2), (metric, y_ticks, x_ticks)
+        assert [t[6] for t in x_ticks] == sorted((t[6] for t in x_ticks), key=int)  # steps, left to right
+        assert all(a[2] < b[0] for a, b in itertools.pairwise(x_ticks)), (metric, x_ticks)  # apart, no overlap
+        assert all(a[1] > b[3] for a, b in itertools.pairwise(y_ticks)), (metric, y_ticks)  # rising up the axis
+        assert all(t[6] and inside(t, outer) for t in y_ticks + x_ticks), (metric, outer, y_ticks, x_ticks)
+    assert [t[6] for t in boxes(browser, "#chart-reward .ticks.x .tick")] == ["2", "4", "6", "8", "10", "12"]
+    browser.save_screenshot(str(tmp_path / "top.png"))
+    browser.set_window_size(1280, 2000)
+    browser.execute_script("const e = document.querySelector('#events'); e.scrollTop = e.scrollHeight; "
+                           "window.scrollTo(0, document.body.scrollHeight);")
+    browser.save_screenshot(str(tmp_path / "readable.png"))
+    if os.environ.get("GRPO_SCREENSHOT_DIR"):
+        for name in ("top.png", "readable.png"):
+            shutil.copy(tmp_path / name, Path(os.environ["GRPO_SCREENSHOT_DIR"]) / name)
+
+
+def test_ticked_jobs_overlay_their_curves_in_one_chart(browser, server, api, settings, key) -> None:
+    first, second, third = (new_job(api, name, max_steps=steps) for name, steps in
+                            (("compare-a", 8), ("compare-b", 12), ("compare-c", 4)))
+    for job_id, steps in ((first, 8), (second, 12), (third, 4)):
+        SimulatedWorker(settings, job_id).run(steps)
+    browser.get(f"{server}/?key={key}&poll_ms=300#{third}")
+    wait_for(lambda: points(browser, "reward") == 4, timeout=15, what="the third job's page")
+    assert css(browser, "#compare")[0].is_displayed() is False
+
+    for job_id in (first, second):
+        tick(browser, job_id)
+    wait_for(lambda: len(overlay(browser)["series"]) == 2, timeout=15, what="two series")
+    shown = overlay(browser)
+    assert {job_id: points for job_id, (points, _, _) in shown["series"].items()} == {first: 8, second: 12}
+    assert [shown["series"][first][1].count("L"), shown["series"][second][1].count("L")] == [7, 11]
+    assert shown["series"][first][2] != shown["series"][second][2]  # two colours
+    assert len(shown["legend"]) == 2 and "compare-a" in shown["legend"][0] and first in shown["legend"][0]
+    assert "compare-b" in shown["legend"][1] and shown["metric"] == "reward"
+    assert shown["x_ticks"][0] == "2" and shown["x_ticks"][-1] == "12"  # one step axis for both: the longer job's
+    assert browser.current_url.endswith(f"#{third}")  # ticking a job does not open it
+
+    tick(browser, first)
+    wait_for(lambda: list(overlay(browser)["series"]) == [second], timeout=10, what="one series left")
+    assert len(overlay(browser)["legend"]) == 1
+    tick(browser, second)
+    wait_for(lambda: not css(browser, "#compare")[0].is_displayed(), timeout=10, what="the chart hidden")
+
+
+def tick(browser, job_id: str) -> None:
+    """Click a job's compare box (in the page: the list is redrawn every few seconds)."""
+    browser.execute_script(f"document.querySelector('#jobs tbody tr[data-job=\"{job_id}\"] input.compare').click()")
+
+
+# The overlay as the page draws it, read in one go (it is redrawn while it is polled).
+OVERLAY = """
+return {
+  series: Object.fromEntries(Array.from(document.querySelectorAll('#compare-chart path.series')).map((p) =>
+    [p.dataset.job, [Number(p.dataset.points), p.getAttribute('d'), getComputedStyle(p).stroke]])),
+  legend: Array.from(document.querySelectorAll('#compare-legend li')).map((li) => li.textContent),
+  metric: document.querySelector('#compare-metric').value,
+  x_ticks: Array.from(document.querySelectorAll('#compare-chart .ticks.x .tick')).map((t) => t.textContent),
+};"""
+
+
+def overlay(browser) -> dict:
+    return browser.execute_script(OVERLAY)
+
+
+def test_checkpoints_show_their_eval_figures_and_the_best(browser, server, api, settings, key) -> None:
+    from jobs.db import transaction
+    from jobs.queries import record_evaluation
+
+    job_id = new_job(api, "evaluated", max_steps=2)
+    SimulatedWorker(settings, job_id).claim().finish()
+    for step, reward in ((1, 0.75), (2, 0.5)):  # as the worker records them: checkpoint, then its evaluation
+        make_checkpoint(settings, job_id, step)
+        with transaction(settings.database_url) as session:
+            record_evaluation(session=session, job_id=job_id, step=step, best_step=1,
+                              figures={"reward": reward, "rewards/exact_match": reward, "pass@1": 0.5, "pass@4": 0.9})
+
+    browser.get(f"{server}/?key={key}&poll_ms=200#{job_id}")
+    wait_for(lambda: len(css(browser, "#checkpoints li")) == 2, timeout=15, what="the checkpoints")
+    best, last = css(browser, "#checkpoints li")
+    assert "eval reward 0.75 · pass@1 0.5 · pass@4 0.9" in best.text and "exact_match" not in best.text
+    assert [s.text for s in best.find_elements("css selector", "strong")] == ["best"]
+    assert "eval reward 0.5 ·" in last.text and last.find_elements("css selector", "strong") == []

@@ -33,6 +33,22 @@ def test_blank_lines_are_skipped(client) -> None:
     assert response.status_code == 201 and response.json()["rows"] == 2
 
 
+def test_chat_format_rows_are_accepted_with_their_messages_as_the_prompt(client, settings) -> None:
+    rows = [{"messages": [{"role": "system", "content": "Answer with a number."},
+                          {"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}],
+             "answer": str(i + 1)} for i in range(3)]
+    response = upload(client, content=jsonl(rows))
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["rows"] == 3 and dataset["fields"] == ["answer", "completion", "messages", "prompt"]
+    assert settings.dataset_path(dataset["id"]).read_bytes() == jsonl(rows)  # stored as uploaded
+
+
+def test_a_row_without_prompt_or_messages_is_told_about_both(client) -> None:
+    error = upload(client, content=b'{"question": "1+1?"}\n').json()["error"]
+    assert "missing 'prompt'" in error["message"] and "may give 'messages' instead" in error["message"]
+
+
 @pytest.mark.parametrize(("content", "lines", "says"), [
     (b'{"prompt": "ok"}\n{"prompt": "ok",\nnot json\n', [2, 3], "not valid JSON"),
     (b'{"prompt": "ok"}\n{"answer": "4"}\n', [2], "missing 'prompt'"),

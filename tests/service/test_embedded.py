@@ -91,3 +91,12 @@ def test_embedded_service_runs_a_job_end_to_end(embedded, tiny_model, tmp_path) 
     assert (data_dir / "artifacts" / "jobs" / job_id / "checkpoints" / "step-000004").is_dir()
     assert [c["step"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]] == [2, 4]
     download_and_load(client, job_id, 4, tmp_path)
+
+    # its checkpoint answers chat completions: the embedded inference worker, its answer a file
+    chat = client.post("/v1/chat/completions", timeout=150, json={
+        "model": job_id, "messages": [{"role": "user", "content": "What is 1 + 1?"}], "max_tokens": 4,
+        "temperature": 0})
+    assert chat.status_code == 200, (chat.text, (data_dir / "service.log").read_text()[-3000:])
+    assert chat.json()["model"].endswith(f":{job_id}:ckpt-step-4")
+    assert chat.json()["usage"]["completion_tokens"] <= 4 and len(chat.json()["choices"]) == 1
+    assert list((data_dir / "results").iterdir()) == []  # read, then deleted

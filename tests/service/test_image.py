@@ -118,11 +118,12 @@ def test_the_compose_file_parses() -> None:
 
 def test_every_compose_command_starts_from_the_installed_image(image: Path, make_database) -> None:
     commands = compose_commands()
-    assert set(commands) == {"migrate", "api", "worker"}, commands
+    assert set(commands) == {"migrate", "api", "worker", "inference"}, commands
     tag = uuid.uuid4().hex[:8]
     database_url = make_database(migrate=False)
     env = clean_env(GRPO_DATABASE_URL=database_url, GRPO_BROKER_URL=REDIS_URL, GRPO_DATA_DIR=str(image / "data"),
-                    GRPO_BROKER_KEY_PREFIX=f"grpo-test-{tag}:", GRPO_QUEUE=f"gpu-{tag}")
+                    GRPO_BROKER_KEY_PREFIX=f"grpo-test-{tag}:", GRPO_QUEUE=f"gpu-{tag}",
+                    GRPO_INFERENCE_QUEUE=f"inference-{tag}")
 
     migrate = subprocess.run(resolve(image, commands["migrate"]), cwd=image / "app", env=env, capture_output=True,
                              text=True, timeout=300)
@@ -139,6 +140,7 @@ def test_every_compose_command_starts_from_the_installed_image(image: Path, make
     api_command[api_command.index("--port") + 1] = str(port)
     api = ImageProcess(image, api_command, env, "api")
     worker = ImageProcess(image, commands["worker"], env, "worker")
+    inference = ImageProcess(image, commands["inference"], env, "inference")
     try:
         def ready() -> bool:
             api.running()
@@ -152,7 +154,11 @@ def test_every_compose_command_starts_from_the_installed_image(image: Path, make
         assert answer.status_code == 200, answer.text
         wait_for(lambda: worker.running() and " ready." in worker.log(), timeout=180,
                  what="the image's worker to be ready")
+        wait_for(lambda: inference.running() and " ready." in inference.log(), timeout=180,
+                 what="the image's inference worker to be ready")
+        assert f"inference-{tag}" in inference.log() and "grpo.chat_completion" in inference.log()
     finally:
         api.stop()
         worker.stop()
+        inference.stop()
         forget_broker_keys(Settings(broker_url=REDIS_URL, broker_key_prefix=f"grpo-test-{tag}:"))

@@ -128,6 +128,36 @@ def test_a_model_directory_the_operator_allows_is_accepted(client, dataset_id, t
     assert openai(client, upload_file(client).json()["id"], str(tiny_model))[0] == 200
 
 
+@pytest.mark.parametrize("config", [
+    {"architectures": ["BertForMaskedLM"], "model_type": "bert"},
+    {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True},
+    {"architectures": ["Qwen2ForSequenceClassification"], "model_type": "qwen2"},
+    {"architectures": ["LlamaModel"], "model_type": "llama"},
+], ids=["masked-lm", "encoder-decoder", "classifier", "no-head"])
+def test_a_base_model_whose_config_shows_no_causal_lm_head_is_refused(client, dataset_id, tmp_path_factory,
+                                                                       config: dict) -> None:
+    """Read from config.json alone (the API never imports torch): transformers would load these
+    with a head they lack, or not at all, and the job would train nothing or fail later."""
+    import json
+
+    model = tmp_path_factory.mktemp("not-causal") / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    (architecture,) = config["architectures"]
+    for (status, error), want in ((native(client, dataset_id, str(model)), (422, "base_model")),
+                                  (openai(client, upload_file(client).json()["id"], str(model)), (400, "model"))):
+        assert (status, error["param"]) == want, error
+        assert architecture in error["message"] and "ForCausalLM" in error["message"], error
+    # a reward model is a classifier by design: the same directory is a valid reward_model
+    assert reward_model(client, dataset_id, str(model))[0] == 201
+    # a causal LM's config (and one that names no architecture) passes
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"],
+                                                   "is_encoder_decoder": False}))
+    assert native(client, dataset_id, str(model))[0] == 201
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert native(client, dataset_id, str(model))[0] == 201
+
+
 def test_a_directory_is_allowed_only_under_the_operators(client, dataset_id, tiny_model: Path, settings,
                                                           tmp_path: Path) -> None:
     narrowed = settings.model_copy(update={"model_dirs": [tmp_path / "models"]})

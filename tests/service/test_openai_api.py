@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import httpx
+import openai
 import pytest
 from sqlalchemy import update
 
@@ -273,3 +275,19 @@ def test_a_succeeded_jobs_checkpoints_carry_their_steps_metrics(client, settings
     assert client.get(newest["download_url"]).status_code == 200
     after = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"after": newest["id"]}).json()
     assert [c["step_number"] for c in after["data"]] == [2]
+
+
+def test_a_download_url_works_with_the_openai_sdks_base_url(client, settings, file_id) -> None:
+    """The SDK joins a relative path to its base_url, ``http://host/v1``: a host-relative
+    ``/v1/jobs/...`` became ``/v1/v1/jobs/...``. The URL is absolute, the same natively."""
+    job_id = client.post("/v1/fine_tuning/jobs", json=rft_job(file_id)).json()["id"]
+    make_checkpoint(settings, job_id, 2)
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=client.headers["Authorization"].split()[1],
+                        http_client=client, max_retries=0)
+    [checkpoint] = sdk.fine_tuning.jobs.checkpoints.list(job_id).data
+    url = checkpoint.model_extra["download_url"]
+    assert url == f"http://testserver/v1/jobs/{job_id}/checkpoints/2/download"
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"][0]["download_url"] == url  # one builder
+    response = sdk.get(url, cast_to=httpx.Response)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    assert str(response.url) == url

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai.types import FileObject
@@ -74,7 +75,7 @@ def test_files_upload_list_retrieve_and_content(client, training_file) -> None:
     assert '"prompt": [{"role": "system", "content": "Reply with the number."}' in first_line
 
 
-def test_a_reinforcement_job_runs_to_success(client, training_file, tiny_model, redis_worker) -> None:
+def test_a_reinforcement_job_runs_to_success(client, server, training_file, tiny_model, redis_worker) -> None:
     job = client.fine_tuning.jobs.create(
         model=str(tiny_model), training_file=training_file.id, suffix="sdk", seed=3, metadata={"case": "success"},
         method=reinforcement(EXACT, n_epochs=1, batch_size=4, checkpoint_every=1))
@@ -100,7 +101,9 @@ def test_a_reinforcement_job_runs_to_success(client, training_file, tiny_model, 
     assert [c.step_number for c in checkpoints] == [2, 1]
     assert checkpoints[0].fine_tuned_model_checkpoint == job.fine_tuned_model
     assert isinstance(checkpoints[0].metrics.train_loss, float) and checkpoints[0].metrics.step == 2
-    assert checkpoints[0].model_extra["download_url"] == f"/v1/jobs/{job.id}/checkpoints/2/download"
+    download_url = checkpoints[0].model_extra["download_url"]
+    assert download_url == f"{server}/v1/jobs/{job.id}/checkpoints/2/download"
+    assert client.get(download_url, cast_to=httpx.Response).headers["content-type"] == "application/x-tar"
 
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"case": "success"})] == [job.id]
 

@@ -108,7 +108,7 @@ def test_a_lora_checkpoint_downloads_as_adapter_or_merged(client, settings, job_
     (merged / "config.json").write_text('{"model_type": "llama"}')
     (merged / "model.safetensors").write_bytes(b"w" * 64)
     [listed] = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-    assert listed["merged_download_url"] == f"{url}?format=merged"
+    assert listed["merged_download_url"] == f"http://testserver{url}?format=merged"
     assert _tar_names(client.get(listed["merged_download_url"])) == [
         f"{job_id}-step-3-merged/config.json", f"{job_id}-step-3-merged/model.safetensors"]
 

@@ -118,7 +118,9 @@ def test_a_pathological_expression_or_pattern_is_a_counted_error_not_a_hung_requ
     started = time.monotonic()
     response = run(client, reward=reward, samples=samples)
     assert response.status_code == 200, response.text
-    assert time.monotonic() - started < 10  # 1 s for each, and a loaded machine's slack
+    # Counted below (one error each); this bound only tells "stopped" from "busy for hours", generous
+    # for a loaded 2-core CI.
+    assert time.monotonic() - started < 60
     body = response.json()
     assert body["errors"] == {"math": 1, "regex": 1}
     assert [score["errors"] for score in body["data"]] == [["math", "regex"], []]

@@ -1,5 +1,7 @@
 """Datasets, prompt sampling and config validation: bad input is named precisely."""
 
+import json
+
 import pytest
 
 from trainer.__main__ import policy_from_environ
@@ -53,6 +55,45 @@ def test_json_shape_is_read_off_the_bytes(line, over):
 def test_json_the_parser_cannot_read_is_a_dataset_error(text, says):
     with pytest.raises(DatasetError, match=says.replace("(", r"\(")):
         parse_line(text, 7)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    # a line cut short ends in its newline: the error is at its end, not at "column 1" of the next
+    ('{"prompt": "hi", \n', "(Expecting property name enclosed in double quotes at the end of the line, column 18)"),
+    ('{"prompt": "hi",\r\n', "at the end of the line, column 17)"),
+    ('{"prompt": "hi" "x"}\n', "(Expecting ',' delimiter at column 17)"),
+    ('{"prompt": "\u00e9", x}\n', "at column 17)"),  # characters, as an editor counts them, not bytes
+])
+def test_a_malformed_line_names_the_column_an_editor_shows(text, says):
+    with pytest.raises(DatasetError) as caught:
+        parse_line(text, 3)
+    assert str(caught.value).startswith("line 3: not valid JSON") and says in str(caught.value), str(caught.value)
+
+
+def test_a_byte_order_mark_before_the_first_row_is_skipped(tmp_path):
+    assert parse_line('\ufeff{"prompt": "a"}\n', 1) == {"prompt": "a"}
+    rows = RowFile(rows_file(tmp_path / "d.jsonl", ['\ufeff{"prompt": "a"}\n{"prompt": "b"}\n'.encode()]))
+    assert [row["prompt"] for row in rows] == ["a", "b"]
+    rows.close()
+
+
+def test_a_chat_format_row_has_its_messages_before_a_final_assistant_one_as_prompt():
+    chat = {"messages": [{"role": "developer", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+                         {"role": "assistant", "content": "4"}], "answer": "4"}
+    row = parse_line(json.dumps(chat), 1)
+    assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert row["completion"] == "4" and row["messages"] == chat["messages"] and row["answer"] == "4"
+    # a prompt given wins; a row's own completion is kept; no final assistant message, no completion
+    assert parse_line(json.dumps({**chat, "prompt": "p"}), 1)["prompt"] == "p"
+    assert parse_line(json.dumps({**chat, "completion": "mine"}), 1)["completion"] == "mine"
+    only_user = parse_line('{"messages": [{"role": "user", "content": "hi"}]}', 1)
+    assert only_user["prompt"] == [{"role": "user", "content": "hi"}] and "completion" not in only_user
+    for bad in ('{"messages": "hi"}', '{"messages": []}'):
+        with pytest.raises(DatasetError, match="missing 'prompt'.*'messages' must be a non-empty list"):
+            parse_line(bad, 1)
+    with pytest.raises(DatasetError, match=r"'prompt'\[0\] must be a message"):
+        parse_line('{"messages": [{"role": "user"}]}', 1)
 
 
 def rows_file(path, lines: list[bytes]):
@@ -118,6 +159,35 @@ def test_config_errors_name_the_field_and_the_fix(values, param, hint):
         GRPOConfig.from_dict(values)
     assert caught.value.param == param
     assert hint in str(caught.value)
+
+
+@pytest.mark.parametrize(("values", "param", "hint"), [
+    ({"learning_rte": 1e-5}, "hyperparameters.learning_rte", "did you mean 'learning_rate'? known ones:"),
+    ({"num_generations": 8}, "hyperparameters.num_generations", "did you mean 'group_size'?"),  # TRL's name
+    ({"Max_Steps": 8}, "hyperparameters.Max_Steps", "did you mean 'max_steps'?"),
+    ({"lora": {"rank": 8}}, "hyperparameters.lora.rank", "did you mean 'r'?"),
+    ({"lora": {"alpah": 8}}, "hyperparameters.lora.alpah", "did you mean 'alpha'?"),
+    ({"loss_type": "dr-grpo"}, "hyperparameters.loss_type", "did you mean 'dr_grpo'?"),
+])
+def test_an_unknown_name_suggests_the_nearest_known_one(values, param, hint):
+    with pytest.raises(ConfigError) as caught:
+        GRPOConfig.from_dict(values)
+    assert caught.value.param == param and hint in caught.value.message, caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        GRPOConfig.from_dict({"zzzz": 1})
+    assert "did you mean" not in caught.value.message  # nothing near: no guess
+
+
+def test_an_unknown_reward_type_or_option_suggests_the_nearest_known_one():
+    from trainer.rewards import validate_reward_specs
+    for spec, param, hint in (({"type": "exact_macth"}, "reward[0].type", "did you mean 'exact_match'?"),
+                              ({"type": "exact_match", "extrct": "last_number"}, "reward[0].extrct",
+                               "did you mean 'extract'?"),
+                              ({"type": "exact_match", "extract": "last_numbr"}, "reward[0].extract",
+                               "did you mean 'last_number'?")):
+        with pytest.raises(ConfigError) as caught:
+            validate_reward_specs([spec])
+        assert caught.value.param == param and hint in caught.value.message, caught.value.message
 
 
 def test_run_config_from_spec_takes_top_level_group_size():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.trainer.factories import LOADED_MACHINE_SLACK_S
 from trainer import net
 from trainer.config import ConfigError, OperatorPolicy
 from trainer.errors import ModelLoadError
@@ -86,7 +87,9 @@ def test_exact_match_boxed_is_linear_in_a_completion_that_repeats_boxes():
     completion = "\\boxed{" * 20_000 + "\\boxed{7}"  # quadratic scanning took ~8 s at a quarter of this
     started = time.monotonic()
     assert parts({"type": "exact_match", "extract": "boxed"}, [completion], answers("7")) == [1.0]
-    assert time.monotonic() - started < 2
+    # Not a timing test: only a bound a loaded 2-core CI keeps easily, where quadratic scanning
+    # (16x the ~8 s measured at a quarter of this length) cannot.
+    assert time.monotonic() - started < LOADED_MACHINE_SLACK_S
 
 
 def test_exact_match_full_collapses_whitespace():
@@ -140,8 +143,8 @@ def test_math_that_never_ends_is_a_timeout_error_off_the_main_thread():
 
     thread = threading.Thread(target=run)
     thread.start()
-    thread.join(timeout=30)
-    assert not thread.is_alive() and elapsed[0] < 5
+    thread.join(timeout=1 + LOADED_MACHINE_SLACK_S)
+    assert not thread.is_alive() and elapsed  # it ended (sympy alone would run for hours)
     (output,) = results
     assert output.parts["math"] == [None, 1.0] and output.errors == {"math": 1}
     assert output.error_messages == ["math: math-verify timed out after 1s on this completion"]
@@ -164,7 +167,7 @@ def test_a_math_child_that_stops_answering_is_killed_at_the_limit(tmp_path):
         started = time.monotonic()
         with pytest.raises(RewardError, match="timed out after 1s"):
             pool.check("2", "$2$", timeout_s=1)
-        assert time.monotonic() - started < 1 + KILL_GRACE_S + 2
+        assert time.monotonic() - started < 1 + KILL_GRACE_S + LOADED_MACHINE_SLACK_S  # the child would sleep an hour
         pid = int((tmp_path / "stuck_child.py.pid").read_text())
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # killed and reaped
@@ -210,15 +213,19 @@ BACKTRACKING_TEXT = "a" * 40 + "!"
 def test_a_backtracking_pattern_is_a_timeout_error_per_completion(spec):
     from trainer.rewards.base import PATTERN_TIMEOUT_S
 
+    # Counted, not timed: each backtracking completion is its own error, the others still score,
+    # and the call returns at all (2**40 ways to split would take a lifetime). The wall-clock bound
+    # is only the generous one a loaded 2-core CI keeps.
     started = time.monotonic()
-    output = score(spec, [BACKTRACKING_TEXT, "aaa"], answers("aaa", "a"))
-    assert time.monotonic() - started < PATTERN_TIMEOUT_S + 2
+    output = score(spec, [BACKTRACKING_TEXT, "aaa", BACKTRACKING_TEXT], answers("aaa", "a", "aaa"))
+    assert time.monotonic() - started < 2 * PATTERN_TIMEOUT_S + LOADED_MACHINE_SLACK_S
     (name,) = output.parts
-    assert output.parts[name][0] is None and output.parts[name][1] is not None  # the other completion scored
-    assert output.errors == {name: 1}
+    assert output.parts[name][0] is None and output.parts[name][2] is None
+    assert output.parts[name][1] is not None  # the other completion scored
+    assert output.errors == {name: 2}
     assert output.error_messages == [
         f"{name}: the pattern '(a|a)+$' timed out after {PATTERN_TIMEOUT_S:g}s on this completion; nested "
-        "repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it"]
+        "repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it"]  # distinct messages are listed once
 
 
 def test_patterns_are_checked_and_run_by_the_same_engine():
@@ -271,7 +278,7 @@ def test_code_tests_an_infinite_loop_is_stopped_by_the_time_limit():
     output = score({"type": "code_tests", "timeout_s": 1}, completions, code_rows(ADD_TESTS, 2))
     assert output.parts["code_tests"] == [0.0, 0.0]
     assert output.errors == {"code_tests": 0}
-    assert time.monotonic() - started < 1 + code_tests.STARTUP_SLACK_S + 2
+    assert time.monotonic() - started < 1 + code_tests.STARTUP_SLACK_S + LOADED_MACHINE_SLACK_S  # a 60 s sleep was cut
 
 
 def test_code_tests_keeps_the_tests_passed_before_a_timeout():

@@ -96,3 +96,80 @@ def test_non_finite_logits_are_refused_not_sampled():
     logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
     with pytest.raises(FloatingPointError, match="inf or NaN"):
         sample_top_p(logits, 1.0, torch.Generator().manual_seed(0))
+
+
+def _model_with_varied_eos(tiny_model_dir):
+    """The tiny model with EOS made likely, so that sampled completions end at different steps."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.mean(0) + 0.02 * model.lm_head.weight[5]
+        model.lm_head.weight *= 3
+    return model, tokenizer
+
+
+def test_sampled_tokens_do_not_depend_on_dropping_finished_rows(tiny_model_dir, monkeypatch):
+    model, tokenizer = _model_with_varied_eos(tiny_model_dir)
+    prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi", "abc", "what?")]
+    kwargs = dict(group_size=4, max_new_tokens=40, eos_token_ids=[tokenizer.eos_token_id],
+                  pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=0.95)  # sampled: random draws every step
+
+    selected = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda cache, indices: (selected.append(len(indices)), select(cache, indices)))
+    pruned = generate(model, prompts, generator=torch.Generator().manual_seed(7), **kwargs)
+    monkeypatch.setattr(rollout, "PRUNE_WHEN_FINISHED", 10**9)  # never drop a row
+    kept = generate(model, prompts, generator=torch.Generator().manual_seed(7), **kwargs)
+
+    lengths = sorted(len(c) for c in kept.completion_ids)
+    assert lengths[0] < 40 and len(set(lengths)) >= 4 and len(selected) >= 2  # rows finished early and were dropped
+    assert [c.tolist() for c in pruned.completion_ids] == [c.tolist() for c in kept.completion_ids]
+    assert pruned.truncated.tolist() == kept.truncated.tolist()
+
+
+def test_growing_cache_samples_what_the_plain_dynamic_cache_samples(tiny_model_dir, monkeypatch):
+    model, tokenizer = _model_with_varied_eos(tiny_model_dir)
+    prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi there, how are you", "abc")]
+    kwargs = dict(group_size=3, max_new_tokens=300, eos_token_ids=[tokenizer.eos_token_id],
+                  pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0)
+    moves = []
+    move = rollout.GrowingLayer._move_into
+    monkeypatch.setattr(rollout.GrowingLayer, "_move_into",
+                        lambda layer, k, v, room: (moves.append(k.shape[-2]), move(layer, k, v, room)))
+    growing = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kwargs)
+    monkeypatch.setattr(rollout, "new_cache", lambda model, _: DynamicCache(config=model.config))
+    plain = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kwargs)
+
+    assert max(len(c) for c in plain.completion_ids) > 100  # long enough for the buffer to grow
+    assert [c.tolist() for c in growing.completion_ids] == [c.tolist() for c in plain.completion_ids]
+    layers = model.config.num_hidden_layers
+    assert max(moves) > 50 and len(moves) < 10 * layers  # it grew a few times a layer, not once a token
+
+
+def test_growing_layer_holds_what_concatenation_holds():
+    from transformers.cache_utils import DynamicLayer
+
+    generator = torch.Generator().manual_seed(0)
+    growing, plain = rollout.GrowingLayer(max_length=40), DynamicLayer()
+
+    def step(rows: int, n: int) -> None:
+        k, v = (torch.randn(rows, 3, n, 4, generator=generator) for _ in range(2))
+        got, want = growing.update(k, v), plain.update(k, v)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+
+    step(2, 5)  # prefill
+    for layer in (growing, plain):
+        layer.batch_repeat_interleave(3)  # [2] rows -> [6]
+    for _ in range(20):
+        step(6, 1)
+    for layer in (growing, plain):
+        layer.batch_select_indices(torch.tensor([0, 4, 5]))
+    step(3, 2)
+    for layer in (growing, plain):
+        layer.crop(-3)
+    for _ in range(16):  # past max_length's first guess: grows again
+        step(3, 1)
+    assert growing.get_seq_length() == plain.get_seq_length() == 5 + 20 + 2 - 3 + 16
+    assert torch.equal(growing.keys, plain.keys) and torch.equal(growing.values, plain.values)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import regex
 
-from trainer.config import MAX_INTEGER, ConfigError, OperatorPolicy, is_finite_number
+from trainer.config import MAX_INTEGER, ConfigError, OperatorPolicy, did_you_mean, is_finite_number
 from trainer.rewards.stop import check_stop
 
 Scores = list[float | Exception]
@@ -162,7 +162,8 @@ def check_option(param: str, option: Option, value: Any) -> Any:
     else:  # pragma: no cover - a mistake in a registry entry
         raise AssertionError(f"unknown option kind {kind!r}")
     if option.choices and value not in option.choices:
-        raise ConfigError(param, f"unknown value {value!r}; expected one of {', '.join(option.choices)}")
+        raise ConfigError(param, f"unknown value {value!r}; {did_you_mean(value, option.choices)}"
+                          f"expected one of {', '.join(option.choices)}")
     if option.minimum is not None and value < option.minimum:
         raise ConfigError(param, f"must be >= {option.minimum:g}, got {value!r}")
     if option.above is not None and value <= option.above:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, did_you_mean
 from trainer.rewards.base import REQUIRED, Option, RewardType, check_option, known
 from trainer.rewards.code_tests import CODE_TESTS
 from trainer.rewards.graders import PYTHON_GRADER, STRING_CHECK, TEXT_SIMILARITY
@@ -61,13 +61,14 @@ def _validate_spec(spec: Any, param: str) -> dict[str, Any]:
     if kind is None:
         raise ConfigError(f"{param}.type", f"is required; known types: {known(REWARD_TYPES)}")
     if kind not in REWARD_TYPES:
-        raise ConfigError(f"{param}.type", f"unknown reward type {kind!r}; known types: {known(REWARD_TYPES)}")
+        raise ConfigError(f"{param}.type", f"unknown reward type {kind!r}; {did_you_mean(kind, REWARD_TYPES)}"
+                          f"known types: {known(REWARD_TYPES)}")
     reward_type = REWARD_TYPES[kind]
     options: dict[str, Option] = {**COMMON_OPTIONS, **reward_type.options}
     unknown = sorted(set(spec) - set(options) - {"type"})
     if unknown:
-        raise ConfigError(f"{param}.{unknown[0]}", f"unknown option for a {kind} reward; its options: "
-                          f"{known(['type', *options])}")
+        raise ConfigError(f"{param}.{unknown[0]}", f"unknown option for a {kind} reward; "
+                          f"{did_you_mean(unknown[0], options)}its options: {known(['type', *options])}")
     normalised: dict[str, Any] = {"type": kind}
     for key, option in options.items():
         if key in spec:

@@ -1,0 +1,163 @@
+"""The inference worker's task: answer a chat completion from a job's checkpoint.
+
+``python -m worker --inference`` consumes only GRPO_INFERENCE_QUEUE, one request at a time in
+its main process (the solo pool), so that the checkpoints it has loaded stay loaded: the
+GRPO_INFERENCE_MODELS used most recently. The API has resolved the request's checkpoint for its
+owner; the task re-reads it by ids (it may have been pruned since) and answers what
+``jobs.chat.ChatCompletionOut`` needs besides the model's name: choices and usage.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Task, shared_task
+
+from jobs.artifacts import inside, merged_dir
+from jobs.chat import CHAT_COMPLETION
+from jobs.db import session_factory, unit_of_work
+from jobs.errors import CheckpointNotFound
+from jobs.model_paths import check_model
+from jobs.models import Job
+from jobs.queries import get_checkpoint
+from jobs.settings import Settings, get_settings
+from trainer.config import ConfigError
+from trainer.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint's weights are, and what identifies this version of them."""
+
+    key: tuple[str, ...]
+    directory: Path  # a full model, or an adapter (then ``base_model`` is what it adapts)
+    base_model: str | None
+
+
+class WarmModels:
+    """The ``capacity`` checkpoints used most recently, loaded; the least recently used goes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.loaded: OrderedDict[tuple[str, ...], tuple[Any, Any]] = OrderedDict()
+        self.loads = 0
+
+    def get(self, source: Source) -> tuple[Any, Any]:
+        if source.key in self.loaded:
+            self.loaded.move_to_end(source.key)
+            return self.loaded[source.key]
+        while len(self.loaded) >= self.capacity:
+            evicted, _ = self.loaded.popitem(last=False)
+            log.info("unloaded checkpoint %s (GRPO_INFERENCE_MODELS=%d)", "/".join(evicted[:2]), self.capacity)
+            release_memory()
+        model_and_tokenizer = load(source)
+        self.loads += 1
+        self.loaded[source.key] = model_and_tokenizer
+        log.info("loaded checkpoint %s from %s (%d warm)", "/".join(source.key[:2]), source.directory, len(self.loaded))
+        return model_and_tokenizer
+
+
+def release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load(source: Source) -> tuple[Any, Any]:
+    """The model (an adapter merged into its base) in eval mode, and the checkpoint's tokenizer."""
+    from trainer.model import default_device, load_causal_lm, load_tokenizer, resolve_dtype
+
+    device = default_device()
+    dtype = resolve_dtype("auto", device)
+    tokenizer = load_tokenizer(source.directory)
+    if source.base_model is None:
+        model = load_causal_lm(source.directory, dtype, device)
+    else:
+        from peft import PeftModel
+
+        base = load_causal_lm(source.base_model, dtype, device)
+        try:
+            model = PeftModel.from_pretrained(base, str(source.directory)).merge_and_unload()
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the adapter onto its base model ({type(exc).__name__})") from exc
+    return model.eval(), tokenizer
+
+
+def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
+    """The checkpoint of the request's job and step as stored now (``CheckpointNotFound`` once
+    pruned); a LoRA job's adapter is served from its merged model when there is one."""
+    assert settings.artifact_dir is not None
+    job_id, step = str(request["job_id"]), int(request["step"])
+    with unit_of_work(session_factory(settings.database_url)) as session:
+        checkpoint = get_checkpoint(session=session, job_id=job_id, step=step)
+        job = session.get(Job, job_id)
+        assert job is not None  # the checkpoint's row references it
+        path, kind, created, base_model = checkpoint.path, checkpoint.kind, checkpoint.created_at, job.base_model
+    directory = inside(settings.artifact_dir, path)
+    if directory is None or not directory.is_dir():
+        raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
+    key = (job_id, str(step), created.isoformat(), path)
+    if kind == "adapter":
+        merged = merged_dir(settings.job_dir(job_id), step)
+        if merged.is_dir():
+            return Source(key=(*key, "merged"), directory=merged, base_model=None)
+        # the operator's allowed model directories now, not when the job was created
+        check_model(base_model, param="model", model_dirs=settings.model_dirs or [], artifact_dir=settings.artifact_dir)
+        return Source(key=key, directory=directory, base_model=base_model)
+    return Source(key=key, directory=directory, base_model=None)
+
+
+def answer(request: dict[str, Any], *, settings: Settings, models: WarmModels) -> dict[str, Any]:
+    """``{"choices": [...], "usage": {...}}``, or ``{"error": {"message", "param"}}`` for a
+    request this checkpoint cannot answer."""
+    from trainer.chat import generate_chat
+
+    try:
+        source = checkpoint_source(request, settings)
+        model, tokenizer = models.get(source)
+        generation = generate_chat(model, tokenizer, request["messages"], max_tokens=int(request["max_tokens"]),
+                                   temperature=float(request["temperature"]), top_p=float(request["top_p"]),
+                                   n=int(request["n"]), stop=list(request["stop"]), seed=request.get("seed"))
+    except CheckpointNotFound as exc:
+        return {"error": {"code": "model_not_found", "message": exc.message, "param": "model"}}
+    except ConfigError as exc:
+        return {"error": {"message": exc.message, "param": exc.param}}
+    except ModelLoadError as exc:  # its text may hold this machine's paths: the log keeps it
+        log.warning("chat request for %s step %s: %s", request.get("job_id"), request.get("step"), exc)
+        return {"error": {"code": "inference_unavailable", "message": "this checkpoint could not be loaded for "
+                          "inference; the operator's inference worker log has why", "param": "model"}}
+    completion_tokens = sum(choice.completion_tokens for choice in generation.choices)
+    return {
+        "choices": [{"index": index, "message": {"role": "assistant", "content": choice.text},
+                     "finish_reason": choice.finish_reason} for index, choice in enumerate(generation.choices)],
+        "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": generation.prompt_tokens + completion_tokens},
+    }
+
+
+_models: WarmModels | None = None
+
+
+def warm_models(settings: Settings) -> WarmModels:
+    global _models
+    if _models is None:
+        _models = WarmModels(settings.inference_models)
+    return _models
+
+
+# ignore_result=False: the answer goes back through the result backend; acks_late=False: a request
+# that kills its worker is not handed to the next one (it would likely kill it too, and its
+# asker has moved on); track_started: a timed-out request says whether a worker had taken it.
+@shared_task(name=CHAT_COMPLETION, bind=True, ignore_result=False, acks_late=False, track_started=True)
+def chat_completion(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    settings = get_settings()
+    return answer(request, settings=settings, models=warm_models(settings))
