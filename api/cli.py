@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,9 +99,10 @@ def worker(ctx: typer.Context, inference: Annotated[bool, typer.Option(
         "--inference", help="Answer chat completions from checkpoints (GRPO_INFERENCE_QUEUE) instead of "
         "running jobs.")] = False) -> None:
     """Run a GPU worker on the configured queue; extra options go to `celery worker`."""
-    from worker.__main__ import main
-
-    main([*(["--inference"] if inference else []), *ctx.args])
+    # The worker is its own program (``python -m worker``), as in the embedded setup: this
+    # process becomes it (same pid, so signals reach it), and the API package never imports it.
+    argv = [sys.executable, "-m", "worker", *(["--inference"] if inference else []), *ctx.args]
+    os.execv(sys.executable, argv)
 
 
 @contextmanager

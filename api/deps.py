@@ -9,17 +9,14 @@ waiting for a thread holds). One unit of work in one thread cannot.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, NamedTuple
 
-from fastapi import BackgroundTasks, Depends, Header, Query, Request
+from fastapi import Depends, Header, Query, Request
 
 from api.cache import ResponseCache
+from jobs.broker import Dispatcher
 from jobs.db import Database
-from jobs.dispatch import Dispatcher
-from jobs.errors import UnsupportedMediaType
-from jobs.models import Job, WebhookStatus
 from jobs.settings import Settings
-from jobs.webhooks import first_attempt
 
 # ``async def`` although they do no I/O: FastAPI runs a plain ``def`` dependency in the
 # threadpool, a thread hop per request that would buy nothing here.
@@ -56,25 +53,6 @@ async def current_owner(request: Request) -> str:
     ``GRPO_AUTH=disabled``), as ``AuthenticateFirst`` found it before the route (and its body)
     was reached; it answered 401 or 429 itself."""
     return request.state.owner
-
-
-def send_webhook_after_response(background: BackgroundTasks, job: Job, db: Database, settings: Settings) -> None:
-    """A job this request ended (committed by now) has its webhook due: the first attempt runs
-    once the answer is sent; retries are the workers' deliverers'."""
-    if job.webhook_status == WebhookStatus.pending:
-        background.add_task(first_attempt, job.id, sessions=db.sessions, settings=settings)
-
-
-def accepts(media_type: str) -> Any:
-    """A route dependency: 415 unless the request's body is ``media_type``."""
-
-    async def content_type_is(request: Request) -> None:
-        sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if sent != media_type:
-            raise UnsupportedMediaType(f"{request.method} {request.url.path} takes {media_type}, "
-                                       f"not {sent or 'a body without a Content-Type'}", param="Content-Type")
-
-    return Depends(content_type_is)
 
 
 # The database's integers: a larger value in a query would fail there, so it is a 422 here.

@@ -32,11 +32,10 @@ from api.routes import (
     rewards,
     samples,
 )
+from jobs.broker import Dispatcher, Send, job_sender, make_celery
 from jobs.datasets import remove_leftover_uploads
 from jobs.db import Database
-from jobs.dispatch import Dispatcher, Send
 from jobs.settings import Settings, get_settings
-from worker.broker import job_sender, make_celery
 
 DESCRIPTION = """POST a GRPO job, watch its reward curve, download the fine-tuned checkpoint.
 

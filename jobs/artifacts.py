@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TRAINER_STATE = "trainer_state"
+from trainer.layout import STATE_DIR, checkpoint_name
 
 
 def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
     """(name inside the checkpoint, path) of every file a user downloads, in a stable order."""
     files = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not (Path(root) == directory and d == TRAINER_STATE))
+        dirs[:] = sorted(d for d in dirs if not (Path(root) == directory and d == STATE_DIR))
         for name in sorted(names):
             path = Path(root) / name
             if path.is_symlink():  # a checkpoint holds plain files; a link could point anywhere
@@ -36,7 +36,7 @@ def inside(artifact_dir: Path, stored: str) -> Path | None:
 def merged_dir(job_dir: Path, step: int) -> Path:
     """Where a LoRA job's adapter of ``step``, merged into its base model, is written (the
     worker does it for the final checkpoint when the job succeeds)."""
-    return job_dir / "merged" / f"step-{step:06d}"
+    return job_dir / "merged" / checkpoint_name(step)
 
 
 def describe_checkpoint(directory: Path) -> tuple[str, int]:

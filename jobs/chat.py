@@ -25,7 +25,6 @@ from jobs.errors import (
     ServiceError,
 )
 from jobs.models import Checkpoint, Job
-from jobs.openai_compat import checkpoint_model_name
 from jobs.queries import get_job, list_checkpoints
 from jobs.settings import Settings
 
@@ -117,6 +116,13 @@ class ChatTarget:
     job_id: str
     step: int
     model: str  # its fine_tuned_model name, echoed in the answer
+
+
+def checkpoint_model_name(job: Job, step: int) -> str:
+    """OpenAI's naming, ``ft:MODEL:ORG:SUFFIX:JOB:ckpt-step-N``, with the owner as the organisation."""
+    model = job.base_model.rstrip("/").rsplit("/", 1)[-1]
+    suffix = (job.spec.get("openai") or {}).get("suffix") or ""
+    return f"ft:{model}:{job.owner}:{suffix}:{job.id}:ckpt-step-{step}"
 
 
 def parse_model(model: str) -> tuple[str, int | None] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -26,7 +27,7 @@ from jobs.queries import (
 )
 from jobs.settings import Settings
 from jobs.text import find_unstorable
-from trainer.data import json_over_limits, parse_json, parse_line
+from trainer.data import chat_row, json_over_limits, parse_json, parse_line
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,26 @@ UPLOAD_PREFIX = ".upload-"  # an upload being checked, renamed to <dataset id>.j
 # directory).
 LEFTOVER_UPLOAD_AGE_S = 300.0
 ENDPOINT = "POST /v1/datasets"  # what its Idempotency-Keys are scoped to
+
+
+def prompt_from_messages(line: bytes) -> bytes:
+    """One line of an OpenAI reinforcement fine-tuning file (``POST /v1/files``), as a row the
+    trainer reads: its ``messages`` become the ``prompt`` (the row keeps them too, for graders
+    that read ``item.messages``), as ``trainer.data.chat_row`` reads any chat-format row
+    (``developer`` messages become ``system`` ones, text content parts are joined). It is written
+    into the stored file, so ``GET /v1/files/{id}/content`` shows it. A line this cannot read goes
+    through unchanged: the dataset check reports it."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return line
+    if not isinstance(row, dict) or "prompt" in row or not isinstance(row.get("messages"), list):
+        return line
+    try:
+        row = chat_row(row)
+    except DatasetError:
+        return line
+    return json.dumps(row, ensure_ascii=False).encode() + b"\n"
 
 
 def store_dataset(*, session: Session, owner: str, source: BinaryIO, name: str, settings: Settings,

@@ -119,7 +119,7 @@ def end_unit_of_work(session: Session, *, failed: bool) -> None:
 def unit_of_work(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed when the block ends and rolled back if it raises.
 
-    The one owner of a transaction (the worker's, and the API's through ``end_unit_of_work``);
+    The one owner of a transaction (the worker's, and the API's through ``Database.transaction``);
     query functions only flush.
     """
     session = sessions()
@@ -144,7 +144,6 @@ class Database:
     a route that only reads, with one statement, ``with db.read() as session:``."""
 
     def __init__(self, database_url: str, *, pool_size: int = POOL_SIZE):
-        self.url = database_url
         self.pool_size = pool_size
         self.sessions = session_factory(database_url, pool_size=pool_size)
         # The same pool, its connections in autocommit: a lone SELECT is consistent by itself and

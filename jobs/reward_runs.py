@@ -18,8 +18,8 @@ from typing import Any
 from jobs.errors import InvalidRequest, LimitExceeded, RewardRunTimedOut
 from jobs.schemas import RewardRunIn, RewardRunOut, RewardRunSample, RewardScore
 from jobs.settings import Settings
-from jobs.specs import check_rewards, operator_policy
-from trainer.config import ConfigError
+from jobs.submission import as_invalid_request, check_rewards, operator_policy
+from trainer.data import messages_text
 from trainer.errors import TrainingError
 from trainer.rewards import RewardSuite
 from trainer.rewards.stop import ScoringStopped, StopSignal
@@ -56,7 +56,7 @@ def prompt_text(sample: RewardRunSample) -> str:
     tokenizer to apply the base model's chat template (rule-based rewards rarely read it)."""
     prompt = sample.prompt if sample.prompt is not None else sample.row.get("prompt", "")
     if isinstance(prompt, list):
-        return "\n".join(str(message.get("content", "")) for message in prompt if isinstance(message, dict))
+        return messages_text(prompt)
     return prompt if isinstance(prompt, str) else ""
 
 
@@ -67,7 +67,7 @@ def run_rewards(request: RewardRunIn, settings: Settings, stop: StopSignal | Non
     specs = check_reward_run(request, settings)
     rows = [{"prompt": prompt_text(s), **s.row} for s in request.samples]
     try:
-        with RewardSuite(specs, policy=operator_policy(settings)) as suite:
+        with as_invalid_request(), RewardSuite(specs, policy=operator_policy(settings)) as suite:
             try:
                 out = suite([prompt_text(s) for s in request.samples], [s.completion for s in request.samples], rows,
                             stop=stop)
@@ -75,8 +75,6 @@ def run_rewards(request: RewardRunIn, settings: Settings, stop: StopSignal | Non
                 if exc.reason != TIMED_OUT:
                     raise
                 raise timed_out(specs, suite.running, settings) from None
-    except ConfigError as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
     except TrainingError as exc:  # a reward that cannot even be built, e.g. no sandbox on this host
         raise InvalidRequest(str(exc), param="reward") from None
     scores = [RewardScore(total=total,

@@ -4,7 +4,7 @@ The delivery lives in the job's row (``jobs.queries.webhooks``): it becomes due 
 transaction that ends the job, whichever process ends it (a worker, the API cancelling a queued
 job, a sweeper failing a job that lost its workers), and stays due until an attempt succeeds or
 ``GRPO_WEBHOOK_MAX_ATTEMPTS`` have failed. That process makes the first attempt right after its
-commit; every worker's webhook deliverer (a thread beside its sweeper, ``worker.sweeper``) makes
+commit; every worker's webhook deliverer (a thread beside its sweeper, ``worker.webhooks``) makes
 the attempts that are due (retries after a backoff, and any attempt a crash or restart
 interrupted). Each attempt is an event of the job's (kind ``webhook``).
 Delivery is at least once: a receiver that answered but whose answer was lost gets the message

@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print(export_merged(args.checkpoint, args.output))
         return 0
 
-    from trainer.checkpoint import list_checkpoints
+    from trainer.checkpoint import checkpoints_on_disk
     from trainer.loop import train
 
-    earlier = list_checkpoints(args.output)
+    earlier = checkpoints_on_disk(args.output)
     if earlier and not (args.resume or args.overwrite):
         print(f"error: {args.output} already holds a run (checkpoints up to step {earlier[-1][0]}); pass --resume to "
               f"continue it, --overwrite to start over there, or choose another --output", file=sys.stderr)

@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from trainer.config import ConfigError
+from trainer.data import messages_text
 
 STOP_WINDOW_TOKENS = 8  # decoded beyond the longest stop sequence's length when looking for it
 
@@ -38,7 +39,7 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     prompt, or (a tokenizer without one) the contents a line each."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "\n".join(message["content"] for message in messages)
+    return messages_text(messages)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

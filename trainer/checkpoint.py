@@ -10,38 +10,32 @@ which the next save removes.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-STATE_DIR = "trainer_state"
-_NAME = re.compile(r"^step-(\d{6,})$")
+from trainer.layout import CHECKPOINT_NAME, STATE_DIR, checkpoint_name
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+def checkpoints_on_disk(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
-        match = _NAME.match(path.name)
+        match = CHECKPOINT_NAME.match(path.name)
         if match and (path / STATE_DIR / "state.json").is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
+    found = checkpoints_on_disk(output_dir)
     return found[-1][1] if found else None
 
 
@@ -54,10 +48,8 @@ class TrainingState:
     extra: dict[str, Any]  # JSON-able: prompt sampler position, the config that wrote it
 
 
-def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingState, *, keep_last: int,
-                    keep_steps: Collection[int] = ()) -> Path:
-    """Write a complete checkpoint for ``state.step`` and prune older ones to ``keep_last`` (0: keep all);
-    the checkpoints of ``keep_steps`` (the best one by evaluation) are never pruned."""
+def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingState) -> Path:
+    """Write a complete checkpoint for ``state.step`` (``prune_checkpoints`` then drops old ones)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
@@ -79,11 +71,23 @@ def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingSt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last > 0:
-        for step, old in list_checkpoints(output_dir)[:-keep_last]:
-            if step not in keep_steps:
-                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def prune_checkpoints(output_dir: str | Path, *, keep_last: int, keep_steps: Collection[int] = (),
+                      on_removed: Callable[[int], None]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (0: keep all), never those of
+    ``keep_steps`` (the best one by evaluation), and tell ``on_removed`` each step deleted.
+    Separate from ``save_checkpoint``: a failure of ``on_removed`` (the job record unreachable)
+    is not a failure to write, which a full disk is told apart from."""
+    if keep_last <= 0:
+        return
+    for step, old in checkpoints_on_disk(output_dir)[:-keep_last]:
+        if step not in keep_steps:
+            # Reported even if something in it could not be deleted: a half-deleted checkpoint
+            # is no longer one to offer, and the next prune tries it again.
+            shutil.rmtree(old, ignore_errors=True)
+            on_removed(step)
 
 
 def load_training_state(path: str | Path) -> TrainingState:

@@ -70,6 +70,12 @@ def chat_message(message: Any) -> Any:
     return {**message, "role": role, "content": content}
 
 
+def messages_text(messages: Iterable[Any]) -> str:
+    """A chat prompt as text without a chat template (a tokenizer that has none, or the API, which
+    has no tokenizer): the messages' contents, a line each."""
+    return "\n".join(str(message.get("content", "")) for message in messages if isinstance(message, dict))
+
+
 def parse_line(text: str, number: int | None) -> dict[str, Any] | None:
     """One JSONL line as a checked row; None for a blank line; ``DatasetError`` for a bad one."""
     if not text.strip():

@@ -24,6 +24,7 @@ from trainer.errors import (
     RewardFailedError,
     TrainingError,
 )
+from trainer.progress import Progress
 
 MB = 1 << 20
 
@@ -61,8 +62,10 @@ class Failures:
     """One run's failure paths: out of memory, a diverged model, a full disk, a reward that
     keeps failing."""
 
-    def __init__(self, config: GRPOConfig, output_dir: Path, policy: torch.nn.Module):
+    def __init__(self, config: GRPOConfig, output_dir: Path, policy: torch.nn.Module,
+                 progress: Progress | None = None):
         self.config, self.output_dir, self.policy = config, output_dir, policy
+        self.progress = progress or Progress()  # told of the diverged checkpoint it removes
         self.failing_reward_steps: dict[str, int] = {}  # per reward function: steps in a row it failed
 
     @contextmanager
@@ -96,8 +99,11 @@ class Failures:
         inf or NaN: a checkpoint of those weights is removed (it would load, and be useless), and
         the newest one left, whose weights went on to train a step cleanly, is named."""
         suspect = self.output_dir / "checkpoints" / ckpt.checkpoint_name(step - 1)
-        removed = f" ({suspect.name}, saved from the weights that diverged, was removed)" if suspect.is_dir() else ""
-        shutil.rmtree(suspect, ignore_errors=True)
+        removed = ""
+        if suspect.is_dir():
+            removed = f" ({suspect.name}, saved from the weights that diverged, was removed)"
+            shutil.rmtree(suspect, ignore_errors=True)
+            self.progress.on_checkpoint_removed(step - 1)
         last = ckpt.latest_checkpoint(self.output_dir)
         if last is None:
             kept = f"no good checkpoint was written before it{removed}"

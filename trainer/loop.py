@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,8 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
-from trainer.config import GRPOConfig, RunConfig
-from trainer.data import PromptSampler, RowFile
+from trainer.config import ConfigError, GRPOConfig, RunConfig
+from trainer.data import PromptSampler, RowFile, messages_text
 from trainer.evaluation import BestCheckpoint, DivergenceWatch, Evaluator, checkpoint_figures
 from trainer.failures import Failures
 from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logprobs
@@ -116,7 +116,7 @@ class Rollouts:
             return prompt
         if tokenizer.chat_template:
             return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return "\n".join(m["content"] for m in prompt)
+        return messages_text(prompt)
 
     def prompt_ids(self, prompt: str | list[dict], text: str) -> list[int]:
         """``text``'s token ids, BOS as the tokenizer adds it: a plain string gets the tokenizer's
@@ -200,6 +200,25 @@ def draw_batch(rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, t
     return chosen, extra
 
 
+def check_a_prompt_fits(rollouts: Rollouts, rows: Iterable[dict]) -> None:
+    """ConfigError naming max_prompt_length when every prompt of the dataset is longer, counted as
+    the model gets it (chat template and BOS included): each would be cut from the left, and the run
+    would train on nothing but prompts whose beginning is gone. Reads rows up to the first that fits
+    (one, in a usual dataset); prompts cut now and then are counted and named in steps instead."""
+    limit = rollouts.config.max_prompt_length
+    shortest = None
+    for row in rows:
+        prompt = row["prompt"]
+        length = len(rollouts.prompt_ids(prompt, rollouts.prompt_text(prompt)))
+        if length <= limit:
+            return
+        shortest = length if shortest is None else min(shortest, length)
+    raise ConfigError("hyperparameters.max_prompt_length", (
+        f"every prompt of the dataset is longer than max_prompt_length ({limit} tokens): the shortest is "
+        f"{shortest} tokens, chat template and BOS included, so every prompt would lose its beginning. "
+        f"Raise max_prompt_length to at least {shortest}, or shorten the prompts"))
+
+
 def truncated_prompts(batch: ScoredGroups) -> list[int]:
     """The groups whose prompt max_prompt_length cut (none known: a batch built without lengths)."""
     if not batch.prompt_lengths:
@@ -268,7 +287,8 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
     sampler = PromptSampler(len(rows), cfg.seed)
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
     rollouts = Rollouts(rows, models, rewards, cfg, generator)
-    failures = Failures(cfg, output_dir, policy)
+    check_a_prompt_fits(rollouts, rows)
+    failures = Failures(cfg, output_dir, policy, progress)
     # Evaluation has its own generator (reseeded per evaluation): it never moves the training draws.
     evaluator = Evaluator(Rollouts(eval_rows, models, rewards, cfg, torch.Generator(generator.device)), cfg) \
         if eval_rows else None
@@ -316,9 +336,11 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
                    "divergence": divergence.state_dict()},
         )
         with failures.saving(step):
-            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state, keep_last=cfg.keep_last_checkpoints,
-                                        keep_steps=() if best.step is None else (best.step,))
+            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state)
         progress.on_checkpoint(step, path)
+        ckpt.prune_checkpoints(output_dir, keep_last=cfg.keep_last_checkpoints,
+                               keep_steps=() if best.step is None else (best.step,),
+                               on_removed=progress.on_checkpoint_removed)
         if evaluation is not None:
             progress.on_evaluation(step, checkpoint_figures(evaluation), best_step=best.step)
         return path

@@ -22,6 +22,11 @@ class Progress:
     def on_checkpoint(self, step: int, path: Path) -> None:
         """A complete checkpoint of step ``step`` now lies at ``path``."""
 
+    def on_checkpoint_removed(self, step: int) -> None:
+        """The checkpoint of step ``step`` was deleted from disk: pruned by ``keep_last_checkpoints``,
+        or saved from weights that diverged. The trainer is the only one that deletes checkpoints,
+        so a watcher that keeps a list of them mirrors this instead of rescanning the disk."""
+
     def on_evaluation(self, step: int, figures: dict[str, float], *, best_step: int | None) -> None:
         """The checkpoint of step ``step`` (just reported by ``on_checkpoint``) scored ``figures``
         on the eval set (``reward``, ``pass@k``, ...: the ``eval/`` metrics without their prefix);

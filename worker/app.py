@@ -1,6 +1,6 @@
 """The worker's Celery app: ``python -m worker`` or ``celery -A worker.app worker -Q gpu``.
 
-Configured from ``GRPO_*`` settings (see ``worker.broker``); the sweeper runs in the worker's
+Configured from ``GRPO_*`` settings (see ``jobs.broker``); the sweeper runs in the worker's
 main process beside the pool.
 """
 
@@ -10,8 +10,8 @@ import os
 
 from celery.signals import worker_init
 
+from jobs.broker import make_celery
 from jobs.settings import get_settings
-from worker.broker import make_celery
 from worker.sweeper import SweeperStep
 
 # Progress bars are for terminals; in a worker's log each is a dozen WARNING lines. (Set before

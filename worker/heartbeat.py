@@ -10,7 +10,7 @@ from types import TracebackType
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import unit_of_work
-from jobs.queries import heartbeat
+from jobs.queries import renew_lease
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Heartbeat:
         while not self.stopping.wait(self.interval):
             try:
                 with unit_of_work(self.sessions) as session:
-                    held = heartbeat(session=session, job_id=self.job_id, worker=self.worker)
+                    held = renew_lease(session=session, job_id=self.job_id, worker=self.worker)
             except Exception as exc:  # the database is unreachable, say: the next beat tries again
                 log.warning("heartbeat for job %s failed (%s); retrying", self.job_id, " ".join(str(exc).split())[:200])
                 continue

@@ -14,8 +14,8 @@ from jobs.queries import (
     add_event,
     add_samples,
     append_metrics,
+    delete_checkpoint,
     is_stop_requested,
-    prune_checkpoints,
     record_evaluation,
     record_step,
     upsert_checkpoint,
@@ -86,11 +86,15 @@ class JobProgress(Progress):
         def write(session: Session) -> None:
             upsert_checkpoint(session=session, job_id=self.job_id, step=step, kind=kind, bytes=size,
                               path=relative_to_artifacts(Path(path), self.artifact_dir))
-            prune_checkpoints(session=session, job_id=self.job_id, artifact_dir=self.artifact_dir)
             add_event(session=session, job_id=self.job_id, kind="checkpoint", message=f"checkpoint at step {step}",
                       data={"step": step, "kind": kind, "bytes": size})
 
         self._write(write, f"checkpoint of step {step}")
+
+    def on_checkpoint_removed(self, step: int) -> None:
+        self._hold()
+        self._write(lambda session: delete_checkpoint(session=session, job_id=self.job_id, step=step),
+                    f"removal of checkpoint {step}")
 
     def on_evaluation(self, step: int, figures: dict[str, float], *, best_step: int | None) -> None:
         self._hold()

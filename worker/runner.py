@@ -8,9 +8,9 @@ from sqlalchemy.orm import Session
 
 from jobs.db import session_factory
 from jobs.models import JobStatus
-from jobs.queries import claim_job, finish_job, prune_checkpoints, stop_job
+from jobs.queries import claim_job, finish_job, forget_missing_checkpoints, stop_job
 from jobs.settings import Settings
-from jobs.specs import run_config_for
+from jobs.submission import run_config_for
 from jobs.webhooks import first_attempt
 from trainer.config import ConfigError
 from trainer.errors import TrainingError
@@ -30,7 +30,9 @@ def internal_failure_reason(job_id: str, exc: Exception) -> str:
             f"({job_id}), whose traceback the worker log has")
 
 
-def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
+def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
+    """Claim job ``job_id`` and train it to its end, recording progress, checkpoints and the
+    outcome; a job that is not queued (a duplicate message) is left alone."""
     sessions = session_factory(settings.database_url)
     retry_s = settings.database_retry_s
     job = with_retries(sessions, lambda session: claim_job(session=session, job_id=job_id, worker=worker),
@@ -42,6 +44,18 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker, job.attempts)
     assert settings.artifact_dir is not None
     artifact_dir = settings.artifact_dir
+    # The trainer reports each checkpoint it deletes (JobProgress.on_checkpoint_removed), but a worker
+    # that died between deleting one and committing the report (killed, or the database out of reach
+    # past database_retry_s) left a row whose files are gone, and no later run reports that step again.
+    # So the record is checked against the disk once, here, before a resumed run; after a clean end
+    # (a pause) or on a first attempt it finds nothing.
+    def forget_missing(session: Session) -> list[int]:
+        return forget_missing_checkpoints(session=session, job_id=job_id, artifact_dir=artifact_dir)
+
+    forgotten = with_retries(sessions, forget_missing, within_s=retry_s, what=f"job {job_id}: checkpoints")
+    if forgotten:
+        log.warning("job %s: forgot the checkpoints of steps %s, deleted by an earlier attempt that died "
+                    "before recording it", job_id, forgotten)
     progress = JobProgress(job_id=job_id, worker=worker, sessions=sessions, artifact_dir=artifact_dir,
                            database_retry_s=retry_s)
     stopped_at, reason = None, None
@@ -72,7 +86,6 @@ def run_job(job_id: str, *, settings: Settings, worker: str) -> None:
         reason = internal_failure_reason(job_id, exc)
 
     def record_end(session: Session) -> JobStatus | None:
-        prune_checkpoints(session=session, job_id=job_id, artifact_dir=artifact_dir)
         if stopped_at is not None:  # asked to stop: cancelled, or paused to be resumed
             return stop_job(session=session, job_id=job_id, worker=worker, step=stopped_at)
         status = JobStatus.succeeded if reason is None else JobStatus.failed

@@ -1,6 +1,6 @@
-"""The sweeper: takes back jobs whose worker died and re-sends jobs whose message went missing;
-and beside it, on a thread of its own, the webhook deliverer, which makes the job webhook attempts
-that are due (``jobs.webhooks``): a slow receiver never delays the recovery of jobs.
+"""The sweeper: takes back jobs whose worker died and re-sends jobs whose message went missing.
+``SweeperStep`` starts it with the worker, and beside it, on a thread of its own, the webhook
+deliverer (``worker.webhooks``): a slow receiver never delays the recovery of jobs.
 
 It runs as a thread in every worker's main process, beside the pool, rather than under celery
 beat: it needs no extra process, it keeps running while the pool process trains (a beat-sent
@@ -27,15 +27,13 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker import state as worker_state
-from sqlalchemy.orm import Session, sessionmaker
 
+from jobs.broker import Dispatcher, job_sender
 from jobs.db import session_factory, unit_of_work
-from jobs.dispatch import Dispatcher
 from jobs.models import since
 from jobs.queries import jobs_due_for_send, requeue_stale_jobs
 from jobs.settings import Settings, get_settings
-from jobs.webhooks import deliver_due_webhooks
-from worker.broker import job_sender
+from worker.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
@@ -83,27 +81,6 @@ class Sweeper(threading.Thread):
                 log.exception("sweep failed; trying again in %ss", self.settings.sweep_interval_s)
             if self.stopping.wait(self.settings.sweep_interval_s):
                 return
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=10)
-
-
-class WebhookDeliverer(threading.Thread):
-    """Every ``sweep_interval_s``, the webhook attempts that are due: retries, and first attempts
-    that the process that ended the job did not make (it crashed, or its database blinked)."""
-
-    def __init__(self, *, settings: Settings, sessions: sessionmaker[Session]):
-        super().__init__(name="grpo-webhooks", daemon=True)
-        self.settings, self.sessions = settings, sessions
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.settings.sweep_interval_s):
-            try:
-                deliver_due_webhooks(sessions=self.sessions, settings=self.settings)
-            except Exception:
-                log.exception("webhook deliveries failed; trying again in %ss", self.settings.sweep_interval_s)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -9,7 +9,8 @@ import time
 import anyio.to_thread
 from fastapi import APIRouter, Request
 
-from api.deps import CurrentOwner, DatabaseDep, SettingsDep, accepts
+from api.content_type import accepts
+from api.deps import CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import OpenAIRoute, responses
 from jobs.chat import (
     ChatCompletionCreate,

@@ -4,7 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
-from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, Limit, SettingsDep, accepts
+from api.content_type import accepts
+from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, Limit, SettingsDep
 from api.errors import responses
 from jobs.datasets import store_dataset
 from jobs.queries import get_dataset, list_datasets

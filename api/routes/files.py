@@ -7,12 +7,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, SettingsDep, accepts
+from api.content_type import accepts
+from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, SettingsDep
 from api.errors import OpenAIRoute, responses
-from jobs.datasets import remove_dataset, store_dataset
+from api.openai.objects import file_object
+from api.openai.schemas import FileDeleted, FileOut, ListOut
+from jobs.datasets import prompt_from_messages, remove_dataset, store_dataset
 from jobs.errors import DatasetNotFound, InvalidDataset, InvalidRequest
-from jobs.openai_compat import file_object, rft_line
-from jobs.openai_schemas import FileDeleted, FileOut, ListOut
 from jobs.queries import get_dataset, list_datasets
 from jobs.text import check_file_name
 
@@ -44,7 +45,7 @@ def create_file(
         try:
             dataset, _ = store_dataset(session=session, owner=owner, source=file.file, settings=settings,
                                        name=file.filename or "file.jsonl", idempotency_key=idempotency_key,
-                                       convert=rft_line)
+                                       convert=prompt_from_messages)
         except InvalidDataset as exc:
             exc.message += f" ({RFT_HINT})"
             raise

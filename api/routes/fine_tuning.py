@@ -1,6 +1,6 @@
 """``/v1/fine_tuning/jobs``, as OpenAI's: reinforcement fine-tuning jobs, run as GRPO jobs.
 
-The translation (graders → rewards, hyperparameters, objects) is ``jobs.openai_compat``; each
+The translation (graders → rewards, hyperparameters, objects) is ``api.openai``; each
 route here is the native one's unit of work with OpenAI's shapes around it.
 """
 
@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 
+from api.content_type import accepts
 from api.deps import (
     After,
     CurrentOwner,
@@ -18,27 +19,21 @@ from api.deps import (
     DispatcherDep,
     IdempotencyKey,
     SettingsDep,
-    accepts,
-    send_webhook_after_response,
 )
 from api.errors import OpenAIRoute, responses
-from api.routes.checkpoints import download_url
-from jobs.errors import InvalidRequest, ServiceError
-from jobs.models import utcnow
-from jobs.openai_compat import (
-    checkpoint_object,
-    checkpoint_step,
-    event_object,
-    job_object,
-    translate_job,
-)
-from jobs.openai_schemas import (
+from api.openai.objects import checkpoint_object, checkpoint_step, event_object, job_object
+from api.openai.schemas import (
     FineTuningCheckpointOut,
     FineTuningJobCreate,
     FineTuningJobEventOut,
     FineTuningJobOut,
     ListOut,
 )
+from api.openai.translate import translate_job
+from api.routes.checkpoints import download_url
+from api.webhooks import send_webhook_after_response
+from jobs.errors import InvalidRequest, ServiceError
+from jobs.models import utcnow
 from jobs.queries import (
     get_dataset,
     get_job,
@@ -51,7 +46,7 @@ from jobs.queries import (
     request_pause,
     request_resume,
 )
-from jobs.specs import submit_job
+from jobs.submission import submit_job
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], route_class=OpenAIRoute)
 

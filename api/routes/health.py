@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from worker.broker import broker_reachable
+from jobs.broker import broker_reachable
 
 router = APIRouter(tags=["health"])
 

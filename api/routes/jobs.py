@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from api.content_type import accepts
 from api.deps import (
     MAX_STEP,
     After,
@@ -14,11 +15,10 @@ from api.deps import (
     IdempotencyKey,
     Limit,
     SettingsDep,
-    accepts,
     poll,
-    send_webhook_after_response,
 )
 from api.errors import responses
+from api.webhooks import send_webhook_after_response
 from jobs.estimate import estimate_job
 from jobs.models import JobStatus
 from jobs.queries import (
@@ -31,7 +31,7 @@ from jobs.queries import (
     request_resume,
 )
 from jobs.schemas import JobCreate, JobEstimate, JobOut, MetricsOut, Page
-from jobs.specs import check_job_request, submit_job
+from jobs.submission import check_job_request, submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -21,11 +21,11 @@ from jobs.queries.keys import create_api_key, get_api_key_by_hash, list_api_keys
 from jobs.queries.lease import (
     claim_job,
     finish_job,
-    heartbeat,
     is_stop_requested,
     jobs_due_for_send,
     mark_sent,
     record_step,
+    renew_lease,
     requeue_stale_jobs,
     stop_job,
 )
@@ -33,12 +33,13 @@ from jobs.queries.records import (
     add_event,
     add_samples,
     append_metrics,
+    delete_checkpoint,
+    forget_missing_checkpoints,
     get_checkpoint,
     list_checkpoints,
     list_events,
     list_metrics,
     list_samples,
-    prune_checkpoints,
     record_evaluation,
     upsert_checkpoint,
 )
@@ -51,11 +52,12 @@ from jobs.queries.webhooks import (
 
 __all__ = [
     "add_event", "add_samples", "append_metrics", "claim_job", "count_active_jobs", "create_api_key",
-    "create_dataset", "create_job", "delete_dataset", "find_idempotent_resource", "finish_job", "get_api_key_by_hash",
-    "get_checkpoint", "get_dataset", "get_job", "get_job_with_metrics", "heartbeat", "is_stop_requested",
-    "list_api_keys", "remember_idempotency_key", "revoke_api_key",
+    "create_dataset", "create_job", "delete_checkpoint", "delete_dataset", "find_idempotent_resource", "finish_job",
+    "forget_missing_checkpoints", "get_api_key_by_hash",
+    "get_checkpoint", "get_dataset", "get_job", "get_job_with_metrics", "is_stop_requested",
+    "list_api_keys", "remember_idempotency_key", "renew_lease", "revoke_api_key",
     "jobs_due_for_send", "list_checkpoints", "list_datasets", "list_events", "list_events_newest_first", "list_jobs",
-    "list_metrics", "list_samples", "mark_sent", "prune_checkpoints", "record_evaluation", "record_step", "request_cancel", "request_pause",
+    "list_metrics", "list_samples", "mark_sent", "record_evaluation", "record_step", "request_cancel", "request_pause",
     "request_resume", "requeue_stale_jobs", "stop_job", "upsert_checkpoint",
     "claim_webhook_attempt", "list_due_webhooks", "queue_webhook", "record_webhook_attempt",
 ]

@@ -38,7 +38,7 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Job | None:
     return job
 
 
-def heartbeat(*, session: Session, job_id: str, worker: str) -> bool:
+def renew_lease(*, session: Session, job_id: str, worker: str) -> bool:
     """Renew the lease; False if ``worker`` no longer holds the job (the sweeper took it back)."""
     now = utcnow()
     return bool(session.execute(update(Job).where(_held_by(job_id, worker))

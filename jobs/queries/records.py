@@ -130,12 +130,21 @@ def record_evaluation(*, session: Session, job_id: str, step: int, figures: dict
                         .values(best_checkpoint_step=best_step))
 
 
-def prune_checkpoints(*, session: Session, job_id: str, artifact_dir: Path) -> None:
-    """Forget checkpoints the trainer has deleted from disk (it keeps the last few)."""
-    for checkpoint in list_checkpoints(session=session, job_id=job_id):
-        if not (artifact_dir / checkpoint.path).is_dir():
-            session.delete(checkpoint)
+def delete_checkpoint(*, session: Session, job_id: str, step: int) -> None:
+    """Forget checkpoint ``step``, which the trainer deleted from disk (pruned, or diverged);
+    one never recorded (the trainer's report repeated after a crash) is no error."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
+
+
+def forget_missing_checkpoints(*, session: Session, job_id: str, artifact_dir: Path) -> list[int]:
+    """Forget the checkpoints whose directory is gone, and return their steps: only for a run that
+    ended without telling (``delete_checkpoint`` keeps the record in step otherwise)."""
+    missing = [checkpoint for checkpoint in list_checkpoints(session=session, job_id=job_id)
+               if not (artifact_dir / checkpoint.path).is_dir()]
+    for checkpoint in missing:
+        session.delete(checkpoint)
     session.flush()
+    return [checkpoint.step for checkpoint in missing]
 
 
 def list_checkpoints(*, session: Session, job_id: str) -> list[Checkpoint]:

@@ -21,8 +21,8 @@ from api.cli import app as cli
 from api.main import create_app
 from grpo_client import Client, GrpoError
 from jobs.artifacts import describe_checkpoint
+from jobs.chat import checkpoint_model_name
 from jobs.db import transaction
-from jobs.openai_compat import checkpoint_model_name
 from jobs.queries import get_job, upsert_checkpoint
 from jobs.settings import Settings
 from tests.service.factories import WorkerProcess, api_key, bearer, job_spec, upload, wait_for

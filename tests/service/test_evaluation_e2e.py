@@ -26,6 +26,7 @@ from grpo_client import Client
 from tests.service.e2e import wait_until_ended
 from tests.service.factories import api_key, bearer, job_spec, jsonl
 from tests.service.live import serve
+from trainer.checkpoint import checkpoints_on_disk
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +113,8 @@ def test_checkpoints_carry_eval_figures_the_best_is_kept_and_downloaded_by_defau
         assert job["best_checkpoint_step"] == 1
         checkpoints = http.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
         assert [(c["step"], c["best"]) for c in checkpoints] == [(1, True), (4, False)]
+        on_disk = checkpoints_on_disk(redis_worker_settings.job_dir(job_id))
+        assert [step for step, _ in on_disk] == [1, 4]  # the listing is what pruning left
         assert [c["eval"]["reward"] for c in checkpoints] == pytest.approx([0.9, 0.6])
         assert [(c["eval"]["pass@1"], c["eval"]["pass@2"]) for c in checkpoints] == [(1.0, 1.0), (0.0, 0.0)]
         assert all(c["eval"]["rows"] == 3 for c in checkpoints)

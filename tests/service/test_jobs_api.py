@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from jobs.db import transaction
 from jobs.models import Job, JobStatus
 from jobs.queries import append_metrics, claim_job, finish_job
-from jobs.specs import run_config_for
+from jobs.submission import run_config_for
 from tests.service.factories import api_key, bearer, job_spec, upload
 from trainer.config import OperatorPolicy
 

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
+from jobs.broker import Dispatcher
 from jobs.db import session_factory, transaction
-from jobs.dispatch import Dispatcher
 from jobs.migrate import upgrade
 from jobs.models import Job, JobMetrics, JobStatus, utcnow
 from jobs.queries import (
@@ -18,9 +18,9 @@ from jobs.queries import (
     create_dataset,
     create_job,
     get_job,
-    heartbeat,
     mark_sent,
     record_step,
+    renew_lease,
     request_cancel,
 )
 from jobs.settings import Settings
@@ -72,8 +72,8 @@ def test_only_one_worker_can_claim_a_job(settings, job_id) -> None:
         assert claim_job(session=session, job_id=job_id, worker="b") is None
         job = get_job(session=session, owner=OWNER, job_id=job_id)
         assert (job.status, job.worker, job.attempts) == ("running", "a", 1)
-        assert heartbeat(session=session, job_id=job_id, worker="a")
-        assert not heartbeat(session=session, job_id=job_id, worker="b")
+        assert renew_lease(session=session, job_id=job_id, worker="a")
+        assert not renew_lease(session=session, job_id=job_id, worker="b")
 
 
 def test_a_replayed_step_overwrites_its_metrics(settings, job_id) -> None:
@@ -98,7 +98,7 @@ def test_sweeper_requeues_a_job_whose_heartbeat_went_stale(settings, job_id, res
         assert (job.status, job.worker, job.attempts) == ("queued", None, 1)
         assert job.sent_at is not None
         # the old holder finds out at its next heartbeat or step, and writes nothing more
-        assert not heartbeat(session=session, job_id=job_id, worker="dead")
+        assert not renew_lease(session=session, job_id=job_id, worker="dead")
         assert not record_step(session=session, job_id=job_id, worker="dead", step=5)
         assert claim_job(session=session, job_id=job_id, worker="new").attempts == 2
     assert sent == [job_id]

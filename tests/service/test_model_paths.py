@@ -170,7 +170,7 @@ def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(client, setting
                                                                   bobs_checkpoint: Path, field: str) -> None:
     """A job stored before the settings changed (or written past the API) names another owner's
     checkpoint: the worker's run refuses it before loading, the job fails with the API's message."""
-    from worker.runner import run_job
+    from worker.runner import claim_and_run
 
     job = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model))).json()
     path = str(bobs_checkpoint)
@@ -183,7 +183,7 @@ def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(client, setting
     with transaction(settings.database_url) as session:
         session.execute(update(Job).where(Job.id == job["id"]).values(spec=spec, base_model=spec["base_model"]))
 
-    run_job(job["id"], settings=settings, worker="test-worker")
+    claim_and_run(job["id"], settings=settings, worker="test-worker")
 
     ended = client.get(f"/v1/jobs/{job['id']}").json()
     param = "base_model" if field == "base_model" else "reward[0].model"

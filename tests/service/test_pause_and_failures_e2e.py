@@ -15,6 +15,7 @@ from api.main import create_app
 from tests.service.e2e import metric_steps, status_changes, wait_for_status, wait_for_step, wait_until_ended
 from tests.service.factories import WorkerProcess, api_key, bearer, job_spec, upload
 from tests.service.faults import ScoringEndpoint
+from trainer.checkpoint import checkpoints_on_disk
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,8 @@ def test_a_running_job_pauses_with_a_checkpoint_and_resumes_from_it(client, work
     assert response.status_code == 409 and "only a paused job" in response.json()["error"]["message"]
 
 
-def test_a_diverging_job_fails_and_names_its_last_good_checkpoint(client, worker, dataset_id, tiny_model) -> None:
+def test_a_diverging_job_fails_and_names_its_last_good_checkpoint(client, worker, dataset_id, tiny_model,
+                                                                   redis_worker_settings) -> None:
     # Step 1's completions all score alike: no signal, so the weights stay as loaded. Later steps
     # score unevenly, and step 2's update, at a learning rate of 1e30, blows the weights up.
     def scores(call: int, completions: int) -> tuple[int, dict[str, Any]]:
@@ -98,12 +100,24 @@ def test_a_diverging_job_fails_and_names_its_last_good_checkpoint(client, worker
     assert "the last good checkpoint, step-000001, is kept" in reason and "step-000002" in reason, reason
     assert "Lower learning_rate (it is 1e+30)" in reason
     assert checkpoint_steps(client, job["id"]) == [1]  # the diverged weights' checkpoint is not listed
+    assert [step for step, _ in checkpoints_on_disk(redis_worker_settings.job_dir(job["id"]))] == [1]  # nor kept
 
 
 def test_a_model_directory_that_cannot_be_loaded_fails_naming_it(client, worker, dataset_id, tmp_path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # passes the API's check; no weights
     job = failed(client, worker, client.post("/v1/jobs", json=job_spec(dataset_id, str(tmp_path))).json()["id"])
     assert f"could not load the tokenizer of base_model '{tmp_path}'" in job["failure_reason"]
+
+
+def test_a_dataset_whose_every_prompt_is_too_long_fails_naming_max_prompt_length(client, worker, dataset_id,
+                                                                                 tiny_model) -> None:
+    spec = job_spec(dataset_id, str(tiny_model), hyperparameters={"max_prompt_length": 4})
+    job = failed(client, worker, client.post("/v1/jobs", json=spec).json()["id"])
+    reason = job["failure_reason"]
+    # the uploaded prompts are "What is i + i % 5?": 14 characters at the shortest, one token each
+    assert reason.startswith("hyperparameters.max_prompt_length: every prompt of the dataset is longer than "
+                             "max_prompt_length (4 tokens): the shortest is 14 tokens"), reason
+    assert "Raise max_prompt_length to at least 14" in reason and job["step"] == 0
 
 
 def test_a_reward_endpoint_that_keeps_failing_fails_the_job_naming_it(client, worker, dataset_id, tiny_model) -> None:

@@ -4,6 +4,9 @@ values and every parameter's gradient against ``log_softmax(model(prompt + c).lo
 prompts and completions longer than the window and groups of unequal completion lengths."""
 
 import copy
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,26 +184,16 @@ def test_entropy_and_edge_cases():
 
 # --- at load, and in training ----------------------------------------------------------------------
 
-# family -> make_tiny_model arguments (a character tokenizer; vocab as the tokenizer has it)
-TRAINABLE = {
-    "mistral-window": dict(arch="MistralConfig", sliding_window=WINDOW),
-    "gemma2": dict(arch="Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-                   final_logit_softcapping=0.5),
-    "gpt-oss": dict(arch="GptOssConfig", head_dim=16, sliding_window=WINDOW, num_local_experts=4,
-                    num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]),
-    "llama4-text": dict(arch="Llama4TextConfig", head_dim=16, intermediate_size_mlp=96, attention_chunk_size=WINDOW,
-                        num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0]),
-    "lfm2 (hybrid)": dict(arch="Lfm2Config", block_auto_adjust_ff_dim=False, layer_types=["conv", "full_attention"]),
-}
-
-
 def tiny_dir(tmp_path, family):
+    """``family``'s tiny config from ARCHITECTURES, written with a character tokenizer (whose
+    vocabulary it takes) for the trainer to load."""
     from trainer.tiny import make_tiny_model
 
-    arguments = dict(TRAINABLE[family])
-    if getattr(transformers, arguments["arch"], None) is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {arguments['arch']}")
-    return make_tiny_model(tmp_path / "model", intermediate_size=96, **arguments)
+    class_name, arguments = ARCHITECTURES[family]
+    if getattr(transformers, class_name, None) is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
+    return make_tiny_model(tmp_path / "model", arch=class_name, hidden_size=64, num_layers=2, num_heads=4,
+                           intermediate_size=96, **arguments)
 
 
 def test_a_lean_path_that_is_wrong_falls_back_at_load_with_a_warning(tmp_path, monkeypatch):
@@ -220,42 +213,71 @@ def test_a_lean_path_that_is_wrong_falls_back_at_load_with_a_warning(tmp_path, m
     assert level == "warning" and "Gemma2ForCausalLM" in message and "the model's own full logits" in message
 
 
-def test_a_model_whose_own_forward_fails_is_refused_at_load_naming_it(tmp_path, monkeypatch):
-    from trainer.config import GRPOConfig
-    from trainer.errors import ModelLoadError
-    from trainer.model import load_models
+@pytest.fixture
+def one_thread(monkeypatch):
+    """The run computes on one thread (``run_threads`` reads OMP_NUM_THREADS): on a loaded 2-core
+    machine two threads per tiny forward wait on each other far longer than they compute. The
+    test process's own count is restored after."""
+    saved = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(saved)
 
+
+def run_cli(tmp_path, model_dir, capsys, **hyperparameters) -> tuple[int, str, Path]:
+    """``python -m trainer run`` on a spec for ``model_dir`` (two steps of G=2 on 2 prompts,
+    8-token completions): its exit code, its stderr and its output directory. The entry point runs
+    in this process: a subprocess per architecture would pay Python's and torch's start-up each
+    time (``tests/trainer/test_train.py`` runs the module itself once)."""
+    from tests.trainer.factories import letter_dataset
+    from trainer.__main__ import main
+
+    spec = {"base_model": str(model_dir), "dataset": str(letter_dataset(tmp_path / "data.jsonl", n=4)),
+            "group_size": 2,
+            # a random model's completions differ in their share of letters: GRPO has signal every step
+            "reward": [{"type": "regex", "pattern": "[a-zA-Z]", "score": "fraction"}],
+            "hyperparameters": {"max_steps": 2, "prompts_per_step": 2, "max_completion_length": 8,
+                                "learning_rate": 1e-3, "seed": 0, **hyperparameters}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    code = main(["run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")])
+    return code, capsys.readouterr().err, tmp_path / "out"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("family", list(ARCHITECTURES))
+def test_two_training_steps_through_the_cli(family, tmp_path, capsys):
+    """Every architecture of the matrix trains through ``python -m trainer run``: the reference
+    (beta > 0) and old-policy (num_iterations = 2) passes included, with no warning (no fallback
+    from the lean scoring), finite figures and weights that moved."""
+    from safetensors.torch import load_file
+
+    model_dir = tiny_dir(tmp_path, family)
+    code, stderr, out = run_cli(tmp_path, model_dir, capsys, beta=0.04, num_iterations=2)
+    assert code == 0, stderr
+    assert "warning:" not in stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert all(math.isfinite(m[name]) for name in ("loss", "grad_norm", "entropy", "kl")), m
+    assert any(m["grad_norm"] > 0 for m in metrics)
+    before = load_file(model_dir / "model.safetensors")
+    after = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_model_whose_own_forward_fails_stops_the_cli_naming_it(tmp_path, monkeypatch, capsys):
+    """An architecture the trainer cannot run is refused at load, the exit code and message saying which."""
     model_dir = tiny_dir(tmp_path, "mistral-window")
 
     def broken(self, *args, **kwargs):
         raise NotImplementedError("no forward here")
 
     monkeypatch.setattr(transformers.MistralForCausalLM, "forward", broken)
-    with pytest.raises(ModelLoadError, match="MistralForCausalLM cannot be trained: .*no forward here"):
-        load_models(model_dir, GRPOConfig(beta=0.0), torch.device("cpu"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", list(TRAINABLE))
-def test_two_training_steps(family, tmp_path):
-    from tests.trainer.factories import letter_dataset, tiny_run
-    from trainer.loop import train
-    from trainer.progress import Progress
-
-    class Recorder(Progress):
-        def __init__(self):
-            self.steps, self.logs = [], []
-
-        def on_step(self, step, metrics):
-            self.steps.append(metrics)
-
-        def on_log(self, level, message):
-            self.logs.append((level, message))
-
-    run = tiny_run(tiny_dir(tmp_path, family), letter_dataset(tmp_path / "data.jsonl"), max_steps=2,
-                   max_completion_length=12, beta=0.04, num_iterations=2)
-    progress = Recorder()
-    result = train(run, tmp_path / "out", progress)
-    assert result.final_step == 2 and len(progress.steps) == 2
-    assert all(torch.isfinite(torch.tensor([m["loss"], m["grad_norm"], m["entropy"]])).all() for m in progress.steps)
-    assert [level for level, _ in progress.logs if level == "warning"] == []
+    code, stderr, out = run_cli(tmp_path, model_dir, capsys)
+    assert code == 2
+    assert "error: MistralForCausalLM cannot be trained: " in stderr and "no forward here" in stderr
+    assert not (out / "metrics.jsonl").exists()  # stopped at load, before a step

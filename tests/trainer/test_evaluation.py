@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.trainer.factories import letter_dataset, tiny_run, write_rows
-from trainer.checkpoint import list_checkpoints, load_training_state
+from trainer.checkpoint import checkpoints_on_disk, load_training_state
 from trainer.config import ConfigError, GRPOConfig, RunConfig
 from trainer.evaluation import BestCheckpoint, DivergenceWatch, pass_at_k
 from trainer.loop import train
@@ -121,9 +121,38 @@ def test_greedy_decoding_is_deterministic_and_equals_hf_generate(tiny_model_dir)
     assert len({tuple(c.tolist()) for c in sampled.completion_ids}) > 1  # sampling still samples
 
 
+@pytest.mark.slow
+def test_the_eval_reward_scores_the_greedy_completions_and_draws_nothing(tiny_model_dir) -> None:
+    """eval/reward is each row's argmax completion scored (the same text HF generate(do_sample=False)
+    gives), decoded without drawing a random number: not a low-temperature sample."""
+    from trainer.evaluation import Evaluator
+    from trainer.loop import Rollouts
+    from trainer.model import load_models
+    from trainer.rewards import RewardSuite
+
+    cfg = GRPOConfig(beta=0.0, max_completion_length=10, group_size=2, prompts_per_step=2, eval_max_rows=3, seed=5)
+    models = load_models(tiny_model_dir, cfg, torch.device("cpu"))
+    texts = ["Say a0:", "What is 12 + 30? Answer:", "b"]
+    rows = []
+    for text in texts:
+        prompt = torch.tensor(models.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+        with torch.no_grad():
+            hf = models.policy.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                        max_new_tokens=10, eos_token_id=models.tokenizer.eos_token_id,
+                                        pad_token_id=models.tokenizer.pad_token_id)
+        rows.append({"prompt": text, "answer": models.tokenizer.decode(hf[0, prompt.shape[1]:],
+                                                                        skip_special_tokens=True)})
+    reward = [{"type": "string_check", "reference": "{{item.answer}}", "operation": "eq"}]
+    generator = torch.Generator()
+    with RewardSuite(reward) as rewards:
+        figures = Evaluator(Rollouts(rows, models, rewards, cfg, generator), cfg)(step=2)
+    assert figures["eval/reward"] == 1.0 and figures["eval/rows"] == 3.0  # every row: HF's greedy text
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(cfg.seed + 2).get_state())
+
+
 class Recorder(Progress):
     def __init__(self, stop_after: int | None = None):
-        self.steps, self.checkpoints, self.evaluations, self.logs = [], [], [], []
+        self.steps, self.checkpoints, self.evaluations, self.logs, self.removed = [], [], [], [], []
         self.stop_after = stop_after
 
     def on_step(self, step, metrics):
@@ -131,6 +160,9 @@ class Recorder(Progress):
 
     def on_checkpoint(self, step, path):
         self.checkpoints.append(step)
+
+    def on_checkpoint_removed(self, step):
+        self.removed.append(step)
 
     def on_evaluation(self, step, figures, *, best_step):
         self.evaluations.append((step, figures, best_step))
@@ -185,13 +217,17 @@ def test_keep_best_by_keeps_the_best_through_pruning_and_resume(tiny_model_dir, 
     first = Recorder(stop_after=3)
     result = train(run, out, first)
     assert result.stopped and result.final_step == 3
-    assert [s for s, _ in list_checkpoints(out)] == [1, 3]  # the best outlives keep_last_checkpoints=1
+    assert [s for s, _ in checkpoints_on_disk(out)] == [1, 3]  # the best outlives keep_last_checkpoints=1
     assert [best for _, _, best in first.evaluations] == [1, 1, 1]
+    assert first.removed == [2]  # the pruning it reported leaves what is on disk
 
     second = Recorder()
     result = train(run, out, second, resume=True)
     assert result.final_step == 5
-    assert [s for s, _ in list_checkpoints(out)] == [1, 5]  # the resumed run still knows step 1 is best
+    assert [s for s, _ in checkpoints_on_disk(out)] == [1, 5]  # the resumed run still knows step 1 is best
+    assert second.removed == [3, 4]
+    reported = set(first.checkpoints + second.checkpoints) - set(first.removed + second.removed)
+    assert sorted(reported) == [1, 5]
     assert [best for _, _, best in second.evaluations] == [1, 1]
     assert result.best_checkpoint == out / "checkpoints" / "step-000001"
     assert load_training_state(result.checkpoint).extra["best"] == {

@@ -17,6 +17,7 @@ from trainer.batch import ScoredGroups
 from trainer.config import ConfigError, GRPOConfig
 from trainer.errors import RewardFailedError
 from trainer.failures import Failures, is_disk_full
+from trainer.progress import Progress
 
 ADDRESS_SPACE = 2 << 30  # bytes: room for python, torch and a tiny model, not for ten million completions
 
@@ -57,8 +58,17 @@ def make_checkpoint(output_dir: Path, step: int) -> None:
     (state / "state.json").write_text(json.dumps({"step": step}))
 
 
+class Removals(Progress):
+    def __init__(self):
+        self.removed = []
+
+    def on_checkpoint_removed(self, step):
+        self.removed.append(step)
+
+
 def test_divergence_removes_the_diverged_weights_checkpoint_and_names_the_last_good_one(tmp_path):
-    failures = Failures(GRPOConfig(learning_rate=1e30), tmp_path, torch.nn.Linear(2, 2))
+    progress = Removals()
+    failures = Failures(GRPOConfig(learning_rate=1e30), tmp_path, torch.nn.Linear(2, 2), progress)
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)  # saved after step 2's update, whose weights step 3 found non-finite
     error = failures.diverged(3, "sampling met inf or NaN probabilities")
@@ -67,8 +77,11 @@ def test_divergence_removes_the_diverged_weights_checkpoint_and_names_the_last_g
         "step-000001, is kept (step-000002, saved from the weights that diverged, was removed). Lower "
         "learning_rate (it is 1e+30), keep max_grad_norm set, or use dtype float32")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
-    fresh = Failures(GRPOConfig(), tmp_path / "fresh", torch.nn.Linear(2, 2))
+    assert progress.removed == [2]  # the progress protocol hears of it, as of a pruned one
+    fresh = Failures(GRPOConfig(), tmp_path / "fresh", torch.nn.Linear(2, 2), progress)
     assert "no good checkpoint was written before it" in str(fresh.non_finite_loss(1, float("nan"), 1.0))
+    failures.diverged(5, "the loss is non-finite")  # no step-000004 on disk: nothing removed, nothing told
+    assert progress.removed == [2]
 
 
 def scored(parts: list[float | None]) -> ScoredGroups:

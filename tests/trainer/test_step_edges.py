@@ -104,6 +104,32 @@ def test_a_prompt_longer_than_max_prompt_length_is_counted_and_named_in_a_warnin
         assert f"its first {6 + row - 8} tokens were cut (left truncation" in message
 
 
+def test_a_dataset_whose_every_prompt_is_too_long_stops_the_cli_before_training(tiny_model_dir, tmp_path,
+                                                                                 capsys):
+    """Counted as the model gets the prompt: the chat row's 2 characters of content are 20 tokens
+    once templated ("user: hi\nassistant: "), the shortest of the two rows."""
+    from trainer.__main__ import main
+
+    rows = [{"prompt": "Say a" + "!" * 20, "answer": "a"},
+            {"prompt": [{"role": "user", "content": "hi"}], "answer": "a"}]
+    data = write_rows(tmp_path / "data.jsonl", rows)
+    spec = {"base_model": str(tiny_model_dir), "dataset": str(data), "group_size": 2,
+            "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
+            "hyperparameters": {"max_steps": 1, "max_prompt_length": 16, "max_completion_length": 4}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert main(["run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "error: hyperparameters.max_prompt_length: every prompt of the dataset is longer than " \
+           "max_prompt_length (16 tokens): the shortest is 20 tokens" in error
+    assert "Raise max_prompt_length to at least 20" in error
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no step ran
+    # one prompt that fits is enough: the others are cut and counted, step by step
+    spec["hyperparameters"]["max_prompt_length"] = 20
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    code = main(["run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+
+
 # --- the MoE router's load-balancing loss -------------------------------------------------------
 
 MOE = dict(arch="MixtralConfig", num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.trainer.factories import letter_dataset, tiny_run
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import checkpoints_on_disk
 from trainer.config import LoraConfig
 from trainer.loop import train
 from trainer.progress import Progress
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 class Recorder(Progress):
     def __init__(self, stop_after: int | None = None):
         self.steps, self.checkpoints, self.samples, self.stop_after = [], [], [], stop_after
+        self.removed = []
 
     def on_step(self, step, metrics):
         self.steps.append((step, metrics))
@@ -29,6 +30,9 @@ class Recorder(Progress):
 
     def on_checkpoint(self, step, path):
         self.checkpoints.append((step, path))
+
+    def on_checkpoint_removed(self, step):
+        self.removed.append(step)
 
     def should_stop(self):
         return self.stop_after is not None and len(self.steps) >= self.stop_after
@@ -117,7 +121,8 @@ def test_checkpoints_are_pruned_and_complete(tiny_model_dir, tmp_path):
     progress = Recorder()
     train(run, tmp_path / "out", progress)
     assert [step for step, _ in progress.checkpoints] == [1, 2, 3, 4]
-    assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [3, 4]
+    assert [step for step, _ in checkpoints_on_disk(tmp_path / "out")] == [3, 4]
+    assert progress.removed == [1, 2]  # told of each pruned checkpoint: a watcher's list needs no rescan
     assert not list((tmp_path / "out" / "checkpoints").glob(".tmp-*"))
 
 

@@ -1,19 +1,34 @@
-"""Celery configuration. The API uses it only to send ``run_job`` and chat completion messages
-(by name: it never imports the tasks or the trainer); ``worker.app`` is the app workers run.
+"""Enqueueing, in one place: the broker's Celery configuration, the task names, the sender that
+hands a job to the broker only after its row is committed, and the readiness check.
+
+The API sends ``run_job`` and chat completion messages by name: it never imports the tasks or the
+trainer. ``worker.app`` runs an app made by the same ``make_celery``, so both sides agree on the
+broker, the routes and the result backend.
+
+A send that fails leaves the job ``queued`` with no ``sent_at``; the worker's sweeper re-sends
+it. The broker never holds a job the database does not.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.chat import CHAT_COMPLETION
 from jobs.chat_queue import result_backend_config
+from jobs.db import call_after_commit, unit_of_work
+from jobs.queries import mark_sent
 from jobs.settings import Settings
 
+log = logging.getLogger(__name__)
+
 RUN_JOB = "grpo.run_job"
+
+Send = Callable[[str], None]
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -59,7 +74,7 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def job_sender(app: Celery, settings: Settings) -> Callable[[str], None]:
+def job_sender(app: Celery, settings: Settings) -> Send:
     def send(job_id: str) -> None:
         app.send_task(RUN_JOB, args=[job_id], queue=settings.queue)
 
@@ -74,3 +89,24 @@ def broker_reachable(app: Celery, timeout: float = 2.0) -> bool:
     except Exception:
         return False
 
+
+class Dispatcher:
+    """Sends committed jobs to the broker and records that it did (``sent_at``)."""
+
+    def __init__(self, send: Send, sessions: sessionmaker[Session]):
+        self.send = send
+        self.sessions = sessions
+
+    def deliver(self, job_id: str) -> bool:
+        """Send one job now; False (logged) if the broker refused it."""
+        try:
+            self.send(job_id)
+        except Exception:
+            log.warning("could not send job %s to the broker; the sweeper will re-send it", job_id, exc_info=True)
+            return False
+        with unit_of_work(self.sessions) as session:
+            mark_sent(session=session, job_id=job_id)
+        return True
+
+    def deliver_after_commit(self, session: Session, job_id: str) -> None:
+        call_after_commit(session, lambda: self.deliver(job_id))

@@ -1,11 +1,15 @@
-"""The job spec: checked in full when a job is created, turned into the trainer's RunConfig when
-it runs. The rules are the trainer's own (``trainer.config``, ``trainer.rewards``, both free of
-torch), so the API rejects exactly what the trainer would."""
+"""Job submission: a job request checked in full and stored as a queued job (``submit_job``), and
+the stored spec turned into the trainer's RunConfig when it runs (``run_config_for``). The rules
+are the trainer's own (``trainer.config``, ``trainer.rewards``, both free of torch), so the API
+rejects exactly what the trainer would; ``as_invalid_request`` is where the trainer's
+``ConfigError`` becomes the API's ``InvalidRequest``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +36,18 @@ from trainer.rewards import check_operator_policy, required_fields, validate_rew
 
 ENDPOINT = "POST /v1/jobs"  # what its Idempotency-Keys are scoped to
 CAPPED = ("group_size", "prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length")
+DEFAULT_HYPERPARAMETERS = GRPOConfig()  # what a job gets for the hyperparameters its request leaves out
+
+
+@contextmanager
+def as_invalid_request(rename: dict[str, str] | None = None) -> Iterator[None]:
+    """The trainer's ``ConfigError`` as the API's ``InvalidRequest``, with its message and param
+    (``rename`` moves a param to where the client wrote it)."""
+    try:
+        yield
+    except ConfigError as exc:
+        param = (rename or {}).get(exc.param, exc.param)
+        raise InvalidRequest(exc.message, param=param) from None
 
 
 @dataclass
@@ -46,21 +62,16 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
     hyperparameters = dict(request.hyperparameters)
     if request.group_size is not None:
         hyperparameters["group_size"] = request.group_size
-    try:
+    # a top-level group_size is reported where the client wrote it
+    top_level = {"hyperparameters.group_size": "group_size"} if request.group_size is not None else None
+    with as_invalid_request(rename=top_level):
         config = GRPOConfig.from_dict(hyperparameters)
-    except ConfigError as exc:  # a top-level group_size is reported where the client wrote it
-        top_level = exc.param == "hyperparameters.group_size" and request.group_size is not None
-        raise InvalidRequest(exc.message, param="group_size" if top_level else exc.param) from None
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
-    try:
+    with as_invalid_request():
         check_eval_settings(config, has_eval_dataset=request.eval_dataset_id is not None)
-    except ConfigError as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
     rewards = check_rewards(request.reward, settings)
-    try:
+    with as_invalid_request():
         check_models(request.base_model, rewards, settings)
-    except ConfigError as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
     if request.webhook_url is not None:
         check_webhook_url(str(request.webhook_url), settings)
 
@@ -90,11 +101,9 @@ def operator_policy(settings: Settings) -> OperatorPolicy:
 def check_rewards(reward: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
     """The normalised reward specs, or ``InvalidRequest`` naming ``reward[i].option``: the
     trainer's own checks, and what this server's operator allows (a non-public URL, a network)."""
-    try:
+    with as_invalid_request():
         specs = validate_reward_specs(reward)
         check_operator_policy(specs, operator_policy(settings))
-    except ConfigError as exc:
-        raise InvalidRequest(exc.message, param=exc.param) from None
     return specs
 
 
