@@ -8,9 +8,12 @@ lean where that stays exact:
    the autograd graph; the cache is repeated along the batch dimension for the group's G
    completions, which then run through the model's own forward (so its own mask builder applies
    sliding windows, chunked attention and sinks). The prompt's gradient is the sum over the group,
-   exactly what G separate rows would give; completions are right-padded within their group only.
-   Hybrid caches (linear-attention and conv layers) cannot be repeated: such models score one row
-   ``[prompt, completion]`` per completion.
+   exactly what G separate rows would give. A group's completions run in a few forwards of
+   similar lengths, right-padded within each (``_runs``: at short, uneven completions one forward
+   per group would pad them to twice their tokens), with their token embeddings looked up once
+   for all forwards (one embedding gradient, not one per forward). Hybrid caches (linear-attention
+   and conv layers) cannot be repeated: such models score one row ``[prompt, completion]`` per
+   completion.
 2. *No full-vocabulary tensor.* Only the hidden states that predict completion tokens go through
    the LM head, in chunks, inside an autograd function that keeps no ``[N, V]`` tensor alive (the
    backward recomputes each chunk), followed by the model's own logit transform (Gemma's soft-cap,
@@ -50,22 +53,33 @@ class LogitTransform:
 
 
 class _ChunkedSelectedLogProbs(torch.autograd.Function):
+    """The chunked LM head: each chunk's ``[n, V]`` logits are made, used in place and dropped,
+    in forward and again in backward (no full-vocabulary tensor outlives its chunk)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, transform):
         # hidden [N, H], weight [V, H], targets [N]
         logps = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N]
         lse = hidden.new_empty(targets.shape[0], dtype=torch.float32)  # [N] kept for backward
         entropy = hidden.new_empty(targets.shape[0] if with_entropy else 0, dtype=torch.float32)  # [N] or [0]
-        for start in range(0, targets.shape[0], chunk_size):
-            end = start + chunk_size
-            logits = transform((hidden[start:end] @ weight.T).float()) / temperature  # [n, V]
+        rows = _chunk_rows(chunk_size, weight.shape[0])
+        for start in range(0, targets.shape[0], rows):
+            end = start + rows
+            logits = _chunk_logits(
+                hidden[start:end], weight, transform, temperature
+            )  # [n, V], ours to overwrite
             peak = logits.amax(dim=-1, keepdim=True)  # [n, 1]
-            exps = torch.exp(logits - peak)  # [n, V] the one exponential pass
-            total = exps.sum(-1)  # [n]
-            lse[start:end] = peak.squeeze(-1) + torch.log(total)
-            logps[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1) - lse[start:end]
-            if with_entropy:  # H = lse - sum(p * logits), p = exps / total
-                entropy[start:end] = lse[start:end] - (exps * logits).sum(-1) / total
+            shifted = logits.sub_(peak)  # [n, V] logits - peak, in place
+            picked = shifted.gather(-1, targets[start:end, None]).squeeze(-1)  # [n]
+            if with_entropy:  # H = log(total) - sum(p * shifted), p = exps / total
+                exps = torch.exp(shifted)  # [n, V] the one exponential pass
+                total = exps.sum(-1)  # [n]
+                entropy[start:end] = total.log() - torch.linalg.vecdot(exps, shifted) / total
+            else:
+                total = shifted.exp_().sum(-1)  # [n]
+            log_total = total.log()  # [n]
+            lse[start:end] = peak.squeeze(-1) + log_total
+            logps[start:end] = picked - log_total
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_size, ctx.transform = temperature, chunk_size, transform
         ctx.mark_non_differentiable(entropy)
@@ -75,29 +89,73 @@ class _ChunkedSelectedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logps, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # [N, H]
+        transform, temperature = ctx.transform, ctx.temperature
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None  # [V, H]
-        for start in range(0, targets.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
-            raw = (hidden[start:end] @ weight.T).float()  # [n, V]
-            logits = ctx.transform(raw) / ctx.temperature  # [n, V]
-            # d logp(target) / d logits = onehot(target) - softmax(logits), softmax = exp(logits - lse)
-            grad_logits = torch.exp(logits.sub_(lse[start:end, None])).neg_()  # [n, V]
-            grad_logits.scatter_add_(-1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
-            grad_logits *= grad_logps[start:end, None] / ctx.temperature
-            grad_logits *= ctx.transform.derivative(raw)  # d logits / d raw: the chain through the transform
+        # d logp(target) / d raw = (onehot(target) - softmax(logits)) * d logits / d raw, with
+        # d logits / d raw = scale / T (times 1 - tanh^2 under a soft-cap)
+        factor = (grad_logps / temperature * (transform.scale if not transform.softcap else 1.0))[
+            :, None
+        ]  # [N, 1]
+        rows = _chunk_rows(ctx.chunk_size, weight.shape[0])
+        for start in range(0, targets.shape[0], rows):
+            end = start + rows
+            if transform.softcap:
+                raw = (hidden[start:end] @ weight.T).float()  # [n, V]
+                grad_logits = _scaled(transform(raw), temperature)
+                grad_logits.sub_(lse[start:end, None]).exp_().neg_()  # [n, V] -softmax
+                grad_logits.scatter_add_(-1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
+                grad_logits.mul_(factor[start:end]).mul_(transform.derivative(raw))
+            else:
+                grad_logits = _chunk_logits(hidden[start:end], weight, transform, temperature)  # [n, V]
+                grad_logits.sub_(lse[start:end, None]).exp_().mul_(
+                    factor[start:end].neg()
+                )  # -softmax * factor
+                grad_logits.scatter_add_(-1, targets[start:end, None], factor[start:end])
             if need_hidden:
                 grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight += grad_logits.T @ hidden[start:end].float()
+                grad_weight.addmm_(grad_logits.T, hidden[start:end].float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+CHUNK_BYTES = 16 << 20  # a chunk's [n, V] float32 logits at most (a row at least)
+
+
+def _chunk_rows(chunk_size: int, vocab: int) -> int:
+    """Rows per LM-head chunk: ``chunk_size`` at most, and few enough that a chunk's logits stay
+    within CHUNK_BYTES. Larger blocks come fresh from the OS on every allocation (glibc maps
+    blocks over 32 MiB and unmaps them when freed): at 32k vocabulary and 1024 rows, faulting in
+    a 131 MB block costs about a third of the matmul that fills it."""
+    return max(1, min(chunk_size, CHUNK_BYTES // (4 * vocab)))
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, transform: LogitTransform, temperature: float
+) -> torch.Tensor:
+    """transform(hidden @ weight.T) / T in float32, a fresh tensor the caller may overwrite.
+    [n, H] -> [n, V]"""
+    logits = (hidden @ weight.T).float()  # [n, V] (a new tensor: the matmul's output, or its float copy)
+    if transform.softcap or transform.scale != 1.0:
+        logits = transform(logits)
+    return _scaled(logits, temperature)
+
+
 def selected_logprobs(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *, temperature: float = 1.0,
-    chunk_size: int = 1024, with_entropy: bool = True, transform: LogitTransform = LogitTransform(),
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+    transform: LogitTransform = LogitTransform(),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(transform(lm_head(hidden)) / T)[target] and the distribution's entropy, per row,
     in chunks.
@@ -106,16 +164,17 @@ def selected_logprobs(
     or None without ``with_entropy``: the reference and old-policy passes need only log-probs).
     """
     if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
-        logps, entropy = _ChunkedSelectedLogProbs.apply(hidden, lm_head.weight, targets, temperature, chunk_size,
-                                                        with_entropy, transform)
+        logps, entropy = _ChunkedSelectedLogProbs.apply(
+            hidden, lm_head.weight, targets, temperature, chunk_size, with_entropy, transform
+        )
         return logps, entropy if with_entropy else None
     # An LM head that is not a plain linear map (e.g. wrapped by an adapter): chunk it all the same,
     # letting autograd keep each chunk's logits.
     logps, entropies = [], []
     for start in range(0, targets.shape[0], chunk_size):
-        logits = transform(lm_head(hidden[start:start + chunk_size]).float()) / temperature  # [n, V]
+        logits = transform(lm_head(hidden[start : start + chunk_size]).float()) / temperature  # [n, V]
         log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
-        logps.append(log_probs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1))
+        logps.append(log_probs.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1))
         if with_entropy:
             entropies.append(-(log_probs.exp() * log_probs).sum(-1).detach())
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
@@ -147,9 +206,16 @@ PLAIN = Scoring(share_prompt=False, own_logits=True)  # the model's own forward,
 
 
 def token_logprobs(
-    model: nn.Module, prompts: list[torch.Tensor], completions: list[list[torch.Tensor]], *,
-    temperature: float = 1.0, scoring: Scoring | None = None, with_entropy: bool = False,
-    chunk_size: int = 1024, token_budget: int = 8192, router_aux_loss: bool = False,
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    completions: list[list[torch.Tensor]],
+    *,
+    temperature: float = 1.0,
+    scoring: Scoring | None = None,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+    token_budget: int = 8192,
+    router_aux_loss: bool = False,
 ):
     """Per-token log-probs of each completion after its prompt under ``model`` (a Hugging Face
     causal LM, or a peft model around one): ``log_softmax(model(prompt + c).logits / T)`` at c's
@@ -170,22 +236,41 @@ def token_logprobs(
     completions = [[c.to(device) for c in group] for group in completions]
     lengths = [c.shape[0] for group in completions for c in group]
     if any(p.shape[0] == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token: nothing would predict a completion's first token")
+        raise ValueError(
+            "every prompt needs at least one token: nothing would predict a completion's first token"
+        )
     router: list | None = [] if router_aux_loss else None  # (router logits per layer, token mask) per forward
 
     if scoring.own_logits:
-        pieces = [_own_logits_logprobs(causal_lm, p, group, temperature, token_budget, with_entropy, router)
-                  for p, group in zip(prompts, completions, strict=True)]
+        pieces = [
+            _own_logits_logprobs(causal_lm, p, group, temperature, token_budget, with_entropy, router)
+            for p, group in zip(prompts, completions, strict=True)
+        ]
         logps = torch.cat([lp for lp, _ in pieces])  # [N]
         entropy = torch.cat([e for _, e in pieces]) if with_entropy else None  # [N]
     else:
         backbone, lm_head = _backbone_and_head(causal_lm)
-        hidden_of = _shared_prompt_hidden if scoring.share_prompt else _row_hidden
-        hidden = torch.cat([hidden_of(backbone, p, group, token_budget, router)
-                            for p, group in zip(prompts, completions, strict=True)])  # [N, H]
-        targets = torch.cat([c for group in completions for c in group]) if lengths else hidden.new_empty(0).long()
-        logps, entropy = selected_logprobs(hidden, lm_head, targets, temperature=temperature, chunk_size=chunk_size,
-                                           with_entropy=with_entropy, transform=logit_transform(causal_lm.config))
+        if scoring.share_prompt:
+            hidden = _shared_prompt_hidden(backbone, prompts, completions, token_budget, router)  # [N, H]
+        else:
+            hidden = torch.cat(
+                [
+                    _row_hidden(backbone, p, group, token_budget, router)
+                    for p, group in zip(prompts, completions, strict=True)
+                ]
+            )  # [N, H]
+        targets = (
+            torch.cat([c for group in completions for c in group]) if lengths else hidden.new_empty(0).long()
+        )
+        logps, entropy = selected_logprobs(
+            hidden,
+            lm_head,
+            targets,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+            transform=logit_transform(causal_lm.config),
+        )
     nested = _nest(logps, lengths, completions)
     result = (nested, _nest(entropy, lengths, completions)) if with_entropy else nested
     return (result, _router_aux_loss(causal_lm, router)) if router is not None else result
@@ -227,46 +312,103 @@ def _router_aux_loss(causal_lm: nn.Module, router: list) -> torch.Tensor:
     return torch.as_tensor(balance(layers, experts, top_k, mask), device=device).float()
 
 
-def _nest(flat: torch.Tensor, lengths: list[int], completions: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+def _nest(
+    flat: torch.Tensor, lengths: list[int], completions: list[list[torch.Tensor]]
+) -> list[list[torch.Tensor]]:
     pieces = iter(flat.split(lengths))  # [N] -> [L_i] each
     return [[next(pieces) for _ in group] for group in completions]
 
 
-def _shared_prompt_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
-                          token_budget: int, router: list | None = None) -> torch.Tensor:
-    """The hidden states that predict each completion's tokens, the prompt computed once. -> [sum L_i, H]
+def _shared_prompt_hidden(
+    backbone: nn.Module,
+    prompts: list[torch.Tensor],
+    completions: list[list[torch.Tensor]],
+    token_budget: int,
+    router: list | None = None,
+) -> torch.Tensor:
+    """The hidden states that predict each completion's tokens, each prompt computed once.
+    -> [sum L_i, H], completions in order
 
-    The prompt's KV cache stays in the autograd graph and is repeated for each run of completions
-    (right-padded to the run's longest; a causal model never looks at the padding after a token).
-    Token j of a completion is predicted by the state before it: the prompt's last one for j = 0."""
-    out = backbone(input_ids=prompt[None], use_cache=True, **_router_forward_kwargs(router))
-    _keep_router_logits(router, out, torch.ones_like(prompt))
-    cache = _require_repeatable(out.cache)
-    last = out.last_hidden_state[0, -1:]  # [1, H]
-    plen, hidden = prompt.shape[0], [None] * len(completions)
-    fed = [max(c.shape[0] - 1, 0) for c in completions]  # a completion's last token predicts nothing
+    Each prompt's KV cache stays in the autograd graph and is repeated for each run of its
+    completions (right-padded to the run's longest; a causal model never looks at the padding
+    after a token). Token j of a completion is predicted by the state before it: the prompt's last
+    one for j = 0. The token embeddings of all these forwards come from one lookup (``_embedded``)."""
+    runs = [_completion_runs(p, group, token_budget) for p, group in zip(prompts, completions, strict=True)]
+    inputs = iter(
+        _embedded(backbone, [p[None] for p in prompts] + [ids for group in runs for _, ids, _ in group])
+    )
+    prompt_inputs = [next(inputs) for _ in prompts]
+    hidden = []
+    for prompt, group, group_runs, prompt_input in zip(
+        prompts, completions, runs, prompt_inputs, strict=True
+    ):
+        out = backbone(**prompt_input, use_cache=True, **_router_forward_kwargs(router))
+        _keep_router_logits(router, out, torch.ones_like(prompt))
+        cache = _require_repeatable(out.cache)
+        last = out.last_hidden_state[0, -1:]  # [1, H]
+        plen, states_of = prompt.shape[0], [None] * len(group)
+        for run, ids, mask in group_runs:
+            states, run_input = last.new_empty(len(run), 0, last.shape[-1]), next(inputs)  # [k, 0, H]
+            if ids.shape[1] > 0:
+                positions = torch.arange(plen, plen + ids.shape[1], device=prompt.device).expand(
+                    len(run), -1
+                )  # [k, W]
+                out = backbone(
+                    **run_input,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=_repeated(cache, len(run)),
+                    use_cache=True,
+                    **_router_forward_kwargs(router),
+                )
+                _keep_router_logits(router, out, mask[:, plen:])
+                states = out.last_hidden_state  # [k, W, H]
+            for r, i in enumerate(run):
+                length = group[i].shape[0]
+                states_of[i] = torch.cat([last, states[r, : length - 1]])[:length]  # [L_i, H]
+        hidden += states_of
+    return torch.cat(hidden) if hidden else backbone.get_input_embeddings().weight.new_empty(0, 0)
+
+
+def _completion_runs(prompt: torch.Tensor, completions: list[torch.Tensor], token_budget: int):
+    """The forwards after a shared prompt: (indices, ids [k, W] right-padded, mask [k, P+W]) per run
+    of completions, each completion's last token left out (it predicts nothing)."""
+    plen, fed = prompt.shape[0], [max(c.shape[0] - 1, 0) for c in completions]
+    planned = []
     for run in _runs(fed, token_budget):
         width = max(fed[i] for i in run)
-        states = last.new_empty(len(run), 0, last.shape[-1])  # [k, 0, H]
-        if width > 0:
-            ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, W] right-padded
-            mask = torch.zeros(len(run), plen + width, dtype=torch.long, device=prompt.device)  # [k, P+W]
-            mask[:, :plen] = 1
-            for r, i in enumerate(run):
-                ids[r, :fed[i]] = completions[i][:-1]
-                mask[r, plen:plen + fed[i]] = 1
-            positions = torch.arange(plen, plen + width, device=prompt.device).expand(len(run), -1)  # [k, W]
-            out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           cache=_repeated(cache, len(run)), use_cache=True, **_router_forward_kwargs(router))
-            _keep_router_logits(router, out, mask[:, plen:])
-            states = out.last_hidden_state  # [k, W, H]
+        ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, W]
+        mask = torch.zeros(len(run), plen + width, dtype=torch.long, device=prompt.device)  # [k, P+W]
+        mask[:, :plen] = 1
         for r, i in enumerate(run):
-            hidden[i] = torch.cat([last, states[r, :fed[i]]])[:completions[i].shape[0]]  # [L_i, H]
-    return torch.cat(hidden) if hidden else last[:0]
+            ids[r, : fed[i]] = completions[i][: fed[i]]
+            mask[r, plen : plen + fed[i]] = 1
+        planned.append((run, ids, mask))
+    return planned
 
 
-def _row_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
-                token_budget: int, router: list | None = None) -> torch.Tensor:
+def _embedded(backbone: nn.Module, ids: list[torch.Tensor]) -> list[dict]:
+    """The model inputs of several forwards: ``inputs_embeds`` from one lookup of all their token
+    ids, so the backward forms one dense [V, H] embedding gradient for all of them rather than one
+    per forward (at 32k vocabulary each costs about as much as 40 more token positions). A model
+    without a plain embedding module gets its ``input_ids``. ids: [k, W] each -> kwargs each"""
+    embedding = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    if not isinstance(embedding, nn.Embedding) or not ids:
+        return [{"input_ids": m} for m in ids]
+    flat = embedding(torch.cat([m.reshape(-1) for m in ids]))  # [sum k W, H]
+    return [
+        {"inputs_embeds": e.view(*m.shape, flat.shape[-1])}
+        for e, m in zip(flat.split([m.numel() for m in ids]), ids, strict=True)
+    ]
+
+
+def _row_hidden(
+    backbone: nn.Module,
+    prompt: torch.Tensor,
+    completions: list[torch.Tensor],
+    token_budget: int,
+    router: list | None = None,
+) -> torch.Tensor:
     """The same states from one row ``[prompt, completion]`` per completion. -> [sum L_i, H]"""
     plen, hidden = prompt.shape[0], [None] * len(completions)
     for run, ids, mask in _rows(prompt, completions, token_budget):
@@ -274,13 +416,21 @@ def _row_hidden(backbone: nn.Module, prompt: torch.Tensor, completions: list[tor
         _keep_router_logits(router, out, mask)
         states = out.last_hidden_state  # [k, S, H]
         for r, i in enumerate(run):
-            hidden[i] = states[r, plen - 1:plen - 1 + completions[i].shape[0]]  # [L_i, H]
+            hidden[i] = states[r, plen - 1 : plen - 1 + completions[i].shape[0]]  # [L_i, H]
     return torch.cat(hidden) if hidden else prompt.new_empty(0, 0).float()
 
 
-def _own_logits_logprobs(causal_lm: nn.Module, prompt: torch.Tensor, completions: list[torch.Tensor],
-                         temperature: float, token_budget: int, with_entropy: bool, router: list | None = None):
-    """The plain path: the model's own forward and full logits, one row per completion. -> ([sum L_i], [sum L_i])"""
+def _own_logits_logprobs(
+    causal_lm: nn.Module,
+    prompt: torch.Tensor,
+    completions: list[torch.Tensor],
+    temperature: float,
+    token_budget: int,
+    with_entropy: bool,
+    router: list | None = None,
+):
+    """The plain path: the model's own forward and full logits, one row per completion.
+    -> ([sum L_i], [sum L_i])"""
     plen, logps, entropies = prompt.shape[0], [None] * len(completions), [None] * len(completions)
     for run, ids, mask in _rows(prompt, completions, token_budget):
         out = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False, **_router_forward_kwargs(router))
@@ -288,11 +438,15 @@ def _own_logits_logprobs(causal_lm: nn.Module, prompt: torch.Tensor, completions
         logits = out.logits  # [k, S, V]
         for r, i in enumerate(run):
             length = completions[i].shape[0]
-            log_probs = torch.log_softmax(logits[r, plen - 1:plen - 1 + length].float() / temperature, -1)  # [L_i, V]
+            log_probs = torch.log_softmax(
+                logits[r, plen - 1 : plen - 1 + length].float() / temperature, -1
+            )  # [L_i, V]
             logps[i] = log_probs.gather(-1, completions[i][:, None]).squeeze(-1)
             entropies[i] = -(log_probs.exp() * log_probs).sum(-1).detach() if with_entropy else None
     empty = prompt.new_empty(0, dtype=torch.float32)
-    return (torch.cat(logps) if logps else empty), (torch.cat(entropies) if with_entropy and entropies else empty)
+    return (torch.cat(logps) if logps else empty), (
+        torch.cat(entropies) if with_entropy and entropies else empty
+    )
 
 
 def _rows(prompt: torch.Tensor, completions: list[torch.Tensor], token_budget: int):
@@ -303,21 +457,41 @@ def _rows(prompt: torch.Tensor, completions: list[torch.Tensor], token_budget: i
         ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, S]
         mask = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, S]
         for r, i in enumerate(run):
-            ids[r, :plen + fed[i]] = torch.cat([prompt, completions[i][:fed[i]]])
-            mask[r, :plen + fed[i]] = 1
+            ids[r, : plen + fed[i]] = torch.cat([prompt, completions[i][: fed[i]]])
+            mask[r, : plen + fed[i]] = 1
         yield run, ids, mask
 
 
+RUN_OVERHEAD_TOKENS = 48  # what one more forward costs (its fixed per-call work), in padded token positions
+
+
 def _runs(sizes: list[int], token_budget: int) -> list[list[int]]:
-    """Indices of ``sizes``, longest first, cut so that each run's rows x longest <= token_budget
-    (a run has one row at least)."""
-    runs: list[list[int]] = []
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if runs and (len(runs[-1]) + 1) * max(sizes[runs[-1][0]], 1) <= token_budget:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
+    """Indices of ``sizes`` cut into runs, each run one right-padded forward: longest first, each
+    run's rows x longest <= token_budget (a run has one row at least), and the cut that pads least
+    where one more run costs RUN_OVERHEAD_TOKENS positions.
+
+    One run per group pads every completion to the group's longest; at short, uneven completions
+    (a median of 15 tokens under a cap of 64) that is twice the real tokens. Sorted, the cheapest
+    cut into consecutive runs is a small dynamic programme (the longest of a run is its first)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    width = [sizes[i] for i in order]
+    best = [0] + [None] * len(
+        order
+    )  # best[j]: the cost of cutting the first j, and where its last run starts
+    start = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for first in range(end - 1, -1, -1):
+            rows = end - first
+            if rows > 1 and rows * max(width[first], 1) > token_budget:
+                break  # longer runs (an earlier first) only grow
+            cost = best[first] + RUN_OVERHEAD_TOKENS + rows * width[first]
+            if best[end] is None or cost <= best[end]:  # ties: the longer run, fewer forwards
+                best[end], start[end] = cost, first
+    runs, end = [], len(order)
+    while end:
+        runs.append(order[start[end] : end])
+        end = start[end]
+    return runs[::-1]
 
 
 def _repeated(cache, times: int):
@@ -336,9 +510,14 @@ def _require_repeatable(cache):
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [])}
-    if type(cache) is not DynamicCache or not kinds <= {DynamicLayer.__name__, DynamicSlidingWindowLayer.__name__}:
-        raise TypeError(f"the prompt's cache ({type(cache).__name__} with {sorted(kinds)}) cannot be repeated "
-                        "for a group: score one row per completion (Scoring(share_prompt=False))")
+    if type(cache) is not DynamicCache or not kinds <= {
+        DynamicLayer.__name__,
+        DynamicSlidingWindowLayer.__name__,
+    }:
+        raise TypeError(
+            f"the prompt's cache ({type(cache).__name__} with {sorted(kinds)}) cannot be repeated "
+            "for a group: score one row per completion (Scoring(share_prompt=False))"
+        )
     return cache
 
 
@@ -355,8 +534,10 @@ def _backbone_and_head(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module]:
         backbone = next((m for m in causal_lm.children() if isinstance(m, PreTrainedModel)), None)
     head = causal_lm.get_output_embeddings()
     if backbone is None or head is None:
-        raise TypeError(f"{type(causal_lm).__name__} has no separate backbone and LM head: use its own logits "
-                        "(Scoring(own_logits=True))")
+        raise TypeError(
+            f"{type(causal_lm).__name__} has no separate backbone and LM head: use its own logits "
+            "(Scoring(own_logits=True))"
+        )
     return backbone, head
 
 
@@ -385,7 +566,9 @@ def default_scoring(model: nn.Module) -> Scoring:
     """The leanest scoring the model's structure allows: the prompt once per group unless its cache
     has conv or recurrent state (hybrids) or gradient checkpointing drops caches in training."""
     causal_lm = _causal_lm(model)
-    checkpointing = getattr(causal_lm, "is_activation_checkpointing", None)  # is_gradient_checkpointing before 5.x
+    checkpointing = getattr(
+        causal_lm, "is_activation_checkpointing", None
+    )  # is_gradient_checkpointing before 5.x
     if checkpointing is None:
         checkpointing = getattr(causal_lm, "is_gradient_checkpointing", False)
     share = _repeatable_cache_config(causal_lm.config) and not checkpointing
@@ -438,7 +621,9 @@ def check_scoring(model: nn.Module, *, max_length: int = 512, seed: int = 0) -> 
         try:
             want, want_grad = scored(PLAIN)
         except Exception as exc:
-            raise RuntimeError(f"the model's own forward fails on a sample: {type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(
+                f"the model's own forward fails on a sample: {type(exc).__name__}: {exc}"
+            ) from exc
         default = default_scoring(model)
         candidates = [default, replace(default, share_prompt=False), PLAIN]
         mismatches = []
@@ -465,7 +650,9 @@ def _relative_gap(got, want, got_grad, want_grad, half: bool) -> float:
     diff = (got - want).abs()
     gap = float(diff.mean() if half else diff.max()) if diff.numel() else 0.0
     if want_grad is not None and got_grad is not None:
-        gap = max(gap, float((got_grad - want_grad).float().norm() / want_grad.float().norm().clamp(min=1e-12)))
+        gap = max(
+            gap, float((got_grad - want_grad).float().norm() / want_grad.float().norm().clamp(min=1e-12))
+        )
     elif (want_grad is None) != (got_grad is None):
         gap = float("inf")
     return gap

@@ -11,12 +11,15 @@ step, so which rows are still in the batch changes no token.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+HEAD_COPY_BYTES = 64 << 20  # the largest LM head that contiguous_head copies
 PRUNE_WHEN_FINISHED = 4  # drop finished rows from the decoding batch once 1/4 of it has finished
 
 
@@ -27,8 +30,9 @@ class Rollout:
     truncated: torch.Tensor  # [B*G] bool: hit max_completion_length without EOS
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator,
-                 uniforms: torch.Tensor | None = None) -> torch.Tensor:
+def sample_top_p(
+    logits: torch.Tensor, top_p: float, generator: torch.Generator, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sample one token per row from softmax(logits) restricted to the top-p nucleus. [N, V] -> [N]
 
     Inverse-CDF sampling (the same distribution as ``torch.multinomial``, about ten times faster
@@ -43,7 +47,9 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator,
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # [N, V]
     cdf = probs.cumsum(dim=-1)  # [N, V]
     if not torch.isfinite(cdf[:, -1]).all():  # any inf or NaN logit makes its row's total NaN
-        raise FloatingPointError("sampling met inf or NaN probabilities: the model's outputs are no longer finite")
+        raise FloatingPointError(
+            "sampling met inf or NaN probabilities: the model's outputs are no longer finite"
+        )
     if uniforms is None:
         uniforms = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)  # [N]
     u = uniforms[:, None] * cdf[:, -1:]  # [N, 1]
@@ -89,18 +95,23 @@ class GrowingLayer(DynamicLayer):
         length, new = self.get_seq_length(), key_states.shape[-2]
         if length == 0:
             self._move_into(key_states[..., :0, :], value_states[..., :0, :], new)
-        elif (self._views is None or self._views[0] is not self.keys or self._views[1] is not self.values
-              or length + new > self._buffers[0].shape[-2]):  # full, or keys were replaced from outside
+        elif (
+            self._views is None
+            or self._views[0] is not self.keys
+            or self._views[1] is not self.values
+            or length + new > self._buffers[0].shape[-2]
+        ):  # full, or keys were replaced from outside
             self._move_into(self.keys, self.values, new)
-        self._buffers[0][..., length:length + new, :] = key_states
-        self._buffers[1][..., length:length + new, :] = value_states
+        self._buffers[0][..., length : length + new, :] = key_states
+        self._buffers[1][..., length : length + new, :] = value_states
         self._set_length(length + new)
         return self.keys, self.values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:
-            self._move_into(self.keys.repeat_interleave(repeats, dim=0),
-                            self.values.repeat_interleave(repeats, dim=0), 0)
+            self._move_into(
+                self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0), 0
+            )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
@@ -141,8 +152,61 @@ def select_rows(cache, index: torch.Tensor) -> None:
         cache.reorder_cache(index)
 
 
+@contextlib.contextmanager
+def contiguous_head(model: torch.nn.Module) -> Iterator[None]:
+    """The LM head computing ``hidden @ W^T`` from a contiguous copy of ``W^T`` [H, V] while
+    sampling, when it is a plain bias-free linear map on the CPU and the copy is small
+    (HEAD_COPY_BYTES). Decoding feeds it a few rows at a time, where the matmul is bound by
+    streaming the weight, and MKL streams ``[H, V]`` about a third faster than the transposed
+    ``[V, H]``. The model's own forward still runs around it (its logit transforms included)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if (
+        type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or weight.device.type != "cpu"
+        or weight.numel() * weight.element_size() > HEAD_COPY_BYTES
+        or "forward" in vars(head)
+    ):
+        yield
+        return
+    transposed = weight.detach().T.contiguous()  # [H, V]
+    head.forward = lambda hidden: hidden @ transposed  # [.., H] -> [.., V]
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 @torch.inference_mode()
 def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[torch.Tensor],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+) -> Rollout:
+    with contiguous_head(model):
+        return _generate(
+            model,
+            prompt_ids,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos_token_ids,
+            pad_id=pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
+
+
+def _generate(
     model: torch.nn.Module,
     prompt_ids: list[torch.Tensor],
     *,
@@ -159,13 +223,19 @@ def generate(
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)  # [B, P] left-padded
     attention_mask = torch.zeros((batch, width), dtype=torch.long, device=device)  # [B, P]
     for b, prompt in enumerate(prompt_ids):
-        input_ids[b, width - prompt.shape[0]:] = prompt
-        attention_mask[b, width - prompt.shape[0]:] = 1
+        input_ids[b, width - prompt.shape[0] :] = prompt
+        attention_mask[b, width - prompt.shape[0] :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
 
     cache = new_cache(model, width + max_new_tokens)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = out.cache
     repeat_rows(cache, batch, group_size)  # [B] rows -> [B*G]
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [B*G, V]
@@ -184,8 +254,9 @@ def generate(
             # One draw for every completion, finished or dropped or not, each step: a completion's
             # tokens do not depend on which other rows are still in the batch.
             uniforms = torch.rand(batch * group_size, generator=generator, device=device)[rows]  # [A]
-            token = sample_top_p(logits / temperature if temperature != 1.0 else logits, top_p, generator,
-                                 uniforms)  # [A]
+            token = sample_top_p(
+                logits / temperature if temperature != 1.0 else logits, top_p, generator, uniforms
+            )  # [A]
         token = token.masked_fill(finished, pad_id)
         generated[rows, step] = token
         steps = step + 1
@@ -202,8 +273,13 @@ def generate(
             rows, finished, token = rows[keep], finished[keep], token[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)  # [A, P+t]
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    cache=cache, use_cache=True)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            cache=cache,
+            use_cache=True,
+        )
         logits = out.logits[:, -1]  # [A, V]
         next_position = next_position + 1
 
