@@ -24,6 +24,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # A second environment with TRL, for bench/trainer_bench.py's side-by-side runs only: trl is never
 # a dependency of the package.

@@ -24,7 +24,9 @@ from jobs.errors import RateLimited, ServiceError, Unauthenticated
 from jobs.keys import HOW_TO_GET_ONE, LOCAL_OWNER, authenticate
 from jobs.settings import Settings
 
-PROTECTED_PREFIX = "/v1/"  # every /v1 route needs a live key; health, metrics, docs and the dashboard page do not
+PROTECTED_PREFIX = (
+    "/v1/"  # every /v1 route needs a live key; health, metrics, docs and the dashboard page do not
+)
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -75,12 +77,15 @@ class AuthenticateFirst:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
             await self.app(scope, receive, send)
             return
-        authorization = next((value.decode("latin-1") for name, value in scope["headers"]
-                              if name == b"authorization"), None)
+        authorization = next(
+            (value.decode("latin-1") for name, value in scope["headers"] if name == b"authorization"), None
+        )
         try:
             owner = await authorize(scope["app"].state, bearer_token(authorization))
         except ServiceError as exc:
-            response = error_response(status_of(exc), exc.code, exc.message, exc.param, exc.details, headers_of(exc))
+            response = error_response(
+                status_of(exc), exc.code, exc.message, exc.param, exc.details, headers_of(exc)
+            )
             await response(scope, receive, send)  # the body is never received
             return
         scope.setdefault("state", {})["owner"] = owner

@@ -66,7 +66,8 @@ class ResponseCache:
 
     def __init__(self, max_bytes: int):
         self.answers: LRUCache[str, dict[Variant, bytes]] = LRUCache(
-            maxsize=max(1, max_bytes), getsizeof=lambda variants: sum(map(len, variants.values())) or 1)
+            maxsize=max(1, max_bytes), getsizeof=lambda variants: sum(map(len, variants.values())) or 1
+        )
         self.changes = 0  # changes heard so far (a listener's (re)connection counts as every job's)
         self.changed_at: OrderedDict[str, int] = OrderedDict()  # job -> the number of its last change
         self.forgotten_at = 0  # the newest number dropped from changed_at, and of the last reset
@@ -106,7 +107,9 @@ class ResponseCache:
         if len(self.changed_at) > MAX_TRACKED:
             self.forgotten_at = self.changed_at.popitem(last=False)[1]
         self.answers.pop(job_id, None)
-        self.reads.pop(job_id, None)  # a request from now on reads anew; those waiting get the read they joined
+        self.reads.pop(
+            job_id, None
+        )  # a request from now on reads anew; those waiting get the read they joined
 
     def forget_all(self) -> None:
         self.changes += 1
@@ -189,8 +192,12 @@ class ChangeListener:
                 raise
             except Exception as exc:  # psycopg's errors, a ping timing out, the server going away
                 if not self.failing:  # once per outage
-                    logger.warning("response cache off: not hearing job changes (%s); polls read the database "
-                                   "until the listener is back (tried every %gs)", exc, self.retry_s)
+                    logger.warning(
+                        "response cache off: not hearing job changes (%s); polls read the database "
+                        "until the listener is back (tried every %gs)",
+                        exc,
+                        self.retry_s,
+                    )
                 self.failing = True
             finally:
                 self.cache.set_serving(False)
@@ -199,7 +206,8 @@ class ChangeListener:
 
     async def listen(self) -> None:
         self.connection = await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, connect_timeout=max(1, round(self.timeout_s)))
+            self.conninfo, autocommit=True, connect_timeout=max(1, round(self.timeout_s))
+        )
         await self.connection.execute(f"LISTEN {CHANNEL}")
         self.cache.set_serving(True)  # every change from here on is heard
         if self.failing:

@@ -47,15 +47,34 @@ def migrate() -> None:
 
 @app.command()
 def serve(
-    host: Host = "127.0.0.1", port: Port = 8000,
-    embedded: Annotated[bool, typer.Option(help=(
-        "Run a worker beside the API, with a SQLite database, a file-based broker and the artifacts "
-        "all under --data-dir: no PostgreSQL, no Redis."))] = False,
-    data_dir: Annotated[Path | None, typer.Option(help=(
-        "Where the embedded setup keeps everything; defaults to GRPO_DATA_DIR (as `grpo keys create` "
-        "reads it), else ./var."), show_default=False)] = None,
-    workers: Annotated[int, typer.Option(min=1, help=(
-        "API processes (uvicorn workers): one per core the API may use. Not with --embedded."))] = 1,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "Run a worker beside the API, with a SQLite database, a file-based broker and the artifacts "
+                "all under --data-dir: no PostgreSQL, no Redis."
+            )
+        ),
+    ] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Where the embedded setup keeps everything; defaults to GRPO_DATA_DIR (as `grpo keys create` "
+                "reads it), else ./var."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help=("API processes (uvicorn workers): one per core the API may use. Not with --embedded."),
+        ),
+    ] = 1,
 ) -> None:
     """Serve the HTTP API (and, with --embedded, a worker too)."""
     from jobs.settings import get_settings
@@ -64,8 +83,9 @@ def serve(
     refuse_open_unauthenticated(host, get_settings().auth)
     if embedded:
         if workers != 1:
-            raise typer.BadParameter("the embedded setup runs one API process (SQLite, one writer)",
-                                     param_hint="--workers")
+            raise typer.BadParameter(
+                "the embedded setup runs one API process (SQLite, one writer)", param_hint="--workers"
+            )
         from api.embedded import run_embedded
 
         raise typer.Exit(run_embedded(data_dir or get_settings().data_dir, host=host, port=port))
@@ -88,16 +108,26 @@ def is_loopback(host: str) -> bool:
 def refuse_open_unauthenticated(host: str, auth: str) -> None:
     """With authentication disabled, anyone who reaches the port owns every job: loopback only."""
     if auth == "disabled" and not is_loopback(host):
-        typer.echo(f"refusing to listen on {host} with GRPO_AUTH=disabled: anyone who can reach it could use "
-                   f"the API. Listen on 127.0.0.1, or leave GRPO_AUTH=required and create keys with "
-                   f"`grpo keys create NAME`.", err=True)
+        typer.echo(
+            f"refusing to listen on {host} with GRPO_AUTH=disabled: anyone who can reach it could use "
+            f"the API. Listen on 127.0.0.1, or leave GRPO_AUTH=required and create keys with "
+            f"`grpo keys create NAME`.",
+            err=True,
+        )
         raise typer.Exit(2)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context, inference: Annotated[bool, typer.Option(
-        "--inference", help="Answer chat completions from checkpoints (GRPO_INFERENCE_QUEUE) instead of "
-        "running jobs.")] = False) -> None:
+def worker(
+    ctx: typer.Context,
+    inference: Annotated[
+        bool,
+        typer.Option(
+            "--inference",
+            help="Answer chat completions from checkpoints (GRPO_INFERENCE_QUEUE) instead of running jobs.",
+        ),
+    ] = False,
+) -> None:
     """Run a GPU worker on the configured queue; extra options go to `celery worker`."""
     # The worker is its own program (``python -m worker``), as in the embedded setup: this
     # process becomes it (same pid, so signals reach it), and the API package never imports it.
@@ -119,17 +149,26 @@ def _key_store() -> Iterator[Session]:
         with transaction(url) as session:
             yield session
     except DBAPIError as exc:
-        typer.echo(f"could not use the database {make_url(url).render_as_string(hide_password=True)}: "
-                   f"{exc.orig}; is it migrated (`grpo migrate`)?", err=True)
+        typer.echo(
+            f"could not use the database {make_url(url).render_as_string(hide_password=True)}: "
+            f"{exc.orig}; is it migrated (`grpo migrate`)?",
+            err=True,
+        )
         raise typer.Exit(1) from None
 
 
 @keys.command("create")
 def create_key(
     name: Annotated[str, typer.Argument(help="What the key is for, e.g. ci or alice-laptop.")],
-    owner: Annotated[str | None, typer.Option(help=(
-        "Whose datasets and jobs the key reaches; defaults to NAME. Give an existing owner to add a "
-        "key for them (e.g. to rotate one)."))] = None,
+    owner: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Whose datasets and jobs the key reaches; defaults to NAME. Give an existing owner to add a "
+                "key for them (e.g. to rotate one)."
+            )
+        ),
+    ] = None,
 ) -> None:
     """Create a key. Its secret goes to stdout, once: only a hash of it is stored."""
     from jobs.keys import issue_key
@@ -139,8 +178,11 @@ def create_key(
             raise typer.BadParameter("must be 1 to 255 characters", param_hint=label)
     with _key_store() as session:
         key, secret = issue_key(session=session, name=name.strip(), owner=owner and owner.strip())
-    typer.echo(f"created {key.id} ({key.name!r}, owner {key.owner!r}); the secret below is shown only "
-               f"this once; send it as 'Authorization: Bearer <secret>':", err=True)
+    typer.echo(
+        f"created {key.id} ({key.name!r}, owner {key.owner!r}); the secret below is shown only "
+        f"this once; send it as 'Authorization: Bearer <secret>':",
+        err=True,
+    )
     typer.echo(secret)
 
 
@@ -150,17 +192,29 @@ def list_keys() -> None:
     from jobs.queries import list_api_keys
 
     with _key_store() as session:
-        rows = [(k.id, k.name, k.owner, f"{k.prefix}…", f"{k.created_at:%Y-%m-%d %H:%M}",
-                 f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active")
-                for k in list_api_keys(session=session)]
+        rows = [
+            (
+                k.id,
+                k.name,
+                k.owner,
+                f"{k.prefix}…",
+                f"{k.created_at:%Y-%m-%d %H:%M}",
+                f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active",
+            )
+            for k in list_api_keys(session=session)
+        ]
     header = ("ID", "NAME", "OWNER", "SECRET", "CREATED", "STATUS")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        typer.echo(
+            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 @keys.command("revoke")
-def revoke_key(key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id, from `grpo keys list`.")]) -> None:
+def revoke_key(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id, from `grpo keys list`.")],
+) -> None:
     """Revoke a key: its next request is a 401."""
     from jobs.errors import ApiKeyNotFound
     from jobs.queries import revoke_api_key

@@ -16,7 +16,10 @@ def accepts(media_type: str) -> Any:
     async def content_type_is(request: Request) -> None:
         sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if sent != media_type:
-            raise UnsupportedMediaType(f"{request.method} {request.url.path} takes {media_type}, "
-                                       f"not {sent or 'a body without a Content-Type'}", param="Content-Type")
+            raise UnsupportedMediaType(
+                f"{request.method} {request.url.path} takes {media_type}, "
+                f"not {sent or 'a body without a Content-Type'}",
+                param="Content-Type",
+            )
 
     return Depends(content_type_is)

@@ -63,8 +63,15 @@ CurrentOwner = Annotated[str, Depends(current_owner)]
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 DatabaseDep = Annotated[Database, Depends(database)]
 DispatcherDep = Annotated[Dispatcher, Depends(dispatcher)]
-IdempotencyKey = Annotated[str | None, Header(max_length=255, description=(
-    "Retrying with the same key and body within 24 hours (GRPO_IDEMPOTENCY_TTL_S) returns what the "
-    "first request made; the same key with another body is a 409. Keys are per owner."))]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        description=(
+            "Retrying with the same key and body within 24 hours (GRPO_IDEMPOTENCY_TTL_S) returns what the "
+            "first request made; the same key with another body is a 409. Keys are per owner."
+        ),
+    ),
+]
 After = Annotated[str | None, Query(description="The last id of the previous page.", max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]

@@ -23,7 +23,13 @@ from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OVERRIDDEN = ("GRPO_DATABASE_URL", "GRPO_BROKER_URL", "GRPO_BROKER_DIR", "GRPO_ARTIFACT_DIR", "GRPO_RESULT_BACKEND")
+OVERRIDDEN = (
+    "GRPO_DATABASE_URL",
+    "GRPO_BROKER_URL",
+    "GRPO_BROKER_DIR",
+    "GRPO_ARTIFACT_DIR",
+    "GRPO_RESULT_BACKEND",
+)
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
@@ -34,8 +40,14 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 
 def embedded_settings(data_dir: Path) -> Settings:
     """The settings the embedded children run with (e.g. to create an API key in their database)."""
-    return Settings(data_dir=data_dir.resolve(), database_url="", broker_url="filesystem://", broker_dir=None,
-                    artifact_dir=None, result_backend="")
+    return Settings(
+        data_dir=data_dir.resolve(),
+        database_url="",
+        broker_url="filesystem://",
+        broker_dir=None,
+        artifact_dir=None,
+        result_backend="",
+    )
 
 
 def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
@@ -52,9 +64,21 @@ def run_embedded(data_dir: Path, *, host: str, port: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     children = {
-        "api": subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port),
-                                 "--timeout-keep-alive", str(KEEP_ALIVE_S)],
-                                env=env),
+        "api": subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--timeout-keep-alive",
+                str(KEEP_ALIVE_S),
+            ],
+            env=env,
+        ),
         "worker": subprocess.Popen([sys.executable, "-m", "worker"], env=env),
         "inference worker": subprocess.Popen([sys.executable, "-m", "worker", "--inference"], env=env),
     }

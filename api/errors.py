@@ -36,15 +36,37 @@ from jobs.text import UNSTORABLE_ERROR, storable_text
 log = logging.getLogger(__name__)
 
 STATUS: dict[type[ServiceError], int] = {
-    InvalidRequest: 422, Unauthenticated: 401, NotFound: 404, Conflict: 409, PayloadTooLarge: 413,
-    UnsupportedMediaType: 415, RateLimited: 429, TooManyActiveJobs: 429, InferenceUnavailable: 503,
-    InferenceTimedOut: 504}
-HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type"}
+    InvalidRequest: 422,
+    Unauthenticated: 401,
+    NotFound: 404,
+    Conflict: 409,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    RateLimited: 429,
+    TooManyActiveJobs: 429,
+    InferenceUnavailable: 503,
+    InferenceTimedOut: 504,
+}
+HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message, "param": param}
     if details is not None:
         body["details"] = details
@@ -91,8 +113,10 @@ def _location(error: Any) -> tuple[str | int, ...]:
 
 def _problem(error: Any) -> dict[str, Any]:
     if error.get("type") == "json_invalid":  # FastAPI's location is ("body", <character offset>)
-        return {"param": None, "message": f"the body is not valid JSON: {error['ctx']['error']} "
-                                          f"(character {error['loc'][-1]})"}
+        return {
+            "param": None,
+            "message": f"the body is not valid JSON: {error['ctx']['error']} (character {error['loc'][-1]})",
+        }
     return {"param": dotted_path(_location(error)), "message": error["msg"]}
 
 
@@ -101,7 +125,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     problems = [_problem(e) for e in exc.errors()]
     first = problems[0] if problems else {"param": None, "message": "invalid request"}
     message = first["message"] if first["param"] is None else f"{first['param']}: {first['message']}"
-    return error_response(422, "invalid_request", message, first["param"], problems if len(problems) > 1 else None)
+    return error_response(
+        422, "invalid_request", message, first["param"], problems if len(problems) > 1 else None
+    )
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -133,7 +159,9 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "something went wrong on our side; the server log has details")
+    return error_response(
+        500, "internal_error", "something went wrong on our side; the server log has details"
+    )
 
 
 class OpenAIRoute(APIRoute):
@@ -152,10 +180,15 @@ class OpenAIRoute(APIRoute):
                 response = await validation_error(request, exc)
             except ServiceError as exc:
                 message = exc.message if exc.param is None else f"{exc.param}: {exc.message}"
-                response = error_response(status_of(exc), exc.code, message, exc.param, exc.details, headers_of(exc))
+                response = error_response(
+                    status_of(exc), exc.code, message, exc.param, exc.details, headers_of(exc)
+                )
             if response.status_code == 422:
                 response.status_code = 400
-            elif response.status_code in (409, 504):  # a timed-out chat completion: retrying waits as long again
+            elif response.status_code in (
+                409,
+                504,
+            ):  # a timed-out chat completion: retrying waits as long again
                 response.headers["x-should-retry"] = "false"
             return response
 

@@ -28,7 +28,8 @@ class KeyCache:
 
     def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         self.keys: TTLCache[str, CheckedKey] | None = (
-            TTLCache(maxsize=MAX_KEYS, ttl=ttl_s, timer=clock) if ttl_s > 0 else None)
+            TTLCache(maxsize=MAX_KEYS, ttl=ttl_s, timer=clock) if ttl_s > 0 else None
+        )
 
     def get(self, token: str) -> CheckedKey | None:
         return None if self.keys is None else self.keys.get(hash_token(token))

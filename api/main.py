@@ -60,8 +60,11 @@ TAGS = [
     {"name": "samples", "description": "What the model writes: a few completions per step, with rewards."},
     {"name": "rewards", "description": "Try a reward spec on completions before a job runs."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
-    {"name": "openai", "description": "OpenAI-compatible files, reinforcement fine-tuning jobs and chat completions "
-                                      "from their checkpoints, for the `openai` SDK."},
+    {
+        "name": "openai",
+        "description": "OpenAI-compatible files, reinforcement fine-tuning jobs and chat completions "
+        "from their checkpoints, for the `openai` SDK.",
+    },
 ]
 
 
@@ -91,23 +94,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, *, send: Send | None = None) -> FastAPI:
     """``send`` replaces the broker (tests that only look at HTTP); it defaults to Celery."""
     settings = settings or get_settings()
-    app = FastAPI(title="GRPO fine-tuning service", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS,
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="GRPO fine-tuning service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     app.state.database = Database(settings.database_url, pool_size=settings.database_pool_size)
     app.state.key_cache = KeyCache(settings.api_key_cache_s)
     app.state.celery = make_celery(settings)
-    app.state.dispatcher = Dispatcher(send or job_sender(app.state.celery, settings), app.state.database.sessions)
+    app.state.dispatcher = Dispatcher(
+        send or job_sender(app.state.celery, settings), app.state.database.sessions
+    )
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsByStatus(app.state.database))
     app.state.rate_limiter = make_rate_limiter(settings)  # shared through Redis when the broker is Redis
     app.state.response_cache = ResponseCache(int(settings.response_cache_mb * 2**20))
     app.state.change_listener = (  # SQLite cannot notify: there the cache never serves
         ChangeListener(settings.database_url, app.state.response_cache)
-        if settings.response_cache_mb > 0 and settings.database_url.startswith("postgresql") else None)
+        if settings.response_cache_mb > 0 and settings.database_url.startswith("postgresql")
+        else None
+    )
     app.add_middleware(ForgetWrittenJobs, cache=app.state.response_cache)
     app.add_middleware(BodyLimit, settings=settings)
-    app.add_middleware(RefuseUnstorableParams)  # a NUL in an id or a query parameter: a 4xx, not the database's 500
+    app.add_middleware(
+        RefuseUnstorableParams
+    )  # a NUL in an id or a query parameter: a 4xx, not the database's 500
     app.add_middleware(AuthenticateFirst)  # 401/429 before the body is read or even its size looked at
     app.add_middleware(RequestMetrics, registry=app.state.registry)  # outermost: it counts the 413s too
     errors.install(app)

@@ -36,12 +36,19 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp, registry: CollectorRegistry):
         self.app = app
-        self.requests = Counter("grpo_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=registry)
-        self.latency = Histogram("grpo_http_request_seconds", "Time to the response's first byte",
-                                 ["method", "route"], registry=registry,
-                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
-        self.series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # (method, route, status) -> its two series
+        self.requests = Counter(
+            "grpo_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "grpo_http_request_seconds",
+            "Time to the response's first byte",
+            ["method", "route"],
+            registry=registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.series: dict[
+            tuple[str, str, int], tuple[Any, Any]
+        ] = {}  # (method, route, status) -> its two series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,11 +58,17 @@ class RequestMetrics:
 
         async def send_and_observe(message: Message) -> None:
             if message["type"] == "http.response.start":
-                labels = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), message["status"])
+                labels = (
+                    scope["method"],
+                    getattr(scope.get("route"), "path", "unmatched"),
+                    message["status"],
+                )
                 series = self.series.get(labels)
                 if series is None:  # labels() costs microseconds a request: each series is looked up once
-                    series = self.series[labels] = (self.latency.labels(*labels[:2]),
-                                                    self.requests.labels(*labels[:2], str(labels[2])))
+                    series = self.series[labels] = (
+                        self.latency.labels(*labels[:2]),
+                        self.requests.labels(*labels[:2], str(labels[2])),
+                    )
                 series[0].observe(time.perf_counter() - start)
                 series[1].inc()
             await send(message)

@@ -13,14 +13,23 @@ from fastapi.routing import iter_route_contexts
 from api.auth import PROTECTED_PREFIX
 from api.errors import OpenAIRoute
 
-BEARER = {"type": "http", "scheme": "bearer", "description": "An API key: `grpo keys create NAME` prints one."}
+BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An API key: `grpo keys create NAME` prints one.",
+}
 
 
 def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes, tags=app.openapi_tags)
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+                tags=app.openapi_tags,
+            )
             document_error_shape(schema, openai_operations(app))
             document_api_key(schema)
             app.openapi_schema = schema
@@ -31,8 +40,12 @@ def install(app: FastAPI) -> None:
 
 def openai_operations(app: FastAPI) -> set[tuple[str, str]]:
     """``(path, method)`` of each OpenAI-compatible operation: an invalid request there is a 400."""
-    return {(route.path, method.lower()) for route in iter_route_contexts(app.routes)
-            if isinstance(route.original_route, OpenAIRoute) for method in route.methods or ()}
+    return {
+        (route.path, method.lower())
+        for route in iter_route_contexts(app.routes)
+        if isinstance(route.original_route, OpenAIRoute)
+        for method in route.methods or ()
+    }
 
 
 def document_error_shape(schema: dict[str, Any], openai: set[tuple[str, str]]) -> None:
@@ -45,12 +58,15 @@ def document_error_shape(schema: dict[str, Any], openai: set[tuple[str, str]]) -
             responses = operation.setdefault("responses", {})
             if "422" in responses and (path, method) in openai:
                 del responses["422"]
-                responses.setdefault("400", {"description": "Invalid request: the message names the param.",
-                                             "content": error})
+                responses.setdefault(
+                    "400", {"description": "Invalid request: the message names the param.", "content": error}
+                )
             elif "422" in responses:
                 responses["422"]["content"] = error
             if "requestBody" in operation:
-                responses.setdefault("400", {"description": "The body could not be decoded.", "content": error})
+                responses.setdefault(
+                    "400", {"description": "The body could not be decoded.", "content": error}
+                )
     components = schema.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)

@@ -28,8 +28,13 @@ class RefuseUnstorableParams:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX)
-                and ("\x00" in scope["path"] or b"%00" in scope["query_string"] or b"\x00" in scope["query_string"])):
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith(PROTECTED_PREFIX)
+            and (
+                "\x00" in scope["path"] or b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]
+            )
+        ):
             refusal = _refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)

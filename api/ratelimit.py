@@ -120,8 +120,9 @@ class RedisRateLimiter:
         loop = asyncio.get_running_loop()
         if self.loop is not loop or self.script is None:  # asyncio connections belong to one loop
             self.loop = loop
-            self.client = redis.asyncio.Redis.from_url(self.url, socket_timeout=self.timeout_s,
-                                                       socket_connect_timeout=self.timeout_s)
+            self.client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+            )
             self.script = self.client.register_script(TAKE_SCRIPT)
         return self.script
 
@@ -154,12 +155,17 @@ class RedisRateLimiter:
         """Lease tokens of ``key`` from Redis: 0 when some were granted, else the wait; ``None``
         when Redis failed."""
         try:
-            granted, wait = await self._script()(keys=[self.prefix + key],
-                                                 args=[self.rate, self.burst, self.lease_size])
+            granted, wait = await self._script()(
+                keys=[self.prefix + key], args=[self.rate, self.burst, self.lease_size]
+            )
         except (redis.RedisError, OSError) as exc:
             if not self.failing:  # once per outage, not once per request
-                logger.warning("rate limiting: Redis failed (%s); each API process limits keys on its own "
-                               "until Redis answers again (tried every %gs)", exc, self.retry_after_s)
+                logger.warning(
+                    "rate limiting: Redis failed (%s); each API process limits keys on its own "
+                    "until Redis answers again (tried every %gs)",
+                    exc,
+                    self.retry_after_s,
+                )
             self.failing = True
             self.down_until = time.monotonic() + self.retry_after_s
             return None
@@ -180,6 +186,10 @@ class RedisRateLimiter:
 def make_rate_limiter(settings: Settings) -> RateLimiter | RedisRateLimiter:
     """Shared buckets in Redis when the broker is Redis, this process's buckets otherwise."""
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        return RedisRateLimiter(settings.broker_url, settings.broker_key_prefix, settings.rate_limit_per_s,
-                                settings.rate_limit_burst)
+        return RedisRateLimiter(
+            settings.broker_url,
+            settings.broker_key_prefix,
+            settings.rate_limit_per_s,
+            settings.rate_limit_burst,
+        )
     return RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)

@@ -55,8 +55,9 @@ def _read_events(db: Database, owner: str, job_id: str, after: int) -> tuple[lis
     return events, ended and not has_more
 
 
-async def event_stream(request: Request, db: Database, owner: str, job_id: str, *, after: int,
-                       poll_s: float) -> AsyncIterator[str]:
+async def event_stream(
+    request: Request, db: Database, owner: str, job_id: str, *, after: int, poll_s: float
+) -> AsyncIterator[str]:
     """Events after ``after`` as they are recorded; ends once the job has ended."""
     yield f"retry: {int(poll_s * 2000)}\n\n"
     quiet_since = time.monotonic()

@@ -11,7 +11,9 @@ from jobs.settings import Settings
 from jobs.webhooks import first_attempt
 
 
-def send_webhook_after_response(background: BackgroundTasks, job: Job, db: Database, settings: Settings) -> None:
+def send_webhook_after_response(
+    background: BackgroundTasks, job: Job, db: Database, settings: Settings
+) -> None:
     """A job this request ended (committed by now) has its webhook due: the first attempt runs
     once the answer is sent; retries are the workers' deliverers'."""
     if job.webhook_status == WebhookStatus.pending:

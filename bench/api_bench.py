@@ -54,7 +54,7 @@ from tests.service.factories import (  # noqa: E402
     wait_for,
 )
 
-BARE_APP = '''
+BARE_APP = """
 from fastapi import FastAPI
 app = FastAPI()
 
@@ -65,18 +65,50 @@ async def bare_async():
 @app.get("/sync")
 def bare_sync():
     return {"id": "job_0", "status": "running"}
-'''
-METRICS = {name: 0.5 for name in (
-    "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "loss", "grad_norm", "learning_rate",
-    "completion_length", "completion_length/min", "completion_length/max", "truncated_ratio", "entropy",
-    "time/generate", "time/reward", "time/train", "tokens_per_second", "rewards/exact_match")}
+"""
+METRICS = {
+    name: 0.5
+    for name in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "completion_length",
+        "completion_length/min",
+        "completion_length/max",
+        "truncated_ratio",
+        "entropy",
+        "time/generate",
+        "time/reward",
+        "time/train",
+        "tokens_per_second",
+        "rewards/exact_match",
+    )
+}
 
 
 @contextmanager
 def serve(app: str, env: dict[str, str], cwd: Path, port: int):
     """One uvicorn process serving ``app``; yields its base URL and pid."""
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log",
-                                "--log-level", "warning"], cwd=cwd, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=cwd,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _up(base), timeout=30, what=f"{app} to start", interval=0.2)
@@ -99,8 +131,9 @@ def _up(base: str) -> bool:
         return False
 
 
-async def load(url: str, *, concurrency: int, seconds: float, max_requests: int, pid: int,
-               headers: dict[str, str]) -> dict[str, float]:
+async def load(
+    url: str, *, concurrency: int, seconds: float, max_requests: int, pid: int, headers: dict[str, str]
+) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -120,14 +153,29 @@ async def load(url: str, *, concurrency: int, seconds: float, max_requests: int,
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu_start
     latencies.sort()
-    return {"rps": len(latencies) / elapsed, "p50": latencies[len(latencies) // 2] * 1000,
-            "p99": latencies[int(len(latencies) * 0.99)] * 1000, "n": len(latencies), "errors": errors,
-            "cpu_ms": cpu / len(latencies) * 1000}
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": latencies[len(latencies) // 2] * 1000,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
+        "n": len(latencies),
+        "errors": errors,
+        "cpu_ms": cpu / len(latencies) * 1000,
+    }
 
 
-def load_wrk(url: str, *, concurrency: int, seconds: float, pid: int, headers: dict[str, str]) -> dict[str, float]:
+def load_wrk(
+    url: str, *, concurrency: int, seconds: float, pid: int, headers: dict[str, str]
+) -> dict[str, float]:
     """The same figures from ``wrk --latency`` (its percentiles are corrected for coordinated omission)."""
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s"]
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+    ]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
     httpx.get(url, headers=headers)  # warm the route
@@ -145,9 +193,15 @@ def load_wrk(url: str, *, concurrency: int, seconds: float, pid: int, headers: d
     n = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms(percentiles["50"]),
-            "p99": ms(percentiles["99"]), "n": n, "cpu_ms": cpu / max(n, 1) * 1000,
-            "errors": (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, errors.groups())) if errors else 0)}
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": ms(percentiles["50"]),
+        "p99": ms(percentiles["99"]),
+        "n": n,
+        "cpu_ms": cpu / max(n, 1) * 1000,
+        "errors": (int(non_2xx.group(1)) if non_2xx else 0)
+        + (sum(map(int, errors.groups())) if errors else 0),
+    }
 
 
 def make_database() -> tuple[str, str]:
@@ -186,18 +240,25 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
     env = settings_env(settings)
     uncached_env = {**env, "GRPO_RESPONSE_CACHE_MB": "0"}
     headers = bearer(api_key(settings))
-    with serve("api.main:app", env, REPO, free_port()) as (base, api_pid), \
-            httpx.Client(base_url=base, headers=headers) as client:
+    with (
+        serve("api.main:app", env, REPO, free_port()) as (base, api_pid),
+        httpx.Client(base_url=base, headers=headers) as client,
+    ):
         dataset_id = upload(client).json()["id"]
         job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
         with transaction(settings.database_url) as session:
             for step in range(1, args.steps + 1):
                 append_metrics(session=session, job_id=job_id, step=step, metrics=METRICS)
             session.get(Job, job_id).step = args.steps  # so the job shows its latest metrics
-        with serve("bare_app:app", env, work, free_port()) as (bare, bare_pid), \
-                serve("api.main:app", uncached_env, REPO, free_port()) as (uncached, uncached_pid):
-            show, poll, everything = (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/metrics?after_step={args.steps - 1}",
-                                      f"/v1/jobs/{job_id}/metrics")
+        with (
+            serve("bare_app:app", env, work, free_port()) as (bare, bare_pid),
+            serve("api.main:app", uncached_env, REPO, free_port()) as (uncached, uncached_pid),
+        ):
+            show, poll, everything = (
+                f"/v1/jobs/{job_id}",
+                f"/v1/jobs/{job_id}/metrics?after_step={args.steps - 1}",
+                f"/v1/jobs/{job_id}/metrics",
+            )
             no_writes = contextlib.nullcontext
             every_50_ms = partial(writing, settings.database_url, job_id, 20)
             targets = {  # name: (url, server pid, what runs meanwhile)
@@ -205,58 +266,99 @@ def bench_reads(settings: Settings, args: argparse.Namespace, work: Path) -> Non
                 "bare FastAPI, def (threadpool)": (f"{bare}/sync", bare_pid, no_writes),
                 "GET /v1/jobs/{id}": (base + show, api_pid, no_writes),
                 "GET /v1/jobs/{id}/metrics?after_step= (1 new)": (base + poll, api_pid, no_writes),
-                f"GET /v1/jobs/{{id}}/metrics (all {args.steps} steps)": (base + everything, api_pid, no_writes),
+                f"GET /v1/jobs/{{id}}/metrics (all {args.steps} steps)": (
+                    base + everything,
+                    api_pid,
+                    no_writes,
+                ),
                 "GET /v1/jobs/{id}, the job written 20 times/s": (base + show, api_pid, every_50_ms),
                 "GET /v1/jobs/{id}, cache off": (uncached + show, uncached_pid, no_writes),
-                "GET /v1/jobs/{id}/metrics?after_step=, cache off": (uncached + poll, uncached_pid, no_writes),
+                "GET /v1/jobs/{id}/metrics?after_step=, cache off": (
+                    uncached + poll,
+                    uncached_pid,
+                    no_writes,
+                ),
             }
-            print(f"\n{args.concurrency} concurrent clients ({args.client}), {args.seconds:g} s each run; "
-                  "server CPU = the uvicorn process's CPU time per request")
-            print(f"{'endpoint':52} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'n':>6} {'errors':>6}")
+            print(
+                f"\n{args.concurrency} concurrent clients ({args.client}), {args.seconds:g} s each run; "
+                "server CPU = the uvicorn process's CPU time per request"
+            )
+            print(
+                f"{'endpoint':52} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+                f"{'CPU ms':>7} {'n':>6} {'errors':>6}"
+            )
             for name, (url, pid, meanwhile) in targets.items():
                 with meanwhile():
                     if args.client == "wrk":
-                        r = load_wrk(url, concurrency=args.concurrency, seconds=args.seconds, pid=pid, headers=headers)
+                        r = load_wrk(
+                            url, concurrency=args.concurrency, seconds=args.seconds, pid=pid, headers=headers
+                        )
                     else:
-                        r = asyncio.run(load(url, concurrency=args.concurrency, seconds=args.seconds,
-                                             max_requests=args.requests, pid=pid, headers=headers))
-                print(f"{name:52} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
-                      f"{r['n']:6d} {r['errors']:6d}")
+                        r = asyncio.run(
+                            load(
+                                url,
+                                concurrency=args.concurrency,
+                                seconds=args.seconds,
+                                max_requests=args.requests,
+                                pid=pid,
+                                headers=headers,
+                            )
+                        )
+                print(
+                    f"{name:52} {r['rps']:7.0f} {r['p50']:7.1f} {r['p99']:7.1f} {r['cpu_ms']:7.2f} "
+                    f"{r['n']:6d} {r['errors']:6d}"
+                )
         client.post(f"/v1/jobs/{job_id}/cancel")  # it is queued: the next part's worker must not run it first
 
 
 def bench_time_to_running(settings: Settings, args: argparse.Namespace, work: Path) -> None:
     from trainer.tiny import make_tiny_model
 
-    model = make_tiny_model(work / "models" / "tiny", hidden_size=32, num_heads=2)  # <data_dir>/models: allowed
+    model = make_tiny_model(
+        work / "models" / "tiny", hidden_size=32, num_heads=2
+    )  # <data_dir>/models: allowed
     worker = WorkerProcess(settings).start()
     try:
-        with serve("api.main:app", settings_env(settings), REPO, free_port()) as (base, _), \
-                httpx.Client(base_url=base, headers=bearer(api_key(settings))) as client:
+        with (
+            serve("api.main:app", settings_env(settings), REPO, free_port()) as (base, _),
+            httpx.Client(base_url=base, headers=bearer(api_key(settings))) as client,
+        ):
             dataset_id = upload(client).json()["id"]
             spec = job_spec(dataset_id, str(model), hyperparameters={"max_steps": 1})
             seen, recorded = [], []
             for attempt in range(args.jobs + 1):  # the first one (untimed) waits for the worker to start
                 start = time.perf_counter()
                 job_id = client.post("/v1/jobs", json=spec).json()["id"]
-                job = wait_for(partial(_status, client, job_id, until_not="queued"), timeout=120,
-                               what="running", interval=0.005)
+                job = wait_for(
+                    partial(_status, client, job_id, until_not="queued"),
+                    timeout=120,
+                    what="running",
+                    interval=0.005,
+                )
                 if attempt:
                     seen.append(time.perf_counter() - start)
                     recorded.append(_ts(job["started_at"]) - _ts(job["created_at"]))
-                wait_for(partial(_status, client, job_id, until_not="running"), timeout=120,
-                         what="the job to end", interval=0.1)
+                wait_for(
+                    partial(_status, client, job_id, until_not="running"),
+                    timeout=120,
+                    what="the job to end",
+                    interval=0.1,
+                )
                 time.sleep(3)  # the pool forks a fresh process after each job: let it be idle again
         print(f"\nPOST /v1/jobs → running (Redis broker, one idle worker, {args.jobs} jobs)")
-        for name, values in (("seen by the client (POST sent → GET says running)", seen),
-                             ("recorded (created_at → started_at)", recorded)):
+        for name, values in (
+            ("seen by the client (POST sent → GET says running)", seen),
+            ("recorded (created_at → started_at)", recorded),
+        ):
             ms = sorted(v * 1000 for v in values)
-            print(f"  {name:52} median {statistics.median(ms):6.0f} ms   min {ms[0]:6.0f}   max {ms[-1]:6.0f}")
+            print(
+                f"  {name:52} median {statistics.median(ms):6.0f} ms   min {ms[0]:6.0f}   max {ms[-1]:6.0f}"
+            )
             print(f"  {'':52} each, in order: {' '.join(f'{v * 1000:.0f}' for v in values)}")
     finally:
         worker.stop()
         if os.environ.get("BENCH_WORKER_LOG"):
-            print(worker.log_path.read_text()[-int(os.environ["BENCH_WORKER_LOG"]):])
+            print(worker.log_path.read_text()[-int(os.environ["BENCH_WORKER_LOG"]) :])
 
 
 def _status(client: httpx.Client, job_id: str, *, until_not: str) -> dict | None:
@@ -278,8 +380,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="metrics rows of the benchmarked job")
     parser.add_argument("--jobs", type=int, default=5, help="jobs timed from POST to running (0: skip)")
     parser.add_argument("--no-reads", dest="reads", action="store_false", help="skip the read endpoints")
-    parser.add_argument("--client", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
-                        help="the load generator (default: wrk when installed)")
+    parser.add_argument(
+        "--client",
+        choices=("wrk", "httpx"),
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="the load generator (default: wrk when installed)",
+    )
     args = parser.parse_args()
     name, url = make_database()
     try:
@@ -288,9 +394,15 @@ def main() -> None:
             work = Path(tmp)
             tag = uuid.uuid4().hex[:8]
             # Rate limiting stays on (its cost is part of every request) at a rate this load never hits.
-            settings = Settings(data_dir=work, database_url=url, broker_url=REDIS_URL,
-                                broker_key_prefix=f"grpo-bench-{tag}:", queue=f"gpu-bench-{tag}",
-                                rate_limit_per_s=1e9, rate_limit_burst=10**9)
+            settings = Settings(
+                data_dir=work,
+                database_url=url,
+                broker_url=REDIS_URL,
+                broker_key_prefix=f"grpo-bench-{tag}:",
+                queue=f"gpu-bench-{tag}",
+                rate_limit_per_s=1e9,
+                rate_limit_burst=10**9,
+            )
             try:
                 if args.reads:
                     bench_reads(settings, args, work)

@@ -50,18 +50,49 @@ class BenchConfig:
 
 CONFIGS = {
     # trainer.tiny's default model, unedited: completions mostly run to the 16-token cap
-    "toy": BenchConfig(name="toy", hidden_size=64, num_layers=2, num_heads=4, vocab_size=None,
-                       prompt_chars=(8, 16), group_size=4, prompts_per_step=2, max_completion_length=16,
-                       reward_pattern="a", eos_probability=None, steps=20),
+    "toy": BenchConfig(
+        name="toy",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=None,
+        prompt_chars=(8, 16),
+        group_size=4,
+        prompts_per_step=2,
+        max_completion_length=16,
+        reward_pattern="a",
+        eos_probability=None,
+        steps=20,
+    ),
     # ~24M parameters, 32k vocabulary; extra tokens decode as "<extra_N>", and the reward pays for
     # one of the 199 tokens <extra_101>..<extra_299>: rare enough that some groups never see one
-    "realistic": BenchConfig(name="realistic", hidden_size=256, num_layers=8, num_heads=8, vocab_size=32000,
-                             prompt_chars=(90, 110), group_size=8, prompts_per_step=4, max_completion_length=64,
-                             reward_pattern=r"<extra_[12]\d\d>", eos_probability=0.04),
+    "realistic": BenchConfig(
+        name="realistic",
+        hidden_size=256,
+        num_layers=8,
+        num_heads=8,
+        vocab_size=32000,
+        prompt_chars=(90, 110),
+        group_size=8,
+        prompts_per_step=4,
+        max_completion_length=64,
+        reward_pattern=r"<extra_[12]\d\d>",
+        eos_probability=0.04,
+    ),
     # the same shape with the 101-token character vocabulary (~8M parameters)
-    "realistic-small": BenchConfig(name="realistic-small", hidden_size=256, num_layers=8, num_heads=8,
-                                   vocab_size=None, prompt_chars=(90, 110), group_size=8, prompts_per_step=4,
-                                   max_completion_length=64, reward_pattern="Q", eos_probability=0.04),
+    "realistic-small": BenchConfig(
+        name="realistic-small",
+        hidden_size=256,
+        num_layers=8,
+        num_heads=8,
+        vocab_size=None,
+        prompt_chars=(90, 110),
+        group_size=8,
+        prompts_per_step=4,
+        max_completion_length=64,
+        reward_pattern="Q",
+        eos_probability=0.04,
+    ),
 }
 # Long completions: the realistic model with its EOS row pointed away from the hidden states
 # (eos_probability 0: EOS never comes), so every completion runs to the length; 2 prompts x G=8
@@ -69,9 +100,19 @@ CONFIGS = {
 # completions contain one at that length (n tokens of 32k over L draws: 1 - exp(-n L / 32k)).
 for _length, _pattern in ((256, r"<extra_1[0-8]\d>"), (1024, r"<extra_1[01]\d>"), (2048, r"<extra_10\d>")):
     CONFIGS[f"long-{_length}"] = BenchConfig(
-        name=f"long-{_length}", hidden_size=256, num_layers=8, num_heads=8, vocab_size=32000,
-        prompt_chars=(90, 110), group_size=8, prompts_per_step=2, max_completion_length=_length,
-        reward_pattern=_pattern, eos_probability=0.0, steps=2)  # a warm-up step and one timed
+        name=f"long-{_length}",
+        hidden_size=256,
+        num_layers=8,
+        num_heads=8,
+        vocab_size=32000,
+        prompt_chars=(90, 110),
+        group_size=8,
+        prompts_per_step=2,
+        max_completion_length=_length,
+        reward_pattern=_pattern,
+        eos_probability=0.0,
+        steps=2,
+    )  # a warm-up step and one timed
 
 
 def regex_match_rewards(pattern: str, completions: list[str]) -> list[float]:
@@ -80,8 +121,32 @@ def regex_match_rewards(pattern: str, completions: list[str]) -> list[float]:
     return [1.0 if compiled.search(c) else 0.0 for c in completions]
 
 
-WORDS = ("the", "model", "reward", "group", "policy", "token", "answer", "prompt", "value", "step", "with",
-         "every", "number", "a", "of", "and", "to", "in", "is", "sum", "count", "letters", "quickly", "bright")
+WORDS = (
+    "the",
+    "model",
+    "reward",
+    "group",
+    "policy",
+    "token",
+    "answer",
+    "prompt",
+    "value",
+    "step",
+    "with",
+    "every",
+    "number",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "sum",
+    "count",
+    "letters",
+    "quickly",
+    "bright",
+)
 
 
 def write_dataset(path: Path, config: BenchConfig) -> Path:
@@ -93,7 +158,7 @@ def write_dataset(path: Path, config: BenchConfig) -> Path:
         words = [f"Task {i}:"]
         while len(" ".join(words)) < target:
             words.append(rng.choice(WORDS))
-        rows.append({"prompt": " ".join(words)[:target - 1] + ":"})
+        rows.append({"prompt": " ".join(words)[: target - 1] + ":"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -117,11 +182,15 @@ def calibrate_eos(model_dir: Path, dataset: Path, config: BenchConfig) -> dict:
     generator = torch.Generator().manual_seed(EOS_CALIBRATION_SEED)
     states = []
     for line in dataset.read_text().splitlines()[:32]:
-        prompt = torch.tensor(tokenizer(json.loads(line)["prompt"], add_special_tokens=False)["input_ids"])  # [P]
+        prompt = torch.tensor(
+            tokenizer(json.loads(line)["prompt"], add_special_tokens=False)["input_ids"]
+        )  # [P]
         continuation = torch.randint(4, vocab, (config.max_completion_length,), generator=generator)  # [C]
         with torch.no_grad():
-            hidden = model.get_decoder()(input_ids=torch.cat([prompt, continuation])[None]).last_hidden_state[0]  # [P+C, H]
-        states.append(hidden[prompt.shape[0] - 1:])  # [C+1, H] the states that predict completion tokens
+            hidden = model.get_decoder()(input_ids=torch.cat([prompt, continuation])[None]).last_hidden_state[
+                0
+            ]  # [P+C, H]
+        states.append(hidden[prompt.shape[0] - 1 :])  # [C+1, H] the states that predict completion tokens
     hidden = torch.cat(states)  # [N, H]
     mean = hidden.mean(0)  # [H]
     cov = torch.cov(hidden.T) + 1e-3 * torch.eye(hidden.shape[1])  # [H, H]
@@ -132,9 +201,12 @@ def calibrate_eos(model_dir: Path, dataset: Path, config: BenchConfig) -> dict:
     if config.eos_probability == 0.0:  # never: the EOS logit far below every other along the direction
         weight[eos] = -NEVER_EOS_SCALE * direction
         model.save_pretrained(model_dir)
-        return {"eos_scale": -NEVER_EOS_SCALE, "projection_std": projection.std().item(),
-                "projection_min": projection.min().item()}
-    others = torch.logsumexp(hidden @ torch.cat([weight[:eos], weight[eos + 1:]]).T, dim=-1)  # [N]
+        return {
+            "eos_scale": -NEVER_EOS_SCALE,
+            "projection_std": projection.std().item(),
+            "projection_min": projection.min().item(),
+        }
+    others = torch.logsumexp(hidden @ torch.cat([weight[:eos], weight[eos + 1 :]]).T, dim=-1)  # [N]
     low, high = 0.0, 100.0
     for _ in range(60):  # bisect the scale: mean P(EOS) = eos_probability
         scale = (low + high) / 2
@@ -159,12 +231,25 @@ def prepare(config: BenchConfig, workdir: Path) -> dict:
     from trainer.tiny import make_tiny_model
 
     root.mkdir(parents=True, exist_ok=True)
-    model_dir = make_tiny_model(root / "model", hidden_size=config.hidden_size, num_layers=config.num_layers,
-                                num_heads=config.num_heads, vocab_size=config.vocab_size, seed=config.seed)
+    model_dir = make_tiny_model(
+        root / "model",
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        vocab_size=config.vocab_size,
+        seed=config.seed,
+    )
     dataset = write_dataset(root / "data.jsonl", config)
     eos = calibrate_eos(model_dir, dataset, config) if config.eos_probability is not None else {}
-    prepared = {"config": wanted, "model_dir": str(model_dir), "dataset": str(dataset), "eos": eos,
-                "sample": sample_lengths(model_dir, dataset, config, prompts=8 if config.max_completion_length <= 256 else 2)}
+    prepared = {
+        "config": wanted,
+        "model_dir": str(model_dir),
+        "dataset": str(dataset),
+        "eos": eos,
+        "sample": sample_lengths(
+            model_dir, dataset, config, prompts=8 if config.max_completion_length <= 256 else 2
+        ),
+    }
     marker.write_text(json.dumps(prepared, indent=2))
     return prepared
 
@@ -183,19 +268,34 @@ def sample_lengths(model_dir: Path, dataset: Path, config: BenchConfig, prompts:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in dataset.read_text().splitlines()[:prompts]]
     prompt_ids = [torch.tensor(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
-    rollout = generate(model, prompt_ids, group_size=config.group_size, max_new_tokens=config.max_completion_length,
-                       eos_token_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id, temperature=1.0,
-                       top_p=1.0, generator=torch.Generator().manual_seed(config.seed))
+    rollout = generate(
+        model,
+        prompt_ids,
+        group_size=config.group_size,
+        max_new_tokens=config.max_completion_length,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        temperature=1.0,
+        top_p=1.0,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     lengths = sorted(c.shape[0] for c in rollout.completion_ids)
-    rewards = regex_match_rewards(config.reward_pattern,
-                                  tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True))
-    groups = [rewards[i:i + config.group_size] for i in range(0, len(rewards), config.group_size)]
+    rewards = regex_match_rewards(
+        config.reward_pattern, tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    )
+    groups = [rewards[i : i + config.group_size] for i in range(0, len(rewards), config.group_size)]
     quartiles = statistics.quantiles(lengths, n=4)
     return {
-        "completions": len(lengths), "prompt_tokens": [len(p) for p in prompt_ids],
-        "length_min": lengths[0], "length_q1": quartiles[0], "length_median": quartiles[1],
-        "length_q3": quartiles[2], "length_max": lengths[-1], "length_mean": statistics.mean(lengths),
-        "truncated": rollout.truncated.float().mean().item(), "reward_mean": statistics.mean(rewards),
+        "completions": len(lengths),
+        "prompt_tokens": [len(p) for p in prompt_ids],
+        "length_min": lengths[0],
+        "length_q1": quartiles[0],
+        "length_median": quartiles[1],
+        "length_q3": quartiles[2],
+        "length_max": lengths[-1],
+        "length_mean": statistics.mean(lengths),
+        "truncated": rollout.truncated.float().mean().item(),
+        "reward_mean": statistics.mean(rewards),
         "zero_std_groups": sum(len(set(g)) == 1 for g in groups) / len(groups),
     }
 
@@ -247,4 +347,6 @@ class StepRecord:
 
 
 def write_result(path: Path, *, side: str, config: str, steps: list[StepRecord], extra: dict) -> None:
-    path.write_text(json.dumps({"side": side, "config": config, "steps": [asdict(s) for s in steps], **extra}))
+    path.write_text(
+        json.dumps({"side": side, "config": config, "steps": [asdict(s) for s in steps], **extra})
+    )

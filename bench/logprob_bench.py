@@ -34,9 +34,16 @@ PROMPT, G = 100, 8
 def realistic_model() -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=16384,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=16384,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
@@ -45,7 +52,9 @@ def old_packed_logprobs(model, prompt: torch.Tensor, completions: list[torch.Ten
     """The former pack_groups + completion_logprobs for one group. -> [N]"""
     plen, total = prompt.shape[0], prompt.shape[0] + sum(c.shape[0] for c in completions)
     ids = torch.cat([prompt, *completions])[None]  # [1, S]
-    positions = torch.cat([torch.arange(plen)] + [torch.arange(plen, plen + c.shape[0]) for c in completions])[None]
+    positions = torch.cat(
+        [torch.arange(plen)] + [torch.arange(plen, plen + c.shape[0]) for c in completions]
+    )[None]
     allowed = torch.zeros(total, total, dtype=torch.bool)  # [S, S] query x key
     allowed[:plen, :plen] = torch.ones(plen, plen, dtype=torch.bool).tril()
     start, before = plen, []
@@ -55,8 +64,12 @@ def old_packed_logprobs(model, prompt: torch.Tensor, completions: list[torch.Ten
         allowed[start:end, start:end] = torch.ones(c.shape[0], c.shape[0], dtype=torch.bool).tril()
         before.append(torch.cat([torch.tensor([plen - 1]), torch.arange(start, end - 1)]))
         start = end
-    mask = torch.zeros(1, 1, total, total).masked_fill_(~allowed, torch.finfo(torch.float32).min)  # [1, 1, S, S]
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    mask = torch.zeros(1, 1, total, total).masked_fill_(
+        ~allowed, torch.finfo(torch.float32).min
+    )  # [1, 1, S, S]
+    hidden = model.model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+    ).last_hidden_state
     hidden = hidden[0][torch.cat(before)]  # [N, H]
     logps, _ = selected_logprobs(hidden, model.lm_head, torch.cat(completions), with_entropy=False)
     return logps
@@ -87,7 +100,9 @@ def time_path(model, path: str, length: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", default="64,512,1024")
     parser.add_argument("--paths", default="old-packed,shared-prompt,rows,plain")
     parser.add_argument("--repeats", type=int, default=2)
@@ -96,14 +111,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = realistic_model().train()
     paths = args.paths.split(",")
-    print(f"one group fwd+bwd, prompt {PROMPT}, G={G}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{args.threads} thread(s), best of {args.repeats}: seconds")
+    print(
+        f"one group fwd+bwd, prompt {PROMPT}, G={G}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"{args.threads} thread(s), best of {args.repeats}: seconds"
+    )
     print(f"{'L':>6} " + " ".join(f"{p:>14}" for p in paths) + "   shared-prompt vs plain")
     time_path(model, "shared-prompt", 16, 1)  # warm-up
     for length in map(int, args.lengths.split(",")):
         seconds = {p: time_path(model, p, length, args.repeats) for p in paths}
-        ratio = seconds["plain"] / seconds["shared-prompt"] if {"plain", "shared-prompt"} <= seconds.keys() else 0
-        print(f"{length:>6} " + " ".join(f"{seconds[p]:>14.2f}" for p in paths) + f"   {ratio:.2f}x", flush=True)
+        ratio = (
+            seconds["plain"] / seconds["shared-prompt"] if {"plain", "shared-prompt"} <= seconds.keys() else 0
+        )
+        print(
+            f"{length:>6} " + " ".join(f"{seconds[p]:>14.2f}" for p in paths) + f"   {ratio:.2f}x", flush=True
+        )
 
 
 if __name__ == "__main__":

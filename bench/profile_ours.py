@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     class Recorder(Progress):
         def on_step(self, step: int, metrics: dict[str, float]) -> None:
             steps.append(metrics)
-            print(f"step {step}: {metrics['step_seconds']:.2f} s (generate {metrics['time/generate']:.2f}, "
-                  f"train {metrics['time/train']:.2f}), completion length {metrics['completion_length']:.1f}",
-                  flush=True)
+            print(
+                f"step {step}: {metrics['step_seconds']:.2f} s (generate {metrics['time/generate']:.2f}, "
+                f"train {metrics['time/train']:.2f}), completion length {metrics['completion_length']:.1f}",
+                flush=True,
+            )
             if step == 1:
                 profiler.start()  # step 1 is warm-up
             elif step == args.steps:

@@ -30,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="long-256", help="a long-* config: whose model to sample from")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/grpo-bench"))
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--no-hf", action="store_true", help="skip HF generate (with --plain-cache-too: ours A/B)")
-    parser.add_argument("--plain-cache-too", action="store_true",
-                        help="also time our rollout on transformers' own DynamicCache (the rollout before GrowingLayer)")
+    parser.add_argument(
+        "--no-hf", action="store_true", help="skip HF generate (with --plain-cache-too: ours A/B)"
+    )
+    parser.add_argument(
+        "--plain-cache-too",
+        action="store_true",
+        help="also time our rollout on transformers' own DynamicCache (the rollout before GrowingLayer)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -54,19 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     padded = torch.full((len(prompt_ids), width), pad)  # [B, P] left-padded, as TRL's processor does
     mask = torch.zeros_like(padded)
     for b, p in enumerate(prompt_ids):
-        padded[b, width - p.shape[0]:], mask[b, width - p.shape[0]:] = p, 1
+        padded[b, width - p.shape[0] :], mask[b, width - p.shape[0] :] = p, 1
 
     def ours(length: int) -> int:
-        rollout = generate(model, prompt_ids, group_size=G, max_new_tokens=length, eos_token_ids=[eos], pad_id=pad,
-                           temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+        rollout = generate(
+            model,
+            prompt_ids,
+            group_size=G,
+            max_new_tokens=length,
+            eos_token_ids=[eos],
+            pad_id=pad,
+            temperature=1.0,
+            top_p=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
         return sum(c.shape[0] for c in rollout.completion_ids)
 
     def hf(length: int) -> int:
         torch.manual_seed(0)
         with torch.inference_mode():
-            out = model.generate(padded, attention_mask=mask, do_sample=True, num_return_sequences=G,
-                                 max_new_tokens=length, top_k=0, top_p=1.0, temperature=1.0,
-                                 eos_token_id=eos, pad_token_id=pad)
+            out = model.generate(
+                padded,
+                attention_mask=mask,
+                do_sample=True,
+                num_return_sequences=G,
+                max_new_tokens=length,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
         return int((out[:, width:] != pad).sum())
 
     def ours_plain_cache(length: int) -> int:
@@ -76,21 +99,33 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             rollout.new_cache = growing
 
-    sides = {"ours": ours, **({} if args.no_hf else {"hf": hf}),
-             **({"plain": ours_plain_cache} if args.plain_cache_too else {})}
+    sides = {
+        "ours": ours,
+        **({} if args.no_hf else {"hf": hf}),
+        **({"plain": ours_plain_cache} if args.plain_cache_too else {}),
+    }
     print(f"threads {torch.get_num_threads()}, prompts {[p.shape[0] for p in prompt_ids]}, G {G}", flush=True)
     for length in (int(x) for x in args.lengths.split(",")):
         best = {}
         for repeat in range(args.repeats):
-            for side in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            for side in list(sides) if repeat % 2 == 0 else list(sides)[::-1]:
                 started, started_cpu = time.perf_counter(), time.process_time()
                 tokens = sides[side](length)
                 seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
                 best[side] = min(best.get(side, float("inf")), seconds)
-                print(f"  L={length} {side:>5}: {seconds:.2f} s, CPU {cpu:.2f} s ({tokens} tokens)", flush=True)
-        print(f"L={length}: ours {best['ours']:.2f} s"
-              + (f", HF generate {best['hf']:.2f} s, HF/ours {best['hf'] / best['ours']:.2f}x" if "hf" in best else "")
-              + (f"; ours on DynamicCache {best['plain']:.2f} s" if "plain" in best else ""), flush=True)
+                print(
+                    f"  L={length} {side:>5}: {seconds:.2f} s, CPU {cpu:.2f} s ({tokens} tokens)", flush=True
+                )
+        print(
+            f"L={length}: ours {best['ours']:.2f} s"
+            + (
+                f", HF generate {best['hf']:.2f} s, HF/ours {best['hf'] / best['ours']:.2f}x"
+                if "hf" in best
+                else ""
+            )
+            + (f"; ours on DynamicCache {best['plain']:.2f} s" if "plain" in best else ""),
+            flush=True,
+        )
         if args.profile:
             args.profile = False
             with torch.profiler.profile() as prof:

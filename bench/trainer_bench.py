@@ -57,14 +57,28 @@ def spec_for(config: BenchConfig, prepared: dict, steps: int) -> dict:
         "reward": config.reward_spec,
         "group_size": config.group_size,
         "hyperparameters": {
-            "prompts_per_step": config.prompts_per_step, "max_steps": steps,
-            "learning_rate": config.learning_rate, "lr_schedule": "constant", "warmup_steps": 0,
-            "adam_beta1": 0.9, "adam_beta2": 0.99, "weight_decay": 0.0, "max_grad_norm": 1.0,
-            "max_prompt_length": 512, "max_completion_length": config.max_completion_length,
-            "temperature": 1.0, "top_p": 1.0, "beta": config.beta, "epsilon": config.epsilon,
-            "num_iterations": 1, "loss_type": config.loss_type, "scale_rewards": "group",
-            "dtype": "float32", "seed": config.seed,
-            "checkpoint_every": 0, "keep_last_checkpoints": 1,  # only the final one, after the last step
+            "prompts_per_step": config.prompts_per_step,
+            "max_steps": steps,
+            "learning_rate": config.learning_rate,
+            "lr_schedule": "constant",
+            "warmup_steps": 0,
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.99,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "max_prompt_length": 512,
+            "max_completion_length": config.max_completion_length,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "beta": config.beta,
+            "epsilon": config.epsilon,
+            "num_iterations": 1,
+            "loss_type": config.loss_type,
+            "scale_rewards": "group",
+            "dtype": "float32",
+            "seed": config.seed,
+            "checkpoint_every": 0,
+            "keep_last_checkpoints": 1,  # only the final one, after the last step
             "num_samples_logged": 0,
         },
     }
@@ -94,19 +108,30 @@ def run_ours(config_name: str, workdir: Path, out: Path, steps: int) -> None:
 
         def on_step(self, step: int, metrics: dict[str, float]) -> None:
             now, cpu = time.perf_counter(), time.process_time()
-            self.records.append(StepRecord(
-                step=step, seconds=now - self.last, generate_seconds=metrics["time/generate"],
-                cpu_seconds=cpu - self.last_cpu,
-                tokens=round(metrics["tokens_per_second"] * metrics["step_seconds"]),
-                loss=metrics["loss"], reward=metrics["reward"],
-                frac_reward_zero_std=metrics["frac_reward_zero_std"],
-                completion_length=metrics["completion_length"], kl=metrics["kl"], peak_rss_mb=peak_rss_mb(),
-            ))
+            self.records.append(
+                StepRecord(
+                    step=step,
+                    seconds=now - self.last,
+                    generate_seconds=metrics["time/generate"],
+                    cpu_seconds=cpu - self.last_cpu,
+                    tokens=round(metrics["tokens_per_second"] * metrics["step_seconds"]),
+                    loss=metrics["loss"],
+                    reward=metrics["reward"],
+                    frac_reward_zero_std=metrics["frac_reward_zero_std"],
+                    completion_length=metrics["completion_length"],
+                    kl=metrics["kl"],
+                    peak_rss_mb=peak_rss_mb(),
+                )
+            )
             self.last, self.last_cpu = now, cpu
 
     recorder = Recorder()
-    train(RunConfig.from_spec(spec), run_dir / "output", recorder)  # the final checkpoint is saved after the last on_step
-    write_result(out, side="ours", config=config_name, steps=recorder.records, extra={"final_rss_mb": peak_rss_mb()})
+    train(
+        RunConfig.from_spec(spec), run_dir / "output", recorder
+    )  # the final checkpoint is saved after the last on_step
+    write_result(
+        out, side="ours", config=config_name, steps=recorder.records, extra={"final_rss_mb": peak_rss_mb()}
+    )
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -143,21 +168,32 @@ def print_table(config: str, runs: dict[str, list[dict]]) -> None:
     rss = {side: max(r["steps"][-1]["peak_rss_mb"] for r in runs[side]) for side in runs}
     columns = ("median_s", "median_generate_s", "median_rest_s", "median_cpu_s")
     print(f"\n=== {config} ({len(runs['ours'])} run(s) per side, step 1 of each skipped) ===")
-    print(f"{'':>6} {'median s/step':>14} {'best run':>9} {'generate':>9} {'the rest':>9} {'CPU s':>8} "
-          f"{'tokens/s':>10} {'peak RSS MB':>12} {'zero-std':>9} {'compl. len':>10}")
+    print(
+        f"{'':>6} {'median s/step':>14} {'best run':>9} {'generate':>9} {'the rest':>9} {'CPU s':>8} "
+        f"{'tokens/s':>10} {'peak RSS MB':>12} {'zero-std':>9} {'compl. len':>10}"
+    )
     for side in ("ours", "trl"):
         p = pooled[side]
-        print(f"{side:>6} {p['median_s']:>14.3f} {best[side]:>9.3f} {p['median_generate_s']:>9.3f} "
-              f"{p['median_rest_s']:>9.3f} {p['median_cpu_s']:>8.3f} {p['tokens_per_s']:>10.0f} {rss[side]:>12.0f} "
-              f"{p['zero_std']:>9.2f} {p['completion_length']:>10.1f}")
+        print(
+            f"{side:>6} {p['median_s']:>14.3f} {best[side]:>9.3f} {p['median_generate_s']:>9.3f} "
+            f"{p['median_rest_s']:>9.3f} {p['median_cpu_s']:>8.3f} "
+            f"{p['tokens_per_s']:>10.0f} {rss[side]:>12.0f} "
+            f"{p['zero_std']:>9.2f} {p['completion_length']:>10.1f}"
+        )
     ratios = [pooled["trl"][c] / pooled["ours"][c] for c in columns]
-    print(f"{'ratio':>6} {ratios[0]:>13.2f}x {best['trl'] / best['ours']:>8.2f}x {ratios[1]:>8.2f}x {ratios[2]:>8.2f}x "
-          f"{ratios[3]:>7.2f}x {pooled['ours']['tokens_per_s'] / pooled['trl']['tokens_per_s']:>9.2f}x "
-          f"{rss['ours'] / rss['trl']:>11.2f}x   (speed: TRL/ours; memory: ours/TRL)")
+    print(
+        f"{'ratio':>6} {ratios[0]:>13.2f}x {best['trl'] / best['ours']:>8.2f}x "
+        f"{ratios[1]:>8.2f}x {ratios[2]:>8.2f}x "
+        f"{ratios[3]:>7.2f}x {pooled['ours']['tokens_per_s'] / pooled['trl']['tokens_per_s']:>9.2f}x "
+        f"{rss['ours'] / rss['trl']:>11.2f}x   (speed: TRL/ours; memory: ours/TRL)"
+    )
     for side in ("ours", "trl"):
         for i, r in enumerate(runs[side]):
-            print(f"  {side} run {i + 1} (load {r['load_before']:.2f}): per-step s "
-                  f"{[round(s['seconds'], 2) for s in r['steps']]}; loss {[round(s['loss'], 4) for s in r['steps']]}")
+            print(
+                f"  {side} run {i + 1} (load {r['load_before']:.2f}): per-step s "
+                f"{[round(s['seconds'], 2) for s in r['steps']]}; "
+                f"loss {[round(s['loss'], 4) for s in r['steps']]}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--trl-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads for both sides (OMP_NUM_THREADS); see bench/RESULTS.md for why 1")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for both sides (OMP_NUM_THREADS); see bench/RESULTS.md for why 1",
+    )
     parser.add_argument("--save", type=Path, default=None, help="write all results as JSON here")
     args = parser.parse_args(argv)
 
@@ -192,19 +232,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     args.workdir.mkdir(parents=True, exist_ok=True)
     for name in configs:  # in a subprocess: the driver itself never loads torch (see peak_rss_mb)
-        prepared = json.loads(subprocess.run([sys.executable, __file__, "prepare", name, "--workdir", str(args.workdir)],
-                                             cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout)
-        print(f"prepared {name}: {prepared['parameters'] / 1e6:.1f}M parameters, sample {prepared['sample']}",
-              flush=True)
+        prepared = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "prepare", name, "--workdir", str(args.workdir)],
+                cwd=REPO,
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        print(
+            f"prepared {name}: {prepared['parameters'] / 1e6:.1f}M parameters, sample {prepared['sample']}",
+            flush=True,
+        )
     commands = {
         "ours": [sys.executable, str(REPO / "bench" / "trainer_bench.py"), "child"],
         "trl": [args.trl_python, str(REPO / "bench" / "trl_bench.py")],
     }
-    results: dict[str, dict[str, list[dict]]] = {name: {"ours": [], "trl": []} for name in configs}  # raw runs
+    results: dict[str, dict[str, list[dict]]] = {
+        name: {"ours": [], "trl": []} for name in configs
+    }  # raw runs
     for repeat in range(args.repeats):
         order = ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")
         for name in configs:
@@ -212,19 +269,35 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.workdir / name / f"result-{side}-{repeat}.json"
                 out.unlink(missing_ok=True)
                 load = os.getloadavg()[0]
-                command = commands[side] + [name, "--workdir", str(args.workdir), "--out", str(out),
-                                            "--steps", str(args.steps or CONFIGS[name].steps)]
+                command = commands[side] + [
+                    name,
+                    "--workdir",
+                    str(args.workdir),
+                    "--out",
+                    str(out),
+                    "--steps",
+                    str(args.steps or CONFIGS[name].steps),
+                ]
                 status, wall, rss = launch(command, env)
                 if status != 0:
                     print(f"{side} {name} failed with status {status}", file=sys.stderr)
                     return 1
-                run = {**json.loads(out.read_text()), "wall_s": wall, "process_peak_rss_mb": rss, "load_before": load}
+                run = {
+                    **json.loads(out.read_text()),
+                    "wall_s": wall,
+                    "process_peak_rss_mb": rss,
+                    "load_before": load,
+                }
                 results[name][side].append(run)
                 summary = summarise(run["steps"][1:])
-                print(f"[repeat {repeat + 1}] {name:>16} {side:>4}: median {summary['median_s']:.3f} s/step "
-                      f"(generate {summary['median_generate_s']:.3f}), {summary['tokens_per_s']:.0f} tok/s, "
-                      f"peak RSS {run['steps'][-1]['peak_rss_mb']:.0f} MB (process {rss:.0f} MB), wall {wall:.0f} s, "
-                      f"load before {load:.2f}", flush=True)
+                print(
+                    f"[repeat {repeat + 1}] {name:>16} {side:>4}: median {summary['median_s']:.3f} s/step "
+                    f"(generate {summary['median_generate_s']:.3f}), {summary['tokens_per_s']:.0f} tok/s, "
+                    f"peak RSS {run['steps'][-1]['peak_rss_mb']:.0f} MB (process {rss:.0f} MB), "
+                    f"wall {wall:.0f} s, "
+                    f"load before {load:.2f}",
+                    flush=True,
+                )
     for name in configs:
         print_table(name, results[name])
     if args.save:

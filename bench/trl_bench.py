@@ -11,7 +11,8 @@ no warm-up, AdamW (torch) with betas (0.9, 0.99), weight decay 0, grad-norm clip
 (bf16/fp16 off: GRPOConfig turns bf16 on by default), no gradient checkpointing (on by default
 in GRPOConfig), temperature 1, top_p 1, top_k 0; loss_type, beta, epsilon and scale_rewards as
 ours; the KL is the plain k3 term on both sides (use_bias_correction_kl off: TRL 1.16 turns it
-on by default and ours does not have it); no vLLM, no saving, no reporting, logging every step so the loss can be read.
+on by default and ours does not have it); no vLLM, no saving, no reporting, logging every step so
+the loss can be read.
 TRL 1.16 has no max_prompt_length: the prompts are shorter than ours (512) so neither truncates.
 """
 
@@ -48,16 +49,40 @@ def run_trl(config_name: str, workdir: Path, out: Path, steps: int) -> None:
     batch = config.prompts_per_step * config.group_size
     args = GRPOConfig(
         output_dir=str(workdir / config.name / "trl"),
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=config.group_size,
-        max_completion_length=config.max_completion_length, max_steps=steps,
-        learning_rate=config.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0,
-        temperature=1.0, top_p=1.0, top_k=0, beta=config.beta, epsilon=config.epsilon, num_iterations=1,
-        loss_type=config.loss_type, scale_rewards="group",
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=config.group_size,
+        max_completion_length=config.max_completion_length,
+        max_steps=steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=config.beta,
+        epsilon=config.epsilon,
+        num_iterations=1,
+        loss_type=config.loss_type,
+        scale_rewards="group",
         use_bias_correction_kl=False,  # TRL 1.16 defaults to KL x ratio; ours is the plain k3 term
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, use_vllm=False,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, log_completions=False,
-        dataloader_num_workers=0, seed=config.seed,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        use_vllm=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+        seed=config.seed,
     )
 
     class Recorder(TrainerCallback):
@@ -77,8 +102,14 @@ def run_trl(config_name: str, workdir: Path, out: Path, steps: int) -> None:
                 self.logs.append(dict(logs))
 
     recorder = Recorder()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[recorder])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[recorder],
+    )
     generate_seconds = [0.0]  # one generation per optimizer step here (steps_per_generation = 1)
     generate_single_turn = trainer._generate_single_turn
 
@@ -95,12 +126,21 @@ def run_trl(config_name: str, workdir: Path, out: Path, steps: int) -> None:
 
     records, last, last_cpu, seen = [], recorder.start, recorder.start_cpu, 0.0
     for step, ((ended, cpu, rss), logs) in enumerate(zip(recorder.ends, recorder.logs, strict=True), start=1):
-        records.append(StepRecord(
-            step=step, seconds=ended - last, generate_seconds=generate_seconds[step], cpu_seconds=cpu - last_cpu,
-            tokens=round(logs["num_tokens"] - seen), loss=logs["loss"],
-            reward=logs["reward"], frac_reward_zero_std=logs["frac_reward_zero_std"],
-            completion_length=logs["completions/mean_length"], kl=logs.get("kl", 0.0), peak_rss_mb=rss,
-        ))
+        records.append(
+            StepRecord(
+                step=step,
+                seconds=ended - last,
+                generate_seconds=generate_seconds[step],
+                cpu_seconds=cpu - last_cpu,
+                tokens=round(logs["num_tokens"] - seen),
+                loss=logs["loss"],
+                reward=logs["reward"],
+                frac_reward_zero_std=logs["frac_reward_zero_std"],
+                completion_length=logs["completions/mean_length"],
+                kl=logs.get("kl", 0.0),
+                peak_rss_mb=rss,
+            )
+        )
         last, last_cpu, seen = ended, cpu, logs["num_tokens"]
     write_result(out, side="trl", config=config_name, steps=records, extra={"final_rss_mb": peak_rss_mb()})
 

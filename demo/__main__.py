@@ -42,7 +42,9 @@ BARS = " ▁▂▃▄▅▆▇█"
 def sparkline(values: list[float], width: int = 60) -> str:
     """The curve in block characters, averaged into at most ``width`` buckets."""
     size = max(1, -(-len(values) // width))
-    values = [sum(chunk) / len(chunk) for chunk in (values[i:i + size] for i in range(0, len(values), size))]
+    values = [
+        sum(chunk) / len(chunk) for chunk in (values[i : i + size] for i in range(0, len(values), size))
+    ]
     low, high = min(values), max(values)
     span = (high - low) or 1.0
     return "".join(BARS[round((v - low) / span * (len(BARS) - 1))] for v in values)
@@ -77,7 +79,10 @@ def create_api_key(service_dir: Path) -> str:
 
 def check(response: httpx.Response) -> dict:
     if response.is_error:
-        raise SystemExit(f"{response.request.method} {response.request.url.path} -> {response.status_code}: {response.text}")
+        raise SystemExit(
+            f"{response.request.method} {response.request.url.path} -> "
+            f"{response.status_code}: {response.text}"
+        )
     return response.json()
 
 
@@ -86,13 +91,20 @@ def follow(client: httpx.Client, job_id: str) -> tuple[dict, list[dict]]:
     seen: list[dict] = []
     while True:
         job = check(client.get(f"/v1/jobs/{job_id}"))
-        page = check(client.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": seen[-1]["step"] if seen else 0,
-                                                                       "limit": 1000}))
+        page = check(
+            client.get(
+                f"/v1/jobs/{job_id}/metrics",
+                params={"after_step": seen[-1]["step"] if seen else 0, "limit": 1000},
+            )
+        )
         for point in page["data"]:
             m = point["metrics"]
             evaluated = f"  eval/reward {m['eval/reward']:.3f}" if m.get("eval/reward") is not None else ""
-            print(f"  step {point['step']:3d}/{job['max_steps']}  reward {m['reward']:.3f}  "
-                  f"len {m['completion_length']:.1f}  {m['step_seconds']:.2f}s{evaluated}", flush=True)
+            print(
+                f"  step {point['step']:3d}/{job['max_steps']}  reward {m['reward']:.3f}  "
+                f"len {m['completion_length']:.1f}  {m['step_seconds']:.2f}s{evaluated}",
+                flush=True,
+            )
             seen.append(point)
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job, seen
@@ -114,10 +126,17 @@ def job_spec(model: Path, dataset_id: str, eval_dataset_id: str, *, steps: int, 
         "eval_dataset_id": eval_dataset_id,
         "reward": [{"type": "exact_match", "extract": "full", "weight": 1.0}],
         "group_size": 8,
-        "hyperparameters": {"max_steps": steps, "prompts_per_step": 32, "learning_rate": 3e-4,
-                            "max_completion_length": MAX_NEW_TOKENS, "beta": 0.0, "temperature": 1.0,
-                            "checkpoint_every": max(1, steps // 5), "keep_best_by": "eval/reward",
-                            "seed": seed},
+        "hyperparameters": {
+            "max_steps": steps,
+            "prompts_per_step": 32,
+            "learning_rate": 3e-4,
+            "max_completion_length": MAX_NEW_TOKENS,
+            "beta": 0.0,
+            "temperature": 1.0,
+            "checkpoint_every": max(1, steps // 5),
+            "keep_best_by": "eval/reward",
+            "seed": seed,
+        },
     }
 
 
@@ -140,10 +159,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path(".demo"))
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the model's initialisation, the warm start and the GRPO run")
-    parser.add_argument("--min-rise", type=float, default=5.0,
-                        help="fail unless held-out accuracy rises by at least this many points")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the model's initialisation, the warm start and the GRPO run",
+    )
+    parser.add_argument(
+        "--min-rise",
+        type=float,
+        default=5.0,
+        help="fail unless held-out accuracy rises by at least this many points",
+    )
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -163,26 +190,48 @@ def main() -> int:
 
     port = args.port or free_port()
     service_dir, service_log = args.data_dir / "service", args.data_dir / "service.log"
-    print(f"2. starting the embedded service on http://127.0.0.1:{port} (SQLite, file broker; log: {service_log})")
+    print(
+        f"2. starting the embedded service on http://127.0.0.1:{port} "
+        f"(SQLite, file broker; log: {service_log})"
+    )
     # The service loads local models only from directories its operator lists: here, the demo's own.
     env = {**os.environ, "GRPO_MODEL_DIRS": str(paths["model"].parent.resolve()), "OMP_NUM_THREADS": threads}
-    service = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--embedded", "--port", str(port),
-                                "--data-dir", str(service_dir)],
-                               env=env, stdout=service_log.open("w"), stderr=subprocess.STDOUT)
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "api.cli",
+            "serve",
+            "--embedded",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(service_dir),
+        ],
+        env=env,
+        stdout=service_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             wait_ready(client, service)  # migrated by now: the key can go in
             client.headers["Authorization"] = f"Bearer {create_api_key(service_dir)}"
             print("3. uploading the training and eval sets and creating the job")
             dataset, eval_dataset = upload(client, paths["train"]), upload(client, paths["eval"])
-            print(f"   dataset {dataset['id']}: {dataset['rows']} rows; eval set {eval_dataset['id']}: "
-                  f"{eval_dataset['rows']} rows")
-            spec = job_spec(paths["model"], dataset["id"], eval_dataset["id"], steps=args.steps,
-                            seed=args.seed)
+            print(
+                f"   dataset {dataset['id']}: {dataset['rows']} rows; eval set {eval_dataset['id']}: "
+                f"{eval_dataset['rows']} rows"
+            )
+            spec = job_spec(
+                paths["model"], dataset["id"], eval_dataset["id"], steps=args.steps, seed=args.seed
+            )
             job = check(client.post("/v1/jobs", json=spec))
             print(f"   job {job['id']} {job['status']}; following it:")
             job, points = follow(client, job["id"])
-            print(f"   job {job['status']}" + (f": {job.get('failure_reason')}" if job["status"] != "succeeded" else ""))
+            print(
+                f"   job {job['status']}"
+                + (f": {job.get('failure_reason')}" if job["status"] != "succeeded" else "")
+            )
             if job["status"] != "succeeded":
                 return 1
             curve = [p["metrics"]["reward"] for p in points]
@@ -201,17 +250,23 @@ def main() -> int:
     print(f"   from_pretrained({str(model_dir)!r}) on held-out problems:")
     for problem in heldout[:3]:
         enc = tokenizer(problem["prompt"], return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"     {problem['prompt']}{answer}   (expected {problem['answer']})")
     after = accuracy(model_dir, paths["heldout"])
     rise = 100 * (after - before)
-    print(f"\nheld-out accuracy: before GRPO {before:.1%}, after GRPO {after:.1%} ({rise:+.1f} points; "
-          f"{len(heldout)} problems never trained on; {time.monotonic() - started:.0f} s in all)")
+    print(
+        f"\nheld-out accuracy: before GRPO {before:.1%}, after GRPO {after:.1%} ({rise:+.1f} points; "
+        f"{len(heldout)} problems never trained on; {time.monotonic() - started:.0f} s in all)"
+    )
     if rise < args.min_rise:
-        print(f"FAILED: held-out accuracy rose {rise:+.1f} points, less than --min-rise {args.min_rise:g}: "
-              f"GRPO did not show learning on this run (see {service_log})", file=sys.stderr)
+        print(
+            f"FAILED: held-out accuracy rose {rise:+.1f} points, less than --min-rise {args.min_rise:g}: "
+            f"GRPO did not show learning on this run (see {service_log})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

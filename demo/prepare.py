@@ -68,11 +68,16 @@ def greedy_accuracy(model, tokenizer, problems: list[dict]) -> float:
     model.eval()
     right = 0
     for start in range(0, len(problems), 100):
-        batch = problems[start:start + 100]
+        batch = problems[start : start + 100]
         enc = tokenizer([p["prompt"] for p in batch], return_tensors="pt", padding=True, padding_side="left")
-        out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         right += sum(text.strip() == p["answer"] for p, text in zip(batch, texts, strict=True))
     model.train(was_training)
     return right / len(problems)
@@ -107,15 +112,16 @@ def warm_start(base: Path, train: Path, output: Path, *, seed: int = 0) -> Path:
         labels = torch.full((len(batch), width), -100)
         for i, (p, a) in enumerate(batch):
             ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
+            labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
         loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 5 == 0:
             probe = greedy_accuracy(model, tokenizer, problems[:WARM_PROBE])
-            log.info("   warm-start step %d: loss %.3f, sorts %.0f%% of the probe", step, loss.item(),
-                     100 * probe)
+            log.info(
+                "   warm-start step %d: loss %.3f, sorts %.0f%% of the probe", step, loss.item(), 100 * probe
+            )
             if probe >= WARM_TARGET:
                 break
     model.save_pretrained(output)
@@ -129,17 +135,20 @@ def prepare(root: Path, *, seed: int = 0) -> dict[str, Path]:
     paths = write_datasets(root)
     warm = root / f"sort-seed-{seed}" / "warm-model"
     if not (warm / "config.json").exists():
-        base = make_tiny_model(root / f"sort-seed-{seed}" / "base-model", hidden_size=128, num_layers=4,
-                               num_heads=4, seed=seed)
+        base = make_tiny_model(
+            root / f"sort-seed-{seed}" / "base-model", hidden_size=128, num_layers=4, num_heads=4, seed=seed
+        )
         warm_start(base, paths["train"], warm, seed=seed)
     return {"model": warm, **paths}
 
 
 if __name__ == "__main__":
     import sys
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
-    paths = prepare(Path(sys.argv[1] if len(sys.argv) > 1 else ".demo"),
-                    seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    paths = prepare(
+        Path(sys.argv[1] if len(sys.argv) > 1 else ".demo"), seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    )
     print({k: str(v) for k, v in paths.items()})
     print("held-out accuracy", accuracy(paths["model"], paths["heldout"]))

@@ -50,10 +50,14 @@ def main() -> None:
 
     port = free_port()
     env = {**os.environ, "GRPO_DATA_DIR": str(service_dir)}
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level",
-                            "warning"], cwd=ROOT, env=env)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             try:
                 return httpx.get(f"{base}/readyz").status_code in (200, 503)
@@ -70,8 +74,15 @@ def main() -> None:
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         with tempfile.TemporaryDirectory() as profile:
-            for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,1000",
-                         "--disable-background-networking", f"--user-data-dir={profile}"):
+            for flag in (
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--window-size=1280,1000",
+                "--disable-background-networking",
+                f"--user-data-dir={profile}",
+            ):
                 options.add_argument(flag)
             browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
             try:

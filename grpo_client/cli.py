@@ -30,9 +30,13 @@ datasets = typer.Typer(help="Upload and list JSONL datasets.", no_args_is_help=T
 jobs = typer.Typer(help="Create, follow, cancel and download GRPO jobs.", no_args_is_help=True)
 rewards = typer.Typer(help="Try a reward spec on completions before a job runs.", no_args_is_help=True)
 
-Url = Annotated[str | None, typer.Option("--url", envvar="GRPO_API_URL", help="The service, e.g. http://host:8000.")]
-Key = Annotated[str | None, typer.Option("--api-key", envvar="GRPO_API_KEY", help="An API key (grpo_…).",
-                                         show_default=False)]
+Url = Annotated[
+    str | None, typer.Option("--url", envvar="GRPO_API_URL", help="The service, e.g. http://host:8000.")
+]
+Key = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="GRPO_API_KEY", help="An API key (grpo_…).", show_default=False),
+]
 JobId = Annotated[str, typer.Argument(help="A job id (job_…).")]
 
 
@@ -95,8 +99,11 @@ def read_spec(path: Path) -> Any:
 
 @datasets.command("upload")
 @reports_errors
-def upload_dataset(ctx: typer.Context, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-                   name: Annotated[str | None, typer.Option(help="Defaults to the file's name.")] = None) -> None:
+def upload_dataset(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    name: Annotated[str | None, typer.Option(help="Defaults to the file's name.")] = None,
+) -> None:
     """Upload a JSONL file; prints the dataset's id (alone on stdout: `DS=$(grpo datasets upload f)`)."""
     dataset = client(ctx).datasets.upload(file, name=name)
     console().print(dataset["id"])
@@ -118,14 +125,21 @@ def list_datasets(ctx: typer.Context) -> None:
 
 @jobs.command("create")
 @reports_errors
-def create_job(ctx: typer.Context, spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
-                                                                        help="The job spec, JSON or YAML.")],
-               follow: Annotated[bool, typer.Option(help="Then follow it to the end.")] = False,
-               estimate: Annotated[bool, typer.Option(help=(
-                   "Create nothing: print what the job would need (tokens per step, memory, time per step and "
-                   "in all) and any warning, e.g. lengths beyond the model's context."))] = False,
-               as_json: Annotated[bool, typer.Option("--json", help="With --estimate: the estimate as JSON.")] = False,
-               ) -> None:
+def create_job(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The job spec, JSON or YAML.")],
+    follow: Annotated[bool, typer.Option(help="Then follow it to the end.")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "Create nothing: print what the job would need (tokens per step, memory, time per step and "
+                "in all) and any warning, e.g. lengths beyond the model's context."
+            )
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --estimate: the estimate as JSON.")] = False,
+) -> None:
     """Queue a job; prints its id (alone on stdout: `JOB=$(grpo jobs create spec.yaml)`)."""
     if estimate:
         print_estimate(client(ctx).jobs.estimate(read_spec(spec)), as_json=as_json)
@@ -153,19 +167,26 @@ def print_estimate(estimate: dict[str, Any], *, as_json: bool) -> None:
         typer.echo(json.dumps(estimate, indent=2))
         return
     out, tokens, time_, memory = console(), estimate["tokens"], estimate["time"], estimate["memory"]
-    out.print(f"tokens per step  {tokens['per_step']:,}  (prompt ~{tokens['prompt_tokens_mean']:g} by "
-              f"{tokens['prompt_tokens_from']} + completion <= {tokens['completion_tokens_max']}); "
-              f"{tokens['total']:,} in all")
-    out.print(f"time             {duration(time_['seconds_per_step'])} a step, {duration(time_['total_seconds'])} in all "
-              f"at {time_['tokens_per_second']:,.0f} tokens/s ({time_['tokens_per_second_from']})")
+    out.print(
+        f"tokens per step  {tokens['per_step']:,}  (prompt ~{tokens['prompt_tokens_mean']:g} by "
+        f"{tokens['prompt_tokens_from']} + completion <= {tokens['completion_tokens_max']}); "
+        f"{tokens['total']:,} in all"
+    )
+    out.print(
+        f"time             {duration(time_['seconds_per_step'])} a step, "
+        f"{duration(time_['total_seconds'])} in all "
+        f"at {time_['tokens_per_second']:,.0f} tokens/s ({time_['tokens_per_second_from']})"
+    )
     if memory is None:
         out.print("memory           unknown (see the notes)")
     else:
-        out.print(f"memory           {gib(memory['total_bytes'])}: weights {gib(memory['weights_bytes'])} "
-                  f"({memory['parameters']:,} parameters, {memory['dtype']}), reference "
-                  f"{gib(memory['reference_model_bytes'])}, gradients {gib(memory['gradients_bytes'])}, optimizer "
-                  f"{gib(memory['optimizer_bytes'])}, activations {gib(memory['activations_bytes'])}, generation "
-                  f"cache {gib(memory['generation_cache_bytes'])}")
+        out.print(
+            f"memory           {gib(memory['total_bytes'])}: weights {gib(memory['weights_bytes'])} "
+            f"({memory['parameters']:,} parameters, {memory['dtype']}), reference "
+            f"{gib(memory['reference_model_bytes'])}, gradients {gib(memory['gradients_bytes'])}, optimizer "
+            f"{gib(memory['optimizer_bytes'])}, activations {gib(memory['activations_bytes'])}, generation "
+            f"cache {gib(memory['generation_cache_bytes'])}"
+        )
     for warning in estimate["warnings"]:
         out.print(f"warning: {warning}", style="red")
     for note in estimate["notes"]:
@@ -174,56 +195,87 @@ def print_estimate(estimate: dict[str, Any], *, as_json: bool) -> None:
 
 @jobs.command("list")
 @reports_errors
-def list_jobs(ctx: typer.Context, status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
-              limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20,
-              as_json: Annotated[bool, typer.Option("--json", help="The job objects as a JSON list.")] = False) -> None:
+def list_jobs(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="The job objects as a JSON list.")] = False,
+) -> None:
     """Your jobs, newest first, with their step and latest reward."""
     listed = list(itertools.islice(client(ctx).jobs.list(status=status), limit))
     if as_json:
         console().print_json(json.dumps(listed))
         return
-    table = Table(id_column(), "name", Column("status", no_wrap=True, min_width=9),  # "cancelled"
-                  Column("step", no_wrap=True, min_width=9), "reward", Column("created", no_wrap=True, min_width=16))
+    table = Table(
+        id_column(),
+        "name",
+        Column("status", no_wrap=True, min_width=9),  # "cancelled"
+        Column("step", no_wrap=True, min_width=9),
+        "reward",
+        Column("created", no_wrap=True, min_width=16),
+    )
     for job in listed:
         reward = (job["latest_metrics"] or {}).get("reward")
-        table.add_row(job["id"], job["name"] or "", job["status"], f"{job['step']}/{job['max_steps']}",
-                      "" if reward is None else f"{reward:.3f}", when(job["created_at"]))
+        table.add_row(
+            job["id"],
+            job["name"] or "",
+            job["status"],
+            f"{job['step']}/{job['max_steps']}",
+            "" if reward is None else f"{reward:.3f}",
+            when(job["created_at"]),
+        )
     console().print(table)
 
 
 @jobs.command("show")
 @reports_errors
-def show_job(ctx: typer.Context, job_id: JobId,
-             as_json: Annotated[bool, typer.Option("--json", help="The job object as JSON.")] = False) -> None:
+def show_job(
+    ctx: typer.Context,
+    job_id: JobId,
+    as_json: Annotated[bool, typer.Option("--json", help="The job object as JSON.")] = False,
+) -> None:
     """A job's state, its failure reason if any, and its latest metrics."""
     job = client(ctx).jobs.get(job_id)
     if as_json:
         typer.echo(json.dumps(job, indent=2))
         return
     out = console()
-    out.print(f"{job['id']}  {job['name'] or ''}  {job['status']}  step {job['step']}/{job['max_steps']}"
-              f"  attempts {job['attempts']}")
+    out.print(
+        f"{job['id']}  {job['name'] or ''}  {job['status']}  step {job['step']}/{job['max_steps']}"
+        f"  attempts {job['attempts']}"
+    )
     out.print(f"model {job['base_model']}  dataset {job['dataset_id']}  group size {job['group_size']}")
     if job["failure_reason"]:
         out.print(job["failure_reason"], style="red")
     if job.get("best_checkpoint_step") is not None:
         best_by = (job["hyperparameters"] or {}).get("keep_best_by")
-        out.print(f"best checkpoint: step {job['best_checkpoint_step']} (by {best_by}; `grpo jobs checkpoints` lists all)")
+        out.print(
+            f"best checkpoint: step {job['best_checkpoint_step']} "
+            f"(by {best_by}; `grpo jobs checkpoints` lists all)"
+        )
     for name, value in sorted((job["latest_metrics"] or {}).items()):
         out.print(f"  {name:<28} {value if value is None else f'{value:.4g}'}")
 
 
 @jobs.command("follow")
 @reports_errors
-def follow_job(ctx: typer.Context, job_id: JobId,
-               interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0) -> None:
+def follow_job(
+    ctx: typer.Context,
+    job_id: JobId,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0,
+) -> None:
     """A live progress bar (step, reward, time left) and the job's warnings, until it ends; without
     a terminal (CI, nohup, a pipe), a line per step instead of the bar.
     Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 paused."""
     grpo, out = client(ctx), console()
     job, last_event, last_step = grpo.jobs.get(job_id), 0, 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[reward]}"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[reward]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=out) as progress:
         bar = progress.add_task(job_id, total=job["max_steps"], completed=job["step"], reward="")
         while True:
@@ -236,21 +288,28 @@ def follow_job(ctx: typer.Context, job_id: JobId,
                     last_step = row["step"]
                     progress.console.print(step_line(row, job["max_steps"]))
             reward = (job["latest_metrics"] or {}).get("reward")
-            progress.update(bar, completed=job["step"], description=f"{job_id} {job['status']}",
-                            reward="" if reward is None else f"reward {reward:.3f}")
+            progress.update(
+                bar,
+                completed=job["step"],
+                description=f"{job_id} {job['status']}",
+                reward="" if reward is None else f"reward {reward:.3f}",
+            )
             if job["status"] in TERMINAL or job["status"] == "paused":
                 break
             time.sleep(interval)
             job = grpo.jobs.get(job_id)
-    out.print(f"{job_id} {job['status']} at step {job['step']}/{job['max_steps']}"
-              + (f": {job['failure_reason']}" if job["failure_reason"] else ""))
+    out.print(
+        f"{job_id} {job['status']} at step {job['step']}/{job['max_steps']}"
+        + (f": {job['failure_reason']}" if job["failure_reason"] else "")
+    )
     raise typer.Exit(EXIT_CODES[job["status"]])
 
 
 def step_line(row: dict[str, Any], max_steps: int) -> str:
     shown = ("reward", "reward_std", "kl", "loss", "completion_length", "time/step")
-    figures = "  ".join(f"{name} {row['metrics'][name]:.4g}" for name in shown
-                        if row["metrics"].get(name) is not None)
+    figures = "  ".join(
+        f"{name} {row['metrics'][name]:.4g}" for name in shown if row["metrics"].get(name) is not None
+    )
     return f"{row['created_at'][11:19]} step {row['step']}/{max_steps}  {figures}"
 
 
@@ -261,9 +320,11 @@ def _job_action(action: str) -> Callable[..., None]:
         asked = {"cancel": job["cancel_requested"], "pause": job.get("pause_requested")}.get(action)
         console().print(f"{job['id']}  {job['status']}" + (f" ({action} requested)" if asked else ""))
 
-    act.__doc__ = {"cancel": "Cancel a job (a running one stops after its current step).",
-                   "pause": "Pause a job at its next step boundary, with a checkpoint.",
-                   "resume": "Queue a paused job again, from its checkpoint."}[action]
+    act.__doc__ = {
+        "cancel": "Cancel a job (a running one stops after its current step).",
+        "pause": "Pause a job at its next step boundary, with a checkpoint.",
+        "resume": "Queue a paused job again, from its checkpoint.",
+    }[action]
     return act
 
 
@@ -273,37 +334,61 @@ for _action in ("cancel", "pause", "resume"):
 
 @jobs.command("checkpoints")
 @reports_errors
-def list_checkpoints(ctx: typer.Context, job_id: JobId,
-                     as_json: Annotated[bool, typer.Option("--json", help="The checkpoint objects as JSON.")] = False
-                     ) -> None:
+def list_checkpoints(
+    ctx: typer.Context,
+    job_id: JobId,
+    as_json: Annotated[bool, typer.Option("--json", help="The checkpoint objects as JSON.")] = False,
+) -> None:
     """A job's checkpoints: size, figures on the eval set, and the best one (what download fetches)."""
     listed = client(ctx).jobs.checkpoints(job_id)
     if as_json:
         typer.echo(json.dumps(listed, indent=2))
         return
-    shown = sorted({name for c in listed for name in (c.get("eval") or {})
-                    if name == "reward" or name.startswith("pass@")}, key=lambda n: (n != "reward", len(n), n))
-    table = Table(Column("step", justify="right"), "kind", Column("size", justify="right"),
-                  *(Column(f"eval {name}", justify="right") for name in shown), "best")
+    shown = sorted(
+        {
+            name
+            for c in listed
+            for name in (c.get("eval") or {})
+            if name == "reward" or name.startswith("pass@")
+        },
+        key=lambda n: (n != "reward", len(n), n),
+    )
+    table = Table(
+        Column("step", justify="right"),
+        "kind",
+        Column("size", justify="right"),
+        *(Column(f"eval {name}", justify="right") for name in shown),
+        "best",
+    )
     for c in listed:
         figures = c.get("eval") or {}
-        table.add_row(str(c["step"]), c["kind"], f"{c['bytes'] / 1e6:.1f} MB",
-                      *("" if figures.get(name) is None else f"{figures[name]:.3f}" for name in shown),
-                      "best" if c.get("best") else "")
+        table.add_row(
+            str(c["step"]),
+            c["kind"],
+            f"{c['bytes'] / 1e6:.1f} MB",
+            *("" if figures.get(name) is None else f"{figures[name]:.3f}" for name in shown),
+            "best" if c.get("best") else "",
+        )
     console().print(table)
 
 
 @jobs.command("download")
 @reports_errors
-def download_checkpoint(ctx: typer.Context, job_id: JobId,
-                        step: Annotated[int | None, typer.Option(help=(
-                            "Defaults to the best checkpoint (keep_best_by), else the newest."))] = None,
-                        dest: Annotated[Path, typer.Option(help="Where to put it.")] = Path("."),
-                        tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False,
-                        merged: Annotated[bool, typer.Option(
-                            "--merged", help="A LoRA job: the adapter merged into its base model.")] = False,
-                        adapter: Annotated[bool, typer.Option(
-                            "--adapter", help="A LoRA job: the adapter alone (the default).")] = False) -> None:
+def download_checkpoint(
+    ctx: typer.Context,
+    job_id: JobId,
+    step: Annotated[
+        int | None, typer.Option(help=("Defaults to the best checkpoint (keep_best_by), else the newest."))
+    ] = None,
+    dest: Annotated[Path, typer.Option(help="Where to put it.")] = Path("."),
+    tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="A LoRA job: the adapter merged into its base model.")
+    ] = False,
+    adapter: Annotated[
+        bool, typer.Option("--adapter", help="A LoRA job: the adapter alone (the default).")
+    ] = False,
+) -> None:
     """Download a checkpoint: a directory `from_pretrained` loads."""
     if merged and adapter:
         raise GrpoError("give --merged or --adapter, not both", code="invalid_request", param="--merged")
@@ -315,21 +400,37 @@ def download_checkpoint(ctx: typer.Context, job_id: JobId,
 
 
 @reports_errors
-def chat(model: Annotated[str, typer.Argument(metavar="JOB_OR_MODEL", help=(
-             "A job id (its best checkpoint, else its newest), JOB_ID:STEP, or a fine_tuned_model name (ft:…)."))],
-         prompt: Annotated[str, typer.Argument(help="The user message.")],
-         system: Annotated[str | None, typer.Option(help="A system message before the prompt.")] = None,
-         max_tokens: Annotated[int | None, typer.Option(help="Tokens to generate at most (default: the server's cap).")] = None,
-         temperature: Annotated[float, typer.Option(help="0: greedy, the same answer every time.")] = 0.0,
-         n: Annotated[int, typer.Option(help="Answers to generate.")] = 1,
-         seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
-         as_json: Annotated[bool, typer.Option("--json", help="The chat completion object as JSON.")] = False,
-         url: Url = None, api_key: Key = None) -> None:
+def chat(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="JOB_OR_MODEL",
+            help=(
+                "A job id (its best checkpoint, else its newest), JOB_ID:STEP, "
+                "or a fine_tuned_model name (ft:…)."
+            ),
+        ),
+    ],
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    system: Annotated[str | None, typer.Option(help="A system message before the prompt.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Tokens to generate at most (default: the server's cap).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0: greedy, the same answer every time.")] = 0.0,
+    n: Annotated[int, typer.Option(help="Answers to generate.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Makes sampling repeatable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The chat completion object as JSON.")] = False,
+    url: Url = None,
+    api_key: Key = None,
+) -> None:
     """Ask a job's checkpoint: prints its answer (each of --n on its own line, on stdout); which
     checkpoint answered and the token counts go to stderr."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    completion = Client(url, api_key).chat(model, messages, max_tokens=max_tokens, temperature=temperature,
-                                           n=n if n != 1 else None, seed=seed)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    completion = Client(url, api_key).chat(
+        model, messages, max_tokens=max_tokens, temperature=temperature, n=n if n != 1 else None, seed=seed
+    )
     if as_json:
         typer.echo(json.dumps(completion, indent=2))
         return
@@ -338,8 +439,10 @@ def chat(model: Annotated[str, typer.Argument(metavar="JOB_OR_MODEL", help=(
         out.print(choice["message"]["content"])
     usage = completion["usage"]
     finished = ", ".join(choice["finish_reason"] for choice in completion["choices"])
-    notes().print(f"{completion['model']}  {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
-                  f"completion tokens  finish: {finished}")
+    notes().print(
+        f"{completion['model']}  {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+        f"completion tokens  finish: {finished}"
+    )
 
 
 # ---- rewards ----
@@ -347,11 +450,19 @@ def chat(model: Annotated[str, typer.Argument(metavar="JOB_OR_MODEL", help=(
 
 @rewards.command("run")
 @reports_errors
-def run_rewards(ctx: typer.Context,
-                spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
-                                                     help="A reward list, or a job spec with a `reward`; JSON or YAML.")],
-                samples: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
-                                                        help='JSONL: {"completion", "prompt"?, "row"?} a line.')]) -> None:
+def run_rewards(
+    ctx: typer.Context,
+    spec: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="A reward list, or a job spec with a `reward`; JSON or YAML."
+        ),
+    ],
+    samples: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help='JSONL: {"completion", "prompt"?, "row"?} a line.'),
+    ],
+) -> None:
     """Score completions with a reward spec: each sample's total and parts, and the errors."""
     reward = read_spec(spec)
     reward = reward["reward"] if isinstance(reward, dict) and "reward" in reward else reward

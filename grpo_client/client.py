@@ -27,29 +27,54 @@ class Client:
     as ``Authorization: Bearer``. Failed requests raise ``GrpoError``; 429s, 5xx and unreachable
     servers are retried per ``retry`` (honouring ``Retry-After``)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
-                 retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.base_url = (base_url or os.environ.get("GRPO_API_URL") or DEFAULT_URL).rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get("GRPO_API_KEY")
         headers = {"User-Agent": "grpo-client/0.1"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self.http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.rewards = Rewards(self)
 
-    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
-                headers: dict[str, str] | None = None, files: Callable[[], dict[str, Any]] | None = None,
-                data: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        files: Callable[[], dict[str, Any]] | None = None,
+        data: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
         params = {k: v for k, v in (params or {}).items() if v is not None}
 
         def build() -> httpx.Request:
-            return self.http.build_request(method, path, params=params, json=json, headers=headers,
-                                           files=files() if files else None, data=data)
+            return self.http.build_request(
+                method,
+                path,
+                params=params,
+                json=json,
+                headers=headers,
+                files=files() if files else None,
+                data=data,
+            )
 
         return send(self.http, build, self.retry, stream=stream, sleep=self.sleep)
 
@@ -68,16 +93,30 @@ class Client:
                 return
             params[cursor] = page["data"][-1][key]
 
-    def chat(self, model: str, messages: str | list[dict[str, Any]], *, max_tokens: int | None = None,
-             temperature: float | None = None, timeout: float = 300.0, **options: Any) -> ChatCompletion:
+    def chat(
+        self,
+        model: str,
+        messages: str | list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        timeout: float = 300.0,
+        **options: Any,
+    ) -> ChatCompletion:
         """A chat completion (``POST /v1/chat/completions``) from a checkpoint: ``model`` is a job
-        id (its best checkpoint, else its newest), ``JOB_ID:STEP`` or a ``fine_tuned_model`` name; ``messages`` a
-        list of ``{"role", "content"}`` or one user message's text. ``options``: ``n``, ``top_p``,
-        ``stop``, ``seed``. The answer's text: ``["choices"][0]["message"]["content"]``. A timed-out
-        request (504) is not retried: it would wait as long again."""
+        id (its best checkpoint, else its newest), ``JOB_ID:STEP`` or a ``fine_tuned_model`` name;
+        ``messages`` a list of ``{"role", "content"}`` or one user message's text. ``options``: ``n``,
+        ``top_p``, ``stop``, ``seed``. The answer's text: ``["choices"][0]["message"]["content"]``. A
+        timed-out request (504) is not retried: it would wait as long again."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **options}
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            **options,
+        }
         body = {key: value for key, value in body.items() if value is not None}
 
         def build() -> httpx.Request:
@@ -100,7 +139,9 @@ class Datasets:
     def __init__(self, client: Client):
         self.client = client
 
-    def upload(self, path: str | Path, *, name: str | None = None, idempotency_key: str | None = None) -> Dataset:
+    def upload(
+        self, path: str | Path, *, name: str | None = None, idempotency_key: str | None = None
+    ) -> Dataset:
         """Upload a JSONL file (every line is checked by the server; a 422 lists the bad ones)."""
         path = Path(path)
         opened: list[IO[bytes]] = []
@@ -111,8 +152,9 @@ class Datasets:
 
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         try:
-            response = self.client.request("POST", "/v1/datasets", files=files, headers=headers,
-                                           data={"name": name} if name else None)
+            response = self.client.request(
+                "POST", "/v1/datasets", files=files, headers=headers, data={"name": name} if name else None
+            )
         finally:
             for handle in opened:
                 handle.close()
@@ -157,8 +199,11 @@ class Jobs:
 
     def metrics(self, job_id: str, *, after_step: int = 0) -> list[Metrics]:
         """Per-step metrics after ``after_step``: poll with the last step you have."""
-        return list(self.client.pages(f"/v1/jobs/{job_id}/metrics", cursor="after_step", key="step",
-                                      after_step=after_step))
+        return list(
+            self.client.pages(
+                f"/v1/jobs/{job_id}/metrics", cursor="after_step", key="step", after_step=after_step
+            )
+        )
 
     def events(self, job_id: str, *, after: int = 0) -> list[Event]:
         return list(self.client.pages(f"/v1/jobs/{job_id}/events", after=after, limit=1000))
@@ -169,8 +214,15 @@ class Jobs:
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return cast(list[Checkpoint], self.client.get(f"/v1/jobs/{job_id}/checkpoints")["data"])
 
-    def download(self, job_id: str, step: int | None = None, dest: str | Path = ".", *, extract: bool = True,
-                 format: Literal["adapter", "merged"] | None = None) -> Path:
+    def download(
+        self,
+        job_id: str,
+        step: int | None = None,
+        dest: str | Path = ".",
+        *,
+        extract: bool = True,
+        format: Literal["adapter", "merged"] | None = None,
+    ) -> Path:
         """Stream a checkpoint into ``dest``: the directory ``from_pretrained`` loads, or with
         ``extract=False`` the tar itself. A partial download never takes the final name.
         ``step``: defaults to the job's best checkpoint (``keep_best_by``), else the newest one
@@ -183,15 +235,18 @@ class Jobs:
         dest.mkdir(parents=True, exist_ok=True)
         root = f"{job_id}-step-{step}" + ("-merged" if format == "merged" else "")
         partial = dest / f".{root}.tar.part"
-        response = self.client.request("GET", f"/v1/jobs/{job_id}/checkpoints/{step}/download",
-                                       params={"format": format}, stream=True)
+        response = self.client.request(
+            "GET", f"/v1/jobs/{job_id}/checkpoints/{step}/download", params={"format": format}, stream=True
+        )
         try:
             with partial.open("wb") as out:
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
         except httpx.HTTPError as exc:
             partial.unlink(missing_ok=True)
-            raise GrpoError(f"the download of {root} broke off: {exc}; try again", code="connection_error") from exc
+            raise GrpoError(
+                f"the download of {root} broke off: {exc}; try again", code="connection_error"
+            ) from exc
         finally:
             response.close()
         if not extract:
@@ -216,7 +271,9 @@ class Jobs:
         if merged:  # only a finished LoRA job's final checkpoint is merged
             checkpoints = [c for c in checkpoints if c["kind"] == "model" or c.get("merged_download_url")]
         if not checkpoints:
-            what = "merged checkpoint (a LoRA job's is written when it succeeds)" if merged else "checkpoint yet"
+            what = (
+                "merged checkpoint (a LoRA job's is written when it succeeds)" if merged else "checkpoint yet"
+            )
             raise GrpoError(f"job {job_id} has no {what}", code="checkpoint_not_found")
         return max(c["step"] for c in checkpoints)
 

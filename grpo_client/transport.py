@@ -30,7 +30,7 @@ class RetryPolicy:
         told = retry_after_s(response) if response is not None else None
         if told is not None:
             return min(told, self.max_wait_s)
-        return min(self.backoff_s * 2 ** attempt, self.max_wait_s) * random.uniform(0.5, 1.0)
+        return min(self.backoff_s * 2**attempt, self.max_wait_s) * random.uniform(0.5, 1.0)
 
 
 def retry_after_s(response: httpx.Response) -> float | None:
@@ -49,8 +49,14 @@ def retry_after_s(response: httpx.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def send(http: httpx.Client, build: Callable[[], httpx.Request], policy: RetryPolicy, *, stream: bool = False,
-         sleep: Callable[[float], None] = time.sleep) -> httpx.Response:
+def send(
+    http: httpx.Client,
+    build: Callable[[], httpx.Request],
+    policy: RetryPolicy,
+    *,
+    stream: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> httpx.Response:
     """The response to ``build()``, retried per ``policy``; raises ``GrpoError`` for an error
     status, or when the server cannot be reached after the last retry. ``build`` is called for
     each attempt (an upload reopens its file)."""
@@ -61,8 +67,10 @@ def send(http: httpx.Client, build: Callable[[], httpx.Request], policy: RetryPo
             response = http.send(request, stream=stream)
         except httpx.TransportError as exc:
             if last:
-                raise GrpoError(f"cannot reach {request.url.copy_with(query=None)}: {exc or type(exc).__name__}",
-                                code="connection_error") from exc
+                raise GrpoError(
+                    f"cannot reach {request.url.copy_with(query=None)}: {exc or type(exc).__name__}",
+                    code="connection_error",
+                ) from exc
             sleep(policy.wait_s(attempt, None))
             continue
         if response.is_success:

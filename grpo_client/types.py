@@ -96,5 +96,7 @@ class ChatCompletion(TypedDict):
     object: str  # "chat.completion"
     created: int
     model: str  # the checkpoint that answered, by its fine_tuned_model name
-    choices: list[dict[str, Any]]  # {"index", "message": {"role", "content"}, "finish_reason": "stop" | "length"}
+    choices: list[
+        dict[str, Any]
+    ]  # {"index", "message": {"role", "content"}, "finish_reason": "stop" | "length"}
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens

@@ -34,8 +34,11 @@ Send = Callable[[str], None]
 def transport_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith("filesystem"):
         assert settings.broker_dir is not None
-        folders = {"data_folder_in": settings.broker_dir / "queue", "data_folder_out": settings.broker_dir / "queue",
-                   "control_folder": settings.broker_dir / "control"}
+        folders = {
+            "data_folder_in": settings.broker_dir / "queue",
+            "data_folder_out": settings.broker_dir / "queue",
+            "control_folder": settings.broker_dir / "control",
+        }
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         return {key: str(folder) for key, folder in folders.items()}
@@ -56,7 +59,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport_options(settings),
         task_default_queue=settings.queue,
         # GPU work has its own queue and workers; chat completions theirs, so neither waits for the other
-        task_routes={RUN_JOB: {"queue": settings.queue}, CHAT_COMPLETION: {"queue": settings.inference_queue}},
+        task_routes={
+            RUN_JOB: {"queue": settings.queue},
+            CHAT_COMPLETION: {"queue": settings.inference_queue},
+        },
         task_acks_late=True,  # acknowledge when the job ends, so a dead worker's message is not lost
         task_reject_on_worker_lost=True,  # a killed pool process requeues its message, never acks it
         worker_prefetch_multiplier=1,  # reserve one message at a time: queued jobs stay free for idle workers
@@ -102,7 +108,9 @@ class Dispatcher:
         try:
             self.send(job_id)
         except Exception:
-            log.warning("could not send job %s to the broker; the sweeper will re-send it", job_id, exc_info=True)
+            log.warning(
+                "could not send job %s to the broker; the sweeper will re-send it", job_id, exc_info=True
+            )
             return False
         with unit_of_work(self.sessions) as session:
             mark_sent(session=session, job_id=job_id)

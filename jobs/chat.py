@@ -49,7 +49,9 @@ class ChatMessage(BaseModel):
     def as_template_message(self) -> dict[str, str]:
         """What a chat template reads: ``developer`` is ``system`` (as for training files), text
         parts joined."""
-        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        content = (
+            self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        )
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
@@ -57,21 +59,44 @@ class ChatCompletionCreate(BaseModel):
     """OpenAI's chat completion request, the parts a checkpoint can answer; any other field is
     refused by name."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "model": "ft:tiny:alice:demo:job_0193a5c1f00a7f3e2b9c4d1e:ckpt-step-200",
-        "messages": [{"role": "user", "content": "What is 3 + 4?"}], "max_tokens": 32, "temperature": 0}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "ft:tiny:alice:demo:job_0193a5c1f00a7f3e2b9c4d1e:ckpt-step-200",
+                    "messages": [{"role": "user", "content": "What is 3 + 4?"}],
+                    "max_tokens": 32,
+                    "temperature": 0,
+                }
+            ]
+        },
+    )
 
-    model: str = Field(min_length=1, max_length=1024, description=(
-        "A checkpoint's `fine_tuned_model` name, a job id (its best checkpoint, else its newest), or `JOB_ID:STEP`."))
+    model: str = Field(
+        min_length=1,
+        max_length=1024,
+        description=(
+            "A checkpoint's `fine_tuned_model` name, a job id (its best checkpoint, else its newest), "
+            "or `JOB_ID:STEP`."
+        ),
+    )
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description=(
-        "Tokens to generate at most; defaults to, and is capped by, GRPO_MAX_CHAT_TOKENS."))
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="The same as max_tokens.")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description=("Tokens to generate at most; defaults to, and is capped by, GRPO_MAX_CHAT_TOKENS.")
+    )
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="The same as max_tokens."
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy (deterministic).")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, description="Choices to generate; capped by GRPO_MAX_CHAT_CHOICES.")
-    stop: str | list[str] | None = Field(None, description=(
-        f"Up to {MAX_STOP_SEQUENCES} sequences where generation stops (not included in the answer)."))
+    stop: str | list[str] | None = Field(
+        None,
+        description=(
+            f"Up to {MAX_STOP_SEQUENCES} sequences where generation stops (not included in the answer)."
+        ),
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stream: bool = Field(False, description="Streaming is not supported here: false only.")
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
@@ -126,13 +151,17 @@ def checkpoint_model_name(job: Job, step: int) -> str:
 
 
 def parse_model(model: str) -> tuple[str, int | None] | None:
-    """``(job id, step)`` named by ``model`` (step None: the job's best, else newest), or None if it names none.
-    The ``ft:`` form is checked in full once the job is known (``resolve_target``)."""
+    """``(job id, step)`` named by ``model`` (step None: the job's best, else newest), or None if it
+    names none. The ``ft:`` form is checked in full once the job is known (``resolve_target``)."""
     parts = model.split(":")
     if parts[0] == "ft":
-        if len(parts) < 6 or not parts[-1].startswith("ckpt-step-") or not parts[-1][len("ckpt-step-"):].isdigit():
+        if (
+            len(parts) < 6
+            or not parts[-1].startswith("ckpt-step-")
+            or not parts[-1][len("ckpt-step-") :].isdigit()
+        ):
             return None
-        return parts[-2], int(parts[-1][len("ckpt-step-"):])
+        return parts[-2], int(parts[-1][len("ckpt-step-") :])
     if len(parts) == 1:
         return parts[0], None
     if len(parts) == 2 and parts[1].isdigit():
@@ -158,55 +187,85 @@ def resolve_target(*, session: Session, owner: str, model: str, settings: Settin
     assert settings.artifact_dir is not None
     directory = inside(settings.artifact_dir, checkpoint.path)
     if directory is None or not directory.is_dir():
-        raise ModelNotFound(model, reason=f"job {job.id!r} no longer has the files of its checkpoint of step "
-                                          f"{checkpoint.step}; list its checkpoints with GET /v1/jobs/{job.id}/checkpoints")
+        raise ModelNotFound(
+            model,
+            reason=f"job {job.id!r} no longer has the files of its checkpoint of step "
+            f"{checkpoint.step}; list its checkpoints with GET /v1/jobs/{job.id}/checkpoints",
+        )
     return ChatTarget(job_id=job.id, step=checkpoint.step, model=checkpoint_model_name(job, checkpoint.step))
 
 
 def pick_checkpoint(job: Job, checkpoints: list[Checkpoint], step: int | None, model: str) -> Checkpoint:
     """The checkpoint of ``step``; with no step, the job's best (by its ``keep_best_by``), else its newest."""
     if not checkpoints:
-        raise ModelNotFound(model, reason=f"job {job.id!r} ({job.status}) has no checkpoint yet: a job writes one "
-                                          "every checkpoint_every steps and when it ends")
+        raise ModelNotFound(
+            model,
+            reason=f"job {job.id!r} ({job.status}) has no checkpoint yet: a job writes one "
+            "every checkpoint_every steps and when it ends",
+        )
     if step is None:
-        best = getattr(job, "best_checkpoint_step", None)  # chosen by evaluation, when the job has an eval set
-        return next((c for c in checkpoints if c.step == best), checkpoints[-1])  # else the newest (oldest first)
+        best = getattr(
+            job, "best_checkpoint_step", None
+        )  # chosen by evaluation, when the job has an eval set
+        return next(
+            (c for c in checkpoints if c.step == best), checkpoints[-1]
+        )  # else the newest (oldest first)
     for checkpoint in checkpoints:
         if checkpoint.step == step:
             return checkpoint
     steps = ", ".join(str(c.step) for c in checkpoints)
-    raise ModelNotFound(model, reason=f"job {job.id!r} has no checkpoint of step {step}; its checkpoints: steps {steps}")
+    raise ModelNotFound(
+        model, reason=f"job {job.id!r} has no checkpoint of step {step}; its checkpoints: steps {steps}"
+    )
 
 
 def check_request(body: ChatCompletionCreate, settings: Settings) -> None:
     """What the schema alone cannot say: ``InvalidRequest`` (``LimitExceeded`` past this server's
     limits, naming the setting) at the param at fault."""
     if body.stream:
-        raise InvalidRequest("streaming is not supported by this server yet; send stream: false (the whole "
-                             "answer comes in one response)", param="stream")
+        raise InvalidRequest(
+            "streaming is not supported by this server yet; send stream: false (the whole "
+            "answer comes in one response)",
+            param="stream",
+        )
     if body.max_tokens is not None and body.max_completion_tokens is not None:
-        raise InvalidRequest("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
+        raise InvalidRequest(
+            "give max_tokens or max_completion_tokens, not both", param="max_completion_tokens"
+        )
     stops = body.stop_sequences
     if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
         raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} sequences, none empty", param="stop")
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
     if max_tokens is not None and max_tokens > settings.max_chat_tokens:
-        raise LimitExceeded(f"at most {settings.max_chat_tokens} tokens per completion on this server "
-                            f"(GRPO_MAX_CHAT_TOKENS); ask for fewer", param=param)
+        raise LimitExceeded(
+            f"at most {settings.max_chat_tokens} tokens per completion on this server "
+            f"(GRPO_MAX_CHAT_TOKENS); ask for fewer",
+            param=param,
+        )
     if body.n > settings.max_chat_choices:
-        raise LimitExceeded(f"at most {settings.max_chat_choices} choices per request on this server "
-                            "(GRPO_MAX_CHAT_CHOICES); ask for fewer, or send several requests", param="n")
+        raise LimitExceeded(
+            f"at most {settings.max_chat_choices} choices per request on this server "
+            "(GRPO_MAX_CHAT_CHOICES); ask for fewer, or send several requests",
+            param="n",
+        )
 
 
 def generation_request(body: ChatCompletionCreate, target: ChatTarget, settings: Settings) -> dict[str, Any]:
     """What the inference worker is sent (JSON): the checkpoint by ids, the messages and the
     sampling parameters (``check_request`` has passed)."""
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-    return {"job_id": target.job_id, "step": target.step,
-            "messages": [message.as_template_message() for message in body.messages],
-            "max_tokens": max_tokens or settings.max_chat_tokens, "temperature": body.temperature,
-            "top_p": body.top_p, "n": body.n, "stop": body.stop_sequences, "seed": body.seed}
+    return {
+        "job_id": target.job_id,
+        "step": target.step,
+        "messages": [message.as_template_message() for message in body.messages],
+        "max_tokens": max_tokens or settings.max_chat_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "n": body.n,
+        "stop": body.stop_sequences,
+        "seed": body.seed,
+    }
 
 
 def worker_error(answer: dict[str, Any], model: str) -> ServiceError | None:

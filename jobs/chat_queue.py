@@ -54,7 +54,7 @@ def result_backend_config(settings: Settings) -> dict[str, Any]:
         if settings.broker_key_prefix:
             config["result_backend_transport_options"] = {"global_keyprefix": settings.broker_key_prefix}
     elif url.startswith("file://"):
-        Path(url[len("file://"):]).mkdir(parents=True, exist_ok=True)  # the backend checks it exists
+        Path(url[len("file://") :]).mkdir(parents=True, exist_ok=True)  # the backend checks it exists
     return {**config, "result_backend": url}
 
 
@@ -63,11 +63,18 @@ def send_chat(app: Celery, request: dict[str, Any], settings: Settings) -> str:
     expires with the wait: a worker that takes it later drops it unanswered."""
     task_id = f"chat-{uuid.uuid4().hex}"
     try:
-        app.send_task(CHAT_COMPLETION, kwargs={"request": request}, queue=settings.inference_queue,
-                      task_id=task_id, expires=settings.inference_timeout_s)
+        app.send_task(
+            CHAT_COMPLETION,
+            kwargs={"request": request},
+            queue=settings.inference_queue,
+            task_id=task_id,
+            expires=settings.inference_timeout_s,
+        )
     except Exception as exc:
         log.warning("could not send chat request %s to the broker", task_id, exc_info=True)
-        raise InferenceUnavailable("the inference queue cannot be reached right now; try again in a moment") from exc
+        raise InferenceUnavailable(
+            "the inference queue cannot be reached right now; try again in a moment"
+        ) from exc
     return task_id
 
 
@@ -82,15 +89,19 @@ async def wait_for_answer(app: Celery, task_id: str, settings: Settings) -> dict
             meta = await anyio.to_thread.run_sync(lambda: backend.get_task_meta(task_id, cache=False))
         except Exception as exc:
             log.warning("could not read the answer to chat request %s", task_id, exc_info=True)
-            raise InferenceUnavailable("the answer could not be read from the result backend; try again") from exc
+            raise InferenceUnavailable(
+                "the answer could not be read from the result backend; try again"
+            ) from exc
         state = meta.get("status")
         if state in states.READY_STATES:
             await anyio.to_thread.run_sync(forget, backend, task_id)
             if state == states.SUCCESS and isinstance(meta.get("result"), dict):
                 return meta["result"]
             log.error("chat request %s ended %s in the inference worker", task_id, state)
-            raise InferenceUnavailable("the inference worker failed on this request; try again, and if it fails the "
-                                       f"same way give the operator its id ({task_id}), whose worker log has why")
+            raise InferenceUnavailable(
+                "the inference worker failed on this request; try again, and if it fails the "
+                f"same way give the operator its id ({task_id}), whose worker log has why"
+            )
         remaining = deadline - anyio.current_time()
         if remaining <= 0:
             raise timed_out(state, settings, task_id)
@@ -108,8 +119,12 @@ def forget(backend: Any, task_id: str) -> None:
 def timed_out(state: str | None, settings: Settings, task_id: str) -> InferenceTimedOut:
     waited = f"{settings.inference_timeout_s:g} s (GRPO_INFERENCE_TIMEOUT_S)"
     if state == states.STARTED:
-        return InferenceTimedOut(f"the inference worker did not finish within {waited}; ask for fewer tokens "
-                                 "(max_tokens) or choices (n), or try again when it is less busy")
-    return InferenceTimedOut(f"no inference worker took the request within {waited}: none may be running "
-                             "(start one with `grpo worker --inference`; in compose, the inference service), "
-                             f"or all are busy; try again (request {task_id})")
+        return InferenceTimedOut(
+            f"the inference worker did not finish within {waited}; ask for fewer tokens "
+            "(max_tokens) or choices (n), or try again when it is less busy"
+        )
+    return InferenceTimedOut(
+        f"no inference worker took the request within {waited}: none may be running "
+        "(start one with `grpo worker --inference`; in compose, the inference service), "
+        f"or all are busy; try again (request {task_id})"
+    )

@@ -61,9 +61,16 @@ def prompt_from_messages(line: bytes) -> bytes:
     return json.dumps(row, ensure_ascii=False).encode() + b"\n"
 
 
-def store_dataset(*, session: Session, owner: str, source: BinaryIO, name: str, settings: Settings,
-                  idempotency_key: str | None = None, convert: Callable[[bytes], bytes] | None = None
-                  ) -> tuple[Dataset, bool]:
+def store_dataset(
+    *,
+    session: Session,
+    owner: str,
+    source: BinaryIO,
+    name: str,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    convert: Callable[[bytes], bytes] | None = None,
+) -> tuple[Dataset, bool]:
     """Check an upload and record it for ``owner``; if the transaction rolls back, the file goes too.
     ``convert`` rewrites each line before it is stored (see ``save_dataset``).
 
@@ -75,17 +82,36 @@ def store_dataset(*, session: Session, owner: str, source: BinaryIO, name: str, 
     try:
         request_hash = hashlib.sha256(f"{name}\n{saved.sha256}".encode()).hexdigest()
         if idempotency_key:
-            earlier = find_idempotent_resource(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
-                                               request_hash=request_hash, ttl_s=settings.idempotency_ttl_s)
+            earlier = find_idempotent_resource(
+                session=session,
+                owner=owner,
+                endpoint=ENDPOINT,
+                key=idempotency_key,
+                request_hash=request_hash,
+                ttl_s=settings.idempotency_ttl_s,
+            )
             if earlier is not None:
                 saved.path.unlink()
                 return get_dataset(session=session, owner=owner, dataset_id=earlier), False
-        dataset = create_dataset(session=session, owner=owner, name=name, rows=saved.rows, bytes=saved.bytes,
-                                 sha256=saved.sha256, fields=saved.fields)
+        dataset = create_dataset(
+            session=session,
+            owner=owner,
+            name=name,
+            rows=saved.rows,
+            bytes=saved.bytes,
+            sha256=saved.sha256,
+            fields=saved.fields,
+        )
         if idempotency_key:
-            remember_idempotency_key(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
-                                     request_hash=request_hash, resource_id=dataset.id,
-                                     ttl_s=settings.idempotency_ttl_s)
+            remember_idempotency_key(
+                session=session,
+                owner=owner,
+                endpoint=ENDPOINT,
+                key=idempotency_key,
+                request_hash=request_hash,
+                resource_id=dataset.id,
+                ttl_s=settings.idempotency_ttl_s,
+            )
         final = settings.dataset_path(dataset.id)
         saved.path.replace(final)
     except BaseException:
@@ -96,7 +122,8 @@ def store_dataset(*, session: Session, owner: str, source: BinaryIO, name: str, 
 
 
 def remove_dataset(*, session: Session, owner: str, dataset_id: str, settings: Settings) -> Dataset:
-    """Forget ``owner``'s dataset and, once that is committed, its file (``DatasetInUse`` while a job uses it)."""
+    """Forget ``owner``'s dataset and, once that is committed, its file (``DatasetInUse`` while a job
+    uses it)."""
     dataset = delete_dataset(session=session, owner=owner, dataset_id=dataset_id)
     path = settings.dataset_path(dataset_id)
     call_after_commit(session, lambda: path.unlink(missing_ok=True))
@@ -128,8 +155,9 @@ class DatasetFile:
     fields: list[str]  # keys present in every row
 
 
-def save_dataset(source: BinaryIO, *, settings: Settings, convert: Callable[[bytes], bytes] | None = None
-                 ) -> DatasetFile:
+def save_dataset(
+    source: BinaryIO, *, settings: Settings, convert: Callable[[bytes], bytes] | None = None
+) -> DatasetFile:
     """Copy an upload into the datasets directory under a temporary name, checking it line by line.
 
     Memory holds one line (at most GRPO_MAX_DATASET_LINE_BYTES) and what checking it takes, whatever
@@ -153,8 +181,11 @@ def save_dataset(source: BinaryIO, *, settings: Settings, convert: Callable[[byt
                 line = lines.check(line, number)
                 size += len(line)
                 if max(received, size) > settings.max_dataset_bytes:
-                    raise PayloadTooLarge(f"the dataset is larger than this server's limit of "
-                                          f"{settings.max_dataset_bytes} bytes (GRPO_MAX_DATASET_BYTES)", param="file")
+                    raise PayloadTooLarge(
+                        f"the dataset is larger than this server's limit of "
+                        f"{settings.max_dataset_bytes} bytes (GRPO_MAX_DATASET_BYTES)",
+                        param="file",
+                    )
                 if not lines.bad:  # the upload is refused at the end anyway: no point storing the rest
                     digest.update(line)
                     out.write(line)
@@ -172,8 +203,10 @@ def read_lines(source: BinaryIO, max_line_bytes: int) -> Iterator[bytes]:
     while line := source.readline(max_line_bytes + 2):
         number += 1
         if len(line.rstrip(b"\r\n")) > max_line_bytes:
-            message = (f"line {number} is longer than this server's limit of {max_line_bytes} bytes a line "
-                       f"(GRPO_MAX_DATASET_LINE_BYTES); shorten that row")
+            message = (
+                f"line {number} is longer than this server's limit of {max_line_bytes} bytes a line "
+                f"(GRPO_MAX_DATASET_LINE_BYTES); shorten that row"
+            )
             raise PayloadTooLarge(message, param="file", details=[{"line": number, "message": message}])
         yield line
 
@@ -198,20 +231,29 @@ class LineChecker:
         if row is not None:
             self.rows += 1
             if self.rows > self.settings.max_dataset_rows:
-                raise PayloadTooLarge(f"the dataset has more than {self.settings.max_dataset_rows} rows, this "
-                                      f"server's limit (GRPO_MAX_DATASET_ROWS)", param="file")
+                raise PayloadTooLarge(
+                    f"the dataset has more than {self.settings.max_dataset_rows} rows, this "
+                    f"server's limit (GRPO_MAX_DATASET_ROWS)",
+                    param="file",
+                )
             self.fields = set(row) if self.fields is None else self.fields & set(row)
         return line
 
     def _parse(self, line: bytes, number: int) -> tuple[bytes, dict[str, Any] | None]:
         settings = self.settings
-        over = json_over_limits(line, max_depth=settings.max_dataset_depth, max_values=settings.max_dataset_row_values)
+        over = json_over_limits(
+            line, max_depth=settings.max_dataset_depth, max_values=settings.max_dataset_row_values
+        )
         if over == "values":
-            raise DatasetError(f"more than {settings.max_dataset_row_values} JSON values (fields, list items, "
-                               f"objects and lists) in one row, this server's limit (GRPO_MAX_DATASET_ROW_VALUES)")
+            raise DatasetError(
+                f"more than {settings.max_dataset_row_values} JSON values (fields, list items, "
+                f"objects and lists) in one row, this server's limit (GRPO_MAX_DATASET_ROW_VALUES)"
+            )
         if over == "depth":
-            raise DatasetError(f"nested deeper than {settings.max_dataset_depth} levels of objects and lists, "
-                               f"this server's limit (GRPO_MAX_DATASET_DEPTH)")
+            raise DatasetError(
+                f"nested deeper than {settings.max_dataset_depth} levels of objects and lists, "
+                f"this server's limit (GRPO_MAX_DATASET_DEPTH)"
+            )
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -229,11 +271,15 @@ class LineChecker:
         """Rows and common fields, or ``InvalidDataset`` naming the bad lines."""
         if self.bad:
             shown = "; ".join(f"line {p['line']}: {p['message']}" for p in self.problems[:3])
-            raise InvalidDataset(f"{self.bad} bad line(s) — {shown}{' …' if self.bad > 3 else ''}", param="file",
-                                 details=self.problems)
+            raise InvalidDataset(
+                f"{self.bad} bad line(s) — {shown}{' …' if self.bad > 3 else ''}",
+                param="file",
+                details=self.problems,
+            )
         if self.rows == 0:
-            raise InvalidDataset("the dataset has no rows; upload JSONL with one {\"prompt\": ...} object per line",
-                                 param="file")
+            raise InvalidDataset(
+                'the dataset has no rows; upload JSONL with one {"prompt": ...} object per line', param="file"
+            )
         return self.rows, sorted(self.fields or ())
 
 
@@ -246,5 +292,7 @@ def check_row_storable(row: Any, line: bytes) -> None:
     found = find_unstorable(row)
     if found is not None:
         path, reason = found
-        where = "".join(f"[{part!r}]" if i or isinstance(part, int) else repr(part) for i, part in enumerate(path))
+        where = "".join(
+            f"[{part!r}]" if i or isinstance(part, int) else repr(part) for i, part in enumerate(path)
+        )
         raise DatasetError(f"{where or 'the row'} {reason}")

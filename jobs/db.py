@@ -149,8 +149,9 @@ class Database:
         # The same pool, its connections in autocommit: a lone SELECT is consistent by itself and
         # needs no BEGIN and COMMIT around it, one round trip instead of three on a polled route.
         engine = get_engine(database_url, pool_size=pool_size)
-        self.read_sessions = sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"),
-                                          expire_on_commit=False)
+        self.read_sessions = sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
         event.listen(self.read_sessions, "before_flush", _refuse_writes)
 
     def transaction(self) -> AbstractContextManager[Session]:

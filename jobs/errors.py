@@ -10,7 +10,9 @@ from typing import Any
 class ServiceError(Exception):
     code = "invalid_request"
 
-    def __init__(self, message: str, *, param: str | None = None, details: list[dict[str, Any]] | None = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, details: list[dict[str, Any]] | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -57,9 +59,12 @@ class TooManyRewardRuns(RateLimited):
     code = "too_many_reward_runs"
 
     def __init__(self, held: int, retry_after_s: float):
-        ServiceError.__init__(self, f"you already have {held} reward dry-run(s) scoring or waiting, this server's limit "
-                              "(GRPO_REWARD_RUNS_PER_KEY scoring plus GRPO_REWARD_RUN_QUEUE_PER_KEY waiting); retry "
-                              f"in {retry_after_s:.0f} s, once one has ended")
+        ServiceError.__init__(
+            self,
+            f"you already have {held} reward dry-run(s) scoring or waiting, this server's limit "
+            "(GRPO_REWARD_RUNS_PER_KEY scoring plus GRPO_REWARD_RUN_QUEUE_PER_KEY waiting); retry "
+            f"in {retry_after_s:.0f} s, once one has ended",
+        )
         self.retry_after_s = retry_after_s
 
 
@@ -73,8 +78,10 @@ class TooManyActiveJobs(ServiceError):
     code = "too_many_active_jobs"
 
     def __init__(self, active: int, limit: int):
-        super().__init__(f"you already have {active} queued or running job(s), this server's limit "
-                         f"(GRPO_MAX_ACTIVE_JOBS_PER_OWNER) is {limit}; wait for one to end or cancel one")
+        super().__init__(
+            f"you already have {active} queued or running job(s), this server's limit "
+            f"(GRPO_MAX_ACTIVE_JOBS_PER_OWNER) is {limit}; wait for one to end or cancel one"
+        )
 
 
 class NotFound(ServiceError):
@@ -99,8 +106,10 @@ class CheckpointNotFound(NotFound):
     code = "checkpoint_not_found"
 
     def __init__(self, job_id: str, step: int, *, reason: str = "has no checkpoint at that step"):
-        super().__init__(f"job {job_id!r} {reason} (step {step}); list them with "
-                         f"GET /v1/jobs/{job_id}/checkpoints", param="step")
+        super().__init__(
+            f"job {job_id!r} {reason} (step {step}); list them with GET /v1/jobs/{job_id}/checkpoints",
+            param="step",
+        )
 
 
 class ApiKeyNotFound(NotFound):
@@ -118,15 +127,19 @@ class JobAlreadyFinished(Conflict):
     code = "job_already_finished"
 
     def __init__(self, job_id: str, status: str):
-        super().__init__(f"job {job_id!r} already ended {status}; only queued, running or paused jobs can be cancelled")
+        super().__init__(
+            f"job {job_id!r} already ended {status}; only queued, running or paused jobs can be cancelled"
+        )
 
 
 class DatasetInUse(Conflict):
     code = "dataset_in_use"
 
     def __init__(self, dataset_id: str, job_id: str):
-        super().__init__(f"dataset {dataset_id!r} is used by job {job_id!r} (and perhaps others); a job's data "
-                         "stays as long as the job")
+        super().__init__(
+            f"dataset {dataset_id!r} is used by job {job_id!r} (and perhaps others); a job's data "
+            "stays as long as the job"
+        )
 
 
 class JobStateConflict(Conflict):
@@ -142,8 +155,10 @@ class IdempotencyKeyReused(Conflict):
     code = "idempotency_key_reused"
 
     def __init__(self) -> None:
-        super().__init__("this Idempotency-Key was used with a different request body; use a new key",
-                         param="Idempotency-Key")
+        super().__init__(
+            "this Idempotency-Key was used with a different request body; use a new key",
+            param="Idempotency-Key",
+        )
 
 
 class ModelNotFound(NotFound):
@@ -153,9 +168,15 @@ class ModelNotFound(NotFound):
 
     def __init__(self, model: str, *, reason: str | None = None):
         shown = model if len(model) <= 200 else model[:200] + "…"
-        super().__init__(reason or (
-            f"the model {shown!r} does not exist or you do not have access to it; name a job's "
-            "fine_tuned_model (ft:…:ckpt-step-N), a job id (its best checkpoint, else its newest), or JOB_ID:STEP"), param="model")
+        super().__init__(
+            reason
+            or (
+                f"the model {shown!r} does not exist or you do not have access to it; name a job's "
+                "fine_tuned_model (ft:…:ckpt-step-N), a job id (its best checkpoint, else its newest), "
+                "or JOB_ID:STEP"
+            ),
+            param="model",
+        )
 
 
 class InferenceUnavailable(ServiceError):

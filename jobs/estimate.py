@@ -32,9 +32,26 @@ log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4.0  # English text under a BPE tokenizer, roughly; used when no tokenizer.json is at hand
 PROMPT_SAMPLE_ROWS = 200
-FORWARD_TOKEN_BUDGET = 8192  # trainer.loop.FORWARD_TOKEN_BUDGET (that module imports torch; a test keeps them equal)
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8,
-               "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FORWARD_TOKEN_BUDGET = (
+    8192  # trainer.loop.FORWARD_TOKEN_BUDGET (that module imports torch; a test keeps them equal)
+)
+DTYPE_BYTES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECENT_JOBS, RECENT_STEPS = 3, 20  # finished jobs (and their last steps) whose throughput is used
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header larger than this is not read
@@ -57,7 +74,9 @@ class ModelShape:
 
 
 def _first(config: dict[str, Any], *names: str) -> Any:
-    return next((config[name] for name in names if isinstance(config.get(name), int) and config[name] > 0), None)
+    return next(
+        (config[name] for name in names if isinstance(config.get(name), int) and config[name] > 0), None
+    )
 
 
 def read_model_shape(directory: Path) -> ModelShape | None:
@@ -85,13 +104,24 @@ def read_model_shape(directory: Path) -> ModelShape | None:
     # a gated MLP (gate, up, down), as Llama, Qwen, Mistral and Gemma have; a mixture of experts has
     # one per expert and a router
     mlp = experts * 3 * hidden * expert_size + hidden * experts if experts else 3 * hidden * intermediate
-    counted = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2) + layers * (
-        attention + mlp + 2 * hidden) + hidden
+    counted = (
+        vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+        + layers * (attention + mlp + 2 * hidden)
+        + hidden
+    )
     weighed = safetensors_parameters(directory)
-    return ModelShape(parameters=weighed or counted, parameters_from="safetensors" if weighed else "config.json",
-                      hidden=hidden, layers=layers, vocab=vocab, intermediate=intermediate, heads=heads,
-                      kv_heads=kv_heads, head_dim=head_dim,
-                      max_positions=_first(config, "max_position_embeddings", "n_positions", "max_seq_len"))
+    return ModelShape(
+        parameters=weighed or counted,
+        parameters_from="safetensors" if weighed else "config.json",
+        hidden=hidden,
+        layers=layers,
+        vocab=vocab,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_positions=_first(config, "max_position_embeddings", "n_positions", "max_seq_len"),
+    )
 
 
 def safetensors_parameters(directory: Path) -> int | None:
@@ -157,15 +187,21 @@ def measure_prompts(dataset: Path, model_dir: Path | None, max_prompt_length: in
             from tokenizers import Tokenizer  # Rust, no torch: fine in the API
 
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
-            lengths = [len(encoding.ids) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+            lengths = [
+                len(encoding.ids) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)
+            ]
             measured_with = "tokenizer"
         except Exception as exc:  # any tokenizer file it cannot read: fall back on characters
             log.info("estimate: could not use %s (%s); counting characters", tokenizer_file, exc)
     if lengths is None:
         lengths = [max(1, math.ceil(len(text) / CHARS_PER_TOKEN)) for text in texts]
-    return PromptLengths(mean=statistics.fmean(min(n, max_prompt_length) for n in lengths), longest=max(lengths),
-                         measured_with=measured_with, rows=len(texts),
-                         truncated=sum(n > max_prompt_length for n in lengths) / len(lengths))
+    return PromptLengths(
+        mean=statistics.fmean(min(n, max_prompt_length) for n in lengths),
+        longest=max(lengths),
+        measured_with=measured_with,
+        rows=len(texts),
+        truncated=sum(n > max_prompt_length for n in lengths) / len(lengths),
+    )
 
 
 def local_model_dir(base_model: str) -> Path | None:
@@ -184,14 +220,20 @@ def context_warnings(config: GRPOConfig, shape: ModelShape | None) -> list[str]:
     total = config.max_prompt_length + config.max_completion_length
     if total <= shape.max_positions:
         return []
-    return [f"max_prompt_length + max_completion_length = {config.max_prompt_length} + "
-            f"{config.max_completion_length} = {total}, beyond the model's context of {shape.max_positions} "
-            f"tokens (max_position_embeddings in its config.json): a sequence that long gets positions the model "
-            f"never learned, or fails; lower them so that they add up to {shape.max_positions} at most"]
+    return [
+        f"max_prompt_length + max_completion_length = {config.max_prompt_length} + "
+        f"{config.max_completion_length} = {total}, beyond the model's context of {shape.max_positions} "
+        f"tokens (max_position_embeddings in its config.json): a sequence that long gets positions the model "
+        f"never learned, or fails; lower them so that they add up to {shape.max_positions} at most"
+    ]
 
 
 def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings: Settings) -> EstimateMemory:
-    dtype = config.dtype if config.dtype != "auto" else ("float32" if settings.worker_device == "cpu" else "bfloat16")
+    dtype = (
+        config.dtype
+        if config.dtype != "auto"
+        else ("float32" if settings.worker_device == "cpu" else "bfloat16")
+    )
     size = DTYPE_BYTES[dtype]
     n = shape.parameters
     kv_dim = shape.kv_heads * shape.head_dim
@@ -201,9 +243,15 @@ def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings
         targets = config.lora.target_modules
         names = LORA_LINEARS if targets == "all-linear" else [t for t in targets if t in LORA_LINEARS]
         q_dim = shape.heads * shape.head_dim
-        shapes = {"q_proj": (shape.hidden, q_dim), "k_proj": (shape.hidden, kv_dim), "v_proj": (shape.hidden, kv_dim),
-                  "o_proj": (q_dim, shape.hidden), "gate_proj": (shape.hidden, shape.intermediate),
-                  "up_proj": (shape.hidden, shape.intermediate), "down_proj": (shape.intermediate, shape.hidden)}
+        shapes = {
+            "q_proj": (shape.hidden, q_dim),
+            "k_proj": (shape.hidden, kv_dim),
+            "v_proj": (shape.hidden, kv_dim),
+            "o_proj": (q_dim, shape.hidden),
+            "gate_proj": (shape.hidden, shape.intermediate),
+            "up_proj": (shape.hidden, shape.intermediate),
+            "down_proj": (shape.intermediate, shape.hidden),
+        }
         trainable = shape.layers * sum(config.lora.r * sum(shapes[name]) for name in names)
     completion = config.max_completion_length
     group_tokens = prompt_tokens + config.group_size * completion  # the prompt is scored once per group
@@ -213,86 +261,149 @@ def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings
         saved = forward_tokens * (shape.layers * shape.hidden + per_token_layer) * size
     else:
         saved = forward_tokens * shape.layers * per_token_layer * size
-    logits = 2 * min(config.logprob_chunk_size, forward_tokens) * shape.vocab * 4  # a chunk of the head, and its grad
+    logits = (
+        2 * min(config.logprob_chunk_size, forward_tokens) * shape.vocab * 4
+    )  # a chunk of the head, and its grad
     sequences = config.prompts_per_step * config.group_size
     cache = sequences * (prompt_tokens + completion) * shape.layers * 2 * kv_dim * size
     weights = n * size
     reference = weights if config.beta > 0 and config.lora is None else 0
-    parts = dict(weights_bytes=weights, reference_model_bytes=reference, gradients_bytes=trainable * size,
-                 optimizer_bytes=2 * trainable * size, activations_bytes=int(saved + logits),
-                 generation_cache_bytes=int(cache))
-    total = weights + reference + trainable * size * 3 + max(parts["activations_bytes"], parts["generation_cache_bytes"])
-    return EstimateMemory(parameters=n, parameters_from=shape.parameters_from, dtype=dtype,
-                          trainable_parameters=trainable, total_bytes=total, **parts)
+    parts = dict(
+        weights_bytes=weights,
+        reference_model_bytes=reference,
+        gradients_bytes=trainable * size,
+        optimizer_bytes=2 * trainable * size,
+        activations_bytes=int(saved + logits),
+        generation_cache_bytes=int(cache),
+    )
+    total = (
+        weights
+        + reference
+        + trainable * size * 3
+        + max(parts["activations_bytes"], parts["generation_cache_bytes"])
+    )
+    return EstimateMemory(
+        parameters=n,
+        parameters_from=shape.parameters_from,
+        dtype=dtype,
+        trainable_parameters=trainable,
+        total_bytes=total,
+        **parts,
+    )
 
 
 def measured_throughput(*, session: Session, owner: str, base_model: str) -> tuple[float, int] | None:
     """The median tokens_per_second of the last steps of ``owner``'s latest succeeded jobs of
     ``base_model``, and how many jobs that is; None without one."""
-    jobs = session.scalars(select(Job.id).where(Job.owner == owner, Job.base_model == base_model,
-                                                Job.status == JobStatus.succeeded)
-                           .order_by(Job.finished_at.desc()).limit(RECENT_JOBS)).all()
+    jobs = session.scalars(
+        select(Job.id)
+        .where(Job.owner == owner, Job.base_model == base_model, Job.status == JobStatus.succeeded)
+        .order_by(Job.finished_at.desc())
+        .limit(RECENT_JOBS)
+    ).all()
     rates: list[float] = []
     for job_id in jobs:
-        rows = session.scalars(select(JobMetrics.metrics).where(JobMetrics.job_id == job_id)
-                               .order_by(JobMetrics.step.desc()).limit(RECENT_STEPS)).all()
-        rates += [float(m["tokens_per_second"]) for m in rows
-                  if isinstance(m.get("tokens_per_second"), int | float) and m["tokens_per_second"] > 0]
+        rows = session.scalars(
+            select(JobMetrics.metrics)
+            .where(JobMetrics.job_id == job_id)
+            .order_by(JobMetrics.step.desc())
+            .limit(RECENT_STEPS)
+        ).all()
+        rates += [
+            float(m["tokens_per_second"])
+            for m in rows
+            if isinstance(m.get("tokens_per_second"), int | float) and m["tokens_per_second"] > 0
+        ]
     return (statistics.median(rates), len(jobs)) if rates else None
 
 
-def estimate_job(*, session: Session, owner: str, config: GRPOConfig, base_model: str, dataset: Path,
-                 settings: Settings) -> JobEstimate:
+def estimate_job(
+    *, session: Session, owner: str, config: GRPOConfig, base_model: str, dataset: Path, settings: Settings
+) -> JobEstimate:
     """The estimate for a job already checked in full (``check_job_request``)."""
     notes, warnings = [], []
     model_dir = local_model_dir(base_model)
     shape = read_model_shape(model_dir) if model_dir is not None else None
     if model_dir is None:
-        notes.append("base_model is a hub id: the memory figures and the context check need its config.json, which "
-                     "this server does not download; estimate with a local copy (a directory under GRPO_MODEL_DIRS)")
+        notes.append(
+            "base_model is a hub id: the memory figures and the context check need its config.json, which "
+            "this server does not download; estimate with a local copy (a directory under GRPO_MODEL_DIRS)"
+        )
     elif shape is None:
-        notes.append("base_model's config.json lacks hidden_size, num_hidden_layers or vocab_size: no memory figures")
+        notes.append(
+            "base_model's config.json lacks hidden_size, num_hidden_layers or vocab_size: no memory figures"
+        )
 
     lengths = measure_prompts(dataset, model_dir, config.max_prompt_length)
     if lengths is None:  # the dataset was checked on upload; unreadable now only if its file went
-        lengths = PromptLengths(mean=float(config.max_prompt_length), longest=config.max_prompt_length,
-                                measured_with="characters", rows=0, truncated=0.0)
+        lengths = PromptLengths(
+            mean=float(config.max_prompt_length),
+            longest=config.max_prompt_length,
+            measured_with="characters",
+            rows=0,
+            truncated=0.0,
+        )
         notes.append("the dataset could not be read: prompts are counted at max_prompt_length")
     elif lengths.measured_with == "tokenizer":
-        notes.append(f"prompt lengths: the first {lengths.rows} rows, counted with the model's tokenizer.json "
-                     "(without the chat template's markup)")
+        notes.append(
+            f"prompt lengths: the first {lengths.rows} rows, counted with the model's tokenizer.json "
+            "(without the chat template's markup)"
+        )
     else:
-        notes.append(f"prompt lengths: the first {lengths.rows} rows, {CHARS_PER_TOKEN:g} characters a token (no "
-                     "tokenizer.json at hand); the true count depends on the tokenizer")
+        notes.append(
+            f"prompt lengths: the first {lengths.rows} rows, {CHARS_PER_TOKEN:g} characters a token (no "
+            "tokenizer.json at hand); the true count depends on the tokenizer"
+        )
     if lengths.truncated:
-        warnings.append(f"{lengths.truncated:.0%} of the sampled prompts are longer than max_prompt_length "
-                        f"({config.max_prompt_length} tokens; the longest is {lengths.longest}): they lose their first "
-                        "tokens (left truncation); raise max_prompt_length to keep them whole")
+        warnings.append(
+            f"{lengths.truncated:.0%} of the sampled prompts are longer than max_prompt_length "
+            f"({config.max_prompt_length} tokens; the longest is {lengths.longest}): they lose their first "
+            "tokens (left truncation); raise max_prompt_length to keep them whole"
+        )
     notes.append("completions are counted at max_completion_length, an upper bound: the time too")
     per_prompt = lengths.mean + config.max_completion_length
     per_step = math.ceil(config.prompts_per_step * config.group_size * per_prompt)
-    tokens = EstimateTokens(prompt_tokens_mean=round(lengths.mean, 1), prompt_tokens_max=lengths.longest,
-                            prompt_tokens_from=lengths.measured_with, prompts_sampled=lengths.rows,
-                            prompts_truncated=round(lengths.truncated, 4),
-                            completion_tokens_max=config.max_completion_length, per_step=per_step,
-                            total=per_step * config.max_steps)
+    tokens = EstimateTokens(
+        prompt_tokens_mean=round(lengths.mean, 1),
+        prompt_tokens_max=lengths.longest,
+        prompt_tokens_from=lengths.measured_with,
+        prompts_sampled=lengths.rows,
+        prompts_truncated=round(lengths.truncated, 4),
+        completion_tokens_max=config.max_completion_length,
+        per_step=per_step,
+        total=per_step * config.max_steps,
+    )
 
     measured = measured_throughput(session=session, owner=owner, base_model=base_model)
     if measured is not None:
         rate, jobs = measured
-        source = f"your {jobs} latest finished job(s) of this base_model on this server (their tokens_per_second)"
+        source = (
+            f"your {jobs} latest finished job(s) of this base_model on this server (their tokens_per_second)"
+        )
     else:
         rate = settings.worker_tokens_per_s
         source = f"GRPO_WORKER_TOKENS_PER_S ({settings.worker_tokens_per_s:g} tokens/s"
         if shape is not None:
             rate = settings.worker_tokens_per_s * settings.worker_tokens_per_s_params / shape.parameters
-            source += f" at {settings.worker_tokens_per_s_params:.3g} parameters, scaled to this model's " \
-                      f"{shape.parameters:.3g})"
+            source += (
+                f" at {settings.worker_tokens_per_s_params:.3g} parameters, scaled to this model's "
+                f"{shape.parameters:.3g})"
+            )
         else:
             source += ", not scaled: the model's size is unknown)"
     seconds = per_step / rate
-    time = EstimateTime(tokens_per_second=rate, tokens_per_second_from=source, seconds_per_step=seconds,
-                        total_seconds=seconds * config.max_steps)
+    time = EstimateTime(
+        tokens_per_second=rate,
+        tokens_per_second_from=source,
+        seconds_per_step=seconds,
+        total_seconds=seconds * config.max_steps,
+    )
     warnings += context_warnings(config, shape)
-    return JobEstimate(base_model=base_model, tokens=tokens, memory=memory(config, shape, lengths.mean, settings)
-                       if shape is not None else None, time=time, warnings=warnings, notes=notes)
+    return JobEstimate(
+        base_model=base_model,
+        tokens=tokens,
+        memory=memory(config, shape, lengths.mean, settings) if shape is not None else None,
+        time=time,
+        warnings=warnings,
+        notes=notes,
+    )

@@ -30,8 +30,9 @@ def issue_key(*, session: Session, name: str, owner: str | None = None) -> tuple
     """A new key for ``owner`` (by default, a new owner called ``name``) and its secret, which is
     not stored anywhere: show it once."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    key = create_api_key(session=session, name=name, owner=owner or name, token_hash=hash_token(token),
-                         prefix=token[:12])
+    key = create_api_key(
+        session=session, name=name, owner=owner or name, token_hash=hash_token(token), prefix=token[:12]
+    )
     return key, token
 
 

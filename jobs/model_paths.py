@@ -33,14 +33,21 @@ CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 def is_hub_id(value: str) -> bool:
     parts = value.split("/")
-    return (len(parts) <= 2 and all(HUB_PART.fullmatch(part) for part in parts)
-            and "--" not in value and ".." not in value and not value.endswith(".git"))
+    return (
+        len(parts) <= 2
+        and all(HUB_PART.fullmatch(part) for part in parts)
+        and "--" not in value
+        and ".." not in value
+        and not value.endswith(".git")
+    )
 
 
 def refusal(value: str) -> str:
     shown = value if len(value) <= SHOWN_CHARS else value[:SHOWN_CHARS] + "…"
-    return (f"{shown!r} is neither a Hugging Face hub id (org/name) nor a model directory (with a config.json) "
-            "under one this server allows (its operator lists them in GRPO_MODEL_DIRS)")
+    return (
+        f"{shown!r} is neither a Hugging Face hub id (org/name) nor a model directory (with a config.json) "
+        "under one this server allows (its operator lists them in GRPO_MODEL_DIRS)"
+    )
 
 
 def _is_within(path: Path, directory: Path) -> bool:
@@ -94,23 +101,39 @@ def check_causal_lm(value: str, *, param: str) -> None:
     except (OSError, ValueError):
         return
     architectures = config.get("architectures") if isinstance(config, dict) else None
-    if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
+    if (
+        not isinstance(architectures, list)
+        or not architectures
+        or not all(isinstance(a, str) for a in architectures)
+    ):
         return
     encoder_decoder = config.get("is_encoder_decoder") is True
     if not encoder_decoder and any(a.endswith(CAUSAL_HEADS) for a in architectures):
         return
     shown = ", ".join(a[:SHOWN_CHARS] for a in architectures[:5])
     why = "an encoder-decoder model" if encoder_decoder else "a model without a causal language-model head"
-    raise ConfigError(param, f"the model directory's config.json names {shown}: {why}, which GRPO cannot train. Use a "
-                             "decoder-only model whose architecture is a ...ForCausalLM")
+    raise ConfigError(
+        param,
+        f"the model directory's config.json names {shown}: {why}, which GRPO cannot train. Use a "
+        "decoder-only model whose architecture is a ...ForCausalLM",
+    )
 
 
-def check_job_models(base_model: str, rewards: Sequence[dict[str, Any]], *, model_dirs: Sequence[Path],
-                     artifact_dir: Path) -> None:
+def check_job_models(
+    base_model: str, rewards: Sequence[dict[str, Any]], *, model_dirs: Sequence[Path], artifact_dir: Path
+) -> None:
     """The job's ``base_model`` and each ``reward_model`` reward's ``model`` (``reward[i].model``)."""
     check_model(base_model, param="base_model", model_dirs=model_dirs, artifact_dir=artifact_dir)
     check_causal_lm(base_model, param="base_model")
     for index, spec in enumerate(rewards):
-        if isinstance(spec, dict) and spec.get("type") == "reward_model" and isinstance(spec.get("model"), str):
-            check_model(spec["model"], param=f"reward[{index}].model", model_dirs=model_dirs,
-                        artifact_dir=artifact_dir)
+        if (
+            isinstance(spec, dict)
+            and spec.get("type") == "reward_model"
+            and isinstance(spec.get("model"), str)
+        ):
+            check_model(
+                spec["model"],
+                param=f"reward[{index}].model",
+                model_dirs=model_dirs,
+                artifact_dir=artifact_dir,
+            )

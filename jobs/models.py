@@ -169,7 +169,9 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255))  # the lease holder while running
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
-    pause_requested: Mapped[bool] = mapped_column(default=False)  # a running job stops at its next step, paused
+    pause_requested: Mapped[bool] = mapped_column(
+        default=False
+    )  # a running job stops at its next step, paused
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -181,7 +183,9 @@ class Job(Base):
     # status, in the same transaction; attempted at once, then by the sweepers when due.
     webhook_status: Mapped[str | None] = mapped_column(String(16))
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    webhook_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # next attempt; a claimed one's deadline
+    webhook_due_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime
+    )  # next attempt; a claimed one's deadline
     # the best checkpoint by the spec's keep_best_by, as the trainer last reported it (null: none chosen)
     best_checkpoint_step: Mapped[int | None] = mapped_column(Integer)
 

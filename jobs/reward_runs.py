@@ -30,20 +30,25 @@ TIMED_OUT = "the request's time is up"  # a StopSignal's reason, set by the API
 
 NOT_IN_DRY_RUNS = {
     "reward_model": "a reward_model reward loads a model, which the API process does not do; "
-                    "try the other rewards here, and the reward model in a short job (max_steps: 1)",
+    "try the other rewards here, and the reward model in a short job (max_steps: 1)",
 }
 
 
 def check_reward_run(request: RewardRunIn, settings: Settings) -> list[dict[str, Any]]:
     """The normalised specs, or ``InvalidRequest`` naming ``reward[i].field`` or ``samples``."""
     if len(request.samples) > settings.max_reward_run_samples:
-        raise LimitExceeded(f"{len(request.samples)} samples; this server scores at most "
-                            f"{settings.max_reward_run_samples} per request (GRPO_MAX_REWARD_RUN_SAMPLES)",
-                            param="samples")
+        raise LimitExceeded(
+            f"{len(request.samples)} samples; this server scores at most "
+            f"{settings.max_reward_run_samples} per request (GRPO_MAX_REWARD_RUN_SAMPLES)",
+            param="samples",
+        )
     if len(request.reward) > settings.max_reward_run_rewards:
-        raise LimitExceeded(f"{len(request.reward)} reward functions; this server tries at most "
-                            f"{settings.max_reward_run_rewards} in one dry-run (GRPO_MAX_REWARD_RUN_REWARDS): "
-                            "split them over several requests", param="reward")
+        raise LimitExceeded(
+            f"{len(request.reward)} reward functions; this server tries at most "
+            f"{settings.max_reward_run_rewards} in one dry-run (GRPO_MAX_REWARD_RUN_REWARDS): "
+            "split them over several requests",
+            param="reward",
+        )
     specs = check_rewards(request.reward, settings)
     for index, spec in enumerate(specs):
         if spec["type"] in NOT_IN_DRY_RUNS:
@@ -69,18 +74,26 @@ def run_rewards(request: RewardRunIn, settings: Settings, stop: StopSignal | Non
     try:
         with as_invalid_request(), RewardSuite(specs, policy=operator_policy(settings)) as suite:
             try:
-                out = suite([prompt_text(s) for s in request.samples], [s.completion for s in request.samples], rows,
-                            stop=stop)
+                out = suite(
+                    [prompt_text(s) for s in request.samples],
+                    [s.completion for s in request.samples],
+                    rows,
+                    stop=stop,
+                )
             except ScoringStopped as exc:
                 if exc.reason != TIMED_OUT:
                     raise
                 raise timed_out(specs, suite.running, settings) from None
     except TrainingError as exc:  # a reward that cannot even be built, e.g. no sandbox on this host
         raise InvalidRequest(str(exc), param="reward") from None
-    scores = [RewardScore(total=total,
-                          parts={name: values[i] for name, values in out.parts.items()},
-                          errors=[name for name, values in out.parts.items() if values[i] is None])
-              for i, total in enumerate(out.total)]
+    scores = [
+        RewardScore(
+            total=total,
+            parts={name: values[i] for name, values in out.parts.items()},
+            errors=[name for name, values in out.parts.items() if values[i] is None],
+        )
+        for i, total in enumerate(out.total)
+    ]
     return RewardRunOut(reward=specs, data=scores, errors=out.errors, error_messages=out.error_messages)
 
 
@@ -88,5 +101,7 @@ def timed_out(specs: list[dict[str, Any]], running: int | None, settings: Settin
     index = running or 0
     return RewardRunTimedOut(
         f"the dry-run ran past this server's limit of {settings.reward_run_timeout_s:g} s "
-        f"(GRPO_REWARD_RUN_TIMEOUT_S) while scoring reward[{index}] ({specs[index]['name']}), and was stopped; "
-        "score fewer samples at once, or lower that reward's timeout_s (or retries)", param=f"reward[{index}]")
+        f"(GRPO_REWARD_RUN_TIMEOUT_S) while scoring reward[{index}] ({specs[index]['name']}), "
+        "and was stopped; score fewer samples at once, or lower that reward's timeout_s (or retries)",
+        param=f"reward[{index}]",
+    )

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     # what it creates belongs to the key's owner. "disabled": everything belongs to one local
     # owner, and `grpo serve` refuses to listen beyond loopback.
     auth: Literal["required", "disabled"] = "required"
-    api_key_cache_s: float = 10.0  # an API process trusts a checked key this long: revoking takes effect within it
+    api_key_cache_s: float = (
+        10.0  # an API process trusts a checked key this long: revoking takes effect within it
+    )
     rate_limit_per_s: float = 20.0  # requests per second per API key, sustained; 0: no rate limit
     rate_limit_burst: int = 100  # requests a key may send at once before the rate applies
     idempotency_ttl_s: float = 24 * 3600  # how long an Idempotency-Key returns the first response
@@ -82,7 +84,9 @@ class Settings(BaseSettings):
     # size). Your finished jobs of the same base_model, when there are some, are used instead.
     worker_tokens_per_s: float = Field(650.0, gt=0)
     worker_tokens_per_s_params: float = Field(24.3e6, gt=0)
-    worker_device: Literal["cpu", "cuda"] = "cpu"  # what dtype "auto" becomes: float32 on cpu, bfloat16 on cuda
+    worker_device: Literal["cpu", "cuda"] = (
+        "cpu"  # what dtype "auto" becomes: float32 on cpu, bfloat16 on cuda
+    )
     event_poll_interval_s: float = 0.5  # server-sent events: how often the stream looks for news
     # The reward dry-run (POST /v1/rewards/run) scores in the API process: a bounded batch, and
     # only a few batches at once, so that code_tests sandboxes cannot starve the other routes.
@@ -107,7 +111,9 @@ class Settings(BaseSettings):
     # comma-separated; anything else must be a hub id. Never the artifact store, even when one of
     # these contains it (it holds every owner's checkpoints). Unset: <data_dir>/models.
     model_dirs: Annotated[list[Path] | None, NoDecode] = None
-    sandbox_allow_unisolated: bool = False  # where namespaces are refused, run code_tests with limits only (unsafe)
+    sandbox_allow_unisolated: bool = (
+        False  # where namespaces are refused, run code_tests with limits only (unsafe)
+    )
     sandbox_allow_network: bool = False  # a code_tests reward may ask for allow_network
 
     # Tracking: every job writes TensorBoard event files under its job directory; with a project
@@ -132,7 +138,9 @@ class Settings(BaseSettings):
     # How long the API waits for an answer; past it the request is a 504 (and the message, if no
     # worker took it by then, is dropped unanswered rather than answered for nobody).
     inference_timeout_s: float = Field(120.0, gt=0)
-    inference_models: int = Field(2, ge=1)  # checkpoints an inference worker keeps loaded (least recently used goes)
+    inference_models: int = Field(
+        2, ge=1
+    )  # checkpoints an inference worker keeps loaded (least recently used goes)
     max_chat_tokens: int = Field(512, ge=1)  # a chat completion's max_tokens: the cap, and the default
     max_chat_choices: int = Field(4, ge=1)  # a chat completion's n
 
@@ -150,8 +158,11 @@ class Settings(BaseSettings):
             value = [str(host).strip().lower() for host in value if str(host).strip()]
             for host in value:
                 if any(char in host for char in "/@? \t") or host.count(":") == 1:
-                    raise ValueError(f"GRPO_ALLOW_PRIVATE_HOSTS: {host!r} is not a host name or an IP address; "
-                                     'give names or addresses without scheme, port or path, e.g. "127.0.0.1,scorer.internal"')
+                    raise ValueError(
+                        f"GRPO_ALLOW_PRIVATE_HOSTS: {host!r} is not a host name or an IP address; "
+                        "give names or addresses without scheme, port or path, "
+                        'e.g. "127.0.0.1,scorer.internal"'
+                    )
         return value
 
     @field_validator("model_dirs", mode="before")
@@ -172,8 +183,11 @@ class Settings(BaseSettings):
         if self.model_dirs is None:
             self.model_dirs = [self.data_dir / "models"]
         if not self.result_backend:
-            self.result_backend = (self.broker_url if self.broker_url.startswith(("redis://", "rediss://"))
-                                   else f"file://{(self.data_dir / 'results').resolve()}")
+            self.result_backend = (
+                self.broker_url
+                if self.broker_url.startswith(("redis://", "rediss://"))
+                else f"file://{(self.data_dir / 'results').resolve()}"
+            )
         return self
 
     @property

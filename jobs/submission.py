@@ -84,8 +84,10 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
         missing = sorted(needed - set(dataset.fields))
         if missing:
             raise InvalidRequest(
-                f"the rewards read field(s) {', '.join(map(repr, missing))}, which dataset {dataset_id} lacks "
-                f"in some rows (fields present in every row: {', '.join(dataset.fields)})", param="reward")
+                f"the rewards read field(s) {', '.join(map(repr, missing))}, which dataset {dataset_id} "
+                f"lacks in some rows (fields present in every row: {', '.join(dataset.fields)})",
+                param="reward",
+            )
     spec = request.model_dump(mode="json")
     spec["group_size"] = config.group_size
     return CheckedSpec(spec=spec, config=config)
@@ -93,9 +95,11 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
 
 def operator_policy(settings: Settings) -> OperatorPolicy:
     """What this server lets a job's rewards do beyond their spec (the operator's settings)."""
-    return OperatorPolicy(allow_private_hosts=tuple(settings.allow_private_hosts),
-                          sandbox_allow_unisolated=settings.sandbox_allow_unisolated,
-                          sandbox_allow_network=settings.sandbox_allow_network)
+    return OperatorPolicy(
+        allow_private_hosts=tuple(settings.allow_private_hosts),
+        sandbox_allow_unisolated=settings.sandbox_allow_unisolated,
+        sandbox_allow_network=settings.sandbox_allow_network,
+    )
 
 
 def check_rewards(reward: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
@@ -111,9 +115,11 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     """A webhook needs this server's signing secret, and a URL whose address (when written in
     it) is public or listed by the operator; a host name is checked again at every delivery."""
     if settings.webhook_secret is None:
-        raise InvalidRequest("this server sends no webhooks: its operator has not set GRPO_WEBHOOK_SECRET (the "
-                             "key that signs them); leave webhook_url out, or poll GET /v1/jobs/{id}",
-                             param="webhook_url")
+        raise InvalidRequest(
+            "this server sends no webhooks: its operator has not set GRPO_WEBHOOK_SECRET (the "
+            "key that signs them); leave webhook_url out, or poll GET /v1/jobs/{id}",
+            param="webhook_url",
+        )
     try:
         check_url_literal(url, settings.allow_private_hosts)
     except OutboundError as exc:
@@ -127,12 +133,16 @@ def check_limits(config: GRPOConfig, settings: Settings, *, top_level_group_size
         limit = getattr(settings, setting)
         if value > limit:
             param = field if field == "group_size" and top_level_group_size else f"hyperparameters.{field}"
-            raise LimitExceeded(f"{field} is {value}, above this server's limit of {limit} "
-                                f"(GRPO_{setting.upper()})", param=param)
+            raise LimitExceeded(
+                f"{field} is {value}, above this server's limit of {limit} (GRPO_{setting.upper()})",
+                param=param,
+            )
     if config.eval_pass_k > settings.max_group_size:  # k completions per eval row: a group's worth of work
-        raise LimitExceeded(f"eval_pass_k is {config.eval_pass_k}, above this server's limit of "
-                            f"{settings.max_group_size} completions per prompt (GRPO_MAX_GROUP_SIZE)",
-                            param="hyperparameters.eval_pass_k")
+        raise LimitExceeded(
+            f"eval_pass_k is {config.eval_pass_k}, above this server's limit of "
+            f"{settings.max_group_size} completions per prompt (GRPO_MAX_GROUP_SIZE)",
+            param="hyperparameters.eval_pass_k",
+        )
 
 
 def check_models(base_model: str, rewards: list[dict[str, Any]], settings: Settings) -> None:
@@ -156,16 +166,29 @@ def run_config_for(job: Job, settings: Settings) -> RunConfig:
     spec = job.spec
     check_models(spec["base_model"], spec.get("reward") or [], settings)
     eval_id = spec.get("eval_dataset_id")
-    return RunConfig.from_spec({
-        "name": spec.get("name"), "base_model": spec["base_model"], "reward": spec["reward"],
-        "group_size": spec["group_size"], "hyperparameters": spec.get("hyperparameters") or {},
-        "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
-        "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
-    }, policy=operator_policy(settings))
+    return RunConfig.from_spec(
+        {
+            "name": spec.get("name"),
+            "base_model": spec["base_model"],
+            "reward": spec["reward"],
+            "group_size": spec["group_size"],
+            "hyperparameters": spec.get("hyperparameters") or {},
+            "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
+            "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
+        },
+        policy=operator_policy(settings),
+    )
 
 
-def submit_job(*, session: Session, owner: str, request: JobCreate, settings: Settings,
-               idempotency_key: str | None = None, extra_spec: dict[str, Any] | None = None) -> tuple[Job, bool]:
+def submit_job(
+    *,
+    session: Session,
+    owner: str,
+    request: JobCreate,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    extra_spec: dict[str, Any] | None = None,
+) -> tuple[Job, bool]:
     """Create a queued job for ``owner``, or return the one made earlier with the same
     ``Idempotency-Key`` (and body) within ``settings.idempotency_ttl_s``.
 
@@ -175,20 +198,37 @@ def submit_job(*, session: Session, owner: str, request: JobCreate, settings: Se
     """
     digest = request_hash(request, extra_spec)
     if idempotency_key:
-        earlier = find_idempotent_resource(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
-                                           request_hash=digest, ttl_s=settings.idempotency_ttl_s)
+        earlier = find_idempotent_resource(
+            session=session,
+            owner=owner,
+            endpoint=ENDPOINT,
+            key=idempotency_key,
+            request_hash=digest,
+            ttl_s=settings.idempotency_ttl_s,
+        )
         if earlier is not None:
             return get_job(session=session, owner=owner, job_id=earlier), False
     checked = check_job_request(session=session, owner=owner, request=request, settings=settings)
     active = count_active_jobs(session=session, owner=owner)
     if active >= settings.max_active_jobs_per_owner:
         raise TooManyActiveJobs(active, settings.max_active_jobs_per_owner)
-    job = create_job(session=session, owner=owner, spec={**checked.spec, **(extra_spec or {})},
-                     max_steps=checked.config.max_steps)
+    job = create_job(
+        session=session,
+        owner=owner,
+        spec={**checked.spec, **(extra_spec or {})},
+        max_steps=checked.config.max_steps,
+    )
     model_dir = local_model_dir(request.base_model)
     for warning in context_warnings(checked.config, read_model_shape(model_dir) if model_dir else None):
         add_event(session=session, job_id=job.id, kind="warning", level="warning", message=warning)
     if idempotency_key:
-        remember_idempotency_key(session=session, owner=owner, endpoint=ENDPOINT, key=idempotency_key,
-                                 request_hash=digest, resource_id=job.id, ttl_s=settings.idempotency_ttl_s)
+        remember_idempotency_key(
+            session=session,
+            owner=owner,
+            endpoint=ENDPOINT,
+            key=idempotency_key,
+            request_hash=digest,
+            resource_id=job.id,
+            ttl_s=settings.idempotency_ttl_s,
+        )
     return job, True

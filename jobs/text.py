@@ -32,8 +32,10 @@ def unstorable_reason(text: str) -> str | None:
         return None
     if found.group() == "\x00":
         return "contains a NUL character (\\u0000), which cannot be stored; remove it"
-    return (f"contains a lone UTF-16 surrogate (\\u{ord(found.group()):04x}), which is not valid Unicode; "
-            "send the character itself, or both halves of its surrogate pair")
+    return (
+        f"contains a lone UTF-16 surrogate (\\u{ord(found.group()):04x}), which is not valid Unicode; "
+        "send the character itself, or both halves of its surrogate pair"
+    )
 
 
 def find_unstorable(value: Any) -> tuple[tuple[str | int, ...], str] | None:

@@ -66,8 +66,11 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 def signed_headers(secret: str, message_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
     timestamp = int(time.time()) if timestamp is None else timestamp
-    return {"webhook-id": message_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature(secret, message_id, timestamp, body)}
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature(secret, message_id, timestamp, body),
+    }
 
 
 def message_id(job_id: str) -> str:
@@ -85,7 +88,9 @@ def retry_delay_s(settings: Settings, attempt: int) -> float:
     return min(settings.webhook_max_backoff_s, settings.webhook_backoff_s * 2 ** (attempt - 1))
 
 
-def deliver_webhook(job_id: str, *, sessions: sessionmaker[Session], settings: Settings) -> WebhookStatus | None:
+def deliver_webhook(
+    job_id: str, *, sessions: sessionmaker[Session], settings: Settings
+) -> WebhookStatus | None:
     """Make the job's webhook attempt if one is due and no one else is making it; where the
     delivery stands afterwards (None: no attempt was due, or a later one took over)."""
     deadline_s = 2 * settings.webhook_timeout_s + CLAIM_MARGIN_S  # connect, then read
@@ -104,15 +109,25 @@ def deliver_webhook(job_id: str, *, sessions: sessionmaker[Session], settings: S
     else:
         headers = signed_headers(settings.webhook_secret.get_secret_value(), message_id(job_id), body)
         try:
-            answer = post_json(url, body, allowed_hosts=settings.allow_private_hosts, retries=0,
-                               timeout_s=settings.webhook_timeout_s, headers=headers).status_code
+            answer = post_json(
+                url,
+                body,
+                allowed_hosts=settings.allow_private_hosts,
+                retries=0,
+                timeout_s=settings.webhook_timeout_s,
+                headers=headers,
+            ).status_code
             reason = ""
         except RefusedUrl as exc:  # a name that resolves to a private address: asking again will not help
             reason, give_up = str(exc), True
         except OutboundError as exc:
             reason = str(exc)
 
-    retry_at, level, data = None, "info", ({"http_status": answer} if answer is not None else {"error": reason})
+    retry_at, level, data = (
+        None,
+        "info",
+        ({"http_status": answer} if answer is not None else {"error": reason}),
+    )
     if answer is not None:
         status, message = WebhookStatus.delivered, f"webhook delivered (attempt {attempt}, HTTP {answer})"
     elif give_up:
@@ -123,9 +138,19 @@ def deliver_webhook(job_id: str, *, sessions: sessionmaker[Session], settings: S
         status, level, retry_at = WebhookStatus.pending, "warning", utcnow() + timedelta(seconds=delay)
         message = f"webhook attempt {attempt} failed: {reason}, retrying in {delay:g}s"
     with unit_of_work(sessions) as session:
-        recorded = record_webhook_attempt(session=session, job_id=job_id, attempt=attempt, status=status,
-                                          message=message, retry_at=retry_at, level=level, data=data)
-    log.info("job %s: %s", job_id, message if recorded else f"webhook attempt {attempt} overtaken by a later one")
+        recorded = record_webhook_attempt(
+            session=session,
+            job_id=job_id,
+            attempt=attempt,
+            status=status,
+            message=message,
+            retry_at=retry_at,
+            level=level,
+            data=data,
+        )
+    log.info(
+        "job %s: %s", job_id, message if recorded else f"webhook attempt {attempt} overtaken by a later one"
+    )
     return status if recorded else None
 
 
@@ -135,7 +160,9 @@ def first_attempt(job_id: str, *, sessions: sessionmaker[Session], settings: Set
     try:
         deliver_webhook(job_id, sessions=sessions, settings=settings)
     except Exception:
-        log.exception("job %s: the first webhook attempt failed to run; a worker's deliverer makes it", job_id)
+        log.exception(
+            "job %s: the first webhook attempt failed to run; a worker's deliverer makes it", job_id
+        )
 
 
 def deliver_due_webhooks(*, sessions: sessionmaker[Session], settings: Settings, limit: int = 16) -> int:
@@ -145,8 +172,10 @@ def deliver_due_webhooks(*, sessions: sessionmaker[Session], settings: Settings,
     if not due:
         return 0
     with ThreadPoolExecutor(max_workers=min(DELIVERERS, len(due)), thread_name_prefix="webhook") as pool:
-        for job_id, future in [(job_id, pool.submit(deliver_webhook, job_id, sessions=sessions, settings=settings))
-                               for job_id in due]:
+        for job_id, future in [
+            (job_id, pool.submit(deliver_webhook, job_id, sessions=sessions, settings=settings))
+            for job_id in due
+        ]:
             try:
                 future.result()
             except Exception:  # the database, say: the attempt stays due, and the next pass makes it

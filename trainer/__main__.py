@@ -27,8 +27,16 @@ from trainer.errors import TrainingError
 from trainer.progress import Progress
 from trainer.tracking import TENSORBOARD_DIR, WandbOptions
 
-HEADLINE = ("reward", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "completion_length",
-            "step_seconds")
+HEADLINE = (
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "loss",
+    "kl",
+    "entropy",
+    "completion_length",
+    "step_seconds",
+)
 
 
 class PrintProgress(Progress):
@@ -57,14 +65,18 @@ class PrintProgress(Progress):
 
 
 def policy_from_environ(environ: Mapping[str, str] = os.environ) -> OperatorPolicy:
-    """The operator's allowances from ``GRPO_*`` environment variables, as the service's settings read them."""
+    """The operator's allowances from ``GRPO_*`` environment variables, as the service's settings
+    read them."""
+
     def flag(name: str) -> bool:
         return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
     hosts = environ.get("GRPO_ALLOW_PRIVATE_HOSTS", "").split(",")
-    return OperatorPolicy(allow_private_hosts=tuple(host.strip() for host in hosts if host.strip()),
-                          sandbox_allow_unisolated=flag("GRPO_SANDBOX_ALLOW_UNISOLATED"),
-                          sandbox_allow_network=flag("GRPO_SANDBOX_ALLOW_NETWORK"))
+    return OperatorPolicy(
+        allow_private_hosts=tuple(host.strip() for host in hosts if host.strip()),
+        sandbox_allow_unisolated=flag("GRPO_SANDBOX_ALLOW_UNISOLATED"),
+        sandbox_allow_network=flag("GRPO_SANDBOX_ALLOW_NETWORK"),
+    )
 
 
 def wandb_from_environ(environ: Mapping[str, str] = os.environ) -> WandbOptions | None:
@@ -73,8 +85,11 @@ def wandb_from_environ(environ: Mapping[str, str] = os.environ) -> WandbOptions 
     project = environ.get("GRPO_WANDB_PROJECT", "").strip()
     if not project:
         return None
-    return WandbOptions(project=project, entity=environ.get("GRPO_WANDB_ENTITY", "").strip() or None,
-                        mode=environ.get("GRPO_WANDB_MODE", "").strip() or "online")
+    return WandbOptions(
+        project=project,
+        entity=environ.get("GRPO_WANDB_ENTITY", "").strip() or None,
+        mode=environ.get("GRPO_WANDB_MODE", "").strip() or "online",
+    )
 
 
 def load_spec(path: Path, policy: OperatorPolicy | None = None) -> RunConfig:
@@ -94,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("spec", type=Path)
     run.add_argument("--output", type=Path, required=True)
     start = run.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start over in an --output that holds an earlier run (its checkpoints are replaced)")
+    start.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --output"
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output that holds an earlier run (its checkpoints are replaced)",
+    )
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-init causal LM + char tokenizer")
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
@@ -114,8 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-tiny-model":
         from trainer.tiny import make_tiny_model
 
-        path = make_tiny_model(args.output, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.layers,
-                               num_heads=args.heads, vocab_size=args.vocab_size, seed=args.seed)
+        path = make_tiny_model(
+            args.output,
+            arch=args.arch,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            vocab_size=args.vocab_size,
+            seed=args.seed,
+        )
         print(path)
         return 0
     if args.command == "export-merged":
@@ -129,21 +156,31 @@ def main(argv: list[str] | None = None) -> int:
 
     earlier = checkpoints_on_disk(args.output)
     if earlier and not (args.resume or args.overwrite):
-        print(f"error: {args.output} already holds a run (checkpoints up to step {earlier[-1][0]}); pass --resume to "
-              f"continue it, --overwrite to start over there, or choose another --output", file=sys.stderr)
+        print(
+            f"error: {args.output} already holds a run (checkpoints up to step {earlier[-1][0]}); pass "
+            f"--resume to continue it, --overwrite to start over there, or choose another --output",
+            file=sys.stderr,
+        )
         return 2
     if args.overwrite:
         shutil.rmtree(args.output / "checkpoints", ignore_errors=True)
         shutil.rmtree(args.output / TENSORBOARD_DIR, ignore_errors=True)
         (args.output / "metrics.jsonl").unlink(missing_ok=True)
     try:
-        result = train(load_spec(args.spec, policy_from_environ()), args.output, PrintProgress(), resume=args.resume,
-                       wandb=wandb_from_environ())
+        result = train(
+            load_spec(args.spec, policy_from_environ()),
+            args.output,
+            PrintProgress(),
+            resume=args.resume,
+            wandb=wandb_from_environ(),
+        )
     except (ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"done at step {result.final_step}; checkpoint {result.checkpoint}"
-          + (f"; best checkpoint {result.best_checkpoint}" if result.best_checkpoint else ""))
+    print(
+        f"done at step {result.final_step}; checkpoint {result.checkpoint}"
+        + (f"; best checkpoint {result.best_checkpoint}" if result.best_checkpoint else "")
+    )
     return 0
 
 

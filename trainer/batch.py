@@ -24,7 +24,9 @@ class ScoredGroups:
     parts: dict[str, list[float | None]]  # per reward function, [B*G]
     errors: dict[str, int]  # per reward function, the completions it errored on (each counted once)
     error_messages: list[str]
-    prompt_lengths: list[int] = field(default_factory=list)  # [B] prompt tokens before max_prompt_length cut them
+    prompt_lengths: list[int] = field(
+        default_factory=list
+    )  # [B] prompt tokens before max_prompt_length cut them
 
     def select(self, groups: list[int], group_size: int) -> ScoredGroups:
         """The sub-batch made of the given groups, in that order."""
@@ -39,11 +41,20 @@ class ScoredGroups:
             rewards=self.rewards[seqs],
             parts={name: [values[i] for i in seqs] for name, values in self.parts.items()},
             # an errored part is None: the sub-batch counts its own errors, and names only those
-            errors={name: sum(self.parts[name][i] is None for i in seqs) if name in self.parts else 0
-                    for name in self.errors},
-            error_messages=[m for m in self.error_messages
-                            if any(m.startswith(f"{name}: ") and self.parts.get(name) is not None
-                                   and any(self.parts[name][i] is None for i in seqs) for name in self.errors)],
+            errors={
+                name: sum(self.parts[name][i] is None for i in seqs) if name in self.parts else 0
+                for name in self.errors
+            },
+            error_messages=[
+                m
+                for m in self.error_messages
+                if any(
+                    m.startswith(f"{name}: ")
+                    and self.parts.get(name) is not None
+                    and any(self.parts[name][i] is None for i in seqs)
+                    for name in self.errors
+                )
+            ],
             prompt_lengths=[self.prompt_lengths[b] for b in groups] if self.prompt_lengths else [],
         )
 
@@ -62,7 +73,8 @@ class ScoredGroups:
             errors={name: sum(b.errors.get(name, 0) for b in batches) for name in first.errors},
             error_messages=list(dict.fromkeys(m for b in batches for m in b.error_messages))[:5],
             prompt_lengths=[n for b in batches for n in b.prompt_lengths]
-            if all(b.prompt_lengths for b in batches) else [],
+            if all(b.prompt_lengths for b in batches)
+            else [],
         )
 
 
@@ -86,7 +98,12 @@ def group_cost(group: Group, *, share_prompt: bool = True) -> int:
 
 
 def plan_micro_batches(
-    batch: ScoredGroups, active: torch.Tensor, group_size: int, token_budget: int, *, share_prompt: bool = True
+    batch: ScoredGroups,
+    active: torch.Tensor,
+    group_size: int,
+    token_budget: int,
+    *,
+    share_prompt: bool = True,
 ) -> list[MicroBatch]:
     """Cut the step into micro-batches of whole groups whose held autograd graph stays within
     ``token_budget`` token positions (the sum of ``group_cost``; a group over it goes alone); only
@@ -101,11 +118,13 @@ def plan_micro_batches(
             return
         sequences = [i for _, seqs in current for i in seqs]
         lengths = torch.tensor([batch.completion_ids[i].shape[0] for i in sequences])
-        plans.append(MicroBatch(
-            groups=[g for g, _ in current],
-            sequences=torch.tensor(sequences),
-            seq_index=torch.repeat_interleave(torch.arange(len(sequences)), lengths),
-        ))
+        plans.append(
+            MicroBatch(
+                groups=[g for g, _ in current],
+                sequences=torch.tensor(sequences),
+                seq_index=torch.repeat_interleave(torch.arange(len(sequences)), lengths),
+            )
+        )
         current.clear()
 
     for b, prompt in enumerate(batch.prompt_ids):

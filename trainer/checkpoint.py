@@ -74,8 +74,13 @@ def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingSt
     return final
 
 
-def prune_checkpoints(output_dir: str | Path, *, keep_last: int, keep_steps: Collection[int] = (),
-                      on_removed: Callable[[int], None]) -> None:
+def prune_checkpoints(
+    output_dir: str | Path,
+    *,
+    keep_last: int,
+    keep_steps: Collection[int] = (),
+    on_removed: Callable[[int], None],
+) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (0: keep all), never those of
     ``keep_steps`` (the best one by evaluation), and tell ``on_removed`` each step deleted.
     Separate from ``save_checkpoint``: a failure of ``on_removed`` (the job record unreachable)

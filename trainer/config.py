@@ -31,15 +31,30 @@ class ConfigError(ValueError):
 
 def _choice(param: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(param, f"unknown {param.rsplit('.', 1)[-1]} {value!r}; {did_you_mean(value, allowed)}"
-                          f"expected one of {', '.join(allowed)}")
+        raise ConfigError(
+            param,
+            f"unknown {param.rsplit('.', 1)[-1]} {value!r}; {did_you_mean(value, allowed)}"
+            f"expected one of {', '.join(allowed)}",
+        )
 
 
 # What other trainers (TRL, Hugging Face's Trainer, OpenAI) call some of our hyperparameters.
-ALIASES = {"num_generations": "group_size", "lr": "learning_rate", "max_new_tokens": "max_completion_length",
-           "kl_coef": "beta", "kl_beta": "beta", "num_train_steps": "max_steps", "steps": "max_steps",
-           "batch_size": "prompts_per_step", "save_steps": "checkpoint_every", "eval_steps": "eval_every",
-           "lora_r": "lora", "use_lora": "lora", "cliprange": "epsilon", "clip_range": "epsilon"}
+ALIASES = {
+    "num_generations": "group_size",
+    "lr": "learning_rate",
+    "max_new_tokens": "max_completion_length",
+    "kl_coef": "beta",
+    "kl_beta": "beta",
+    "num_train_steps": "max_steps",
+    "steps": "max_steps",
+    "batch_size": "prompts_per_step",
+    "save_steps": "checkpoint_every",
+    "eval_steps": "eval_every",
+    "lora_r": "lora",
+    "use_lora": "lora",
+    "cliprange": "epsilon",
+    "clip_range": "epsilon",
+}
 
 
 def did_you_mean(name: Any, known: Any, aliases: dict[str, str] | None = None) -> str:
@@ -48,7 +63,9 @@ def did_you_mean(name: Any, known: Any, aliases: dict[str, str] | None = None) -
     if not isinstance(name, str):
         return ""
     known = [str(k) for k in known]
-    guess = (aliases or {}).get(name) or (difflib.get_close_matches(name, known, n=1, cutoff=0.6) or [None])[0]
+    guess = (aliases or {}).get(name) or (difflib.get_close_matches(name, known, n=1, cutoff=0.6) or [None])[
+        0
+    ]
     if guess is None:  # case and separators: "Learning-Rate"
         folded = {k.lower().replace("-", "_"): k for k in known}
         guess = folded.get(name.lower().replace("-", "_").replace(" ", "_"))
@@ -62,7 +79,9 @@ MAX_SEED = 2**32 - 1
 MAX_PASS_K = 256  # sampled completions per eval row for pass@k
 
 
-def _at_least(param: str, value: Any, low: float, *, integer: bool = False, high: float | None = None) -> None:
+def _at_least(
+    param: str, value: Any, low: float, *, integer: bool = False, high: float | None = None
+) -> None:
     """ConfigError unless ``value`` is an integer (or a finite number) in ``[low, high]``; an
     integer's ``high`` defaults to MAX_INTEGER. Every numeric field goes through here: NaN fails
     every comparison, so it must be refused before any of them."""
@@ -108,9 +127,12 @@ class LoraConfig:
         if not self.dropout < 1.0:
             raise ConfigError(f"{prefix}.dropout", f"must be in [0, 1), got {self.dropout!r}")
         modules = self.target_modules
-        if not (isinstance(modules, str) or isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
-            raise ConfigError(f"{prefix}.target_modules", f"must be a list of module names or 'all-linear', "
-                              f"got {modules!r}")
+        if not (
+            isinstance(modules, str) or isinstance(modules, list) and all(isinstance(m, str) for m in modules)
+        ):
+            raise ConfigError(
+                f"{prefix}.target_modules", f"must be a list of module names or 'all-linear', got {modules!r}"
+            )
         if not modules:
             raise ConfigError(f"{prefix}.target_modules", "name at least one module, or 'all-linear'")
 
@@ -150,14 +172,20 @@ class GRPOConfig:
     lora: LoraConfig | None = None
     checkpoint_every: int = 50  # 0: only the final checkpoint
     keep_last_checkpoints: int = 2  # 0 keeps them all
-    eval_every: int = 0  # steps between evaluations on the eval set (besides one at every checkpoint); 0: checkpoints only
+    eval_every: int = (
+        0  # steps between evaluations on the eval set (besides one at every checkpoint); 0: checkpoints only
+    )
     eval_max_rows: int = 256  # the eval set's first rows that an evaluation uses
     eval_pass_k: int = 0  # pass@k from k sampled completions per eval row; 0: greedy reward only
     eval_pass_threshold: float = 1.0  # a completion passes when its total (weighted) reward is at least this
-    keep_best_by: str | None = None  # e.g. "eval/reward": the best checkpoint by it outlives keep_last_checkpoints
+    keep_best_by: str | None = (
+        None  # e.g. "eval/reward": the best checkpoint by it outlives keep_last_checkpoints
+    )
     logprob_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection
     num_samples_logged: int = 4  # completions a step hands to Progress.on_samples
-    max_reward_error_steps: int = 3  # fail once a reward errs on every completion this many steps in a row; 0: never
+    max_reward_error_steps: int = (
+        3  # fail once a reward errs on every completion this many steps in a row; 0: never
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -177,20 +205,41 @@ class GRPOConfig:
 
     def validate(self) -> None:
         _at_least("group_size", self.group_size, 2, integer=True)
-        for name in ("prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length",
-                     "num_iterations", "logprob_chunk_size", "eval_max_rows"):
+        for name in (
+            "prompts_per_step",
+            "max_steps",
+            "max_prompt_length",
+            "max_completion_length",
+            "num_iterations",
+            "logprob_chunk_size",
+            "eval_max_rows",
+        ):
             _at_least(f"{name}", getattr(self, name), 1, integer=True)
-        for name in ("warmup_steps", "checkpoint_every", "keep_last_checkpoints", "eval_every",
-                     "num_samples_logged", "max_resample_rounds", "max_reward_error_steps"):
+        for name in (
+            "warmup_steps",
+            "checkpoint_every",
+            "keep_last_checkpoints",
+            "eval_every",
+            "num_samples_logged",
+            "max_resample_rounds",
+            "max_reward_error_steps",
+        ):
             _at_least(f"{name}", getattr(self, name), 0, integer=True)
         _at_least("seed", self.seed, 0, integer=True, high=MAX_SEED)
         _at_least("eval_pass_k", self.eval_pass_k, 0, integer=True, high=MAX_PASS_K)
         _at_least("eval_pass_threshold", self.eval_pass_threshold, -math.inf)
         if self.keep_best_by is not None and self.keep_best_by not in self.best_metric_choices:
-            pass_k = " (pass@k figures need eval_pass_k > 0)" if str(self.keep_best_by).startswith("eval/pass@") else ""
-            raise ConfigError("keep_best_by", f"unknown keep_best_by {self.keep_best_by!r}; "
-                              f"{did_you_mean(self.keep_best_by, self.best_metric_choices)}expected one of "
-                              f"{', '.join(self.best_metric_choices)}, or null{pass_k}")
+            pass_k = (
+                " (pass@k figures need eval_pass_k > 0)"
+                if str(self.keep_best_by).startswith("eval/pass@")
+                else ""
+            )
+            raise ConfigError(
+                "keep_best_by",
+                f"unknown keep_best_by {self.keep_best_by!r}; "
+                f"{did_you_mean(self.keep_best_by, self.best_metric_choices)}expected one of "
+                f"{', '.join(self.best_metric_choices)}, or null{pass_k}",
+            )
         for name in ("mask_truncated_completions", "dynamic_sampling", "gradient_checkpointing"):
             _boolean(name, getattr(self, name))
         _at_least("learning_rate", self.learning_rate, 0.0)
@@ -218,7 +267,9 @@ class GRPOConfig:
         _choice("dtype", self.dtype, DTYPES)
         if self.lora is not None:
             if not isinstance(self.lora, LoraConfig):
-                raise ConfigError("lora", f'must be an object such as {{"r": 16, "alpha": 32}}, or null; got {self.lora!r}')
+                raise ConfigError(
+                    "lora", f'must be an object such as {{"r": 16, "alpha": 32}}, or null; got {self.lora!r}'
+                )
             self.lora.validate("lora")
 
     @classmethod
@@ -226,16 +277,23 @@ class GRPOConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"{prefix}{unknown[0]}", f"unknown hyperparameter {unknown[0]!r}; "
-                              f"{did_you_mean(unknown[0], known, ALIASES)}known ones: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{prefix}{unknown[0]}",
+                f"unknown hyperparameter {unknown[0]!r}; "
+                f"{did_you_mean(unknown[0], known, ALIASES)}known ones: {', '.join(sorted(known))}",
+            )
         lora = values.get("lora")
         if isinstance(lora, dict):
             lora_known = {f.name for f in dataclasses.fields(LoraConfig)}
             extra = sorted(set(lora) - lora_known)
             if extra:
-                hint = did_you_mean(extra[0], lora_known, {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"})
-                raise ConfigError(f"{prefix}lora.{extra[0]}", f"unknown LoRA option; {hint}known ones: "
-                                  f"{', '.join(sorted(lora_known))}")
+                hint = did_you_mean(
+                    extra[0], lora_known, {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+                )
+                raise ConfigError(
+                    f"{prefix}lora.{extra[0]}",
+                    f"unknown LoRA option; {hint}known ones: {', '.join(sorted(lora_known))}",
+                )
             values = {**values, "lora": LoraConfig(**lora)}
         try:
             return cls(**values)
@@ -292,27 +350,41 @@ class RunConfig:
         if isinstance(reward, dict):
             reward = [reward]
         if not isinstance(reward, list) or not reward:
-            raise ConfigError("reward", "give a list of reward functions, e.g. [{\"type\": \"exact_match\"}]")
+            raise ConfigError("reward", 'give a list of reward functions, e.g. [{"type": "exact_match"}]')
         config = GRPOConfig.from_dict(hp)
         check_eval_settings(config, has_eval_dataset=bool(spec.get("eval_dataset")))
-        return cls(base_model=str(spec["base_model"]), dataset=str(spec["dataset"]), reward=reward,
-                   hyperparameters=config, eval_dataset=spec.get("eval_dataset"), name=spec.get("name"),
-                   policy=policy or OperatorPolicy())
+        return cls(
+            base_model=str(spec["base_model"]),
+            dataset=str(spec["dataset"]),
+            reward=reward,
+            hyperparameters=config,
+            eval_dataset=spec.get("eval_dataset"),
+            name=spec.get("name"),
+            policy=policy or OperatorPolicy(),
+        )
 
     def check_eval_settings(self) -> None:
         """ConfigError where the hyperparameters need an eval set the run does not have."""
         check_eval_settings(self.hyperparameters, has_eval_dataset=bool(self.eval_dataset))
 
     def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name, "base_model": self.base_model, "dataset": self.dataset,
-                "eval_dataset": self.eval_dataset, "reward": self.reward,
-                "group_size": self.hyperparameters.group_size,
-                "hyperparameters": self.hyperparameters.to_dict()}
+        return {
+            "name": self.name,
+            "base_model": self.base_model,
+            "dataset": self.dataset,
+            "eval_dataset": self.eval_dataset,
+            "reward": self.reward,
+            "group_size": self.hyperparameters.group_size,
+            "hyperparameters": self.hyperparameters.to_dict(),
+        }
 
 
 def check_eval_settings(config: GRPOConfig, *, has_eval_dataset: bool) -> None:
     """``keep_best_by`` chooses among evaluated checkpoints: without an eval set there are none."""
     if config.keep_best_by is not None and not has_eval_dataset:
-        raise ConfigError("hyperparameters.keep_best_by", f"keep_best_by {config.keep_best_by!r} ranks checkpoints by "
-                          "their evaluation, which needs an eval dataset: give eval_dataset_id (eval_dataset in a "
-                          "spec file), or set keep_best_by to null")
+        raise ConfigError(
+            "hyperparameters.keep_best_by",
+            f"keep_best_by {config.keep_best_by!r} ranks checkpoints by "
+            "their evaluation, which needs an eval dataset: give eval_dataset_id (eval_dataset in a "
+            "spec file), or set keep_best_by to null",
+        )

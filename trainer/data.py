@@ -27,12 +27,18 @@ def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
             raise DatasetError("'prompt' is empty", line)
     elif isinstance(prompt, list) and prompt:
         for i, message in enumerate(prompt):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                raise DatasetError(f"'prompt'[{i}] must be a message {{\"role\": ..., \"content\": ...}}", line)
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                raise DatasetError(f'\'prompt\'[{i}] must be a message {{"role": ..., "content": ...}}', line)
     elif prompt is None:
-        raise DatasetError("missing 'prompt' (a string, or a list of chat messages); a chat-format row may give "
-                           "'messages' instead, the prompt being every message before a final assistant one", line)
+        raise DatasetError(
+            "missing 'prompt' (a string, or a list of chat messages); a chat-format row may give "
+            "'messages' instead, the prompt being every message before a final assistant one",
+            line,
+        )
     else:
         raise DatasetError("'prompt' must be a non-empty string or a non-empty list of chat messages", line)
     return row
@@ -46,8 +52,11 @@ def chat_row(row: dict[str, Any], line: int | None = None) -> dict[str, Any]:
     ``system`` ones and a content list of text parts is joined, as OpenAI's formats allow."""
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        raise DatasetError("missing 'prompt' (a string, or a list of chat messages); this row's 'messages' must be "
-                           'a non-empty list of chat messages {"role": ..., "content": ...} to be read as one', line)
+        raise DatasetError(
+            "missing 'prompt' (a string, or a list of chat messages); this row's 'messages' must be "
+            'a non-empty list of chat messages {"role": ..., "content": ...} to be read as one',
+            line,
+        )
     prompt = [chat_message(message) for message in messages]
     extra: dict[str, Any] = {}
     if len(prompt) > 1 and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
@@ -63,8 +72,12 @@ def chat_message(message: Any) -> Any:
     if not isinstance(message, dict):
         return message
     content = message.get("content")
-    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("text"), str)
-                                         and part.get("type") in ("text", "input_text") for part in content):
+    if isinstance(content, list) and all(
+        isinstance(part, dict)
+        and isinstance(part.get("text"), str)
+        and part.get("type") in ("text", "input_text")
+        for part in content
+    ):
         content = "".join(part["text"] for part in content)
     role = "system" if message.get("role") == "developer" else message.get("role")
     return {**message, "role": role, "content": content}
@@ -173,7 +186,9 @@ class RowFile(Sequence[dict[str, Any]]):
                 if row is not None:
                     missing = next((name for name in required if name not in row), None)
                     if missing is not None:
-                        raise DatasetError(f"the rewards need the field {missing!r}, which this row lacks", number)
+                        raise DatasetError(
+                            f"the rewards need the field {missing!r}, which this row lacks", number
+                        )
                     self._offsets.append(offset)
                 offset += len(line)
         if not self._offsets:

@@ -84,13 +84,16 @@ class Evaluator:
 
     def _chunks(self, per_row: int) -> list[list[int]]:
         rows = max(1, self.sequences_per_call // per_row)
-        return [self.indices[i:i + rows] for i in range(0, len(self.indices), rows)]
+        return [self.indices[i : i + rows] for i in range(0, len(self.indices), rows)]
 
 
 def checkpoint_figures(metrics: dict[str, float]) -> dict[str, float]:
     """An evaluation's figures as a checkpoint carries them: ``eval/reward`` -> ``reward``."""
-    return {name.removeprefix(EVAL_PREFIX): value for name, value in metrics.items()
-            if name.startswith(EVAL_PREFIX)}
+    return {
+        name.removeprefix(EVAL_PREFIX): value
+        for name, value in metrics.items()
+        if name.startswith(EVAL_PREFIX)
+    }
 
 
 class BestCheckpoint:
@@ -143,7 +146,7 @@ class DivergenceWatch:
         """Record an evaluation; the warning to give, if this one completes the pattern."""
         train_reward = sum(self.pending) / len(self.pending) if self.pending else math.nan
         self.pending = []
-        self.history = [*self.history, (step, eval_reward, train_reward)][-self.window:]
+        self.history = [*self.history, (step, eval_reward, train_reward)][-self.window :]
         diverging = self._diverging()
         warn, self.firing = diverging and not self.firing, diverging
         if not warn:
@@ -151,9 +154,12 @@ class DivergenceWatch:
         steps = ", ".join(str(s) for s, _, _ in self.history)
         evals = " -> ".join(f"{e:.3f}" for _, e, _ in self.history)
         first, last = self.history[0][2], self.history[-1][2]
-        return (f"eval reward fell at each of the last {self.window} evaluations (steps {steps}: {evals}) while the "
-                f"training reward rose ({first:.3f} -> {last:.3f}): reward hacking or overfitting. Read the recent "
-                "samples; keep_best_by (e.g. \"eval/reward\") keeps the checkpoint that evaluated best")
+        return (
+            f"eval reward fell at each of the last {self.window} evaluations (steps {steps}: {evals}) "
+            f"while the training reward rose ({first:.3f} -> {last:.3f}): reward hacking or overfitting. "
+            'Read the recent samples; keep_best_by (e.g. "eval/reward") keeps the checkpoint '
+            "that evaluated best"
+        )
 
     def _diverging(self) -> bool:
         if len(self.history) < self.window:
@@ -166,7 +172,11 @@ class DivergenceWatch:
         return falling and trains[-1] > trains[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [list(h) for h in self.history], "pending": list(self.pending), "firing": self.firing}
+        return {
+            "history": [list(h) for h in self.history],
+            "pending": list(self.pending),
+            "firing": self.firing,
+        }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state:

@@ -32,7 +32,8 @@ MB = 1 << 20
 def is_out_of_memory(exc: BaseException) -> bool:
     """``torch.OutOfMemoryError`` on a GPU; on a CPU torch's allocator raises a plain RuntimeError."""
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def is_disk_full(exc: BaseException, directory: Path, needed: int) -> bool:
@@ -55,15 +56,17 @@ def is_disk_full(exc: BaseException, directory: Path, needed: int) -> bool:
 def is_non_finite_sampling(exc: BaseException) -> bool:
     """The sampler's refusal of inf or NaN probabilities: the model's outputs are no longer finite."""
     return isinstance(exc, FloatingPointError) or (
-        isinstance(exc, RuntimeError) and "probability tensor contains either" in str(exc))
+        isinstance(exc, RuntimeError) and "probability tensor contains either" in str(exc)
+    )
 
 
 class Failures:
     """One run's failure paths: out of memory, a diverged model, a full disk, a reward that
     keeps failing."""
 
-    def __init__(self, config: GRPOConfig, output_dir: Path, policy: torch.nn.Module,
-                 progress: Progress | None = None):
+    def __init__(
+        self, config: GRPOConfig, output_dir: Path, policy: torch.nn.Module, progress: Progress | None = None
+    ):
         self.config, self.output_dir, self.policy = config, output_dir, policy
         self.progress = progress or Progress()  # told of the diverged checkpoint it removes
         self.failing_reward_steps: dict[str, int] = {}  # per reward function: steps in a row it failed
@@ -86,9 +89,10 @@ class Failures:
     def out_of_memory(self, step: int, phase: str) -> OutOfMemoryError:
         c = self.config
         return OutOfMemoryError(
-            f"out of memory in {phase} at step {step} ({c.prompts_per_step} prompts x {c.group_size} completions "
-            f"of up to {c.max_completion_length} tokens): lower prompts_per_step or group_size, shorten "
-            "max_completion_length, or turn on LoRA or gradient_checkpointing")
+            f"out of memory in {phase} at step {step} ({c.prompts_per_step} prompts x {c.group_size} "
+            f"completions of up to {c.max_completion_length} tokens): lower prompts_per_step or group_size, "
+            "shorten max_completion_length, or turn on LoRA or gradient_checkpointing"
+        )
 
     def non_finite_loss(self, step: int, loss: float, grad_norm: float) -> NonFiniteLossError:
         """The loss or its gradient is inf or NaN; the optimizer step was skipped."""
@@ -111,7 +115,8 @@ class Failures:
             kept = f"the last good checkpoint, {last.name}, is kept{removed}"
         return NonFiniteLossError(
             f"training diverged at step {step}: {symptom}; {kept}. Lower learning_rate (it is "
-            f"{self.config.learning_rate:g}), keep max_grad_norm set, or use dtype float32")
+            f"{self.config.learning_rate:g}), keep max_grad_norm set, or use dtype float32"
+        )
 
     @contextmanager
     def saving(self, step: int) -> Iterator[None]:
@@ -121,15 +126,19 @@ class Failures:
             yield
         except Exception as exc:
             # the weights saved plus AdamW's two moments, all the size of the trainable parameters
-            needed = 3 * sum(p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad)
+            needed = 3 * sum(
+                p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad
+            )
             root = self.output_dir / "checkpoints"
             if not is_disk_full(exc, root, needed):
                 raise
             free = shutil.disk_usage(root).free
             raise DiskFullError(
-                f"disk full while writing the checkpoint of step {step} to {root / ckpt.checkpoint_name(step)} "
-                f"({free / MB:.1f} MB free, about {needed / MB:.1f} MB needed); the partial checkpoint was "
-                "removed. Free space on that disk, or keep fewer checkpoints (keep_last_checkpoints)") from exc
+                f"disk full while writing the checkpoint of step {step} to "
+                f"{root / ckpt.checkpoint_name(step)} ({free / MB:.1f} MB free, "
+                f"about {needed / MB:.1f} MB needed); the partial checkpoint was removed. "
+                "Free space on that disk, or keep fewer checkpoints (keep_last_checkpoints)"
+            ) from exc
 
     def check_rewards(self, step: int, batch: ScoredGroups) -> None:
         """Fail once a reward function has errored on every completion for
@@ -143,8 +152,11 @@ class Failures:
             self.failing_reward_steps[name] = self.failing_reward_steps.get(name, 0) + 1 if failed else 0
             if self.failing_reward_steps[name] >= limit:
                 prefix = f"{name}: "
-                last = next((m.removeprefix(prefix) for m in batch.error_messages if m.startswith(prefix)), "unknown")
+                last = next(
+                    (m.removeprefix(prefix) for m in batch.error_messages if m.startswith(prefix)), "unknown"
+                )
                 raise RewardFailedError(
                     f"reward {name!r} failed on every completion for {limit} steps in a row (steps "
-                    f"{step - limit + 1}-{step}); last error: {last}. Fix the reward or its endpoint, or raise "
-                    "max_reward_error_steps (0 turns this check off)")
+                    f"{step - limit + 1}-{step}); last error: {last}. Fix the reward or its endpoint, "
+                    "or raise max_reward_error_steps (0 turns this check off)"
+                )

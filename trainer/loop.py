@@ -33,7 +33,9 @@ from trainer.tracking import Tracker, WandbOptions
 log = logging.getLogger(__name__)
 
 FORWARD_TOKEN_BUDGET = 8192  # tokens per forward pass, padding included
-MAX_TRUNCATION_WARNINGS = 3  # warning events per run naming a prompt cut to max_prompt_length (the metric counts all)
+MAX_TRUNCATION_WARNINGS = (
+    3  # warning events per run naming a prompt cut to max_prompt_length (the metric counts all)
+)
 
 
 @dataclass
@@ -95,20 +97,41 @@ def no_router_logits(model: torch.nn.Module) -> Iterator[None]:
 class Rollouts:
     """Turns dataset rows into scored groups: prompt formatting, generation, rewards."""
 
-    def __init__(self, rows: Sequence[dict], models: Models, rewards: RewardSuite, config: GRPOConfig,
-                 generator: torch.Generator):
-        self.rows, self.models, self.rewards, self.config, self.generator = rows, models, rewards, config, generator
+    def __init__(
+        self,
+        rows: Sequence[dict],
+        models: Models,
+        rewards: RewardSuite,
+        config: GRPOConfig,
+        generator: torch.Generator,
+    ):
+        self.rows, self.models, self.rewards, self.config, self.generator = (
+            rows,
+            models,
+            rewards,
+            config,
+            generator,
+        )
         tokenizer = models.tokenizer
         eos = {tokenizer.eos_token_id}
         generation_eos = getattr(getattr(models.policy, "generation_config", None), "eos_token_id", None)
-        eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
+        eos.update(
+            generation_eos
+            if isinstance(generation_eos, list)
+            else [generation_eos]
+            if generation_eos is not None
+            else []
+        )
         self.eos_token_ids = sorted(eos)
         # Whether the tokenizer puts a BOS before a text of its own accord (its post-processor, or a
         # slow tokenizer's add_bos_token): plain-string prompts get it, as TRL's do.
         bos = tokenizer.bos_token_id
         self.bos_token_id = bos
-        self.adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos] \
+        self.adds_bos = (
+            bos is not None
+            and tokenizer("a")["input_ids"][:1] == [bos]
             and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+        )
 
     def prompt_text(self, prompt: str | list[dict]) -> str:
         tokenizer = self.models.tokenizer
@@ -135,10 +158,12 @@ class Rollouts:
         if len(ids) <= limit:
             return ids
         if limit > 1 and self.bos_token_id is not None and ids[0] == self.bos_token_id:
-            return [ids[0], *ids[len(ids) - (limit - 1):]]
-        return ids[len(ids) - limit:]
+            return [ids[0], *ids[len(ids) - (limit - 1) :]]
+        return ids[len(ids) - limit :]
 
-    def __call__(self, row_indices: list[int], *, group_size: int, temperature: float, timings: dict) -> ScoredGroups:
+    def __call__(
+        self, row_indices: list[int], *, group_size: int, temperature: float, timings: dict
+    ) -> ScoredGroups:
         tokenizer = self.models.tokenizer
         cfg = self.config
         raw = [self.rows[i]["prompt"] for i in row_indices]
@@ -149,9 +174,15 @@ class Rollouts:
         self.models.policy.eval()
         with no_router_logits(self.models.policy):
             rollout = generate(
-                self.models.policy, prompt_ids, group_size=group_size, max_new_tokens=cfg.max_completion_length,
-                eos_token_ids=self.eos_token_ids, pad_id=tokenizer.pad_token_id, temperature=temperature,
-                top_p=cfg.top_p, generator=self.generator,
+                self.models.policy,
+                prompt_ids,
+                group_size=group_size,
+                max_new_tokens=cfg.max_completion_length,
+                eos_token_ids=self.eos_token_ids,
+                pad_id=tokenizer.pad_token_id,
+                temperature=temperature,
+                top_p=cfg.top_p,
+                generator=self.generator,
             )
         completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - started
@@ -162,19 +193,30 @@ class Rollouts:
         scored = self.rewards(repeated_prompts, completions, repeated_rows)
         timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - started
         return ScoredGroups(
-            row_indices=row_indices, prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
-            prompts=prompts, completions=completions, truncated=rollout.truncated,
-            rewards=torch.tensor(scored.total, dtype=torch.float32), parts=scored.parts, errors=scored.errors,
-            error_messages=scored.error_messages, prompt_lengths=[len(ids) for ids in full_ids],
+            row_indices=row_indices,
+            prompt_ids=rollout.prompt_ids,
+            completion_ids=rollout.completion_ids,
+            prompts=prompts,
+            completions=completions,
+            truncated=rollout.truncated,
+            rewards=torch.tensor(scored.total, dtype=torch.float32),
+            parts=scored.parts,
+            errors=scored.errors,
+            error_messages=scored.error_messages,
+            prompt_lengths=[len(ids) for ids in full_ids],
         )
 
 
-def draw_batch(rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, timings: dict) -> tuple[ScoredGroups, int]:
+def draw_batch(
+    rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, timings: dict
+) -> tuple[ScoredGroups, int]:
     """Sample prompts_per_step prompts and their groups; with dynamic sampling, replace groups
     whose rewards are all equal by groups of fresh prompts, for at most max_resample_rounds draws.
     Returns the batch and how many extra prompts were drawn."""
     G = config.group_size
-    batch = rollouts(sampler.draw(config.prompts_per_step), group_size=G, temperature=config.temperature, timings=timings)
+    batch = rollouts(
+        sampler.draw(config.prompts_per_step), group_size=G, temperature=config.temperature, timings=timings
+    )
     if not config.dynamic_sampling:
         return batch, 0
     draws = [batch]
@@ -213,22 +255,35 @@ def check_a_prompt_fits(rollouts: Rollouts, rows: Iterable[dict]) -> None:
         if length <= limit:
             return
         shortest = length if shortest is None else min(shortest, length)
-    raise ConfigError("hyperparameters.max_prompt_length", (
-        f"every prompt of the dataset is longer than max_prompt_length ({limit} tokens): the shortest is "
-        f"{shortest} tokens, chat template and BOS included, so every prompt would lose its beginning. "
-        f"Raise max_prompt_length to at least {shortest}, or shorten the prompts"))
+    raise ConfigError(
+        "hyperparameters.max_prompt_length",
+        (
+            f"every prompt of the dataset is longer than max_prompt_length ({limit} tokens): the shortest is "
+            f"{shortest} tokens, chat template and BOS included, so every prompt would lose its beginning. "
+            f"Raise max_prompt_length to at least {shortest}, or shorten the prompts"
+        ),
+    )
 
 
 def truncated_prompts(batch: ScoredGroups) -> list[int]:
     """The groups whose prompt max_prompt_length cut (none known: a batch built without lengths)."""
     if not batch.prompt_lengths:
         return []
-    return [b for b, (full, kept) in enumerate(zip(batch.prompt_lengths, batch.prompt_ids, strict=True))
-            if full > kept.shape[0]]
+    return [
+        b
+        for b, (full, kept) in enumerate(zip(batch.prompt_lengths, batch.prompt_ids, strict=True))
+        if full > kept.shape[0]
+    ]
 
 
-def warn_truncated_prompts(step: int, batch: ScoredGroups, rows: Sequence[dict], cfg: GRPOConfig, progress: Progress,
-                           warned: set[int]) -> set[int]:
+def warn_truncated_prompts(
+    step: int,
+    batch: ScoredGroups,
+    rows: Sequence[dict],
+    cfg: GRPOConfig,
+    progress: Progress,
+    warned: set[int],
+) -> set[int]:
     """A warning event for each prompt cut to max_prompt_length, once per row and at most
     MAX_TRUNCATION_WARNINGS per run; the ``prompts_truncated`` metric counts every one."""
     for b in truncated_prompts(batch):
@@ -239,11 +294,16 @@ def warn_truncated_prompts(step: int, batch: ScoredGroups, rows: Sequence[dict],
         line = rows.line_number(row) if isinstance(rows, RowFile) else row + 1
         full, kept = batch.prompt_lengths[b], batch.prompt_ids[b].shape[0]
         more = "" if len(warned) < MAX_TRUNCATION_WARNINGS else "; further cut prompts are only counted"
-        progress.on_log("warning", (
-            f"step {step}: the prompt on dataset line {line} is {full} tokens, more than max_prompt_length "
-            f"{cfg.max_prompt_length}: its first {full - kept} tokens were cut (left truncation, as TRL: the end "
-            "of the prompt and a leading BOS stay, so the model may start mid-text). The metric "
-            f"prompts_truncated counts every cut prompt{more}. Raise max_prompt_length or shorten the prompt"))
+        progress.on_log(
+            "warning",
+            (
+                f"step {step}: the prompt on dataset line {line} is {full} tokens, more than "
+                f"max_prompt_length {cfg.max_prompt_length}: its first {full - kept} tokens were cut "
+                "(left truncation, as TRL: the end of the prompt and a leading BOS stay, so the model may "
+                "start mid-text). The metric prompts_truncated counts every cut "
+                f"prompt{more}. Raise max_prompt_length or shorten the prompt"
+            ),
+        )
     return warned
 
 
@@ -252,8 +312,15 @@ def token_values(values: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
     return values[micro.sequences][micro.seq_index]
 
 
-def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = None, *, resume: bool = False,
-          device: torch.device | None = None, wandb: WandbOptions | None = None) -> TrainResult:
+def train(
+    run: RunConfig,
+    output_dir: str | Path,
+    progress: Progress | None = None,
+    *,
+    resume: bool = False,
+    device: torch.device | None = None,
+    wandb: WandbOptions | None = None,
+) -> TrainResult:
     """Run GRPO as ``run`` says, writing ``output_dir/metrics.jsonl``, ``output_dir/checkpoints/`` and
     TensorBoard event files in ``output_dir/tensorboard/`` (and to W&B, given ``wandb``).
     With ``resume``, continue from the newest complete checkpoint there (none: start fresh).
@@ -269,20 +336,35 @@ def train(run: RunConfig, output_dir: str | Path, progress: Progress | None = No
     # Rows are read from disk when drawn (the file's line offsets stay in memory, not the rows).
     rows = RowFile(run.dataset, required=required_fields(run.reward))
     eval_rows = RowFile(run.eval_dataset) if run.eval_dataset else []
-    with RewardSuite(run.reward, policy=run.policy) as rewards, \
-            Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker:
-        return _train(run, rows, eval_rows, rewards, output_dir, progress, tracker, resume=resume, device=device)
+    with (
+        RewardSuite(run.reward, policy=run.policy) as rewards,
+        Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker,
+    ):
+        return _train(
+            run, rows, eval_rows, rewards, output_dir, progress, tracker, resume=resume, device=device
+        )
 
 
-def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewards: RewardSuite, output_dir: Path,
-           progress: Progress, tracker: Tracker, *, resume: bool, device: torch.device | None) -> TrainResult:
+def _train(
+    run: RunConfig,
+    rows: Sequence[dict],
+    eval_rows: Sequence[dict],
+    rewards: RewardSuite,
+    output_dir: Path,
+    progress: Progress,
+    tracker: Tracker,
+    *,
+    resume: bool,
+    device: torch.device | None,
+) -> TrainResult:
     cfg = run.hyperparameters
     G = cfg.group_size
     models = load_models(run.base_model, cfg, device, on_log=progress.on_log)
     policy, tokenizer = models.policy, models.tokenizer
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler = PromptSampler(len(rows), cfg.seed)
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
@@ -290,8 +372,11 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
     check_a_prompt_fits(rollouts, rows)
     failures = Failures(cfg, output_dir, policy, progress)
     # Evaluation has its own generator (reseeded per evaluation): it never moves the training draws.
-    evaluator = Evaluator(Rollouts(eval_rows, models, rewards, cfg, torch.Generator(generator.device)), cfg) \
-        if eval_rows else None
+    evaluator = (
+        Evaluator(Rollouts(eval_rows, models, rewards, cfg, torch.Generator(generator.device)), cfg)
+        if eval_rows
+        else None
+    )
     best, divergence = BestCheckpoint(cfg.keep_best_by), DivergenceWatch()
 
     start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
@@ -328,19 +413,33 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         if evaluation is not None:
             best.consider(step, evaluation)
         state = ckpt.TrainingState(
-            step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            rng={"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
-            extra={"sampler": sampler.state_dict(), "config": run.to_spec(), "num_tokens": num_tokens_seen,
-                   "torch_threads": threads,
-                   "eval": checkpoint_figures(evaluation or {}) or None, "best": best.state_dict(),
-                   "divergence": divergence.state_dict()},
+            step=step,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            rng={
+                "generator": generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+            },
+            extra={
+                "sampler": sampler.state_dict(),
+                "config": run.to_spec(),
+                "num_tokens": num_tokens_seen,
+                "torch_threads": threads,
+                "eval": checkpoint_figures(evaluation or {}) or None,
+                "best": best.state_dict(),
+                "divergence": divergence.state_dict(),
+            },
         )
         with failures.saving(step):
             path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state)
         progress.on_checkpoint(step, path)
-        ckpt.prune_checkpoints(output_dir, keep_last=cfg.keep_last_checkpoints,
-                               keep_steps=() if best.step is None else (best.step,),
-                               on_removed=progress.on_checkpoint_removed)
+        ckpt.prune_checkpoints(
+            output_dir,
+            keep_last=cfg.keep_last_checkpoints,
+            keep_steps=() if best.step is None else (best.step,),
+            on_removed=progress.on_checkpoint_removed,
+        )
         if evaluation is not None:
             progress.on_evaluation(step, checkpoint_figures(evaluation), best_step=best.step)
         return path
@@ -361,19 +460,35 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         started = time.perf_counter()
         advantages, zero_std = group_advantages(batch.rewards, G, cfg.scale_rewards)  # [B*G], [B]
         lengths = torch.tensor([c.shape[0] for c in batch.completion_ids])  # [B*G]
-        loss_mask = ~batch.truncated if cfg.mask_truncated_completions else torch.ones_like(batch.truncated)  # [B*G]
+        loss_mask = (
+            ~batch.truncated if cfg.mask_truncated_completions else torch.ones_like(batch.truncated)
+        )  # [B*G]
         # With beta = 0 a zero-advantage completion has zero loss and zero gradient: skip its pass,
         # but keep it in the normalising counts below (not where the router's aux loss needs its tokens).
         skip_zero = cfg.beta == 0 and not router_aux_loss_coef(policy)
         active = loss_mask & ((advantages != 0) if skip_zero else torch.ones_like(loss_mask))  # [B*G]
         num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
-        micro_batches = plan_micro_batches(batch, active, G, FORWARD_TOKEN_BUDGET,
-                                           share_prompt=(models.scoring or default_scoring(policy)).share_prompt)
+        micro_batches = plan_micro_batches(
+            batch,
+            active,
+            G,
+            FORWARD_TOKEN_BUDGET,
+            share_prompt=(models.scoring or default_scoring(policy)).share_prompt,
+        )
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
         with failures.during(step, "the forward and backward passes"):
-            stats = optimize(models, micro_batches, advantages, cfg, num_sequences=num_sequences,
-                             num_tokens=num_tokens, params=params, optimizer=optimizer, scheduler=scheduler)
+            stats = optimize(
+                models,
+                micro_batches,
+                advantages,
+                cfg,
+                num_sequences=num_sequences,
+                num_tokens=num_tokens,
+                params=params,
+                optimizer=optimizer,
+                scheduler=scheduler,
+            )
         if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
             raise failures.non_finite_loss(step, stats["loss"], stats["grad_norm"])
         timings["train"] = time.perf_counter() - started
@@ -389,7 +504,9 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         metrics["tokens_per_second"] = step_tokens / metrics["step_seconds"]
         metrics["num_tokens"] = float(num_tokens_seen)
         # every checkpoint is evaluated (and every eval_every steps); its figures join the step's metrics
-        checkpoint_due = step == cfg.max_steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        checkpoint_due = step == cfg.max_steps or bool(
+            cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+        )
         divergence.add_training_reward(metrics["reward"])
         evaluation = None
         if evaluator is not None and (checkpoint_due or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -400,8 +517,11 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         progress.on_step(step, metrics)
         progress.on_samples(step, samples(batch, advantages, cfg))
         if sum(batch.errors.values()):
-            progress.on_log("warning", f"step {step}: {sum(batch.errors.values())} reward errors: "
-                                       + "; ".join(batch.error_messages))
+            progress.on_log(
+                "warning",
+                f"step {step}: {sum(batch.errors.values())} reward errors: "
+                + "; ".join(batch.error_messages),
+            )
         failures.check_rewards(step, batch)
 
         # 6-7. checkpoint, stop check
@@ -413,27 +533,60 @@ def _train(run: RunConfig, rows: Sequence[dict], eval_rows: Sequence[dict], rewa
         if stopped:
             break
 
-    best_path = output_dir / "checkpoints" / ckpt.checkpoint_name(best.step) if best.step is not None else None
-    return TrainResult(final_step=step, stopped=stopped, checkpoint=ckpt.latest_checkpoint(output_dir),
-                       best_checkpoint=best_path)
+    best_path = (
+        output_dir / "checkpoints" / ckpt.checkpoint_name(best.step) if best.step is not None else None
+    )
+    return TrainResult(
+        final_step=step,
+        stopped=stopped,
+        checkpoint=ckpt.latest_checkpoint(output_dir),
+        best_checkpoint=best_path,
+    )
 
 
-def micro_logprobs(model: torch.nn.Module, micro: MicroBatch, models: Models, cfg: GRPOConfig, *,
-                   with_entropy: bool = False, router_aux_loss: bool = False):
+def micro_logprobs(
+    model: torch.nn.Module,
+    micro: MicroBatch,
+    models: Models,
+    cfg: GRPOConfig,
+    *,
+    with_entropy: bool = False,
+    router_aux_loss: bool = False,
+):
     """Per-token log-probs [N] of a micro-batch's completions, in its order (and entropies [N], and
     the router's load-balancing loss [] with ``router_aux_loss``)."""
-    scored = token_logprobs(model, [g.prompt for g in micro.groups], [g.completions for g in micro.groups],
-                            temperature=cfg.temperature, scoring=models.scoring, with_entropy=with_entropy,
-                            chunk_size=cfg.logprob_chunk_size, token_budget=FORWARD_TOKEN_BUDGET,
-                            router_aux_loss=router_aux_loss)
+    scored = token_logprobs(
+        model,
+        [g.prompt for g in micro.groups],
+        [g.completions for g in micro.groups],
+        temperature=cfg.temperature,
+        scoring=models.scoring,
+        with_entropy=with_entropy,
+        chunk_size=cfg.logprob_chunk_size,
+        token_budget=FORWARD_TOKEN_BUDGET,
+        router_aux_loss=router_aux_loss,
+    )
     scored, aux = scored if router_aux_loss else (scored, None)
-    flat = (torch.cat([t for group in scored for t in group]) if not with_entropy
-            else tuple(torch.cat([t for group in nested for t in group]) for nested in scored))
+    flat = (
+        torch.cat([t for group in scored for t in group])
+        if not with_entropy
+        else tuple(torch.cat([t for group in nested for t in group]) for nested in scored)
+    )
     return (flat, aux) if router_aux_loss else flat
 
 
-def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.Tensor, cfg: GRPOConfig, *,
-             num_sequences: int, num_tokens: int, params, optimizer, scheduler) -> dict[str, float]:
+def optimize(
+    models: Models,
+    micro_batches: list[MicroBatch],
+    advantages: torch.Tensor,
+    cfg: GRPOConfig,
+    *,
+    num_sequences: int,
+    num_tokens: int,
+    params,
+    optimizer,
+    scheduler,
+) -> dict[str, float]:
     policy = models.policy
     with torch.no_grad():  # the reference, and pi_old when the batch is reused (mu > 1)
         if cfg.beta > 0:
@@ -446,7 +599,15 @@ def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.
             for micro in micro_batches:
                 micro.old_logps = micro_logprobs(policy, micro, models, cfg)
 
-    totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "low": 0.0, "high": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    totals = {
+        "loss": 0.0,
+        "kl": 0.0,
+        "entropy": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+        "tokens": 0.0,
+        "grad_norm": 0.0,
+    }
     # A mixture-of-experts config that asks for router logits gets its load-balancing loss added,
     # coef * aux_loss, as TRL and the model's own forward do; each micro-batch's aux loss weighs by
     # its share of the step's scored completions (TRL: by gradient-accumulation step).
@@ -459,19 +620,33 @@ def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches:
             if aux_coef:
-                (logps, entropy), aux = micro_logprobs(policy, micro, models, cfg, with_entropy=True,
-                                                       router_aux_loss=True)  # [N], [N], []
+                (logps, entropy), aux = micro_logprobs(
+                    policy, micro, models, cfg, with_entropy=True, router_aux_loss=True
+                )  # [N], [N], []
             else:
                 logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
             terms = clipped_token_loss(
-                logps, micro.old_logps if micro.old_logps is not None else logps.detach(),
-                token_values(advantages, micro), micro.seq_index, len(micro.sequences),
-                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_upper, delta=cfg.delta, beta=cfg.beta,
-                ref_logps=micro.ref_logps, importance_sampling_level=cfg.importance_sampling_level,
+                logps,
+                micro.old_logps if micro.old_logps is not None else logps.detach(),
+                token_values(advantages, micro),
+                micro.seq_index,
+                len(micro.sequences),
+                epsilon=cfg.epsilon,
+                epsilon_high=cfg.epsilon_upper,
+                delta=cfg.delta,
+                beta=cfg.beta,
+                ref_logps=micro.ref_logps,
+                importance_sampling_level=cfg.importance_sampling_level,
             )
-            loss = aggregate_loss(terms.loss, micro.seq_index, len(micro.sequences), cfg.loss_type,
-                                  num_sequences=num_sequences, num_tokens=num_tokens,
-                                  max_completion_length=cfg.max_completion_length)
+            loss = aggregate_loss(
+                terms.loss,
+                micro.seq_index,
+                len(micro.sequences),
+                cfg.loss_type,
+                num_sequences=num_sequences,
+                num_tokens=num_tokens,
+                max_completion_length=cfg.max_completion_length,
+            )
             if aux_coef:
                 share = len(micro.sequences) / scored_sequences
                 loss = loss + aux_coef * aux * share
@@ -494,7 +669,9 @@ def optimize(models: Models, micro_batches: list[MicroBatch], advantages: torch.
     return totals
 
 
-def step_metrics(batch: ScoredGroups, advantages, zero_std, lengths, stats, timings, cfg: GRPOConfig) -> dict[str, float]:
+def step_metrics(
+    batch: ScoredGroups, advantages, zero_std, lengths, stats, timings, cfg: GRPOConfig
+) -> dict[str, float]:
     G = cfg.group_size
     grouped = batch.rewards.view(-1, G)  # [B, G]
     tokens = max(stats["tokens"] * 1.0, 1.0)
@@ -535,11 +712,16 @@ def samples(batch: ScoredGroups, advantages: torch.Tensor, cfg: GRPOConfig) -> l
     picked = []
     for b in range(min(cfg.num_samples_logged, len(batch.prompts))):
         i = b * cfg.group_size
-        picked.append({
-            "prompt": batch.prompts[b], "completion": batch.completions[i], "reward": batch.rewards[i].item(),
-            "advantage": advantages[i].item(), "rewards": {k: v[i] for k, v in batch.parts.items()},
-            "truncated": bool(batch.truncated[i]),
-        })
+        picked.append(
+            {
+                "prompt": batch.prompts[b],
+                "completion": batch.completions[i],
+                "reward": batch.rewards[i].item(),
+                "advantage": advantages[i].item(),
+                "rewards": {k: v[i] for k, v in batch.parts.items()},
+                "truncated": bool(batch.truncated[i]),
+            }
+        )
     return picked
 
 
@@ -551,8 +733,11 @@ class MetricsFile:
         self.path = path
         kept = []
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip()
-                    and json.loads(line)["step"] <= keep_through]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= keep_through
+            ]
         path.write_text("".join(line + "\n" for line in kept))
 
     def append(self, step: int, metrics: dict[str, float]) -> None:

@@ -15,7 +15,9 @@ import torch
 STD_EPS = 1e-8  # added to the std before dividing, as in the GRPO paper and TRL
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantage of each completion: its reward minus its group's mean, scaled.
 
     rewards: [B*G], grouped consecutively (the G completions of a prompt are adjacent).
@@ -83,7 +85,9 @@ def clipped_token_loss(
     if importance_sampling_level == "sequence":
         log_ratio = per_sequence_mean(log_ratio, seq_index, num_sequences)[seq_index]  # [N]
     elif importance_sampling_level != "token":
-        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; expected token or sequence")
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; expected token or sequence"
+        )
     ratio = torch.exp(log_ratio)  # [N]
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)  # [N]
     unclipped = torch.clamp(ratio, max=delta) if delta is not None else ratio  # [N]

@@ -39,7 +39,9 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
-        raise ModelLoadError(f"the tokenizer of {str(source)!r} has no EOS token; completions could never stop")
+        raise ModelLoadError(
+            f"the tokenizer of {str(source)!r} has no EOS token; completions could never stop"
+        )
     return tokenizer
 
 
@@ -57,7 +59,9 @@ class Models:
     reference: torch.nn.Module | None  # None when beta = 0, or when LoRA provides it (adapters off)
     tokenizer: PreTrainedTokenizerBase
     uses_lora: bool
-    scoring: Scoring | None = None  # how token_logprobs runs the model (None: the leanest its structure allows)
+    scoring: Scoring | None = (
+        None  # how token_logprobs runs the model (None: the leanest its structure allows)
+    )
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[torch.nn.Module]:
@@ -71,8 +75,13 @@ class Models:
             yield self.reference
 
 
-def load_models(base_model: str | Path, config: GRPOConfig, device: torch.device | None = None, *,
-                on_log: Callable[[str, str], None] | None = None) -> Models:
+def load_models(
+    base_model: str | Path,
+    config: GRPOConfig,
+    device: torch.device | None = None,
+    *,
+    on_log: Callable[[str, str], None] | None = None,
+) -> Models:
     """The policy (with LoRA adapters when asked), its frozen reference and tokenizer, and the
     scoring checked against the model's own forward (``on_log`` hears when it falls back)."""
     device = device or default_device()
@@ -85,18 +94,29 @@ def load_models(base_model: str | Path, config: GRPOConfig, device: torch.device
         from peft import LoraConfig, get_peft_model
 
         lora = config.lora
-        policy = get_peft_model(policy, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        policy = get_peft_model(
+            policy,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     elif config.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if uses_lora:
             policy.enable_input_require_grads()
-    return Models(policy=policy, reference=reference, tokenizer=tokenizer, uses_lora=uses_lora,
-                  scoring=checked_scoring(policy, on_log or (lambda level, message: None)))
+    return Models(
+        policy=policy,
+        reference=reference,
+        tokenizer=tokenizer,
+        uses_lora=uses_lora,
+        scoring=checked_scoring(policy, on_log or (lambda level, message: None)),
+    )
 
 
 def checked_scoring(policy: torch.nn.Module, on_log: Callable[[str, str], None]) -> Scoring:
@@ -108,9 +128,12 @@ def checked_scoring(policy: torch.nn.Module, on_log: Callable[[str, str], None])
     except RuntimeError as exc:
         raise ModelLoadError(f"{architecture} cannot be trained: {exc}") from exc
     if check.mismatches:
-        on_log("warning", f"{architecture}: the lean log-prob path does not reproduce the model's own forward "
-                          f"({'; '.join(check.mismatches)}); this run scores with {check.scoring.describe()} "
-                          "(slower, but right)")
+        on_log(
+            "warning",
+            f"{architecture}: the lean log-prob path does not reproduce the model's own forward "
+            f"({'; '.join(check.mismatches)}); this run scores with {check.scoring.describe()} "
+            "(slower, but right)",
+        )
     elif check.scoring != Scoring():
         on_log("info", f"{architecture}: log-probs scored with {check.scoring.describe()}")
     log.info("%s scores with %s", architecture, check.scoring.describe())

@@ -83,10 +83,14 @@ def forbidden_reason(address: IPAddress) -> str | None:
         for inner in embedded:
             if inner is not None and (reason := forbidden_reason(inner)):
                 return f"{reason} (embedded in {address})"
-    checks = [("is_unspecified", "the unspecified address"), ("is_loopback", "a loopback address"),
-              ("is_link_local", "a link-local address (where cloud metadata services live)"),
-              ("is_multicast", "a multicast address"), ("is_reserved", "a reserved address"),
-              ("is_private", "a private address")]
+    checks = [
+        ("is_unspecified", "the unspecified address"),
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address (where cloud metadata services live)"),
+        ("is_multicast", "a multicast address"),
+        ("is_reserved", "a reserved address"),
+        ("is_private", "a private address"),
+    ]
     for attribute, reason in checks:
         if getattr(address, attribute):
             return reason
@@ -107,8 +111,9 @@ def _allowed(host: str, allowed_hosts: Iterable[str]) -> tuple[bool, set[IPAddre
     return host.rstrip(".") in names, addresses
 
 
-def check_outbound_url(url: str, allowed_hosts: Iterable[str] = (), *,
-                       resolve: Callable[..., list] = socket.getaddrinfo) -> OutboundTarget:
+def check_outbound_url(
+    url: str, allowed_hosts: Iterable[str] = (), *, resolve: Callable[..., list] = socket.getaddrinfo
+) -> OutboundTarget:
     """The checked target of ``url``, or OutboundError saying why it may not be called."""
     shown_url = redact_url(url)
     try:
@@ -132,19 +137,28 @@ def check_outbound_url(url: str, allowed_hosts: Iterable[str] = (), *,
             reason = forbidden_reason(address)
             if reason and address not in allowed_addresses:
                 shown = host if str(address) == host else f"{host} (resolved to {address})"
-                raise RefusedUrl(f"refusing to call {shown_url}: {shown} is {reason}; the operator may "
-                                  f"allow it by listing {host!r} in {ALLOW_PRIVATE_HOSTS_ENV}")
+                raise RefusedUrl(
+                    f"refusing to call {shown_url}: {shown} is {reason}; the operator may "
+                    f"allow it by listing {host!r} in {ALLOW_PRIVATE_HOSTS_ENV}"
+                )
     query = f"?{parts.query}" if parts.query else ""
     auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username is not None else None
     return OutboundTarget(
-        url=url, scheme=parts.scheme, host=host, port=port, addresses=tuple(dict.fromkeys(map(str, addresses))),
-        path=(parts.path or "/") + query, host_header=parts.netloc.rpartition("@")[2], auth=auth,
+        url=url,
+        scheme=parts.scheme,
+        host=host,
+        port=port,
+        addresses=tuple(dict.fromkeys(map(str, addresses))),
+        path=(parts.path or "/") + query,
+        host_header=parts.netloc.rpartition("@")[2],
+        auth=auth,
     )
 
 
 def check_url_literal(url: str, allowed_hosts: Iterable[str] = ()) -> None:
     """``check_outbound_url`` without DNS, for validating a spec: refuses a forbidden address written
     in the URL (in any numeric spelling); a host name passes here and is checked when called."""
+
     def numeric_only(host: str, port: int, **options: Any) -> list:
         return socket.getaddrinfo(host, port, flags=socket.AI_NUMERICHOST, **options)
 
@@ -154,9 +168,18 @@ def check_url_literal(url: str, allowed_hosts: Iterable[str] = ()) -> None:
         pass
 
 
-def post_json(url: str, payload: Any, *, allowed_hosts: Iterable[str] = (), timeout_s: float = 30.0,
-              retries: int = 2, headers: dict[str, str] | None = None, client: Any = None,
-              sleep: Callable[[float], None] | None = None, on_retry: Callable[[str], None] | None = None):
+def post_json(
+    url: str,
+    payload: Any,
+    *,
+    allowed_hosts: Iterable[str] = (),
+    timeout_s: float = 30.0,
+    retries: int = 2,
+    headers: dict[str, str] | None = None,
+    client: Any = None,
+    sleep: Callable[[float], None] | None = None,
+    on_retry: Callable[[str], None] | None = None,
+):
     """POST ``payload`` as JSON to the checked ``url``: its 2xx ``httpx.Response``, else OutboundError.
     ``payload`` is a JSON-able value, or ``bytes`` of JSON already encoded, sent as they are (when
     a signature covers the exact body).
@@ -196,20 +219,27 @@ def post_json(url: str, payload: Any, *, allowed_hosts: Iterable[str] = (), time
             client.close()
 
 
-def _post_once(client: Any, target: OutboundTarget, payload: Any, headers: dict[str, str] | None,
-               timeout_s: float) -> tuple[Any, str]:
+def _post_once(
+    client: Any, target: OutboundTarget, payload: Any, headers: dict[str, str] | None, timeout_s: float
+) -> tuple[Any, str]:
     """(the response, "") from the first of the target's addresses that connects, else (None, why not)."""
     import httpx
 
     encoded = isinstance(payload, bytes)
     body = {"content": payload} if encoded else {"json": payload}
-    headers = {**({"Content-Type": "application/json"} if encoded else {}), **(headers or {}),
-               "Host": target.host_header}
+    headers = {
+        **({"Content-Type": "application/json"} if encoded else {}),
+        **(headers or {}),
+        "Host": target.host_header,
+    }
     reason = "no address"
     for address in target.addresses:
         try:
             return client.post(
-                target.connect_url(address), auth=target.auth, headers=headers, **body,
+                target.connect_url(address),
+                auth=target.auth,
+                headers=headers,
+                **body,
                 extensions={"sni_hostname": target.host} if target.scheme == "https" else None,
             ), ""
         except (httpx.ConnectTimeout, httpx.ConnectError) as exc:

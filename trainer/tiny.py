@@ -28,7 +28,11 @@ def char_tokenizer(vocab_size: int | None = None):
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -54,24 +58,28 @@ def make_tiny_model(
 
     tokenizer = char_tokenizer(vocab_size)
     config_class = getattr(transformers, {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}.get(arch, arch))
-    config = config_class(**{
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size or 4 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": max(1, num_heads // 2),
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        **config_overrides,
-    })
+    config = config_class(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size or 4 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": max(1, num_heads // 2),
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            **config_overrides,
+        }
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)

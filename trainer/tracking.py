@@ -40,8 +40,11 @@ class WandbOptions:
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics that are numbers (a bool is not one)."""
-    return {key: float(value) for key, value in metrics.items()
-            if isinstance(value, int | float) and not isinstance(value, bool)}
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 class Tracker:
@@ -50,8 +53,14 @@ class Tracker:
     Writers open on the first ``log``: a resumed run's first step then purges what an earlier
     attempt wrote at or after it, so a replayed step shows once (as ``metrics.jsonl`` keeps it)."""
 
-    def __init__(self, output_dir: str | Path, *, config: dict[str, Any] | None = None,
-                 wandb: WandbOptions | None = None, on_log: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        config: dict[str, Any] | None = None,
+        wandb: WandbOptions | None = None,
+        on_log: Callable[[str, str], None] | None = None,
+    ):
         self.log_dir = Path(output_dir) / TENSORBOARD_DIR
         self.config = config or {}
         self.wandb_options = wandb
@@ -76,8 +85,11 @@ class Tracker:
                 self._writer.add_text("config", _as_markdown(self.config), 0)
         except Exception as exc:  # no tensorboard package, an unwritable directory
             log.warning("TensorBoard tracking off: %s", exc)
-            self.on_log("warning", f"TensorBoard event files are not written ({type(exc).__name__}: {exc}); "
-                                   f"install the tensorboard package on the worker")
+            self.on_log(
+                "warning",
+                f"TensorBoard event files are not written ({type(exc).__name__}: {exc}); "
+                f"install the tensorboard package on the worker",
+            )
         if self.wandb_options is not None:
             self._wandb_run = self._start_wandb(self.wandb_options)
 
@@ -85,18 +97,30 @@ class Tracker:
         try:
             import wandb
         except ImportError:
-            self.on_log("warning", "W&B tracking is configured but the wandb package is not installed on this "
-                                   "worker (pip install wandb); metrics go to TensorBoard files only")
+            self.on_log(
+                "warning",
+                "W&B tracking is configured but the wandb package is not installed on this "
+                "worker (pip install wandb); metrics go to TensorBoard files only",
+            )
             return None
         try:
-            return wandb.init(project=options.project, entity=options.entity, mode=options.mode,
-                              id=options.run_id, name=options.name, tags=list(options.tags) or None,
-                              resume="allow" if options.run_id else None, config=self.config,
-                              dir=str(self.log_dir.parent))
+            return wandb.init(
+                project=options.project,
+                entity=options.entity,
+                mode=options.mode,
+                id=options.run_id,
+                name=options.name,
+                tags=list(options.tags) or None,
+                resume="allow" if options.run_id else None,
+                config=self.config,
+                dir=str(self.log_dir.parent),
+            )
         except Exception as exc:  # no key, no network, a refused project: the run goes on without W&B
             log.warning("W&B tracking off: %s", exc, exc_info=True)
-            self.on_log("warning", f"W&B tracking could not start ({type(exc).__name__}); metrics go to "
-                                   f"TensorBoard files only")
+            self.on_log(
+                "warning",
+                f"W&B tracking could not start ({type(exc).__name__}); metrics go to TensorBoard files only",
+            )
             return None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

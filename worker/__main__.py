@@ -24,8 +24,17 @@ def main(argv: list[str] | None = None) -> None:
         queue, pool = settings.queue, ["--pool", "prefork"]
     # gossip and mingle are cluster chatter this service does not use (the database is the shared
     # state); mingle would also hold every start for a round of replies.
-    args = ["worker", "--queues", queue, "--loglevel", "INFO", *pool, "--without-gossip", "--without-mingle",
-            *extra]
+    args = [
+        "worker",
+        "--queues",
+        queue,
+        "--loglevel",
+        "INFO",
+        *pool,
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]
     app.worker_main(args)
 
 

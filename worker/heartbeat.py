@@ -22,8 +22,15 @@ class Heartbeat:
     If the renewal finds the lease gone, ``on_lost`` is called once and the thread ends.
     """
 
-    def __init__(self, *, sessions: sessionmaker[Session], job_id: str, worker: str, interval: float,
-                 on_lost: Callable[[], None]):
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        job_id: str,
+        worker: str,
+        interval: float,
+        on_lost: Callable[[], None],
+    ):
         self.sessions, self.job_id, self.worker, self.interval = sessions, job_id, worker, interval
         self.on_lost = on_lost
         self.stopping = threading.Event()
@@ -33,7 +40,9 @@ class Heartbeat:
         self.thread.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stopping.set()
         self.thread.join(timeout=30)
 
@@ -43,7 +52,11 @@ class Heartbeat:
                 with unit_of_work(self.sessions) as session:
                     held = renew_lease(session=session, job_id=self.job_id, worker=self.worker)
             except Exception as exc:  # the database is unreachable, say: the next beat tries again
-                log.warning("heartbeat for job %s failed (%s); retrying", self.job_id, " ".join(str(exc).split())[:200])
+                log.warning(
+                    "heartbeat for job %s failed (%s); retrying",
+                    self.job_id,
+                    " ".join(str(exc).split())[:200],
+                )
                 continue
             if not held:
                 log.warning("job %s: lease lost (the sweeper re-queued it); stopping", self.job_id)

@@ -55,12 +55,19 @@ class WarmModels:
             return self.loaded[source.key]
         while len(self.loaded) >= self.capacity:
             evicted, _ = self.loaded.popitem(last=False)
-            log.info("unloaded checkpoint %s (GRPO_INFERENCE_MODELS=%d)", "/".join(evicted[:2]), self.capacity)
+            log.info(
+                "unloaded checkpoint %s (GRPO_INFERENCE_MODELS=%d)", "/".join(evicted[:2]), self.capacity
+            )
             release_memory()
         model_and_tokenizer = load(source)
         self.loads += 1
         self.loaded[source.key] = model_and_tokenizer
-        log.info("loaded checkpoint %s from %s (%d warm)", "/".join(source.key[:2]), source.directory, len(self.loaded))
+        log.info(
+            "loaded checkpoint %s from %s (%d warm)",
+            "/".join(source.key[:2]),
+            source.directory,
+            len(self.loaded),
+        )
         return model_and_tokenizer
 
 
@@ -88,7 +95,9 @@ def load(source: Source) -> tuple[Any, Any]:
         try:
             model = PeftModel.from_pretrained(base, str(source.directory)).merge_and_unload()
         except Exception as exc:
-            raise ModelLoadError(f"could not load the adapter onto its base model ({type(exc).__name__})") from exc
+            raise ModelLoadError(
+                f"could not load the adapter onto its base model ({type(exc).__name__})"
+            ) from exc
     return model.eval(), tokenizer
 
 
@@ -101,7 +110,12 @@ def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
         checkpoint = get_checkpoint(session=session, job_id=job_id, step=step)
         job = session.get(Job, job_id)
         assert job is not None  # the checkpoint's row references it
-        path, kind, created, base_model = checkpoint.path, checkpoint.kind, checkpoint.created_at, job.base_model
+        path, kind, created, base_model = (
+            checkpoint.path,
+            checkpoint.kind,
+            checkpoint.created_at,
+            job.base_model,
+        )
     directory = inside(settings.artifact_dir, path)
     if directory is None or not directory.is_dir():
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
@@ -111,7 +125,12 @@ def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
         if merged.is_dir():
             return Source(key=(*key, "merged"), directory=merged, base_model=None)
         # the operator's allowed model directories now, not when the job was created
-        check_model(base_model, param="model", model_dirs=settings.model_dirs or [], artifact_dir=settings.artifact_dir)
+        check_model(
+            base_model,
+            param="model",
+            model_dirs=settings.model_dirs or [],
+            artifact_dir=settings.artifact_dir,
+        )
         return Source(key=key, directory=directory, base_model=base_model)
     return Source(key=key, directory=directory, base_model=None)
 
@@ -124,23 +143,46 @@ def answer(request: dict[str, Any], *, settings: Settings, models: WarmModels) -
     try:
         source = checkpoint_source(request, settings)
         model, tokenizer = models.get(source)
-        generation = generate_chat(model, tokenizer, request["messages"], max_tokens=int(request["max_tokens"]),
-                                   temperature=float(request["temperature"]), top_p=float(request["top_p"]),
-                                   n=int(request["n"]), stop=list(request["stop"]), seed=request.get("seed"))
+        generation = generate_chat(
+            model,
+            tokenizer,
+            request["messages"],
+            max_tokens=int(request["max_tokens"]),
+            temperature=float(request["temperature"]),
+            top_p=float(request["top_p"]),
+            n=int(request["n"]),
+            stop=list(request["stop"]),
+            seed=request.get("seed"),
+        )
     except CheckpointNotFound as exc:
         return {"error": {"code": "model_not_found", "message": exc.message, "param": "model"}}
     except ConfigError as exc:
         return {"error": {"message": exc.message, "param": exc.param}}
     except ModelLoadError as exc:  # its text may hold this machine's paths: the log keeps it
         log.warning("chat request for %s step %s: %s", request.get("job_id"), request.get("step"), exc)
-        return {"error": {"code": "inference_unavailable", "message": "this checkpoint could not be loaded for "
-                          "inference; the operator's inference worker log has why", "param": "model"}}
+        return {
+            "error": {
+                "code": "inference_unavailable",
+                "message": "this checkpoint could not be loaded for "
+                "inference; the operator's inference worker log has why",
+                "param": "model",
+            }
+        }
     completion_tokens = sum(choice.completion_tokens for choice in generation.choices)
     return {
-        "choices": [{"index": index, "message": {"role": "assistant", "content": choice.text},
-                     "finish_reason": choice.finish_reason} for index, choice in enumerate(generation.choices)],
-        "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": generation.prompt_tokens + completion_tokens},
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "finish_reason": choice.finish_reason,
+            }
+            for index, choice in enumerate(generation.choices)
+        ],
+        "usage": {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": generation.prompt_tokens + completion_tokens,
+        },
     }
 
 

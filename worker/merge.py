@@ -41,8 +41,11 @@ def merge_final_adapter(checkpoint: Path, job_dir: Path, step: int, progress: Pr
         write_merged_model(checkpoint, job_dir, step)
     except Exception as exc:
         log.exception("merging the adapter of step %d failed", step)
-        progress.on_log("warning", f"the adapter of step {step} could not be merged into its base model "
-                                   f"({type(exc).__name__}: {str(exc)[:300]}); download the adapter and merge it "
-                                   "with `python -m trainer export-merged`")
+        progress.on_log(
+            "warning",
+            f"the adapter of step {step} could not be merged into its base model "
+            f"({type(exc).__name__}: {str(exc)[:300]}); download the adapter and merge it "
+            "with `python -m trainer export-merged`",
+        )
         return
     progress.on_log("info", f"merged model of step {step} written: download it with format=merged")

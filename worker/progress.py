@@ -34,8 +34,14 @@ def wandb_options(settings: Settings, *, job_id: str, job_name: str | None) -> W
     per job (its id), so a resumed attempt continues the same run."""
     if not settings.wandb_project:
         return None
-    return WandbOptions(project=settings.wandb_project, entity=settings.wandb_entity, mode=settings.wandb_mode,
-                        run_id=job_id, name=job_name or job_id, tags=("grpo",))
+    return WandbOptions(
+        project=settings.wandb_project,
+        entity=settings.wandb_entity,
+        mode=settings.wandb_mode,
+        run_id=job_id,
+        name=job_name or job_id,
+        tags=("grpo",),
+    )
 
 
 class LeaseLost(Exception):
@@ -46,8 +52,15 @@ class JobProgress(Progress):
     """Every hook is one unit of work, retried while the database is unreachable (for up to
     ``database_retry_s``): a short outage pauses training instead of ending it."""
 
-    def __init__(self, *, job_id: str, worker: str, sessions: sessionmaker[Session], artifact_dir: Path,
-                 database_retry_s: float):
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        worker: str,
+        sessions: sessionmaker[Session],
+        artifact_dir: Path,
+        database_retry_s: float,
+    ):
         self.job_id, self.worker, self.sessions, self.artifact_dir = job_id, worker, sessions, artifact_dir
         self.database_retry_s = database_retry_s
         self.lease_lost = threading.Event()  # set by the heartbeat thread
@@ -57,13 +70,26 @@ class JobProgress(Progress):
             raise LeaseLost(self.job_id)
 
     def _write(self, work: Callable[[Session], T], what: str) -> T:
-        return with_retries(self.sessions, work, within_s=self.database_retry_s, what=f"job {self.job_id}: {what}")
+        return with_retries(
+            self.sessions, work, within_s=self.database_retry_s, what=f"job {self.job_id}: {what}"
+        )
 
     def on_start(self, *, start_step: int, max_steps: int) -> None:
-        message = (f"training from step {start_step + 1} of {max_steps}" if start_step == 0 else
-                   f"resuming after step {start_step} of {max_steps}")
-        self._write(lambda session: add_event(session=session, job_id=self.job_id, kind="log", message=message,
-                                              data={"start_step": start_step, "max_steps": max_steps}), "start")
+        message = (
+            f"training from step {start_step + 1} of {max_steps}"
+            if start_step == 0
+            else f"resuming after step {start_step} of {max_steps}"
+        )
+        self._write(
+            lambda session: add_event(
+                session=session,
+                job_id=self.job_id,
+                kind="log",
+                message=message,
+                data={"start_step": start_step, "max_steps": max_steps},
+            ),
+            "start",
+        )
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._hold()
@@ -76,46 +102,80 @@ class JobProgress(Progress):
         self._write(write, f"metrics of step {step}")
 
     def on_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        self._write(lambda session: add_samples(session=session, job_id=self.job_id, step=step, samples=samples),
-                    f"samples of step {step}")
+        self._write(
+            lambda session: add_samples(session=session, job_id=self.job_id, step=step, samples=samples),
+            f"samples of step {step}",
+        )
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self._hold()
         kind, size = describe_checkpoint(Path(path))
 
         def write(session: Session) -> None:
-            upsert_checkpoint(session=session, job_id=self.job_id, step=step, kind=kind, bytes=size,
-                              path=relative_to_artifacts(Path(path), self.artifact_dir))
-            add_event(session=session, job_id=self.job_id, kind="checkpoint", message=f"checkpoint at step {step}",
-                      data={"step": step, "kind": kind, "bytes": size})
+            upsert_checkpoint(
+                session=session,
+                job_id=self.job_id,
+                step=step,
+                kind=kind,
+                bytes=size,
+                path=relative_to_artifacts(Path(path), self.artifact_dir),
+            )
+            add_event(
+                session=session,
+                job_id=self.job_id,
+                kind="checkpoint",
+                message=f"checkpoint at step {step}",
+                data={"step": step, "kind": kind, "bytes": size},
+            )
 
         self._write(write, f"checkpoint of step {step}")
 
     def on_checkpoint_removed(self, step: int) -> None:
         self._hold()
-        self._write(lambda session: delete_checkpoint(session=session, job_id=self.job_id, step=step),
-                    f"removal of checkpoint {step}")
+        self._write(
+            lambda session: delete_checkpoint(session=session, job_id=self.job_id, step=step),
+            f"removal of checkpoint {step}",
+        )
 
     def on_evaluation(self, step: int, figures: dict[str, float], *, best_step: int | None) -> None:
         self._hold()
-        shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
-                          if name == "reward" or name.startswith("pass@"))
+        shown = ", ".join(
+            f"{name} {value:.4g}"
+            for name, value in figures.items()
+            if name == "reward" or name.startswith("pass@")
+        )
         best = "" if best_step is None else f"; best checkpoint: step {best_step}"
 
         def write(session: Session) -> None:
-            record_evaluation(session=session, job_id=self.job_id, step=step, figures=figures, best_step=best_step)
-            add_event(session=session, job_id=self.job_id, kind="evaluation",
-                      message=f"checkpoint at step {step} on the eval set: {shown}{best}",
-                      data={"step": step, "eval": figures, "best_step": best_step})
+            record_evaluation(
+                session=session, job_id=self.job_id, step=step, figures=figures, best_step=best_step
+            )
+            add_event(
+                session=session,
+                job_id=self.job_id,
+                kind="evaluation",
+                message=f"checkpoint at step {step} on the eval set: {shown}{best}",
+                data={"step": step, "eval": figures, "best_step": best_step},
+            )
 
         self._write(write, f"evaluation of step {step}")
 
     def on_log(self, level: str, message: str) -> None:
-        self._write(lambda session: add_event(session=session, job_id=self.job_id, kind="log",
-                                              level=LEVELS.get(level.lower(), "info"), message=message), "log")
+        self._write(
+            lambda session: add_event(
+                session=session,
+                job_id=self.job_id,
+                kind="log",
+                level=LEVELS.get(level.lower(), "info"),
+                message=message,
+            ),
+            "log",
+        )
 
     def should_stop(self) -> bool:
         """True once the job was asked to cancel or to pause: the trainer then writes a checkpoint
         and returns, and the runner records which of the two it was."""
         self._hold()
-        return self._write(lambda session: is_stop_requested(session=session, job_id=self.job_id), "stop check")
+        return self._write(
+            lambda session: is_stop_requested(session=session, job_id=self.job_id), "stop check"
+        )

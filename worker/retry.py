@@ -20,8 +20,9 @@ DATABASE_UNREACHABLE = (OperationalError, InterfaceError)
 FIRST_DELAY_S, MAX_DELAY_S = 0.2, 5.0
 
 
-def with_retries(sessions: sessionmaker[Session], work: Callable[[Session], T], *, within_s: float,
-                 what: str) -> T:
+def with_retries(
+    sessions: sessionmaker[Session], work: Callable[[Session], T], *, within_s: float, what: str
+) -> T:
     """``work(session)`` in a unit of work, tried again with exponential backoff while the
     database is unreachable, for at most ``within_s`` seconds; then the last error is raised.
 
@@ -37,7 +38,11 @@ def with_retries(sessions: sessionmaker[Session], work: Callable[[Session], T], 
         except DATABASE_UNREACHABLE as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s: database unreachable (%s); retrying in %.1f s", what, " ".join(str(exc).split())[:200],
-                        delay)
+            log.warning(
+                "%s: database unreachable (%s); retrying in %.1f s",
+                what,
+                " ".join(str(exc).split())[:200],
+                delay,
+            )
             time.sleep(delay)
             delay = min(2 * delay, MAX_DELAY_S)

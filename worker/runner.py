@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 
 def internal_failure_reason(job_id: str, exc: Exception) -> str:
     """A failure reason for an error the worker did not expect: the kind of error, never its text."""
-    return (f"internal error in the worker ({type(exc).__name__}); this is a fault of the service, not known to "
-            f"come from your spec: create the job again, and if it fails the same way, give the operator its id "
-            f"({job_id}), whose traceback the worker log has")
+    return (
+        f"internal error in the worker ({type(exc).__name__}); this is a fault of the service, not known to "
+        f"come from your spec: create the job again, and if it fails the same way, give the operator its id "
+        f"({job_id}), whose traceback the worker log has"
+    )
 
 
 def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
@@ -35,8 +37,12 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
     outcome; a job that is not queued (a duplicate message) is left alone."""
     sessions = session_factory(settings.database_url)
     retry_s = settings.database_retry_s
-    job = with_retries(sessions, lambda session: claim_job(session=session, job_id=job_id, worker=worker),
-                       within_s=retry_s, what=f"job {job_id}: claim")
+    job = with_retries(
+        sessions,
+        lambda session: claim_job(session=session, job_id=job_id, worker=worker),
+        within_s=retry_s,
+        what=f"job {job_id}: claim",
+    )
     if job is None:
         # A duplicate message (a re-send, a redelivery): the job is held, finished, paused or cancelled.
         log.info("job %s is not queued; nothing to do", job_id)
@@ -44,6 +50,7 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker, job.attempts)
     assert settings.artifact_dir is not None
     artifact_dir = settings.artifact_dir
+
     # The trainer reports each checkpoint it deletes (JobProgress.on_checkpoint_removed), but a worker
     # that died between deleting one and committing the report (killed, or the database out of reach
     # past database_retry_s) left a row whose files are gone, and no later run reports that step again.
@@ -54,17 +61,32 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
 
     forgotten = with_retries(sessions, forget_missing, within_s=retry_s, what=f"job {job_id}: checkpoints")
     if forgotten:
-        log.warning("job %s: forgot the checkpoints of steps %s, deleted by an earlier attempt that died "
-                    "before recording it", job_id, forgotten)
-    progress = JobProgress(job_id=job_id, worker=worker, sessions=sessions, artifact_dir=artifact_dir,
-                           database_retry_s=retry_s)
+        log.warning(
+            "job %s: forgot the checkpoints of steps %s, deleted by an earlier attempt that died "
+            "before recording it",
+            job_id,
+            forgotten,
+        )
+    progress = JobProgress(
+        job_id=job_id, worker=worker, sessions=sessions, artifact_dir=artifact_dir, database_retry_s=retry_s
+    )
     stopped_at, reason = None, None
     try:
         run = run_config_for(job, settings)
-        with Heartbeat(sessions=sessions, job_id=job_id, worker=worker, interval=settings.heartbeat_interval_s,
-                       on_lost=progress.lease_lost.set):
-            result = train(run, settings.job_dir(job_id), progress=progress, resume=True,
-                           wandb=wandb_options(settings, job_id=job_id, job_name=job.name))
+        with Heartbeat(
+            sessions=sessions,
+            job_id=job_id,
+            worker=worker,
+            interval=settings.heartbeat_interval_s,
+            on_lost=progress.lease_lost.set,
+        ):
+            result = train(
+                run,
+                settings.job_dir(job_id),
+                progress=progress,
+                resume=True,
+                wandb=wandb_options(settings, job_id=job_id, job_name=job.name),
+            )
             if not result.stopped and run.hyperparameters.lora is not None and result.checkpoint is not None:
                 merge_final_adapter(result.checkpoint, settings.job_dir(job_id), result.final_step, progress)
         stopped_at = result.final_step if result.stopped else None
@@ -72,8 +94,12 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
         log.warning("job %s: another worker holds it now; leaving it alone", job_id)
         return
     except DATABASE_UNREACHABLE:
-        log.exception("job %s: the database stayed unreachable for %ss; giving the job up (the sweeper "
-                      "re-queues it once the database is back and its heartbeat is stale)", job_id, retry_s)
+        log.exception(
+            "job %s: the database stayed unreachable for %ss; giving the job up (the sweeper "
+            "re-queues it once the database is back and its heartbeat is stale)",
+            job_id,
+            retry_s,
+        )
         return
     except ConfigError as exc:  # the spec passed these checks when created; a newer trainer may disagree
         reason = f"{exc.param}: {exc.message}"
@@ -89,8 +115,11 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
         if stopped_at is not None:  # asked to stop: cancelled, or paused to be resumed
             return stop_job(session=session, job_id=job_id, worker=worker, step=stopped_at)
         status = JobStatus.succeeded if reason is None else JobStatus.failed
-        return status if finish_job(session=session, job_id=job_id, worker=worker, status=status,
-                                    reason=reason) else None
+        return (
+            status
+            if finish_job(session=session, job_id=job_id, worker=worker, status=status, reason=reason)
+            else None
+        )
 
     status = with_retries(sessions, record_end, within_s=retry_s, what=f"job {job_id}: record its end")
     if status is None:

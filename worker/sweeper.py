@@ -42,27 +42,36 @@ def sweep(*, settings: Settings, dispatcher: Dispatcher, idle_for_s: float = 0.0
     """One pass; returns the ids sent to the broker. ``idle_for_s``: how long this worker has
     had a slot free (held fewer messages than it can run)."""
     with unit_of_work(dispatcher.sessions) as session:
-        requeued = requeue_stale_jobs(session=session, stale_before=since(settings.heartbeat_stale_s),
-                                      max_attempts=settings.max_attempts)
+        requeued = requeue_stale_jobs(
+            session=session,
+            stale_before=since(settings.heartbeat_stale_s),
+            max_attempts=settings.max_attempts,
+        )
     idle = idle_for_s >= settings.send_grace_s
     resend_after_s = settings.send_grace_s if idle else settings.resend_after_s
     with unit_of_work(dispatcher.sessions) as session:
-        missing = jobs_due_for_send(session=session, unsent_before=since(settings.send_grace_s),
-                                    resent_before=since(resend_after_s))
+        missing = jobs_due_for_send(
+            session=session, unsent_before=since(settings.send_grace_s), resent_before=since(resend_after_s)
+        )
     sent = []
     for job_id in dict.fromkeys(requeued + missing):
         if dispatcher.deliver(job_id):
             sent.append(job_id)
     if sent:
-        log.info("sweeper sent %d job(s) to the broker%s: %s (re-queued after a lost worker: %s)", len(sent),
-                 f" (a slot of this worker free for {idle_for_s:.0f} s)" if idle else "", ", ".join(sent),
-                 ", ".join(requeued) or "none")
+        log.info(
+            "sweeper sent %d job(s) to the broker%s: %s (re-queued after a lost worker: %s)",
+            len(sent),
+            f" (a slot of this worker free for {idle_for_s:.0f} s)" if idle else "",
+            ", ".join(sent),
+            ", ".join(requeued) or "none",
+        )
     return sent
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, *, settings: Settings, dispatcher: Dispatcher,
-                 has_free_slot: Callable[[], bool] = lambda: False):
+    def __init__(
+        self, *, settings: Settings, dispatcher: Dispatcher, has_free_slot: Callable[[], bool] = lambda: False
+    ):
         super().__init__(name="grpo-sweeper", daemon=True)
         self.settings = settings
         self.dispatcher = dispatcher
@@ -75,7 +84,9 @@ class Sweeper(threading.Thread):
             if not self.has_free_slot():
                 busy_at = time.monotonic()
             try:
-                if sweep(settings=self.settings, dispatcher=self.dispatcher, idle_for_s=time.monotonic() - busy_at):
+                if sweep(
+                    settings=self.settings, dispatcher=self.dispatcher, idle_for_s=time.monotonic() - busy_at
+                ):
                     busy_at = time.monotonic()  # give what was sent time to arrive
             except Exception:
                 log.exception("sweep failed; trying again in %ss", self.settings.sweep_interval_s)

@@ -29,7 +29,9 @@ class WebhookDeliverer(threading.Thread):
             try:
                 deliver_due_webhooks(sessions=self.sessions, settings=self.settings)
             except Exception:
-                log.exception("webhook deliveries failed; trying again in %ss", self.settings.sweep_interval_s)
+                log.exception(
+                    "webhook deliveries failed; trying again in %ss", self.settings.sweep_interval_s
+                )
 
     def stop(self) -> None:
         self.stopping.set()

@@ -35,13 +35,18 @@ def grader_rewards(grader: Any) -> tuple[list[dict[str, Any]], list[str]]:
     if isinstance(grader, dict) and grader.get("type") == "multi":
         unknown = sorted(set(grader) - {"type", "name", "graders", "calculate_output"})
         if unknown:
-            raise invalid(f"{GRADER}.{unknown[0]}", "unknown field for a multi grader; its fields: calculate_output, "
-                          "graders, name")
+            raise invalid(
+                f"{GRADER}.{unknown[0]}",
+                "unknown field for a multi grader; its fields: calculate_output, graders, name",
+            )
         graders = grader.get("graders")
         if isinstance(graders, dict) and isinstance(graders.get("type"), str):  # one grader, not a mapping
             graders = {str(graders.get("name") or graders["type"]): graders}
         if not isinstance(graders, dict) or not graders:
-            raise invalid(f"{GRADER}.graders", 'must map names to graders, e.g. {"exact": {"type": "string_check", ...}}')
+            raise invalid(
+                f"{GRADER}.graders",
+                'must map names to graders, e.g. {"exact": {"type": "string_check", ...}}',
+            )
         weights = linear_weights(grader.get("calculate_output"), set(graders), f"{GRADER}.calculate_output")
         rewards, paths = [], []
         for key, sub in graders.items():
@@ -57,15 +62,21 @@ def grader_rewards(grader: Any) -> tuple[list[dict[str, Any]], list[str]]:
 def native_reward(grader: Any, param: str) -> dict[str, Any]:
     """The reward function for one (not multi) grader, or ``InvalidRequest`` at ``param``."""
     if not isinstance(grader, dict):
-        raise invalid(param, 'must be a grader object, e.g. {"type": "string_check", "input": "{{sample.output_text}}", '
-                      '"reference": "{{item.answer}}", "operation": "eq"}')
+        raise invalid(
+            param,
+            'must be a grader object, e.g. {"type": "string_check", "input": "{{sample.output_text}}", '
+            '"reference": "{{item.answer}}", "operation": "eq"}',
+        )
     kind = grader.get("type")
     supported = ", ".join([*GRADERS, "multi"])
     if kind in MODEL_GRADERS:
-        raise invalid(f"{param}.type", f"{kind} graders are not supported: they call a model hosted by OpenAI. Score with "
-                      "a model of your own (the native reward type reward_model: a sequence-classification model the "
-                      "workers load) or with your own endpoint (type http) in a job created with POST /v1/jobs; "
-                      f"graders supported here: {supported}")
+        raise invalid(
+            f"{param}.type",
+            f"{kind} graders are not supported: they call a model hosted by OpenAI. Score with "
+            "a model of your own (the native reward type reward_model: a sequence-classification model the "
+            "workers load) or with your own endpoint (type http) in a job created with POST /v1/jobs; "
+            f"graders supported here: {supported}",
+        )
     if kind == "multi":
         raise invalid(f"{param}.type", "a multi grader cannot contain another multi grader")
     if kind not in GRADERS:
@@ -73,12 +84,19 @@ def native_reward(grader: Any, param: str) -> dict[str, Any]:
     native, fields = GRADERS[kind]
     unknown = sorted(set(grader) - fields - {"type", "name"})
     if unknown:
-        raise invalid(f"{param}.{unknown[0]}", f"unknown field for a {kind} grader; its fields: "
-                      f"{', '.join(sorted(fields | {'name'}))}")
+        raise invalid(
+            f"{param}.{unknown[0]}",
+            f"unknown field for a {kind} grader; its fields: {', '.join(sorted(fields | {'name'}))}",
+        )
     if grader.get("image_tag") is not None:
-        raise invalid(f"{param}.image_tag", "python graders run in this server's sandbox, on the standard library "
-                      "only; remove image_tag")
-    reward = {"type": native, **{key: value for key, value in grader.items() if key in fields and key != "image_tag"}}
+        raise invalid(
+            f"{param}.image_tag",
+            "python graders run in this server's sandbox, on the standard library only; remove image_tag",
+        )
+    reward = {
+        "type": native,
+        **{key: value for key, value in grader.items() if key in fields and key != "image_tag"},
+    }
     if grader.get("name") is not None:
         reward["name"] = grader["name"]
     return reward
@@ -89,15 +107,22 @@ def linear_weights(formula: Any, names: set[str], param: str) -> dict[str, float
     weighted sum of grader names (numbers, +, -, * and / by numbers, parentheses)."""
     first, last = sorted(names)[0], sorted(names)[-1]
     example = f"'0.7 * {first} + 0.3 * {last}'" if first != last else f"'{first}'"
-    refuse = invalid(param, f"only a weighted sum of the graders' names is supported here, e.g. {example} "
-                     "(no functions, constants or products of graders)")
+    refuse = invalid(
+        param,
+        f"only a weighted sum of the graders' names is supported here, e.g. {example} "
+        "(no functions, constants or products of graders)",
+    )
     if not isinstance(formula, str):
         raise invalid(param, f"is required: a weighted sum of the graders' names, e.g. {example}")
     if len(formula) > MAX_FORMULA_CHARS:
         raise invalid(param, f"is longer than {MAX_FORMULA_CHARS} characters")
 
     def linear(node: ast.AST) -> tuple[dict[str, float], float]:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int | float)
+            and not isinstance(node.value, bool)
+        ):
             return {}, float(node.value)
         if isinstance(node, ast.Name):
             if node.id not in names:

@@ -18,8 +18,14 @@ from jobs.schemas import JobCreate
 from jobs.submission import DEFAULT_HYPERPARAMETERS as DEFAULTS
 
 HYPERPARAMETERS = "method.reinforcement.hyperparameters"
-NATIVE_PARAMS = {"dataset_id": "training_file", "eval_dataset_id": "validation_file", "base_model": "model",
-                 "reward": GRADER, "hyperparameters": HYPERPARAMETERS, "group_size": f"{HYPERPARAMETERS}.group_size"}
+NATIVE_PARAMS = {
+    "dataset_id": "training_file",
+    "eval_dataset_id": "validation_file",
+    "base_model": "model",
+    "reward": GRADER,
+    "hyperparameters": HYPERPARAMETERS,
+    "group_size": f"{HYPERPARAMETERS}.group_size",
+}
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
@@ -39,7 +45,7 @@ class Translation:
         if param in self.params:
             return self.params[param]
         if param.startswith("reward["):
-            index, _, rest = param[len("reward["):].partition("]")
+            index, _, rest = param[len("reward[") :].partition("]")
             if index.isdigit() and int(index) < len(self.grader_paths):
                 rest = rest.lstrip(".")
                 if rest == "weight":
@@ -64,39 +70,65 @@ def translate_job(body: FineTuningJobCreate, *, training_rows: int) -> Translati
     param. ``training_rows`` (of the training file) turns ``n_epochs`` into steps."""
     method = body.method
     if method is None:
-        raise invalid("method", "give method: {\"type\": \"reinforcement\", \"reinforcement\": {\"grader\": ...}}; this "
-                      "server runs reinforcement fine-tuning (GRPO) only")
+        raise invalid(
+            "method",
+            'give method: {"type": "reinforcement", "reinforcement": {"grader": ...}}; this '
+            "server runs reinforcement fine-tuning (GRPO) only",
+        )
     if method.get("type") != "reinforcement":
-        raise invalid("method.type", f"{method.get('type')!r} fine-tuning is not supported here: this server runs "
-                      "reinforcement fine-tuning (GRPO) only; set method.type to 'reinforcement' and give a grader")
+        raise invalid(
+            "method.type",
+            f"{method.get('type')!r} fine-tuning is not supported here: this server runs "
+            "reinforcement fine-tuning (GRPO) only; set method.type to 'reinforcement' and give a grader",
+        )
     for key, value in method.items():
         if key not in ("type", "reinforcement") and value is not None:
             raise invalid(f"method.{key}", "only method.reinforcement is read here; remove it")
     rft = method.get("reinforcement")
     if not isinstance(rft, dict) or "grader" not in rft:
-        raise invalid("method.reinforcement", "give {\"grader\": {...}, \"hyperparameters\": {...}}")
+        raise invalid("method.reinforcement", 'give {"grader": {...}, "hyperparameters": {...}}')
     unknown = sorted(set(rft) - {"grader", "hyperparameters"})
     if unknown:
-        raise invalid(f"method.reinforcement.{unknown[0]}", "unknown field; method.reinforcement takes grader and "
-                      "hyperparameters")
+        raise invalid(
+            f"method.reinforcement.{unknown[0]}",
+            "unknown field; method.reinforcement takes grader and hyperparameters",
+        )
     if body.hyperparameters:
-        raise invalid("hyperparameters", f"give hyperparameters in {HYPERPARAMETERS} (the top-level form is OpenAI's "
-                      "deprecated one, for supervised jobs)")
+        raise invalid(
+            "hyperparameters",
+            f"give hyperparameters in {HYPERPARAMETERS} (the top-level form is OpenAI's "
+            "deprecated one, for supervised jobs)",
+        )
     if body.integrations:
-        raise invalid("integrations", "integrations (e.g. wandb) are not supported here; follow a job's metrics with "
-                      "GET /v1/jobs/{id}/metrics or the dashboard")
+        raise invalid(
+            "integrations",
+            "integrations (e.g. wandb) are not supported here; follow a job's metrics with "
+            "GET /v1/jobs/{id}/metrics or the dashboard",
+        )
     check_metadata(body.metadata)
     rewards, grader_paths = grader_rewards(rft["grader"])
     given = rft.get("hyperparameters") or {}
     if not isinstance(given, dict):
-        raise invalid(HYPERPARAMETERS, "must be an object, e.g. {\"n_epochs\": 2, \"batch_size\": 8}")
+        raise invalid(HYPERPARAMETERS, 'must be an object, e.g. {"n_epochs": 2, "batch_size": 8}')
     hyperparameters, params = grpo_hyperparameters(given, training_rows=training_rows, seed=body.seed)
-    job = JobCreate(name=body.name or body.suffix, base_model=body.model, dataset_id=body.training_file,
-                    eval_dataset_id=body.validation_file, reward=rewards, hyperparameters=hyperparameters,
-                    webhook_url=body.webhook_url)
+    job = JobCreate(
+        name=body.name or body.suffix,
+        base_model=body.model,
+        dataset_id=body.training_file,
+        eval_dataset_id=body.validation_file,
+        reward=rewards,
+        hyperparameters=hyperparameters,
+        webhook_url=body.webhook_url,
+    )
     shown = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto", **given}
-    openai = {"method": {"type": "reinforcement", "reinforcement": {"grader": rft["grader"], "hyperparameters": shown}},
-              "suffix": body.suffix, "metadata": body.metadata}
+    openai = {
+        "method": {
+            "type": "reinforcement",
+            "reinforcement": {"grader": rft["grader"], "hyperparameters": shown},
+        },
+        "suffix": body.suffix,
+        "metadata": body.metadata,
+    }
     return Translation(job=job, openai=openai, params=params, grader_paths=grader_paths)
 
 
@@ -107,14 +139,16 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
         raise invalid("metadata", f"at most {MAX_METADATA_KEYS} keys, got {len(metadata)}")
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY:
-            raise invalid("metadata", f"keys are at most {MAX_METADATA_KEY} characters; {key[:20]!r}... is longer")
+            raise invalid(
+                "metadata", f"keys are at most {MAX_METADATA_KEY} characters; {key[:20]!r}... is longer"
+            )
         if len(value) > MAX_METADATA_VALUE:
             raise invalid(f"metadata.{key}", f"values are at most {MAX_METADATA_VALUE} characters")
 
 
-
-def grpo_hyperparameters(given: dict[str, Any], *, training_rows: int,
-                         seed: int | None) -> tuple[dict[str, Any], dict[str, str]]:
+def grpo_hyperparameters(
+    given: dict[str, Any], *, training_rows: int, seed: int | None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Native hyperparameters for OpenAI's reinforcement ones, and the params they answer for.
 
     ``batch_size`` is ``prompts_per_step``; ``n_epochs`` becomes ``max_steps`` (epochs × rows /
@@ -122,8 +156,15 @@ def grpo_hyperparameters(given: dict[str, Any], *, training_rows: int,
     given); ``eval_interval`` is ``eval_every``; ``auto`` keeps the native default. Every other
     key is a native hyperparameter (``group_size``, ``max_steps``, ...), checked with the job.
     """
-    openai_keys = ("n_epochs", "batch_size", "learning_rate_multiplier", "eval_interval", "eval_samples",
-                   "compute_multiplier", "reasoning_effort")
+    openai_keys = (
+        "n_epochs",
+        "batch_size",
+        "learning_rate_multiplier",
+        "eval_interval",
+        "eval_samples",
+        "compute_multiplier",
+        "reasoning_effort",
+    )
     native = {key: value for key, value in given.items() if key not in openai_keys}
     params: dict[str, str] = {}
 
@@ -132,8 +173,12 @@ def grpo_hyperparameters(given: dict[str, Any], *, training_rows: int,
         if value is None or value == "auto":
             return None
         kind = "an integer >= 1" if integer else "a number > 0"
-        if isinstance(value, bool) or not isinstance(value, int if integer else int | float) or not value > 0 \
-                or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if integer else int | float)
+            or not value > 0
+            or not math.isfinite(value)
+        ):
             raise invalid(f"{HYPERPARAMETERS}.{key}", f"must be 'auto' or {kind}, got {value!r}")
         return value
 
@@ -160,13 +205,18 @@ def grpo_hyperparameters(given: dict[str, Any], *, training_rows: int,
     eval_interval = given_number("eval_interval", integer=True)
     if eval_interval is not None:
         instead_of("eval_interval", "eval_every", eval_interval)
-    for key, hint in (("eval_samples", "evaluation uses one completion per row of the validation file"),
-                      ("compute_multiplier", "group_size sets how many completions each prompt gets")):
+    for key, hint in (
+        ("eval_samples", "evaluation uses one completion per row of the validation file"),
+        ("compute_multiplier", "group_size sets how many completions each prompt gets"),
+    ):
         if given.get(key) not in (None, "auto"):
             raise invalid(f"{HYPERPARAMETERS}.{key}", f"has no equivalent here ({hint}); leave it 'auto'")
     if given.get("reasoning_effort") not in (None, "default"):
-        raise invalid(f"{HYPERPARAMETERS}.reasoning_effort", "has no equivalent here (the model decides how long it "
-                      "reasons; max_completion_length caps it); leave it 'default'")
+        raise invalid(
+            f"{HYPERPARAMETERS}.reasoning_effort",
+            "has no equivalent here (the model decides how long it "
+            "reasons; max_completion_length caps it); leave it 'default'",
+        )
     if seed is not None:
         if native.get("seed", seed) != seed:
             raise invalid("seed", f"differs from {HYPERPARAMETERS}.seed; give one of them")

@@ -25,13 +25,18 @@ from jobs.chat_queue import send_chat, wait_for_answer
 router = APIRouter(prefix="/v1/chat", tags=["openai"], route_class=OpenAIRoute)
 
 
-@router.post("/completions", response_model=ChatCompletionOut, responses=responses(400, 404, 413, 415, 503, 504),
-             dependencies=[accepts("application/json")])
-async def create_chat_completion(body: ChatCompletionCreate, request: Request, db: DatabaseDep,
-                                 settings: SettingsDep, owner: CurrentOwner) -> ChatCompletionOut:
+@router.post(
+    "/completions",
+    response_model=ChatCompletionOut,
+    responses=responses(400, 404, 413, 415, 503, 504),
+    dependencies=[accepts("application/json")],
+)
+async def create_chat_completion(
+    body: ChatCompletionCreate, request: Request, db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner
+) -> ChatCompletionOut:
     """A chat completion from a checkpoint: `model` is a checkpoint's `fine_tuned_model` name, a job
-    id (its best checkpoint, else its newest) or `JOB_ID:STEP`. `temperature: 0` is greedy. A 404 `model_not_found`
-    when the model is not one of yours; a 504 when no inference worker answered within
+    id (its best checkpoint, else its newest) or `JOB_ID:STEP`. `temperature: 0` is greedy. A 404
+    `model_not_found` when the model is not one of yours; a 504 when no inference worker answered within
     GRPO_INFERENCE_TIMEOUT_S. Streaming is not supported (`stream: true` is a 400)."""
     check_request(body, settings)
 
@@ -47,6 +52,11 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, d
     refused = worker_error(answer, body.model)
     if refused is not None:
         raise refused
-    return ChatCompletionOut(id=f"chatcmpl-{task_id.removeprefix('chat-')}", created=int(time.time()),
-                             model=resolved["target"].model, choices=answer["choices"], usage=answer["usage"],
-                             system_fingerprint=f"{resolved['target'].job_id}:{resolved['target'].step}")
+    return ChatCompletionOut(
+        id=f"chatcmpl-{task_id.removeprefix('chat-')}",
+        created=int(time.time()),
+        model=resolved["target"].model,
+        choices=answer["choices"],
+        usage=answer["usage"],
+        system_fingerprint=f"{resolved['target'].job_id}:{resolved['target'].step}",
+    )

@@ -17,20 +17,30 @@ from jobs.schemas import CheckpointOut, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
 
-TAR_RESPONSE = {200: {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
-                      "description": "The checkpoint's Hugging Face directory as a tar stream."}}
+TAR_RESPONSE = {
+    200: {
+        "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The checkpoint's Hugging Face directory as a tar stream.",
+    }
+}
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointOut], responses=responses(404))
-def get_checkpoints(request: Request, db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner,
-                    job_id: str) -> Page[CheckpointOut]:
+def get_checkpoints(
+    request: Request, db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str
+) -> Page[CheckpointOut]:
     """Complete checkpoints, oldest first (the trainer keeps the last few, and the best by
     `keep_best_by`), each with its figures on the eval set."""
     with db.transaction() as session:
         job = get_job(session=session, owner=owner, job_id=job_id)
         checkpoints = list_checkpoints(session=session, job_id=job_id)
-    return Page(has_more=False, data=[checkpoint_out(request, c, settings.job_dir(job_id),
-                                                     best_step=job.best_checkpoint_step) for c in checkpoints])
+    return Page(
+        has_more=False,
+        data=[
+            checkpoint_out(request, c, settings.job_dir(job_id), best_step=job.best_checkpoint_step)
+            for c in checkpoints
+        ],
+    )
 
 
 def download_url(request: Request, job_id: str, step: int) -> str:
@@ -42,24 +52,45 @@ def download_url(request: Request, job_id: str, step: int) -> str:
     return str(request.url_for("download_checkpoint", job_id=job_id, step=str(step)))
 
 
-def checkpoint_out(request: Request, checkpoint: Checkpoint, job_dir: pathlib.Path, *,
-                   best_step: int | None = None) -> CheckpointOut:
+def checkpoint_out(
+    request: Request, checkpoint: Checkpoint, job_dir: pathlib.Path, *, best_step: int | None = None
+) -> CheckpointOut:
     url = download_url(request, checkpoint.job_id, checkpoint.step)
     merged = checkpoint.kind == "adapter" and merged_dir(job_dir, checkpoint.step).is_dir()
-    return CheckpointOut(step=checkpoint.step, kind=checkpoint.kind, bytes=checkpoint.bytes,
-                         created_at=checkpoint.created_at, download_url=url,
-                         merged_download_url=f"{url}?format=merged" if merged else None,
-                         eval=checkpoint.eval_metrics, best=checkpoint.step == best_step)
+    return CheckpointOut(
+        step=checkpoint.step,
+        kind=checkpoint.kind,
+        bytes=checkpoint.bytes,
+        created_at=checkpoint.created_at,
+        download_url=url,
+        merged_download_url=f"{url}?format=merged" if merged else None,
+        eval=checkpoint.eval_metrics,
+        best=checkpoint.step == best_step,
+    )
 
 
-@router.get("/{job_id}/checkpoints/{step}/download", response_class=StreamingResponse,
-            responses={**TAR_RESPONSE, **responses(404, 422)})
-def download_checkpoint(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
-                        step: Annotated[int, Path(ge=0, le=MAX_STEP)],
-                        format: Annotated[Literal["adapter", "merged"] | None, Query(description=(
-                            "A LoRA job's checkpoint: `adapter` (the default) or `merged` into its base "
-                            "model (its final checkpoint, once it succeeded). A full model is the same "
-                            "either way but has no `adapter`."))] = None) -> StreamingResponse:
+@router.get(
+    "/{job_id}/checkpoints/{step}/download",
+    response_class=StreamingResponse,
+    responses={**TAR_RESPONSE, **responses(404, 422)},
+)
+def download_checkpoint(
+    db: DatabaseDep,
+    settings: SettingsDep,
+    owner: CurrentOwner,
+    job_id: str,
+    step: Annotated[int, Path(ge=0, le=MAX_STEP)],
+    format: Annotated[
+        Literal["adapter", "merged"] | None,
+        Query(
+            description=(
+                "A LoRA job's checkpoint: `adapter` (the default) or `merged` into its base "
+                "model (its final checkpoint, once it succeeded). A full model is the same "
+                "either way but has no `adapter`."
+            )
+        ),
+    ] = None,
+) -> StreamingResponse:
     """A tar of the checkpoint, ready for ``from_pretrained`` once extracted (the optimizer
     state that only resuming needs is left out)."""
     with db.transaction() as session:
@@ -71,14 +102,25 @@ def download_checkpoint(db: DatabaseDep, settings: SettingsDep, owner: CurrentOw
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
     root = f"{job_id}-step-{step}"
     if format == "adapter" and checkpoint.kind == "model":
-        raise InvalidRequest(f"the checkpoint of step {step} is a full model (the job trained every parameter, "
-                             "not a LoRA adapter); download it without format", param="format")
+        raise InvalidRequest(
+            f"the checkpoint of step {step} is a full model (the job trained every parameter, "
+            "not a LoRA adapter); download it without format",
+            param="format",
+        )
     if format == "merged" and checkpoint.kind == "adapter":
         directory, root = merged_dir(settings.job_dir(job_id), step), f"{root}-merged"
         if not directory.is_dir():
-            raise CheckpointNotFound(job_id, step, reason=(
-                "has no merged model at that step: a LoRA job's adapter is merged into its base model for "
-                "the final checkpoint when the job succeeds; download format=adapter and merge it yourself "
-                "with `python -m trainer export-merged ADAPTER_DIR OUT_DIR`"))
-    return StreamingResponse(tar_stream(checkpoint_files(directory), root), media_type="application/x-tar",
-                             headers={"Content-Disposition": f'attachment; filename="{root}.tar"'})
+            raise CheckpointNotFound(
+                job_id,
+                step,
+                reason=(
+                    "has no merged model at that step: a LoRA job's adapter is merged into its base model "
+                    "for the final checkpoint when the job succeeds; download format=adapter and merge it "
+                    "yourself with `python -m trainer export-merged ADAPTER_DIR OUT_DIR`"
+                ),
+            )
+    return StreamingResponse(
+        tar_stream(checkpoint_files(directory), root),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
+    )

@@ -11,8 +11,10 @@ from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 # Scripts, styles and requests from this origin only: the page holds an API key.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 router = APIRouter(include_in_schema=False)
 static_files = StaticFiles(directory=STATIC)
@@ -20,5 +22,11 @@ static_files = StaticFiles(directory=STATIC)
 
 @router.get("/")
 def dashboard() -> FileResponse:
-    return FileResponse(STATIC / "index.html", headers={
-        "Content-Security-Policy": CSP, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
+    return FileResponse(
+        STATIC / "index.html",
+        headers={
+            "Content-Security-Policy": CSP,
+            "Cache-Control": "no-cache",
+            "Referrer-Policy": "no-referrer",
+        },
+    )

@@ -15,12 +15,22 @@ from jobs.text import StorableStr, check_file_name
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=responses(400, 409, 413, 415, 422),
-             dependencies=[accepts("multipart/form-data")])
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses=responses(400, 409, 413, 415, 422),
+    dependencies=[accepts("multipart/form-data")],
+)
 def upload_dataset(
-    db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, response: Response,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    owner: CurrentOwner,
+    response: Response,
     file: Annotated[UploadFile, File(description="JSONL: one object a line, each with a `prompt`.")],
-    name: Annotated[StorableStr | None, Form(max_length=255, description="Defaults to the file's name.")] = None,
+    name: Annotated[
+        StorableStr | None, Form(max_length=255, description="Defaults to the file's name.")
+    ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> DatasetOut:
     """Upload a JSONL dataset (multipart/form-data). Every line is checked now; a 422 lists the
@@ -31,16 +41,23 @@ def upload_dataset(
     if name is None:
         check_file_name(file.filename)
     with db.transaction() as session:
-        dataset, created = store_dataset(session=session, owner=owner, source=file.file, settings=settings,
-                                         name=name or file.filename or "dataset.jsonl",
-                                         idempotency_key=idempotency_key)
+        dataset, created = store_dataset(
+            session=session,
+            owner=owner,
+            source=file.file,
+            settings=settings,
+            name=name or file.filename or "dataset.jsonl",
+            idempotency_key=idempotency_key,
+        )
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
         return DatasetOut.model_validate(dataset)
 
 
 @router.get("", response_model=Page[DatasetOut], responses=responses(422))
-def get_datasets(db: DatabaseDep, owner: CurrentOwner, after: After = None, limit: Limit = 20) -> Page[DatasetOut]:
+def get_datasets(
+    db: DatabaseDep, owner: CurrentOwner, after: After = None, limit: Limit = 20
+) -> Page[DatasetOut]:
     with db.transaction() as session:
         datasets, has_more = list_datasets(session=session, owner=owner, after=after, limit=limit)
         return Page(data=[DatasetOut.model_validate(d) for d in datasets], has_more=has_more)

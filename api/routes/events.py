@@ -13,15 +13,31 @@ from jobs.schemas import EventOut, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}, "example": (
-    'id: 7\nevent: status\ndata: {"id": 7, "job_id": "job_…", "level": "info", "kind": "status", '
-    '"message": "running on celery@gpu-0/4242 (attempt 1)", "data": {"status": "running"}, '
-    '"created_at": "2025-01-01T12:00:03Z"}\n\n')}}}}
+SSE_RESPONSE = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "example": (
+                    'id: 7\nevent: status\ndata: {"id": 7, "job_id": "job_…", "level": "info", '
+                    '"kind": "status", "message": "running on celery@gpu-0/4242 (attempt 1)", '
+                    '"data": {"status": "running"}, "created_at": "2025-01-01T12:00:03Z"}\n\n'
+                ),
+            }
+        }
+    }
+}
 
 
-@router.get("/{job_id}/events", response_model=Page[EventOut], responses={**SSE_RESPONSE, **responses(404, 422)})
+@router.get(
+    "/{job_id}/events", response_model=Page[EventOut], responses={**SSE_RESPONSE, **responses(404, 422)}
+)
 def get_events(
-    db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, request: Request, job_id: str,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    owner: CurrentOwner,
+    request: Request,
+    job_id: str,
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events after this id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     accept: Annotated[str, Header()] = "application/json",
@@ -34,8 +50,9 @@ def get_events(
         with db.transaction() as session:
             get_job(session=session, owner=owner, job_id=job_id)
         start = last_event_id if last_event_id is not None else after
-        return EventSourceResponse(event_stream(request, db, owner, job_id, after=start,
-                                                poll_s=settings.event_poll_interval_s))
+        return EventSourceResponse(
+            event_stream(request, db, owner, job_id, after=start, poll_s=settings.event_poll_interval_s)
+        )
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)
         events, has_more = list_events(session=session, job_id=job_id, after=after, limit=limit)

@@ -19,33 +19,60 @@ from jobs.text import check_file_name
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
 
-RFT_HINT = ("each line's messages, a list of {\"role\", \"content\"} with text content, are its prompt; "
-            "every other field is handed to the graders as item")
-JSONL_RESPONSE = {200: {"content": {"application/jsonl": {"schema": {"type": "string"}}},
-                        "description": "The file as stored: JSONL, each line with its `prompt`."}}
+RFT_HINT = (
+    'each line\'s messages, a list of {"role", "content"} with text content, are its prompt; '
+    "every other field is handed to the graders as item"
+)
+JSONL_RESPONSE = {
+    200: {
+        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        "description": "The file as stored: JSONL, each line with its `prompt`.",
+    }
+}
 
 
-@router.post("", response_model=FileOut, responses=responses(400, 409, 413, 415),
-             dependencies=[accepts("multipart/form-data")])
+@router.post(
+    "",
+    response_model=FileOut,
+    responses=responses(400, 409, 413, 415),
+    dependencies=[accepts("multipart/form-data")],
+)
 def create_file(
-    db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner,
-    file: Annotated[UploadFile, File(description="JSONL; OpenAI's reinforcement fine-tuning format: "
-                                                 "`{\"messages\": [...], \"reference_answer\": ...}` a line.")],
-    purpose: Annotated[str, Form(min_length=1, max_length=64, description="`fine-tune`, the only purpose served here.")],
+    db: DatabaseDep,
+    settings: SettingsDep,
+    owner: CurrentOwner,
+    file: Annotated[
+        UploadFile,
+        File(
+            description="JSONL; OpenAI's reinforcement fine-tuning format: "
+            '`{"messages": [...], "reference_answer": ...}` a line.'
+        ),
+    ],
+    purpose: Annotated[
+        str, Form(min_length=1, max_length=64, description="`fine-tune`, the only purpose served here.")
+    ],
     idempotency_key: IdempotencyKey = None,
 ) -> FileOut:
     """Upload a training file (multipart/form-data, as `client.files.create(file=..., purpose="fine-tune")`).
     Each line's `messages` become its `prompt` (the line keeps every other field for the graders);
     every line is checked now, and a 400 lists the bad ones."""
     if purpose != "fine-tune":
-        raise InvalidRequest(f"purpose {purpose!r} is not served here; upload training data with purpose "
-                             "'fine-tune'", param="purpose")
+        raise InvalidRequest(
+            f"purpose {purpose!r} is not served here; upload training data with purpose 'fine-tune'",
+            param="purpose",
+        )
     check_file_name(file.filename)
     with db.transaction() as session:
         try:
-            dataset, _ = store_dataset(session=session, owner=owner, source=file.file, settings=settings,
-                                       name=file.filename or "file.jsonl", idempotency_key=idempotency_key,
-                                       convert=prompt_from_messages)
+            dataset, _ = store_dataset(
+                session=session,
+                owner=owner,
+                source=file.file,
+                settings=settings,
+                name=file.filename or "file.jsonl",
+                idempotency_key=idempotency_key,
+                convert=prompt_from_messages,
+            )
         except InvalidDataset as exc:
             exc.message += f" ({RFT_HINT})"
             raise
@@ -54,7 +81,9 @@ def create_file(
 
 @router.get("", response_model=ListOut[FileOut], responses=responses(400))
 def list_files(
-    db: DatabaseDep, owner: CurrentOwner, after: After = None,
+    db: DatabaseDep,
+    owner: CurrentOwner,
+    after: After = None,
     limit: Annotated[int, Query(ge=1, le=10000, description="Page size.")] = 100,
     purpose: Annotated[str | None, Query(max_length=64)] = None,
     order: Annotated[Literal["desc"], Query(description="Newest first (`asc` is not served).")] = "desc",
@@ -65,8 +94,12 @@ def list_files(
     with db.transaction() as session:
         datasets, has_more = list_datasets(session=session, owner=owner, after=after, limit=limit)
         data = [file_object(dataset) for dataset in datasets]
-    return ListOut(data=data, has_more=has_more, first_id=data[0].id if data else None,
-                   last_id=data[-1].id if data else None)
+    return ListOut(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 @router.get("/{file_id}", response_model=FileOut, responses=responses(404))

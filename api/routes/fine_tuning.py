@@ -54,21 +54,37 @@ METADATA_FILTER = re.compile(r"^metadata\[(.+)\]$")
 PageSize = Annotated[int, Query(ge=1, le=100, description="Page size.")]
 
 
-@router.post("", response_model=FineTuningJobOut, responses=responses(400, 404, 409, 413, 415, 429),
-             dependencies=[accepts("application/json")])
+@router.post(
+    "",
+    response_model=FineTuningJobOut,
+    responses=responses(400, 404, 409, 413, 415, 429),
+    dependencies=[accepts("application/json")],
+)
 def create_fine_tuning_job(
-    body: FineTuningJobCreate, db: DatabaseDep, settings: SettingsDep, dispatcher: DispatcherDep,
-    owner: CurrentOwner, idempotency_key: IdempotencyKey = None,
+    body: FineTuningJobCreate,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    owner: CurrentOwner,
+    idempotency_key: IdempotencyKey = None,
 ) -> FineTuningJobOut:
     """A reinforcement fine-tuning job (`method.type: reinforcement`), checked in full and queued
     as a GRPO job. Graders: `string_check`, `text_similarity` (fuzzy_match), `python`, and `multi`
     over them with a weighted-sum `calculate_output`. A 400 names the OpenAI param at fault."""
     with db.transaction() as session:
-        training = get_dataset(session=session, owner=owner, dataset_id=body.training_file, param="training_file")
+        training = get_dataset(
+            session=session, owner=owner, dataset_id=body.training_file, param="training_file"
+        )
         translation = translate_job(body, training_rows=training.rows)
         try:
-            job, created = submit_job(session=session, owner=owner, request=translation.job, settings=settings,
-                                      idempotency_key=idempotency_key, extra_spec={"openai": translation.openai})
+            job, created = submit_job(
+                session=session,
+                owner=owner,
+                request=translation.job,
+                settings=settings,
+                idempotency_key=idempotency_key,
+                extra_spec={"openai": translation.openai},
+            )
         except ServiceError as exc:
             raise translation.reword(exc) from None
         if created:
@@ -77,8 +93,9 @@ def create_fine_tuning_job(
 
 
 @router.get("", response_model=ListOut[FineTuningJobOut], responses=responses(400))
-def list_fine_tuning_jobs(request: Request, db: DatabaseDep, owner: CurrentOwner, after: After = None,
-                          limit: PageSize = 20) -> ListOut[FineTuningJobOut]:
+def list_fine_tuning_jobs(
+    request: Request, db: DatabaseDep, owner: CurrentOwner, after: After = None, limit: PageSize = 20
+) -> ListOut[FineTuningJobOut]:
     """Your jobs, newest first (those created with POST /v1/jobs too); `metadata[KEY]=VALUE`
     keeps the jobs whose metadata has that value."""
     metadata = {}
@@ -93,8 +110,10 @@ def list_fine_tuning_jobs(request: Request, db: DatabaseDep, owner: CurrentOwner
     with db.transaction() as session:
         jobs, has_more = list_jobs(session=session, owner=owner, after=after, limit=limit, metadata=metadata)
         now = utcnow()
-        return ListOut(data=[job_object(job, now=now, latest_metrics=metrics) for job, metrics in jobs],
-                       has_more=has_more)
+        return ListOut(
+            data=[job_object(job, now=now, latest_metrics=metrics) for job, metrics in jobs],
+            has_more=has_more,
+        )
 
 
 @router.get("/{job_id}", response_model=FineTuningJobOut, responses=responses(404))
@@ -105,8 +124,9 @@ def retrieve_fine_tuning_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) 
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJobOut, responses=responses(404, 409))
-def cancel_fine_tuning_job(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str,
-                           background: BackgroundTasks) -> FineTuningJobOut:
+def cancel_fine_tuning_job(
+    db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, job_id: str, background: BackgroundTasks
+) -> FineTuningJobOut:
     """A queued or paused job is cancelled at once; a running one after its current step."""
     with db.transaction() as session:
         job = request_cancel(session=session, owner=owner, job_id=job_id)
@@ -123,19 +143,22 @@ def pause_fine_tuning_job(db: DatabaseDep, owner: CurrentOwner, job_id: str) -> 
 
 
 @router.post("/{job_id}/resume", response_model=FineTuningJobOut, responses=responses(404, 409, 429))
-def resume_fine_tuning_job(db: DatabaseDep, settings: SettingsDep, dispatcher: DispatcherDep, owner: CurrentOwner,
-                           job_id: str) -> FineTuningJobOut:
+def resume_fine_tuning_job(
+    db: DatabaseDep, settings: SettingsDep, dispatcher: DispatcherDep, owner: CurrentOwner, job_id: str
+) -> FineTuningJobOut:
     """Queue a paused job again; it continues from its newest checkpoint."""
     with db.transaction() as session:
-        job = request_resume(session=session, owner=owner, job_id=job_id,
-                             max_active_jobs=settings.max_active_jobs_per_owner)
+        job = request_resume(
+            session=session, owner=owner, job_id=job_id, max_active_jobs=settings.max_active_jobs_per_owner
+        )
         dispatcher.deliver_after_commit(session, job_id)
         return job_object(job, now=utcnow())
 
 
 @router.get("/{job_id}/events", response_model=ListOut[FineTuningJobEventOut], responses=responses(400, 404))
-def list_fine_tuning_events(db: DatabaseDep, owner: CurrentOwner, job_id: str, after: After = None,
-                            limit: PageSize = 20) -> ListOut[FineTuningJobEventOut]:
+def list_fine_tuning_events(
+    db: DatabaseDep, owner: CurrentOwner, job_id: str, after: After = None, limit: PageSize = 20
+) -> ListOut[FineTuningJobEventOut]:
     """The job's log, newest first (`after`: an event id; the older ones follow it). The per-step
     metrics are at GET /v1/jobs/{id}/metrics."""
     before = None
@@ -145,13 +168,23 @@ def list_fine_tuning_events(db: DatabaseDep, owner: CurrentOwner, job_id: str, a
         before = int(after)
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)
-        events, has_more = list_events_newest_first(session=session, job_id=job_id, before=before, limit=limit)
+        events, has_more = list_events_newest_first(
+            session=session, job_id=job_id, before=before, limit=limit
+        )
         return ListOut(data=[event_object(event) for event in events], has_more=has_more)
 
 
-@router.get("/{job_id}/checkpoints", response_model=ListOut[FineTuningCheckpointOut], responses=responses(400, 404))
-def list_fine_tuning_checkpoints(request: Request, db: DatabaseDep, owner: CurrentOwner, job_id: str,
-                                 after: After = None, limit: PageSize = 10) -> ListOut[FineTuningCheckpointOut]:
+@router.get(
+    "/{job_id}/checkpoints", response_model=ListOut[FineTuningCheckpointOut], responses=responses(400, 404)
+)
+def list_fine_tuning_checkpoints(
+    request: Request,
+    db: DatabaseDep,
+    owner: CurrentOwner,
+    job_id: str,
+    after: After = None,
+    limit: PageSize = 10,
+) -> ListOut[FineTuningCheckpointOut]:
     """Complete checkpoints, newest first, with the metrics of their step; `download_url` streams
     one as a tar archive that `from_pretrained` loads once extracted."""
     before = None
@@ -161,12 +194,22 @@ def list_fine_tuning_checkpoints(request: Request, db: DatabaseDep, owner: Curre
             raise InvalidRequest(f"{after!r} is not a checkpoint id of this job", param="after")
     with db.transaction() as session:
         job = get_job(session=session, owner=owner, job_id=job_id)
-        newest = [c for c in reversed(list_checkpoints(session=session, job_id=job_id))
-                  if before is None or c.step < before]
+        newest = [
+            c
+            for c in reversed(list_checkpoints(session=session, job_id=job_id))
+            if before is None or c.step < before
+        ]
         data = []
         for checkpoint in newest[:limit]:
-            rows, _ = list_metrics(session=session, owner=owner, job_id=job_id, after_step=checkpoint.step - 1, limit=1)
-            metrics = rows[0][1] if rows and rows[0][0] == checkpoint.step else None  # (step, metrics, created_at)
-            data.append(checkpoint_object(job, checkpoint, metrics,
-                                          download_url=download_url(request, job_id, checkpoint.step)))
+            rows, _ = list_metrics(
+                session=session, owner=owner, job_id=job_id, after_step=checkpoint.step - 1, limit=1
+            )
+            metrics = (
+                rows[0][1] if rows and rows[0][0] == checkpoint.step else None
+            )  # (step, metrics, created_at)
+            data.append(
+                checkpoint_object(
+                    job, checkpoint, metrics, download_url=download_url(request, job_id, checkpoint.step)
+                )
+            )
         return ListOut(data=data, has_more=len(newest) > limit)

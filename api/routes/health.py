@@ -29,10 +29,15 @@ def _database_reachable(request: Request) -> bool:
 @router.get("/readyz", responses={503: {"description": "The database or the broker is unreachable."}})
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: the database and the broker both answer."""
-    checks = {"database": await run_in_threadpool(_database_reachable, request),
-              "broker": await run_in_threadpool(broker_reachable, request.app.state.celery)}
+    checks = {
+        "database": await run_in_threadpool(_database_reachable, request),
+        "broker": await run_in_threadpool(broker_reachable, request.app.state.celery),
+    }
     ready = all(checks.values())
-    body = {"status": "ok" if ready else "unavailable", "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()}}
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()},
+    }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -52,10 +52,15 @@ class RewardRunSlots:
 
     @classmethod
     def of(cls, settings: Settings) -> RewardRunSlots:
-        return cls(max(1, settings.reward_runs_at_once), settings.reward_runs_per_key, settings.reward_run_queue_per_key)
+        return cls(
+            max(1, settings.reward_runs_at_once),
+            settings.reward_runs_per_key,
+            settings.reward_run_queue_per_key,
+        )
 
     def admit(self, owner: str) -> _Line:
-        """``owner``'s line, counting one more request in it (``leave`` when it ends), or TooManyRewardRuns."""
+        """``owner``'s line, counting one more request in it (``leave`` when it ends), or
+        TooManyRewardRuns."""
         line = self.lines.get(owner)
         if line is None:
             line = self.lines[owner] = _Line(anyio.Semaphore(self.per_owner))
@@ -82,8 +87,11 @@ class _Watch:
     deadline: float | None = None  # anyio's clock; set once the run has a slot
 
 
-async def _stop_when_needed(request: Request, stop: StopSignal, watch: _Watch, scope: anyio.CancelScope) -> None:
-    """Stop the run when its client hangs up (and leave the line if it had no slot yet), or at its deadline."""
+async def _stop_when_needed(
+    request: Request, stop: StopSignal, watch: _Watch, scope: anyio.CancelScope
+) -> None:
+    """Stop the run when its client hangs up (and leave the line if it had no slot yet), or at its
+    deadline."""
     while not stop.stopped:
         if await request.is_disconnected():
             stop.stop(CLIENT_GONE)
@@ -96,8 +104,9 @@ async def _stop_when_needed(request: Request, stop: StopSignal, watch: _Watch, s
 
 
 @router.post("/run", response_model=RewardRunOut, responses=responses(413, 422, 429))
-async def run_reward_spec(body: RewardRunIn, settings: SettingsDep, owner: CurrentOwner,
-                          request: Request) -> RewardRunOut | Response:
+async def run_reward_spec(
+    body: RewardRunIn, settings: SettingsDep, owner: CurrentOwner, request: Request
+) -> RewardRunOut | Response:
     """Score each sample's completion with the reward functions, exactly as a training step
     would: the weighted total, each function's unweighted part, and the errors. The spec is
     checked like a job's (a 422 names `reward[i].field`). `reward_model` rewards are refused
@@ -122,8 +131,9 @@ async def run_reward_spec(body: RewardRunIn, settings: SettingsDep, owner: Curre
             async with line.scoring, slots.shared:  # the owner's own line first, then the shared one
                 watch.deadline = anyio.current_time() + settings.reward_run_timeout_s
                 try:
-                    outcome = await anyio.to_thread.run_sync(partial(run_rewards, body, settings, stop),
-                                                             limiter=slots.threads)
+                    outcome = await anyio.to_thread.run_sync(
+                        partial(run_rewards, body, settings, stop), limiter=slots.threads
+                    )
                 except ServiceError as exc:
                     outcome = exc
                 except ScoringStopped:

@@ -17,15 +17,26 @@ router = APIRouter(prefix="/v1/jobs", tags=["samples"])
 
 def sample_out(sample: JobSample) -> SampleOut:
     data = sample.data
-    return SampleOut(id=sample.id, job_id=sample.job_id, step=sample.step, prompt=data.get("prompt"),
-                     completion=data.get("completion") or "", reward=data.get("reward"),
-                     advantage=data.get("advantage"), rewards=data.get("rewards") or {},
-                     truncated=data.get("truncated"), created_at=sample.created_at)
+    return SampleOut(
+        id=sample.id,
+        job_id=sample.job_id,
+        step=sample.step,
+        prompt=data.get("prompt"),
+        completion=data.get("completion") or "",
+        reward=data.get("reward"),
+        advantage=data.get("advantage"),
+        rewards=data.get("rewards") or {},
+        truncated=data.get("truncated"),
+        created_at=sample.created_at,
+    )
 
 
 @router.get("/{job_id}/samples", response_model=Page[SampleOut], responses=responses(404, 422))
 def get_samples(
-    db: DatabaseDep, owner: CurrentOwner, job_id: str, limit: Limit = 20,
+    db: DatabaseDep,
+    owner: CurrentOwner,
+    job_id: str,
+    limit: Limit = 20,
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="The last id of the previous page.")] = 0,
     step: Annotated[int | None, Query(ge=1, le=MAX_STEP, description="Only this step's samples.")] = None,
 ) -> Page[SampleOut]:

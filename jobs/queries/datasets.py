@@ -8,10 +8,26 @@ from jobs.models import Dataset, Job, new_id
 from jobs.queries._util import page
 
 
-def create_dataset(*, session: Session, owner: str, name: str, rows: int, bytes: int, sha256: str,
-                   fields: list[str], dataset_id: str | None = None) -> Dataset:
-    dataset = Dataset(id=dataset_id or new_id("ds"), owner=owner, name=name, rows=rows, bytes=bytes,
-                      sha256=sha256, fields=fields)
+def create_dataset(
+    *,
+    session: Session,
+    owner: str,
+    name: str,
+    rows: int,
+    bytes: int,
+    sha256: str,
+    fields: list[str],
+    dataset_id: str | None = None,
+) -> Dataset:
+    dataset = Dataset(
+        id=dataset_id or new_id("ds"),
+        owner=owner,
+        name=name,
+        rows=rows,
+        bytes=bytes,
+        sha256=sha256,
+        fields=fields,
+    )
     session.add(dataset)
     session.flush()
     return dataset
@@ -25,8 +41,9 @@ def get_dataset(*, session: Session, owner: str, dataset_id: str, param: str | N
     return dataset
 
 
-def list_datasets(*, session: Session, owner: str, after: str | None = None,
-                  limit: int = 20) -> tuple[list[Dataset], bool]:
+def list_datasets(
+    *, session: Session, owner: str, after: str | None = None, limit: int = 20
+) -> tuple[list[Dataset], bool]:
     """Newest first; ``after`` is the last id of the previous page."""
     stmt = select(Dataset).where(Dataset.owner == owner).order_by(Dataset.id.desc())
     if after:
@@ -37,8 +54,9 @@ def list_datasets(*, session: Session, owner: str, after: str | None = None,
 def delete_dataset(*, session: Session, owner: str, dataset_id: str) -> Dataset:
     """Forget ``owner``'s dataset (the caller removes its file); ``DatasetInUse`` while a job refers to it."""
     dataset = get_dataset(session=session, owner=owner, dataset_id=dataset_id)
-    job_id = session.scalar(select(Job.id).where(or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id))
-                            .limit(1))
+    job_id = session.scalar(
+        select(Job.id).where(or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id)).limit(1)
+    )
     if job_id is not None:
         raise DatasetInUse(dataset_id, job_id)
     session.delete(dataset)

@@ -9,8 +9,9 @@ from jobs.models import JobEvent
 from jobs.queries._util import page
 
 
-def list_events_newest_first(*, session: Session, job_id: str, before: int | None = None,
-                             limit: int = 20) -> tuple[list[JobEvent], bool]:
+def list_events_newest_first(
+    *, session: Session, job_id: str, before: int | None = None, limit: int = 20
+) -> tuple[list[JobEvent], bool]:
     """The job's events, newest first; ``before``: only those older than that event id."""
     stmt = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
     if before is not None:

@@ -15,8 +15,9 @@ from jobs.errors import Conflict, IdempotencyKeyReused
 from jobs.models import IdempotencyKey, since
 
 
-def find_idempotent_resource(*, session: Session, owner: str, endpoint: str, key: str, request_hash: str,
-                             ttl_s: float) -> str | None:
+def find_idempotent_resource(
+    *, session: Session, owner: str, endpoint: str, key: str, request_hash: str, ttl_s: float
+) -> str | None:
     """The id of the resource made with this key, or None if the key is new (or expired).
 
     Raises ``IdempotencyKeyReused`` if the key was used with another request.
@@ -33,19 +34,32 @@ def find_idempotent_resource(*, session: Session, owner: str, endpoint: str, key
     return earlier.resource_id
 
 
-def remember_idempotency_key(*, session: Session, owner: str, endpoint: str, key: str, request_hash: str,
-                             resource_id: str, ttl_s: float) -> None:
+def remember_idempotency_key(
+    *,
+    session: Session,
+    owner: str,
+    endpoint: str,
+    key: str,
+    request_hash: str,
+    resource_id: str,
+    ttl_s: float,
+) -> None:
     """Record what the key made (and forget the owner's expired keys, so the table stays small).
 
     Two requests with one key racing each other: the second waits on the first's row and, once
     that commits, gets a ``Conflict``; its retry then finds the first's resource.
     """
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.owner == owner,
-                                                 IdempotencyKey.created_at < since(ttl_s)))
-    session.add(IdempotencyKey(owner=owner, endpoint=endpoint, key=key, request_hash=request_hash,
-                               resource_id=resource_id))
+    session.execute(
+        delete(IdempotencyKey).where(IdempotencyKey.owner == owner, IdempotencyKey.created_at < since(ttl_s))
+    )
+    session.add(
+        IdempotencyKey(
+            owner=owner, endpoint=endpoint, key=key, request_hash=request_hash, resource_id=resource_id
+        )
+    )
     try:
         session.flush()
     except IntegrityError:
-        raise Conflict("another request with this Idempotency-Key is being processed; retry it",
-                       param="Idempotency-Key") from None
+        raise Conflict(
+            "another request with this Idempotency-Key is being processed; retry it", param="Idempotency-Key"
+        ) from None

@@ -15,10 +15,21 @@ _reached_step = and_(JobMetrics.job_id == Job.id, JobMetrics.step == Job.step)
 
 def create_job(*, session: Session, owner: str, spec: dict[str, Any], max_steps: int) -> Job:
     """A queued job for a validated ``spec`` (the HTTP job spec with ids, as stored)."""
-    job = Job(id=new_id("job"), owner=owner, name=spec.get("name"), status=JobStatus.queued, spec=spec,
-              base_model=spec["base_model"], dataset_id=spec["dataset_id"],
-              eval_dataset_id=spec.get("eval_dataset_id"), webhook_url=spec.get("webhook_url"),
-              max_steps=max_steps, step=0, attempts=0, cancel_requested=False)
+    job = Job(
+        id=new_id("job"),
+        owner=owner,
+        name=spec.get("name"),
+        status=JobStatus.queued,
+        spec=spec,
+        base_model=spec["base_model"],
+        dataset_id=spec["dataset_id"],
+        eval_dataset_id=spec.get("eval_dataset_id"),
+        webhook_url=spec.get("webhook_url"),
+        max_steps=max_steps,
+        step=0,
+        attempts=0,
+        cancel_requested=False,
+    )
     session.add(job)
     session.flush()
     add_event(session=session, job_id=job.id, kind="status", message="queued", data={"status": "queued"})
@@ -37,8 +48,11 @@ def get_job(*, session: Session, owner: str, job_id: str) -> Job:
 
 def get_job_with_metrics(*, session: Session, owner: str, job_id: str) -> tuple[Job, dict[str, Any] | None]:
     """A job and its metrics at the step it reached, in one query (the hottest read there is)."""
-    row = session.execute(select(Job, JobMetrics.metrics).outerjoin(JobMetrics, _reached_step)
-                          .where(Job.id == job_id, Job.owner == owner)).first()
+    row = session.execute(
+        select(Job, JobMetrics.metrics)
+        .outerjoin(JobMetrics, _reached_step)
+        .where(Job.id == job_id, Job.owner == owner)
+    ).first()
     if row is None:
         raise JobNotFound(job_id)
     return row[0], row[1]
@@ -52,17 +66,33 @@ def count_active_jobs(*, session: Session, owner: str) -> int:
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"active-jobs:{owner}"))))
-    return session.scalar(select(func.count()).select_from(Job).where(
-        Job.owner == owner, Job.status.in_([JobStatus.queued, JobStatus.running]))) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner == owner, Job.status.in_([JobStatus.queued, JobStatus.running]))
+        )
+        or 0
+    )
 
 
-def list_jobs(*, session: Session, owner: str, status: JobStatus | None = None, after: str | None = None,
-              limit: int = 20, metadata: dict[str, str] | None = None,
-              ) -> tuple[list[tuple[Job, dict[str, Any] | None]], bool]:
+def list_jobs(
+    *,
+    session: Session,
+    owner: str,
+    status: JobStatus | None = None,
+    after: str | None = None,
+    limit: int = 20,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[tuple[Job, dict[str, Any] | None]], bool]:
     """Jobs with their latest metrics, newest first; ``after`` is the last id of the previous page.
     ``metadata``: only jobs whose OpenAI-style metadata (kept in the spec) has these values."""
-    stmt = (select(Job, JobMetrics.metrics).outerjoin(JobMetrics, _reached_step).where(Job.owner == owner)
-            .order_by(Job.id.desc()))
+    stmt = (
+        select(Job, JobMetrics.metrics)
+        .outerjoin(JobMetrics, _reached_step)
+        .where(Job.owner == owner)
+        .order_by(Job.id.desc())
+    )
     if status is not None:
         stmt = stmt.where(Job.status == status)
     for key, value in (metadata or {}).items():
@@ -82,21 +112,29 @@ def request_cancel(*, session: Session, owner: str, job_id: str) -> Job:
     was = get_job(session=session, owner=owner, job_id=job_id).status
     now = utcnow()
     cancelled = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.paused]))
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.paused]))
         .values(status=JobStatus.cancelled, finished_at=now, updated_at=now)
     ).rowcount
     if cancelled:
         message = "cancelled while paused" if was == JobStatus.paused else "cancelled before it started"
-        add_event(session=session, job_id=job_id, kind="status", message=message, data={"status": "cancelled"})
+        add_event(
+            session=session, job_id=job_id, kind="status", message=message, data={"status": "cancelled"}
+        )
         queue_webhook(session=session, job_id=job_id)
     else:
         asked = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.cancel_requested.is_(False))
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.cancel_requested.is_(False))
             .values(cancel_requested=True, updated_at=now)
         ).rowcount
         if asked:
-            add_event(session=session, job_id=job_id, kind="status",
-                      message="cancel requested; the job stops after its current step")
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind="status",
+                message="cancel requested; the job stops after its current step",
+            )
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     if job.status in (JobStatus.succeeded, JobStatus.failed):
@@ -114,25 +152,42 @@ def request_pause(*, session: Session, owner: str, job_id: str) -> Job:
     get_job(session=session, owner=owner, job_id=job_id)
     now = utcnow()
     paused = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
         .values(status=JobStatus.paused, updated_at=now)
     ).rowcount
     if paused:
-        add_event(session=session, job_id=job_id, kind="status", message="paused before it started",
-                  data={"status": "paused"})
+        add_event(
+            session=session,
+            job_id=job_id,
+            kind="status",
+            message="paused before it started",
+            data={"status": "paused"},
+        )
     else:
         asked = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.cancel_requested.is_(False),
-                              Job.pause_requested.is_(False))
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.running,
+                Job.cancel_requested.is_(False),
+                Job.pause_requested.is_(False),
+            )
             .values(pause_requested=True, updated_at=now)
         ).rowcount
         if asked:
-            add_event(session=session, job_id=job_id, kind="status",
-                      message="pause requested; the job stops after its current step, with a checkpoint")
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind="status",
+                message="pause requested; the job stops after its current step, with a checkpoint",
+            )
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     if JobStatus(job.status).terminal:
-        raise JobStateConflict(job_id, f"already ended {job.status}; only a queued or running job can be paused")
+        raise JobStateConflict(
+            job_id, f"already ended {job.status}; only a queued or running job can be paused"
+        )
     if job.cancel_requested:
         raise JobStateConflict(job_id, "is being cancelled; it cannot be paused")
     return job
@@ -143,8 +198,9 @@ def request_resume(*, session: Session, owner: str, job_id: str, max_active_jobs
     from its newest checkpoint. Like a new job, it counts against ``max_active_jobs``."""
     job = get_job(session=session, owner=owner, job_id=job_id)
     if job.status == JobStatus.running and job.pause_requested:
-        raise JobStateConflict(job_id, "is still pausing (it stops after its current step); resume it once it "
-                                       "shows paused")
+        raise JobStateConflict(
+            job_id, "is still pausing (it stops after its current step); resume it once it shows paused"
+        )
     if job.status != JobStatus.paused:
         raise JobStateConflict(job_id, f"is {job.status}; only a paused job can be resumed")
     active = count_active_jobs(session=session, owner=owner)
@@ -154,12 +210,18 @@ def request_resume(*, session: Session, owner: str, job_id: str, max_active_jobs
     # attempts count the runs since the owner last queued the job: the sweeper fails a job that
     # keeps losing its worker, and a run that paused cleanly is not a lost one.
     resumed = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.paused)
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.paused)
         .values(status=JobStatus.queued, queued_at=now, sent_at=None, attempts=0, updated_at=now)
     ).rowcount
     if not resumed:  # a concurrent resume or cancel won
         raise JobStateConflict(job_id, "changed state meanwhile; look at it again")
-    add_event(session=session, job_id=job_id, kind="status", message=f"resumed; continues after step {job.step}",
-              data={"status": "queued"})
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind="status",
+        message=f"resumed; continues after step {job.step}",
+        data={"status": "queued"},
+    )
     session.refresh(job)
     return job

@@ -25,54 +25,93 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Job | None:
     """Take a queued job for ``worker``; None if it is not queued (taken, finished, cancelled)."""
     now = utcnow()
     claimed = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.running, worker=worker, heartbeat_at=now, attempts=Job.attempts + 1,
-                started_at=func.coalesce(Job.started_at, now), updated_at=now)
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(
+            status=JobStatus.running,
+            worker=worker,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            updated_at=now,
+        )
     ).rowcount
     if not claimed:
         return None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    add_event(session=session, job_id=job_id, kind="status", message=f"running on {worker} (attempt {job.attempts})",
-              data={"status": "running", "attempt": job.attempts, "worker": worker})
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind="status",
+        message=f"running on {worker} (attempt {job.attempts})",
+        data={"status": "running", "attempt": job.attempts, "worker": worker},
+    )
     return job
 
 
 def renew_lease(*, session: Session, job_id: str, worker: str) -> bool:
     """Renew the lease; False if ``worker`` no longer holds the job (the sweeper took it back)."""
     now = utcnow()
-    return bool(session.execute(update(Job).where(_held_by(job_id, worker))
-                                .values(heartbeat_at=now, updated_at=now)).rowcount)
+    return bool(
+        session.execute(
+            update(Job).where(_held_by(job_id, worker)).values(heartbeat_at=now, updated_at=now)
+        ).rowcount
+    )
 
 
 def record_step(*, session: Session, job_id: str, worker: str, step: int) -> bool:
     """Move the job's step forward (and renew the lease); False if ``worker`` lost the job."""
     now = utcnow()
-    return bool(session.execute(update(Job).where(_held_by(job_id, worker))
-                                .values(step=step, heartbeat_at=now, updated_at=now)).rowcount)
+    return bool(
+        session.execute(
+            update(Job).where(_held_by(job_id, worker)).values(step=step, heartbeat_at=now, updated_at=now)
+        ).rowcount
+    )
 
 
 def is_stop_requested(*, session: Session, job_id: str) -> bool:
     """Whether the job was asked to stop at its next step boundary: cancelled or paused."""
-    requested = session.execute(select(Job.cancel_requested, Job.pause_requested).where(Job.id == job_id)).first()
+    requested = session.execute(
+        select(Job.cancel_requested, Job.pause_requested).where(Job.id == job_id)
+    ).first()
     return requested is not None and any(requested)
 
 
-def finish_job(*, session: Session, job_id: str, worker: str, status: JobStatus,
-               reason: str | None = None, step: int | None = None) -> bool:
+def finish_job(
+    *,
+    session: Session,
+    job_id: str,
+    worker: str,
+    status: JobStatus,
+    reason: str | None = None,
+    step: int | None = None,
+) -> bool:
     """End a job its worker holds; False if the lease was lost meanwhile (then nothing changes)."""
     assert status.terminal
     now = utcnow()
     reason = None if reason is None else storable_text(reason)  # it may quote a grader's or a model's output
-    values = {"status": status, "failure_reason": reason, "finished_at": now, "updated_at": now,
-              "heartbeat_at": None, "pause_requested": False}  # a pause asked during the last step is moot
+    values = {
+        "status": status,
+        "failure_reason": reason,
+        "finished_at": now,
+        "updated_at": now,
+        "heartbeat_at": None,
+        "pause_requested": False,
+    }  # a pause asked during the last step is moot
     if step is not None:
         values["step"] = step
     if not session.execute(update(Job).where(_held_by(job_id, worker)).values(**values)).rowcount:
         return False
     message = status.value if reason is None else f"{status.value}: {reason}"
-    add_event(session=session, job_id=job_id, kind="status", level="error" if status == JobStatus.failed else "info",
-              message=message, data={"status": status.value})
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind="status",
+        level="error" if status == JobStatus.failed else "info",
+        message=message,
+        data={"status": status.value},
+    )
     queue_webhook(session=session, job_id=job_id)
     return True
 
@@ -82,15 +121,25 @@ def stop_job(*, session: Session, job_id: str, worker: str, step: int) -> JobSta
     cancel was requested (it wins over a pause), else ``paused``, to be resumed from the
     checkpoint just written. None if ``worker`` lost the job meanwhile (then nothing changes)."""
     now = utcnow()
-    ends = ((JobStatus.cancelled, Job.cancel_requested.is_(True), {"finished_at": now}),
-            (JobStatus.paused, Job.cancel_requested.is_(False), {"worker": None}))
+    ends = (
+        (JobStatus.cancelled, Job.cancel_requested.is_(True), {"finished_at": now}),
+        (JobStatus.paused, Job.cancel_requested.is_(False), {"worker": None}),
+    )
     for status, asked, values in ends:
-        stopped = session.execute(update(Job).where(_held_by(job_id, worker), asked).values(
-            status=status, heartbeat_at=None, pause_requested=False, updated_at=now, **values)).rowcount
+        stopped = session.execute(
+            update(Job)
+            .where(_held_by(job_id, worker), asked)
+            .values(status=status, heartbeat_at=None, pause_requested=False, updated_at=now, **values)
+        ).rowcount
         if stopped:
             message = "cancelled" if status == JobStatus.cancelled else f"paused after step {step}"
-            add_event(session=session, job_id=job_id, kind="status", message=message,
-                      data={"status": status.value, "step": step})
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind="status",
+                message=message,
+                data={"status": status.value, "step": step},
+            )
             if status.terminal:
                 queue_webhook(session=session, job_id=job_id)
             return status
@@ -104,8 +153,11 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
     ``paused`` if that was asked for, or ``failed`` once it has lost ``max_attempts`` workers.
     Returns the ids re-queued, which the caller sends to the broker after committing.
     """
-    stale = session.execute(select(Job.id, Job.attempts, Job.cancel_requested, Job.pause_requested, Job.worker)
-                            .where(Job.status == JobStatus.running, Job.heartbeat_at < stale_before)).all()
+    stale = session.execute(
+        select(Job.id, Job.attempts, Job.cancel_requested, Job.pause_requested, Job.worker).where(
+            Job.status == JobStatus.running, Job.heartbeat_at < stale_before
+        )
+    ).all()
     requeued = []
     now = utcnow()
     for job_id, attempts, cancel_requested, pause_requested, worker in stale:
@@ -116,22 +168,34 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
             status, message = JobStatus.paused, f"paused (its worker {worker} stopped responding)"
             values = {"status": status, "pause_requested": False}
         elif attempts >= max_attempts:
-            reason = (f"the job's worker was lost {attempts} times (last: {worker}); it may be running out of "
-                      f"memory or crashing its process; see the worker logs")
+            reason = (
+                f"the job's worker was lost {attempts} times (last: {worker}); it may be running out of "
+                f"memory or crashing its process; see the worker logs"
+            )
             status, message = JobStatus.failed, f"failed: {reason}"
             values = {"status": status, "failure_reason": reason, "finished_at": now}
         else:
             status, message = JobStatus.queued, f"re-queued: worker {worker} stopped sending heartbeats"
             values = {"status": status, "queued_at": now, "sent_at": None}
         taken = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker,
-                              Job.heartbeat_at < stale_before)
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.running,
+                Job.worker == worker,
+                Job.heartbeat_at < stale_before,
+            )
             .values(worker=None, heartbeat_at=None, updated_at=now, **values)
         ).rowcount
         if taken:
-            add_event(session=session, job_id=job_id, kind="status", message=message,
-                      level="warning" if status in (JobStatus.queued, JobStatus.failed) else "info",
-                      data={"status": status.value})
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind="status",
+                message=message,
+                level="warning" if status in (JobStatus.queued, JobStatus.failed) else "info",
+                data={"status": status.value},
+            )
             if status == JobStatus.queued:
                 requeued.append(job_id)
             elif status.terminal:
@@ -142,10 +206,16 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
 def jobs_due_for_send(*, session: Session, unsent_before: datetime, resent_before: datetime) -> list[str]:
     """Queued jobs whose message may be missing: never sent (the send after commit failed) since
     ``unsent_before``, or last sent before ``resent_before`` (the broker may have lost it)."""
-    return list(session.scalars(select(Job.id).where(
-        Job.status == JobStatus.queued,
-        or_(and_(Job.sent_at.is_(None), Job.queued_at < unsent_before), Job.sent_at < resent_before),
-    ).order_by(Job.id)))
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.queued,
+                or_(and_(Job.sent_at.is_(None), Job.queued_at < unsent_before), Job.sent_at < resent_before),
+            )
+            .order_by(Job.id)
+        )
+    )
 
 
 def mark_sent(*, session: Session, job_id: str) -> None:

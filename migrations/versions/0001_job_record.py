@@ -58,8 +58,9 @@ def upgrade() -> None:
         sa.Column("started_at", UTCDateTime()),
         sa.Column("finished_at", UTCDateTime()),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
-        sa.CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
-                           name="status"),
+        sa.CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
+        ),
     )
     op.create_index(op.f("ix_jobs_status_heartbeat_at"), "jobs", ["status", "heartbeat_at"])
     op.create_table(

@@ -30,7 +30,9 @@ def _replace_status_check(condition: str) -> None:
 def upgrade() -> None:
     _replace_status_check(NEW)
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("pause_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch.add_column(
+            sa.Column("pause_requested", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
     with op.batch_alter_table("jobs") as batch:
         batch.alter_column("pause_requested", server_default=None)  # new rows always say it
 

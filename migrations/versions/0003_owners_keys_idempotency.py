@@ -48,13 +48,17 @@ def upgrade() -> None:
     )
     op.execute(
         "INSERT INTO idempotency_keys (owner, endpoint, key, request_hash, resource_id, created_at) "
-        f"SELECT '{EXISTING_OWNER}', '{JOBS_ENDPOINT}', idempotency_key, COALESCE(request_hash, ''), id, created_at "
-        "FROM jobs WHERE idempotency_key IS NOT NULL")
+        f"SELECT '{EXISTING_OWNER}', '{JOBS_ENDPOINT}', idempotency_key, COALESCE(request_hash, ''), "
+        "id, created_at "
+        "FROM jobs WHERE idempotency_key IS NOT NULL"
+    )
 
     for table in ("datasets", "jobs"):
         # batch mode: SQLite cannot ALTER most things, so Alembic copies the table instead
         with op.batch_alter_table(table) as batch:
-            batch.add_column(sa.Column("owner", sa.String(255), nullable=False, server_default=EXISTING_OWNER))
+            batch.add_column(
+                sa.Column("owner", sa.String(255), nullable=False, server_default=EXISTING_OWNER)
+            )
         with op.batch_alter_table(table) as batch:
             batch.alter_column("owner", server_default=None)  # new rows always name their owner
             if table == "jobs":

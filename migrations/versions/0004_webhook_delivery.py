@@ -28,7 +28,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("webhook_due_at", UTCDateTime()))
     with op.batch_alter_table("jobs") as batch:
         batch.alter_column("webhook_attempts", server_default=None)  # new rows always say it
-    op.create_index(op.f("ix_jobs_webhook_status_webhook_due_at"), "jobs", ["webhook_status", "webhook_due_at"])
+    op.create_index(
+        op.f("ix_jobs_webhook_status_webhook_due_at"), "jobs", ["webhook_status", "webhook_due_at"]
+    )
 
 
 def downgrade() -> None:

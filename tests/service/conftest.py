@@ -29,7 +29,9 @@ def _admin(sql: str) -> None:
         with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as connection:
             connection.execute(sql)
     except psycopg.OperationalError as exc:
-        raise RuntimeError(f"the service tests need PostgreSQL at {ADMIN_URL} (GRPO_TEST_POSTGRES_URL): {exc}") from exc
+        raise RuntimeError(
+            f"the service tests need PostgreSQL at {ADMIN_URL} (GRPO_TEST_POSTGRES_URL): {exc}"
+        ) from exc
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +76,14 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture
 def settings(api_database: str, tmp_path: Path, model_dirs: list[Path]) -> Settings:
-    return Settings(data_dir=tmp_path, database_url=api_database, broker_url=REDIS_URL,
-                    broker_key_prefix=f"grpo-test-{RUN_ID}:", queue=f"gpu-{RUN_ID}", model_dirs=model_dirs)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=api_database,
+        broker_url=REDIS_URL,
+        broker_key_prefix=f"grpo-test-{RUN_ID}:",
+        queue=f"gpu-{RUN_ID}",
+        model_dirs=model_dirs,
+    )
 
 
 @pytest.fixture
@@ -99,14 +107,25 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def redis_worker_settings(make_database, tmp_path_factory: pytest.TempPathFactory, model_dirs: list[Path]) -> Settings:
+def redis_worker_settings(
+    make_database, tmp_path_factory: pytest.TempPathFactory, model_dirs: list[Path]
+) -> Settings:
     """Settings of an end-to-end setup: its own database, Redis keys and queue, short leases; the
     operator lets jobs call loopback, where the tests' scoring endpoints and webhook receivers listen."""
     tag = uuid.uuid4().hex[:8]
-    return Settings(data_dir=tmp_path_factory.mktemp("e2e"), database_url=make_database(), broker_url=REDIS_URL,
-                    broker_key_prefix=f"grpo-test-{tag}:", queue=f"gpu-{tag}", heartbeat_interval_s=0.5,
-                    heartbeat_stale_s=4, sweep_interval_s=1, send_grace_s=2, allow_private_hosts=["127.0.0.1"],
-                    model_dirs=model_dirs)
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("e2e"),
+        database_url=make_database(),
+        broker_url=REDIS_URL,
+        broker_key_prefix=f"grpo-test-{tag}:",
+        queue=f"gpu-{tag}",
+        heartbeat_interval_s=0.5,
+        heartbeat_stale_s=4,
+        sweep_interval_s=1,
+        send_grace_s=2,
+        allow_private_hosts=["127.0.0.1"],
+        model_dirs=model_dirs,
+    )
 
 
 @pytest.fixture(scope="module")

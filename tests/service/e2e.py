@@ -40,7 +40,9 @@ def wait_for_step(client: Any, job_id: str, step: int, timeout: float = 180) -> 
 
 def status_changes(client: Any, job_id: str) -> list[str]:
     events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-    return [e["data"]["status"] for e in events if e["kind"] == "status" and e["data"] and "status" in e["data"]]
+    return [
+        e["data"]["status"] for e in events if e["kind"] == "status" and e["data"] and "status" in e["data"]
+    ]
 
 
 def metric_steps(client: Any, job_id: str) -> list[int]:

@@ -45,8 +45,14 @@ def arithmetic_rows(n: int = 16) -> list[dict[str, str]]:
     return [{"prompt": f"What is {i} + {i % 5}?", "answer": str(i + i % 5)} for i in range(n)]
 
 
-def upload(client: Any, rows: list[Any] | None = None, *, content: bytes | None = None, name: str = "data.jsonl",
-           **request: Any) -> Any:
+def upload(
+    client: Any,
+    rows: list[Any] | None = None,
+    *,
+    content: bytes | None = None,
+    name: str = "data.jsonl",
+    **request: Any,
+) -> Any:
     """POST a dataset; ``request`` goes to the client (``headers=``, ...)."""
     body = content if content is not None else jsonl(rows if rows is not None else arithmetic_rows())
     return client.post("/v1/datasets", files={"file": (name, body, "application/jsonl")}, **request)
@@ -55,11 +61,22 @@ def upload(client: Any, rows: list[Any] | None = None, *, content: bytes | None 
 def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -> dict[str, Any]:
     """A job spec small enough to train in seconds on the tiny model."""
     spec: dict[str, Any] = {
-        "name": "test-job", "base_model": base_model, "dataset_id": dataset_id,
-        "reward": [{"type": "exact_match", "weight": 1.0}, {"type": "regex", "pattern": "[0-9]", "weight": 0.5}],
+        "name": "test-job",
+        "base_model": base_model,
+        "dataset_id": dataset_id,
+        "reward": [
+            {"type": "exact_match", "weight": 1.0},
+            {"type": "regex", "pattern": "[0-9]", "weight": 0.5},
+        ],
         "group_size": 2,
-        "hyperparameters": {"max_steps": 3, "prompts_per_step": 2, "max_completion_length": 8,
-                            "max_prompt_length": 32, "learning_rate": 1e-3, "checkpoint_every": 2},
+        "hyperparameters": {
+            "max_steps": 3,
+            "prompts_per_step": 2,
+            "max_completion_length": 8,
+            "max_prompt_length": 32,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 2,
+        },
     }
     hyperparameters = overrides.pop("hyperparameters", {})
     spec.update(overrides)
@@ -67,8 +84,9 @@ def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -
     return spec
 
 
-def make_checkpoint(settings: Settings, job_id: str, step: int, path: str | None = None, *,
-                    kind: str = "model") -> str:
+def make_checkpoint(
+    settings: Settings, job_id: str, step: int, path: str | None = None, *, kind: str = "model"
+) -> str:
     """A checkpoint on disk and in the job record, as a worker leaves one (a full model, or with
     ``kind="adapter"`` a LoRA adapter); ``path`` overrides the stored (relative) path. Returns the
     stored path."""
@@ -114,9 +132,18 @@ def env_value(value: Any) -> str:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = {f"GRPO_{name.upper()}": env_value(value) for name, value in settings.model_dump().items()
-           if value is not None}
-    return {**os.environ, **env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        f"GRPO_{name.upper()}": env_value(value)
+        for name, value in settings.model_dump().items()
+        if value is not None
+    }
+    return {
+        **os.environ,
+        **env,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 class ChildProcess:
@@ -162,11 +189,15 @@ class WorkerProcess(ChildProcess):
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             role = ["--inference"] if self.inference else ["--concurrency", str(self.concurrency)]
-            self.process = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h", *role],
-                                            cwd=ROOT, env=settings_env(self.settings), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker", "--hostname", f"{self.name}@%h", *role],
+                cwd=ROOT,
+                env=settings_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
-
 
     def forget_broker_keys(self) -> None:
         forget_broker_keys(self.settings)

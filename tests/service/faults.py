@@ -38,8 +38,23 @@ class RedisServer:
     def start(self) -> RedisServer:
         log = (self.directory / f"redis-{self.port}.log").open("ab")
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_for(self._answers, timeout=20, what=f"redis-server on port {self.port}")
         return self
 
@@ -164,9 +179,26 @@ class ApiProcess(ChildProcess):
         """Start it, and wait up to ``timeout`` seconds for it to answer."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--timeout-keep-alive", str(KEEP_ALIVE_S), "--log-level", "warning"], cwd=ROOT, env=settings_env(self.settings), stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--timeout-keep-alive",
+                    str(KEEP_ALIVE_S),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=settings_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_for(self._answers, timeout=timeout, what=f"the API on port {self.port}", interval=0.2)
         return self
 

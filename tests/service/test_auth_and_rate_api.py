@@ -39,22 +39,41 @@ def call_unread(app: Any, path: str, content_type: str, headers: dict[str, str])
             started.update(message)
 
     raw = {"content-type": content_type, "content-length": str(LARGE), "host": "testserver", **headers}
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(name.encode(), value.encode()) for name, value in raw.items()],
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.encode(), value.encode()) for name, value in raw.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
     anyio.run(app, scope, receive, send)
     return started["status"], {k.decode(): v.decode() for k, v in started["headers"]}, asked
 
 
 # -- refused before the body --------------------------------------------------------------------
 
-@pytest.mark.parametrize(("path", "content_type"), [
-    ("/v1/datasets", MULTIPART), ("/v1/files", MULTIPART), ("/v1/jobs", "application/json"),
-    ("/v1/rewards/run", "application/json"),
-])
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/v1/datasets", MULTIPART),
+        ("/v1/files", MULTIPART),
+        ("/v1/jobs", "application/json"),
+        ("/v1/rewards/run", "application/json"),
+    ],
+)
 @pytest.mark.parametrize("authorization", [None, "Bearer grpo_not-a-real-key", "Basic YWxpY2U6c2VjcmV0"])
-def test_an_unauthenticated_body_is_answered_401_unread(settings, sent, path, content_type, authorization) -> None:
+def test_an_unauthenticated_body_is_answered_401_unread(
+    settings, sent, path, content_type, authorization
+) -> None:
     app = create_app(settings, send=sent.append)
     headers = {"authorization": authorization} if authorization else {}
     status, response_headers, asked = call_unread(app, path, content_type, headers)
@@ -68,7 +87,9 @@ def test_a_rate_limited_body_is_answered_429_unread(settings, sent) -> None:
     key = bearer(api_key(settings))
     with TestClient(app, headers=key) as client:
         assert client.get("/v1/datasets").status_code == 200  # the one token
-    status, headers, asked = call_unread(app, "/v1/datasets", MULTIPART, {k.lower(): v for k, v in key.items()})
+    status, headers, asked = call_unread(
+        app, "/v1/datasets", MULTIPART, {k.lower(): v for k, v in key.items()}
+    )
     assert (status, asked) == (429, 0) and int(headers["retry-after"]) >= 1
 
 
@@ -80,14 +101,17 @@ def test_a_401_arrives_while_a_large_upload_has_barely_started(settings, sent) -
         # A server that read the body first would never answer: recv's timeout (generous for a loaded
         # 2-core CI) is what tells, not how fast the 401 came.
         with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-            connection.sendall(f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer grpo_nope\r\n"
-                               f"Content-Type: {MULTIPART}\r\nContent-Length: {LARGE}\r\n\r\n--xyz\r\n".encode())
+            connection.sendall(
+                f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer grpo_nope\r\n"
+                f"Content-Type: {MULTIPART}\r\nContent-Length: {LARGE}\r\n\r\n--xyz\r\n".encode()
+            )
             answer = connection.recv(65536)  # raises socket.timeout if the server waits for the body
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert b"invalid API key" in answer
 
 
 # -- the rate limit, shared through Redis ---------------------------------------------------------
+
 
 def test_the_limiter_is_shared_through_redis_only_when_the_broker_is_redis(settings) -> None:
     assert isinstance(make_rate_limiter(settings), RedisRateLimiter)
@@ -98,8 +122,10 @@ def test_the_limiter_is_shared_through_redis_only_when_the_broker_is_redis(setti
 def test_two_api_processes_together_allow_only_the_burst(settings, sent) -> None:
     settings.rate_limit_per_s, settings.rate_limit_burst = 0.01, 4  # no token refills during the test
     key = bearer(api_key(settings))
-    with TestClient(create_app(settings, send=sent.append), headers=key) as one, \
-            TestClient(create_app(settings, send=sent.append), headers=key) as two:
+    with (
+        TestClient(create_app(settings, send=sent.append), headers=key) as one,
+        TestClient(create_app(settings, send=sent.append), headers=key) as two,
+    ):
         answers = [client.get("/v1/jobs") for _ in range(4) for client in (one, two)]
     assert [answer.status_code for answer in answers] == [200] * 4 + [429] * 4
     assert all(90 <= int(answer.headers["Retry-After"]) <= 100 for answer in answers[4:])  # 1 token at 0.01/s
@@ -113,7 +139,9 @@ def test_the_redis_bucket_refills_at_its_rate(settings) -> None:
         assert 0 < await limiter.take(key) <= 0.05
         await asyncio.sleep(0.06)  # a token's worth of refill, at least
         assert await limiter.take(key) == 0
-        assert 0 < await limiter.client.pttl(limiter.prefix + key) <= 2 / 20 * 1000 + 1000  # forgotten once full
+        assert (
+            0 < await limiter.client.pttl(limiter.prefix + key) <= 2 / 20 * 1000 + 1000
+        )  # forgotten once full
         assert await RedisRateLimiter(settings.broker_url, "", rate_per_s=0, burst=1).take(key) == 0  # off
         await limiter.close()
 
@@ -122,7 +150,9 @@ def test_the_redis_bucket_refills_at_its_rate(settings) -> None:
 
 def test_a_fast_key_takes_its_tokens_from_redis_a_few_at_a_time(settings) -> None:
     async def scenario() -> None:
-        limiter = RedisRateLimiter(settings.broker_url, settings.broker_key_prefix, rate_per_s=100, burst=1000)
+        limiter = RedisRateLimiter(
+            settings.broker_url, settings.broker_key_prefix, rate_per_s=100, burst=1000
+        )
         assert limiter.lease_size == 10  # the rate's worth of 0.1 s
         key = f"lease-{time.monotonic_ns()}"
 
@@ -152,8 +182,10 @@ def test_a_fast_key_takes_its_tokens_from_redis_a_few_at_a_time(settings) -> Non
 
 def test_leasing_processes_together_stay_within_the_shared_bucket(settings) -> None:
     async def scenario() -> None:
-        one, two = (RedisRateLimiter(settings.broker_url, settings.broker_key_prefix, rate_per_s=100, burst=50)
-                    for _ in range(2))
+        one, two = (
+            RedisRateLimiter(settings.broker_url, settings.broker_key_prefix, rate_per_s=100, burst=50)
+            for _ in range(2)
+        )
         key = f"shared-{time.monotonic_ns()}"
         started = time.monotonic()
         waits = await asyncio.gather(*(limiter.take(key) for _ in range(60) for limiter in (one, two)))
@@ -167,14 +199,16 @@ def test_leasing_processes_together_stay_within_the_shared_bucket(settings) -> N
     asyncio.run(scenario())
 
 
-def test_a_redis_outage_fails_open_to_each_process_s_own_bucket(settings, sent, tmp_path, caplog,
-                                                                monkeypatch) -> None:
+def test_a_redis_outage_fails_open_to_each_process_s_own_bucket(
+    settings, sent, tmp_path, caplog, monkeypatch
+) -> None:
     redis_server = RedisServer(tmp_path).start()
     monkeypatch.setattr(RedisRateLimiter, "retry_after_s", 0.0)  # try Redis again on every request
     try:
         settings.broker_url = redis_server.url
         settings.rate_limit_per_s, settings.rate_limit_burst = 0.01, 2
         with TestClient(create_app(settings, send=sent.append), headers=bearer(api_key(settings))) as client:
+
             def statuses() -> list[int]:
                 return [client.get("/v1/jobs").status_code for _ in range(3)]
 
@@ -182,7 +216,9 @@ def test_a_redis_outage_fails_open_to_each_process_s_own_bucket(settings, sent, 
             redis_server.stop()
             with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
                 assert statuses() == [200, 200, 429]  # this process's own bucket: still limited, no 500
-            assert [r.message.split(" (")[0] for r in caplog.records] == ["rate limiting: Redis failed"]  # logged once
+            assert [r.message.split(" (")[0] for r in caplog.records] == [
+                "rate limiting: Redis failed"
+            ]  # logged once
             caplog.clear()
             redis_server.start()  # empty, on the same port
             with caplog.at_level(logging.WARNING, logger="api.ratelimit"):

@@ -54,20 +54,27 @@ def imported_names(path: Path) -> list[str]:
 
 
 def source_offenders(package: str, forbidden: set[str]) -> list[str]:
-    return [f"{path.relative_to(ROOT)}: {name}" for path in sorted((ROOT / package).rglob("*.py"))
-            for name in imported_names(path) if name.split(".")[0] in forbidden]
+    return [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for name in imported_names(path)
+        if name.split(".")[0] in forbidden
+    ]
 
 
 def loaded_after_importing(names: list[str], watched: set[str], tmp_path: Path) -> list[str]:
     """The ``watched`` modules (or packages) in ``sys.modules`` of a fresh process that imported ``names``."""
-    code = ("import importlib, json, sys\n"
-            f"for name in {names!r}: importlib.import_module(name)\n"
-            f"watched = {sorted(watched)!r}\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m in watched or m.split('.')[0] in watched)))")
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        f"watched = {sorted(watched)!r}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m in watched or m.split('.')[0] in watched)))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
     env.update(GRPO_DATA_DIR=str(tmp_path), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -78,10 +85,13 @@ def test_source_imports_only_what_the_design_allows(package: str) -> None:
 
 
 def test_only_the_broker_modules_of_jobs_name_celery() -> None:
-    offenders = [f"{path.relative_to(ROOT)}: {name}" for path in sorted((ROOT / "jobs").rglob("*.py"))
-                 for name in imported_names(path)
-                 if name.split(".")[0] in {"celery", "kombu"}
-                 and ".".join(path.relative_to(ROOT).with_suffix("").parts) not in BROKER_MODULES]
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / "jobs").rglob("*.py"))
+        for name in imported_names(path)
+        if name.split(".")[0] in {"celery", "kombu"}
+        and ".".join(path.relative_to(ROOT).with_suffix("").parts) not in BROKER_MODULES
+    ]
     assert offenders == []
 
 

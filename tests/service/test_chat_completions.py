@@ -32,15 +32,24 @@ from trainer.chat import prompt_text
 
 pytestmark = pytest.mark.slow
 
-MESSAGES = [{"role": "system", "content": "Reply with the number."}, {"role": "user", "content": "What is 2 + 3?"}]
+MESSAGES = [
+    {"role": "system", "content": "Reply with the number."},
+    {"role": "user", "content": "What is 2 + 3?"},
+]
 MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def chat_settings(redis_worker_settings: Settings) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    return redis_worker_settings.model_copy(update={"inference_queue": f"inference-{tag}", "inference_models": 2,
-                                                    "inference_timeout_s": 120.0, "max_chat_tokens": 64})
+    return redis_worker_settings.model_copy(
+        update={
+            "inference_queue": f"inference-{tag}",
+            "inference_models": 2,
+            "inference_timeout_s": 120.0,
+            "max_chat_tokens": 64,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +71,9 @@ def server(chat_settings: Settings, inference_worker: WorkerProcess) -> Iterator
 
 
 def sdk(server: str, key: str, **options) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=key, **{"max_retries": 0, "timeout": 150, **options})
+    return openai.OpenAI(
+        base_url=f"{server}/v1", api_key=key, **{"max_retries": 0, "timeout": 150, **options}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,23 +106,41 @@ def record_checkpoint(settings: Settings, job_id: str, step: int, source: Path) 
     shutil.copytree(source, directory)
     kind, size = describe_checkpoint(directory)
     with transaction(settings.database_url) as session:
-        upsert_checkpoint(session=session, job_id=job_id, step=step, kind=kind, bytes=size,
-                          path=directory.relative_to(settings.artifact_dir).as_posix())
+        upsert_checkpoint(
+            session=session,
+            job_id=job_id,
+            step=step,
+            kind=kind,
+            bytes=size,
+            path=directory.relative_to(settings.artifact_dir).as_posix(),
+        )
 
 
 def greedy(directory: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
     """What ``transformers`` generates greedily from the checkpoint for the chat-templated prompt."""
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
-    ids = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    ids = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ]
+    output = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
-def job(chat_settings: Settings, server: str, alice: str, tiny_model: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> dict:
+def job(
+    chat_settings: Settings,
+    server: str,
+    alice: str,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict:
     """Alice's job with checkpoints at steps 1 and 2 (different weights), and what HF generates
     greedily from each."""
     with TestClient(create_app(chat_settings, send=lambda job_id: None), headers=bearer(alice)) as http:
@@ -130,8 +159,9 @@ def job(chat_settings: Settings, server: str, alice: str, tiny_model: Path,
 
 
 def test_a_checkpoint_answers_as_transformers_generates_greedily(client, job, inference_worker) -> None:
-    completion = client.chat.completions.create(model=job["name"], messages=MESSAGES, temperature=0,
-                                                max_tokens=MAX_TOKENS)
+    completion = client.chat.completions.create(
+        model=job["name"], messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
+    )
     assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
     assert completion.model == job["name"]
     [choice] = completion.choices
@@ -139,17 +169,22 @@ def test_a_checkpoint_answers_as_transformers_generates_greedily(client, job, in
     assert choice.message.content == job["expected"][2], inference_worker.log()[-3000:]
     assert choice.finish_reason in ("stop", "length")
     usage = completion.usage
-    assert usage.prompt_tokens == len("system: Reply with the number.\nuser: What is 2 + 3?\nassistant: ")  # one a char
+    assert usage.prompt_tokens == len(
+        "system: Reply with the number.\nuser: What is 2 + 3?\nassistant: "
+    )  # one a char
     assert 1 <= usage.completion_tokens <= MAX_TOKENS
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     if choice.finish_reason == "length":
         assert usage.completion_tokens == MAX_TOKENS
 
     # the native references: the job id (its newest checkpoint) and JOB_ID:STEP
-    newest = client.chat.completions.create(model=job["id"], messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS)
+    newest = client.chat.completions.create(
+        model=job["id"], messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
+    )
     assert (newest.model, newest.choices[0].message.content) == (job["name"], job["expected"][2])
-    first = client.chat.completions.create(model=f"{job['id']}:1", messages=MESSAGES, temperature=0,
-                                           max_tokens=MAX_TOKENS)
+    first = client.chat.completions.create(
+        model=f"{job['id']}:1", messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
+    )
     assert first.model == job["name"].replace("ckpt-step-2", "ckpt-step-1")
     assert first.choices[0].message.content == job["expected"][1]
     # two checkpoints, each loaded once: the worker keeps them warm between requests
@@ -159,15 +194,25 @@ def test_a_checkpoint_answers_as_transformers_generates_greedily(client, job, in
 def test_stop_sequences_n_and_seed(client, job) -> None:
     expected = job["expected"][2]
     stop = expected[2:4]
-    stopped = client.chat.completions.create(model=job["id"], messages=MESSAGES, temperature=0,
-                                             max_tokens=MAX_TOKENS, stop=[stop, "never-written"])
-    assert stopped.choices[0].message.content == expected[:expected.index(stop)]
+    stopped = client.chat.completions.create(
+        model=job["id"], messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS, stop=[stop, "never-written"]
+    )
+    assert stopped.choices[0].message.content == expected[: expected.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.usage.completion_tokens == expected.index(stop) + len(stop)  # a token a char, up to the stop
+    assert stopped.usage.completion_tokens == expected.index(stop) + len(
+        stop
+    )  # a token a char, up to the stop
 
     def sampled(seed: int) -> list[str]:
-        completion = client.chat.completions.create(model=job["id"], messages=MESSAGES, temperature=1.0, top_p=0.9,
-                                                    n=3, seed=seed, max_tokens=MAX_TOKENS)
+        completion = client.chat.completions.create(
+            model=job["id"],
+            messages=MESSAGES,
+            temperature=1.0,
+            top_p=0.9,
+            n=3,
+            seed=seed,
+            max_tokens=MAX_TOKENS,
+        )
         assert [choice.index for choice in completion.choices] == [0, 1, 2]
         return [choice.message.content for choice in completion.choices]
 
@@ -186,16 +231,25 @@ def test_another_owners_model_is_not_found_like_a_missing_one(server, job, chat_
                 bob.chat.completions.create(model=reference, messages=MESSAGES, max_tokens=4)
             assert by_id.value.body["code"] == "model_not_found"
     assert theirs.value.body["code"] == "model_not_found" and theirs.value.body["param"] == "model"
-    assert theirs.value.body == {**missing.value.body, "message": missing.value.body["message"].replace(
-        missing_name, job["name"])}
+    assert theirs.value.body == {
+        **missing.value.body,
+        "message": missing.value.body["message"].replace(missing_name, job["name"]),
+    }
 
 
 def test_models_that_name_no_checkpoint(client, job, chat_settings, alice, tiny_model) -> None:
-    for model in ("job_0000000000000000000000", "gpt-4o", f"{job['id']}:7", "ft:gpt-4o:org::x",
-                  job["name"].replace(":alice:", ":bob:")):
+    for model in (
+        "job_0000000000000000000000",
+        "gpt-4o",
+        f"{job['id']}:7",
+        "ft:gpt-4o:org::x",
+        job["name"].replace(":alice:", ":bob:"),
+    ):
         with pytest.raises(openai.NotFoundError) as refused:
             client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
-        assert (refused.value.body["code"], refused.value.body["param"]) == ("model_not_found", "model"), model
+        assert (refused.value.body["code"], refused.value.body["param"]) == ("model_not_found", "model"), (
+            model
+        )
     with pytest.raises(openai.NotFoundError, match="steps 1, 2"):
         client.chat.completions.create(model=f"{job['id']}:7", messages=MESSAGES, max_tokens=4)
     with TestClient(create_app(chat_settings, send=lambda job_id: None), headers=bearer(alice)) as http:
@@ -204,19 +258,25 @@ def test_models_that_name_no_checkpoint(client, job, chat_settings, alice, tiny_
         client.chat.completions.create(model=fresh["id"], messages=MESSAGES, max_tokens=4)
 
 
-@pytest.mark.parametrize(("request_fields", "param"), [
-    ({"temperature": 3}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"n": 9}, "n"),  # over GRPO_MAX_CHAT_CHOICES
-    ({"max_tokens": 65}, "max_tokens"),  # over GRPO_MAX_CHAT_TOKENS
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"stream": True}, "stream"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias"),
-    ({"messages": [{"role": "user", "content": "x" * 2100}]}, "messages"),  # longer than the model's 2048 positions
-])
+@pytest.mark.parametrize(
+    ("request_fields", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 9}, "n"),  # over GRPO_MAX_CHAT_CHOICES
+        ({"max_tokens": 65}, "max_tokens"),  # over GRPO_MAX_CHAT_TOKENS
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stream": True}, "stream"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias"),
+        (
+            {"messages": [{"role": "user", "content": "x" * 2100}]},
+            "messages",
+        ),  # longer than the model's 2048 positions
+    ],
+)
 def test_bad_parameters_are_400s_naming_the_field(client, job, request_fields, param) -> None:
     fields = {"model": job["id"], "messages": MESSAGES, "max_tokens": 4, **request_fields}
     with pytest.raises(openai.BadRequestError) as refused:
@@ -226,12 +286,15 @@ def test_bad_parameters_are_400s_naming_the_field(client, job, request_fields, p
 
 
 def test_no_inference_worker_is_a_504_that_the_sdk_does_not_retry(chat_settings, job, alice) -> None:
-    unserved = chat_settings.model_copy(update={"inference_queue": f"nobody-{uuid.uuid4().hex[:8]}",
-                                                "inference_timeout_s": 1.0})
+    unserved = chat_settings.model_copy(
+        update={"inference_queue": f"nobody-{uuid.uuid4().hex[:8]}", "inference_timeout_s": 1.0}
+    )
     sent: list[httpx.Request] = []
-    with serve(create_app(unserved, send=lambda job_id: None)) as url, \
-            httpx.Client(event_hooks={"request": [sent.append]}) as http, \
-            sdk(url, alice, max_retries=2, http_client=http) as client:
+    with (
+        serve(create_app(unserved, send=lambda job_id: None)) as url,
+        httpx.Client(event_hooks={"request": [sent.append]}) as http,
+        sdk(url, alice, max_retries=2, http_client=http) as client,
+    ):
         with pytest.raises(openai.APIStatusError) as refused:
             client.chat.completions.create(model=job["id"], messages=MESSAGES, max_tokens=4)
     assert refused.value.status_code == 504
@@ -243,8 +306,19 @@ def test_no_inference_worker_is_a_504_that_the_sdk_does_not_retry(chat_settings,
 
 def test_grpo_chat_and_the_python_client(server, job, alice) -> None:
     env = {"GRPO_API_URL": server, "GRPO_API_KEY": alice}
-    said = CliRunner().invoke(cli, ["chat", job["id"], "What is 2 + 3?", "--system", "Reply with the number.",
-                                    "--max-tokens", str(MAX_TOKENS)], env=env)
+    said = CliRunner().invoke(
+        cli,
+        [
+            "chat",
+            job["id"],
+            "What is 2 + 3?",
+            "--system",
+            "Reply with the number.",
+            "--max-tokens",
+            str(MAX_TOKENS),
+        ],
+        env=env,
+    )
     assert said.exit_code == 0, said.output
     assert said.stdout == job["expected"][2] + "\n"  # greedy by default
     assert job["name"] in said.stderr and "63 prompt" in said.stderr
@@ -260,8 +334,10 @@ def test_grpo_chat_and_the_python_client(server, job, alice) -> None:
         assert (bad.value.status, bad.value.param) == (400, "temperature")
 
 
-@pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                    reason="needs Debian's chromium and chromium-driver")
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="needs Debian's chromium and chromium-driver",
+)
 def test_the_dashboard_chat_box_asks_the_jobs_checkpoint(browser, server, job, alice, chat_settings) -> None:  # noqa: F811
     browser.get(f"{server}/?key={alice}&poll_ms=300#{job['id']}")
     wait_for(lambda: len(css(browser, "#checkpoints li")) == 2, timeout=15, what="the checkpoints")
@@ -269,8 +345,13 @@ def test_the_dashboard_chat_box_asks_the_jobs_checkpoint(browser, server, job, a
     css(browser, "#chat-prompt")[0].send_keys("What is 2 + 3?")
     css(browser, "#chat-form button")[0].click()
     # greedy, up to the server's cap (GRPO_MAX_CHAT_TOKENS), from the newest checkpoint
-    expected = greedy(job["sources"][2], [{"role": "user", "content": "What is 2 + 3?"}], chat_settings.max_chat_tokens)
-    answer = wait_for(lambda: (text := css(browser, "#chat-answer")[0].get_attribute("textContent")) != "…" and text,
-                      timeout=60, what="the answer")
+    expected = greedy(
+        job["sources"][2], [{"role": "user", "content": "What is 2 + 3?"}], chat_settings.max_chat_tokens
+    )
+    answer = wait_for(
+        lambda: (text := css(browser, "#chat-answer")[0].get_attribute("textContent")) != "…" and text,
+        timeout=60,
+        what="the answer",
+    )
     assert answer == expected
     assert css(browser, "#chat-about")[0].text.startswith(job["name"])

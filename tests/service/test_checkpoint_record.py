@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 def create_job(client, tiny_model, **hyperparameters) -> str:
     dataset_id = upload(client).json()["id"]
-    created = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model), hyperparameters=hyperparameters))
+    created = client.post(
+        "/v1/jobs", json=job_spec(dataset_id, str(tiny_model), hyperparameters=hyperparameters)
+    )
     assert created.status_code == 201, created.text
     return created.json()["id"]
 
@@ -39,7 +41,9 @@ def test_the_record_follows_the_trainers_pruning(client, settings, tiny_model) -
     assert recorded_and_on_disk(settings, job_id) == ("succeeded", [3, 4], [3, 4])
 
 
-def test_a_claim_forgets_the_checkpoint_a_dead_attempt_deleted_without_saying(client, settings, tiny_model) -> None:
+def test_a_claim_forgets_the_checkpoint_a_dead_attempt_deleted_without_saying(
+    client, settings, tiny_model
+) -> None:
     job_id = create_job(client, tiny_model, max_steps=3, checkpoint_every=2)
     # What a worker killed between the trainer's pruning and its report leaves: a row, no files.
     shutil.rmtree(settings.artifact_dir / make_checkpoint(settings, job_id, 1))

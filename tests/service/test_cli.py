@@ -24,8 +24,13 @@ from tests.service.simulate import SimulatedWorker
 
 @pytest.fixture(scope="module")
 def settings(make_database, tmp_path_factory) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("cli"), database_url=make_database(), broker_url=REDIS_URL,
-                    broker_key_prefix=f"grpo-test-{RUN_ID}:", queue=f"gpu-{RUN_ID}")
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("cli"),
+        database_url=make_database(),
+        broker_url=REDIS_URL,
+        broker_key_prefix=f"grpo-test-{RUN_ID}:",
+        queue=f"gpu-{RUN_ID}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +98,9 @@ def test_follow_shows_progress_and_exits_with_the_final_status(env, settings, sp
     assert followed.exit_code == 0, followed.output
     assert "running on sim@test/1" in followed.output and f"{job_id} succeeded at step 6/6" in followed.output
     # no terminal here (as in CI or under nohup): a line for every step, none skipped between polls
-    assert [line.split()[2] for line in followed.output.splitlines() if " step " in line[:14]] == \
-        [f"{step}/6" for step in range(1, 7)], followed.output
+    assert [line.split()[2] for line in followed.output.splitlines() if " step " in line[:14]] == [
+        f"{step}/6" for step in range(1, 7)
+    ], followed.output
 
     downloaded = grpo(env, "jobs", "download", job_id, "--dest", tmp_path)
     assert downloaded.exit_code == 0, downloaded.output
@@ -114,7 +120,9 @@ def test_errors_print_the_servers_message_not_a_traceback(env, tmp_path) -> None
     missing = grpo(env, "jobs", "show", "job_nope")
     assert (missing.exit_code, missing.output) == (1, "error: no job with id 'job_nope'\n")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"base_model": "org/model", "dataset_id": "ds_nope", "reward": [{"type": "regex"}]}))
+    bad.write_text(
+        json.dumps({"base_model": "org/model", "dataset_id": "ds_nope", "reward": [{"type": "regex"}]})
+    )
     refused = grpo(env, "jobs", "create", bad)
     assert refused.exit_code == 1 and "reward[0].pattern" in refused.output
     unauthorized = grpo({**env, "GRPO_API_KEY": "grpo_wrong"}, "jobs", "list")
@@ -122,12 +130,17 @@ def test_errors_print_the_servers_message_not_a_traceback(env, tmp_path) -> None
 
 
 def test_rewards_run(env, tmp_path) -> None:
-    (tmp_path / "reward.yaml").write_text("reward:\n  - type: exact_match\n  - type: regex\n    pattern: '^<think>'\n")
-    (tmp_path / "samples.jsonl").write_bytes(jsonl([{"completion": "<think>so</think> 5", "row": {"answer": "5"}},
-                                                    {"completion": "7", "row": {}}]))
+    (tmp_path / "reward.yaml").write_text(
+        "reward:\n  - type: exact_match\n  - type: regex\n    pattern: '^<think>'\n"
+    )
+    (tmp_path / "samples.jsonl").write_bytes(
+        jsonl([{"completion": "<think>so</think> 5", "row": {"answer": "5"}}, {"completion": "7", "row": {}}])
+    )
     result = grpo(env, "rewards", "run", tmp_path / "reward.yaml", tmp_path / "samples.jsonl")
     assert result.exit_code == 0, result.output
-    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines() if "│" in line]
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines() if "│" in line
+    ]
     assert rows == [["0", "2", "1", "1", "<think>so</think> 5"], ["1", "0", "error", "0", "7"]]
     assert "exact_match: the dataset row has no 'answer' field" in result.output
 
@@ -137,7 +150,8 @@ def test_download_merged_or_adapter(env, settings, spec_file, tmp_path) -> None:
     make_checkpoint(settings, job_id, 4, kind="adapter")
     refused = grpo(env, "jobs", "download", job_id, "--merged", "--dest", tmp_path)
     assert refused.exit_code == 1 and " ".join(refused.output.split()) == (
-        f"error: job {job_id} has no merged checkpoint (a LoRA job's is written when it succeeds)")
+        f"error: job {job_id} has no merged checkpoint (a LoRA job's is written when it succeeds)"
+    )
     merged = merged_dir(settings.job_dir(job_id), 4)  # as the worker leaves it when the job succeeds
     merged.mkdir(parents=True)
     (merged / "model.safetensors").write_bytes(b"w" * 64)

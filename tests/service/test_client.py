@@ -38,7 +38,9 @@ def dataset(grpo, tmp_path_factory) -> dict:
     return grpo.datasets.upload(path, name="arith")
 
 
-def test_a_job_from_upload_to_downloaded_checkpoint(grpo, dataset, tiny_model, redis_worker, tmp_path) -> None:
+def test_a_job_from_upload_to_downloaded_checkpoint(
+    grpo, dataset, tiny_model, redis_worker, tmp_path
+) -> None:
     assert (dataset["name"], dataset["rows"]) == ("arith", 16)
     assert grpo.datasets.get(dataset["id"]) == dataset
     assert dataset["id"] in [d["id"] for d in grpo.datasets.list()]
@@ -51,11 +53,16 @@ def test_a_job_from_upload_to_downloaded_checkpoint(grpo, dataset, tiny_model, r
     assert [m["step"] for m in grpo.jobs.metrics(job["id"])] == [1, 2, 3]
     assert [m["step"] for m in grpo.jobs.metrics(job["id"], after_step=2)] == [3]
     assert [e["data"]["status"] for e in grpo.jobs.events(job["id"]) if e["kind"] == "status"] == [
-        "queued", "running", "succeeded"]
+        "queued",
+        "running",
+        "succeeded",
+    ]
 
     samples = list(grpo.jobs.samples(job["id"]))  # the worker kept the first completion of each group
     assert sorted({s["step"] for s in samples}) == [1, 2, 3] and len(samples) == 3 * 2
-    assert all(isinstance(s["completion"], str) and set(s["rewards"]) == {"exact_match", "regex"} for s in samples)
+    assert all(
+        isinstance(s["completion"], str) and set(s["rewards"]) == {"exact_match", "regex"} for s in samples
+    )
     assert all(s["step"] == 2 for s in grpo.jobs.samples(job["id"], step=2))
 
     assert [c["step"] for c in grpo.jobs.checkpoints(job["id"])] == [2, 3]
@@ -71,9 +78,12 @@ def test_a_lora_job_downloads_as_adapter_or_merged(grpo, dataset, tiny_model, re
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    spec = job_spec(dataset["id"], str(tiny_model), hyperparameters={
-        "max_steps": 2, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8}},
-        reward=[{"type": "regex", "pattern": "[0-9]", "score": "fraction"}])  # varies in every group: a gradient
+    spec = job_spec(
+        dataset["id"],
+        str(tiny_model),
+        hyperparameters={"max_steps": 2, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8}},
+        reward=[{"type": "regex", "pattern": "[0-9]", "score": "fraction"}],
+    )  # varies in every group: a gradient
     job = grpo.jobs.wait(grpo.jobs.create(spec)["id"], timeout=120, poll_s=0.2)
     assert job["status"] == "succeeded", (job, redis_worker.log()[-3000:])
     final = grpo.jobs.checkpoints(job["id"])[-1]
@@ -151,10 +161,17 @@ class Scripted(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         Scripted.seen.append(dict(self.headers))
         status, headers = Scripted.script.pop(0) if Scripted.script else (200, {})
-        body = json.dumps({"id": "job_1", "status": "queued"} if status == 200 else
-                          {"error": {"code": "busy", "message": f"status {status}", "param": None}}).encode()
+        body = json.dumps(
+            {"id": "job_1", "status": "queued"}
+            if status == 200
+            else {"error": {"code": "busy", "message": f"status {status}", "param": None}}
+        ).encode()
         self.send_response(status)
-        for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}.items():
+        for name, value in {
+            **headers,
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+        }.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
@@ -202,7 +219,9 @@ def test_retries_are_bounded(fake) -> None:
 
 def test_an_unreachable_server_is_retried_then_reported() -> None:
     waits: list[float] = []
-    with Client(f"http://127.0.0.1:{free_port()}", sleep=waits.append, retry=RetryPolicy(max_retries=3)) as client:
+    with Client(
+        f"http://127.0.0.1:{free_port()}", sleep=waits.append, retry=RetryPolicy(max_retries=3)
+    ) as client:
         with pytest.raises(GrpoError) as failed:
             client.jobs.get("job_1")
     assert len(waits) == 3 and failed.value.code == "connection_error" and failed.value.status is None

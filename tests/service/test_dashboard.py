@@ -34,18 +34,36 @@ from tests.service.live import serve
 from tests.service.simulate import SimulatedWorker
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1000",
+]
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def settings(make_database, tmp_path_factory) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("dashboard"), database_url=make_database(), broker_url=REDIS_URL,
-                    broker_key_prefix=f"grpo-test-{RUN_ID}:", queue=f"gpu-{RUN_ID}")
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("dashboard"),
+        database_url=make_database(),
+        broker_url=REDIS_URL,
+        broker_key_prefix=f"grpo-test-{RUN_ID}:",
+        queue=f"gpu-{RUN_ID}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +84,15 @@ def api(server, key) -> Iterator[httpx.Client]:
 
 
 def new_job(api: httpx.Client, name: str, max_steps: int) -> str:
-    dataset = api.post("/v1/datasets", files={"file": ("arith.jsonl", jsonl(arithmetic_rows()), "application/jsonl")})
-    spec = job_spec(dataset.json()["id"], "Qwen/Qwen2.5-0.5B-Instruct", name=name,
-                    hyperparameters={"max_steps": max_steps})
+    dataset = api.post(
+        "/v1/datasets", files={"file": ("arith.jsonl", jsonl(arithmetic_rows()), "application/jsonl")}
+    )
+    spec = job_spec(
+        dataset.json()["id"],
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        name=name,
+        hyperparameters={"max_steps": max_steps},
+    )
     response = api.post("/v1/jobs", json=spec)
     assert response.status_code == 201, response.text
     return response.json()["id"]
@@ -98,7 +122,9 @@ def points(browser, metric: str) -> int:
     return int(charts[0].get_attribute("data-points") or 0) if charts else 0
 
 
-def test_a_finished_jobs_curves_samples_checkpoints_and_events(browser, server, api, settings, key, tmp_path) -> None:
+def test_a_finished_jobs_curves_samples_checkpoints_and_events(
+    browser, server, api, settings, key, tmp_path
+) -> None:
     job_id = new_job(api, "arith-grpo", max_steps=30)
     SimulatedWorker(settings, job_id).run(30, checkpoint_every=10)
 
@@ -112,7 +138,11 @@ def test_a_finished_jobs_curves_samples_checkpoints_and_events(browser, server, 
     assert f"{job_id}" in css(browser, "#jobs tbody tr.selected")[0].text
     wait_for(lambda: len(css(browser, "#samples tbody tr")) == 2, timeout=10, what="the samples")
     assert "<think>30 plus 0</think> 30" in css(browser, "#samples tbody")[0].text
-    assert [li.text.split(" · ")[0] for li in css(browser, "#checkpoints li")] == ["step 10", "step 20", "step 30"]
+    assert [li.text.split(" · ")[0] for li in css(browser, "#checkpoints li")] == [
+        "step 10",
+        "step 20",
+        "step 30",
+    ]
     assert "succeeded" in css(browser, "#events")[0].text
 
     assert "key=" not in browser.current_url  # the secret left the address bar for local storage
@@ -134,9 +164,15 @@ def test_a_running_jobs_page_follows_its_progress(browser, server, api, settings
 
     for step in range(2, 6):
         worker.step(step)
-        wait_for(lambda s=step: css(browser, "#job-step")[0].get_attribute("data-step") == str(s), timeout=10,
-                 what=f"step {step} on the page")
-    assert points(browser, "reward") == 5 and css(browser, "#chart-reward path.line")[0].get_attribute("d").count("L") == 4
+        wait_for(
+            lambda s=step: css(browser, "#job-step")[0].get_attribute("data-step") == str(s),
+            timeout=10,
+            what=f"step {step} on the page",
+        )
+    assert (
+        points(browser, "reward") == 5
+        and css(browser, "#chart-reward path.line")[0].get_attribute("d").count("L") == 4
+    )
     worker.finish()
     wait_for(lambda: css(browser, "#job-status")[0].text == "succeeded", timeout=10, what="the final status")
 
@@ -170,8 +206,8 @@ def test_without_a_valid_key_the_page_asks_for_one(browser, server, settings) ->
 BOXES = """
 return Array.from(document.querySelectorAll(arguments[0])).map((node) => {
   const r = node.getBoundingClientRect();
-  return [r.left, r.top, r.right, r.bottom, node.getClientRects().length, node.scrollWidth > node.clientWidth + 1,
-          node.textContent];
+  return [r.left, r.top, r.right, r.bottom, node.getClientRects().length,
+          node.scrollWidth > node.clientWidth + 1, node.textContent];
 });"""
 
 
@@ -180,23 +216,36 @@ def boxes(browser, selector: str) -> list[list]:
 
 
 def inside(box: list, outer: list) -> bool:
-    return outer[0] - 0.5 <= box[0] and box[2] <= outer[2] + 0.5 and outer[1] - 0.5 <= box[1] and box[3] <= outer[3] + 0.5
+    return (
+        outer[0] - 0.5 <= box[0]
+        and box[2] <= outer[2] + 0.5
+        and outer[1] - 0.5 <= box[1]
+        and box[3] <= outer[3] + 0.5
+    )
 
 
-def test_event_numbers_job_ids_and_chart_axes_are_readable(browser, server, api, settings, key, tmp_path) -> None:
+def test_event_numbers_job_ids_and_chart_axes_are_readable(
+    browser, server, api, settings, key, tmp_path
+) -> None:
     """Event numbers past 9 were clipped, a job id wrapped over three lines, and no chart had axes."""
     job_id = new_job(api, "readable", max_steps=12)
     SimulatedWorker(settings, job_id).run(12, checkpoint_every=1)  # 12 checkpoint events, 14 or more in all
     browser.set_window_size(1280, 1000)
     browser.get(f"{server}/?key={key}&poll_ms=300#{job_id}")
-    wait_for(lambda: points(browser, "reward") == 12 and len(css(browser, "#events li")) >= 14, timeout=15,
-             what="the curves and the events")
+    wait_for(
+        lambda: points(browser, "reward") == 12 and len(css(browser, "#events li")) >= 14,
+        timeout=15,
+        what="the curves and the events",
+    )
 
     numbers = boxes(browser, "#events li .n")
     assert [n[6] for n in numbers] == [str(i) for i in range(1, len(numbers) + 1)]
     [events] = boxes(browser, "#events")
     for number in numbers[9:]:  # 10, 11, ...: wholly inside the list's width (it scrolls down), not cut
-        assert events[0] - 0.5 <= number[0] and number[2] <= events[2] + 0.5 and not number[5], (number, events)
+        assert events[0] - 0.5 <= number[0] and number[2] <= events[2] + 0.5 and not number[5], (
+            number,
+            events,
+        )
 
     [panel] = boxes(browser, "#jobs-panel")
     assert not panel[5], panel  # the jobs table fits its panel: no scrolling sideways
@@ -211,16 +260,28 @@ def test_event_numbers_job_ids_and_chart_axes_are_readable(browser, server, api,
         x_ticks = boxes(browser, f"#{chart.get_attribute('id')} .ticks.x .tick")
         titles = [t[6] for t in boxes(browser, f"#{chart.get_attribute('id')} .title")]
         assert titles == [metric, "step"], (metric, titles)
-        assert len(x_ticks) >= 2 and len(y_ticks) >= (1 if metric == "learning_rate" else 2), (metric, y_ticks, x_ticks)
+        assert len(x_ticks) >= 2 and len(y_ticks) >= (1 if metric == "learning_rate" else 2), (
+            metric,
+            y_ticks,
+            x_ticks,
+        )
         assert [t[6] for t in x_ticks] == sorted((t[6] for t in x_ticks), key=int)  # steps, left to right
-        assert all(a[2] < b[0] for a, b in itertools.pairwise(x_ticks)), (metric, x_ticks)  # apart, no overlap
-        assert all(a[1] > b[3] for a, b in itertools.pairwise(y_ticks)), (metric, y_ticks)  # rising up the axis
+        assert all(a[2] < b[0] for a, b in itertools.pairwise(x_ticks)), (
+            metric,
+            x_ticks,
+        )  # apart, no overlap
+        assert all(a[1] > b[3] for a, b in itertools.pairwise(y_ticks)), (
+            metric,
+            y_ticks,
+        )  # rising up the axis
         assert all(t[6] and inside(t, outer) for t in y_ticks + x_ticks), (metric, outer, y_ticks, x_ticks)
     assert [t[6] for t in boxes(browser, "#chart-reward .ticks.x .tick")] == ["2", "4", "6", "8", "10", "12"]
     browser.save_screenshot(str(tmp_path / "top.png"))
     browser.set_window_size(1280, 2000)
-    browser.execute_script("const e = document.querySelector('#events'); e.scrollTop = e.scrollHeight; "
-                           "window.scrollTo(0, document.body.scrollHeight);")
+    browser.execute_script(
+        "const e = document.querySelector('#events'); e.scrollTop = e.scrollHeight; "
+        "window.scrollTo(0, document.body.scrollHeight);"
+    )
     browser.save_screenshot(str(tmp_path / "readable.png"))
     if os.environ.get("GRPO_SCREENSHOT_DIR"):
         for name in ("top.png", "readable.png"):
@@ -228,8 +289,10 @@ def test_event_numbers_job_ids_and_chart_axes_are_readable(browser, server, api,
 
 
 def test_ticked_jobs_overlay_their_curves_in_one_chart(browser, server, api, settings, key) -> None:
-    first, second, third = (new_job(api, name, max_steps=steps) for name, steps in
-                            (("compare-a", 8), ("compare-b", 12), ("compare-c", 4)))
+    first, second, third = (
+        new_job(api, name, max_steps=steps)
+        for name, steps in (("compare-a", 8), ("compare-b", 12), ("compare-c", 4))
+    )
     for job_id, steps in ((first, 8), (second, 12), (third, 4)):
         SimulatedWorker(settings, job_id).run(steps)
     browser.get(f"{server}/?key={key}&poll_ms=300#{third}")
@@ -245,7 +308,9 @@ def test_ticked_jobs_overlay_their_curves_in_one_chart(browser, server, api, set
     assert shown["series"][first][2] != shown["series"][second][2]  # two colours
     assert len(shown["legend"]) == 2 and "compare-a" in shown["legend"][0] and first in shown["legend"][0]
     assert "compare-b" in shown["legend"][1] and shown["metric"] == "reward"
-    assert shown["x_ticks"][0] == "2" and shown["x_ticks"][-1] == "12"  # one step axis for both: the longer job's
+    assert (
+        shown["x_ticks"][0] == "2" and shown["x_ticks"][-1] == "12"
+    )  # one step axis for both: the longer job's
     assert browser.current_url.endswith(f"#{third}")  # ticking a job does not open it
 
     tick(browser, first)
@@ -257,7 +322,9 @@ def test_ticked_jobs_overlay_their_curves_in_one_chart(browser, server, api, set
 
 def tick(browser, job_id: str) -> None:
     """Click a job's compare box (in the page: the list is redrawn every few seconds)."""
-    browser.execute_script(f"document.querySelector('#jobs tbody tr[data-job=\"{job_id}\"] input.compare').click()")
+    browser.execute_script(
+        f"document.querySelector('#jobs tbody tr[data-job=\"{job_id}\"] input.compare').click()"
+    )
 
 
 # The overlay as the page draws it, read in one go (it is redrawn while it is polled).
@@ -284,8 +351,13 @@ def test_checkpoints_show_their_eval_figures_and_the_best(browser, server, api, 
     for step, reward in ((1, 0.75), (2, 0.5)):  # as the worker records them: checkpoint, then its evaluation
         make_checkpoint(settings, job_id, step)
         with transaction(settings.database_url) as session:
-            record_evaluation(session=session, job_id=job_id, step=step, best_step=1,
-                              figures={"reward": reward, "rewards/exact_match": reward, "pass@1": 0.5, "pass@4": 0.9})
+            record_evaluation(
+                session=session,
+                job_id=job_id,
+                step=step,
+                best_step=1,
+                figures={"reward": reward, "rewards/exact_match": reward, "pass@1": 0.5, "pass@4": 0.9},
+            )
 
     browser.get(f"{server}/?key={key}&poll_ms=200#{job_id}")
     wait_for(lambda: len(css(browser, "#checkpoints li")) == 2, timeout=15, what="the checkpoints")

@@ -16,7 +16,9 @@ def stored_files(settings) -> list[str]:
 
 
 def test_upload_reports_rows_fields_and_hash(client, settings) -> None:
-    body = jsonl(arithmetic_rows(5) + [{"prompt": [{"role": "user", "content": "hi"}], "answer": "x", "extra": 1}])
+    body = jsonl(
+        arithmetic_rows(5) + [{"prompt": [{"role": "user", "content": "hi"}], "answer": "x", "extra": 1}]
+    )
     response = upload(client, content=body, name="arith.jsonl")
     assert response.status_code == 201, response.text
     dataset = response.json()
@@ -34,9 +36,17 @@ def test_blank_lines_are_skipped(client) -> None:
 
 
 def test_chat_format_rows_are_accepted_with_their_messages_as_the_prompt(client, settings) -> None:
-    rows = [{"messages": [{"role": "system", "content": "Answer with a number."},
-                          {"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}],
-             "answer": str(i + 1)} for i in range(3)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer with a number."},
+                {"role": "user", "content": f"{i} + 1?"},
+                {"role": "assistant", "content": str(i + 1)},
+            ],
+            "answer": str(i + 1),
+        }
+        for i in range(3)
+    ]
     response = upload(client, content=jsonl(rows))
     assert response.status_code == 201, response.text
     dataset = response.json()
@@ -49,13 +59,16 @@ def test_a_row_without_prompt_or_messages_is_told_about_both(client) -> None:
     assert "missing 'prompt'" in error["message"] and "may give 'messages' instead" in error["message"]
 
 
-@pytest.mark.parametrize(("content", "lines", "says"), [
-    (b'{"prompt": "ok"}\n{"prompt": "ok",\nnot json\n', [2, 3], "not valid JSON"),
-    (b'{"prompt": "ok"}\n{"answer": "4"}\n', [2], "missing 'prompt'"),
-    (b'{"prompt": ""}\n', [1], "'prompt' is empty"),
-    (b'{"prompt": [{"role": "user"}]}\n', [1], "message"),
-    (b'[1, 2]\n', [1], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("content", "lines", "says"),
+    [
+        (b'{"prompt": "ok"}\n{"prompt": "ok",\nnot json\n', [2, 3], "not valid JSON"),
+        (b'{"prompt": "ok"}\n{"answer": "4"}\n', [2], "missing 'prompt'"),
+        (b'{"prompt": ""}\n', [1], "'prompt' is empty"),
+        (b'{"prompt": [{"role": "user"}]}\n', [1], "message"),
+        (b"[1, 2]\n", [1], "expected a JSON object"),
+    ],
+)
 def test_bad_lines_are_listed_and_nothing_is_stored(client, settings, content, lines, says) -> None:
     response = upload(client, content=content)
     assert response.status_code == 422
@@ -67,7 +80,9 @@ def test_bad_lines_are_listed_and_nothing_is_stored(client, settings, content, l
     assert stored_files(settings) == []
 
 
-@pytest.mark.parametrize(("content", "says"), [(b"", "no rows"), (b"\n\n", "no rows"), (b"\xff\xfe\x00", "UTF-8")])
+@pytest.mark.parametrize(
+    ("content", "says"), [(b"", "no rows"), (b"\n\n", "no rows"), (b"\xff\xfe\x00", "UTF-8")]
+)
 def test_empty_or_binary_upload_is_rejected(client, settings, content, says) -> None:
     response = upload(client, content=content)
     assert response.status_code == 422 and says in response.json()["error"]["message"]

@@ -29,8 +29,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_demo(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "demo", "--data-dir", str(data_dir), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=540)
+    return subprocess.run(
+        [sys.executable, "-m", "demo", "--data-dir", str(data_dir), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
 
 
 def test_a_shortened_demo_raises_held_out_accuracy_from_the_best_checkpoint(data_dir: Path) -> None:

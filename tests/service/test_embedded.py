@@ -26,10 +26,18 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.C
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
     # GRPO_DATA_DIR rather than --data-dir: the README's way, which `grpo keys create` reads too
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRPO_HEARTBEAT_INTERVAL_S="0.5", GRPO_DATA_DIR=str(data_dir))
+    env.update(
+        PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRPO_HEARTBEAT_INTERVAL_S="0.5", GRPO_DATA_DIR=str(data_dir)
+    )
     log = (data_dir / "service.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--embedded", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--embedded", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 
     def up() -> bool:
@@ -41,8 +49,15 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.C
 
     try:
         wait_for(up, timeout=60, what="the embedded service to start", interval=0.3)
-        created = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "me"], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=60, check=True)
+        created = subprocess.run(
+            [sys.executable, "-m", "api.cli", "keys", "create", "me"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         client.headers["Authorization"] = f"Bearer {created.stdout.split()[-1]}"
         yield client, data_dir
     finally:
@@ -67,7 +82,9 @@ def group_alive(pgid: int) -> bool:
 
 def test_embedded_service_runs_a_job_end_to_end(embedded, tiny_model, tmp_path) -> None:
     client, data_dir = embedded
-    model = shutil.copytree(tiny_model, data_dir / "models" / "tiny")  # the embedded default's GRPO_MODEL_DIRS
+    model = shutil.copytree(
+        tiny_model, data_dir / "models" / "tiny"
+    )  # the embedded default's GRPO_MODEL_DIRS
     dataset_id = upload(client).json()["id"]
     outside = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model)))
     assert outside.status_code == 422 and outside.json()["error"]["param"] == "base_model"
@@ -75,8 +92,9 @@ def test_embedded_service_runs_a_job_end_to_end(embedded, tiny_model, tmp_path) 
     job_id = job_id.json()["id"]
 
     statuses = []  # followed live over server-sent events; the stream ends with the job
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"},
-                       timeout=120) as stream:
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}, timeout=120
+    ) as stream:
         for line in stream.iter_lines():
             if line.startswith("data: "):
                 data = json.loads(line.removeprefix("data: "))["data"] or {}
@@ -93,9 +111,16 @@ def test_embedded_service_runs_a_job_end_to_end(embedded, tiny_model, tmp_path) 
     download_and_load(client, job_id, 4, tmp_path)
 
     # its checkpoint answers chat completions: the embedded inference worker, its answer a file
-    chat = client.post("/v1/chat/completions", timeout=150, json={
-        "model": job_id, "messages": [{"role": "user", "content": "What is 1 + 1?"}], "max_tokens": 4,
-        "temperature": 0})
+    chat = client.post(
+        "/v1/chat/completions",
+        timeout=150,
+        json={
+            "model": job_id,
+            "messages": [{"role": "user", "content": "What is 1 + 1?"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
     assert chat.status_code == 200, (chat.text, (data_dir / "service.log").read_text()[-3000:])
     assert chat.json()["model"].endswith(f":{job_id}:ckpt-step-4")
     assert chat.json()["usage"]["completion_tokens"] <= 4 and len(chat.json()["choices"]) == 1

@@ -20,9 +20,18 @@ from jobs.queries import append_metrics, claim_job
 from tests.service.factories import job_spec, upload
 from tests.service.live import serve
 
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
-         "vocab_size": 100, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "tie_word_embeddings": False, "max_position_embeddings": 256}
+LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 100,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 256,
+}
 # by hand: per layer q, o 64x64 each, k, v 64x32 each, gate/up/down 64x128 each, 2 norms of 64;
 # embeddings and head 100x64 each (untied), the final norm 64
 LLAMA_PARAMETERS = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 2 * 100 * 64 + 64
@@ -41,31 +50,53 @@ def prompt_rows(n: int = 10) -> list[dict]:
 
 def spec_for(client, base_model: str, **hyperparameters) -> dict:
     dataset = upload(client, prompt_rows()).json()["id"]
-    return job_spec(dataset, str(base_model), group_size=4, hyperparameters={
-        "max_steps": 100, "prompts_per_step": 8, "max_prompt_length": 64, "max_completion_length": 32,
-        **hyperparameters})
+    return job_spec(
+        dataset,
+        str(base_model),
+        group_size=4,
+        hyperparameters={
+            "max_steps": 100,
+            "prompts_per_step": 8,
+            "max_prompt_length": 64,
+            "max_completion_length": 32,
+            **hyperparameters,
+        },
+    )
 
 
 def dry_run(client, spec: dict, **request):
     return client.post("/v1/jobs", params={"dry_run": "true"}, json=spec, **request)
 
 
-def test_an_estimate_counts_tokens_memory_and_time_and_creates_nothing(client, settings, sent, tmp_path) -> None:
+def test_an_estimate_counts_tokens_memory_and_time_and_creates_nothing(
+    client, settings, sent, tmp_path
+) -> None:
     spec = spec_for(client, model_dir(tmp_path))
     response = dry_run(client, spec, headers={"Idempotency-Key": "k1"})
     assert response.status_code == 200, response.text
     estimate = response.json()
     assert estimate["object"] == "job.estimate"
     tokens = estimate["tokens"]
-    assert (tokens["prompt_tokens_mean"], tokens["prompt_tokens_from"], tokens["prompts_sampled"]) == (10, "characters", 10)
+    assert (tokens["prompt_tokens_mean"], tokens["prompt_tokens_from"], tokens["prompts_sampled"]) == (
+        10,
+        "characters",
+        10,
+    )
     assert tokens["per_step"] == 8 * 4 * (10 + 32) and tokens["total"] == 100 * tokens["per_step"]
 
     memory = estimate["memory"]
-    assert (memory["parameters"], memory["parameters_from"], memory["dtype"]) == (LLAMA_PARAMETERS, "config.json",
-                                                                                  "float32")
-    assert memory["weights_bytes"] == memory["reference_model_bytes"] == 4 * LLAMA_PARAMETERS  # beta > 0: a copy
+    assert (memory["parameters"], memory["parameters_from"], memory["dtype"]) == (
+        LLAMA_PARAMETERS,
+        "config.json",
+        "float32",
+    )
+    assert (
+        memory["weights_bytes"] == memory["reference_model_bytes"] == 4 * LLAMA_PARAMETERS
+    )  # beta > 0: a copy
     assert memory["optimizer_bytes"] == 2 * memory["gradients_bytes"] == 2 * 4 * LLAMA_PARAMETERS
-    kv_cache = 8 * 4 * (10 + 32) * 2 * 2 * (2 * 16) * 4  # sequences x length x layers x (k, v) x kv dim x bytes
+    kv_cache = (
+        8 * 4 * (10 + 32) * 2 * 2 * (2 * 16) * 4
+    )  # sequences x length x layers x (k, v) x kv dim x bytes
     assert memory["generation_cache_bytes"] == kv_cache
     assert memory["total_bytes"] == 5 * 4 * LLAMA_PARAMETERS + max(memory["activations_bytes"], kv_cache)
 
@@ -95,13 +126,21 @@ def test_lora_and_beta_zero_need_no_reference_copy_and_lora_trains_a_small_share
     assert half["weights_bytes"] == 2 * LLAMA_PARAMETERS
 
 
-def test_lengths_beyond_the_context_are_warned_of_in_the_estimate_and_the_created_job(client, tmp_path) -> None:
-    spec = spec_for(client, model_dir(tmp_path, max_position_embeddings=64), max_prompt_length=48,
-                    max_completion_length=32)
+def test_lengths_beyond_the_context_are_warned_of_in_the_estimate_and_the_created_job(
+    client, tmp_path
+) -> None:
+    spec = spec_for(
+        client,
+        model_dir(tmp_path, max_position_embeddings=64),
+        max_prompt_length=48,
+        max_completion_length=32,
+    )
     [warning] = dry_run(client, spec).json()["warnings"]
     assert "48 + 32 = 80, beyond the model's context of 64 tokens" in warning
 
-    job = client.post("/v1/jobs", json=spec)  # created all the same (shorter sequences would fit), with a warning
+    job = client.post(
+        "/v1/jobs", json=spec
+    )  # created all the same (shorter sequences would fit), with a warning
     assert job.status_code == 201, job.text
     events = client.get(f"/v1/jobs/{job.json()['id']}/events").json()["data"]
     assert [(e["kind"], e["level"], e["message"]) for e in events][1:] == [("warning", "warning", warning)]
@@ -113,7 +152,9 @@ def test_prompts_longer_than_max_prompt_length_are_warned_of(client, tmp_path) -
     estimate = dry_run(client, spec).json()
     assert estimate["tokens"]["prompt_tokens_max"] == 100 and estimate["tokens"]["prompts_truncated"] == 0.25
     assert estimate["tokens"]["prompt_tokens_mean"] == (50 + 3 * 10) / 4  # what is kept counts
-    assert any("25% of the sampled prompts are longer than max_prompt_length" in w for w in estimate["warnings"])
+    assert any(
+        "25% of the sampled prompts are longer than max_prompt_length" in w for w in estimate["warnings"]
+    )
 
 
 def test_a_hub_model_has_no_memory_figures_and_says_why(client) -> None:
@@ -126,10 +167,15 @@ def test_a_hub_model_has_no_memory_figures_and_says_why(client) -> None:
 def test_a_dry_run_refuses_what_creating_would_refuse(client) -> None:
     spec = spec_for(client, "org/model", learning_rte=1e-5)
     error = dry_run(client, spec).json()["error"]
-    assert error["param"] == "hyperparameters.learning_rte" and "did you mean 'learning_rate'?" in error["message"]
+    assert (
+        error["param"] == "hyperparameters.learning_rte"
+        and "did you mean 'learning_rate'?" in error["message"]
+    )
 
 
-def test_the_time_comes_from_your_finished_jobs_of_the_model_when_there_are_some(client, settings, tmp_path) -> None:
+def test_the_time_comes_from_your_finished_jobs_of_the_model_when_there_are_some(
+    client, settings, tmp_path
+) -> None:
     directory = model_dir(tmp_path)
     spec = spec_for(client, directory)
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
@@ -137,8 +183,16 @@ def test_the_time_comes_from_your_finished_jobs_of_the_model_when_there_are_some
         claim_job(session=session, job_id=job_id, worker="w")
         for step, rate in ((1, 900.0), (2, 1000.0), (3, 1100.0)):
             append_metrics(session=session, job_id=job_id, step=step, metrics={"tokens_per_second": rate})
-        session.execute(update(Job).where(Job.id == job_id).values(
-            status=JobStatus.succeeded, step=3, finished_at=utcnow(), started_at=utcnow() - timedelta(seconds=9)))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status=JobStatus.succeeded,
+                step=3,
+                finished_at=utcnow(),
+                started_at=utcnow() - timedelta(seconds=9),
+            )
+        )
     time = dry_run(client, spec).json()["time"]
     assert time["tokens_per_second"] == 1000.0 and "finished job" in time["tokens_per_second_from"]
     assert time["seconds_per_step"] == pytest.approx(8 * 4 * (10 + 32) / 1000.0)

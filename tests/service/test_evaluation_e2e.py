@@ -89,24 +89,40 @@ def upload(http: httpx.Client, rows: list[dict[str, Any]], name: str) -> str:
 
 
 def test_checkpoints_carry_eval_figures_the_best_is_kept_and_downloaded_by_default(
-        server, redis_worker, redis_worker_settings, scorer, tiny_model, tmp_path) -> None:
+    server, redis_worker, redis_worker_settings, scorer, tiny_model, tmp_path
+) -> None:
     key = api_key(redis_worker_settings)
     with httpx.Client(base_url=server, headers=bearer(key), timeout=30) as http:
-        train_id = upload(http, [{"prompt": f"What is {i} + 1?", "split": "train"} for i in range(8)], "train.jsonl")
-        eval_id = upload(http, [{"prompt": f"What is {i} + 2?", "split": "eval"} for i in range(3)], "eval.jsonl")
+        train_id = upload(
+            http, [{"prompt": f"What is {i} + 1?", "split": "train"} for i in range(8)], "train.jsonl"
+        )
+        eval_id = upload(
+            http, [{"prompt": f"What is {i} + 2?", "split": "eval"} for i in range(3)], "eval.jsonl"
+        )
 
-        spec = job_spec(train_id, str(tiny_model), eval_dataset_id=eval_id,
-                        reward=[{"type": "http", "url": scorer.url, "retries": 0}],
-                        hyperparameters={"max_steps": 4, "checkpoint_every": 1, "keep_last_checkpoints": 1,
-                                         "keep_best_by": "eval/reward", "eval_pass_k": 2, "eval_pass_threshold": 0.75})
+        spec = job_spec(
+            train_id,
+            str(tiny_model),
+            eval_dataset_id=eval_id,
+            reward=[{"type": "http", "url": scorer.url, "retries": 0}],
+            hyperparameters={
+                "max_steps": 4,
+                "checkpoint_every": 1,
+                "keep_last_checkpoints": 1,
+                "keep_best_by": "eval/reward",
+                "eval_pass_k": 2,
+                "eval_pass_threshold": 0.75,
+            },
+        )
         created = http.post("/v1/jobs", json=spec)
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
         try:
             job = wait_until_ended(http, job_id, timeout=600)  # a generous bound for a loaded 2-core CI
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; job {http.get(f'/v1/jobs/{job_id}').json()}; worker log "
-                                 f"{redis_worker.log()[-3000:]}") from None
+            raise AssertionError(
+                f"{exc}; job {http.get(f'/v1/jobs/{job_id}').json()}; worker log {redis_worker.log()[-3000:]}"
+            ) from None
         assert job["status"] == "succeeded", (job, redis_worker.log()[-3000:])
 
         # eval reward 0.9, 0.8, 0.7, 0.6 after steps 1-4: step 1 is best, and outlives keep_last_checkpoints=1
@@ -126,7 +142,9 @@ def test_checkpoints_carry_eval_figures_the_best_is_kept_and_downloaded_by_defau
         assert [e["data"]["step"] for e in evaluations] == [1, 2, 3, 4]
         assert all(e["data"]["best_step"] == 1 for e in evaluations)
         warnings = [e["message"] for e in events if e["level"] == "warning" and "overfitting" in e["message"]]
-        assert len(warnings) == 1 and warnings[0].startswith("step 3:"), warnings  # once, when 3 evaluations fell
+        assert len(warnings) == 1 and warnings[0].startswith("step 3:"), (
+            warnings
+        )  # once, when 3 evaluations fell
 
     with Client(server, key) as grpo:
         assert grpo.jobs.default_checkpoint(job_id) == 1
@@ -134,8 +152,12 @@ def test_checkpoints_carry_eval_figures_the_best_is_kept_and_downloaded_by_defau
         downloaded = grpo.jobs.download(job_id, dest=tmp_path)
         assert downloaded == tmp_path / f"{job_id}-step-1" and (downloaded / "config.json").is_file()
 
-    listed = CliRunner().invoke(app, ["jobs", "checkpoints", job_id], env={"GRPO_API_URL": server, "GRPO_API_KEY": key},
-                                terminal_width=200)
+    listed = CliRunner().invoke(
+        app,
+        ["jobs", "checkpoints", job_id],
+        env={"GRPO_API_URL": server, "GRPO_API_KEY": key},
+        terminal_width=200,
+    )
     assert listed.exit_code == 0, listed.output
     cells = [line.replace("│", " ").replace("┃", " ").split() for line in listed.stdout.splitlines()]
     rows = [row for row in cells if row and row[0].isdigit()]
@@ -143,14 +165,20 @@ def test_checkpoints_carry_eval_figures_the_best_is_kept_and_downloaded_by_defau
     assert "eval reward" in listed.stdout and "0.900" in rows[0]
 
 
-def test_keep_best_by_without_an_eval_set_is_refused_before_queueing(server, redis_worker_settings, tiny_model) -> None:
+def test_keep_best_by_without_an_eval_set_is_refused_before_queueing(
+    server, redis_worker_settings, tiny_model
+) -> None:
     with httpx.Client(base_url=server, headers=bearer(api_key(redis_worker_settings)), timeout=30) as http:
         train_id = upload(http, [{"prompt": "What is 1 + 1?", "answer": "2"}], "one.jsonl")
-        refused = http.post("/v1/jobs", json=job_spec(train_id, str(tiny_model),
-                                                      hyperparameters={"keep_best_by": "eval/reward"}))
+        refused = http.post(
+            "/v1/jobs",
+            json=job_spec(train_id, str(tiny_model), hyperparameters={"keep_best_by": "eval/reward"}),
+        )
         assert refused.status_code == 422
         error = refused.json()["error"]
         assert error["param"] == "hyperparameters.keep_best_by" and "eval dataset" in error["message"]
-        unknown = http.post("/v1/jobs", json=job_spec(train_id, str(tiny_model),
-                                                      hyperparameters={"keep_best_by": "eval/pass@4"}))
+        unknown = http.post(
+            "/v1/jobs",
+            json=job_spec(train_id, str(tiny_model), hyperparameters={"keep_best_by": "eval/pass@4"}),
+        )
         assert unknown.status_code == 422 and "eval_pass_k" in unknown.json()["error"]["message"]

@@ -39,9 +39,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def settings(make_database, redis_server, tmp_path_factory, model_dirs) -> Settings:
     """The module's own Redis and database; short leases, and a sweeper that acts on a message
     missing for 2 s (30 s in production). No cap on active jobs, no rate limit: the load is the point."""
-    return Settings(data_dir=tmp_path_factory.mktemp("faults"), database_url=make_database(),
-                    broker_url=redis_server.url, heartbeat_interval_s=0.5, heartbeat_stale_s=10, sweep_interval_s=1,
-                    send_grace_s=2, max_active_jobs_per_owner=10_000, rate_limit_per_s=0, model_dirs=model_dirs)
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("faults"),
+        database_url=make_database(),
+        broker_url=redis_server.url,
+        heartbeat_interval_s=0.5,
+        heartbeat_stale_s=10,
+        sweep_interval_s=1,
+        send_grace_s=2,
+        max_active_jobs_per_owner=10_000,
+        rate_limit_per_s=0,
+        model_dirs=model_dirs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +83,9 @@ def jobs_in_database(settings: Settings) -> list[Job]:
         return list(session.scalars(select(Job).order_by(Job.id)))
 
 
-def test_twenty_jobs_queued_when_redis_restarts_all_run(client, settings, redis_server, worker, tiny_spec) -> None:
+def test_twenty_jobs_queued_when_redis_restarts_all_run(
+    client, settings, redis_server, worker, tiny_spec
+) -> None:
     ids = [client.post("/v1/jobs", json=tiny_spec).json()["id"] for _ in range(20)]
     redis_server.stop()  # SHUTDOWN NOSAVE: every queued message, and the one being worked on, is gone
     queued = [job.id for job in jobs_in_database(settings) if job.status == "queued"]
@@ -103,8 +114,9 @@ def post_until_answered(http: httpx.Client, spec: dict[str, Any]) -> str:
         except httpx.TransportError:  # the API is down, or died mid-request, or is slower than our timeout
             time.sleep(0.1)
             continue
-        if response.status_code >= 500 or (response.status_code == 409
-                                            and response.json()["error"]["code"] == "conflict"):
+        if response.status_code >= 500 or (
+            response.status_code == 409 and response.json()["error"]["code"] == "conflict"
+        ):
             time.sleep(0.1)
             continue
         assert response.status_code == 201, response.text
@@ -143,27 +155,36 @@ def test_an_api_killed_under_load_loses_no_accepted_job(settings, key, worker, t
 
     created = {job.id for job in jobs_in_database(settings)} - before
     assert problems == [] and len(accepted) == 12
-    assert len(accepted) == len(set(accepted)) == len(created) and set(accepted) == created  # none lost, none twice
+    assert (
+        len(accepted) == len(set(accepted)) == len(created) and set(accepted) == created
+    )  # none lost, none twice
     with TestClient(create_app(settings), headers=bearer(key)) as client:
         for job_id in accepted:
             job = wait_until_ended(client, job_id, timeout=240)
             assert (job["status"], job["attempts"]) == ("succeeded", 1), (job, worker.log()[-3000:])
 
 
-def test_a_worker_that_loses_its_database_for_a_while_retries_and_finishes_the_job(settings, make_database, key,
-                                                                                   tiny_model) -> None:
+def test_a_worker_that_loses_its_database_for_a_while_retries_and_finishes_the_job(
+    settings, make_database, key, tiny_model
+) -> None:
     database_url = make_database()  # its own: the module's worker and its sweeper stay out of it
     database_port = make_url(database_url).port or 5432
     proxy = TcpProxy(database_port)
-    direct = settings.model_copy(update={"database_url": database_url, "queue": f"db-{uuid.uuid4().hex[:6]}",
-                                         "heartbeat_stale_s": 30})
-    through_proxy = direct.model_copy(update={"database_url": make_url(database_url).set(port=proxy.port)
-                                              .render_as_string(hide_password=False)})
+    direct = settings.model_copy(
+        update={"database_url": database_url, "queue": f"db-{uuid.uuid4().hex[:6]}", "heartbeat_stale_s": 30}
+    )
+    through_proxy = direct.model_copy(
+        update={
+            "database_url": make_url(database_url).set(port=proxy.port).render_as_string(hide_password=False)
+        }
+    )
     worker = WorkerProcess(through_proxy).start()
     try:
         with TestClient(create_app(direct), headers=bearer(api_key(direct))) as client:
             dataset_id = upload(client).json()["id"]
-            spec = job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 10, "checkpoint_every": 5})
+            spec = job_spec(
+                dataset_id, str(tiny_model), hyperparameters={"max_steps": 10, "checkpoint_every": 5}
+            )
             job_id = client.post("/v1/jobs", json=spec).json()["id"]
             wait_for_step(client, job_id, 3)
             proxy.cut()  # every connection dropped, new ones refused
@@ -174,7 +195,10 @@ def test_a_worker_that_loses_its_database_for_a_while_retries_and_finishes_the_j
             proxy.restore()
 
             job = wait_until_ended(client, job_id)
-            assert (job["status"], job["step"], job["attempts"]) == ("succeeded", 10, 1), (job, worker.log()[-3000:])
+            assert (job["status"], job["step"], job["attempts"]) == ("succeeded", 10, 1), (
+                job,
+                worker.log()[-3000:],
+            )
             assert metric_steps(client, job_id) == list(range(1, 11))
             assert status_changes(client, job_id) == ["queued", "running", "succeeded"]  # never re-queued
         assert "database unreachable" in worker.log() and "retrying" in worker.log()
@@ -183,11 +207,14 @@ def test_a_worker_that_loses_its_database_for_a_while_retries_and_finishes_the_j
         proxy.close()
 
 
-def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_job(settings, make_database,
-                                                                                    tiny_model) -> None:
+def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_job(
+    settings, make_database, tiny_model
+) -> None:
     # No worker serves this database: the jobs stay queued, and what is measured is the API, the
     # database and the broker under concurrency, not the trainer on two CPU cores.
-    idle = settings.model_copy(update={"database_url": make_database(), "queue": f"idle-{uuid.uuid4().hex[:6]}"})
+    idle = settings.model_copy(
+        update={"database_url": make_database(), "queue": f"idle-{uuid.uuid4().hex[:6]}"}
+    )
     key = api_key(idle)
     api = ApiProcess(idle).start()
     with httpx.Client(base_url=api.url, headers=bearer(key), timeout=30) as http:
@@ -198,7 +225,9 @@ def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_j
     async def client(http: httpx.AsyncClient, deadline: float) -> None:
         while time.monotonic() < deadline:
             try:
-                response = await http.post("/v1/jobs", json=tiny_spec, headers={"Idempotency-Key": uuid.uuid4().hex})
+                response = await http.post(
+                    "/v1/jobs", json=tiny_spec, headers={"Idempotency-Key": uuid.uuid4().hex}
+                )
                 if response.status_code != 201:
                     problems.append(f"POST {response.status_code}: {response.text[:200]}")
                     continue
@@ -213,7 +242,9 @@ def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_j
 
     async def load(seconds: float) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=api.url, headers=bearer(key), timeout=30, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=api.url, headers=bearer(key), timeout=30, limits=limits
+        ) as http:
             deadline = time.monotonic() + seconds
             await asyncio.gather(*(client(http, deadline) for _ in range(64)))
 
@@ -222,7 +253,9 @@ def test_sixty_four_clients_creating_and_polling_jobs_see_no_error_and_no_lost_j
         listed, after = [], None
         with httpx.Client(base_url=api.url, headers=bearer(key), timeout=30) as http:
             while True:
-                page = http.get("/v1/jobs", params={"limit": 100, **({"after": after} if after else {})}).json()
+                page = http.get(
+                    "/v1/jobs", params={"limit": 100, **({"after": after} if after else {})}
+                ).json()
                 listed += [job["id"] for job in page["data"]]
                 if not page["has_more"]:
                     break

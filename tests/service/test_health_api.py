@@ -44,10 +44,20 @@ def test_unknown_route_and_method_have_the_error_shape(client) -> None:
 def test_openapi_documents_examples_and_error_responses(client) -> None:
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
-    for path in ("/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/jobs", "/v1/jobs/{job_id}",
-                 "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/events",
-                 "/v1/jobs/{job_id}/checkpoints", "/v1/jobs/{job_id}/checkpoints/{step}/download",
-                 "/healthz", "/readyz", "/metrics"):
+    for path in (
+        "/v1/datasets",
+        "/v1/datasets/{dataset_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/metrics",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/checkpoints",
+        "/v1/jobs/{job_id}/checkpoints/{step}/download",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert path in paths, path
     components = schema["components"]["schemas"]
     for name in ("JobCreate", "JobOut", "DatasetOut", "MetricsOut", "EventOut", "CheckpointOut", "ErrorOut"):
@@ -64,8 +74,11 @@ def test_the_api_process_never_imports_torch(settings) -> None:
 
     from tests.service.factories import ROOT, api_key, settings_env
 
-    code = ("import sys; from fastapi.testclient import TestClient; import api.main; "
-            f"assert TestClient(api.main.app).get('/v1/jobs', headers={{'Authorization': 'Bearer {api_key(settings)}'}})"
-            ".status_code == 200; "
-            "loaded = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not loaded, loaded")
+    code = (
+        "import sys; from fastapi.testclient import TestClient; import api.main; "
+        "assert TestClient(api.main.app).get('/v1/jobs', "
+        f"headers={{'Authorization': 'Bearer {api_key(settings)}'}})"
+        ".status_code == 200; "
+        "loaded = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not loaded, loaded"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=settings_env(settings), check=True, timeout=60)

@@ -61,15 +61,21 @@ def test_a_405_lists_every_method_its_path_takes(client, document) -> None:
 
 
 def test_a_body_that_cannot_be_decoded_is_a_documented_400(client, document) -> None:
-    with_body = [(path, method, operation) for path, method, operation in operations(document)
-                 if "requestBody" in operation]
+    with_body = [
+        (path, method, operation)
+        for path, method, operation in operations(document)
+        if "requestBody" in operation
+    ]
     assert len(with_body) >= 5, with_body
     for path, method, operation in with_body:
         media_type = next(iter(operation["requestBody"]["content"]))
         if media_type == "application/json":
             sent = {"content": b'{"name": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}
         else:  # multipart/form-data: no part, no closing boundary
-            sent = {"content": b"--b\r\nno headers here", "headers": {"Content-Type": f"{media_type}; boundary=b"}}
+            sent = {
+                "content": b"--b\r\nno headers here",
+                "headers": {"Content-Type": f"{media_type}; boundary=b"},
+            }
         response = client.request(method, path, **sent)
         assert response.status_code == 400, (method, path, response.text)
         assert "400" in operation["responses"], (method, path, sorted(operation["responses"]))
@@ -80,7 +86,9 @@ def test_json_that_does_not_parse_is_refused_for_the_body_as_a_whole(client, doc
     for path, method, operation in operations(document):
         if "application/json" not in operation.get("requestBody", {}).get("content", {}):
             continue
-        response = client.request(method, path, content=b'{"name": ', headers={"Content-Type": "application/json"})
+        response = client.request(
+            method, path, content=b'{"name": ', headers={"Content-Type": "application/json"}
+        )
         assert response.status_code in (400, 422), (method, path, response.text)
         assert str(response.status_code) in operation["responses"], (method, path, response.status_code)
         error = response.json()["error"]
@@ -95,8 +103,9 @@ def test_a_nul_in_any_path_or_query_parameter_is_a_4xx_naming_it(client, documen
             if where not in ("path", "query"):
                 continue  # a NUL in a header never reaches the app: HTTP servers refuse it
             values = {**path_values, name: quote(f"a{NUL}b")} if where == "path" else path_values
-            response = client.request(method, path.format(**values),
-                                      params={name: f"a{NUL}b"} if where == "query" else None)
+            response = client.request(
+                method, path.format(**values), params={name: f"a{NUL}b"} if where == "query" else None
+            )
             assert response.status_code in (400, 422), (method, path, name, response.text)
             assert str(response.status_code) in operation["responses"], (method, path, response.status_code)
             error = response.json()["error"]

@@ -49,8 +49,15 @@ def test_a_job_key_expires_after_24_hours(client, settings, sent, dataset_id) ->
     assert client.post("/v1/jobs", json=job_spec(dataset_id), headers=key).json()["id"] == first
     age_keys(settings, hours=24.1)
     later = client.post("/v1/jobs", json=job_spec(dataset_id, name="another"), headers=key)
-    assert later.status_code == 201 and later.json()["id"] != first and "Idempotent-Replayed" not in later.headers
-    assert client.post("/v1/jobs", json=job_spec(dataset_id, name="another"), headers=key).json()["id"] == later.json()["id"]
+    assert (
+        later.status_code == 201
+        and later.json()["id"] != first
+        and "Idempotent-Replayed" not in later.headers
+    )
+    assert (
+        client.post("/v1/jobs", json=job_spec(dataset_id, name="another"), headers=key).json()["id"]
+        == later.json()["id"]
+    )
     assert count(settings, Job) == 2 and count(settings, IdempotencyKey) == 1
 
 

@@ -43,15 +43,20 @@ def dockerfile_copies() -> list[tuple[str, str]]:
     for line in lines:
         if line.startswith("COPY "):
             *sources, destination = shlex.split(line)[1:]
-            copies += [(source, destination if destination not in ("./", ".") else source) for source in sources]
+            copies += [
+                (source, destination if destination not in ("./", ".") else source) for source in sources
+            ]
     return copies
 
 
 def compose_commands() -> dict[str, list[str]]:
     """The command of each compose service built from the Dockerfile, variables at their defaults."""
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    return {name: [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", part) for part in service["command"]]
-            for name, service in services.items() if service.get("build") == "."}
+    return {
+        name: [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", part) for part in service["command"]]
+        for name, service in services.items()
+        if service.get("build") == "."
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +73,33 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(ROOT / source, target)
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     # The test environment's packages, as a plain path: its .pth files (the editable install of
     # this repository among them) are not processed from there.
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "."], cwd=app, check=True, env=clean_env())
+    subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            ".",
+        ],
+        cwd=app,
+        check=True,
+        env=clean_env(),
+    )
     return root
 
 
@@ -87,8 +112,14 @@ class ImageProcess(ChildProcess):
     def __init__(self, image: Path, command: list[str], env: dict[str, str], name: str):
         self.log_path = image / f"{name}.log"
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(resolve(image, command), cwd=image / "app", env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                resolve(image, command),
+                cwd=image / "app",
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def running(self) -> bool:
         assert self.process is not None
@@ -110,7 +141,9 @@ def test_the_dockerfile_copies_every_package_the_project_installs() -> None:
     assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="Debian's docker-compose (.ci/run installs it)"
+)
 def test_the_compose_file_parses() -> None:
     result = subprocess.run(["docker-compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -121,17 +154,34 @@ def test_every_compose_command_starts_from_the_installed_image(image: Path, make
     assert set(commands) == {"migrate", "api", "worker", "inference"}, commands
     tag = uuid.uuid4().hex[:8]
     database_url = make_database(migrate=False)
-    env = clean_env(GRPO_DATABASE_URL=database_url, GRPO_BROKER_URL=REDIS_URL, GRPO_DATA_DIR=str(image / "data"),
-                    GRPO_BROKER_KEY_PREFIX=f"grpo-test-{tag}:", GRPO_QUEUE=f"gpu-{tag}",
-                    GRPO_INFERENCE_QUEUE=f"inference-{tag}")
+    env = clean_env(
+        GRPO_DATABASE_URL=database_url,
+        GRPO_BROKER_URL=REDIS_URL,
+        GRPO_DATA_DIR=str(image / "data"),
+        GRPO_BROKER_KEY_PREFIX=f"grpo-test-{tag}:",
+        GRPO_QUEUE=f"gpu-{tag}",
+        GRPO_INFERENCE_QUEUE=f"inference-{tag}",
+    )
 
-    migrate = subprocess.run(resolve(image, commands["migrate"]), cwd=image / "app", env=env, capture_output=True,
-                             text=True, timeout=300)
+    migrate = subprocess.run(
+        resolve(image, commands["migrate"]),
+        cwd=image / "app",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
     assert "jobs" in inspect(get_engine(database_url)).get_table_names()
 
-    created = subprocess.run(resolve(image, ["grpo", "keys", "create", "ops"]), cwd=image / "app", env=env,
-                             capture_output=True, text=True, timeout=120)
+    created = subprocess.run(
+        resolve(image, ["grpo", "keys", "create", "ops"]),
+        cwd=image / "app",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stderr[-3000:]
     secret = created.stdout.strip().splitlines()[-1]
 
@@ -142,6 +192,7 @@ def test_every_compose_command_starts_from_the_installed_image(image: Path, make
     worker = ImageProcess(image, commands["worker"], env, "worker")
     inference = ImageProcess(image, commands["inference"], env, "inference")
     try:
+
         def ready() -> bool:
             api.running()
             try:
@@ -152,10 +203,16 @@ def test_every_compose_command_starts_from_the_installed_image(image: Path, make
         wait_for(ready, timeout=120, what="the image's API to be ready")
         answer = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers=bearer(secret), timeout=10)
         assert answer.status_code == 200, answer.text
-        wait_for(lambda: worker.running() and " ready." in worker.log(), timeout=180,
-                 what="the image's worker to be ready")
-        wait_for(lambda: inference.running() and " ready." in inference.log(), timeout=180,
-                 what="the image's inference worker to be ready")
+        wait_for(
+            lambda: worker.running() and " ready." in worker.log(),
+            timeout=180,
+            what="the image's worker to be ready",
+        )
+        wait_for(
+            lambda: inference.running() and " ready." in inference.log(),
+            timeout=180,
+            what="the image's inference worker to be ready",
+        )
         assert f"inference-{tag}" in inference.log() and "grpo.chat_completion" in inference.log()
     finally:
         api.stop()

@@ -47,33 +47,61 @@ def test_a_local_model_directory_is_accepted(client, dataset_id, tmp_path) -> No
     assert client.post("/v1/jobs", json=job_spec(dataset_id, base_model=str(tmp_path))).status_code == 201
 
 
-@pytest.mark.parametrize(("change", "status", "param", "says"), [
-    ({"group_size": 1}, 422, "group_size", ">= 2"),
-    ({"reward": [{"type": "telepathy"}]}, 422, "reward[0].type", "unknown reward type"),
-    ({"reward": [{"type": "regex"}]}, 422, "reward[0].pattern", ""),
-    ({"reward": [{"type": "exact_match", "field": "solution"}]}, 422, "reward", "'solution'"),
-    ({"reward": []}, 422, "reward", ""),
-    ({"base_model": "/no/such/model"}, 422, "base_model", "GRPO_MODEL_DIRS"),
-    ({"base_model": "./relative/missing"}, 422, "base_model", "GRPO_MODEL_DIRS"),
-    ({"base_model": "not a model id!"}, 422, "base_model", "hub id"),
-    ({"hyperparameters": {"max_steps": 0}}, 422, "hyperparameters.max_steps", ">= 1"),
-    ({"hyperparameters": {"loss_type": "magic"}}, 422, "hyperparameters.loss_type", "expected one of"),
-    ({"hyperparameters": {"warp_factor": 9}}, 422, "hyperparameters.warp_factor", "unknown hyperparameter"),
-    ({"hyperparameters": {"lora": {"r": 0}}}, 422, "hyperparameters.lora.r", ""),
-    ({"dataset_id": "ds_missing"}, 404, "dataset_id", "no dataset"),
-    ({"eval_dataset_id": "ds_missing"}, 404, "eval_dataset_id", "no dataset"),
-    ({"group_size": "many"}, 422, "group_size", "integer"),
-    ({"colour": "blue"}, 422, "colour", "Extra inputs"),
-    ({"webhook_url": "not a url"}, 422, "webhook_url", "URL"),
-    ({"reward": [{"type": "http", "url": "http://127.0.0.1:9000/score"}]}, 422, "reward[0].url",
-     "is a loopback address; the operator may allow it by listing '127.0.0.1' in GRPO_ALLOW_PRIVATE_HOSTS"),
-    ({"reward": [{"type": "http", "url": "https://scorer.example.com/", "allowed_hosts": ["10.0.0.1"]}]}, 422,
-     "reward[0].allowed_hosts", "is an operator setting, not a reward option"),
-    ({"reward": [{"type": "code_tests", "allow_network": True}]}, 422, "reward[0].allow_network",
-     "GRPO_SANDBOX_ALLOW_NETWORK"),
-])
-def test_bad_specs_are_refused_and_nothing_is_created(client, settings, sent, dataset_id, change, status, param,
-                                                      says) -> None:
+@pytest.mark.parametrize(
+    ("change", "status", "param", "says"),
+    [
+        ({"group_size": 1}, 422, "group_size", ">= 2"),
+        ({"reward": [{"type": "telepathy"}]}, 422, "reward[0].type", "unknown reward type"),
+        ({"reward": [{"type": "regex"}]}, 422, "reward[0].pattern", ""),
+        ({"reward": [{"type": "exact_match", "field": "solution"}]}, 422, "reward", "'solution'"),
+        ({"reward": []}, 422, "reward", ""),
+        ({"base_model": "/no/such/model"}, 422, "base_model", "GRPO_MODEL_DIRS"),
+        ({"base_model": "./relative/missing"}, 422, "base_model", "GRPO_MODEL_DIRS"),
+        ({"base_model": "not a model id!"}, 422, "base_model", "hub id"),
+        ({"hyperparameters": {"max_steps": 0}}, 422, "hyperparameters.max_steps", ">= 1"),
+        ({"hyperparameters": {"loss_type": "magic"}}, 422, "hyperparameters.loss_type", "expected one of"),
+        (
+            {"hyperparameters": {"warp_factor": 9}},
+            422,
+            "hyperparameters.warp_factor",
+            "unknown hyperparameter",
+        ),
+        ({"hyperparameters": {"lora": {"r": 0}}}, 422, "hyperparameters.lora.r", ""),
+        ({"dataset_id": "ds_missing"}, 404, "dataset_id", "no dataset"),
+        ({"eval_dataset_id": "ds_missing"}, 404, "eval_dataset_id", "no dataset"),
+        ({"group_size": "many"}, 422, "group_size", "integer"),
+        ({"colour": "blue"}, 422, "colour", "Extra inputs"),
+        ({"webhook_url": "not a url"}, 422, "webhook_url", "URL"),
+        (
+            {"reward": [{"type": "http", "url": "http://127.0.0.1:9000/score"}]},
+            422,
+            "reward[0].url",
+            (
+                "is a loopback address; the operator may allow it by listing '127.0.0.1' "
+                "in GRPO_ALLOW_PRIVATE_HOSTS"
+            ),
+        ),
+        (
+            {
+                "reward": [
+                    {"type": "http", "url": "https://scorer.example.com/", "allowed_hosts": ["10.0.0.1"]}
+                ]
+            },
+            422,
+            "reward[0].allowed_hosts",
+            "is an operator setting, not a reward option",
+        ),
+        (
+            {"reward": [{"type": "code_tests", "allow_network": True}]},
+            422,
+            "reward[0].allow_network",
+            "GRPO_SANDBOX_ALLOW_NETWORK",
+        ),
+    ],
+)
+def test_bad_specs_are_refused_and_nothing_is_created(
+    client, settings, sent, dataset_id, change, status, param, says
+) -> None:
     response = client.post("/v1/jobs", json={**job_spec(dataset_id), **change})
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -89,7 +117,9 @@ def test_missing_field_and_bad_json_are_422(client, sent) -> None:
     assert sent == []
 
 
-def test_idempotency_key_returns_the_first_job_and_refuses_another_body(client, settings, sent, dataset_id) -> None:
+def test_idempotency_key_returns_the_first_job_and_refuses_another_body(
+    client, settings, sent, dataset_id
+) -> None:
     headers = {"Idempotency-Key": "retry-me"}
     first = client.post("/v1/jobs", json=job_spec(dataset_id), headers=headers)
     again = client.post("/v1/jobs", json=job_spec(dataset_id), headers=headers)
@@ -141,8 +171,14 @@ def test_show_has_the_latest_metrics(client, settings, dataset_id) -> None:
 
 
 def test_unknown_job_is_404(client) -> None:
-    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/metrics"), ("GET", "/events"),
-                         ("GET", "/checkpoints"), ("GET", "/checkpoints/1/download")):
+    for method, path in (
+        ("GET", ""),
+        ("POST", "/cancel"),
+        ("GET", "/metrics"),
+        ("GET", "/events"),
+        ("GET", "/checkpoints"),
+        ("GET", "/checkpoints/1/download"),
+    ):
         response = client.request(method, f"/v1/jobs/job_nope{path}")
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "job_not_found"
@@ -178,11 +214,14 @@ def test_the_operator_settings_let_jobs_reach_what_specs_cannot(client, settings
     settings.allow_private_hosts = ["127.0.0.1"]
     settings.sandbox_allow_network = True
     dataset_id = upload(client, [{"prompt": "Write add.", "tests": ["assert add(1, 2) == 3"]}]).json()["id"]
-    reward = [{"type": "http", "url": "http://127.0.0.1:9000/score"},
-              {"type": "code_tests", "allow_network": True, "weight": 0.5}]
+    reward = [
+        {"type": "http", "url": "http://127.0.0.1:9000/score"},
+        {"type": "code_tests", "allow_network": True, "weight": 0.5},
+    ]
     response = client.post("/v1/jobs", json=job_spec(dataset_id, reward=reward))
     assert response.status_code == 201, response.text
     with transaction(settings.database_url) as session:
         run = run_config_for(session.get(Job, response.json()["id"]), settings)
-    assert run.policy == OperatorPolicy(allow_private_hosts=("127.0.0.1",), sandbox_allow_unisolated=False,
-                                        sandbox_allow_network=True)
+    assert run.policy == OperatorPolicy(
+        allow_private_hosts=("127.0.0.1",), sandbox_allow_unisolated=False, sandbox_allow_network=True
+    )

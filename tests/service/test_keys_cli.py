@@ -42,7 +42,11 @@ def test_create_prints_the_secret_once_and_stores_only_its_hash(grpo, client, se
     assert secret.startswith("grpo_") and len(secret) >= 45
     assert "shown only this once" in created.stderr
     key = next(k for k in stored_keys(settings) if k.name == "ci")
-    assert (key.owner, key.token_hash, key.revoked_at) == ("bob", hashlib.sha256(secret.encode()).hexdigest(), None)
+    assert (key.owner, key.token_hash, key.revoked_at) == (
+        "bob",
+        hashlib.sha256(secret.encode()).hexdigest(),
+        None,
+    )
     assert secret not in {key.id, key.prefix, key.token_hash} and secret.startswith(key.prefix)
 
     response = client.get("/v1/datasets", headers=bearer(secret))
@@ -58,13 +62,17 @@ def test_create_prints_the_secret_once_and_stores_only_its_hash(grpo, client, se
 def test_the_owner_defaults_to_the_name_and_an_owner_may_hold_several_keys(grpo, client, settings) -> None:
     first = grpo("keys", "create", "carol").stdout.strip()
     second = grpo("keys", "create", "carol-laptop", "--owner", "carol").stdout.strip()
-    dataset = client.post("/v1/datasets", headers=bearer(first), files={"file": ("d.jsonl", b'{"prompt": "p"}\n')})
+    dataset = client.post(
+        "/v1/datasets", headers=bearer(first), files={"file": ("d.jsonl", b'{"prompt": "p"}\n')}
+    )
     assert client.get(f"/v1/datasets/{dataset.json()['id']}", headers=bearer(second)).status_code == 200
     assert {k.owner for k in stored_keys(settings) if k.name.startswith("carol")} == {"carol"}
 
 
 def test_revoke_makes_the_next_request_a_401(grpo, client, settings) -> None:
-    client.app.state.key_cache = KeyCache(0)  # GRPO_API_KEY_CACHE_S=0: no process trusts a key it checked earlier
+    client.app.state.key_cache = KeyCache(
+        0
+    )  # GRPO_API_KEY_CACHE_S=0: no process trusts a key it checked earlier
     secret = grpo("keys", "create", "temp").stdout.strip()
     key_id = next(k.id for k in stored_keys(settings) if k.name == "temp")
     assert client.get("/v1/jobs", headers=bearer(secret)).status_code == 200
@@ -73,12 +81,16 @@ def test_revoke_makes_the_next_request_a_401(grpo, client, settings) -> None:
     assert revoked.exit_code == 0 and f"revoked {key_id}" in revoked.stdout
     response = client.get("/v1/jobs", headers=bearer(secret))
     assert response.status_code == 401 and "revoked" in response.json()["error"]["message"]
-    assert "revoked" in next(line for line in grpo("keys", "list").stdout.splitlines() if line.startswith(key_id))
+    assert "revoked" in next(
+        line for line in grpo("keys", "list").stdout.splitlines() if line.startswith(key_id)
+    )
     assert grpo("keys", "revoke", key_id).exit_code == 0  # again: nothing changes
 
 
-@pytest.mark.parametrize("args", [("keys", "revoke", "key_nope"), ("keys", "create", " "),
-                                  ("keys", "create", "x", "--owner", "o" * 256)])
+@pytest.mark.parametrize(
+    "args",
+    [("keys", "revoke", "key_nope"), ("keys", "create", " "), ("keys", "create", "x", "--owner", "o" * 256)],
+)
 def test_bad_key_commands_fail_with_a_message(grpo, args) -> None:
     result = grpo(*args)
     assert result.exit_code != 0
@@ -106,11 +118,18 @@ def test_serve_refuses_to_listen_beyond_loopback_with_auth_disabled(monkeypatch)
     assert "refusing to listen on 0.0.0.0 with GRPO_AUTH=disabled" in result.stderr
 
 
-@pytest.mark.parametrize(("host", "auth", "refused"), [
-    ("127.0.0.1", "disabled", False), ("localhost", "disabled", False), ("::1", "disabled", False),
-    ("0.0.0.0", "disabled", True), ("192.168.1.5", "disabled", True), ("example.org", "disabled", True),
-    ("0.0.0.0", "required", False),
-])
+@pytest.mark.parametrize(
+    ("host", "auth", "refused"),
+    [
+        ("127.0.0.1", "disabled", False),
+        ("localhost", "disabled", False),
+        ("::1", "disabled", False),
+        ("0.0.0.0", "disabled", True),
+        ("192.168.1.5", "disabled", True),
+        ("example.org", "disabled", True),
+        ("0.0.0.0", "required", False),
+    ],
+)
 def test_which_interfaces_need_authentication(host, auth, refused) -> None:
     if refused:
         with pytest.raises(typer.Exit):

@@ -44,8 +44,9 @@ def settings(request: pytest.FixtureRequest, api_database: str, tmp_path) -> Set
 def job_id(settings) -> str:
     """A queued job, sent to the broker just now (as the API leaves it)."""
     with transaction(settings.database_url) as session:
-        dataset = create_dataset(session=session, owner=OWNER, name="d", rows=1, bytes=1, sha256="0" * 64,
-                                 fields=["prompt"])
+        dataset = create_dataset(
+            session=session, owner=OWNER, name="d", rows=1, bytes=1, sha256="0" * 64, fields=["prompt"]
+        )
         spec = {**job_spec(dataset.id), "group_size": 2}
         job = create_job(session=session, owner=OWNER, spec=spec, max_steps=3)
         mark_sent(session=session, job_id=job.id)
@@ -163,5 +164,9 @@ def test_a_worker_with_a_free_slot_resends_queued_jobs_a_busy_one_waits(settings
     dispatcher, sent = resent
     age(settings, job_id, sent_at=settings.send_grace_s + 1)
     assert sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s - 1) == []
-    assert sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s) == [job_id] == sent
-    assert sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s) == []  # just sent
+    assert (
+        sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s) == [job_id] == sent
+    )
+    assert (
+        sweep(settings=settings, dispatcher=dispatcher, idle_for_s=settings.send_grace_s) == []
+    )  # just sent

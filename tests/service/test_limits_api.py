@@ -45,18 +45,26 @@ def outside(settings):
 
 # -- the job spec's caps ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("field", "setting", "param"), [
-    ("group_size", "max_group_size", "group_size"),
-    ("prompts_per_step", "max_prompts_per_step", "hyperparameters.prompts_per_step"),
-    ("max_steps", "max_steps", "hyperparameters.max_steps"),
-    ("max_prompt_length", "max_prompt_length", "hyperparameters.max_prompt_length"),
-    ("max_completion_length", "max_completion_length", "hyperparameters.max_completion_length"),
-])
-def test_each_hyperparameter_cap_is_a_422_naming_the_setting(client, settings, sent, dataset_id, field, setting,
-                                                              param) -> None:
+
+@pytest.mark.parametrize(
+    ("field", "setting", "param"),
+    [
+        ("group_size", "max_group_size", "group_size"),
+        ("prompts_per_step", "max_prompts_per_step", "hyperparameters.prompts_per_step"),
+        ("max_steps", "max_steps", "hyperparameters.max_steps"),
+        ("max_prompt_length", "max_prompt_length", "hyperparameters.max_prompt_length"),
+        ("max_completion_length", "max_completion_length", "hyperparameters.max_completion_length"),
+    ],
+)
+def test_each_hyperparameter_cap_is_a_422_naming_the_setting(
+    client, settings, sent, dataset_id, field, setting, param
+) -> None:
     setattr(settings, setting, 16)
+
     def spec(value: int) -> dict:
-        return job_spec(dataset_id, **({field: value} if field == "group_size" else {"hyperparameters": {field: value}}))
+        return job_spec(
+            dataset_id, **({field: value} if field == "group_size" else {"hyperparameters": {field: value}})
+        )
 
     response = client.post("/v1/jobs", json=spec(17))
     assert response.status_code == 422, response.text
@@ -82,7 +90,10 @@ def test_active_jobs_per_owner(client, settings, sent, dataset_id) -> None:
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "too_many_active_jobs"
-    assert "2 queued or running" in error["message"] and "(GRPO_MAX_ACTIVE_JOBS_PER_OWNER) is 2" in error["message"]
+    assert (
+        "2 queued or running" in error["message"]
+        and "(GRPO_MAX_ACTIVE_JOBS_PER_OWNER) is 2" in error["message"]
+    )
     assert sent == [first, second]
 
     bob = bearer(api_key(settings, owner="bob"))  # another owner has room of their own
@@ -94,6 +105,7 @@ def test_active_jobs_per_owner(client, settings, sent, dataset_id) -> None:
 
 
 # -- dataset uploads ------------------------------------------------------------------------------
+
 
 def test_rows_over_the_limit_are_413_and_nothing_is_stored(client, settings) -> None:
     settings.max_dataset_rows = 3
@@ -115,13 +127,19 @@ def test_an_upload_declared_over_the_limit_is_refused_before_it_is_read(client, 
     assert count(settings, Dataset) == 0 and stored_files(settings) == []
 
 
-@pytest.mark.parametrize(("content", "content_type", "status"), [
-    (b'{"prompt": "p"}\n', "multipart/form-data", 400),  # no boundary
-    (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n{"prompt"',
-     "multipart/form-data; boundary=xyz", 422),  # cut off mid-part: no complete file
-    (b'prompt,answer\n"1+1",2\n', None, 422),  # CSV, not JSONL
-    (b'{"prompt": "p"}\n' * 3 + b"\x00\x01\x02", None, 422),  # binary tail
-])
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b'{"prompt": "p"}\n', "multipart/form-data", 400),  # no boundary
+        (
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n{"prompt"',
+            "multipart/form-data; boundary=xyz",
+            422,
+        ),  # cut off mid-part: no complete file
+        (b'prompt,answer\n"1+1",2\n', None, 422),  # CSV, not JSONL
+        (b'{"prompt": "p"}\n' * 3 + b"\x00\x01\x02", None, 422),  # binary tail
+    ],
+)
 def test_malformed_uploads_are_4xx_and_store_nothing(client, settings, content, content_type, status) -> None:
     if content_type is None:
         response = upload(client, content=content)
@@ -132,8 +150,9 @@ def test_malformed_uploads_are_4xx_and_store_nothing(client, settings, content, 
     assert count(settings, Dataset) == 0 and stored_files(settings) == []
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded",
-                                          None])
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded", None]
+)
 def test_an_upload_that_is_not_multipart_is_415(client, content_type) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = client.post("/v1/datasets", content=b'{"prompt": "p"}', headers=headers)
@@ -144,7 +163,10 @@ def test_an_upload_that_is_not_multipart_is_415(client, content_type) -> None:
 
 # -- JSON bodies ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", None])
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", None]
+)
 def test_a_job_that_is_not_json_is_415(client, settings, dataset_id, content_type) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = client.post("/v1/jobs", content=json.dumps(job_spec(dataset_id)).encode(), headers=headers)
@@ -154,8 +176,11 @@ def test_a_job_that_is_not_json_is_415(client, settings, dataset_id, content_typ
 
 
 def test_json_with_a_charset_is_json(client, dataset_id) -> None:
-    response = client.post("/v1/jobs", content=json.dumps(job_spec(dataset_id)).encode(),
-                           headers={"content-type": "application/json; charset=utf-8"})
+    response = client.post(
+        "/v1/jobs",
+        content=json.dumps(job_spec(dataset_id)).encode(),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
     assert response.status_code == 201
 
 
@@ -165,8 +190,11 @@ def test_huge_json_is_413_before_it_is_parsed(client, settings, dataset_id) -> N
     assert response.status_code == 413
     error = response.json()["error"]
     assert error["code"] == "payload_too_large"
-    assert error["message"] == f"the request body is larger than this server's limit of {settings.max_request_bytes} " \
-                               f"bytes (GRPO_MAX_REQUEST_BYTES)"
+    assert (
+        error["message"]
+        == f"the request body is larger than this server's limit of {settings.max_request_bytes} "
+        f"bytes (GRPO_MAX_REQUEST_BYTES)"
+    )
     assert count(settings, Job) == 0
 
 
@@ -188,9 +216,16 @@ def test_deeply_nested_json_is_a_4xx(client, settings, dataset_id) -> None:
     assert count(settings, Job) == 0
 
 
-@pytest.mark.parametrize("query", ["metrics?after_step=2147483648", "events?after=9223372036854775808",
-                                   "samples?step=2147483648", "samples?after=9223372036854775808",
-                                   "checkpoints/2147483648/download"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "metrics?after_step=2147483648",
+        "events?after=9223372036854775808",
+        "samples?step=2147483648",
+        "samples?after=9223372036854775808",
+        "checkpoints/2147483648/download",
+    ],
+)
 def test_numbers_past_the_database_s_integers_are_422_not_500(client, dataset_id, query) -> None:
     job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
     response = client.get(f"/v1/jobs/{job_id}/{query}")
@@ -199,17 +234,30 @@ def test_numbers_past_the_database_s_integers_are_422_not_500(client, dataset_id
 
 # -- path traversal -------------------------------------------------------------------------------
 
-TRAVERSALS = ["..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2foutside%2fpasswd", "%2Fetc%2Fpasswd",
-              "..%252F..%252Fetc%252Fpasswd", "....//....//etc/passwd", "%2e%2e", "ds_..%5c..%5cwindows"]
+TRAVERSALS = [
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e%2f%2e%2e%2foutside%2fpasswd",
+    "%2Fetc%2Fpasswd",
+    "..%252F..%252Fetc%252Fpasswd",
+    "....//....//etc/passwd",
+    "%2e%2e",
+    "ds_..%5c..%5cwindows",
+]
 
 
 @pytest.mark.parametrize("evil", TRAVERSALS)
 def test_traversal_in_ids_is_4xx_and_reads_nothing(client, settings, outside, evil) -> None:
     job_id = client.post("/v1/jobs", json=job_spec(upload(client).json()["id"])).json()["id"]
     make_checkpoint(settings, job_id, 2)
-    for path in (f"/v1/datasets/{evil}", f"/v1/jobs/{evil}", f"/v1/jobs/{evil}/metrics", f"/v1/jobs/{evil}/events",
-                 f"/v1/jobs/{evil}/checkpoints", f"/v1/jobs/{evil}/checkpoints/2/download",
-                 f"/v1/jobs/{job_id}/checkpoints/{evil}/download"):
+    for path in (
+        f"/v1/datasets/{evil}",
+        f"/v1/jobs/{evil}",
+        f"/v1/jobs/{evil}/metrics",
+        f"/v1/jobs/{evil}/events",
+        f"/v1/jobs/{evil}/checkpoints",
+        f"/v1/jobs/{evil}/checkpoints/2/download",
+        f"/v1/jobs/{job_id}/checkpoints/{evil}/download",
+    ):
         response = client.get(path)
         assert 400 <= response.status_code < 500, (path, response.status_code)
         assert SECRET not in response.text and "root:" not in response.text
@@ -217,8 +265,12 @@ def test_traversal_in_ids_is_4xx_and_reads_nothing(client, settings, outside, ev
     assert response.status_code == 404 and SECRET not in response.text
 
 
-@pytest.mark.parametrize("stored", ["../outside/model", "../../outside/model", "OUTSIDE", "jobs/../../outside/model"])
-def test_a_checkpoint_stored_outside_the_artifacts_is_never_downloaded(client, settings, outside, stored) -> None:
+@pytest.mark.parametrize(
+    "stored", ["../outside/model", "../../outside/model", "OUTSIDE", "jobs/../../outside/model"]
+)
+def test_a_checkpoint_stored_outside_the_artifacts_is_never_downloaded(
+    client, settings, outside, stored
+) -> None:
     """The stored path comes from the worker; the API still will not follow it out of the artifacts."""
     stored = str(outside / "model") if stored == "OUTSIDE" else stored
     job_id = client.post("/v1/jobs", json=job_spec(upload(client).json()["id"])).json()["id"]
@@ -234,7 +286,10 @@ def test_links_inside_a_checkpoint_are_left_out_of_the_download(client, settings
     response = client.get(f"/v1/jobs/{job_id}/checkpoints/2/download")
     assert response.status_code == 200 and SECRET.encode() not in response.content
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
-        assert sorted(n.rsplit("/", 1)[-1] for n in archive.getnames()) == ["config.json", "model.safetensors"]
+        assert sorted(n.rsplit("/", 1)[-1] for n in archive.getnames()) == [
+            "config.json",
+            "model.safetensors",
+        ]
 
 
 def test_an_upload_s_file_name_is_only_a_label(client, settings) -> None:

@@ -56,15 +56,24 @@ def refusal_of(status: int, error: dict, *, param: str, path: str, expected_stat
 
 
 def test_another_owners_checkpoint_is_refused_alike_whether_it_exists_or_not(
-        client, settings, dataset_id, bobs_checkpoint: Path, tmp_path: Path) -> None:
+    client, settings, dataset_id, bobs_checkpoint: Path, tmp_path: Path
+) -> None:
     assert (bobs_checkpoint / "config.json").is_file()
     missing = bobs_checkpoint.with_name("step-000002")
     link = tmp_path / "innocent-model"  # in an allowed directory, but leading into the artifact store
     link.symlink_to(bobs_checkpoint)
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
-    paths = [bobs_checkpoint, missing, link, not_a_model, Path("/etc"), Path("/no/such/dir"),
-             tmp_path / "a-file" / "x", Path("/etc/passwd/x")]
+    paths = [
+        bobs_checkpoint,
+        missing,
+        link,
+        not_a_model,
+        Path("/etc"),
+        Path("/no/such/dir"),
+        tmp_path / "a-file" / "x",
+        Path("/etc/passwd/x"),
+    ]
     (tmp_path / "a-file").write_text("not a directory")
     file_id = upload_file(client).json()["id"]
 
@@ -72,25 +81,52 @@ def test_another_owners_checkpoint_is_refused_alike_whether_it_exists_or_not(
     for path in map(str, paths):
         messages.add(refusal_of(*native(client, dataset_id, path), param="base_model", path=path))
         messages.add(refusal_of(*reward_model(client, dataset_id, path), param="reward[1].model", path=path))
-        openai_message = refusal_of(*openai(client, file_id, path), param="model", path=path, expected_status=400)
-        messages.add(openai_message.removeprefix("model: "))  # OpenAI's errors say the param in the message too
-    assert messages == {"PATH is neither a Hugging Face hub id (org/name) nor a model directory (with a config.json) "
-                        "under one this server allows (its operator lists them in GRPO_MODEL_DIRS)"}
+        openai_message = refusal_of(
+            *openai(client, file_id, path), param="model", path=path, expected_status=400
+        )
+        messages.add(
+            openai_message.removeprefix("model: ")
+        )  # OpenAI's errors say the param in the message too
+    assert messages == {
+        "PATH is neither a Hugging Face hub id (org/name) nor a model directory (with a config.json) "
+        "under one this server allows (its operator lists them in GRPO_MODEL_DIRS)"
+    }
     assert client.get("/v1/jobs").json()["data"] == []
 
 
-@pytest.mark.parametrize("hub_id", ["x/..", "..", ".", "x/.", "../x", "a/b/c", "-a/b", "a./b", "a--b", "a..b",
-                                    "a/b.git", "a" * 97, "org/" + "a" * 97, "a b", "a/"])
+@pytest.mark.parametrize(
+    "hub_id",
+    [
+        "x/..",
+        "..",
+        ".",
+        "x/.",
+        "../x",
+        "a/b/c",
+        "-a/b",
+        "a./b",
+        "a--b",
+        "a..b",
+        "a/b.git",
+        "a" * 97,
+        "org/" + "a" * 97,
+        "a b",
+        "a/",
+    ],
+)
 def test_what_is_not_a_hub_id_is_refused_as_one(client, dataset_id, hub_id: str) -> None:
     status, error = native(client, dataset_id, hub_id)
     assert status == 422 and error["param"] == "base_model" and "GRPO_MODEL_DIRS" in error["message"], error
 
 
-def test_a_hub_id_that_names_a_local_directory_is_checked_as_one(client, dataset_id, bobs_checkpoint: Path,
-                                                                 monkeypatch) -> None:
+def test_a_hub_id_that_names_a_local_directory_is_checked_as_one(
+    client, dataset_id, bobs_checkpoint: Path, monkeypatch
+) -> None:
     """``from_pretrained("step-000001")`` loads ./step-000001 when it exists, not the hub's repository."""
     monkeypatch.chdir(bobs_checkpoint.parent)
-    refusal_of(*native(client, dataset_id, bobs_checkpoint.name), param="base_model", path=bobs_checkpoint.name)
+    refusal_of(
+        *native(client, dataset_id, bobs_checkpoint.name), param="base_model", path=bobs_checkpoint.name
+    )
     monkeypatch.chdir(bobs_checkpoint.parents[1])
     path = f"{bobs_checkpoint.parent.name}/{bobs_checkpoint.name}"  # an org/name
     assert path == "checkpoints/step-000001"
@@ -110,8 +146,11 @@ def test_paths_the_disk_cannot_answer_for_are_a_4xx(client, dataset_id, settings
     try:
         long_name = str(tmp_path / ("a" * 300))  # a name longer than a file system allows: ENAMETOOLONG
         long_path = "/" + "/".join(["b" * 200] * 25)  # 5000 characters
-        cases = [(native, long_name, "base_model"), (reward_model, long_path, "reward[1].model"),
-                 (reward_model, long_name, "reward[1].model")]
+        cases = [
+            (native, long_name, "base_model"),
+            (reward_model, long_path, "reward[1].model"),
+            (reward_model, long_name, "reward[1].model"),
+        ]
         if not (locked / "model" / "config.json").exists():  # not root: a PermissionError
             cases.append((native, str(locked / "model"), "base_model"))
         for route, path, param in cases:
@@ -121,21 +160,28 @@ def test_paths_the_disk_cannot_answer_for_are_a_4xx(client, dataset_id, settings
         locked.chmod(0o755)
 
 
-def test_a_model_directory_the_operator_allows_is_accepted(client, dataset_id, tiny_model: Path, settings) -> None:
+def test_a_model_directory_the_operator_allows_is_accepted(
+    client, dataset_id, tiny_model: Path, settings
+) -> None:
     assert any(tiny_model.is_relative_to(directory) for directory in settings.model_dirs)
     assert native(client, dataset_id, str(tiny_model))[0] == 201
     assert reward_model(client, dataset_id, str(tiny_model))[0] == 201
     assert openai(client, upload_file(client).json()["id"], str(tiny_model))[0] == 200
 
 
-@pytest.mark.parametrize("config", [
-    {"architectures": ["BertForMaskedLM"], "model_type": "bert"},
-    {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True},
-    {"architectures": ["Qwen2ForSequenceClassification"], "model_type": "qwen2"},
-    {"architectures": ["LlamaModel"], "model_type": "llama"},
-], ids=["masked-lm", "encoder-decoder", "classifier", "no-head"])
-def test_a_base_model_whose_config_shows_no_causal_lm_head_is_refused(client, dataset_id, tmp_path_factory,
-                                                                       config: dict) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"architectures": ["BertForMaskedLM"], "model_type": "bert"},
+        {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True},
+        {"architectures": ["Qwen2ForSequenceClassification"], "model_type": "qwen2"},
+        {"architectures": ["LlamaModel"], "model_type": "llama"},
+    ],
+    ids=["masked-lm", "encoder-decoder", "classifier", "no-head"],
+)
+def test_a_base_model_whose_config_shows_no_causal_lm_head_is_refused(
+    client, dataset_id, tmp_path_factory, config: dict
+) -> None:
     """Read from config.json alone (the API never imports torch): transformers would load these
     with a head they lack, or not at all, and the job would train nothing or fail later."""
     import json
@@ -144,30 +190,35 @@ def test_a_base_model_whose_config_shows_no_causal_lm_head_is_refused(client, da
     model.mkdir()
     (model / "config.json").write_text(json.dumps(config))
     (architecture,) = config["architectures"]
-    for (status, error), want in ((native(client, dataset_id, str(model)), (422, "base_model")),
-                                  (openai(client, upload_file(client).json()["id"], str(model)), (400, "model"))):
+    for (status, error), want in (
+        (native(client, dataset_id, str(model)), (422, "base_model")),
+        (openai(client, upload_file(client).json()["id"], str(model)), (400, "model")),
+    ):
         assert (status, error["param"]) == want, error
         assert architecture in error["message"] and "ForCausalLM" in error["message"], error
     # a reward model is a classifier by design: the same directory is a valid reward_model
     assert reward_model(client, dataset_id, str(model))[0] == 201
     # a causal LM's config (and one that names no architecture) passes
-    (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"],
-                                                   "is_encoder_decoder": False}))
+    (model / "config.json").write_text(
+        json.dumps({**config, "architectures": ["LlamaForCausalLM"], "is_encoder_decoder": False})
+    )
     assert native(client, dataset_id, str(model))[0] == 201
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert native(client, dataset_id, str(model))[0] == 201
 
 
-def test_a_directory_is_allowed_only_under_the_operators(client, dataset_id, tiny_model: Path, settings,
-                                                          tmp_path: Path) -> None:
+def test_a_directory_is_allowed_only_under_the_operators(
+    client, dataset_id, tiny_model: Path, settings, tmp_path: Path
+) -> None:
     narrowed = settings.model_copy(update={"model_dirs": [tmp_path / "models"]})
     with TestClient(create_app(narrowed, send=lambda job_id: None), headers=dict(client.headers)) as other:
         refusal_of(*native(other, dataset_id, str(tiny_model)), param="base_model", path=str(tiny_model))
 
 
 @pytest.mark.parametrize("field", ["base_model", "reward_model"])
-def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(client, settings, dataset_id, tiny_model: Path,
-                                                                  bobs_checkpoint: Path, field: str) -> None:
+def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(
+    client, settings, dataset_id, tiny_model: Path, bobs_checkpoint: Path, field: str
+) -> None:
     """A job stored before the settings changed (or written past the API) names another owner's
     checkpoint: the worker's run refuses it before loading, the job fails with the API's message."""
     from worker.runner import claim_and_run
@@ -181,7 +232,9 @@ def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(client, setting
         message = reward_model(client, dataset_id, path)[1]["message"]
         spec = job_spec(dataset_id, str(tiny_model), reward=[{"type": "reward_model", "model": path}])
     with transaction(settings.database_url) as session:
-        session.execute(update(Job).where(Job.id == job["id"]).values(spec=spec, base_model=spec["base_model"]))
+        session.execute(
+            update(Job).where(Job.id == job["id"]).values(spec=spec, base_model=spec["base_model"])
+        )
 
     claim_and_run(job["id"], settings=settings, worker="test-worker")
 
@@ -191,7 +244,9 @@ def test_the_worker_refuses_a_stored_spec_outside_the_model_dirs(client, setting
     assert not (settings.job_dir(job["id"]) / "checkpoints").exists()  # nothing was trained or saved
 
 
-def test_the_setting_reads_comma_separated_directories_and_defaults_to_the_data_dirs(monkeypatch, tmp_path) -> None:
+def test_the_setting_reads_comma_separated_directories_and_defaults_to_the_data_dirs(
+    monkeypatch, tmp_path
+) -> None:
     monkeypatch.setenv("GRPO_MODEL_DIRS", "/srv/models, /mnt/weights,")
     assert Settings(data_dir=tmp_path).model_dirs == [Path("/srv/models"), Path("/mnt/weights")]
     for unset in ("", " "):  # compose passes an unset variable as ""

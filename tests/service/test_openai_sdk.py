@@ -19,19 +19,39 @@ from tests.service.live import serve
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
-         "reference": "{{item.reference_answer}}", "operation": "eq"}
-TINY = {"group_size": 2, "max_completion_length": 8, "max_prompt_length": 64, "learning_rate_multiplier": 1000}
+EXACT = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.reference_answer}}",
+    "operation": "eq",
+}
+TINY = {
+    "group_size": 2,
+    "max_completion_length": 8,
+    "max_prompt_length": 64,
+    "learning_rate_multiplier": 1000,
+}
 
 
 def rft_rows(n: int = 8) -> list[dict]:
-    return [{"messages": [{"role": "developer", "content": "Reply with the number."},
-                          {"role": "user", "content": f"What is {i} + {i % 3}?"}],
-             "reference_answer": str(i + i % 3)} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "developer", "content": "Reply with the number."},
+                {"role": "user", "content": f"What is {i} + {i % 3}?"},
+            ],
+            "reference_answer": str(i + i % 3),
+        }
+        for i in range(n)
+    ]
 
 
 def reinforcement(grader: dict, **hyperparameters) -> dict:
-    return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {**TINY, **hyperparameters}}}
+    return {
+        "type": "reinforcement",
+        "reinforcement": {"grader": grader, "hyperparameters": {**TINY, **hyperparameters}},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +87,11 @@ def wait_until_ended(client: openai.OpenAI, job_id: str, timeout: float = 180) -
 
 
 def test_files_upload_list_retrieve_and_content(client, training_file) -> None:
-    assert (training_file.object, training_file.purpose, training_file.status) == ("file", "fine-tune", "processed")
+    assert (training_file.object, training_file.purpose, training_file.status) == (
+        "file",
+        "fine-tune",
+        "processed",
+    )
     assert training_file.filename == "train.jsonl" and training_file.bytes > 0
     assert client.files.retrieve(training_file.id) == training_file
     assert training_file.id in [file.id for file in client.files.list()]
@@ -77,10 +101,20 @@ def test_files_upload_list_retrieve_and_content(client, training_file) -> None:
 
 def test_a_reinforcement_job_runs_to_success(client, server, training_file, tiny_model, redis_worker) -> None:
     job = client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=training_file.id, suffix="sdk", seed=3, metadata={"case": "success"},
-        method=reinforcement(EXACT, n_epochs=1, batch_size=4, checkpoint_every=1))
+        model=str(tiny_model),
+        training_file=training_file.id,
+        suffix="sdk",
+        seed=3,
+        metadata={"case": "success"},
+        method=reinforcement(EXACT, n_epochs=1, batch_size=4, checkpoint_every=1),
+    )
     assert (job.object, job.status, job.model, job.seed, job.suffix) == (
-        "fine_tuning.job", "queued", str(tiny_model), 3, "sdk")
+        "fine_tuning.job",
+        "queued",
+        str(tiny_model),
+        3,
+        "sdk",
+    )
     assert job.method.type == "reinforcement" and job.method.reinforcement.grader.operation == "eq"
     assert job.model_extra["max_steps"] == 2  # 1 epoch of 8 rows, 4 a step
 
@@ -90,7 +124,10 @@ def test_a_reinforcement_job_runs_to_success(client, server, training_file, tiny
     assert job.fine_tuned_model == f"ft:{tiny_model.name}:alice:sdk:{job.id}:ckpt-step-2"
     native = client.get(f"/jobs/{job.id}", cast_to=object)  # the same job through the native API
     assert job.trained_tokens == native["latest_metrics"]["num_tokens"] > 0  # every token the two steps saw
-    assert client.fine_tuning.jobs.list(metadata={"case": "success"}).data[0].trained_tokens == job.trained_tokens
+    assert (
+        client.fine_tuning.jobs.list(metadata={"case": "success"}).data[0].trained_tokens
+        == job.trained_tokens
+    )
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # every page, newest first
     statuses = [e.data["status"] for e in events if e.data and "status" in e.data]
@@ -109,13 +146,23 @@ def test_a_reinforcement_job_runs_to_success(client, server, training_file, tiny
 
 
 def test_pause_resume_and_cancel(client, training_file, tiny_model) -> None:
-    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=training_file.id,
-                                         method=reinforcement(EXACT, max_steps=500, checkpoint_every=0))
-    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] >= 1, timeout=60,
-             what="the first step")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model),
+        training_file=training_file.id,
+        method=reinforcement(EXACT, max_steps=500, checkpoint_every=0),
+    )
+    wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] >= 1,
+        timeout=60,
+        what="the first step",
+    )
     client.fine_tuning.jobs.pause(job.id)
-    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", timeout=60, what="the pause",
-             interval=0.2)
+    wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused",
+        timeout=60,
+        what="the pause",
+        interval=0.2,
+    )
     assert client.fine_tuning.jobs.resume(job.id).status == "queued"
     client.fine_tuning.jobs.cancel(job.id)
     assert wait_until_ended(client, job.id, timeout=60).status == "cancelled"
@@ -123,27 +170,39 @@ def test_pause_resume_and_cancel(client, training_file, tiny_model) -> None:
         client.fine_tuning.jobs.resume(job.id)
 
 
-def test_refusals_arrive_as_the_sdks_errors(client, server, redis_worker_settings, training_file, tiny_model) -> None:
-    fuzzy_bleu = {"type": "text_similarity", "name": "sim", "input": "{{sample.output_text}}",
-                  "reference": "{{item.reference_answer}}", "evaluation_metric": "bleu"}
+def test_refusals_arrive_as_the_sdks_errors(
+    client, server, redis_worker_settings, training_file, tiny_model
+) -> None:
+    fuzzy_bleu = {
+        "type": "text_similarity",
+        "name": "sim",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.reference_answer}}",
+        "evaluation_metric": "bleu",
+    }
     with pytest.raises(openai.BadRequestError) as bad_grader:
-        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=training_file.id,
-                                       method=reinforcement(fuzzy_bleu))
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model), training_file=training_file.id, method=reinforcement(fuzzy_bleu)
+        )
     assert bad_grader.value.param == "method.reinforcement.grader.evaluation_metric"
     assert "method.reinforcement.grader.evaluation_metric" in str(bad_grader.value)
     assert "'bleu' is not supported here" in str(bad_grader.value)
 
     with pytest.raises(openai.BadRequestError) as supervised:
-        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=training_file.id,
-                                       method={"type": "supervised", "supervised": {}})
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=training_file.id,
+            method={"type": "supervised", "supervised": {}},
+        )
     assert supervised.value.param == "method.type"
 
     with pytest.raises(openai.BadRequestError) as not_jsonl, Path(__file__).open("rb") as python_file:
         client.files.create(file=python_file, purpose="fine-tune")
     assert not_jsonl.value.param == "file"
 
-    mine = client.fine_tuning.jobs.create(model="org/model", training_file=training_file.id,
-                                          method=reinforcement(EXACT, max_steps=1))
+    mine = client.fine_tuning.jobs.create(
+        model="org/model", training_file=training_file.id, method=reinforcement(EXACT, max_steps=1)
+    )
     client.fine_tuning.jobs.cancel(mine.id)
     with sdk(server, api_key(redis_worker_settings, owner="bob")) as bob:
         with pytest.raises(openai.NotFoundError) as theirs:

@@ -40,9 +40,12 @@ def test_every_operation_answers_as_documented(settings, sent) -> None:
     # a documented 413 is a rejection too (schemathesis' list leaves it out).
     rejection = project.checks.negative_data_rejection
     rejection.expected_statuses = [*rejection.expected_statuses, "413"]
-    project.generation.update(max_examples=EXAMPLES_PER_OPERATION, allow_x00=True, deterministic=True,
-                              database="none")
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings, send=sent.append), config=config)
+    project.generation.update(
+        max_examples=EXAMPLES_PER_OPERATION, allow_x00=True, deterministic=True, database="none"
+    )
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(settings, send=sent.append), config=config
+    )
     failures: list[str] = []
     tested: set[str] = set()
     statuses: Counter[int] = Counter()
@@ -53,12 +56,18 @@ def test_every_operation_answers_as_documented(settings, sent) -> None:
                 tested.add(node.value.operation.label)
                 sent_values = (node.value.path_parameters, node.value.query, node.value.body)
                 nul_requests += "\\x00" in repr(sent_values)
-            statuses.update(interaction.response.status_code // 100 * 100
-                            for interaction in event.recorder.interactions.values() if interaction.response)
-            failures += [f"{event.recorder.label} ({event.phase.value}): {check.failure_info.failure.title}\n"
-                         f"{check.failure_info.failure.message}\n{check.failure_info.code_sample[:2000]}"
-                         for checks in event.recorder.checks.values() for check in checks
-                         if check.failure_info is not None]
+            statuses.update(
+                interaction.response.status_code // 100 * 100
+                for interaction in event.recorder.interactions.values()
+                if interaction.response
+            )
+            failures += [
+                f"{event.recorder.label} ({event.phase.value}): {check.failure_info.failure.title}\n"
+                f"{check.failure_info.failure.message}\n{check.failure_info.code_sample[:2000]}"
+                for checks in event.recorder.checks.values()
+                for check in checks
+                if check.failure_info is not None
+            ]
         elif isinstance(event, events.NonFatalError):  # an exception in the app is one
             failures.append(f"{event.label}: {event.value!r}")
         elif isinstance(event, events.FatalError):

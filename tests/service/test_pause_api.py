@@ -34,7 +34,9 @@ def test_a_queued_job_pauses_at_once_and_resuming_sends_it_again(client, sent, j
     assert status_changes(client, job_id) == ["queued", "paused", "queued"]
 
 
-def test_a_running_job_is_asked_to_pause_and_its_worker_marks_it_paused(client, settings, sent, job_id) -> None:
+def test_a_running_job_is_asked_to_pause_and_its_worker_marks_it_paused(
+    client, settings, sent, job_id
+) -> None:
     claim(settings, job_id)
     asked = client.post(f"/v1/jobs/{job_id}/pause").json()
     assert (asked["status"], asked["pause_requested"]) == ("running", True)
@@ -76,7 +78,10 @@ def test_an_ended_job_can_be_neither_paused_nor_resumed(client, settings, job_id
         claim(settings, job_id)
         with transaction(settings.database_url) as session:
             finish_job(session=session, job_id=job_id, worker="w", status=ended)
-    for action, says in (("pause", f"already ended {ended.value}"), ("resume", "only a paused job can be resumed")):
+    for action, says in (
+        ("pause", f"already ended {ended.value}"),
+        ("resume", "only a paused job can be resumed"),
+    ):
         response = client.post(f"/v1/jobs/{job_id}/{action}")
         assert response.status_code == 409, response.text
         error = response.json()["error"]
@@ -85,7 +90,9 @@ def test_an_ended_job_can_be_neither_paused_nor_resumed(client, settings, job_id
 
 def test_only_a_paused_job_can_be_resumed(client, settings, job_id) -> None:
     response = client.post(f"/v1/jobs/{job_id}/resume")
-    assert response.status_code == 409 and "is queued; only a paused job" in response.json()["error"]["message"]
+    assert (
+        response.status_code == 409 and "is queued; only a paused job" in response.json()["error"]["message"]
+    )
     claim(settings, job_id)
     response = client.post(f"/v1/jobs/{job_id}/resume")
     assert response.status_code == 409 and "is running" in response.json()["error"]["message"]

@@ -28,7 +28,10 @@ def test_metrics_in_step_order_with_incremental_polling(client, settings, job_id
         append_metrics(session=session, job_id=job_id, step=2, metrics={"reward": 0.9, "kl": float("nan")})
     everything = client.get(f"/v1/jobs/{job_id}/metrics").json()
     assert [(m["step"], m["metrics"]) for m in everything["data"]] == [
-        (1, {"reward": 0.1}), (2, {"reward": 0.9, "kl": None}), (3, {"reward": 0.3})]
+        (1, {"reward": 0.1}),
+        (2, {"reward": 0.9, "kl": None}),
+        (3, {"reward": 0.3}),
+    ]
     newer = client.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": 1, "limit": 1}).json()
     assert [m["step"] for m in newer["data"]] == [2] and newer["has_more"] is True
     response = client.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": -1})
@@ -40,7 +43,9 @@ def test_events_as_json_pages(client, settings, job_id) -> None:
         add_event(session=session, job_id=job_id, kind="log", level="warning", message="3 reward errors")
     events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
     assert [(e["kind"], e["level"], e["message"]) for e in events] == [
-        ("status", "info", "queued"), ("log", "warning", "3 reward errors")]
+        ("status", "info", "queued"),
+        ("log", "warning", "3 reward errors"),
+    ]
     later = client.get(f"/v1/jobs/{job_id}/events", params={"after": events[0]["id"]}).json()["data"]
     assert [e["id"] for e in later] == [events[1]["id"]]
 
@@ -48,7 +53,9 @@ def test_events_as_json_pages(client, settings, job_id) -> None:
 def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id) -> None:
     with transaction(settings.database_url) as session:
         claim_job(session=session, job_id=job_id, worker="w")
-        finish_job(session=session, job_id=job_id, worker="w", status=JobStatus.failed, reason="out of memory")
+        finish_job(
+            session=session, job_id=job_id, worker="w", status=JobStatus.failed, reason="out of memory"
+        )
     headers = {"accept": "text/event-stream"}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -57,7 +64,9 @@ def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id)
     assert [m.split("\n")[1] for m in messages] == ["event: status"] * 3
     assert "failed: out of memory" in messages[-1]
     second_id = messages[1].split("\n")[0].removeprefix("id: ")
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={**headers, "Last-Event-ID": second_id}) as response:
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/events", headers={**headers, "Last-Event-ID": second_id}
+    ) as response:
         resumed = [b for b in response.read().decode().split("\n\n") if b.startswith("id:")]
     assert resumed == messages[2:]
 
@@ -65,7 +74,9 @@ def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id)
 def test_checkpoints_list_and_download_as_tar(client, settings, job_id) -> None:
     make_checkpoint(settings, job_id, 2)
     listed = client.get(f"/v1/jobs/{job_id}/checkpoints").json()
-    assert [(c["step"], c["kind"], c["bytes"]) for c in listed["data"]] == [(2, "model", 1280 + 23)]  # weights + config.json
+    assert [(c["step"], c["kind"], c["bytes"]) for c in listed["data"]] == [
+        (2, "model", 1280 + 23)
+    ]  # weights + config.json
     response = client.get(listed["data"][0]["download_url"])
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
@@ -95,8 +106,10 @@ def test_a_lora_checkpoint_downloads_as_adapter_or_merged(client, settings, job_
     url = f"/v1/jobs/{job_id}/checkpoints/3/download"
     [listed] = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert (listed["kind"], listed["merged_download_url"]) == ("adapter", None)
-    adapter = [f"{job_id}-step-3/{name}" for name in ("adapter_config.json", "adapter_model.safetensors",
-                                                         "config.json")]
+    adapter = [
+        f"{job_id}-step-3/{name}"
+        for name in ("adapter_config.json", "adapter_model.safetensors", "config.json")
+    ]
     assert _tar_names(client.get(url)) == _tar_names(client.get(url, params={"format": "adapter"})) == adapter
 
     response = client.get(url, params={"format": "merged"})  # not merged (yet): says how to get one
@@ -110,7 +123,9 @@ def test_a_lora_checkpoint_downloads_as_adapter_or_merged(client, settings, job_
     [listed] = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert listed["merged_download_url"] == f"http://testserver{url}?format=merged"
     assert _tar_names(client.get(listed["merged_download_url"])) == [
-        f"{job_id}-step-3-merged/config.json", f"{job_id}-step-3-merged/model.safetensors"]
+        f"{job_id}-step-3-merged/config.json",
+        f"{job_id}-step-3-merged/model.safetensors",
+    ]
 
 
 def test_a_full_model_checkpoint_has_no_adapter(client, settings, job_id) -> None:

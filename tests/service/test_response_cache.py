@@ -28,7 +28,12 @@ def api(settings, sent) -> Iterator[TestClient]:
     app = create_app(settings, send=sent.append)
     app.state.change_listener.retry_s = 0.05
     with TestClient(app, headers=bearer(api_key(settings))) as client:
-        wait_for(lambda: app.state.response_cache.serving, timeout=10, what="the listener to connect", interval=0.01)
+        wait_for(
+            lambda: app.state.response_cache.serving,
+            timeout=10,
+            what="the listener to connect",
+            interval=0.01,
+        )
         yield client
 
 
@@ -56,20 +61,31 @@ def test_a_polled_job_is_answered_from_memory_until_a_worker_writes_it(api, sett
     assert cache.hits == hits + 1  # the second poll did not read the database
 
     write_step(settings, job_id, 1, 0.25)
-    job = wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}").json())["step"] == 1 and j, timeout=5,
-                   what="the new step to show", interval=0.001)
+    job = wait_for(
+        lambda: (j := api.get(f"/v1/jobs/{job_id}").json())["step"] == 1 and j,
+        timeout=5,
+        what="the new step to show",
+        interval=0.001,
+    )
     assert job["latest_metrics"] == {"reward": 0.25}
-    assert {k: v for k, v in job.items() if k not in ("step", "latest_metrics")} == \
-           {k: v for k, v in first.items() if k not in ("step", "latest_metrics")}
+    assert {k: v for k, v in job.items() if k not in ("step", "latest_metrics")} == {
+        k: v for k, v in first.items() if k not in ("step", "latest_metrics")
+    }
 
     # The metrics poll: kept, then a replayed step (an UPDATE of its row) is heard too.
-    assert [row["metrics"] for row in api.get(f"/v1/jobs/{job_id}/metrics").json()["data"]] == [{"reward": 0.25}]
+    assert [row["metrics"] for row in api.get(f"/v1/jobs/{job_id}/metrics").json()["data"]] == [
+        {"reward": 0.25}
+    ]
     hits = cache.hits
     api.get(f"/v1/jobs/{job_id}/metrics")
     assert cache.hits == hits + 1
     write_step(settings, job_id, 1, 0.75)
-    wait_for(lambda: api.get(f"/v1/jobs/{job_id}/metrics").json()["data"][0]["metrics"] == {"reward": 0.75},
-             timeout=5, what="the replayed step to show", interval=0.001)
+    wait_for(
+        lambda: api.get(f"/v1/jobs/{job_id}/metrics").json()["data"][0]["metrics"] == {"reward": 0.75},
+        timeout=5,
+        what="the replayed step to show",
+        interval=0.001,
+    )
 
 
 def test_every_poll_after_the_change_is_fresh(api, settings, job_id) -> None:
@@ -77,8 +93,12 @@ def test_every_poll_after_the_change_is_fresh(api, settings, job_id) -> None:
     api.get(f"/v1/jobs/{job_id}")
     for step in range(1, 6):
         write_step(settings, job_id, step, step / 10)
-        wait_for(lambda step=step: api.get(f"/v1/jobs/{job_id}").json()["step"] == step, timeout=5,
-                 what=f"step {step}", interval=0.001)
+        wait_for(
+            lambda step=step: api.get(f"/v1/jobs/{job_id}").json()["step"] == step,
+            timeout=5,
+            what=f"step {step}",
+            interval=0.001,
+        )
         assert [api.get(f"/v1/jobs/{job_id}").json()["step"] for _ in range(20)] == [step] * 20
 
 
@@ -86,8 +106,12 @@ def test_a_write_through_this_process_is_seen_by_its_next_poll_at_once(api, sett
     api.get(f"/v1/jobs/{job_id}")
     with transaction(settings.database_url) as session:  # a worker claims it: running
         session.execute(update(Job).where(Job.id == job_id).values(status="running", worker="w"))
-    wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", timeout=5, what="running",
-             interval=0.001)
+    wait_for(
+        lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running",
+        timeout=5,
+        what="running",
+        interval=0.001,
+    )
     # Notifications now go elsewhere: only the cancel route's own eviction can make the next poll fresh.
     listener = api.app.state.change_listener
     listener.cache = ResponseCache(max_bytes=1)
@@ -183,17 +207,26 @@ def test_a_lost_listener_stops_the_serving_and_its_return_drops_what_it_missed(a
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     # A write while no one listens: its notification is lost for good.
     write_step(settings, job_id, 1, 0.5)
-    wait_for(lambda: cache.serving and listener.connection.info.backend_pid != pid, timeout=10,
-             what="the listener to reconnect", interval=0.01)
+    wait_for(
+        lambda: cache.serving and listener.connection.info.backend_pid != pid,
+        timeout=10,
+        what="the listener to reconnect",
+        interval=0.01,
+    )
     assert api.get(f"/v1/jobs/{job_id}").json()["step"] == 1  # nothing from before the loss survived
     write_step(settings, job_id, 2, 0.5)  # and the new connection hears changes
-    wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["step"] == 2, timeout=5, what="step 2", interval=0.001)
+    wait_for(
+        lambda: api.get(f"/v1/jobs/{job_id}").json()["step"] == 2, timeout=5, what="step 2", interval=0.001
+    )
 
 
 def test_without_notifications_nothing_is_kept(settings, sent, tmp_path) -> None:
     """SQLite (the embedded default) cannot notify, and GRPO_RESPONSE_CACHE_MB=0 turns it off."""
-    for app in (create_app(settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/grpo.db"}),
-                           send=sent.append),
-                create_app(settings.model_copy(update={"response_cache_mb": 0}), send=sent.append)):
+    for app in (
+        create_app(
+            settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}/grpo.db"}), send=sent.append
+        ),
+        create_app(settings.model_copy(update={"response_cache_mb": 0}), send=sent.append),
+    ):
         assert app.state.change_listener is None
         assert not app.state.response_cache.serving

@@ -58,8 +58,12 @@ class HoldingEndpoint:
 
     def reward(self) -> dict[str, Any]:
         """A reward that waits on this endpoint far longer than any test runs."""
-        return {"type": "http", "url": f"http://127.0.0.1:{self.server.server_port}/score", "retries": 0,
-                "timeout_s": 600}
+        return {
+            "type": "http",
+            "url": f"http://127.0.0.1:{self.server.server_port}/score",
+            "retries": 0,
+            "timeout_s": 600,
+        }
 
     def __enter__(self) -> HoldingEndpoint:
         return self
@@ -70,22 +74,37 @@ class HoldingEndpoint:
         self.server.server_close()
 
 
-def dry_run(reward: list[dict[str, Any]], completion: str, row: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"reward": reward, "samples": [{"completion": completion, "row": row if row is not None else {"answer": "1"}}]}
+def dry_run(
+    reward: list[dict[str, Any]], completion: str, row: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "reward": reward,
+        "samples": [{"completion": completion, "row": row if row is not None else {"answer": "1"}}],
+    }
 
 
 def test_one_owners_slow_dry_runs_do_not_delay_another_owners(client, settings) -> None:
     settings.allow_private_hosts = ["127.0.0.1"]
     settings.reward_runs_at_once, settings.reward_runs_per_key, settings.reward_run_queue_per_key = 2, 1, 1
     bob = bearer(api_key(settings, owner="bob"))
-    with ThreadPoolExecutor(max_workers=5) as pool, HoldingEndpoint() as endpoint:  # released before the pool waits
-        alice: list[Future] = [pool.submit(client.post, "/v1/rewards/run", json=dry_run([endpoint.reward()], f"alice-{i}"))
-                               for i in range(4)]
-        wait_for(lambda: sum(future.done() for future in alice) >= 2, timeout=60,
-                 what="alice's requests past her line (one scoring, one waiting) to be refused")
+    with (
+        ThreadPoolExecutor(max_workers=5) as pool,
+        HoldingEndpoint() as endpoint,
+    ):  # released before the pool waits
+        alice: list[Future] = [
+            pool.submit(client.post, "/v1/rewards/run", json=dry_run([endpoint.reward()], f"alice-{i}"))
+            for i in range(4)
+        ]
+        wait_for(
+            lambda: sum(future.done() for future in alice) >= 2,
+            timeout=60,
+            what="alice's requests past her line (one scoring, one waiting) to be refused",
+        )
         refused = [future.result() for future in alice if future.done()]
         assert [response.status_code for response in refused] == [429, 429], [r.text for r in refused]
-        assert all(r.json()["error"]["code"] == "too_many_reward_runs" and r.headers["retry-after"] for r in refused)
+        assert all(
+            r.json()["error"]["code"] == "too_many_reward_runs" and r.headers["retry-after"] for r in refused
+        )
         assert "GRPO_REWARD_RUNS_PER_KEY" in refused[0].json()["error"]["message"]
         held = [future for future in alice if not future.done()]
         wait_for(lambda: endpoint.arrived, timeout=60, what="alice's first dry-run to reach the endpoint")
@@ -104,7 +123,9 @@ def test_one_owners_slow_dry_runs_do_not_delay_another_owners(client, settings) 
 
 def sandbox_processes() -> list[psutil.Process]:
     """This process's sandboxes (the API runs in it): their launchers and what those started."""
-    launchers = [child for child in psutil.Process().children() if "sandbox_launcher.py" in " ".join(child.cmdline())]
+    launchers = [
+        child for child in psutil.Process().children() if "sandbox_launcher.py" in " ".join(child.cmdline())
+    ]
     return [process for launcher in launchers for process in [launcher, *launcher.children(recursive=True)]]
 
 
@@ -120,10 +141,19 @@ def test_a_dry_run_past_its_time_is_stopped_with_its_sandbox(client, settings) -
     spin = "```python\nwhile True:\n    pass\n```"
     reward = [{"type": "exact_match"}, {"type": "code_tests", "timeout_s": 60}]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        request = pool.submit(client.post, "/v1/rewards/run",
-                              json=dry_run(reward, spin, {"answer": "1", "tests": ["assert True"]}))
-        running = wait_for(lambda: [p for p in sandbox_processes() if "/sandbox/main.py" in " ".join(p.cmdline())]
-                           and sandbox_processes(), timeout=60, what="the program to run in its sandbox")
+        request = pool.submit(
+            client.post,
+            "/v1/rewards/run",
+            json=dry_run(reward, spin, {"answer": "1", "tests": ["assert True"]}),
+        )
+        running = wait_for(
+            lambda: (
+                [p for p in sandbox_processes() if "/sandbox/main.py" in " ".join(p.cmdline())]
+                and sandbox_processes()
+            ),
+            timeout=60,
+            what="the program to run in its sandbox",
+        )
         response = request.result(timeout=120)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
@@ -139,8 +169,12 @@ def test_hanging_up_stops_the_dry_run_and_frees_its_slot(settings) -> None:
     with HoldingEndpoint() as endpoint, serve(create_app(settings, send=[].append)) as base:
         port = int(base.rsplit(":", 1)[1])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        connection.request("POST", "/v1/rewards/run", json.dumps(dry_run([endpoint.reward()], "hung-up")),
-                           headers={**key, "Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            "/v1/rewards/run",
+            json.dumps(dry_run([endpoint.reward()], "hung-up")),
+            headers={**key, "Content-Type": "application/json"},
+        )
         wait_for(lambda: endpoint.arrived, timeout=60, what="the dry-run to reach the endpoint")
         connection.close()  # the client hangs up while the endpoint holds the call
 

@@ -25,8 +25,12 @@ def v1_routes(client: TestClient) -> list[tuple[str, str]]:
     """(method, path template) of every /v1 route in the OpenAPI document, including ones added
     after this test was written."""
     paths = client.get("/openapi.json").json()["paths"]
-    return sorted((method.upper(), path) for path, operations in paths.items() if path.startswith("/v1/")
-                  for method in operations)
+    return sorted(
+        (method.upper(), path)
+        for path, operations in paths.items()
+        if path.startswith("/v1/")
+        for method in operations
+    )
 
 
 def fill(path: str, **ids: str | int) -> str:
@@ -39,7 +43,12 @@ def alice(client, settings) -> dict[str, str | int]:
     dataset_id = upload(client).json()["id"]
     job_id = client.post("/v1/jobs", json=job_spec(dataset_id)).json()["id"]
     make_checkpoint(settings, job_id, 2)
-    return {"dataset_id": dataset_id, "file_id": dataset_id, "job_id": job_id, "step": 2}  # a file is a dataset
+    return {
+        "dataset_id": dataset_id,
+        "file_id": dataset_id,
+        "job_id": job_id,
+        "step": 2,
+    }  # a file is a dataset
 
 
 @pytest.fixture
@@ -58,10 +67,16 @@ def test_every_v1_route_needs_a_key_and_says_how_to_send_one(client, alice) -> N
         assert error["code"] == "unauthorized" and "Authorization: Bearer" in error["message"]
 
 
-@pytest.mark.parametrize(("authorization", "says"), [
-    ("", "no API key"), ("Bearer", "no API key"), ("Basic YWxpY2U6c2VjcmV0", "no API key"),
-    ("Bearer grpo_not-a-real-key", "invalid API key"), ("bearer grpo_not-a-real-key", "invalid API key"),
-])
+@pytest.mark.parametrize(
+    ("authorization", "says"),
+    [
+        ("", "no API key"),
+        ("Bearer", "no API key"),
+        ("Basic YWxpY2U6c2VjcmV0", "no API key"),
+        ("Bearer grpo_not-a-real-key", "invalid API key"),
+        ("bearer grpo_not-a-real-key", "invalid API key"),
+    ],
+)
 def test_missing_or_invalid_keys_are_401(client, authorization, says) -> None:
     response = client.get("/v1/jobs", headers={"Authorization": authorization})
     assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -104,30 +119,49 @@ def test_health_metrics_and_docs_stay_open(settings, sent) -> None:
             assert anonymous.get(path).status_code == 200, path
 
 
-def test_another_owner_s_resources_are_404_like_missing_ones_on_every_route(client, settings, alice, bob) -> None:
+def test_another_owner_s_resources_are_404_like_missing_ones_on_every_route(
+    client, settings, alice, bob
+) -> None:
     missing_dataset = new_id("ds")
     missing = {"dataset_id": missing_dataset, "file_id": missing_dataset, "job_id": new_id("job"), "step": 2}
     tried = set()
     for method, path in v1_routes(client):
         if "{" not in path:
             continue
-        for accept in ("application/json", "text/event-stream") if path.endswith("/events") else ("application/json",):
+        for accept in (
+            ("application/json", "text/event-stream") if path.endswith("/events") else ("application/json",)
+        ):
             headers = {**bob, "accept": accept}
             theirs = client.request(method, fill(path, **alice), headers=headers)
             nothing = client.request(method, fill(path, **missing), headers=headers)
             assert theirs.status_code == nothing.status_code == 404, (method, path, theirs.text)
-            as_if_missing = json.loads(json.dumps(theirs.json()).replace(str(alice["job_id"]), missing["job_id"])
-                                       .replace(str(alice["dataset_id"]), missing["dataset_id"]))
+            as_if_missing = json.loads(
+                json.dumps(theirs.json())
+                .replace(str(alice["job_id"]), missing["job_id"])
+                .replace(str(alice["dataset_id"]), missing["dataset_id"])
+            )
             assert as_if_missing == nothing.json(), (method, path)
             tried.add(f"{method} {path}")
-    assert {"GET /v1/datasets/{dataset_id}", "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel",
-            "GET /v1/jobs/{job_id}/metrics", "GET /v1/jobs/{job_id}/events", "GET /v1/jobs/{job_id}/checkpoints",
-            "GET /v1/jobs/{job_id}/checkpoints/{step}/download", "GET /v1/files/{file_id}",
-            "GET /v1/fine_tuning/jobs/{job_id}", "POST /v1/fine_tuning/jobs/{job_id}/cancel"} <= tried
+    assert {
+        "GET /v1/datasets/{dataset_id}",
+        "GET /v1/jobs/{job_id}",
+        "POST /v1/jobs/{job_id}/cancel",
+        "GET /v1/jobs/{job_id}/metrics",
+        "GET /v1/jobs/{job_id}/events",
+        "GET /v1/jobs/{job_id}/checkpoints",
+        "GET /v1/jobs/{job_id}/checkpoints/{step}/download",
+        "GET /v1/files/{file_id}",
+        "GET /v1/fine_tuning/jobs/{job_id}",
+        "POST /v1/fine_tuning/jobs/{job_id}/cancel",
+    } <= tried
 
     # nothing bob did reached alice's job, and she still sees all of it
     job = client.get(f"/v1/jobs/{alice['job_id']}").json()
-    assert (job["status"], job["cancel_requested"], job.get("pause_requested", False)) == ("queued", False, False)
+    assert (job["status"], job["cancel_requested"], job.get("pause_requested", False)) == (
+        "queued",
+        False,
+        False,
+    )
     assert client.get(f"/v1/jobs/{alice['job_id']}/checkpoints/2/download").status_code == 200
 
 
@@ -146,9 +180,11 @@ def test_a_job_cannot_use_another_owner_s_dataset(client, settings, alice, bob, 
     spec = {**job_spec(bobs), field: alice["dataset_id"]}
     response = client.post("/v1/jobs", json=spec, headers=bob)
     assert response.status_code == 404
-    assert response.json()["error"] == {"code": "dataset_not_found", "param": field,
-                                        "message": f"no dataset with id {alice['dataset_id']!r}; upload one with "
-                                                   f"POST /v1/datasets"}
+    assert response.json()["error"] == {
+        "code": "dataset_not_found",
+        "param": field,
+        "message": f"no dataset with id {alice['dataset_id']!r}; upload one with POST /v1/datasets",
+    }
 
 
 def test_what_a_key_creates_belongs_to_its_owner(client, settings, alice, bob) -> None:

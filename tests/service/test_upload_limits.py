@@ -47,13 +47,18 @@ def amplifying_line(size: int) -> bytes:
 # --- memory ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("route", "line_limit", "status", "says"), [
-    # one 20 MB line: refused once GRPO_MAX_DATASET_LINE_BYTES of it is read
-    ("/v1/datasets", None, 413, "GRPO_MAX_DATASET_LINE_BYTES"),
-    # the same line under a line limit raised past it: refused by counting its values, unparsed
-    ("/v1/files", 24 * MB, 400, "GRPO_MAX_DATASET_ROW_VALUES"),
-])
-def test_an_amplifying_upload_is_refused_within_bounded_memory(settings, route, line_limit, status, says) -> None:
+@pytest.mark.parametrize(
+    ("route", "line_limit", "status", "says"),
+    [
+        # one 20 MB line: refused once GRPO_MAX_DATASET_LINE_BYTES of it is read
+        ("/v1/datasets", None, 413, "GRPO_MAX_DATASET_LINE_BYTES"),
+        # the same line under a line limit raised past it: refused by counting its values, unparsed
+        ("/v1/files", 24 * MB, 400, "GRPO_MAX_DATASET_ROW_VALUES"),
+    ],
+)
+def test_an_amplifying_upload_is_refused_within_bounded_memory(
+    settings, route, line_limit, status, says
+) -> None:
     # Before the limits, checking this 20 MB line took ~500 MB: json.loads built ~7 million lists.
     if line_limit is not None:
         settings = settings.model_copy(update={"max_dataset_line_bytes": line_limit})
@@ -62,11 +67,18 @@ def test_an_amplifying_upload_is_refused_within_bounded_memory(settings, route, 
     try:
         assert api.process is not None
         with httpx.Client(base_url=api.url, headers=bearer(key), timeout=300) as http:
-            def send(content: bytes) -> httpx.Response:
-                return http.post(route, files={"file": ("big.jsonl", content, "application/jsonl")},
-                                 data={"purpose": "fine-tune"} if route == "/v1/files" else None)
 
-            assert send(b'{"prompt": "warm up", "messages": [{"role": "user", "content": "hi"}]}\n').status_code < 300
+            def send(content: bytes) -> httpx.Response:
+                return http.post(
+                    route,
+                    files={"file": ("big.jsonl", content, "application/jsonl")},
+                    data={"purpose": "fine-tune"} if route == "/v1/files" else None,
+                )
+
+            assert (
+                send(b'{"prompt": "warm up", "messages": [{"role": "user", "content": "hi"}]}\n').status_code
+                < 300
+            )
             before = peak_rss_mb(api.process.pid)
             content = amplifying_line(20 * MB)
             response = send(content)
@@ -100,15 +112,18 @@ def test_a_line_over_the_line_limit_is_413_naming_the_line(settings, sent) -> No
     assert len(stored_files(settings)) == 2  # the two accepted uploads, no leftover
 
 
-@pytest.mark.parametrize(("line", "says"), [
-    (b'{"prompt": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "GRPO_MAX_DATASET_ROW_VALUES"),
-    (b"[" * 100_000, "GRPO_MAX_DATASET_ROW_VALUES"),  # unbalanced too
-    (b'{"prompt": "x", "deep": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than 32 levels"),
-    (b'{"prompt": "x", "deep": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}", "GRPO_MAX_DATASET_DEPTH"),
-    (b'{"prompt": "x", "many": [' + b"[]," * 20_000 + b"[]]}", "more than 10000 JSON values"),
-    (b'{"prompt": "x", "many": [' + b'"a",' * 20_000 + b'"a"]}', "GRPO_MAX_DATASET_ROW_VALUES"),
-    (b'{"prompt": "x", "n": ' + b"7" * 5000 + b"}", "not valid JSON"),  # int() refuses > 4300 digits
-])
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (b'{"prompt": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "GRPO_MAX_DATASET_ROW_VALUES"),
+        (b"[" * 100_000, "GRPO_MAX_DATASET_ROW_VALUES"),  # unbalanced too
+        (b'{"prompt": "x", "deep": ' + b"[" * 40 + b"]" * 40 + b"}", "nested deeper than 32 levels"),
+        (b'{"prompt": "x", "deep": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}", "GRPO_MAX_DATASET_DEPTH"),
+        (b'{"prompt": "x", "many": [' + b"[]," * 20_000 + b"[]]}", "more than 10000 JSON values"),
+        (b'{"prompt": "x", "many": [' + b'"a",' * 20_000 + b'"a"]}', "GRPO_MAX_DATASET_ROW_VALUES"),
+        (b'{"prompt": "x", "n": ' + b"7" * 5000 + b"}", "not valid JSON"),  # int() refuses > 4300 digits
+    ],
+)
 def test_deep_or_crowded_rows_are_422_naming_the_line(client, settings, line, says) -> None:
     good = b'{"prompt": "fine"}\n'
     error = refusal(upload(client, content=good + line + b"\n" + good), 422, "invalid_dataset")
@@ -118,28 +133,40 @@ def test_deep_or_crowded_rows_are_422_naming_the_line(client, settings, line, sa
 
 def test_only_structure_counts_not_what_strings_hold(client) -> None:
     # brackets, commas and escaped quotes inside strings are not structure
-    row = (b'{"prompt": "' + b"[[[[{{{{,,,," * 5000 + b'\\"[[[", "tests": ["' + b'\\\\' * 100 + b'"], '
-           b'"deep": ' + b"[" * 30 + b"]" * 30 + b"}\n")
+    row = (
+        b'{"prompt": "' + b"[[[[{{{{,,,," * 5000 + b'\\"[[[", "tests": ["' + b"\\\\" * 100 + b'"], '
+        b'"deep": ' + b"[" * 30 + b"]" * 30 + b"}\n"
+    )
     response = upload(client, content=row)
     assert response.status_code == 201, response.text
-    deep = b'{"prompt": "[[[[,,,,", "deep": ' + b"[" * 1000 + b"]" * 1000 + b"}\n"  # once a RecursionError: a 500
-    assert "nested deeper than 32" in refusal(upload(client, content=row + deep), 422, "invalid_dataset")["message"]
+    deep = (
+        b'{"prompt": "[[[[,,,,", "deep": ' + b"[" * 1000 + b"]" * 1000 + b"}\n"
+    )  # once a RecursionError: a 500
+    assert (
+        "nested deeper than 32"
+        in refusal(upload(client, content=row + deep), 422, "invalid_dataset")["message"]
+    )
 
 
 # --- text PostgreSQL cannot store -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("line", "says"), [
-    (rb'{"prompt": "what is 1+1?\u0000"}', "'prompt' contains a NUL character"),
-    (rb'{"prompt": [{"role": "user", "content": "a\u0000"}]}', "'prompt'[0]['content'] contains a NUL"),
-    (rb'{"prompt": "fine", "answer": "\u0000"}', "'answer' contains a NUL"),
-    (rb'{"prompt": "fine", "meta": {"tags": ["ok", "\u0000"]}}', "'meta'['tags'][1] contains a NUL"),
-    (rb'{"prompt": "fine", "a\u0000b": 1}', "the row has a key that contains a NUL"),
-    (rb'{"prompt": "fine", "meta": {"\u0000": 1}}', "'meta' has a key that contains a NUL"),
-    (rb'{"prompt": "fine", "answer": "\ud800"}', "'answer' contains a lone UTF-16 surrogate (\\ud800)"),
-    (rb'{"prompt": "fine", "\udfff": "x"}', "the row has a key that contains a lone UTF-16 surrogate"),
-])
-def test_text_the_database_cannot_store_is_422_naming_the_line_and_field(client, settings, line, says) -> None:
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (rb'{"prompt": "what is 1+1?\u0000"}', "'prompt' contains a NUL character"),
+        (rb'{"prompt": [{"role": "user", "content": "a\u0000"}]}', "'prompt'[0]['content'] contains a NUL"),
+        (rb'{"prompt": "fine", "answer": "\u0000"}', "'answer' contains a NUL"),
+        (rb'{"prompt": "fine", "meta": {"tags": ["ok", "\u0000"]}}', "'meta'['tags'][1] contains a NUL"),
+        (rb'{"prompt": "fine", "a\u0000b": 1}', "the row has a key that contains a NUL"),
+        (rb'{"prompt": "fine", "meta": {"\u0000": 1}}', "'meta' has a key that contains a NUL"),
+        (rb'{"prompt": "fine", "answer": "\ud800"}', "'answer' contains a lone UTF-16 surrogate (\\ud800)"),
+        (rb'{"prompt": "fine", "\udfff": "x"}', "the row has a key that contains a lone UTF-16 surrogate"),
+    ],
+)
+def test_text_the_database_cannot_store_is_422_naming_the_line_and_field(
+    client, settings, line, says
+) -> None:
     # A NUL used to be accepted here, and the job failed later on INSERT INTO job_samples.
     good = b'{"prompt": "fine"}\n'
     error = refusal(upload(client, content=good + good + line + b"\n"), 422, "invalid_dataset")
@@ -152,8 +179,10 @@ def test_text_the_database_cannot_store_is_422_naming_the_line_and_field(client,
 def test_text_that_only_looks_like_a_nul_is_kept(client) -> None:
     row = rb'{"prompt": "print(\"\\u0000\")", "pair": "\ud83d\ude00", "tab": "\u0009"}' + b"\n"
     nul = rb'{"prompt": "print(\"\\\u0000\")"}' + b"\n"  # an escaped backslash, then a NUL
-    assert "line 2: 'prompt' contains a NUL" in refusal(upload(client, content=row + nul), 422,
-                                                         "invalid_dataset")["message"]
+    assert (
+        "line 2: 'prompt' contains a NUL"
+        in refusal(upload(client, content=row + nul), 422, "invalid_dataset")["message"]
+    )
     response = upload(client, content=row)
     assert response.status_code == 201, response.text
     dataset = response.json()
@@ -165,8 +194,11 @@ def test_the_openai_files_route_checks_the_same_limits(client, settings) -> None
     settings.max_dataset_line_bytes = 8000
 
     def post(content: bytes) -> httpx.Response:
-        return client.post("/v1/files", files={"file": ("t.jsonl", content, "application/jsonl")},
-                           data={"purpose": "fine-tune"})
+        return client.post(
+            "/v1/files",
+            files={"file": ("t.jsonl", content, "application/jsonl")},
+            data={"purpose": "fine-tune"},
+        )
 
     message = b'{"messages": [{"role": "user", "content": "hi"}], "reference_answer": "1"}\n'
     assert post(message).status_code == 200
@@ -181,7 +213,9 @@ def test_the_openai_files_route_checks_the_same_limits(client, settings) -> None
     assert "line 1" in refusal(post(deep_unbalanced), 400, "invalid_dataset")["message"]
     long = b'{"messages": [{"role": "user", "content": "' + b"a" * 9000 + b'"}]}\n'
     assert "GRPO_MAX_DATASET_LINE_BYTES" in refusal(post(message + long), 413, "payload_too_large")["message"]
-    assert stored_files(settings) and all(not name.startswith(UPLOAD_PREFIX) for name in stored_files(settings))
+    assert stored_files(settings) and all(
+        not name.startswith(UPLOAD_PREFIX) for name in stored_files(settings)
+    )
 
 
 # --- leftovers -------------------------------------------------------------------------------------

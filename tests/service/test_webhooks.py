@@ -84,8 +84,9 @@ def verified(post: Post, job_id: str) -> dict[str, Any]:
     """The body of a delivery whose Standard Webhooks signature checks out with the shared secret."""
     message_id, timestamp = post.headers["webhook-id"], post.headers["webhook-timestamp"]
     assert message_id == f"msg_{job_id}" and abs(time.time() - int(timestamp)) < 300
-    expected = base64.b64encode(hmac.new(KEY, f"{message_id}.{timestamp}.".encode() + post.body,
-                                         hashlib.sha256).digest()).decode()
+    expected = base64.b64encode(
+        hmac.new(KEY, f"{message_id}.{timestamp}.".encode() + post.body, hashlib.sha256).digest()
+    ).decode()
     assert post.headers["webhook-signature"] == f"v1,{expected}"
     assert post.headers["content-type"] == "application/json"
     return json.loads(post.body)
@@ -108,9 +109,15 @@ def wait_for_webhook(client: TestClient, job_id: str, status: str, timeout: floa
 def redis_worker_settings(redis_worker_settings: Settings) -> Settings:
     """The e2e settings (loopback allowed), with a webhook secret and retries a second apart, not
     minutes; and a queued job never sent stays unsent for a minute (the cancel tests need it queued)."""
-    return redis_worker_settings.model_copy(update={
-        "webhook_secret": SecretStr(SECRET), "webhook_backoff_s": 0.3, "webhook_max_attempts": 3,
-        "webhook_timeout_s": 5.0, "send_grace_s": 60})
+    return redis_worker_settings.model_copy(
+        update={
+            "webhook_secret": SecretStr(SECRET),
+            "webhook_backoff_s": 0.3,
+            "webhook_max_attempts": 3,
+            "webhook_timeout_s": 5.0,
+            "send_grace_s": 60,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +132,9 @@ def worker_client(redis_worker_settings, redis_worker) -> Iterator[TestClient]:
 def unsent_client(redis_worker_settings, redis_worker) -> Iterator[TestClient]:
     """The same API and database, but its jobs are never sent to a worker: they stay queued."""
     settings = redis_worker_settings
-    with TestClient(create_app(settings, send=lambda job_id: None), headers=bearer(api_key(settings))) as test_client:
+    with TestClient(
+        create_app(settings, send=lambda job_id: None), headers=bearer(api_key(settings))
+    ) as test_client:
         yield test_client
 
 
@@ -135,14 +144,27 @@ def dataset_id(worker_client) -> str:
 
 
 def test_the_signature_matches_the_standard_webhooks_test_vector() -> None:
-    assert signature("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
-                     b'{"test": 2432232314}') == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert (
+        signature(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            b'{"test": 2432232314}',
+        )
+        == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
 
 
-def test_a_job_that_succeeds_posts_one_signed_webhook(worker_client, redis_worker, dataset_id, tiny_model) -> None:
+def test_a_job_that_succeeds_posts_one_signed_webhook(
+    worker_client, redis_worker, dataset_id, tiny_model
+) -> None:
     with Receiver() as receiver:
-        spec = job_spec(dataset_id, str(tiny_model), webhook_url=receiver.url,
-                        hyperparameters={"max_steps": 1, "checkpoint_every": 0})
+        spec = job_spec(
+            dataset_id,
+            str(tiny_model),
+            webhook_url=receiver.url,
+            hyperparameters={"max_steps": 1, "checkpoint_every": 0},
+        )
         job_id = worker_client.post("/v1/jobs", json=spec).json()["id"]
         job = wait_until_ended(worker_client, job_id)
         assert job["status"] == "succeeded", (job, redis_worker.log()[-3000:])
@@ -152,15 +174,24 @@ def test_a_job_that_succeeds_posts_one_signed_webhook(worker_client, redis_worke
     body = verified(post, job_id)
     assert body["type"] == "job.succeeded" and body["timestamp"] == body["job"]["finished_at"]
     shown = body["job"]
-    assert (shown["id"], shown["status"], shown["step"], shown["max_steps"], shown["failure_reason"]) == \
-        (job_id, "succeeded", 1, 1, None)
+    assert (shown["id"], shown["status"], shown["step"], shown["max_steps"], shown["failure_reason"]) == (
+        job_id,
+        "succeeded",
+        1,
+        1,
+        None,
+    )
     assert shown["webhook_url"] == receiver.url and "reward" in shown["latest_metrics"]
     assert webhook_events(worker_client, job_id) == ["webhook delivered (attempt 1, HTTP 200)"]
 
 
-def test_a_job_cancelled_while_queued_posts_one_signed_webhook(unsent_client, redis_worker, dataset_id) -> None:
+def test_a_job_cancelled_while_queued_posts_one_signed_webhook(
+    unsent_client, redis_worker, dataset_id
+) -> None:
     with Receiver() as receiver:
-        job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()["id"]
+        job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()[
+            "id"
+        ]
         cancelled = unsent_client.post(f"/v1/jobs/{job_id}/cancel").json()
         # The answer is sent before the first attempt is made (by the API, right after).
         assert (cancelled["status"], cancelled["webhook_status"]) == ("cancelled", "pending")
@@ -173,16 +204,23 @@ def test_a_job_cancelled_while_queued_posts_one_signed_webhook(unsent_client, re
     assert webhook_events(unsent_client, job_id) == ["webhook delivered (attempt 1, HTTP 200)"]
 
 
-def test_a_receiver_failing_twice_gets_the_webhook_on_the_third_attempt(unsent_client, redis_worker,
-                                                                       dataset_id) -> None:
+def test_a_receiver_failing_twice_gets_the_webhook_on_the_third_attempt(
+    unsent_client, redis_worker, dataset_id
+) -> None:
     with Receiver(lambda call: 500 if call <= 2 else 200) as receiver:
-        job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()["id"]
-        unsent_client.post(f"/v1/jobs/{job_id}/cancel")  # attempt 1 by the API; 2 and 3 by the worker's sweeper
+        job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()[
+            "id"
+        ]
+        unsent_client.post(
+            f"/v1/jobs/{job_id}/cancel"
+        )  # attempt 1 by the API; 2 and 3 by the worker's sweeper
         wait_for_webhook(unsent_client, job_id, "delivered")
         time.sleep(SETTLE_S)
         posts = list(receiver.posts)
     assert len(posts) == 3
-    assert [verified(post, job_id)["type"] for post in posts] == ["job.cancelled"] * 3  # one message id, re-signed
+    assert [verified(post, job_id)["type"] for post in posts] == [
+        "job.cancelled"
+    ] * 3  # one message id, re-signed
     first, second, delivered = webhook_events(unsent_client, job_id)
     assert first.startswith(f"webhook attempt 1 failed: POST {receiver.url}: answered HTTP 500")
     assert first.endswith(", retrying in 0.3s") and second.endswith(", retrying in 0.6s")
@@ -190,8 +228,9 @@ def test_a_receiver_failing_twice_gets_the_webhook_on_the_third_attempt(unsent_c
     assert delivered == "webhook delivered (attempt 3, HTTP 200)"
 
 
-def test_a_receiver_down_for_good_is_given_up_after_the_last_attempt(unsent_client, redis_worker,
-                                                                      dataset_id) -> None:
+def test_a_receiver_down_for_good_is_given_up_after_the_last_attempt(
+    unsent_client, redis_worker, dataset_id
+) -> None:
     url = f"http://127.0.0.1:{free_port()}/hooks/grpo"  # nothing listens there
     job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=url)).json()["id"]
     unsent_client.post(f"/v1/jobs/{job_id}/cancel")
@@ -199,16 +238,22 @@ def test_a_receiver_down_for_good_is_given_up_after_the_last_attempt(unsent_clie
     assert job["status"] == "cancelled"
     messages = webhook_events(unsent_client, job_id)
     assert [message.split(":")[0] for message in messages] == [
-        "webhook attempt 1 failed", "webhook attempt 2 failed", "webhook given up after 3 attempts"]
+        "webhook attempt 1 failed",
+        "webhook attempt 2 failed",
+        "webhook given up after 3 attempts",
+    ]
     assert all("cannot connect" in message for message in messages)
     time.sleep(SETTLE_S)
     assert len(webhook_events(unsent_client, job_id)) == 3  # no fourth attempt
 
 
-def test_a_delivery_whose_attempts_died_with_their_process_is_made_by_a_sweeper(unsent_client, redis_worker_settings,
-                                                                                 redis_worker, dataset_id) -> None:
+def test_a_delivery_whose_attempts_died_with_their_process_is_made_by_a_sweeper(
+    unsent_client, redis_worker_settings, redis_worker, dataset_id
+) -> None:
     with Receiver() as receiver:
-        job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()["id"]
+        job_id = unsent_client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()[
+            "id"
+        ]
         with transaction(redis_worker_settings.database_url) as session:
             # The job ends and its process dies before its first attempt ...
             request_cancel(session=session, owner="alice", job_id=job_id)  # api_key()'s owner
@@ -227,20 +272,26 @@ def test_a_delivery_whose_attempts_died_with_their_process_is_made_by_a_sweeper(
 
 def test_webhooks_need_the_operators_secret(client) -> None:
     dataset_id = upload(client).json()["id"]
-    response = client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url="https://hooks.example.com/grpo"))
+    response = client.post(
+        "/v1/jobs", json=job_spec(dataset_id, webhook_url="https://hooks.example.com/grpo")
+    )
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["param"] == "webhook_url" and "GRPO_WEBHOOK_SECRET" in error["message"]
 
 
-@pytest.mark.parametrize(("url", "says"), [
-    ("http://10.0.0.1/hooks", "10.0.0.1 is a private address"),
-    ("http://127.0.0.1:8000/hooks", "127.0.0.1 is a loopback address"),
-    ("http://[::ffff:169.254.169.254]/latest/meta-data", "a link-local address"),
-    ("http://2130706433/hooks", "a loopback address"),
-])
-def test_a_private_webhook_url_is_refused_at_creation_unless_the_operator_allows_it(client, settings, url,
-                                                                                     says) -> None:
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://10.0.0.1/hooks", "10.0.0.1 is a private address"),
+        ("http://127.0.0.1:8000/hooks", "127.0.0.1 is a loopback address"),
+        ("http://[::ffff:169.254.169.254]/latest/meta-data", "a link-local address"),
+        ("http://2130706433/hooks", "a loopback address"),
+    ],
+)
+def test_a_private_webhook_url_is_refused_at_creation_unless_the_operator_allows_it(
+    client, settings, url, says
+) -> None:
     settings.webhook_secret = SecretStr(SECRET)
     dataset_id = upload(client).json()["id"]
     response = client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=url))
@@ -256,13 +307,17 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_at_delivery(client
     settings.webhook_secret = SecretStr(SECRET)
     dataset_id = upload(client).json()["id"]
     with Receiver() as receiver:
-        url = receiver.url.replace("127.0.0.1", "localhost")  # a name passes creation; each delivery checks it
+        url = receiver.url.replace(
+            "127.0.0.1", "localhost"
+        )  # a name passes creation; each delivery checks it
         job_id = client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=url)).json()["id"]
         client.post(f"/v1/jobs/{job_id}/cancel")  # the API's attempt runs before the test client returns
         assert client.get(f"/v1/jobs/{job_id}").json()["webhook_status"] == "failed"
         assert receiver.posts == []
     (message,) = webhook_events(client, job_id)
-    assert message.startswith(f"webhook given up after 1 attempt: refusing to call {url}: localhost (resolved to ")
+    assert message.startswith(
+        f"webhook given up after 1 attempt: refusing to call {url}: localhost (resolved to "
+    )
     assert "a loopback address" in message and "GRPO_ALLOW_PRIVATE_HOSTS" in message
 
 
@@ -274,19 +329,39 @@ def test_a_job_without_a_webhook_has_no_delivery(client) -> None:
 
 
 def test_deliveries_work_on_the_embedded_sqlite_database(tmp_path) -> None:
-    settings = Settings(data_dir=tmp_path, allow_private_hosts=["127.0.0.1"], webhook_secret=SecretStr(SECRET),
-                        webhook_backoff_s=60, webhook_max_attempts=2)
+    settings = Settings(
+        data_dir=tmp_path,
+        allow_private_hosts=["127.0.0.1"],
+        webhook_secret=SecretStr(SECRET),
+        webhook_backoff_s=60,
+        webhook_max_attempts=2,
+    )
     upgrade(settings.database_url)
     sessions = session_factory(settings.database_url)
     with Receiver(lambda call: 503 if call == 1 else 204) as receiver:
         with transaction(settings.database_url) as session:
-            create_dataset(session=session, owner="local", name="d", rows=1, bytes=1, sha256="x", fields=["prompt"],
-                           dataset_id="ds_1")
-            spec = {"base_model": "org/model", "dataset_id": "ds_1", "webhook_url": receiver.url,
-                    "reward": [{"type": "exact_match"}], "group_size": 2}
+            create_dataset(
+                session=session,
+                owner="local",
+                name="d",
+                rows=1,
+                bytes=1,
+                sha256="x",
+                fields=["prompt"],
+                dataset_id="ds_1",
+            )
+            spec = {
+                "base_model": "org/model",
+                "dataset_id": "ds_1",
+                "webhook_url": receiver.url,
+                "reward": [{"type": "exact_match"}],
+                "group_size": 2,
+            }
             job_id = create_job(session=session, owner="local", spec=spec, max_steps=1).id
             request_cancel(session=session, owner="local", job_id=job_id)
-        assert deliver_webhook(job_id, sessions=sessions, settings=settings) == "pending"  # 503: again in 60 s
+        assert (
+            deliver_webhook(job_id, sessions=sessions, settings=settings) == "pending"
+        )  # 503: again in 60 s
         with transaction(settings.database_url) as session:
             assert list_due_webhooks(session=session) == []
         assert deliver_webhook(job_id, sessions=sessions, settings=settings) is None  # not due yet
@@ -299,9 +374,13 @@ def test_deliveries_work_on_the_embedded_sqlite_database(tmp_path) -> None:
 
 def test_the_openai_cancel_of_a_queued_job_makes_the_first_attempt_itself(settings, sent) -> None:
     # No worker here (so no sweeper): the one POST can only come from the API's own first attempt.
-    settings = settings.model_copy(update={"webhook_secret": SecretStr(SECRET), "allow_private_hosts": ["127.0.0.1"]})
-    with TestClient(create_app(settings, send=sent.append), headers=bearer(api_key(settings))) as client, \
-            Receiver() as receiver:
+    settings = settings.model_copy(
+        update={"webhook_secret": SecretStr(SECRET), "allow_private_hosts": ["127.0.0.1"]}
+    )
+    with (
+        TestClient(create_app(settings, send=sent.append), headers=bearer(api_key(settings))) as client,
+        Receiver() as receiver,
+    ):
         dataset_id = upload(client).json()["id"]
         job_id = client.post("/v1/jobs", json=job_spec(dataset_id, webhook_url=receiver.url)).json()["id"]
         assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"

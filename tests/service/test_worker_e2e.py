@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client(redis_worker_settings, redis_worker) -> Iterator[TestClient]:
-    with TestClient(create_app(redis_worker_settings), headers=bearer(api_key(redis_worker_settings))) as test_client:
+    with TestClient(
+        create_app(redis_worker_settings), headers=bearer(api_key(redis_worker_settings))
+    ) as test_client:
         # sends to Redis for real
         yield test_client
 
@@ -26,8 +28,12 @@ def dataset_id(client) -> str:
     return upload(client).json()["id"]
 
 
-def test_a_job_runs_to_success_and_its_checkpoint_loads(client, redis_worker, dataset_id, tiny_model, tmp_path) -> None:
-    created = client.post("/v1/jobs", json=job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 4}))
+def test_a_job_runs_to_success_and_its_checkpoint_loads(
+    client, redis_worker, dataset_id, tiny_model, tmp_path
+) -> None:
+    created = client.post(
+        "/v1/jobs", json=job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 4})
+    )
     assert created.status_code == 201 and created.json()["status"] == "queued"
     job_id = created.json()["id"]
 
@@ -42,7 +48,9 @@ def test_a_job_runs_to_success_and_its_checkpoint_loads(client, redis_worker, da
     download_and_load(client, job_id, 4, tmp_path)
 
 
-def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(client, dataset_id, tiny_model) -> None:
+def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
+    client, dataset_id, tiny_model
+) -> None:
     spec = job_spec(dataset_id, str(tiny_model), hyperparameters={"max_steps": 500, "checkpoint_every": 0})
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     wait_for_step(client, job_id, 2)

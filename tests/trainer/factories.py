@@ -28,11 +28,24 @@ A_SHARE = [{"type": "regex", "pattern": "a", "score": "fraction"}]
 
 
 def tiny_run(model_dir: Path, dataset: Path, reward=None, **hyperparameters) -> RunConfig:
-    defaults = dict(group_size=4, prompts_per_step=2, max_steps=3, learning_rate=1e-3, max_completion_length=8,
-                    max_prompt_length=32, beta=0.0, checkpoint_every=0, seed=0)
+    defaults = dict(
+        group_size=4,
+        prompts_per_step=2,
+        max_steps=3,
+        learning_rate=1e-3,
+        max_completion_length=8,
+        max_prompt_length=32,
+        beta=0.0,
+        checkpoint_every=0,
+        seed=0,
+    )
     defaults.update(hyperparameters)
-    return RunConfig(base_model=str(model_dir), dataset=str(dataset), reward=reward or A_SHARE,
-                     hyperparameters=GRPOConfig(**defaults))
+    return RunConfig(
+        base_model=str(model_dir),
+        dataset=str(dataset),
+        reward=reward or A_SHARE,
+        hyperparameters=GRPOConfig(**defaults),
+    )
 
 
 def numeric_fields(config: type, prefix: str = "") -> list[tuple[str, type]]:

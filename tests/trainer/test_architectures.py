@@ -17,44 +17,114 @@ from transformers import AutoModelForCausalLM
 from trainer.logprobs import PLAIN, Scoring, check_scoring, default_scoring, token_logprobs
 
 VOCAB, WINDOW = 256, 8
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
-              bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 
 # family -> (config class name, the config's arguments beyond COMMON)
 ARCHITECTURES = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
-    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
+    "qwen2-window": (
+        "Qwen2Config",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
+    ),
     "qwen3": ("Qwen3Config", dict(head_dim=16)),
-    "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         decoder_sparse_step=1, norm_topk_prob=True)),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+        ),
+    ),
     "mistral-window": ("MistralConfig", dict(sliding_window=WINDOW)),
     "mixtral": ("MixtralConfig", dict(sliding_window=WINDOW, **MOE)),
-    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-                                    final_logit_softcapping=0.5, attn_logit_softcapping=5.0)),
-    "gemma3-text": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-                                             final_logit_softcapping=0.5,
-                                             layer_types=["sliding_attention", "full_attention"])),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            final_logit_softcapping=0.5,
+            attn_logit_softcapping=5.0,
+        ),
+    ),
+    "gemma3-text": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            final_logit_softcapping=0.5,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
     "phi3-window": ("Phi3Config", dict(sliding_window=WINDOW)),
     "olmo2": ("Olmo2Config", {}),
-    "olmo3": ("Olmo3Config", dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+    "olmo3": (
+        "Olmo3Config",
+        dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    ),
     "gpt-neox": ("GPTNeoXConfig", dict(num_key_value_heads=None)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
     "cohere": ("CohereConfig", dict(logit_scale=4.0)),
     "granite": ("GraniteConfig", dict(logits_scaling=0.25)),
     "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
-    "gpt-oss": ("GptOssConfig", dict(head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
-                                     layer_types=["sliding_attention", "full_attention"])),
-    "llama4-text": ("Llama4TextConfig", dict(head_dim=16, intermediate_size_mlp=96, attention_chunk_size=WINDOW,
-                                             num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0])),
-    "qwen3-next (hybrid)": ("Qwen3NextConfig", dict(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
-                                                    linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4,
-                                                    num_experts_per_tok=2, moe_intermediate_size=32,
-                                                    shared_expert_intermediate_size=32,
-                                                    layer_types=["linear_attention", "full_attention"])),
-    "lfm2 (hybrid)": ("Lfm2Config", dict(block_auto_adjust_ff_dim=False, layer_types=["conv", "full_attention"])),
+    "gpt-oss": (
+        "GptOssConfig",
+        dict(
+            head_dim=16,
+            sliding_window=WINDOW,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "llama4-text": (
+        "Llama4TextConfig",
+        dict(
+            head_dim=16,
+            intermediate_size_mlp=96,
+            attention_chunk_size=WINDOW,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            no_rope_layers=[1, 0],
+        ),
+    ),
+    "qwen3-next (hybrid)": (
+        "Qwen3NextConfig",
+        dict(
+            head_dim=16,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            layer_types=["linear_attention", "full_attention"],
+        ),
+    ),
+    "lfm2 (hybrid)": (
+        "Lfm2Config",
+        dict(block_auto_adjust_ff_dim=False, layer_types=["conv", "full_attention"]),
+    ),
 }
 HYBRIDS = {"qwen3-next (hybrid)", "lfm2 (hybrid)"}
 
@@ -85,8 +155,14 @@ def plain_logprobs(model, prompts, completions, temperature):
     out = []
     for prompt, group in zip(prompts, completions, strict=True):
         for completion in group:
-            logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0, prompt.shape[0] - 1:-1]
-            out.append(torch.log_softmax(logits.float() / temperature, -1).gather(-1, completion[:, None]).squeeze(-1))
+            logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[
+                0, prompt.shape[0] - 1 : -1
+            ]
+            out.append(
+                torch.log_softmax(logits.float() / temperature, -1)
+                .gather(-1, completion[:, None])
+                .squeeze(-1)
+            )
     return torch.cat(out)
 
 
@@ -96,7 +172,9 @@ def assert_equal_to_plain_forward(model, scoring: Scoring):
     weights = torch.linspace(-1, 1, sum(c.shape[0] for group in completions for c in group))
 
     nested = token_logprobs(model, prompts, completions, temperature=0.9, scoring=scoring, chunk_size=7)
-    assert [[lp.shape[0] for lp in group] for group in nested] == [[c.shape[0] for c in g] for g in completions]
+    assert [[lp.shape[0] for lp in group] for group in nested] == [
+        [c.shape[0] for c in g] for g in completions
+    ]
     logps = torch.cat([lp for group in nested for lp in group])
     (logps * weights).sum().backward()
     plain = plain_logprobs(plain_model, prompts, completions, 0.9)
@@ -175,14 +253,19 @@ def test_entropy_and_edge_cases():
     logps, entropy = token_logprobs(model, prompts, completions, scoring=Scoring(), with_entropy=True)
     plain, plain_entropy = token_logprobs(model, prompts, completions, scoring=PLAIN, with_entropy=True)
     assert logps[1][2].shape == (0,) and entropy[1][2].shape == (0,)
-    assert_close(torch.cat([e for g in entropy for e in g]), torch.cat([e for g in plain_entropy for e in g]),
-                 atol=1e-5, rtol=1e-5)
+    assert_close(
+        torch.cat([e for g in entropy for e in g]),
+        torch.cat([e for g in plain_entropy for e in g]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     assert not entropy[0][0].requires_grad
     with pytest.raises(ValueError, match="at least one token"):
         token_logprobs(model, [torch.zeros(0, dtype=torch.long)], [[torch.ones(2, dtype=torch.long)]])
 
 
 # --- at load, and in training ----------------------------------------------------------------------
+
 
 def tiny_dir(tmp_path, family):
     """``family``'s tiny config from ARCHITECTURES, written with a character tokenizer (whose
@@ -192,8 +275,15 @@ def tiny_dir(tmp_path, family):
     class_name, arguments = ARCHITECTURES[family]
     if getattr(transformers, class_name, None) is None:
         pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
-    return make_tiny_model(tmp_path / "model", arch=class_name, hidden_size=64, num_layers=2, num_heads=4,
-                           intermediate_size=96, **arguments)
+    return make_tiny_model(
+        tmp_path / "model",
+        arch=class_name,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=96,
+        **arguments,
+    )
 
 
 def test_a_lean_path_that_is_wrong_falls_back_at_load_with_a_warning(tmp_path, monkeypatch):
@@ -203,11 +293,17 @@ def test_a_lean_path_that_is_wrong_falls_back_at_load_with_a_warning(tmp_path, m
 
     model_dir = tiny_dir(tmp_path, "gemma2")
     events = []
-    assert load_models(model_dir, GRPOConfig(beta=0.0), torch.device("cpu"),
-                       on_log=lambda *event: events.append(event)).scoring == Scoring()
+    assert (
+        load_models(
+            model_dir, GRPOConfig(beta=0.0), torch.device("cpu"), on_log=lambda *event: events.append(event)
+        ).scoring
+        == Scoring()
+    )
     assert events == []
     monkeypatch.setattr(logprobs, "logit_transform", lambda config: logprobs.LogitTransform())
-    models = load_models(model_dir, GRPOConfig(beta=0.0), torch.device("cpu"), on_log=lambda *e: events.append(e))
+    models = load_models(
+        model_dir, GRPOConfig(beta=0.0), torch.device("cpu"), on_log=lambda *e: events.append(e)
+    )
     assert models.scoring == PLAIN
     [(level, message)] = events
     assert level == "warning" and "Gemma2ForCausalLM" in message and "the model's own full logits" in message
@@ -232,12 +328,21 @@ def run_cli(tmp_path, model_dir, capsys, **hyperparameters) -> tuple[int, str, P
     from tests.trainer.factories import letter_dataset
     from trainer.__main__ import main
 
-    spec = {"base_model": str(model_dir), "dataset": str(letter_dataset(tmp_path / "data.jsonl", n=4)),
-            "group_size": 2,
-            # a random model's completions differ in their share of letters: GRPO has signal every step
-            "reward": [{"type": "regex", "pattern": "[a-zA-Z]", "score": "fraction"}],
-            "hyperparameters": {"max_steps": 2, "prompts_per_step": 2, "max_completion_length": 8,
-                                "learning_rate": 1e-3, "seed": 0, **hyperparameters}}
+    spec = {
+        "base_model": str(model_dir),
+        "dataset": str(letter_dataset(tmp_path / "data.jsonl", n=4)),
+        "group_size": 2,
+        # a random model's completions differ in their share of letters: GRPO has signal every step
+        "reward": [{"type": "regex", "pattern": "[a-zA-Z]", "score": "fraction"}],
+        "hyperparameters": {
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "max_completion_length": 8,
+            "learning_rate": 1e-3,
+            "seed": 0,
+            **hyperparameters,
+        },
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     capsys.readouterr()
     code = main(["run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")])

@@ -32,12 +32,27 @@ def refused(values: dict[str, object]) -> ConfigError:
 
 
 def test_the_lists_cover_what_the_red_team_found() -> None:
-    assert {"learning_rate", "temperature", "beta", "epsilon", "epsilon_high", "weight_decay", "max_grad_norm",
-            "delta", "top_p", "adam_beta1", "adam_beta2", "lora.alpha", "lora.dropout"} <= set(FLOATS)
+    assert {
+        "learning_rate",
+        "temperature",
+        "beta",
+        "epsilon",
+        "epsilon_high",
+        "weight_decay",
+        "max_grad_norm",
+        "delta",
+        "top_p",
+        "adam_beta1",
+        "adam_beta2",
+        "lora.alpha",
+        "lora.dropout",
+    } <= set(FLOATS)
     assert {"seed", "group_size", "max_steps", "warmup_steps", "lora.r"} <= set(INTEGERS)
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 10**400], ids=["NaN", "inf", "-inf", "10**400"])
+@pytest.mark.parametrize(
+    "value", [math.nan, math.inf, -math.inf, 10**400], ids=["NaN", "inf", "-inf", "10**400"]
+)
 @pytest.mark.parametrize("name", FLOATS)
 def test_every_float_must_be_finite(name: str, value: float) -> None:
     error = refused(hyperparameters(name, value))
@@ -54,7 +69,9 @@ def test_every_integer_fits_32_bits(name: str, value: int) -> None:
 def test_a_seed_is_one_every_seeding_call_takes() -> None:
     assert refused({"seed": 99999999999999999999}).param == "hyperparameters.seed"
     assert refused({"seed": MAX_SEED + 1}).param == "hyperparameters.seed"
-    assert refused({"warmup_steps": 2**31}).param == "hyperparameters.warmup_steps"  # other integers stop at 2**31 - 1
+    assert (
+        refused({"warmup_steps": 2**31}).param == "hyperparameters.warmup_steps"
+    )  # other integers stop at 2**31 - 1
     config = GRPOConfig.from_dict({"seed": MAX_SEED})
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -69,15 +86,18 @@ def test_flags_and_lora_must_have_their_types() -> None:
     assert GRPOConfig.from_dict({"lora": {"alpha": 16.5}}).lora.alpha == 16.5
 
 
-@pytest.mark.parametrize(("spec", "param"), [
-    ({"type": "exact_match", "weight": math.nan}, "reward[0].weight"),
-    ({"type": "exact_match", "weight": -math.inf}, "reward[0].weight"),
-    ({"type": "exact_match", "weight": 10**400}, "reward[0].weight"),
-    ({"type": "exact_match", "weight": 1e7}, "reward[0].weight"),
-    ({"type": "math", "timeout_s": 2**70}, "reward[0].timeout_s"),
-    ({"type": "length", "target": 2**31}, "reward[0].target"),
-    ({"type": "http", "url": "https://example.com", "timeout_s": math.inf}, "reward[0].timeout_s"),
-])
+@pytest.mark.parametrize(
+    ("spec", "param"),
+    [
+        ({"type": "exact_match", "weight": math.nan}, "reward[0].weight"),
+        ({"type": "exact_match", "weight": -math.inf}, "reward[0].weight"),
+        ({"type": "exact_match", "weight": 10**400}, "reward[0].weight"),
+        ({"type": "exact_match", "weight": 1e7}, "reward[0].weight"),
+        ({"type": "math", "timeout_s": 2**70}, "reward[0].timeout_s"),
+        ({"type": "length", "target": 2**31}, "reward[0].target"),
+        ({"type": "http", "url": "https://example.com", "timeout_s": math.inf}, "reward[0].timeout_s"),
+    ],
+)
 def test_reward_options_are_finite_and_bounded(spec: dict[str, object], param: str) -> None:
     with pytest.raises(ConfigError) as caught:
         validate_reward_specs([spec])

@@ -11,63 +11,85 @@ from trainer.errors import DatasetError
 
 
 def test_rows_keep_every_field_and_accept_chat_prompts():
-    rows = parse_rows(['{"prompt": "1+1?", "answer": "2", "tests": ["assert True"]}', "",
-                       '{"prompt": [{"role": "user", "content": "hi"}]}'])
+    rows = parse_rows(
+        [
+            '{"prompt": "1+1?", "answer": "2", "tests": ["assert True"]}',
+            "",
+            '{"prompt": [{"role": "user", "content": "hi"}]}',
+        ]
+    )
     assert rows[0]["answer"] == "2" and rows[0]["tests"] == ["assert True"]
     assert rows[1]["prompt"][0]["role"] == "user"
 
 
-@pytest.mark.parametrize(("lines", "message"), [
-    (['{"prompt": "ok"}', "{not json"], "line 2: not valid JSON"),
-    (['{"prompt": "ok"}', '{"question": "x"}'], "line 2: missing 'prompt'"),
-    (['[1, 2]'], "line 1: expected a JSON object"),
-    (['{"prompt": "  "}'], "line 1: 'prompt' is empty"),
-    (['{"prompt": [{"role": "user"}]}'], "line 1: 'prompt'[0] must be a message"),
-    ([""], "no rows"),
-])
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"prompt": "ok"}', "{not json"], "line 2: not valid JSON"),
+        (['{"prompt": "ok"}', '{"question": "x"}'], "line 2: missing 'prompt'"),
+        (["[1, 2]"], "line 1: expected a JSON object"),
+        (['{"prompt": "  "}'], "line 1: 'prompt' is empty"),
+        (['{"prompt": [{"role": "user"}]}'], "line 1: 'prompt'[0] must be a message"),
+        ([""], "no rows"),
+    ],
+)
 def test_malformed_rows_are_reported_with_their_line(lines, message):
     with pytest.raises(DatasetError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_rows(lines)
 
 
-@pytest.mark.parametrize(("line", "over"), [
-    (b'{"prompt": "x", "answer": [1, 2, {"a": [3]}]}', None),
-    (b'{"prompt": "[[[[{{{{,,,,\\"[[[", "x": "\\\\"}', None),  # brackets and commas in strings are text
-    (b"[" * 4 + b"]" * 4, None),
-    (b"[" * 5 + b"]" * 5, "depth"),
-    (b'{"a": {"b": {"c": {"d": {"e": 1}}}}}', "depth"),
-    (b'{"a": "' + b"[" * 50 + b'"}', None),
-    (b"[" + b"1," * 18 + b"1]", None),  # 19 numbers + the list
-    (b"[" + b"1," * 19 + b"1]", "values"),
-    (b"[" + b"[]," * 10 + b"[]]", "values"),  # empty containers count
-    (b"[" * 100_000, "values"),
-    (b'"' + b'\\"' * 1000, None),  # an unterminated string: the parser's to report
-    (b"[" * 10 + b"}" * 10, None),  # unbalanced: the parser's to report
-])
+@pytest.mark.parametrize(
+    ("line", "over"),
+    [
+        (b'{"prompt": "x", "answer": [1, 2, {"a": [3]}]}', None),
+        (b'{"prompt": "[[[[{{{{,,,,\\"[[[", "x": "\\\\"}', None),  # brackets and commas in strings are text
+        (b"[" * 4 + b"]" * 4, None),
+        (b"[" * 5 + b"]" * 5, "depth"),
+        (b'{"a": {"b": {"c": {"d": {"e": 1}}}}}', "depth"),
+        (b'{"a": "' + b"[" * 50 + b'"}', None),
+        (b"[" + b"1," * 18 + b"1]", None),  # 19 numbers + the list
+        (b"[" + b"1," * 19 + b"1]", "values"),
+        (b"[" + b"[]," * 10 + b"[]]", "values"),  # empty containers count
+        (b"[" * 100_000, "values"),
+        (b'"' + b'\\"' * 1000, None),  # an unterminated string: the parser's to report
+        (b"[" * 10 + b"}" * 10, None),  # unbalanced: the parser's to report
+    ],
+)
 def test_json_shape_is_read_off_the_bytes(line, over):
     assert json_over_limits(line, max_depth=4, max_values=20) == over
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    ("[" * 100_000 + "]" * 100_000, "line 7: not valid JSON: nested too deeply"),
-    ('{"prompt": ' + "9" * 5000 + "}", "line 7: not valid JSON (Exceeds the limit"),
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "line 7: not valid JSON: nested too deeply"),
+        ('{"prompt": ' + "9" * 5000 + "}", "line 7: not valid JSON (Exceeds the limit"),
+    ],
+)
 def test_json_the_parser_cannot_read_is_a_dataset_error(text, says):
     with pytest.raises(DatasetError, match=says.replace("(", r"\(")):
         parse_line(text, 7)
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    # a line cut short ends in its newline: the error is at its end, not at "column 1" of the next
-    ('{"prompt": "hi", \n', "(Expecting property name enclosed in double quotes at the end of the line, column 18)"),
-    ('{"prompt": "hi",\r\n', "at the end of the line, column 17)"),
-    ('{"prompt": "hi" "x"}\n', "(Expecting ',' delimiter at column 17)"),
-    ('{"prompt": "\u00e9", x}\n', "at column 17)"),  # characters, as an editor counts them, not bytes
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # a line cut short ends in its newline: the error is at its end, not at "column 1" of the next
+        (
+            '{"prompt": "hi", \n',
+            "(Expecting property name enclosed in double quotes at the end of the line, column 18)",
+        ),
+        ('{"prompt": "hi",\r\n', "at the end of the line, column 17)"),
+        ('{"prompt": "hi" "x"}\n', "(Expecting ',' delimiter at column 17)"),
+        ('{"prompt": "\u00e9", x}\n', "at column 17)"),  # characters, as an editor counts them, not bytes
+    ],
+)
 def test_a_malformed_line_names_the_column_an_editor_shows(text, says):
     with pytest.raises(DatasetError) as caught:
         parse_line(text, 3)
-    assert str(caught.value).startswith("line 3: not valid JSON") and says in str(caught.value), str(caught.value)
+    assert str(caught.value).startswith("line 3: not valid JSON") and says in str(caught.value), str(
+        caught.value
+    )
 
 
 def test_a_byte_order_mark_before_the_first_row_is_skipped(tmp_path):
@@ -78,9 +100,14 @@ def test_a_byte_order_mark_before_the_first_row_is_skipped(tmp_path):
 
 
 def test_a_chat_format_row_has_its_messages_before_a_final_assistant_one_as_prompt():
-    chat = {"messages": [{"role": "developer", "content": "Be brief."},
-                         {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
-                         {"role": "assistant", "content": "4"}], "answer": "4"}
+    chat = {
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+            {"role": "assistant", "content": "4"},
+        ],
+        "answer": "4",
+    }
     row = parse_line(json.dumps(chat), 1)
     assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert row["completion"] == "4" and row["messages"] == chat["messages"] and row["answer"] == "4"
@@ -102,9 +129,16 @@ def rows_file(path, lines: list[bytes]):
 
 
 def test_a_row_file_reads_each_row_from_disk_when_asked(tmp_path):
-    path = rows_file(tmp_path / "d.jsonl", [b'{"prompt": "a", "answer": "1"}\n', b"\n", b"  \r\n",
-                                            '{"prompt": "\u00e9\u4e2d", "answer": "2"}\r\n'.encode(),
-                                            b'{"prompt": [{"role": "user", "content": "c"}], "answer": "3"}'])
+    path = rows_file(
+        tmp_path / "d.jsonl",
+        [
+            b'{"prompt": "a", "answer": "1"}\n',
+            b"\n",
+            b"  \r\n",
+            '{"prompt": "\u00e9\u4e2d", "answer": "2"}\r\n'.encode(),
+            b'{"prompt": [{"role": "user", "content": "c"}], "answer": "3"}',
+        ],
+    )
     rows = RowFile(path, required=["answer"])
     assert len(rows) == 3
     assert [row["answer"] for row in rows] == ["1", "2", "3"] == [rows[i]["answer"] for i in range(3)]
@@ -116,12 +150,19 @@ def test_a_row_file_reads_each_row_from_disk_when_asked(tmp_path):
     rows.close()
 
 
-@pytest.mark.parametrize(("lines", "required", "says"), [
-    ([b'{"prompt": "a", "x": 1}\n', b"\n", b'{"prompt": "b"}\n'], ["x"], "line 3: the rewards need the field 'x'"),
-    ([b'{"prompt": "a"}\n', b"\xff\xfe\n"], [], "line 2: not UTF-8 text"),
-    ([b'{"prompt": "a"}\n', b"[" * 5000 + b"\n"], [], "line 2: not valid JSON"),
-    ([b"\n", b"  \n"], [], "the dataset has no rows"),
-])
+@pytest.mark.parametrize(
+    ("lines", "required", "says"),
+    [
+        (
+            [b'{"prompt": "a", "x": 1}\n', b"\n", b'{"prompt": "b"}\n'],
+            ["x"],
+            "line 3: the rewards need the field 'x'",
+        ),
+        ([b'{"prompt": "a"}\n', b"\xff\xfe\n"], [], "line 2: not UTF-8 text"),
+        ([b'{"prompt": "a"}\n', b"[" * 5000 + b"\n"], [], "line 2: not valid JSON"),
+        ([b"\n", b"  \n"], [], "the dataset has no rows"),
+    ],
+)
 def test_a_row_file_names_the_bad_line(tmp_path, lines, required, says):
     with pytest.raises(DatasetError, match=says):
         RowFile(rows_file(tmp_path / "d.jsonl", lines), required=required)
@@ -142,18 +183,25 @@ def test_prompt_sampler_visits_every_row_each_epoch_and_resumes():
     assert copy.draw(7) == sampler.draw(7)
 
 
-@pytest.mark.parametrize(("values", "param", "hint"), [
-    ({"group_size": 1}, "hyperparameters.group_size", "must be >= 2"),
-    ({"loss_type": "ppo"}, "hyperparameters.loss_type", "expected one of grpo, bnpo, dr_grpo, dapo"),
-    ({"scale_rewards": "yes"}, "hyperparameters.scale_rewards", "expected one of group, batch, none"),
-    ({"importance_sampling_level": "doc"}, "hyperparameters.importance_sampling_level", "token, sequence"),
-    ({"top_p": 1.5}, "hyperparameters.top_p", "must be in (0, 1]"),
-    ({"learning_rate": "fast"}, "hyperparameters.learning_rate", "must be a number"),
-    ({"lr": 1e-5}, "hyperparameters.lr", "unknown hyperparameter 'lr'"),
-    ({"lora": {"r": 0}}, "hyperparameters.lora.r", "must be >= 1"),
-    ({"lora": {"rank": 8}}, "hyperparameters.lora.rank", "unknown LoRA option"),
-    ({"delta": 0.5}, "hyperparameters.delta", "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("values", "param", "hint"),
+    [
+        ({"group_size": 1}, "hyperparameters.group_size", "must be >= 2"),
+        ({"loss_type": "ppo"}, "hyperparameters.loss_type", "expected one of grpo, bnpo, dr_grpo, dapo"),
+        ({"scale_rewards": "yes"}, "hyperparameters.scale_rewards", "expected one of group, batch, none"),
+        (
+            {"importance_sampling_level": "doc"},
+            "hyperparameters.importance_sampling_level",
+            "token, sequence",
+        ),
+        ({"top_p": 1.5}, "hyperparameters.top_p", "must be in (0, 1]"),
+        ({"learning_rate": "fast"}, "hyperparameters.learning_rate", "must be a number"),
+        ({"lr": 1e-5}, "hyperparameters.lr", "unknown hyperparameter 'lr'"),
+        ({"lora": {"r": 0}}, "hyperparameters.lora.r", "must be >= 1"),
+        ({"lora": {"rank": 8}}, "hyperparameters.lora.rank", "unknown LoRA option"),
+        ({"delta": 0.5}, "hyperparameters.delta", "must be >= 1"),
+    ],
+)
 def test_config_errors_name_the_field_and_the_fix(values, param, hint):
     with pytest.raises(ConfigError) as caught:
         GRPOConfig.from_dict(values)
@@ -161,14 +209,21 @@ def test_config_errors_name_the_field_and_the_fix(values, param, hint):
     assert hint in str(caught.value)
 
 
-@pytest.mark.parametrize(("values", "param", "hint"), [
-    ({"learning_rte": 1e-5}, "hyperparameters.learning_rte", "did you mean 'learning_rate'? known ones:"),
-    ({"num_generations": 8}, "hyperparameters.num_generations", "did you mean 'group_size'?"),  # TRL's name
-    ({"Max_Steps": 8}, "hyperparameters.Max_Steps", "did you mean 'max_steps'?"),
-    ({"lora": {"rank": 8}}, "hyperparameters.lora.rank", "did you mean 'r'?"),
-    ({"lora": {"alpah": 8}}, "hyperparameters.lora.alpah", "did you mean 'alpha'?"),
-    ({"loss_type": "dr-grpo"}, "hyperparameters.loss_type", "did you mean 'dr_grpo'?"),
-])
+@pytest.mark.parametrize(
+    ("values", "param", "hint"),
+    [
+        ({"learning_rte": 1e-5}, "hyperparameters.learning_rte", "did you mean 'learning_rate'? known ones:"),
+        (
+            {"num_generations": 8},
+            "hyperparameters.num_generations",
+            "did you mean 'group_size'?",
+        ),  # TRL's name
+        ({"Max_Steps": 8}, "hyperparameters.Max_Steps", "did you mean 'max_steps'?"),
+        ({"lora": {"rank": 8}}, "hyperparameters.lora.rank", "did you mean 'r'?"),
+        ({"lora": {"alpah": 8}}, "hyperparameters.lora.alpah", "did you mean 'alpha'?"),
+        ({"loss_type": "dr-grpo"}, "hyperparameters.loss_type", "did you mean 'dr_grpo'?"),
+    ],
+)
 def test_an_unknown_name_suggests_the_nearest_known_one(values, param, hint):
     with pytest.raises(ConfigError) as caught:
         GRPOConfig.from_dict(values)
@@ -180,19 +235,31 @@ def test_an_unknown_name_suggests_the_nearest_known_one(values, param, hint):
 
 def test_an_unknown_reward_type_or_option_suggests_the_nearest_known_one():
     from trainer.rewards import validate_reward_specs
-    for spec, param, hint in (({"type": "exact_macth"}, "reward[0].type", "did you mean 'exact_match'?"),
-                              ({"type": "exact_match", "extrct": "last_number"}, "reward[0].extrct",
-                               "did you mean 'extract'?"),
-                              ({"type": "exact_match", "extract": "last_numbr"}, "reward[0].extract",
-                               "did you mean 'last_number'?")):
+
+    for spec, param, hint in (
+        ({"type": "exact_macth"}, "reward[0].type", "did you mean 'exact_match'?"),
+        ({"type": "exact_match", "extrct": "last_number"}, "reward[0].extrct", "did you mean 'extract'?"),
+        (
+            {"type": "exact_match", "extract": "last_numbr"},
+            "reward[0].extract",
+            "did you mean 'last_number'?",
+        ),
+    ):
         with pytest.raises(ConfigError) as caught:
             validate_reward_specs([spec])
         assert caught.value.param == param and hint in caught.value.message, caught.value.message
 
 
 def test_run_config_from_spec_takes_top_level_group_size():
-    run = RunConfig.from_spec({"base_model": "m", "dataset": "d.jsonl", "group_size": 4,
-                               "reward": {"type": "exact_match"}, "hyperparameters": {"lora": {"r": 8}}})
+    run = RunConfig.from_spec(
+        {
+            "base_model": "m",
+            "dataset": "d.jsonl",
+            "group_size": 4,
+            "reward": {"type": "exact_match"},
+            "hyperparameters": {"lora": {"r": 8}},
+        }
+    )
     assert run.hyperparameters.group_size == 4 and run.hyperparameters.lora.r == 8
     assert run.reward == [{"type": "exact_match"}]
     with pytest.raises(ConfigError, match="base_model: is required"):
@@ -200,9 +267,20 @@ def test_run_config_from_spec_takes_top_level_group_size():
 
 
 def test_only_the_cli_reads_the_operators_allowances_from_the_environment():
-    assert policy_from_environ({}) == OperatorPolicy() == RunConfig.from_spec(
-        {"base_model": "m", "dataset": "d.jsonl", "reward": [{"type": "exact_match"}]}).policy
-    environ = {"GRPO_ALLOW_PRIVATE_HOSTS": " 127.0.0.1, scorer.internal ,", "GRPO_SANDBOX_ALLOW_UNISOLATED": "1",
-               "GRPO_SANDBOX_ALLOW_NETWORK": "true"}
-    assert policy_from_environ(environ) == OperatorPolicy(allow_private_hosts=("127.0.0.1", "scorer.internal"),
-                                                          sandbox_allow_unisolated=True, sandbox_allow_network=True)
+    assert (
+        policy_from_environ({})
+        == OperatorPolicy()
+        == RunConfig.from_spec(
+            {"base_model": "m", "dataset": "d.jsonl", "reward": [{"type": "exact_match"}]}
+        ).policy
+    )
+    environ = {
+        "GRPO_ALLOW_PRIVATE_HOSTS": " 127.0.0.1, scorer.internal ,",
+        "GRPO_SANDBOX_ALLOW_UNISOLATED": "1",
+        "GRPO_SANDBOX_ALLOW_NETWORK": "true",
+    }
+    assert policy_from_environ(environ) == OperatorPolicy(
+        allow_private_hosts=("127.0.0.1", "scorer.internal"),
+        sandbox_allow_unisolated=True,
+        sandbox_allow_network=True,
+    )

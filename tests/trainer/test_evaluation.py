@@ -44,7 +44,9 @@ def test_the_divergence_warning_fires_once_per_occurrence() -> None:
     assert evaluation(10, 0.50, [0.1, 0.3]) is None  # training mean 0.2
     assert evaluation(20, 0.40, [0.3]) is None  # two evaluations are no trend yet
     warning = evaluation(30, 0.30, [0.4, 0.6])  # eval 0.5 > 0.4 > 0.3 while training 0.2 -> 0.5
-    assert warning is not None and "reward hacking or overfitting" in warning and "steps 10, 20, 30" in warning
+    assert (
+        warning is not None and "reward hacking or overfitting" in warning and "steps 10, 20, 30" in warning
+    )
     assert evaluation(40, 0.20, [0.7]) is None  # still the same occurrence: no second warning
     assert evaluation(50, 0.25, [0.8]) is None  # the eval reward rose: the pattern broke, re-armed
     assert evaluation(60, 0.20, [0.9]) is None
@@ -79,16 +81,25 @@ def test_keep_best_by_names_its_choices_and_needs_an_eval_set() -> None:
     with pytest.raises(ConfigError, match="pass@k figures need eval_pass_k > 0"):
         GRPOConfig.from_dict({"keep_best_by": "eval/pass@4"})
     assert GRPOConfig.from_dict({"keep_best_by": "eval/pass@4", "eval_pass_k": 4}).best_metric_choices == (
-        "eval/reward", "eval/pass@1", "eval/pass@4")
+        "eval/reward",
+        "eval/pass@1",
+        "eval/pass@4",
+    )
     with pytest.raises(ConfigError) as caught:
         GRPOConfig.from_dict({"eval_pass_k": 10_000})
     assert caught.value.param == "hyperparameters.eval_pass_k"
-    spec = {"base_model": "m", "dataset": "d.jsonl", "reward": [{"type": "exact_match"}],
-            "hyperparameters": {"keep_best_by": "eval/reward"}}
+    spec = {
+        "base_model": "m",
+        "dataset": "d.jsonl",
+        "reward": [{"type": "exact_match"}],
+        "hyperparameters": {"keep_best_by": "eval/reward"},
+    }
     with pytest.raises(ConfigError) as caught:
         RunConfig.from_spec(spec)
     assert caught.value.param == "hyperparameters.keep_best_by" and "eval dataset" in caught.value.message
-    assert RunConfig.from_spec({**spec, "eval_dataset": "e.jsonl"}).hyperparameters.keep_best_by == "eval/reward"
+    assert (
+        RunConfig.from_spec({**spec, "eval_dataset": "e.jsonl"}).hyperparameters.keep_best_by == "eval/reward"
+    )
 
 
 @pytest.mark.slow
@@ -100,24 +111,46 @@ def test_greedy_decoding_is_deterministic_and_equals_hf_generate(tiny_model_dir)
     eos = tokenizer.eos_token_id
 
     def ours(seed: int) -> list[list[int]]:
-        rollout = generate(model, prompts, group_size=1, max_new_tokens=12, eos_token_ids=[eos],
-                           pad_id=tokenizer.pad_token_id, temperature=0.0, top_p=1.0,
-                           generator=torch.Generator().manual_seed(seed))
+        rollout = generate(
+            model,
+            prompts,
+            group_size=1,
+            max_new_tokens=12,
+            eos_token_ids=[eos],
+            pad_id=tokenizer.pad_token_id,
+            temperature=0.0,
+            top_p=1.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
         return [c.tolist() for c in rollout.completion_ids]
 
     first = ours(0)
     assert ours(1) == first  # greedy draws nothing from the generator
     for prompt, completion in zip(prompts, first, strict=True):
         with torch.no_grad():
-            hf = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), do_sample=False,
-                                max_new_tokens=12, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-        expected = hf[0, prompt.shape[0]:].tolist()
+            hf = model.generate(
+                prompt[None],
+                attention_mask=torch.ones_like(prompt[None]),
+                do_sample=False,
+                max_new_tokens=12,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        expected = hf[0, prompt.shape[0] :].tolist()
         if eos in expected:
-            expected = expected[:expected.index(eos) + 1]
+            expected = expected[: expected.index(eos) + 1]
         assert completion == expected
-    sampled = generate(model, prompts, group_size=4, max_new_tokens=12, eos_token_ids=[eos],
-                       pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0,
-                       generator=torch.Generator().manual_seed(0))
+    sampled = generate(
+        model,
+        prompts,
+        group_size=4,
+        max_new_tokens=12,
+        eos_token_ids=[eos],
+        pad_id=tokenizer.pad_token_id,
+        temperature=1.0,
+        top_p=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len({tuple(c.tolist()) for c in sampled.completion_ids}) > 1  # sampling still samples
 
 
@@ -130,18 +163,29 @@ def test_the_eval_reward_scores_the_greedy_completions_and_draws_nothing(tiny_mo
     from trainer.model import load_models
     from trainer.rewards import RewardSuite
 
-    cfg = GRPOConfig(beta=0.0, max_completion_length=10, group_size=2, prompts_per_step=2, eval_max_rows=3, seed=5)
+    cfg = GRPOConfig(
+        beta=0.0, max_completion_length=10, group_size=2, prompts_per_step=2, eval_max_rows=3, seed=5
+    )
     models = load_models(tiny_model_dir, cfg, torch.device("cpu"))
     texts = ["Say a0:", "What is 12 + 30? Answer:", "b"]
     rows = []
     for text in texts:
         prompt = torch.tensor(models.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
         with torch.no_grad():
-            hf = models.policy.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                        max_new_tokens=10, eos_token_id=models.tokenizer.eos_token_id,
-                                        pad_token_id=models.tokenizer.pad_token_id)
-        rows.append({"prompt": text, "answer": models.tokenizer.decode(hf[0, prompt.shape[1]:],
-                                                                        skip_special_tokens=True)})
+            hf = models.policy.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=10,
+                eos_token_id=models.tokenizer.eos_token_id,
+                pad_token_id=models.tokenizer.pad_token_id,
+            )
+        rows.append(
+            {
+                "prompt": text,
+                "answer": models.tokenizer.decode(hf[0, prompt.shape[1] :], skip_special_tokens=True),
+            }
+        )
     reward = [{"type": "string_check", "reference": "{{item.answer}}", "operation": "eq"}]
     generator = torch.Generator()
     with RewardSuite(reward) as rewards:
@@ -180,8 +224,15 @@ def test_every_checkpoint_is_evaluated_and_greedy_eval_is_deterministic(tiny_mod
     evals = letter_dataset(tmp_path / "eval.jsonl", n=5)
 
     def run_once(out: str) -> Recorder:
-        run = tiny_run(tiny_model_dir, data, max_steps=3, checkpoint_every=2, eval_pass_k=3,
-                       eval_pass_threshold=0.2, eval_max_rows=4)
+        run = tiny_run(
+            tiny_model_dir,
+            data,
+            max_steps=3,
+            checkpoint_every=2,
+            eval_pass_k=3,
+            eval_pass_threshold=0.2,
+            eval_max_rows=4,
+        )
         run.eval_dataset = str(evals)
         progress = Recorder()
         train(run, tmp_path / out, progress)
@@ -209,8 +260,15 @@ def test_keep_best_by_keeps_the_best_through_pruning_and_resume(tiny_model_dir, 
     # keeps the earlier checkpoint, so the best is step 1 while keep_last_checkpoints keeps 1.
     data = letter_dataset(tmp_path / "data.jsonl")
     evals = write_rows(tmp_path / "eval.jsonl", [{"prompt": f"Say a{i}:"} for i in range(3)])
-    run = tiny_run(tiny_model_dir, data, max_steps=5, checkpoint_every=1, keep_last_checkpoints=1,
-                   learning_rate=0.0, keep_best_by="eval/reward")
+    run = tiny_run(
+        tiny_model_dir,
+        data,
+        max_steps=5,
+        checkpoint_every=1,
+        keep_last_checkpoints=1,
+        learning_rate=0.0,
+        keep_best_by="eval/reward",
+    )
     run.eval_dataset = str(evals)
     out = tmp_path / "out"
 
@@ -231,7 +289,10 @@ def test_keep_best_by_keeps_the_best_through_pruning_and_resume(tiny_model_dir, 
     assert [best for _, _, best in second.evaluations] == [1, 1]
     assert result.best_checkpoint == out / "checkpoints" / "step-000001"
     assert load_training_state(result.checkpoint).extra["best"] == {
-        "metric": "eval/reward", "step": 1, "value": first.evaluations[0][1]["reward"]}
+        "metric": "eval/reward",
+        "step": 1,
+        "value": first.evaluations[0][1]["reward"],
+    }
 
     with pytest.raises(ConfigError, match="needs an eval dataset"):
         run.eval_dataset = None

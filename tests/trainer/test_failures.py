@@ -30,23 +30,47 @@ def limit_memory() -> None:
 def test_running_out_of_memory_fails_the_run_with_what_to_shrink(tiny_model_dir, tmp_path):
     # Ten million completions of one prompt: their key/value cache alone is ~20 GB, and its
     # allocation fails in a process allowed 2 GB (no mock: torch's allocator really refuses).
-    spec = {"base_model": str(tiny_model_dir), "dataset": str(letter_dataset(tmp_path / "data.jsonl")),
-            "group_size": 10**7, "reward": [{"type": "regex", "pattern": "a"}],
-            "hyperparameters": {"max_steps": 1, "prompts_per_step": 1, "max_completion_length": 8}}
+    spec = {
+        "base_model": str(tiny_model_dir),
+        "dataset": str(letter_dataset(tmp_path / "data.jsonl")),
+        "group_size": 10**7,
+        "reward": [{"type": "regex", "pattern": "a"}],
+        "hyperparameters": {"max_steps": 1, "prompts_per_step": 1, "max_completion_length": 8},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    done = subprocess.run([sys.executable, "-m", "trainer", "run", str(tmp_path / "spec.json"), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, preexec_fn=limit_memory)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "run",
+            str(tmp_path / "spec.json"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_memory,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
-    assert ("error: out of memory in generation and scoring at step 1 (1 prompts x 10000000 completions of up to "
-            "8 tokens): lower prompts_per_step or group_size, shorten max_completion_length, or turn on LoRA or "
-            "gradient_checkpointing") in done.stderr
+    assert (
+        "error: out of memory in generation and scoring at step 1 (1 prompts x 10000000 completions of up to "
+        "8 tokens): lower prompts_per_step or group_size, shorten max_completion_length, or turn on LoRA or "
+        "gradient_checkpointing"
+    ) in done.stderr
 
 
 def test_a_full_disk_is_recognised_however_the_writer_reports_it(tmp_path):
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path, needed=0)
-    assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
-                        tmp_path, needed=0)  # safetensors
-    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save
+    assert is_disk_full(
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        tmp_path,
+        needed=0,
+    )  # safetensors
+    wrapped = RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+    )  # torch.save
     assert not is_disk_full(wrapped, tmp_path, needed=1024)  # plenty of room here: something else went wrong
     assert is_disk_full(wrapped, tmp_path, needed=1 << 60)  # no disk has an exabyte free
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path, needed=1024)
@@ -75,7 +99,8 @@ def test_divergence_removes_the_diverged_weights_checkpoint_and_names_the_last_g
     assert str(error) == (
         "training diverged at step 3: sampling met inf or NaN probabilities; the last good checkpoint, "
         "step-000001, is kept (step-000002, saved from the weights that diverged, was removed). Lower "
-        "learning_rate (it is 1e+30), keep max_grad_norm set, or use dtype float32")
+        "learning_rate (it is 1e+30), keep max_grad_norm set, or use dtype float32"
+    )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
     assert progress.removed == [2]  # the progress protocol hears of it, as of a pruned one
     fresh = Failures(GRPOConfig(), tmp_path / "fresh", torch.nn.Linear(2, 2), progress)
@@ -86,10 +111,18 @@ def test_divergence_removes_the_diverged_weights_checkpoint_and_names_the_last_g
 
 def scored(parts: list[float | None]) -> ScoredGroups:
     errors = sum(part is None for part in parts)
-    return ScoredGroups(row_indices=[0], prompt_ids=[torch.tensor([1])], completion_ids=[torch.tensor([2])] * 2,
-                        prompts=["p"], completions=["a", "b"], truncated=torch.zeros(2, dtype=torch.bool),
-                        rewards=torch.zeros(2), parts={"scorer": parts}, errors={"scorer": errors},
-                        error_messages=["scorer: POST http://scorer/score: answered HTTP 500"] if errors else [])
+    return ScoredGroups(
+        row_indices=[0],
+        prompt_ids=[torch.tensor([1])],
+        completion_ids=[torch.tensor([2])] * 2,
+        prompts=["p"],
+        completions=["a", "b"],
+        truncated=torch.zeros(2, dtype=torch.bool),
+        rewards=torch.zeros(2),
+        parts={"scorer": parts},
+        errors={"scorer": errors},
+        error_messages=["scorer: POST http://scorer/score: answered HTTP 500"] if errors else [],
+    )
 
 
 def test_a_reward_failing_on_every_completion_for_n_steps_in_a_row_ends_the_run(tmp_path):
@@ -97,8 +130,11 @@ def test_a_reward_failing_on_every_completion_for_n_steps_in_a_row_ends_the_run(
     failures.check_rewards(1, scored([None, None]))
     failures.check_rewards(2, scored([None, 1.0]))  # one completion scored: the count starts again
     failures.check_rewards(3, scored([None, None]))
-    with pytest.raises(RewardFailedError, match=r"reward 'scorer' failed on every completion for 2 steps in a row "
-                                                r"\(steps 3-4\); last error: POST http://scorer/score: answered HTTP 500"):
+    with pytest.raises(
+        RewardFailedError,
+        match=r"reward 'scorer' failed on every completion for 2 steps in a row "
+        r"\(steps 3-4\); last error: POST http://scorer/score: answered HTTP 500",
+    ):
         failures.check_rewards(4, scored([None, None]))
     never = Failures(GRPOConfig(max_reward_error_steps=0), tmp_path, torch.nn.Linear(2, 2))
     for step in range(1, 10):

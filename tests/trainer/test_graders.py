@@ -14,7 +14,9 @@ from trainer.rewards import RewardSuite, graders, required_fields, sandbox, vali
 from trainer.rewards.graders import check_template, render, sample_of, template_fields
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox starts as root to build its namespaces")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the sandbox starts as root to build its namespaces"
+)
 
 
 def parts(spec: dict, completions: list[str], rows: list[dict]) -> tuple[list[float | None], list[str]]:
@@ -39,8 +41,10 @@ def test_templates_render_the_sample_and_nested_row_fields():
     assert template_fields("{{item.answer}} {{item.meta.unit}} {{sample.output_text}}") == {"answer", "meta"}
 
 
-@pytest.mark.parametrize("template", ["{{item}}", "{{sample.output}}", "{{sample.output_text.x}}", "{{row.answer}}",
-                                      "{{ item.answer"])
+@pytest.mark.parametrize(
+    "template",
+    ["{{item}}", "{{sample.output}}", "{{sample.output_text.x}}", "{{row.answer}}", "{{ item.answer"],
+)
 def test_unknown_template_variables_are_refused(template):
     with pytest.raises(ConfigError) as caught:
         check_template("reward[0].reference", template)
@@ -50,12 +54,15 @@ def test_unknown_template_variables_are_refused(template):
 # --- string_check ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("operation", "expected"), [
-    ("eq", [1.0, 0.0, 0.0, 0.0]),  # exact: case and surrounding space count
-    ("ne", [0.0, 1.0, 1.0, 1.0]),
-    ("like", [1.0, 0.0, 1.0, 0.0]),  # contains
-    ("ilike", [1.0, 1.0, 1.0, 0.0]),  # contains, ignoring case
-])
+@pytest.mark.parametrize(
+    ("operation", "expected"),
+    [
+        ("eq", [1.0, 0.0, 0.0, 0.0]),  # exact: case and surrounding space count
+        ("ne", [0.0, 1.0, 1.0, 1.0]),
+        ("like", [1.0, 0.0, 1.0, 0.0]),  # contains
+        ("ilike", [1.0, 1.0, 1.0, 0.0]),  # contains, ignoring case
+    ],
+)
 def test_string_check_operations(operation, expected):
     completions = ["Paris", "PARIS", "It is Paris.", "Lyon"]
     spec = {"type": "string_check", "reference": "{{item.answer}}", "operation": operation}
@@ -75,9 +82,11 @@ def test_string_check_reads_the_row_fields_it_names_and_errs_without_them():
 
 
 def test_string_check_spec_errors_name_the_option():
-    for spec, param in (({"type": "string_check"}, "reward[0].reference"),
-                        ({"type": "string_check", "reference": "a", "operation": "glob"}, "reward[0].operation"),
-                        ({"type": "string_check", "reference": "{{item}}"}, "reward[0].reference")):
+    for spec, param in (
+        ({"type": "string_check"}, "reward[0].reference"),
+        ({"type": "string_check", "reference": "a", "operation": "glob"}, "reward[0].operation"),
+        ({"type": "string_check", "reference": "{{item}}"}, "reward[0].reference"),
+    ):
         with pytest.raises(ConfigError) as caught:
             validate_reward_specs([spec])
         assert caught.value.param == param
@@ -99,17 +108,22 @@ def test_unsupported_similarity_metrics_are_refused_by_name(metric):
     with pytest.raises(ConfigError) as caught:
         validate_reward_specs([{"type": "text_similarity", "reference": "a", "evaluation_metric": metric}])
     assert caught.value.param == "reward[0].evaluation_metric"
-    assert f"{metric!r} is not supported here" in caught.value.message and "fuzzy_match" in caught.value.message
+    assert (
+        f"{metric!r} is not supported here" in caught.value.message and "fuzzy_match" in caught.value.message
+    )
 
 
 # --- python_grader: the spec -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("source", "says"), [
-    ("def grade(sample, item)\n    return 1.0", "is not valid Python: expected ':' (line 1)"),
-    ("def score(sample, item):\n    return 1.0", "must define grade(sample, item)"),
-    ("x" * (graders.MAX_SOURCE_BYTES + 1), "is longer than 256 KiB"),
-])
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("def grade(sample, item)\n    return 1.0", "is not valid Python: expected ':' (line 1)"),
+        ("def score(sample, item):\n    return 1.0", "must define grade(sample, item)"),
+        ("x" * (graders.MAX_SOURCE_BYTES + 1), "is longer than 256 KiB"),
+    ],
+)
 def test_python_grader_source_is_checked_before_anything_runs(source, says):
     with pytest.raises(ConfigError) as caught:
         validate_reward_specs([{"type": "python_grader", "source": source}])
@@ -168,8 +182,10 @@ def test_python_grader_errors_are_per_sample_and_say_where():
 def test_a_grader_whose_source_fails_fails_every_sample_with_the_reason():
     scores, errors = grade("import numpy\ndef grade(sample, item):\n    return 1.0\n", ["a", "b", "c"])
     assert scores == [None, None, None]
-    assert errors == ["python_grader: the grader's source failed: ModuleNotFoundError: No module named 'numpy' "
-                      "(grader.py line 1)"]
+    assert errors == [
+        "python_grader: the grader's source failed: ModuleNotFoundError: No module named 'numpy' "
+        "(grader.py line 1)"
+    ]
 
 
 @needs_root
@@ -182,7 +198,9 @@ def test_a_slow_sample_times_out_alone():
     """
     scores, errors = grade(source, ["slow", "fast", "fast", "fast"], timeout_s=0.5)
     assert scores == [None, 1.0, 1.0, 1.0]
-    assert errors == ["python_grader: GradeTimeout: grade() took longer than its time limit (grader.py line 3)"]
+    assert errors == [
+        "python_grader: GradeTimeout: grade() took longer than its time limit (grader.py line 3)"
+    ]
 
 
 # --- python_grader: escapes ----------------------------------------------------------------------
@@ -219,25 +237,31 @@ def grade(sample, item):
 
 
 @needs_root
-@pytest.mark.parametrize("attempt", [
-    "'root:' in open('/etc/passwd').read()",  # the host's passwd has root; the sandbox's does not
-    f"os.path.exists({str(REPO_ROOT / 'pyproject.toml')!r})",
-    "os.path.exists('/var/lib/postgresql') or os.path.exists('/root/.bashrc')",
-    "open('/usr/evil', 'w').write('x')",
-    "os.setuid(0) is None",
-    "len(dict(os.environ).keys() - {'LC_CTYPE'}) > 0",
-    "bytearray(10 * 2**30)",
-])
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "'root:' in open('/etc/passwd').read()",  # the host's passwd has root; the sandbox's does not
+        f"os.path.exists({str(REPO_ROOT / 'pyproject.toml')!r})",
+        "os.path.exists('/var/lib/postgresql') or os.path.exists('/root/.bashrc')",
+        "open('/usr/evil', 'w').write('x')",
+        "os.setuid(0) is None",
+        "len(dict(os.environ).keys() - {'LC_CTYPE'}) > 0",
+        "bytearray(10 * 2**30)",
+    ],
+)
 def test_the_grader_cannot_reach_the_host(sandbox_uids, attempt):
     assert grade(escape(attempt), ["x"]) == ([0.0], [])
 
 
 @needs_root
-@pytest.mark.parametrize("allowed", [
-    "open('/tmp/scratch', 'w').write('hi') == 2",  # the private /tmp
-    "open('/etc/passwd').read().startswith('sandbox:')",
-    f"os.getuid() >= {sandbox.UID_BASE}",  # an unprivileged uid of the sandbox's
-])
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        "open('/tmp/scratch', 'w').write('hi') == 2",  # the private /tmp
+        "open('/etc/passwd').read().startswith('sandbox:')",
+        f"os.getuid() >= {sandbox.UID_BASE}",  # an unprivileged uid of the sandbox's
+    ],
+)
 def test_the_escape_checks_are_not_vacuous(sandbox_uids, allowed):
     assert grade(escape(allowed), ["x"]) == ([1.0], [])
 

@@ -29,7 +29,9 @@ def test_chunked_logprobs_equal_log_softmax_gather_with_gradients():
     assert_close(hidden.grad, hidden2.grad)
     assert_close(head.weight.grad, weight2.grad)
 
-    hidden.grad = None  # without the entropy (reference and old-policy passes): the same log-probs and gradients
+    hidden.grad = (
+        None  # without the entropy (reference and old-policy passes): the same log-probs and gradients
+    )
     alone, none = selected_logprobs(hidden, head, targets, temperature=0.7, chunk_size=3, with_entropy=False)
     (alone * upstream).sum().backward()
     assert none is None
@@ -44,7 +46,9 @@ def test_chunked_logprobs_apply_the_logit_transform_with_gradients():
     targets = torch.randint(0, 30, (9,))
     upstream = torch.randn(9)
     transform = LogitTransform(scale=3.0, softcap=2.0)
-    logps, entropy = selected_logprobs(hidden, head, targets, temperature=0.7, chunk_size=4, transform=transform)
+    logps, entropy = selected_logprobs(
+        hidden, head, targets, temperature=0.7, chunk_size=4, transform=transform
+    )
     (logps * upstream).sum().backward()
 
     hidden2 = hidden.detach().clone().requires_grad_()
@@ -62,7 +66,9 @@ def test_chunked_logprobs_apply_the_logit_transform_with_gradients():
 def _groups():
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 100, (n,), generator=g) for n in (7, 4)]
-    completions = [[torch.randint(4, 100, (n,), generator=g) for n in lengths] for lengths in ((3, 5, 1), (6, 2, 2))]
+    completions = [
+        [torch.randint(4, 100, (n,), generator=g) for n in lengths] for lengths in ((3, 5, 1), (6, 2, 2))
+    ]
     return prompts, completions
 
 
@@ -71,7 +77,7 @@ def _plain_logprobs(model, prompts, completions, temperature):
     for prompt, group in zip(prompts, completions, strict=True):
         for completion in group:
             ids = torch.cat([prompt, completion])[None]
-            logits = model(input_ids=ids).logits[0, prompt.shape[0] - 1:-1] / temperature
+            logits = model(input_ids=ids).logits[0, prompt.shape[0] - 1 : -1] / temperature
             out.append(torch.log_softmax(logits.float(), -1).gather(-1, completion[:, None]).squeeze(-1))
     return torch.cat(out)
 

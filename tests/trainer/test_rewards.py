@@ -33,15 +33,18 @@ from trainer.rewards.base import RewardType
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def score(spec: dict, completions: list[str], rows: list[dict] | None = None, policy: OperatorPolicy | None = None):
+def score(
+    spec: dict, completions: list[str], rows: list[dict] | None = None, policy: OperatorPolicy | None = None
+):
     """Run one reward spec over completions (empty prompts; rows default to empty objects)."""
     rows = rows if rows is not None else [{} for _ in completions]
     with RewardSuite([spec], policy=policy) as suite:
         return suite(["" for _ in completions], completions, rows)
 
 
-def parts(spec: dict, completions: list[str], rows: list[dict] | None = None,
-          policy: OperatorPolicy | None = None) -> list[float | None]:
+def parts(
+    spec: dict, completions: list[str], rows: list[dict] | None = None, policy: OperatorPolicy | None = None
+) -> list[float | None]:
     """The one reward's unweighted scores."""
     (scores,) = score(spec, completions, rows, policy).parts.values()
     return scores
@@ -55,14 +58,25 @@ def answers(*values) -> list[dict]:
 
 
 def test_exact_match_last_number_normalises_numbers():
-    completions = ["so the total is 1,234.", "It is 1234.0 dollars", "x = -3", "no number here", "5-3 = 2", "7 then 8"]
+    completions = [
+        "so the total is 1,234.",
+        "It is 1234.0 dollars",
+        "x = -3",
+        "no number here",
+        "5-3 = 2",
+        "7 then 8",
+    ]
     rows = answers("1234", "1,234", "-3", "7", 2, "7")
     assert parts({"type": "exact_match"}, completions, rows) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
 
 
 def test_exact_match_boxed_takes_the_last_complete_box_with_nested_braces():
-    completions = ["first \\boxed{3} then \\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}} and \\boxed{\\frac{1}{",
-                   "\\boxed{ 2 }", "no box: \\frac{1}{2}"]
+    completions = [
+        "first \\boxed{3} then \\boxed{\\frac{1}{2}}",
+        "\\boxed{\\frac{1}{2}} and \\boxed{\\frac{1}{",
+        "\\boxed{ 2 }",
+        "no box: \\frac{1}{2}",
+    ]
     rows = answers("\\frac{1}{2}", "\\frac{1}{2}", "2", "\\frac{1}{2}")
     assert parts({"type": "exact_match", "extract": "boxed"}, completions, rows) == [1.0, 1.0, 1.0, 0.0]
 
@@ -70,9 +84,15 @@ def test_exact_match_boxed_takes_the_last_complete_box_with_nested_braces():
 def test_exact_match_after_marker():
     completions = ["4 + 6 = 10\n#### 1,000\n", "#### 12 apples\n#### 13", "Answer: 42", "#### "]
     rows = answers("1000", "13", "42", "0")
-    assert parts({"type": "exact_match", "extract": "after_marker"}, completions, rows) == [1.0, 1.0, 0.0, 0.0]
-    assert parts({"type": "exact_match", "extract": "after_marker", "marker": "Answer:"}, completions[2:3],
-                 rows[2:3]) == [1.0]
+    assert parts({"type": "exact_match", "extract": "after_marker"}, completions, rows) == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
+    assert parts(
+        {"type": "exact_match", "extract": "after_marker", "marker": "Answer:"}, completions[2:3], rows[2:3]
+    ) == [1.0]
 
 
 def test_exact_match_regex_group_and_case():
@@ -94,25 +114,36 @@ def test_exact_match_boxed_is_linear_in_a_completion_that_repeats_boxes():
 
 def test_exact_match_full_collapses_whitespace():
     completions = ["  Hello \n  World ", "hello world!"]
-    assert parts({"type": "exact_match", "extract": "full"}, completions, answers("hello world", "hello world")) \
-        == [1.0, 0.0]
+    assert parts(
+        {"type": "exact_match", "extract": "full"}, completions, answers("hello world", "hello world")
+    ) == [1.0, 0.0]
 
 
 def test_a_completion_that_raises_is_a_counted_error_and_the_total_still_adds_up():
-    suite = RewardSuite([{"type": "exact_match", "weight": 2.0}, {"type": "length", "target": 4, "weight": 0.5}])
-    output = suite(["p", "p", "p"], ["1234", "5678", "42"], [{"answer": 1234}, {"question": "?"}, {"answer": 1}])
+    suite = RewardSuite(
+        [{"type": "exact_match", "weight": 2.0}, {"type": "length", "target": 4, "weight": 0.5}]
+    )
+    output = suite(
+        ["p", "p", "p"], ["1234", "5678", "42"], [{"answer": 1234}, {"question": "?"}, {"answer": 1}]
+    )
     assert output.parts["exact_match"] == [1.0, None, 0.0]
     assert output.errors == {"exact_match": 1, "length": 0}
     assert output.parts["length"] == [1.0, 1.0, 0.5]
     assert output.total == [2.0 + 0.5, 0.5, 0.25]
-    assert output.error_messages == ["exact_match: the dataset row has no 'answer' field (its fields: question)"]
+    assert output.error_messages == [
+        "exact_match: the dataset row has no 'answer' field (its fields: question)"
+    ]
 
 
 # --- math --------------------------------------------------------------------------------------
 
 
-MATH_COMPLETIONS = ["so the answer is $\\boxed{0.5}$", "We get $(x+1)^2$", "the answer is $\\frac{1}{3}$",
-                    "I am not sure"]
+MATH_COMPLETIONS = [
+    "so the answer is $\\boxed{0.5}$",
+    "We get $(x+1)^2$",
+    "the answer is $\\frac{1}{3}$",
+    "I am not sure",
+]
 MATH_ROWS = answers("\\frac{1}{2}", "x^2+2x+1", "1/2", "4")
 
 
@@ -122,7 +153,9 @@ def test_math_checks_symbolic_equivalence():
 
 def test_math_runs_off_the_main_thread():
     results = []
-    thread = threading.Thread(target=lambda: results.append(parts({"type": "math"}, MATH_COMPLETIONS, MATH_ROWS)))
+    thread = threading.Thread(
+        target=lambda: results.append(parts({"type": "math"}, MATH_COMPLETIONS, MATH_ROWS))
+    )
     thread.start()
     thread.join()
     assert results == [[1.0, 1.0, 0.0, 0.0]]
@@ -156,18 +189,22 @@ def test_a_math_child_that_stops_answering_is_killed_at_the_limit(tmp_path):
     from trainer.rewards.math_pool import KILL_GRACE_S, MathPool
 
     stuck = tmp_path / "stuck_child.py"
-    stuck.write_text("import os, signal, sys, time\n"
-                     "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-                     "print('{\"ready\": true}', flush=True)\n"
-                     "sys.stdin.readline()\n"
-                     "print(os.getpid(), file=open(sys.argv[0] + '.pid', 'w'), flush=True)\n"
-                     "time.sleep(3600)\n")
+    stuck.write_text(
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+        "print('{\"ready\": true}', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(os.getpid(), file=open(sys.argv[0] + '.pid', 'w'), flush=True)\n"
+        "time.sleep(3600)\n"
+    )
     pool = MathPool(size=1, script=stuck)
     try:
         started = time.monotonic()
         with pytest.raises(RewardError, match="timed out after 1s"):
             pool.check("2", "$2$", timeout_s=1)
-        assert time.monotonic() - started < 1 + KILL_GRACE_S + LOADED_MACHINE_SLACK_S  # the child would sleep an hour
+        assert (
+            time.monotonic() - started < 1 + KILL_GRACE_S + LOADED_MACHINE_SLACK_S
+        )  # the child would sleep an hour
         pid = int((tmp_path / "stuck_child.py.pid").read_text())
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # killed and reaped
@@ -189,9 +226,14 @@ def test_math_unreadable_gold_answer_is_an_error():
 def test_regex_match_full_match_and_flags():
     completions = ["<think>a\nb</think> 4", "no tags", "<THINK>x</THINK>"]
     assert parts({"type": "regex", "pattern": "<think>.*</think>"}, completions) == [0.0, 0.0, 0.0]
-    assert parts({"type": "regex", "pattern": "<think>.*</think>", "flags": "si"}, completions) == [1.0, 0.0, 1.0]
-    assert parts({"type": "regex", "pattern": "<think>.*</think>", "flags": "si", "full_match": True},
-                 completions) == [0.0, 0.0, 1.0]
+    assert parts({"type": "regex", "pattern": "<think>.*</think>", "flags": "si"}, completions) == [
+        1.0,
+        0.0,
+        1.0,
+    ]
+    assert parts(
+        {"type": "regex", "pattern": "<think>.*</think>", "flags": "si", "full_match": True}, completions
+    ) == [0.0, 0.0, 1.0]
 
 
 def test_regex_fraction_is_the_covered_share_of_characters():
@@ -204,12 +246,16 @@ BACKTRACKING = "(a|a)+$"
 BACKTRACKING_TEXT = "a" * 40 + "!"
 
 
-@pytest.mark.parametrize("spec", [
-    {"type": "regex", "pattern": BACKTRACKING},
-    {"type": "regex", "pattern": BACKTRACKING, "full_match": True},
-    {"type": "regex", "pattern": BACKTRACKING, "score": "fraction"},
-    {"type": "exact_match", "extract": "regex", "pattern": BACKTRACKING},
-], ids=["search", "full_match", "fraction", "exact_match"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "regex", "pattern": BACKTRACKING},
+        {"type": "regex", "pattern": BACKTRACKING, "full_match": True},
+        {"type": "regex", "pattern": BACKTRACKING, "score": "fraction"},
+        {"type": "exact_match", "extract": "regex", "pattern": BACKTRACKING},
+    ],
+    ids=["search", "full_match", "fraction", "exact_match"],
+)
 def test_a_backtracking_pattern_is_a_timeout_error_per_completion(spec):
     from trainer.rewards.base import PATTERN_TIMEOUT_S
 
@@ -225,13 +271,15 @@ def test_a_backtracking_pattern_is_a_timeout_error_per_completion(spec):
     assert output.errors == {name: 2}
     assert output.error_messages == [
         f"{name}: the pattern '(a|a)+$' timed out after {PATTERN_TIMEOUT_S:g}s on this completion; nested "
-        "repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it"]  # distinct messages are listed once
+        "repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it"
+    ]  # distinct messages are listed once
 
 
 def test_patterns_are_checked_and_run_by_the_same_engine():
     # Variable-length lookbehind and Unicode properties: the regex engine has them, re has not.
-    assert parts({"type": "regex", "pattern": r"(?<=answer: +)\p{Lu}+"}, ["answer:   PARIS", "answer: paris"]) \
-        == [1.0, 0.0]
+    assert parts(
+        {"type": "regex", "pattern": r"(?<=answer: +)\p{Lu}+"}, ["answer:   PARIS", "answer: paris"]
+    ) == [1.0, 0.0]
 
 
 def test_length_target_and_max_length():
@@ -278,7 +326,9 @@ def test_code_tests_an_infinite_loop_is_stopped_by_the_time_limit():
     output = score({"type": "code_tests", "timeout_s": 1}, completions, code_rows(ADD_TESTS, 2))
     assert output.parts["code_tests"] == [0.0, 0.0]
     assert output.errors == {"code_tests": 0}
-    assert time.monotonic() - started < 1 + code_tests.STARTUP_SLACK_S + LOADED_MACHINE_SLACK_S  # a 60 s sleep was cut
+    assert (
+        time.monotonic() - started < 1 + code_tests.STARTUP_SLACK_S + LOADED_MACHINE_SLACK_S
+    )  # a 60 s sleep was cut
 
 
 def test_code_tests_keeps_the_tests_passed_before_a_timeout():
@@ -288,11 +338,13 @@ def test_code_tests_keeps_the_tests_passed_before_a_timeout():
 
 def test_code_tests_sandbox_runs_in_a_scratch_directory_with_limits():
     program = "import os, resource\ncwd = os.getcwd()\n"
-    tests = [f"assert cwd != {str(Path.cwd())!r} and os.listdir(cwd) == []",
-             "assert resource.getrlimit(resource.RLIMIT_AS)[0] == 256 * 2**20",
-             "assert 'PATH' not in os.environ and 'HOME' not in os.environ",
-             "try:\n    bytearray(300 * 2**20)\nexcept MemoryError:\n    pass\n"
-             "else:\n    raise AssertionError('no memory limit')"]
+    tests = [
+        f"assert cwd != {str(Path.cwd())!r} and os.listdir(cwd) == []",
+        "assert resource.getrlimit(resource.RLIMIT_AS)[0] == 256 * 2**20",
+        "assert 'PATH' not in os.environ and 'HOME' not in os.environ",
+        "try:\n    bytearray(300 * 2**20)\nexcept MemoryError:\n    pass\n"
+        "else:\n    raise AssertionError('no memory limit')",
+    ]
     assert parts({"type": "code_tests", "memory_mb": 256}, [program], code_rows(tests)) == [1.0]
 
 
@@ -374,11 +426,14 @@ def test_http_good_answer(scoring_server):
     assert ScoringHandler.headers_seen[0]["Host"] == scoring_server.removeprefix("http://")
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("/short", "expected 3 rewards, one per completion, got 2"),
-    ("/text", "rewards[0] is 'high', not a finite number"),
-    ("/fail", "answered HTTP 500"),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/short", "expected 3 rewards, one per completion, got 2"),
+        ("/text", "rewards[0] is 'high', not a finite number"),
+        ("/fail", "answered HTTP 500"),
+    ],
+)
 def test_http_bad_answers_fail_the_whole_batch(scoring_server, path, expected):
     output = score({"type": "http", "url": f"{scoring_server}{path}"}, COMPLETIONS, policy=LOCAL)
     assert output.parts["http"] == [None, None, None]
@@ -393,7 +448,9 @@ def test_http_retries_server_errors_and_counts_the_retries(scoring_server):
         assert suite([""] * 3, COMPLETIONS, [{}] * 3).parts["http"] == [1.0, 2.0, 3.0]
         assert suite._functions[0].retried == 1
     with RewardSuite([{"type": "http", "url": f"{scoring_server}/fail"}], policy=LOCAL) as suite:
-        assert "answered HTTP 500: 'internal error' after 3 tries" in suite([""], ["a"], [{}]).error_messages[0]
+        assert (
+            "answered HTTP 500: 'internal error' after 3 tries" in suite([""], ["a"], [{}]).error_messages[0]
+        )
         assert suite._functions[0].retried == 2
     assert ScoringHandler.hits == {"/flaky": 2, "/fail": 3}  # the first try and two retries
 
@@ -403,14 +460,21 @@ def test_http_backoff_doubles_up_to_a_bound(scoring_server, monkeypatch):
     monkeypatch.setattr(net, "MAX_BACKOFF_S", 3.0)
     delays: list[float] = []
     with pytest.raises(net.OutboundError, match="after 6 tries"):
-        net.post_json(f"{scoring_server}/fail", {"completions": []}, allowed_hosts=["127.0.0.1"], retries=99,
-                      sleep=delays.append)
+        net.post_json(
+            f"{scoring_server}/fail",
+            {"completions": []},
+            allowed_hosts=["127.0.0.1"],
+            retries=99,
+            sleep=delays.append,
+        )
     assert delays == [1.0, 2.0, 3.0, 3.0, 3.0]  # retries capped at MAX_RETRIES, delays at MAX_BACKOFF_S
     assert ScoringHandler.hits == {"/fail": 6}
 
 
 def test_http_timeout_and_refused_connection_are_errors(scoring_server):
-    output = score({"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2}, COMPLETIONS, policy=LOCAL)
+    output = score(
+        {"type": "http", "url": f"{scoring_server}/slow", "timeout_s": 0.2}, COMPLETIONS, policy=LOCAL
+    )
     assert output.errors == {"http": 3}
     assert "no answer within 0.2 s" in output.error_messages[0]
     with socket.socket() as unused:
@@ -425,9 +489,11 @@ def test_http_refuses_a_host_name_that_resolves_to_loopback_and_calls_it_once_li
     url = scoring_server.replace("127.0.0.1", "localhost") + "/good"
     output = score({"type": "http", "url": url}, COMPLETIONS)
     assert output.errors == {"http": 3}
-    assert output.error_messages == [f"http: refusing to call {url}: localhost (resolved to 127.0.0.1) is a "
-                                     "loopback address; the operator may allow it by listing 'localhost' in "
-                                     "GRPO_ALLOW_PRIVATE_HOSTS"]
+    assert output.error_messages == [
+        f"http: refusing to call {url}: localhost (resolved to 127.0.0.1) is a "
+        "loopback address; the operator may allow it by listing 'localhost' in "
+        "GRPO_ALLOW_PRIVATE_HOSTS"
+    ]
     assert ScoringHandler.hits == {}  # nothing was sent
     by_name = OperatorPolicy(allow_private_hosts=("localhost",))
     assert parts({"type": "http", "url": url}, COMPLETIONS, policy=by_name) == [1.0, 2.0, 3.0]
@@ -444,42 +510,48 @@ def test_only_the_operator_may_allow_private_hosts(scoring_server, monkeypatch):
         with pytest.raises(ConfigError, match="is a loopback address") as refused:
             RewardSuite([spec], policy=policy)
         assert refused.value.param == "reward[0].url" and "GRPO_ALLOW_PRIVATE_HOSTS" in refused.value.message
-    assert parts(spec, COMPLETIONS, policy=OperatorPolicy(allow_private_hosts=("scorer.internal", "127.0.0.1"))) \
-        == [1.0, 2.0, 3.0]
+    assert parts(
+        spec, COMPLETIONS, policy=OperatorPolicy(allow_private_hosts=("scorer.internal", "127.0.0.1"))
+    ) == [1.0, 2.0, 3.0]
     # A spec cannot allow a host itself: its former allowed_hosts option points to the operator's setting.
     for allowed in (["127.0.0.1"], []):
         with pytest.raises(ConfigError) as caught:
             validate_reward_specs([{**spec, "allowed_hosts": allowed}])
         assert caught.value.param == "reward[0].allowed_hosts"
-        assert "operator setting" in caught.value.message and "GRPO_ALLOW_PRIVATE_HOSTS" in caught.value.message
+        assert (
+            "operator setting" in caught.value.message and "GRPO_ALLOW_PRIVATE_HOSTS" in caught.value.message
+        )
     assert "allowed_hosts" not in validate_reward_specs([spec])[0]
     assert ScoringHandler.hits == {"/good": 1}
 
 
-@pytest.mark.parametrize(("host", "reason"), [
-    ("127.0.0.1", "a loopback address"),
-    ("127.1", "a loopback address"),
-    ("2130706433", "a loopback address"),  # decimal
-    ("0177.0.0.1", "a loopback address"),  # octal
-    ("0x7f.0.0.1", "a loopback address"),  # hexadecimal
-    ("[::1]", "a loopback address"),
-    ("[::ffff:127.0.0.1]", "a loopback address (embedded in ::ffff:7f00:1)"),  # IPv4-mapped
-    ("[::ffff:169.254.169.254]", "a link-local address"),
-    ("[2002:7f00:1::]", "a loopback address (embedded in 2002:7f00:1::)"),  # 6to4
-    ("[64:ff9b::a9fe:a9fe]", "a link-local address"),  # NAT64 of the metadata address
-    ("169.254.169.254", "a link-local address (where cloud metadata services live)"),
-    ("[fe80::1]", "a link-local address"),
-    ("10.1.2.3", "a private address"),
-    ("172.16.0.1", "a private address"),
-    ("192.168.1.1", "a private address"),
-    ("[fd00::1]", "a private address"),
-    ("100.64.0.1", "not a public address"),
-    ("224.0.0.1", "a multicast address"),
-    ("[ff02::1]", "a multicast address"),
-    ("0.0.0.0", "the unspecified address"),
-    ("[::]", "the unspecified address"),
-    ("240.0.0.1", "a reserved address"),
-])
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("127.0.0.1", "a loopback address"),
+        ("127.1", "a loopback address"),
+        ("2130706433", "a loopback address"),  # decimal
+        ("0177.0.0.1", "a loopback address"),  # octal
+        ("0x7f.0.0.1", "a loopback address"),  # hexadecimal
+        ("[::1]", "a loopback address"),
+        ("[::ffff:127.0.0.1]", "a loopback address (embedded in ::ffff:7f00:1)"),  # IPv4-mapped
+        ("[::ffff:169.254.169.254]", "a link-local address"),
+        ("[2002:7f00:1::]", "a loopback address (embedded in 2002:7f00:1::)"),  # 6to4
+        ("[64:ff9b::a9fe:a9fe]", "a link-local address"),  # NAT64 of the metadata address
+        ("169.254.169.254", "a link-local address (where cloud metadata services live)"),
+        ("[fe80::1]", "a link-local address"),
+        ("10.1.2.3", "a private address"),
+        ("172.16.0.1", "a private address"),
+        ("192.168.1.1", "a private address"),
+        ("[fd00::1]", "a private address"),
+        ("100.64.0.1", "not a public address"),
+        ("224.0.0.1", "a multicast address"),
+        ("[ff02::1]", "a multicast address"),
+        ("0.0.0.0", "the unspecified address"),
+        ("[::]", "the unspecified address"),
+        ("240.0.0.1", "a reserved address"),
+    ],
+)
 def test_outbound_urls_to_non_public_addresses_are_refused_with_the_url(host, reason):
     url = f"http://{host}:8000/score"
     with pytest.raises(net.RefusedUrl) as caught:
@@ -496,32 +568,62 @@ def test_outbound_urls_to_non_public_addresses_are_refused_with_the_url(host, re
 def test_outbound_urls_to_public_addresses_and_listed_hosts_pass():
     public = net.check_outbound_url("https://user:p%40ss@8.8.8.8/score?x=1")
     assert public.addresses == ("8.8.8.8",) and public.auth == ("user", "p@ss")
-    assert public.connect_url("8.8.8.8") == "https://8.8.8.8:443/score?x=1" and public.host_header == "8.8.8.8"
+    assert (
+        public.connect_url("8.8.8.8") == "https://8.8.8.8:443/score?x=1" and public.host_header == "8.8.8.8"
+    )
     with pytest.raises(net.OutboundError, match="is a reserved address"):  # ::/8, even around a public IPv4
         net.check_outbound_url("http://[::ffff:8.8.8.8]/")
     with pytest.raises(net.OutboundError) as caught:  # a password in the URL stays out of messages
         net.check_outbound_url("http://hook:s3cret@10.0.0.1/x")
-    assert str(caught.value).startswith("refusing to call http://hook:***@10.0.0.1/x: 10.0.0.1 is a private address")
+    assert str(caught.value).startswith(
+        "refusing to call http://hook:***@10.0.0.1/x: 10.0.0.1 is a private address"
+    )
     listed = net.check_outbound_url("http://0177.0.0.1:81/", ["127.0.0.1"])  # listed by address
     assert listed.connect_url(listed.addresses[0]) == "http://127.0.0.1:81/"
 
     def rebinding(host, port, **_):  # a name that resolves to a public and a private address
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("8.8.8.8", "10.0.0.1")]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+            for address in ("8.8.8.8", "10.0.0.1")
+        ]
 
-    with pytest.raises(net.OutboundError, match=r"scorer.example \(resolved to 10.0.0.1\) is a private address"):
+    with pytest.raises(
+        net.OutboundError, match=r"scorer.example \(resolved to 10.0.0.1\) is a private address"
+    ):
         net.check_outbound_url("http://scorer.example/", resolve=rebinding)
-    assert net.check_outbound_url("http://scorer.example/", ["Scorer.Example"], resolve=rebinding).addresses \
-        == ("8.8.8.8", "10.0.0.1")
+    assert net.check_outbound_url(
+        "http://scorer.example/", ["Scorer.Example"], resolve=rebinding
+    ).addresses == ("8.8.8.8", "10.0.0.1")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
 def test_https_connects_to_the_checked_address_and_verifies_the_certificate_for_the_name(tmp_path):
     import httpx
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", tmp_path / "key.pem", "-out", tmp_path / "cert.pem", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            tmp_path / "key.pem",
+            "-out",
+            tmp_path / "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScoringHandler)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
@@ -530,12 +632,24 @@ def test_https_connects_to_the_checked_address_and_verifies_the_certificate_for_
     port = server.server_address[1]
     try:
         with httpx.Client(verify=ssl.create_default_context(cafile=tmp_path / "cert.pem")) as client:
-            response = net.post_json(f"https://localhost:{port}/good", {"prompts": [""], "completions": ["ab"],
-                                     "rows": [{}]}, allowed_hosts=["localhost"], client=client, retries=0)
+            response = net.post_json(
+                f"https://localhost:{port}/good",
+                {"prompts": [""], "completions": ["ab"], "rows": [{}]},
+                allowed_hosts=["localhost"],
+                client=client,
+                retries=0,
+            )
             assert response.json() == {"rewards": [2.0]}
-            with pytest.raises(net.OutboundError, match="CERTIFICATE_VERIFY_FAILED"):  # the cert names localhost
-                net.post_json(f"https://127.0.0.1:{port}/good", {}, allowed_hosts=["127.0.0.1"], client=client,
-                              retries=0)
+            with pytest.raises(
+                net.OutboundError, match="CERTIFICATE_VERIFY_FAILED"
+            ):  # the cert names localhost
+                net.post_json(
+                    f"https://127.0.0.1:{port}/good",
+                    {},
+                    allowed_hosts=["127.0.0.1"],
+                    client=client,
+                    retries=0,
+                )
     finally:
         server.shutdown()
         server.server_close()
@@ -560,12 +674,21 @@ def write_reward_model(path: Path, *, arch: str = "llama", num_labels: int = 1) 
     vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *string.printable])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    config = config_class(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = config_class(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -591,8 +714,10 @@ def test_reward_model_scores_prompt_plus_completion(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with torch.no_grad():
-        alone = [model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item()
-                 for p, c in zip(prompts, completions, strict=True)]
+        alone = [
+            model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item()
+            for p, c in zip(prompts, completions, strict=True)
+        ]
     torch.testing.assert_close(torch.tensor(first), torch.tensor(alone), rtol=1e-4, atol=1e-5)
 
 
@@ -601,8 +726,10 @@ def test_reward_model_with_several_labels_gives_the_probability_of_label_index(t
 
     model_dir = write_reward_model(tmp_path / "rm3", arch="qwen2", num_labels=3)
     completions = ["good", "bad", "fine answer"]
-    by_label = [parts({"type": "reward_model", "model": str(model_dir), "label_index": label}, completions)
-                for label in range(3)]
+    by_label = [
+        parts({"type": "reward_model", "model": str(model_dir), "label_index": label}, completions)
+        for label in range(3)
+    ]
     probabilities = torch.tensor(by_label)  # [label, completion]
     assert ((probabilities > 0) & (probabilities < 1)).all()
     torch.testing.assert_close(probabilities.sum(dim=0), torch.ones(3))
@@ -638,17 +765,29 @@ def test_suite_counts_batch_failures_wrong_lengths_and_non_finite_scores(monkeyp
     options = {"field": REWARD_TYPES["exact_match"].options["field"]}
     broken = RewardType(options=options, build=lambda spec, **_: Broken(spec["field"]))
     monkeypatch.setitem(REWARD_TYPES, "broken", broken)
-    suite = RewardSuite([{"type": "broken", "field": "raise"}, {"type": "broken", "field": "nan", "weight": 3.0},
-                         {"type": "broken", "field": "short"}, {"type": "length", "target": 1}])
+    suite = RewardSuite(
+        [
+            {"type": "broken", "field": "raise"},
+            {"type": "broken", "field": "nan", "weight": 3.0},
+            {"type": "broken", "field": "short"},
+            {"type": "length", "target": 1},
+        ]
+    )
     output = suite(["", ""], ["a", "b"], [{}, {}])
     assert suite.names == ["broken", "broken_2", "broken_3", "length"]
-    assert output.parts == {"broken": [None, None], "broken_2": [1.0, None], "broken_3": [None, None],
-                            "length": [1.0, 1.0]}
+    assert output.parts == {
+        "broken": [None, None],
+        "broken_2": [1.0, None],
+        "broken_3": [None, None],
+        "length": [1.0, 1.0],
+    }
     assert output.errors == {"broken": 2, "broken_2": 1, "broken_3": 2, "length": 0}
     assert output.total == [4.0, 1.0]
-    assert output.error_messages == ["broken: ConnectionError: scorer down",
-                                     "broken_2: gave a non-finite score (nan)",
-                                     "broken_3: returned 1 scores for 2 completions"]
+    assert output.error_messages == [
+        "broken: ConnectionError: scorer down",
+        "broken_2: gave a non-finite score (nan)",
+        "broken_3: returned 1 scores for 2 completions",
+    ]
 
 
 def test_suite_keeps_at_most_five_distinct_error_messages():
@@ -659,9 +798,13 @@ def test_suite_keeps_at_most_five_distinct_error_messages():
 
 
 def test_suite_names_are_unique():
-    specs = [{"type": "regex", "pattern": "a"}, {"type": "regex", "pattern": "b", "name": "regex"},
-             {"type": "regex", "pattern": "c"}, {"type": "length", "target": 3, "name": "short"},
-             {"type": "exact_match"}]
+    specs = [
+        {"type": "regex", "pattern": "a"},
+        {"type": "regex", "pattern": "b", "name": "regex"},
+        {"type": "regex", "pattern": "c"},
+        {"type": "length", "target": 3, "name": "short"},
+        {"type": "exact_match"},
+    ]
     assert RewardSuite(specs).names == ["regex_2", "regex", "regex_3", "short", "exact_match"]
 
 
@@ -677,50 +820,95 @@ def test_validate_fills_defaults_and_copies():
     specs = [{"type": "exact_match"}, {"type": "code_tests", "weight": 2}]
     normalised = validate_reward_specs(specs)
     assert specs == [{"type": "exact_match"}, {"type": "code_tests", "weight": 2}]
-    assert normalised[0] == {"type": "exact_match", "weight": 1.0, "name": "exact_match", "field": "answer",
-                             "extract": "last_number", "marker": "####", "pattern": None, "flags": "",
-                             "case_sensitive": False}
-    assert normalised[1]["weight"] == 2.0 and normalised[1]["timeout_s"] == 5.0 and normalised[1]["memory_mb"] == 512
+    assert normalised[0] == {
+        "type": "exact_match",
+        "weight": 1.0,
+        "name": "exact_match",
+        "field": "answer",
+        "extract": "last_number",
+        "marker": "####",
+        "pattern": None,
+        "flags": "",
+        "case_sensitive": False,
+    }
+    assert (
+        normalised[1]["weight"] == 2.0
+        and normalised[1]["timeout_s"] == 5.0
+        and normalised[1]["memory_mb"] == 512
+    )
     assert validate_reward_specs(normalised) == normalised
 
 
-@pytest.mark.parametrize(("specs", "param", "words"), [
-    ([{"type": "bleu"}], "reward[0].type", "known types: code_tests, exact_match, http, length, math, "
-                                           "python_grader, regex, reward_model, string_check, text_similarity"),
-    ([{"weight": 1}], "reward[0].type", "is required"),
-    ([{"type": "exact_match"}, {"type": "regex"}], "reward[1].pattern", "is required for a regex reward"),
-    ([{"type": "regex", "pattern": "(unclosed"}], "reward[0].pattern", "not a valid regular expression"),
-    ([{"type": "regex", "pattern": r"\p{Nonsense}"}], "reward[0].pattern", "not a valid regular expression"),
-    ([{"type": "math", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
-    ([{"type": "regex", "pattern": "a", "flags": "q"}], "reward[0].flags", "unknown regex flag 'q'"),
-    ([{"type": "regex", "pattern": "a", "weight": "high"}], "reward[0].weight", "must be a number"),
-    ([{"type": "regex", "pattern": "a", "weight": True}], "reward[0].weight", "must be a number"),
-    ([{"type": "regex", "pattern": "a", "score": "dense"}], "reward[0].score", "expected one of match, fraction"),
-    ([{"type": "regex", "pattern": "a", "patern": "b"}], "reward[0].patern", "its options: "),
-    ([{"type": "exact_match", "extract": "regex"}], "reward[0].pattern", "is required when extract is 'regex'"),
-    ([{"type": "exact_match", "pattern": "(x)"}], "reward[0].pattern", "only used with extract: 'regex'"),
-    ([{"type": "exact_match", "extract": "first_number"}], "reward[0].extract", "last_number, boxed"),
-    ([{"type": "length"}], "reward[0].target", "exactly one of target"),
-    ([{"type": "length", "target": 10, "max_length": 20}], "reward[0].target", "exactly one of target"),
-    ([{"type": "length", "target": 0}], "reward[0].target", "must be >= 1"),
-    ([{"type": "code_tests", "timeout_s": 0}], "reward[0].timeout_s", "must be > 0"),
-    ([{"type": "code_tests", "allow_network": "yes"}], "reward[0].allow_network", "true or false"),
-    ([{"type": "code_tests", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
-    ([{"type": "code_tests", "memory_mb": 8192}], "reward[0].memory_mb", "must be <= 4096"),
-    ([{"type": "http"}], "reward[0].url", "is required for a http reward"),
-    ([{"type": "http", "url": "ftp://x"}], "reward[0].url", "http:// or https://"),
-    ([{"type": "http", "url": "http://x", "headers": {"a": 1}}], "reward[0].headers", "object of strings"),
-    ([{"type": "http", "url": "http://x", "allowed_hosts": "x"}], "reward[0].allowed_hosts", "list of strings"),
-    ([{"type": "http", "url": "http://x", "allowed_hosts": ["x"]}], "reward[0].allowed_hosts",
-     "GRPO_ALLOW_PRIVATE_HOSTS"),
-    ([{"type": "http", "url": "http://x", "retries": 9}], "reward[0].retries", "must be <= 5"),
-    ([{"type": "reward_model"}], "reward[0].model", "is required"),
-    ([{"type": "math", "name": "m"}, {"type": "length", "target": 3, "name": "m"}], "reward[1].name",
-     "used by an earlier reward"),
-    ([{"type": "math", "name": ""}], "reward[0].name", "1 to 64 characters"),
-    (["exact_match"], "reward[0]", "must be an object"),
-    ([], "reward", "give a list"),
-])
+@pytest.mark.parametrize(
+    ("specs", "param", "words"),
+    [
+        (
+            [{"type": "bleu"}],
+            "reward[0].type",
+            "known types: code_tests, exact_match, http, length, math, "
+            "python_grader, regex, reward_model, string_check, text_similarity",
+        ),
+        ([{"weight": 1}], "reward[0].type", "is required"),
+        ([{"type": "exact_match"}, {"type": "regex"}], "reward[1].pattern", "is required for a regex reward"),
+        ([{"type": "regex", "pattern": "(unclosed"}], "reward[0].pattern", "not a valid regular expression"),
+        (
+            [{"type": "regex", "pattern": r"\p{Nonsense}"}],
+            "reward[0].pattern",
+            "not a valid regular expression",
+        ),
+        ([{"type": "math", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
+        ([{"type": "regex", "pattern": "a", "flags": "q"}], "reward[0].flags", "unknown regex flag 'q'"),
+        ([{"type": "regex", "pattern": "a", "weight": "high"}], "reward[0].weight", "must be a number"),
+        ([{"type": "regex", "pattern": "a", "weight": True}], "reward[0].weight", "must be a number"),
+        (
+            [{"type": "regex", "pattern": "a", "score": "dense"}],
+            "reward[0].score",
+            "expected one of match, fraction",
+        ),
+        ([{"type": "regex", "pattern": "a", "patern": "b"}], "reward[0].patern", "its options: "),
+        (
+            [{"type": "exact_match", "extract": "regex"}],
+            "reward[0].pattern",
+            "is required when extract is 'regex'",
+        ),
+        ([{"type": "exact_match", "pattern": "(x)"}], "reward[0].pattern", "only used with extract: 'regex'"),
+        ([{"type": "exact_match", "extract": "first_number"}], "reward[0].extract", "last_number, boxed"),
+        ([{"type": "length"}], "reward[0].target", "exactly one of target"),
+        ([{"type": "length", "target": 10, "max_length": 20}], "reward[0].target", "exactly one of target"),
+        ([{"type": "length", "target": 0}], "reward[0].target", "must be >= 1"),
+        ([{"type": "code_tests", "timeout_s": 0}], "reward[0].timeout_s", "must be > 0"),
+        ([{"type": "code_tests", "allow_network": "yes"}], "reward[0].allow_network", "true or false"),
+        ([{"type": "code_tests", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
+        ([{"type": "code_tests", "memory_mb": 8192}], "reward[0].memory_mb", "must be <= 4096"),
+        ([{"type": "http"}], "reward[0].url", "is required for a http reward"),
+        ([{"type": "http", "url": "ftp://x"}], "reward[0].url", "http:// or https://"),
+        (
+            [{"type": "http", "url": "http://x", "headers": {"a": 1}}],
+            "reward[0].headers",
+            "object of strings",
+        ),
+        (
+            [{"type": "http", "url": "http://x", "allowed_hosts": "x"}],
+            "reward[0].allowed_hosts",
+            "list of strings",
+        ),
+        (
+            [{"type": "http", "url": "http://x", "allowed_hosts": ["x"]}],
+            "reward[0].allowed_hosts",
+            "GRPO_ALLOW_PRIVATE_HOSTS",
+        ),
+        ([{"type": "http", "url": "http://x", "retries": 9}], "reward[0].retries", "must be <= 5"),
+        ([{"type": "reward_model"}], "reward[0].model", "is required"),
+        (
+            [{"type": "math", "name": "m"}, {"type": "length", "target": 3, "name": "m"}],
+            "reward[1].name",
+            "used by an earlier reward",
+        ),
+        ([{"type": "math", "name": ""}], "reward[0].name", "1 to 64 characters"),
+        (["exact_match"], "reward[0]", "must be an object"),
+        ([], "reward", "give a list"),
+    ],
+)
 def test_validation_errors_name_the_param(specs, param, words):
     with pytest.raises(ConfigError) as caught:
         validate_reward_specs(specs)
@@ -729,14 +917,24 @@ def test_validation_errors_name_the_param(specs, param, words):
 
 
 def test_required_fields():
-    specs = [{"type": "exact_match"}, {"type": "math", "field": "solution"}, {"type": "code_tests"},
-             {"type": "regex", "pattern": "x"}, {"type": "http", "url": "http://localhost/score"}]
+    specs = [
+        {"type": "exact_match"},
+        {"type": "math", "field": "solution"},
+        {"type": "code_tests"},
+        {"type": "regex", "pattern": "x"},
+        {"type": "http", "url": "http://localhost/score"},
+    ]
     assert required_fields(specs) == {"answer", "solution", "tests"}
     assert required_fields([{"type": "length", "target": 5}]) == set()
 
 
 def test_importing_the_rewards_loads_no_torch():
-    code = ("import json, sys, trainer.rewards\n"
-            "print(json.dumps([m for m in ('torch', 'transformers', 'math_verify', 'httpx') if m in sys.modules]))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    code = (
+        "import json, sys, trainer.rewards\n"
+        "print(json.dumps([m for m in ('torch', 'transformers', 'math_verify', 'httpx') "
+        "if m in sys.modules]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
     assert json.loads(result.stdout) == []

@@ -13,14 +13,27 @@ def test_greedy_rollout_matches_hf_generate_per_prompt(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("What is 1 + 2?", "Hi", "abc def ghi jkl")]
-    rollout = generate(model, prompts, group_size=3, max_new_tokens=12, eos_token_ids=[tokenizer.eos_token_id],
-                       pad_id=tokenizer.pad_token_id, temperature=1e-5, top_p=1.0,
-                       generator=torch.Generator().manual_seed(0))
+    rollout = generate(
+        model,
+        prompts,
+        group_size=3,
+        max_new_tokens=12,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        temperature=1e-5,
+        top_p=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(rollout.completion_ids) == 9
     for b, prompt in enumerate(prompts):
-        expected = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
-                                  max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[0]:]
+        expected = model.generate(
+            prompt[None],
+            attention_mask=torch.ones_like(prompt)[None],
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, prompt.shape[0] :]
         if (expected == tokenizer.eos_token_id).any():
             expected = expected[: int((expected == tokenizer.eos_token_id).int().argmax()) + 1]
         for g in range(3):
@@ -32,9 +45,17 @@ def test_dropping_finished_rows_from_the_batch_changes_no_completion(tiny_model_
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     eos = tokenizer.eos_token_id
-    prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi", "abc", "what?", "x y z", "42", "ok")]
-    kwargs = dict(group_size=2, max_new_tokens=16, eos_token_ids=[eos], pad_id=tokenizer.pad_token_id,
-                  temperature=1e-5, top_p=1.0)  # greedy: no random draws to differ
+    prompts = [
+        torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi", "abc", "what?", "x y z", "42", "ok")
+    ]
+    kwargs = dict(
+        group_size=2,
+        max_new_tokens=16,
+        eos_token_ids=[eos],
+        pad_id=tokenizer.pad_token_id,
+        temperature=1e-5,
+        top_p=1.0,
+    )  # greedy: no random draws to differ
     plain = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
     common = Counter(t for c in plain.completion_ids for t in c.tolist()).most_common(1)[0][0]
     with torch.no_grad():  # EOS where the commonest token was likely: completions end at different steps
@@ -45,8 +66,11 @@ def test_dropping_finished_rows_from_the_batch_changes_no_completion(tiny_model_
 
     selected = []
     select = DynamicCache.batch_select_indices
-    monkeypatch.setattr(DynamicCache, "batch_select_indices",
-                        lambda cache, indices: (selected.append(len(indices)), select(cache, indices)))
+    monkeypatch.setattr(
+        DynamicCache,
+        "batch_select_indices",
+        lambda cache, indices: (selected.append(len(indices)), select(cache, indices)),
+    )
     pruned = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
     monkeypatch.setattr(rollout, "PRUNE_WHEN_FINISHED", 10**9)  # never drop a row
     kept = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
@@ -64,8 +88,17 @@ def test_sampling_stops_at_eos_and_flags_truncation(tiny_model_dir):
     with torch.no_grad():  # a uniform next-token distribution: EOS comes with p = 1/101 per token
         model.lm_head.weight.zero_()
     prompts = [torch.tensor(tokenizer("x" * n)["input_ids"]) for n in (1, 5)]
-    rollout = generate(model, prompts, group_size=8, max_new_tokens=40, eos_token_ids=[eos], pad_id=0,
-                       temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(3))
+    rollout = generate(
+        model,
+        prompts,
+        group_size=8,
+        max_new_tokens=40,
+        eos_token_ids=[eos],
+        pad_id=0,
+        temperature=1.0,
+        top_p=1.0,
+        generator=torch.Generator().manual_seed(3),
+    )
     for completion, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
         eos_positions = (completion == eos).nonzero().flatten().tolist()
         if truncated:
@@ -103,7 +136,9 @@ def _model_with_varied_eos(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight.mean(0) + 0.02 * model.lm_head.weight[5]
+        model.lm_head.weight[tokenizer.eos_token_id] = (
+            model.lm_head.weight.mean(0) + 0.02 * model.lm_head.weight[5]
+        )
         model.lm_head.weight *= 3
     return model, tokenizer
 
@@ -111,19 +146,30 @@ def _model_with_varied_eos(tiny_model_dir):
 def test_sampled_tokens_do_not_depend_on_dropping_finished_rows(tiny_model_dir, monkeypatch):
     model, tokenizer = _model_with_varied_eos(tiny_model_dir)
     prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi", "abc", "what?")]
-    kwargs = dict(group_size=4, max_new_tokens=40, eos_token_ids=[tokenizer.eos_token_id],
-                  pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=0.95)  # sampled: random draws every step
+    kwargs = dict(
+        group_size=4,
+        max_new_tokens=40,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        temperature=1.0,
+        top_p=0.95,
+    )  # sampled: random draws every step
 
     selected = []
     select = DynamicCache.batch_select_indices
-    monkeypatch.setattr(DynamicCache, "batch_select_indices",
-                        lambda cache, indices: (selected.append(len(indices)), select(cache, indices)))
+    monkeypatch.setattr(
+        DynamicCache,
+        "batch_select_indices",
+        lambda cache, indices: (selected.append(len(indices)), select(cache, indices)),
+    )
     pruned = generate(model, prompts, generator=torch.Generator().manual_seed(7), **kwargs)
     monkeypatch.setattr(rollout, "PRUNE_WHEN_FINISHED", 10**9)  # never drop a row
     kept = generate(model, prompts, generator=torch.Generator().manual_seed(7), **kwargs)
 
     lengths = sorted(len(c) for c in kept.completion_ids)
-    assert lengths[0] < 40 and len(set(lengths)) >= 4 and len(selected) >= 2  # rows finished early and were dropped
+    assert (
+        lengths[0] < 40 and len(set(lengths)) >= 4 and len(selected) >= 2
+    )  # rows finished early and were dropped
     assert [c.tolist() for c in pruned.completion_ids] == [c.tolist() for c in kept.completion_ids]
     assert pruned.truncated.tolist() == kept.truncated.tolist()
 
@@ -131,12 +177,21 @@ def test_sampled_tokens_do_not_depend_on_dropping_finished_rows(tiny_model_dir, 
 def test_growing_cache_samples_what_the_plain_dynamic_cache_samples(tiny_model_dir, monkeypatch):
     model, tokenizer = _model_with_varied_eos(tiny_model_dir)
     prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("1 + 2", "Hi there, how are you", "abc")]
-    kwargs = dict(group_size=3, max_new_tokens=300, eos_token_ids=[tokenizer.eos_token_id],
-                  pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0)
+    kwargs = dict(
+        group_size=3,
+        max_new_tokens=300,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        temperature=1.0,
+        top_p=1.0,
+    )
     moves = []
     move = rollout.GrowingLayer._move_into
-    monkeypatch.setattr(rollout.GrowingLayer, "_move_into",
-                        lambda layer, k, v, room: (moves.append(k.shape[-2]), move(layer, k, v, room)))
+    monkeypatch.setattr(
+        rollout.GrowingLayer,
+        "_move_into",
+        lambda layer, k, v, room: (moves.append(k.shape[-2]), move(layer, k, v, room)),
+    )
     growing = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kwargs)
     monkeypatch.setattr(rollout, "new_cache", lambda model, _: DynamicCache(config=model.config))
     plain = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kwargs)

@@ -21,7 +21,9 @@ from trainer.rewards import RewardSuite, code_tests, sandbox
 from trainer.rewards.sandbox import SandboxUnavailable, run_sandboxed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox starts as root to build its namespaces")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the sandbox starts as root to build its namespaces"
+)
 
 UIDS: list[int] = []
 
@@ -71,8 +73,9 @@ def printed(code: str, **options) -> str:
     return result.stdout.decode().strip()
 
 
-def reward(program: str, tests: list[str], policy: OperatorPolicy | None = None,
-           **spec) -> tuple[list, dict, list[str]]:
+def reward(
+    program: str, tests: list[str], policy: OperatorPolicy | None = None, **spec
+) -> tuple[list, dict, list[str]]:
     with RewardSuite([{"type": "code_tests", **spec}], policy=policy) as suite:
         output = suite([""], [textwrap.dedent(program)], [{"tests": tests}])
     return output.parts["code_tests"], output.errors, output.error_messages
@@ -93,13 +96,20 @@ def outcome(expression: str) -> str:
 
 
 def test_a_correct_solution_still_scores_one():
-    assert reward("def add(a, b):\n    return a + b", ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]) \
-        == ([1.0], {"code_tests": 0}, [])
+    assert reward("def add(a, b):\n    return a + b", ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]) == (
+        [1.0],
+        {"code_tests": 0},
+        [],
+    )
 
 
 def test_etc_passwd_is_not_the_hosts():
     assert "root:" in Path("/etc/passwd").read_text()  # the host's has root; the sandbox's does not
-    assert reward("data = open('/etc/passwd').read()", ["assert 'root:' in data"]) == ([0.0], {"code_tests": 0}, [])
+    assert reward("data = open('/etc/passwd').read()", ["assert 'root:' in data"]) == (
+        [0.0],
+        {"code_tests": 0},
+        [],
+    )
     passwd = printed("print(open('/etc/passwd').read())")
     assert passwd.startswith("sandbox:x:") and "root" not in passwd
 
@@ -112,8 +122,10 @@ def test_the_projects_files_and_a_sentinel_outside_are_out_of_sight(tmp_path):
     assert reward(program, ["assert found"]) == ([0.0], {"code_tests": 0}, [])
     assert printed(outcome(f"open({str(sentinel)!r}).read()")) == "FileNotFoundError ENOENT"
     assert printed(outcome(f"os.listdir({str(REPO_ROOT)!r})")) == "FileNotFoundError ENOENT"
-    assert printed(outcome("sorted(os.listdir('/'))")) == \
-        "ok ['bin', 'dev', 'etc', 'lib', 'lib64', 'root', 'sandbox', 'sbin', 'tmp', 'usr']"
+    assert (
+        printed(outcome("sorted(os.listdir('/'))"))
+        == "ok ['bin', 'dev', 'etc', 'lib', 'lib64', 'root', 'sandbox', 'sbin', 'tmp', 'usr']"
+    )
 
 
 def test_writes_go_only_to_a_private_tmp():
@@ -125,7 +137,9 @@ def test_writes_go_only_to_a_private_tmp():
 def test_the_program_runs_unprivileged_with_an_empty_environment():
     assert printed(outcome(f"os.getuid() >= {sandbox.UID_BASE}")) == "ok True"
     assert printed(outcome("os.setuid(0)")) == "PermissionError EPERM"
-    assert printed(outcome("sorted(dict(os.environ).keys() - {'LC_CTYPE'})")) == "ok []"  # LC_CTYPE: Python's own
+    assert (
+        printed(outcome("sorted(dict(os.environ).keys() - {'LC_CTYPE'})")) == "ok []"
+    )  # LC_CTYPE: Python's own
     user_namespace = "__import__('ctypes').CDLL(None, use_errno=True).unshare(0x10000000)"
     assert printed(outcome(user_namespace)) == "ok -1"  # a chrooted process may not create one
 
@@ -138,10 +152,18 @@ def test_no_tcp_even_to_the_hosts_loopback():
         port = server.getsockname()[1]
         program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()"
         assert reward(program, ["assert True"]) == ([0.0], {"code_tests": 0}, [])
-        assert printed(outcome(f"socket.create_connection(('127.0.0.1', {port}), timeout=1)")) == "OSError ENETUNREACH"
-        # The operator may allow the network; then the same program connects: the checks above are not vacuous.
+        assert (
+            printed(outcome(f"socket.create_connection(('127.0.0.1', {port}), timeout=1)"))
+            == "OSError ENETUNREACH"
+        )
+        # The operator may allow the network; then the same program connects: the checks above are
+        # not vacuous.
         networked = OperatorPolicy(sandbox_allow_network=True)
-        assert reward(program, ["assert True"], networked, allow_network=True) == ([1.0], {"code_tests": 0}, [])
+        assert reward(program, ["assert True"], networked, allow_network=True) == (
+            [1.0],
+            {"code_tests": 0},
+            [],
+        )
 
 
 def test_no_udp():
@@ -157,7 +179,9 @@ def test_no_udp():
 
 
 def test_allow_network_needs_the_operators_consent(monkeypatch):
-    monkeypatch.setenv(code_tests.ALLOW_NETWORK_ENV, "1")  # read by the service's settings, not by the trainer
+    monkeypatch.setenv(
+        code_tests.ALLOW_NETWORK_ENV, "1"
+    )  # read by the service's settings, not by the trainer
     with pytest.raises(ValueError, match="GRPO_SANDBOX_ALLOW_NETWORK=1") as refused:
         RewardSuite([{"type": "code_tests", "allow_network": True}])
     assert refused.value.param == "reward[0].allow_network"
@@ -180,9 +204,13 @@ while True:
 def test_a_fork_bomb_and_a_sleeper_are_stopped_by_the_wall_clock():
     started = time.monotonic()
     with RewardSuite([{"type": "code_tests", "timeout_s": 0.5}]) as suite:
-        output = suite(["", ""], [FORK_BOMB, "import time\ntime.sleep(10**6)"], [{"tests": ["assert True"]}] * 2)
+        output = suite(
+            ["", ""], [FORK_BOMB, "import time\ntime.sleep(10**6)"], [{"tests": ["assert True"]}] * 2
+        )
     assert output.parts["code_tests"] == [0.0, 0.0] and output.errors == {"code_tests": 0}
-    assert time.monotonic() - started < 0.5 + sandbox.STARTUP_SLACK_S + LOADED_MACHINE_SLACK_S  # a 10**6 s sleep was cut
+    assert (
+        time.monotonic() - started < 0.5 + sandbox.STARTUP_SLACK_S + LOADED_MACHINE_SLACK_S
+    )  # a 10**6 s sleep was cut
     assert len(UIDS) == 2  # and the fixture checks that none of their processes is left
 
 
@@ -206,7 +234,11 @@ def test_forks_are_capped_by_the_process_limit():
 
 
 def test_ten_gigabytes_are_refused():
-    assert reward("x = bytearray(10 * 2**30)", ["assert len(x) == 10 * 2**30"]) == ([0.0], {"code_tests": 0}, [])
+    assert reward("x = bytearray(10 * 2**30)", ["assert len(x) == 10 * 2**30"]) == (
+        [0.0],
+        {"code_tests": 0},
+        [],
+    )
     assert printed(outcome("len(bytearray(10 * 2**30))")) == "MemoryError"
 
 
@@ -226,7 +258,9 @@ def test_a_one_gigabyte_file_is_refused():
 
 
 def test_a_forged_result_line_is_ignored():
-    program = "import sys\nfor n in range(5):\n    print('0' * 32, 3, 3)\n    sys.__stdout__.write('x 3 3\\n')"
+    program = (
+        "import sys\nfor n in range(5):\n    print('0' * 32, 3, 3)\n    sys.__stdout__.write('x 3 3\\n')"
+    )
     assert reward(program, ["assert False"]) == ([0.0], {"code_tests": 0}, [])
 
 
@@ -280,7 +314,9 @@ def no_namespaces(tmp_path, monkeypatch):
     script = tmp_path / "launcher.py"
     script.write_text(NO_UNSHARE_LAUNCHER.format(launcher=str(sandbox.LAUNCHER)))
     monkeypatch.setattr(sandbox, "LAUNCHER", script)
-    monkeypatch.setenv(sandbox.ALLOW_UNISOLATED_ENV, "1")  # read by the service's settings, not by the trainer
+    monkeypatch.setenv(
+        sandbox.ALLOW_UNISOLATED_ENV, "1"
+    )  # read by the service's settings, not by the trainer
 
 
 def test_without_namespaces_code_rewards_are_refused_with_the_reason(no_namespaces):
@@ -291,7 +327,9 @@ def test_without_namespaces_code_rewards_are_refused_with_the_reason(no_namespac
         output = suite(["", ""], ["def f(): pass"] * 2, [{"tests": ["assert True"]}] * 2)
     assert output.errors == {"code_tests": 2}
     (message,) = output.error_messages
-    assert message.startswith("code_tests: refusing to run code without a sandbox: unshare: Operation not permitted")
+    assert message.startswith(
+        "code_tests: refusing to run code without a sandbox: unshare: Operation not permitted"
+    )
     UIDS.append(-1)
 
 

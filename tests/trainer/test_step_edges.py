@@ -42,7 +42,8 @@ def _tokenizer(*, adds_bos: bool, template_bos: bool = False):
     tokenizer = char_tokenizer()
     if adds_bos:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)])
+            single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
+        )
     if template_bos:
         tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
     return tokenizer
@@ -91,8 +92,11 @@ def test_a_prompt_longer_than_max_prompt_length_is_counted_and_named_in_a_warnin
     data = write_rows(tmp_path / "data.jsonl", rows)
     data.write_text(data.read_text().replace("\n", "\n\n", 1))
     progress = Recorder()
-    train(tiny_run(tiny_model_dir, data, max_prompt_length=8, max_steps=3, prompts_per_step=8), tmp_path / "out",
-          progress)
+    train(
+        tiny_run(tiny_model_dir, data, max_prompt_length=8, max_steps=3, prompts_per_step=8),
+        tmp_path / "out",
+        progress,
+    )
     for _, metrics in progress.steps:  # every row drawn each step: rows 3..7 are too long
         assert metrics["prompts_truncated"] == 5 and metrics["prompt_truncated_ratio"] == 5 / 8
     warnings = [m for level, m in progress.logs if level == "warning" and "max_prompt_length" in m]
@@ -104,23 +108,32 @@ def test_a_prompt_longer_than_max_prompt_length_is_counted_and_named_in_a_warnin
         assert f"its first {6 + row - 8} tokens were cut (left truncation" in message
 
 
-def test_a_dataset_whose_every_prompt_is_too_long_stops_the_cli_before_training(tiny_model_dir, tmp_path,
-                                                                                 capsys):
+def test_a_dataset_whose_every_prompt_is_too_long_stops_the_cli_before_training(
+    tiny_model_dir, tmp_path, capsys
+):
     """Counted as the model gets the prompt: the chat row's 2 characters of content are 20 tokens
     once templated ("user: hi\nassistant: "), the shortest of the two rows."""
     from trainer.__main__ import main
 
-    rows = [{"prompt": "Say a" + "!" * 20, "answer": "a"},
-            {"prompt": [{"role": "user", "content": "hi"}], "answer": "a"}]
+    rows = [
+        {"prompt": "Say a" + "!" * 20, "answer": "a"},
+        {"prompt": [{"role": "user", "content": "hi"}], "answer": "a"},
+    ]
     data = write_rows(tmp_path / "data.jsonl", rows)
-    spec = {"base_model": str(tiny_model_dir), "dataset": str(data), "group_size": 2,
-            "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
-            "hyperparameters": {"max_steps": 1, "max_prompt_length": 16, "max_completion_length": 4}}
+    spec = {
+        "base_model": str(tiny_model_dir),
+        "dataset": str(data),
+        "group_size": 2,
+        "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
+        "hyperparameters": {"max_steps": 1, "max_prompt_length": 16, "max_completion_length": 4},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert main(["run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
-    assert "error: hyperparameters.max_prompt_length: every prompt of the dataset is longer than " \
-           "max_prompt_length (16 tokens): the shortest is 20 tokens" in error
+    assert (
+        "error: hyperparameters.max_prompt_length: every prompt of the dataset is longer than "
+        "max_prompt_length (16 tokens): the shortest is 20 tokens" in error
+    )
     assert "Raise max_prompt_length to at least 20" in error
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no step ran
     # one prompt that fits is enough: the others are cut and counted, step by step
@@ -151,7 +164,7 @@ def test_the_router_aux_loss_is_the_models_own_on_the_scored_tokens(moe_dir):
     mask = torch.zeros(3, width, dtype=torch.long)
     for r, c in enumerate(completions):
         row = torch.cat([prompt, c[:-1]])
-        ids[r, :row.shape[0]], mask[r, :row.shape[0]] = row, 1
+        ids[r, : row.shape[0]], mask[r, : row.shape[0]] = row, 1
     want = model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
     torch.testing.assert_close(aux, want.float(), atol=1e-6, rtol=1e-5)
     shared = token_logprobs(model, [prompt], [completions], scoring=Scoring(), router_aux_loss=True)[1]
@@ -165,24 +178,47 @@ def _batch(rewards, lengths=None):
     prompts = [torch.randint(4, 90, (n,), generator=g) for n in (6, 3, 5)]
     lengths = lengths if lengths is not None else [int(n) for n in torch.randint(1, 7, (3 * G,), generator=g)]
     completions = [torch.randint(4, 90, (n,), generator=g) for n in lengths]
-    return ScoredGroups(row_indices=[0, 1, 2], prompt_ids=prompts, completion_ids=completions, prompts=["", "", ""],
-                        completions=[""] * (3 * G), truncated=torch.zeros(3 * G, dtype=torch.bool),
-                        rewards=torch.tensor(rewards, dtype=torch.float32), parts={}, errors={}, error_messages=[])
+    return ScoredGroups(
+        row_indices=[0, 1, 2],
+        prompt_ids=prompts,
+        completion_ids=completions,
+        prompts=["", "", ""],
+        completions=[""] * (3 * G),
+        truncated=torch.zeros(3 * G, dtype=torch.bool),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        parts={},
+        errors={},
+        error_messages=[],
+    )
 
 
 def _step(model_dir, batch, cfg, *, scoring=None, output_router_logits=None):
     torch.manual_seed(0)
     extra = {} if output_router_logits is None else {"output_router_logits": output_router_logits}
     policy = AutoModelForCausalLM.from_pretrained(model_dir, **extra)
-    models = Models(policy=policy, reference=None, tokenizer=AutoTokenizer.from_pretrained(model_dir),
-                    uses_lora=False, scoring=scoring)
+    models = Models(
+        policy=policy,
+        reference=None,
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        uses_lora=False,
+        scoring=scoring,
+    )
     advantages, _ = group_advantages(batch.rewards, G)
     micro = plan_micro_batches(batch, torch.ones(len(advantages), dtype=torch.bool), G, 8192)
     lengths = [c.shape[0] for c in batch.completion_ids]
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return optimize(models, micro, advantages, cfg, num_sequences=len(lengths), num_tokens=sum(lengths),
-                    params=list(policy.parameters()), optimizer=optimizer, scheduler=scheduler)
+    return optimize(
+        models,
+        micro,
+        advantages,
+        cfg,
+        num_sequences=len(lengths),
+        num_tokens=sum(lengths),
+        params=list(policy.parameters()),
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
 
 
 def test_the_router_aux_loss_is_added_where_the_config_asks_for_it(moe_dir):
@@ -220,20 +256,31 @@ class ScriptedRollouts:
 def _scored(parts: list[float | None], rewards: list[float]) -> ScoredGroups:
     n = len(parts)
     errors = sum(p is None for p in parts)
-    return ScoredGroups(row_indices=list(range(n // 2)), prompt_ids=[torch.tensor([1])] * (n // 2),
-                        completion_ids=[torch.tensor([2])] * n, prompts=["p"] * (n // 2), completions=["c"] * n,
-                        truncated=torch.zeros(n, dtype=torch.bool), rewards=torch.tensor(rewards),
-                        parts={"r": parts}, errors={"r": errors},
-                        error_messages=["r: it broke"] if errors else [])
+    return ScoredGroups(
+        row_indices=list(range(n // 2)),
+        prompt_ids=[torch.tensor([1])] * (n // 2),
+        completion_ids=[torch.tensor([2])] * n,
+        prompts=["p"] * (n // 2),
+        completions=["c"] * n,
+        truncated=torch.zeros(n, dtype=torch.bool),
+        rewards=torch.tensor(rewards),
+        parts={"r": parts},
+        errors={"r": errors},
+        error_messages=["r: it broke"] if errors else [],
+    )
 
 
 def test_each_reward_error_counts_once_under_dynamic_sampling():
     cfg = GRPOConfig(group_size=2, prompts_per_step=3, dynamic_sampling=True, max_resample_rounds=1)
-    first = _scored([None, 1.0, 0.0, None, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # 2 errors; group 2 flat
+    first = _scored(
+        [None, 1.0, 0.0, None, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    )  # 2 errors; group 2 flat
     fresh = _scored([None, 0.5, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0])  # 1 error; one group informative, one flat
     batch, extra = draw_batch(ScriptedRollouts([first, fresh]), PromptSampler(10, 0), cfg, {})
     assert extra == 2 and len(batch.prompt_ids) == 3
-    assert batch.errors == {"r": 3}  # each scored completion's error once (HEAD: once per kept group, 2 + 2 + 1)
+    assert batch.errors == {
+        "r": 3
+    }  # each scored completion's error once (HEAD: once per kept group, 2 + 2 + 1)
     assert batch.error_messages == ["r: it broke"]
     one = first.select([1], 2)
     assert one.errors == {"r": 1} and first.select([2], 2).errors == {"r": 0}
@@ -243,7 +290,9 @@ def test_each_reward_error_counts_once_under_dynamic_sampling():
 # --- zero-length and all-truncated completions --------------------------------------------------
 
 
-@pytest.mark.parametrize("scoring", [Scoring(), Scoring(share_prompt=False), PLAIN], ids=["shared", "rows", "plain"])
+@pytest.mark.parametrize(
+    "scoring", [Scoring(), Scoring(share_prompt=False), PLAIN], ids=["shared", "rows", "plain"]
+)
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
 def test_zero_length_completions_train(tiny_model_dir, scoring, loss_type):
     lengths = [0, 3, 0, 2, 0, 0, 0, 0, 4, 0, 1, 2]  # group 1 has no token at all
@@ -257,8 +306,15 @@ def test_zero_length_completions_train(tiny_model_dir, scoring, loss_type):
 @pytest.mark.slow
 def test_an_all_truncated_batch_with_masking_is_a_finite_step_that_changes_nothing(tiny_model_dir, tmp_path):
     # one-token completions of a random model almost never end in EOS: every one is truncated
-    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), max_completion_length=1, max_steps=2,
-                   mask_truncated_completions=True, beta=0.04, checkpoint_every=1)
+    run = tiny_run(
+        tiny_model_dir,
+        letter_dataset(tmp_path / "data.jsonl"),
+        max_completion_length=1,
+        max_steps=2,
+        mask_truncated_completions=True,
+        beta=0.04,
+        checkpoint_every=1,
+    )
     progress = Recorder()
     result = train(run, tmp_path / "out", progress)
     assert [m["truncated_ratio"] for _, m in progress.steps] == [1.0, 1.0]
@@ -285,8 +341,12 @@ def test_micro_batches_hold_at_most_the_budget_of_padded_completions():
         for plan in plans:
             held = sum(group_cost(g, share_prompt=share_prompt) for g in plan.groups)
             assert held <= budget or len(plan.groups) == 1
-            real = sum((g.prompt.shape[0] + len(g.completions) * max(c.shape[0] for c in g.completions))
-                       if share_prompt else len(g.completions) * (g.prompt.shape[0] + 100) for g in plan.groups)
+            real = sum(
+                (g.prompt.shape[0] + len(g.completions) * max(c.shape[0] for c in g.completions))
+                if share_prompt
+                else len(g.completions) * (g.prompt.shape[0] + 100)
+                for g in plan.groups
+            )
             assert real <= budget or len(plan.groups) == 1
     assert len(plan_micro_batches(batch, active, G, 500)) == 3
 
@@ -303,8 +363,16 @@ def _run_metrics(model_dir, data, output, *, threads=None):
         if threads is not None:
             torch.set_num_threads(threads)
         # big enough that CPU kernels split their sums by thread (1 and 2 threads differ by step 3)
-        run = tiny_run(model_dir, data, group_size=8, prompts_per_step=16, max_steps=3, max_completion_length=24,
-                       learning_rate=5e-3, beta=0.04)
+        run = tiny_run(
+            model_dir,
+            data,
+            group_size=8,
+            prompts_per_step=16,
+            max_steps=3,
+            max_completion_length=24,
+            learning_rate=5e-3,
+            beta=0.04,
+        )
         result = train(run, output)
     finally:
         torch.set_num_threads(saved)

@@ -24,7 +24,9 @@ class Logs(Progress):
         self.logs, self.crash_at = [], crash_at
 
     def on_step(self, step, metrics):
-        if step == self.crash_at:  # after the step's metrics were written, before its checkpoint: a killed worker
+        if (
+            step == self.crash_at
+        ):  # after the step's metrics were written, before its checkpoint: a killed worker
             raise Crash(step)
 
     def on_log(self, level, message):
@@ -49,15 +51,22 @@ def test_every_step_and_its_eval_metrics_are_read_back_from_tensorboard(tiny_mod
     scalars, lines = read_scalars(tmp_path / "out"), metrics_lines(tmp_path / "out")
     for name in ("reward", "loss", "kl", "completion_length", "eval/reward", "eval/rewards/regex"):
         assert [step for step, _ in scalars[name]] == [1, 2, 3], name
-        assert [value for _, value in scalars[name]] == pytest.approx([line[name] for line in lines], rel=1e-6), name
+        assert [value for _, value in scalars[name]] == pytest.approx(
+            [line[name] for line in lines], rel=1e-6
+        ), name
     assert set(scalars) >= {key for line in lines for key in line if key != "step"}
 
 
 def test_a_replayed_step_shows_once_after_a_resume(tiny_model_dir, tmp_path):
     """A worker killed after step 3's metrics, with its newest checkpoint at step 2: the next
     attempt replays step 3, and TensorBoard shows each step once, as metrics.jsonl does."""
-    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl", n=5), max_steps=4, checkpoint_every=2,
-                   keep_last_checkpoints=0)
+    run = tiny_run(
+        tiny_model_dir,
+        letter_dataset(tmp_path / "data.jsonl", n=5),
+        max_steps=4,
+        checkpoint_every=2,
+        keep_last_checkpoints=0,
+    )
     with pytest.raises(Crash):
         train(run, tmp_path / "out", Logs(crash_at=3))
     assert [step for step, _ in read_scalars(tmp_path / "out")["reward"]] == [1, 2, 3]
@@ -65,7 +74,9 @@ def test_a_replayed_step_shows_once_after_a_resume(tiny_model_dir, tmp_path):
 
     scalars, lines = read_scalars(tmp_path / "out"), metrics_lines(tmp_path / "out")
     assert [step for step, _ in scalars["reward"]] == [1, 2, 3, 4]
-    assert [value for _, value in scalars["reward"]] == pytest.approx([line["reward"] for line in lines], rel=1e-6)
+    assert [value for _, value in scalars["reward"]] == pytest.approx(
+        [line["reward"] for line in lines], rel=1e-6
+    )
 
 
 def test_wandb_is_off_by_default_and_a_missing_package_only_warns(tiny_model_dir, tmp_path, monkeypatch):
@@ -78,14 +89,18 @@ def test_wandb_is_off_by_default_and_a_missing_package_only_warns(tiny_model_dir
     configured = wandb_options(Settings(wandb_project="grpo-runs"), job_id="job_x", job_name="arith")
     assert (configured.project, configured.run_id, configured.name) == ("grpo-runs", "job_x", "arith")
 
-    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, as on a worker without it
+    monkeypatch.setitem(
+        sys.modules, "wandb", None
+    )  # `import wandb` raises ImportError, as on a worker without it
     progress = Logs()
     run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), max_steps=2)
     result = train(run, tmp_path / "out", progress, wandb=WandbOptions(project="grpo-runs", mode="offline"))
 
     assert result.final_step == 2
     assert [step for step, _ in read_scalars(tmp_path / "out")["reward"]] == [1, 2]
-    assert any(level == "warning" and "wandb package is not installed" in message for level, message in progress.logs)
+    assert any(
+        level == "warning" and "wandb package is not installed" in message for level, message in progress.logs
+    )
 
 
 def test_an_unwritable_tensorboard_directory_only_warns(tmp_path):

@@ -43,8 +43,16 @@ def _state(path):
 
 
 def test_reward_rises_and_every_parameter_changes(tiny_model_dir, tmp_path):
-    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), group_size=8, prompts_per_step=4,
-                   max_steps=30, learning_rate=5e-3, max_completion_length=12, beta=0.04)
+    run = tiny_run(
+        tiny_model_dir,
+        letter_dataset(tmp_path / "data.jsonl"),
+        group_size=8,
+        prompts_per_step=4,
+        max_steps=30,
+        learning_rate=5e-3,
+        max_completion_length=12,
+        beta=0.04,
+    )
     progress = Recorder()
     result = train(run, tmp_path / "out", progress)
     rewards = [m["reward"] for _, m in progress.steps]
@@ -56,14 +64,33 @@ def test_reward_rises_and_every_parameter_changes(tiny_model_dir, tmp_path):
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert unchanged == []
     metrics = progress.steps[-1][1]
-    for name in ("reward_std", "frac_reward_zero_std", "kl", "clip_ratio/low", "clip_ratio/high", "grad_norm",
-                 "learning_rate", "completion_length/min", "completion_length/max", "truncated_ratio", "entropy",
-                 "reward_errors", "time/generate", "time/reward", "time/train", "step_seconds",
-                 "tokens_per_second", "num_tokens", "rewards/regex"):
+    for name in (
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio/low",
+        "clip_ratio/high",
+        "grad_norm",
+        "learning_rate",
+        "completion_length/min",
+        "completion_length/max",
+        "truncated_ratio",
+        "entropy",
+        "reward_errors",
+        "time/generate",
+        "time/reward",
+        "time/train",
+        "step_seconds",
+        "tokens_per_second",
+        "num_tokens",
+        "rewards/regex",
+    ):
         assert name in metrics
     assert metrics["kl"] > 0
     seen = [m["num_tokens"] for _, m in progress.steps]  # cumulative: prompts x G + completions, every step
-    assert seen[0] >= 4 * 2 * 2 and all(later > earlier for earlier, later in zip(seen, seen[1:], strict=False))
+    assert seen[0] >= 4 * 2 * 2 and all(
+        later > earlier for earlier, later in zip(seen, seen[1:], strict=False)
+    )
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 31))
     assert progress.samples[0][1][0]["completion"] is not None
@@ -72,8 +99,14 @@ def test_reward_rises_and_every_parameter_changes(tiny_model_dir, tmp_path):
 def test_lora_changes_only_adapters_and_saves_a_loadable_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), max_steps=2, beta=0.1,
-                   learning_rate=1e-2, lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    run = tiny_run(
+        tiny_model_dir,
+        letter_dataset(tmp_path / "data.jsonl"),
+        max_steps=2,
+        beta=0.1,
+        learning_rate=1e-2,
+        lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     progress = Recorder()
     result = train(run, tmp_path / "out", progress)
     assert (result.checkpoint / "adapter_model.safetensors").is_file()
@@ -91,7 +124,9 @@ def test_lora_changes_only_adapters_and_saves_a_loadable_adapter(tiny_model_dir,
     assert progress.steps[1][1]["kl"] > 0
 
 
-@pytest.mark.parametrize("extra", [{}, {"num_iterations": 2, "beta": 0.05, "lr_schedule": "cosine", "warmup_steps": 1}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"num_iterations": 2, "beta": 0.05, "lr_schedule": "cosine", "warmup_steps": 1}]
+)
 def test_resume_gives_the_same_parameters_and_metrics(tiny_model_dir, tmp_path, extra):
     data = letter_dataset(tmp_path / "data.jsonl", n=5)  # 5 rows, 2 per step: resumes across an epoch edge
     run = tiny_run(tiny_model_dir, data, max_steps=5, checkpoint_every=0, keep_last_checkpoints=0, **extra)
@@ -106,18 +141,28 @@ def test_resume_gives_the_same_parameters_and_metrics(tiny_model_dir, tmp_path, 
     assert resumed.final_step == 5
 
     timing = ("time/", "step_seconds", "tokens_per_second")
+
     def strip(metrics):
         return {k: v for k, v in metrics.items() if not k.startswith(timing)}
+
     assert [strip(m) for _, m in first.steps + second.steps] == [strip(m) for _, m in straight.steps]
-    a, b = _state(tmp_path / "straight/checkpoints/step-000005"), _state(tmp_path / "resumed/checkpoints/step-000005")
+    a, b = (
+        _state(tmp_path / "straight/checkpoints/step-000005"),
+        _state(tmp_path / "resumed/checkpoints/step-000005"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
 
 
 def test_checkpoints_are_pruned_and_complete(tiny_model_dir, tmp_path):
-    run = tiny_run(tiny_model_dir, letter_dataset(tmp_path / "data.jsonl"), max_steps=4, checkpoint_every=1,
-                   keep_last_checkpoints=2)
+    run = tiny_run(
+        tiny_model_dir,
+        letter_dataset(tmp_path / "data.jsonl"),
+        max_steps=4,
+        checkpoint_every=1,
+        keep_last_checkpoints=2,
+    )
     progress = Recorder()
     train(run, tmp_path / "out", progress)
     assert [step for step, _ in progress.checkpoints] == [1, 2, 3, 4]
@@ -129,8 +174,16 @@ def test_checkpoints_are_pruned_and_complete(tiny_model_dir, tmp_path):
 def test_dynamic_sampling_and_all_loss_types_run(tiny_model_dir, tmp_path):
     data = letter_dataset(tmp_path / "data.jsonl")
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        run = tiny_run(tiny_model_dir, data, max_steps=1, loss_type=loss_type, dynamic_sampling=True,
-                       importance_sampling_level="sequence", mask_truncated_completions=True, scale_rewards="batch")
+        run = tiny_run(
+            tiny_model_dir,
+            data,
+            max_steps=1,
+            loss_type=loss_type,
+            dynamic_sampling=True,
+            importance_sampling_level="sequence",
+            mask_truncated_completions=True,
+            scale_rewards="batch",
+        )
         progress = Recorder()
         train(run, tmp_path / loss_type, progress)
         metrics = progress.steps[0][1]
@@ -139,18 +192,32 @@ def test_dynamic_sampling_and_all_loss_types_run(tiny_model_dir, tmp_path):
 
 def test_cli_runs_a_spec_and_resumes(tiny_model_dir, tmp_path):
     data = letter_dataset(tmp_path / "data.jsonl")
-    spec = {"base_model": str(tiny_model_dir), "dataset": str(data), "group_size": 2,
-            "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
-            "hyperparameters": {"max_steps": 2, "prompts_per_step": 2, "max_completion_length": 4, "beta": 0.0}}
+    spec = {
+        "base_model": str(tiny_model_dir),
+        "dataset": str(data),
+        "group_size": 2,
+        "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
+        "hyperparameters": {"max_steps": 2, "prompts_per_step": 2, "max_completion_length": 4, "beta": 0.0},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "trainer", "run", str(tmp_path / "spec.json"), "--output", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "run",
+        str(tmp_path / "spec.json"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "step 1/2" in done.stdout and "step 2/2" in done.stdout
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     spec["hyperparameters"]["max_steps"] = 3
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # neither --resume nor --overwrite
+    again = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300
+    )  # neither --resume nor --overwrite
     assert again.returncode == 2 and "already holds a run (checkpoints up to step 2)" in again.stderr
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2  # nothing was started over
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
@@ -161,16 +228,23 @@ def test_cli_runs_a_spec_and_resumes(tiny_model_dir, tmp_path):
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
     bad = dict(spec, group_size=1)
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    done = subprocess.run(cmd[:4] + [str(tmp_path / "bad.json"), "--output", str(tmp_path / "bad")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        cmd[:4] + [str(tmp_path / "bad.json"), "--output", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "group_size: must be >= 2" in done.stderr
 
 
 def test_trainer_imports_no_web_database_or_queue_module():
-    code = ("import sys, trainer.loop, trainer.__main__, trainer.rewards;"
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('fastapi', 'starlette', 'sqlalchemy', 'alembic', 'celery', 'kombu', 'redis', 'psycopg', 'jobs', 'api', 'worker')];"
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, trainer.loop, trainer.__main__, trainer.rewards;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('fastapi', 'starlette', 'sqlalchemy', 'alembic', 'celery', 'kombu', 'redis', 'psycopg', "
+        "'jobs', 'api', 'worker')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -181,13 +255,30 @@ def test_trainer_source_names_no_web_database_or_queue_module():
 
     import trainer
 
-    forbidden = {"fastapi", "starlette", "sqlalchemy", "alembic", "celery", "kombu", "redis", "psycopg",
-                 "pydantic", "jobs", "api", "worker"}
+    forbidden = {
+        "fastapi",
+        "starlette",
+        "sqlalchemy",
+        "alembic",
+        "celery",
+        "kombu",
+        "redis",
+        "psycopg",
+        "pydantic",
+        "jobs",
+        "api",
+        "worker",
+    }
     offenders = []
     for path in Path(trainer.__file__).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert offenders == []
 
@@ -196,8 +287,13 @@ def test_eval_metrics_and_merged_export(tiny_model_dir, tmp_path):
     from trainer.checkpoint import export_merged
 
     data = letter_dataset(tmp_path / "data.jsonl")
-    run = tiny_run(tiny_model_dir, data, max_steps=2, eval_every=1,
-                   lora=LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    run = tiny_run(
+        tiny_model_dir,
+        data,
+        max_steps=2,
+        eval_every=1,
+        lora=LoraConfig(r=2, alpha=4, target_modules="all-linear"),
+    )
     run.eval_dataset = str(letter_dataset(tmp_path / "eval.jsonl", n=3))
     progress = Recorder()
     result = train(run, tmp_path / "out", progress)

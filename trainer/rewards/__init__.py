@@ -12,6 +12,11 @@ from trainer.rewards.registry import REWARD_TYPES, required_fields, validate_rew
 from trainer.rewards.suite import RewardOutput, RewardSuite, check_operator_policy
 
 __all__ = [
-    "REWARD_TYPES", "RewardError", "RewardOutput", "RewardSuite", "check_operator_policy", "required_fields",
+    "REWARD_TYPES",
+    "RewardError",
+    "RewardOutput",
+    "RewardSuite",
+    "check_operator_policy",
+    "required_fields",
     "validate_reward_specs",
 ]

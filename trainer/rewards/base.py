@@ -34,7 +34,8 @@ class RewardFunction(Protocol):
 class Option:
     """One option of a reward type: its kind, its default, and the values it may take."""
 
-    kind: str  # "string", "number", "integer", "boolean", "strings" (a list) or "headers" (a str -> str mapping)
+    # "string", "number", "integer", "boolean", "strings" (a list) or "headers" (a str -> str mapping)
+    kind: str
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive
@@ -95,8 +96,13 @@ def row_value(row: dict[str, Any], name: str) -> Any:
 
 # User patterns run on the ``regex`` engine, the one ``re``-compatible engine with a time limit: a
 # pattern that backtracks catastrophically, e.g. "(a|a)+$", would otherwise hold a worker forever.
-REGEX_FLAGS = {"a": regex.ASCII, "i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL,
-               "x": regex.VERBOSE}
+REGEX_FLAGS = {
+    "a": regex.ASCII,
+    "i": regex.IGNORECASE,
+    "m": regex.MULTILINE,
+    "s": regex.DOTALL,
+    "x": regex.VERBOSE,
+}
 PATTERN_TIMEOUT_S = 1.0  # one pattern on one completion; a sane pattern takes microseconds
 
 
@@ -111,22 +117,30 @@ def compile_pattern(pattern: str, flags: str) -> regex.Pattern[str]:
 def pattern_timed_out(pattern: regex.Pattern[str]) -> RewardError:
     """The error a completion gets when ``pattern`` ran past PATTERN_TIMEOUT_S on it."""
     shown = pattern.pattern if len(pattern.pattern) <= 60 else pattern.pattern[:57] + "..."
-    return RewardError(f"the pattern {shown!r} timed out after {PATTERN_TIMEOUT_S:g}s on this completion; "
-                       "nested repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it")
+    return RewardError(
+        f"the pattern {shown!r} timed out after {PATTERN_TIMEOUT_S:g}s on this completion; "
+        "nested repetition such as (a+)+ or (a|a)+ backtracks exponentially, simplify it"
+    )
 
 
 def check_pattern(spec: dict[str, Any], param: str) -> None:
     """ConfigError unless ``spec["flags"]`` are known letters and ``spec["pattern"]`` compiles."""
     unknown = sorted(set(spec["flags"]) - set(REGEX_FLAGS))
     if unknown:
-        raise ConfigError(f"{param}.flags", f"unknown regex flag {unknown[0]!r}; use letters from "
-                          f"{''.join(REGEX_FLAGS)} (a: ASCII, i: ignore case, m: multiline, "
-                          "s: dot matches newline, x: verbose)")
+        raise ConfigError(
+            f"{param}.flags",
+            f"unknown regex flag {unknown[0]!r}; use letters from "
+            f"{''.join(REGEX_FLAGS)} (a: ASCII, i: ignore case, m: multiline, "
+            "s: dot matches newline, x: verbose)",
+        )
     try:
         compile_pattern(spec["pattern"], spec["flags"])
     except regex.error as exc:
-        raise ConfigError(f"{param}.pattern", f"is not a valid regular expression ({exc}); fix it or escape "
-                          "special characters with a backslash") from None
+        raise ConfigError(
+            f"{param}.pattern",
+            f"is not a valid regular expression ({exc}); fix it or escape "
+            "special characters with a backslash",
+        ) from None
 
 
 def check_option(param: str, option: Option, value: Any) -> Any:
@@ -156,14 +170,19 @@ def check_option(param: str, option: Option, value: Any) -> Any:
             raise ConfigError(param, f'must be a list of strings, e.g. ["127.0.0.1"], got {value!r}')
         value = list(value)
     elif kind == "headers":
-        if not isinstance(value, dict) or not all(isinstance(item, str) for pair in value.items() for item in pair):
+        if not isinstance(value, dict) or not all(
+            isinstance(item, str) for pair in value.items() for item in pair
+        ):
             raise ConfigError(param, 'must be an object of strings, e.g. {"Authorization": "Bearer ..."}')
         value = dict(value)
     else:  # pragma: no cover - a mistake in a registry entry
         raise AssertionError(f"unknown option kind {kind!r}")
     if option.choices and value not in option.choices:
-        raise ConfigError(param, f"unknown value {value!r}; {did_you_mean(value, option.choices)}"
-                          f"expected one of {', '.join(option.choices)}")
+        raise ConfigError(
+            param,
+            f"unknown value {value!r}; {did_you_mean(value, option.choices)}"
+            f"expected one of {', '.join(option.choices)}",
+        )
     if option.minimum is not None and value < option.minimum:
         raise ConfigError(param, f"must be >= {option.minimum:g}, got {value!r}")
     if option.above is not None and value <= option.above:

@@ -66,11 +66,15 @@ def split_tests(tests: Any) -> list[dict[str, Any]]:
         try:
             tree = ast.parse(tests)
         except SyntaxError as exc:
-            raise RewardError(f"the row's tests are not valid Python ({exc.msg}, line {exc.lineno})") from None
+            raise RewardError(
+                f"the row's tests are not valid Python ({exc.msg}, line {exc.lineno})"
+            ) from None
         steps = [{"code": ast.unparse(node), "test": isinstance(node, ast.Assert)} for node in tree.body]
         return steps if any(step["test"] for step in steps) else [{"code": tests, "test": True}]
-    raise RewardError("the row's tests must be a non-empty list of assert statements (strings) or one "
-                      f"string of Python code, got {type(tests).__name__}")
+    raise RewardError(
+        "the row's tests must be a non-empty list of assert statements (strings) or one "
+        f"string of Python code, got {type(tests).__name__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,17 @@ def run_tests(program: str, steps: list[dict[str, Any]], limits: SandboxLimits) 
     """
     nonce = secrets.token_hex(16)
     job = json.dumps({"nonce": nonce, "program": program, "steps": steps}).encode()
-    result = run_sandboxed(harness_source(), stdin=job, timeout_s=limits.timeout_s, memory_mb=limits.memory_mb,
-                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, network=limits.network,
-                           allow_unisolated=limits.allow_unisolated, stop=current_stop())
+    result = run_sandboxed(
+        harness_source(),
+        stdin=job,
+        timeout_s=limits.timeout_s,
+        memory_mb=limits.memory_mb,
+        file_mb=FILE_LIMIT_MB,
+        max_processes=MAX_PROCESSES,
+        network=limits.network,
+        allow_unisolated=limits.allow_unisolated,
+        stop=current_stop(),
+    )
     report = result.stdout.decode("utf-8", "replace")
     progress = re.findall(rf"^{nonce} (\d+) (\d+)$", report, re.MULTILINE)
     if progress:
@@ -114,8 +126,9 @@ class CodeTests:
     def __init__(self, spec: dict[str, Any], policy: OperatorPolicy):
         self.field = spec["field"]
         self.partial = spec["partial"]
-        self.limits = SandboxLimits(spec["timeout_s"], spec["memory_mb"], spec["allow_network"],
-                                    policy.sandbox_allow_unisolated)
+        self.limits = SandboxLimits(
+            spec["timeout_s"], spec["memory_mb"], spec["allow_network"], policy.sandbox_allow_unisolated
+        )
 
     def score(self, completion: str, row: dict[str, Any]) -> float:
         steps = split_tests(row_value(row, self.field))
@@ -129,8 +142,10 @@ class CodeTests:
         workers = max(1, min(len(completions), os.cpu_count() or 1, MAX_WORKERS))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-tests") as pool:
             # each in a copy of this context: a stop signal (``current_stop``) reaches the sandboxes
-            futures = [pool.submit(contextvars.copy_context().run, self.score, completion, row)
-                       for completion, row in zip(completions, rows, strict=True)]
+            futures = [
+                pool.submit(contextvars.copy_context().run, self.score, completion, row)
+                for completion, row in zip(completions, rows, strict=True)
+            ]
         scores: Scores = []
         for future in futures:
             try:
@@ -152,8 +167,11 @@ def _check_code_tests(spec: dict[str, Any], param: str) -> None:
 
 def _check_code_tests_policy(spec: dict[str, Any], param: str, policy: OperatorPolicy) -> None:
     if spec["allow_network"] and not policy.sandbox_allow_network:
-        raise ConfigError(f"{param}.allow_network", "code from completions runs without network access; the "
-                          f"operator may allow it by setting {ALLOW_NETWORK_ENV}=1 on the API and the workers")
+        raise ConfigError(
+            f"{param}.allow_network",
+            "code from completions runs without network access; the "
+            f"operator may allow it by setting {ALLOW_NETWORK_ENV}=1 on the API and the workers",
+        )
 
 
 CODE_TESTS = RewardType(

@@ -27,7 +27,9 @@ class GradeTimeout(Exception):
 
 def describe(exc: BaseException) -> str:
     """``TypeError: ... (grader.py line 3)``: the error and where in the grader's source it came from."""
-    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == "grader.py"]
+    lines = [
+        frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == "grader.py"
+    ]
     where = f" (grader.py line {lines[-1]})" if lines else ""
     return f"{type(exc).__name__}: {exc}"[:300] + where
 

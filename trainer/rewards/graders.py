@@ -36,8 +36,10 @@ SAMPLE_FIELDS = ("output_text", "output_json")
 
 def placeholders(template: str) -> list[tuple[str, list[str]]]:
     """``"{{item.a.b}} {{sample.output_text}}"`` → ``[("item", ["a", "b"]), ("sample", ["output_text"])]``."""
-    return [(match.group(1), [part for part in match.group(2).split(".") if part])
-            for match in _PLACEHOLDER.finditer(template)]
+    return [
+        (match.group(1), [part for part in match.group(2).split(".") if part])
+        for match in _PLACEHOLDER.finditer(template)
+    ]
 
 
 def check_template(param: str, template: str) -> None:
@@ -46,13 +48,23 @@ def check_template(param: str, template: str) -> None:
     for namespace, path in placeholders(template):
         if namespace == "item" and path:
             continue
-        if namespace == "sample" and path and path[0] in SAMPLE_FIELDS and (path[0] == "output_json" or len(path) == 1):
+        if (
+            namespace == "sample"
+            and path
+            and path[0] in SAMPLE_FIELDS
+            and (path[0] == "output_json" or len(path) == 1)
+        ):
             continue
         written = ".".join([namespace, *path])
-        raise ConfigError(param, f"unknown template variable {{{{{written}}}}}; use {{{{sample.output_text}}}}, "
-                          "{{sample.output_json.FIELD}} or {{item.FIELD}} (a field of the dataset row)")
+        raise ConfigError(
+            param,
+            f"unknown template variable {{{{{written}}}}}; use {{{{sample.output_text}}}}, "
+            "{{sample.output_json.FIELD}} or {{item.FIELD}} (a field of the dataset row)",
+        )
     if "{{" in _PLACEHOLDER.sub("", template):
-        raise ConfigError(param, "has a '{{' that opens no template variable; write variables as {{item.FIELD}}")
+        raise ConfigError(
+            param, "has a '{{' that opens no template variable; write variables as {{item.FIELD}}"
+        )
 
 
 def template_fields(template: str) -> set[str]:
@@ -131,15 +143,16 @@ def string_check(text: str, reference: str, operation: str) -> float:
 def _build_string_check(spec: dict[str, Any], **_: Any) -> PerCompletion:
     def score(prompt: str, completion: str, row: dict[str, Any]) -> float:
         sample = sample_of(completion)
-        return string_check(render(spec["input"], sample, row), render(spec["reference"], sample, row),
-                            spec["operation"])
+        return string_check(
+            render(spec["input"], sample, row), render(spec["reference"], sample, row), spec["operation"]
+        )
 
     return PerCompletion(score)
 
 
 STRING_CHECK = RewardType(
     summary="1.0 when input (default: the completion) equals (eq), differs from (ne) or contains (like, "
-            "ilike: ignoring case) reference, as OpenAI's string_check grader",
+    "ilike: ignoring case) reference, as OpenAI's string_check grader",
     options={
         "input": Option("string", "{{sample.output_text}}"),
         "reference": Option("string", example='"{{item.answer}}"'),
@@ -175,8 +188,11 @@ def _check_text_similarity(spec: dict[str, Any], param: str) -> None:
     metric = spec["evaluation_metric"]
     if metric not in SIMILARITY_METRICS:
         why = f" ({UNSUPPORTED_METRICS[metric]})" if metric in UNSUPPORTED_METRICS else ""
-        raise ConfigError(f"{param}.evaluation_metric", f"{metric!r} is not supported here{why}; supported: "
-                          f"{', '.join(SIMILARITY_METRICS)}. A python_grader can compute any other metric")
+        raise ConfigError(
+            f"{param}.evaluation_metric",
+            f"{metric!r} is not supported here{why}; supported: "
+            f"{', '.join(SIMILARITY_METRICS)}. A python_grader can compute any other metric",
+        )
     _check_templates(spec, param)
 
 
@@ -217,9 +233,13 @@ def _defines_grade(tree: ast.Module) -> bool:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "grade":
             return True
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "grade" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "grade" for t in node.targets
+        ):
             return True
-        if isinstance(node, ast.ImportFrom | ast.Import) and any((a.asname or a.name) == "grade" for a in node.names):
+        if isinstance(node, ast.ImportFrom | ast.Import) and any(
+            (a.asname or a.name) == "grade" for a in node.names
+        ):
             return True
     return False
 
@@ -233,8 +253,11 @@ def _check_python_grader(spec: dict[str, Any], param: str) -> None:
     except SyntaxError as exc:
         raise ConfigError(f"{param}.source", f"is not valid Python: {exc.msg} (line {exc.lineno})") from None
     if not _defines_grade(tree):
-        raise ConfigError(f"{param}.source", "must define grade(sample, item) -> float at the top level, e.g. "
-                          "def grade(sample, item): return float(sample['output_text'] == item['answer'])")
+        raise ConfigError(
+            f"{param}.source",
+            "must define grade(sample, item) -> float at the top level, e.g. "
+            "def grade(sample, item): return float(sample['output_text'] == item['answer'])",
+        )
     if spec["timeout_s"] > MAX_TIMEOUT_S:
         raise ConfigError(f"{param}.timeout_s", f"must be <= {MAX_TIMEOUT_S:g} s, got {spec['timeout_s']:g}")
     if spec["memory_mb"] > MAX_MEMORY_MB:
@@ -246,21 +269,36 @@ def harness_source() -> str:
     return HARNESS.read_text(encoding="utf-8")
 
 
-def grade_in_sandbox(source: str, cases: list[dict[str, Any]], *, timeout_s: float, memory_mb: int,
-                     allow_unisolated: bool = False) -> list[float | Exception]:
+def grade_in_sandbox(
+    source: str,
+    cases: list[dict[str, Any]],
+    *,
+    timeout_s: float,
+    memory_mb: int,
+    allow_unisolated: bool = False,
+) -> list[float | Exception]:
     """``grade(case["sample"], case["item"])`` for each case, in one sandbox run: a score or the
     exception that stands for it. ``timeout_s`` bounds each call; the run as a whole gets
     ``timeout_s`` per case."""
     nonce = secrets.token_hex(16)
     job = json.dumps({"nonce": nonce, "source": source, "cases": cases, "timeout_s": timeout_s}).encode()
-    result = run_sandboxed(harness_source(), stdin=job, timeout_s=timeout_s * len(cases), memory_mb=memory_mb,
-                           file_mb=FILE_LIMIT_MB, max_processes=MAX_PROCESSES, allow_unisolated=allow_unisolated,
-                           stop=current_stop())
+    result = run_sandboxed(
+        harness_source(),
+        stdin=job,
+        timeout_s=timeout_s * len(cases),
+        memory_mb=memory_mb,
+        file_mb=FILE_LIMIT_MB,
+        max_processes=MAX_PROCESSES,
+        allow_unisolated=allow_unisolated,
+        stop=current_stop(),
+    )
     report = result.stdout.decode("utf-8", "replace")
     lines = re.findall(rf"^{nonce} (\S+) (ok|error) (.*)$", report, re.MULTILINE)
     if not any(index == "start" for index, _, _ in lines):
         if result.timed_out:
-            raise SandboxError(f"the sandbox did not start within {timeout_s * len(cases) + STARTUP_SLACK_S:g} s")
+            raise SandboxError(
+                f"the sandbox did not start within {timeout_s * len(cases) + STARTUP_SLACK_S:g} s"
+            )
         stderr_tail = result.stderr[-300:].decode("utf-8", "replace").strip()
         raise SandboxError(f"the grader harness did not start ({result.describe()}): {stderr_tail}")
     scores: dict[int, float | Exception] = {}
@@ -268,10 +306,14 @@ def grade_in_sandbox(source: str, cases: list[dict[str, Any]], *, timeout_s: flo
         if index == "setup":  # the source itself failed: every case fails alike
             return [RewardError(f"the grader's source failed: {json.loads(value)}")] * len(cases)
         if index.isdigit() and int(index) < len(cases) and int(index) not in scores:
-            scores[int(index)] = float(json.loads(value)) if outcome == "ok" else RewardError(json.loads(value))
-    stopped = ("it ran out of time" if result.timed_out else f"the grader process {result.describe()}")
-    return [scores.get(index, RewardError(f"no grade: {stopped} before this sample"))
-            for index in range(len(cases))]
+            scores[int(index)] = (
+                float(json.loads(value)) if outcome == "ok" else RewardError(json.loads(value))
+            )
+    stopped = "it ran out of time" if result.timed_out else f"the grader process {result.describe()}"
+    return [
+        scores.get(index, RewardError(f"no grade: {stopped} before this sample"))
+        for index in range(len(cases))
+    ]
 
 
 class PythonGrader:
@@ -284,22 +326,37 @@ class PythonGrader:
         self.allow_unisolated = policy.sandbox_allow_unisolated  # the operator's, as for code_tests
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
-        cases = [{"sample": sample_of(completion), "item": row} for completion, row in zip(completions, rows, strict=True)]
+        cases = [
+            {"sample": sample_of(completion), "item": row}
+            for completion, row in zip(completions, rows, strict=True)
+        ]
         if not cases:
             return []
         parts = max(1, min(len(cases), os.cpu_count() or 1, MAX_SANDBOXES))
-        chunks = [cases[index::parts] for index in range(parts)]  # round robin: chunk i holds cases i, i+parts, ...
+        chunks = [
+            cases[index::parts] for index in range(parts)
+        ]  # round robin: chunk i holds cases i, i+parts, ...
         with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="python-grader") as pool:
             # each in a copy of this context: a stop signal (``current_stop``) reaches the sandboxes
-            futures = [pool.submit(contextvars.copy_context().run, grade_in_sandbox, self.source, chunk,
-                                   timeout_s=self.timeout_s,
-                                   memory_mb=self.memory_mb, allow_unisolated=self.allow_unisolated)
-                       for chunk in chunks]
+            futures = [
+                pool.submit(
+                    contextvars.copy_context().run,
+                    grade_in_sandbox,
+                    self.source,
+                    chunk,
+                    timeout_s=self.timeout_s,
+                    memory_mb=self.memory_mb,
+                    allow_unisolated=self.allow_unisolated,
+                )
+                for chunk in chunks
+            ]
         scores: Scores = [RewardError("not graded")] * len(cases)
         for part, future in enumerate(futures):
             try:
                 graded = future.result()
-            except Exception as exc:  # the sandbox could not run: every case of the chunk errs with the reason
+            except (
+                Exception
+            ) as exc:  # the sandbox could not run: every case of the chunk errs with the reason
                 graded = [exc] * len(chunks[part])
             for offset, score in enumerate(graded):
                 scores[part + offset * parts] = score
@@ -312,8 +369,10 @@ class PythonGrader:
 PYTHON_GRADER = RewardType(
     summary="your grade(sample, item) -> float (Python source, standard library only), run in the sandbox",
     options={
-        "source": Option("string", example='"def grade(sample, item): return float(sample[\'output_text\'] == '
-                                           'item[\'answer\'])"'),
+        "source": Option(
+            "string",
+            example="\"def grade(sample, item): return float(sample['output_text'] == item['answer'])\"",
+        ),
         "timeout_s": Option("number", 5.0, above=0),
         "memory_mb": Option("integer", 512, minimum=64),
     },

@@ -40,8 +40,9 @@ def main() -> None:
     @lru_cache(maxsize=256)  # a group's completions share one gold answer
     def parse_gold(text: str) -> list[Any]:
         # Plain "x^2+1" reads only as LaTeX; a string fallback there would hide an unreadable gold.
-        return (parse(text, parsing_timeout=None)
-                or parse(f"${text}$", parsing_timeout=None, fallback_mode="no_fallback"))
+        return parse(text, parsing_timeout=None) or parse(
+            f"${text}$", parsing_timeout=None, fallback_mode="no_fallback"
+        )
 
     def score(request: dict[str, Any]) -> dict[str, Any]:
         gold = parse_gold(request["gold"])

@@ -42,8 +42,11 @@ class _Child:
 
     def __init__(self, script: Path) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-P", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            start_new_session=True)  # a terminal's Ctrl-C is for the parent, which ends the child
+            [sys.executable, "-P", str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )  # a terminal's Ctrl-C is for the parent, which ends the child
         self.pending = b""
         self.ready = False
 
@@ -52,7 +55,9 @@ class _Child:
             try:
                 self._read(STARTUP_TIMEOUT_S)
             except TimeoutError:
-                raise RewardError(f"math-verify's process did not start within {STARTUP_TIMEOUT_S:g}s") from None
+                raise RewardError(
+                    f"math-verify's process did not start within {STARTUP_TIMEOUT_S:g}s"
+                ) from None
             self.ready = True
         assert self.process.stdin is not None
         try:
@@ -124,8 +129,9 @@ class MathPool:
             stop = current_stop()  # a stopped batch kills the child rather than wait for its answer
             try:
                 with stop.on_stop(child.process.kill) if stop is not None else nullcontext():
-                    reply = child.ask({"gold": gold, "answer": answer, "timeout_s": timeout_s},
-                                      timeout_s + KILL_GRACE_S)
+                    reply = child.ask(
+                        {"gold": gold, "answer": answer, "timeout_s": timeout_s}, timeout_s + KILL_GRACE_S
+                    )
             except TimeoutError:
                 child.kill()
                 raise RewardError(f"math-verify timed out after {timeout_s:g}s on this completion") from None

@@ -34,12 +34,16 @@ class RewardModel:
             self.tokenizer = AutoTokenizer.from_pretrained(spec["model"])
             self.model = AutoModelForSequenceClassification.from_pretrained(spec["model"], dtype=dtype)
         except Exception as exc:
-            raise ModelLoadError(f"{param}.model: cannot load the reward model {spec['model']!r} ({exc}); give a "
-                                 "local directory or hub id of a sequence-classification model") from exc
+            raise ModelLoadError(
+                f"{param}.model: cannot load the reward model {spec['model']!r} ({exc}); give a "
+                "local directory or hub id of a sequence-classification model"
+            ) from exc
         num_labels = self.model.config.num_labels
         if num_labels > 1 and not 0 <= self.label_index < num_labels:
-            raise ModelLoadError(f"{param}.label_index: the reward model has {num_labels} labels; "
-                                 f"choose label_index from 0 to {num_labels - 1}")
+            raise ModelLoadError(
+                f"{param}.label_index: the reward model has {num_labels} labels; "
+                f"choose label_index from 0 to {num_labels - 1}"
+            )
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
@@ -55,8 +59,13 @@ class RewardModel:
         scores: Scores = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 logits = self.model(**batch).logits.float()  # [B, num_labels]
                 if logits.shape[-1] == 1:
                     values = logits[:, 0]  # [B]

@@ -29,8 +29,10 @@ REWARD_TYPES: dict[str, RewardType] = {
     "python_grader": PYTHON_GRADER,
 }
 MAX_WEIGHT = 1e6  # with scores within MAX_ABS_SCORE, a total stays far from a float's overflow
-COMMON_OPTIONS = {"weight": Option("number", 1.0, minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
-                  "name": Option("string", None)}
+COMMON_OPTIONS = {
+    "weight": Option("number", 1.0, minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
+    "name": Option("string", None),
+}
 MAX_NAME_LENGTH = 64
 
 
@@ -61,14 +63,20 @@ def _validate_spec(spec: Any, param: str) -> dict[str, Any]:
     if kind is None:
         raise ConfigError(f"{param}.type", f"is required; known types: {known(REWARD_TYPES)}")
     if kind not in REWARD_TYPES:
-        raise ConfigError(f"{param}.type", f"unknown reward type {kind!r}; {did_you_mean(kind, REWARD_TYPES)}"
-                          f"known types: {known(REWARD_TYPES)}")
+        raise ConfigError(
+            f"{param}.type",
+            f"unknown reward type {kind!r}; {did_you_mean(kind, REWARD_TYPES)}"
+            f"known types: {known(REWARD_TYPES)}",
+        )
     reward_type = REWARD_TYPES[kind]
     options: dict[str, Option] = {**COMMON_OPTIONS, **reward_type.options}
     unknown = sorted(set(spec) - set(options) - {"type"})
     if unknown:
-        raise ConfigError(f"{param}.{unknown[0]}", f"unknown option for a {kind} reward; "
-                          f"{did_you_mean(unknown[0], options)}its options: {known(['type', *options])}")
+        raise ConfigError(
+            f"{param}.{unknown[0]}",
+            f"unknown option for a {kind} reward; "
+            f"{did_you_mean(unknown[0], options)}its options: {known(['type', *options])}",
+        )
     normalised: dict[str, Any] = {"type": kind}
     for key, option in options.items():
         if key in spec:
@@ -80,8 +88,10 @@ def _validate_spec(spec: Any, param: str) -> dict[str, Any]:
             normalised[key] = option.default
     name = normalised["name"]
     if name is not None and not (0 < len(name) <= MAX_NAME_LENGTH and name.strip() == name):
-        raise ConfigError(f"{param}.name", f"must be 1 to {MAX_NAME_LENGTH} characters without surrounding "
-                          f"spaces, got {name!r}")
+        raise ConfigError(
+            f"{param}.name",
+            f"must be 1 to {MAX_NAME_LENGTH} characters without surrounding spaces, got {name!r}",
+        )
     if reward_type.check is not None:
         reward_type.check(normalised, param)
     return normalised
@@ -93,8 +103,10 @@ def _assign_names(specs: list[dict[str, Any]]) -> None:
     for index, spec in enumerate(specs):
         if spec["name"] is not None:
             if spec["name"] in taken:
-                raise ConfigError(f"reward[{index}].name", f"{spec['name']!r} is used by an earlier reward; "
-                                  "give each reward a different name")
+                raise ConfigError(
+                    f"reward[{index}].name",
+                    f"{spec['name']!r} is used by an earlier reward; give each reward a different name",
+                )
             taken.add(spec["name"])
     for spec in specs:
         if spec["name"] is None:

@@ -47,8 +47,12 @@ class HttpReward:
         self.allowed_hosts = policy.allow_private_hosts
         self.connections = CuttableConnections()
         transport = httpx.HTTPTransport(trust_env=False)
-        transport._pool._network_backend = self.connections  # httpx has no public way to hand httpcore a backend
-        self.client = httpx.Client(transport=transport, timeout=self.timeout_s, trust_env=False, follow_redirects=False)
+        transport._pool._network_backend = (
+            self.connections
+        )  # httpx has no public way to hand httpcore a backend
+        self.client = httpx.Client(
+            transport=transport, timeout=self.timeout_s, trust_env=False, follow_redirects=False
+        )
         self.retried = 0
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
@@ -58,15 +62,20 @@ class HttpReward:
         try:
             rewards = response.json()["rewards"]
         except (ValueError, KeyError, TypeError):
-            raise RewardError(f"POST {self.shown_url}: expected a JSON object {{\"rewards\": [numbers]}}, got "
-                              f"{response.text[:200]!r}") from None
+            raise RewardError(
+                f'POST {self.shown_url}: expected a JSON object {{"rewards": [numbers]}}, got '
+                f"{response.text[:200]!r}"
+            ) from None
         if not isinstance(rewards, list) or len(rewards) != len(completions):
             count = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
-            raise RewardError(f"POST {self.shown_url}: expected {len(completions)} rewards, one per completion, "
-                              f"got {count}")
+            raise RewardError(
+                f"POST {self.shown_url}: expected {len(completions)} rewards, one per completion, got {count}"
+            )
         for index, value in enumerate(rewards):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise RewardError(f"POST {self.shown_url}: rewards[{index}] is {value!r}, not a finite number")
+                raise RewardError(
+                    f"POST {self.shown_url}: rewards[{index}] is {value!r}, not a finite number"
+                )
         return [float(value) for value in rewards]
 
     def _post(self, payload: dict[str, Any]):
@@ -75,9 +84,17 @@ class HttpReward:
 
         stop = current_stop()
         try:
-            return post_json(self.url, payload, allowed_hosts=self.allowed_hosts, timeout_s=self.timeout_s,
-                             retries=self.retries, headers=self.headers, client=self.client, on_retry=count_retry,
-                             sleep=stop.sleep if stop is not None else None)
+            return post_json(
+                self.url,
+                payload,
+                allowed_hosts=self.allowed_hosts,
+                timeout_s=self.timeout_s,
+                retries=self.retries,
+                headers=self.headers,
+                client=self.client,
+                on_retry=count_retry,
+                sleep=stop.sleep if stop is not None else None,
+            )
         except OutboundError as exc:
             raise RewardError(str(exc)) from None
 
@@ -98,11 +115,18 @@ class CuttableConnections:
         self._lock = threading.Lock()
         self._open: dict[int, socket.socket] = {}  # id of the stream -> a duplicate of its socket
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> Any:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> Any:
         check_stop()  # no new connection (a retry) for a stopped batch
-        stream = self._backend.connect_tcp(host, port, timeout=timeout, local_address=local_address,
-                                           socket_options=socket_options)
+        stream = self._backend.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
         return _CuttableStream(stream, self)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
@@ -150,7 +174,9 @@ class _CuttableStream:
         finally:
             self._connections._forget(self)
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Any:
         try:  # TLS wraps the same socket: the duplicate still reaches it
             self._stream = self._stream.start_tls(ssl_context, server_hostname, timeout)
         except BaseException:
@@ -168,11 +194,16 @@ def _check_http(spec: dict[str, Any], param: str) -> None:
     if spec["retries"] > MAX_RETRIES:
         raise ConfigError(f"{param}.retries", f"must be <= {MAX_RETRIES}, got {spec['retries']}")
     if spec["allowed_hosts"] is not None:
-        raise ConfigError(f"{param}.allowed_hosts", "is an operator setting, not a reward option: which loopback, "
-                          f"private or link-local hosts the workers may call is set by {ALLOW_PRIVATE_HOSTS_ENV} on "
-                          "the API and the workers; remove allowed_hosts from the spec (and ask the operator to "
-                          "list your host if it is not a public one)")
-    del spec["allowed_hosts"]  # an option only to be refused with that pointer; never part of a normalised spec
+        raise ConfigError(
+            f"{param}.allowed_hosts",
+            "is an operator setting, not a reward option: which loopback, "
+            f"private or link-local hosts the workers may call is set by {ALLOW_PRIVATE_HOSTS_ENV} on "
+            "the API and the workers; remove allowed_hosts from the spec (and ask the operator to "
+            "list your host if it is not a public one)",
+        )
+    del spec[
+        "allowed_hosts"
+    ]  # an option only to be refused with that pointer; never part of a normalised spec
 
 
 def _check_http_policy(spec: dict[str, Any], param: str, policy: OperatorPolicy) -> None:
@@ -185,7 +216,7 @@ def _check_http_policy(spec: dict[str, Any], param: str, policy: OperatorPolicy)
 
 
 HTTP = RewardType(
-    summary="rewards from POSTing the batch to url, which answers {\"rewards\": [...]}",
+    summary='rewards from POSTing the batch to url, which answers {"rewards": [...]}',
     options={
         "url": Option("string", example='"https://scorer.example.com/score"'),
         "timeout_s": Option("number", 30.0, above=0),

@@ -57,7 +57,7 @@ def last_boxed(text: str) -> str | None:
     for match in reversed(list(_BOXED.finditer(text))):
         end = closing.get(match.end() - 1)
         if end is not None:
-            return text[match.end():end]
+            return text[match.end() : end]
     return None
 
 
@@ -97,12 +97,15 @@ def answers_equal(predicted: str, expected: str, *, case_sensitive: bool = False
 def _check_exact_match(spec: dict[str, Any], param: str) -> None:
     if spec["extract"] == "regex":
         if not spec["pattern"]:
-            raise ConfigError(f"{param}.pattern", "is required when extract is 'regex', e.g. "
-                              '"answer: (\\\\S+)" (group 1 is the answer)')
+            raise ConfigError(
+                f"{param}.pattern",
+                "is required when extract is 'regex', e.g. \"answer: (\\\\S+)\" (group 1 is the answer)",
+            )
         check_pattern(spec, param)
     elif spec["pattern"] is not None:
-        raise ConfigError(f"{param}.pattern", "is only used with extract: 'regex'; set extract to 'regex' "
-                          "or remove pattern")
+        raise ConfigError(
+            f"{param}.pattern", "is only used with extract: 'regex'; set extract to 'regex' or remove pattern"
+        )
     if spec["extract"] == "after_marker" and not spec["marker"]:
         raise ConfigError(f"{param}.marker", 'must not be empty, e.g. "####"')
 
@@ -162,8 +165,11 @@ MAX_MATH_TIMEOUT_S = 60  # a check holds one of the process's few math-verify ch
 
 def _check_math(spec: dict[str, Any], param: str) -> None:
     if spec["timeout_s"] > MAX_MATH_TIMEOUT_S:
-        raise ConfigError(f"{param}.timeout_s", f"must be <= {MAX_MATH_TIMEOUT_S} s, got {spec['timeout_s']}; "
-                          "math-verify answers in milliseconds unless an expression is pathological")
+        raise ConfigError(
+            f"{param}.timeout_s",
+            f"must be <= {MAX_MATH_TIMEOUT_S} s, got {spec['timeout_s']}; "
+            "math-verify answers in milliseconds unless an expression is pathological",
+        )
 
 
 def _build_math(spec: dict[str, Any], **_: Any) -> PerCompletion:
@@ -176,8 +182,10 @@ def _build_math(spec: dict[str, Any], **_: Any) -> PerCompletion:
         try:
             return check_math(expected, completion, timeout_s=spec["timeout_s"])
         except GoldUnreadable:
-            raise RewardError(f"math-verify cannot read the row's {field_name!r} value {expected[:80]!r}; "
-                              "write it as a number or LaTeX, e.g. \\frac{1}{2}") from None
+            raise RewardError(
+                f"math-verify cannot read the row's {field_name!r} value {expected[:80]!r}; "
+                "write it as a number or LaTeX, e.g. \\frac{1}{2}"
+            ) from None
 
     return PerCompletion(score)
 
@@ -242,8 +250,11 @@ def length_reward(length: int, *, target: int | None = None, max_length: int | N
 
 def _check_length(spec: dict[str, Any], param: str) -> None:
     if (spec["target"] is None) == (spec["max_length"] is None):
-        raise ConfigError(f"{param}.target", "give exactly one of target (reward closeness to a length in "
-                          "characters) or max_length (penalise characters beyond it)")
+        raise ConfigError(
+            f"{param}.target",
+            "give exactly one of target (reward closeness to a length in "
+            "characters) or max_length (penalise characters beyond it)",
+        )
 
 
 def _build_length(spec: dict[str, Any], **_: Any) -> PerCompletion:

@@ -87,7 +87,8 @@ class SandboxError(RewardError):
 
 
 class SandboxUnavailable(SandboxError):
-    """The machine does not allow the namespaces the sandbox needs, and running without them is not allowed."""
+    """The machine does not allow the namespaces the sandbox needs, and running without them is not
+    allowed."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,19 @@ class SandboxResult:
         return f"exited with status {self.returncode}"
 
 
-def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memory_mb: int = 512,
-                  file_mb: int = 10, tmp_mb: int = 64, max_processes: int = 16, network: bool = False,
-                  allow_unisolated: bool = False, stop: StopSignal | None = None) -> SandboxResult:
+def run_sandboxed(
+    code: str,
+    *,
+    stdin: bytes = b"",
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    file_mb: int = 10,
+    tmp_mb: int = 64,
+    max_processes: int = 16,
+    network: bool = False,
+    allow_unisolated: bool = False,
+    stop: StopSignal | None = None,
+) -> SandboxResult:
     """Run the Python source ``code`` with ``stdin`` in the sandbox; its outcome, whatever the code does.
 
     Raises SandboxUnavailable when the namespaces cannot be had (and ``allow_unisolated`` is
@@ -128,15 +139,27 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memo
         (scratch / "work").mkdir()
         uid = UID_BASE + secrets.randbelow(UID_COUNT)
         config = {
-            "code_path": str(scratch / "code.py"), "root": str(scratch / "root"), "workdir": str(scratch / "work"),
-            "python": python, "python_prefix": prefix, "hidden_dirs": hidden,
-            "uid": uid, "cpu_s": max(1, math.ceil(timeout_s)),
-            "memory_bytes": memory_mb * 2**20, "file_bytes": file_mb * 2**20, "tmp_bytes": tmp_mb * 2**20,
-            "max_processes": max_processes, "network": network, "allow_unisolated": allow_unisolated,
+            "code_path": str(scratch / "code.py"),
+            "root": str(scratch / "root"),
+            "workdir": str(scratch / "work"),
+            "python": python,
+            "python_prefix": prefix,
+            "hidden_dirs": hidden,
+            "uid": uid,
+            "cpu_s": max(1, math.ceil(timeout_s)),
+            "memory_bytes": memory_mb * 2**20,
+            "file_bytes": file_mb * 2**20,
+            "tmp_bytes": tmp_mb * 2**20,
+            "max_processes": max_processes,
+            "network": network,
+            "allow_unisolated": allow_unisolated,
         }
         started = time.monotonic()
-        with (open(scratch / "stdout", "w+b") as out, open(scratch / "stderr", "w+b") as err,
-              open(scratch / "status", "w+b") as status):
+        with (
+            open(scratch / "stdout", "w+b") as out,
+            open(scratch / "stderr", "w+b") as err,
+            open(scratch / "status", "w+b") as status,
+        ):
             config["status_fd"] = status.fileno()
             timed_out, exit_status = _launch(config, stdin, out, err, timeout_s + STARTUP_SLACK_S, stop)
             duration = time.monotonic() - started
@@ -152,7 +175,8 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memo
             f"refusing to run code without a sandbox: {entries['unavailable']}. Run the worker as root (in a "
             "container: with CAP_SYS_ADMIN and a seccomp profile that allows unshare) so that it may create "
             f"mount, PID and network namespaces, or set {ALLOW_UNISOLATED_ENV}=1 to run code with resource "
-            "limits only (unsafe: the code can then read the worker's files and reach the network)")
+            "limits only (unsafe: the code can then read the worker's files and reach the network)"
+        )
     if "error" in entries:
         raise SandboxError(f"the sandbox failed: {entries['error']}")
     if "exit" in entries:
@@ -164,8 +188,15 @@ def run_sandboxed(code: str, *, stdin: bytes = b"", timeout_s: float = 5.0, memo
     else:
         detail = stderr[-300:].decode("utf-8", "replace").strip()
         raise SandboxError(f"the sandbox failed (exit status {exit_status}): {detail}")
-    return SandboxResult(returncode=returncode, stdout=stdout, stderr=stderr, timed_out=timed_out,
-                         isolated=entries.get("isolated", False), duration_s=duration, uid=uid)
+    return SandboxResult(
+        returncode=returncode,
+        stdout=stdout,
+        stderr=stderr,
+        timed_out=timed_out,
+        isolated=entries.get("isolated", False),
+        duration_s=duration,
+        uid=uid,
+    )
 
 
 def _launch(config: dict, stdin: bytes, out, err, wall_s: float, stop: StopSignal | None) -> tuple[bool, int]:
@@ -173,14 +204,23 @@ def _launch(config: dict, stdin: bytes, out, err, wall_s: float, stop: StopSigna
     try:
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=out, stderr=err, env={}, cwd=config["workdir"],
-            pass_fds=(config["status_fd"],), start_new_session=True,  # its own group, killed as a whole
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+            env={},
+            cwd=config["workdir"],
+            pass_fds=(config["status_fd"],),
+            start_new_session=True,  # its own group, killed as a whole
         )
     except OSError as exc:
         raise SandboxError(f"could not start the sandbox: {exc}") from None
     timed_out = False
     try:
-        with stop.on_stop(lambda: os.killpg(process.pid, signal.SIGKILL)) if stop is not None else nullcontext():
+        with (
+            stop.on_stop(lambda: os.killpg(process.pid, signal.SIGKILL))
+            if stop is not None
+            else nullcontext()
+        ):
             process.communicate(stdin, timeout=wall_s)
     except subprocess.TimeoutExpired:
         timed_out = True
@@ -230,8 +270,10 @@ def _python_installation() -> tuple[str, str, list[str]]:
     python = os.path.realpath(sys.executable)
     prefix = os.path.realpath(sys.base_prefix)
     if not python.startswith(prefix + os.sep):
-        raise SandboxError(f"the interpreter {python} lies outside its installation {prefix}; the sandbox "
-                           "mounts only the installation")
+        raise SandboxError(
+            f"the interpreter {python} lies outside its installation {prefix}; the sandbox "
+            "mounts only the installation"
+        )
     base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
     hidden = {os.path.realpath(sysconfig.get_path(name, vars=base)) for name in ("purelib", "platlib")}
     return python, prefix, sorted(path for path in hidden if path.startswith(prefix + os.sep))

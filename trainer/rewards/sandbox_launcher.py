@@ -66,8 +66,10 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     def encode(text: str | None) -> bytes | None:
         return None if text is None else text.encode()
 
-    check(libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data)),
-          f"mount {target}")
+    check(
+        libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data)),
+        f"mount {target}",
+    )
 
 
 def bind(source: str, target: str, *, device: bool = False) -> None:
@@ -117,8 +119,13 @@ def build_root(config: dict, code: str) -> None:
     write(fs + PROGRAM, code)
     for scratch in ("/tmp", "/dev/shm"):  # /dev/shm: multiprocessing's semaphores
         os.makedirs(fs + scratch)
-        mount("tmpfs", fs + scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-              f"size={config['tmp_bytes']},nr_inodes=4096,mode=700,uid={uid},gid={uid}")
+        mount(
+            "tmpfs",
+            fs + scratch,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            f"size={config['tmp_bytes']},nr_inodes=4096,mode=700,uid={uid},gid={uid}",
+        )
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(root)
     check(libc.pivot_root(b".", b"."), "pivot_root")
@@ -128,11 +135,15 @@ def build_root(config: dict, code: str) -> None:
 
 def enter_namespaces(config: dict, code: str) -> bool:
     """Enter the namespaces and the minimal root: True, or False when refused and allowed to go on."""
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (0 if config["network"] else CLONE_NEWNET)
+    flags = (
+        CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (0 if config["network"] else CLONE_NEWNET)
+    )
     try:
         if os.geteuid() != 0:
-            raise Refused(f"the sandbox starts as root to build its namespaces, and this process runs as "
-                          f"uid {os.geteuid()}")
+            raise Refused(
+                f"the sandbox starts as root to build its namespaces, and this process runs as "
+                f"uid {os.geteuid()}"
+            )
         check(libc.unshare(flags), "unshare")
         build_root(config, code)
         check(libc.sethostname(b"sandbox", 7), "sethostname")
@@ -147,8 +158,13 @@ def enter_namespaces(config: dict, code: str) -> bool:
 def drop_privileges(uid: int) -> None:
     """Empty the capability bounding set and become ``uid``: no capabilities, no way back."""
     for capability in range(64):  # past the kernel's last capability prctl fails harmlessly
-        libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(capability), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0))
+        libc.prctl(
+            PR_CAPBSET_DROP,
+            ctypes.c_ulong(capability),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
@@ -180,8 +196,16 @@ def start_program(config: dict, isolated: bool, code: str) -> None:
             resource.setrlimit(which, value)
         if os.geteuid() == 0:
             drop_privileges(config["uid"])
-        check(libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                         ctypes.c_ulong(0)), "no_new_privs")
+        check(
+            libc.prctl(
+                PR_SET_NO_NEW_PRIVS,
+                ctypes.c_ulong(1),
+                ctypes.c_ulong(0),
+                ctypes.c_ulong(0),
+                ctypes.c_ulong(0),
+            ),
+            "no_new_privs",
+        )
         os.closerange(3, STATUS_FD)
         os.closerange(STATUS_FD + 1, 1 << 16)
         os.set_inheritable(STATUS_FD, False)  # open until the exec succeeds, to report if it fails
@@ -190,8 +214,10 @@ def start_program(config: dict, isolated: bool, code: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - anything here is the sandbox's failure, not the program's
         hint = ""
         if isinstance(exc, PermissionError) and not isolated:
-            hint = (" (without namespaces, the unprivileged sandbox user must be able to read the Python "
-                    "installation; install it where every user may read it)")
+            hint = (
+                " (without namespaces, the unprivileged sandbox user must be able to read the Python "
+                "installation; install it where every user may read it)"
+            )
         report({"error": f"cannot start the program: {exc}{hint}"})
     os._exit(125)
 
@@ -199,8 +225,13 @@ def start_program(config: dict, isolated: bool, code: str) -> None:
 def run_init(config: dict, isolated: bool, code: str) -> None:
     """PID 1 of the sandbox: start the program, reap, report its status, exit. Never returns."""
     if isolated:
-        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0))
+        libc.prctl(
+            PR_SET_PDEATHSIG,
+            ctypes.c_ulong(signal.SIGKILL),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
     child = os.fork()
     if child == 0:
         start_program(config, isolated, code)

@@ -46,7 +46,9 @@ class RewardSuite:
     ``running`` then names the index of the reward function that was scoring.
     """
 
-    def __init__(self, specs: list[dict[str, Any]], *, device: str = "cpu", policy: OperatorPolicy | None = None):
+    def __init__(
+        self, specs: list[dict[str, Any]], *, device: str = "cpu", policy: OperatorPolicy | None = None
+    ):
         policy = policy or OperatorPolicy()
         self.specs = validate_reward_specs(specs)
         check_operator_policy(self.specs, policy)
@@ -62,16 +64,26 @@ class RewardSuite:
             self.close()
             raise
 
-    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]], *,
-                 stop: StopSignal | None = None) -> RewardOutput:
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        rows: list[dict[str, Any]],
+        *,
+        stop: StopSignal | None = None,
+    ) -> RewardOutput:
         if not len(prompts) == len(completions) == len(rows):
-            raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(rows)} rows; "
-                             "pass one prompt and one row per completion")
+            raise ValueError(
+                f"got {len(prompts)} prompts, {len(completions)} completions and {len(rows)} rows; "
+                "pass one prompt and one row per completion"
+            )
         total = [0.0] * len(completions)
         parts: dict[str, list[float | None]] = {}
         errors: dict[str, int] = {}
         messages: list[str] = []
-        for index, (name, weight, function) in enumerate(zip(self.names, self.weights, self._functions, strict=True)):
+        for index, (name, weight, function) in enumerate(
+            zip(self.names, self.weights, self._functions, strict=True)
+        ):
             self.running = index
             with scoring_under(stop):
                 if stop is not None:
@@ -94,8 +106,14 @@ class RewardSuite:
         self.running = None
         return RewardOutput(total=total, parts=parts, errors=errors, error_messages=messages)
 
-    def _score(self, name: str, function: RewardFunction, prompts: list[str], completions: list[str],
-               rows: list[dict[str, Any]]) -> list[float | Exception]:
+    def _score(
+        self,
+        name: str,
+        function: RewardFunction,
+        prompts: list[str],
+        completions: list[str],
+        rows: list[dict[str, Any]],
+    ) -> list[float | Exception]:
         """One entry per completion: a finite float or the exception that stands for it."""
         try:
             scores = function(prompts, completions, rows)
@@ -113,7 +131,9 @@ class RewardSuite:
             elif math.isfinite(score) and abs(score) <= MAX_ABS_SCORE:
                 checked.append(float(score))
             elif math.isfinite(score):
-                checked.append(RewardError(f"gave the score {score:g}, beyond ±{MAX_ABS_SCORE:g}; scale it down"))
+                checked.append(
+                    RewardError(f"gave the score {score:g}, beyond ±{MAX_ABS_SCORE:g}; scale it down")
+                )
             else:
                 checked.append(RewardError(f"gave a non-finite score ({score})"))
         return checked
