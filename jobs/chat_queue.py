@@ -43,8 +43,9 @@ def result_backend_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings of the result backend that chat answers come back through."""
     url = settings.result_backend
     config: dict[str, Any] = {
-        # An answer is read (and deleted) as soon as it is stored; one nobody waits for any more
-        # (its request timed out) goes after this long.
+        # An answer is read and deleted as soon as it is stored (``forget``); one stored after its
+        # asker gave up goes after this long: Redis expires the key, and the inference worker
+        # deletes such files before each request (``worker.inference.remove_expired_answers``).
         "result_expires": max(60, int(2 * settings.inference_timeout_s)),
         "result_serializer": "json",
         "result_accept_content": ["json"],
@@ -104,14 +105,20 @@ async def wait_for_answer(app: Celery, task_id: str, settings: Settings) -> dict
             )
         remaining = deadline - anyio.current_time()
         if remaining <= 0:
+            await anyio.to_thread.run_sync(forget, backend, task_id)  # e.g. its STARTED state
             raise timed_out(state, settings, task_id)
         await anyio.sleep(min(delay, remaining))
         delay = min(delay * 1.5, LAST_POLL_S)
 
 
 def forget(backend: Any, task_id: str) -> None:
+    """Delete what the backend holds for ``task_id`` (a file, or a Redis key). Not the backend's
+    own ``forget``: the Redis one would unsubscribe a channel that ``PolledRedisBackend`` never
+    subscribed."""
     try:
         backend.delete(backend.get_key_for_task(task_id))
+    except FileNotFoundError:  # the file backend, before anything was stored
+        pass
     except Exception:  # expiry removes it anyway
         log.debug("could not delete the answer to %s", task_id, exc_info=True)
 

@@ -5,6 +5,11 @@ its main process (the solo pool), so that the checkpoints it has loaded stay loa
 GRPO_INFERENCE_MODELS used most recently. The API has resolved the request's checkpoint for its
 owner; the task re-reads it by ids (it may have been pruned since) and answers what
 ``jobs.chat.ChatCompletionOut`` needs besides the model's name: choices and usage.
+
+The API deletes each answer once it has read it. An answer stored after its asker gave up (or the
+REVOKED state of a request that expired in the queue) is deleted by Redis once GRPO's
+``result_expires`` has passed; with the file backend, which nothing else cleans (Celery's cleanup
+task needs ``celery beat``), by this worker before each request.
 """
 
 from __future__ import annotations
@@ -186,6 +191,16 @@ def answer(request: dict[str, Any], *, settings: Settings, models: WarmModels) -
     }
 
 
+def remove_expired_answers(backend: Any) -> None:
+    """Delete the stored answers older than ``result_expires`` that nobody read (their request
+    timed out first): a listing of the file backend's directory; nothing to do for Redis, whose
+    keys expire by themselves."""
+    try:
+        backend.cleanup()
+    except Exception:  # never a reason to refuse the request; the next one tries again
+        log.warning("could not remove expired chat answers from the result backend", exc_info=True)
+
+
 _models: WarmModels | None = None
 
 
@@ -201,5 +216,6 @@ def warm_models(settings: Settings) -> WarmModels:
 # asker has moved on); track_started: a timed-out request says whether a worker had taken it.
 @shared_task(name=CHAT_COMPLETION, bind=True, ignore_result=False, acks_late=False, track_started=True)
 def chat_completion(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    remove_expired_answers(self.backend)
     settings = get_settings()
     return answer(request, settings=settings, models=warm_models(settings))

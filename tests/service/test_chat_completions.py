@@ -8,12 +8,15 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -28,7 +31,11 @@ from jobs.settings import Settings
 from tests.service.factories import WorkerProcess, api_key, bearer, job_spec, upload, wait_for
 from tests.service.live import serve
 from tests.service.test_dashboard import CHROMEDRIVER, CHROMIUM, browser, css  # noqa: F401  (browser: a fixture)
+from tests.trainer.factories import letter_dataset, tiny_run
 from trainer.chat import prompt_text
+from trainer.config import LoraConfig
+from trainer.loop import train
+from worker.merge import write_merged_model
 
 pytestmark = pytest.mark.slow
 
@@ -118,8 +125,15 @@ def record_checkpoint(settings: Settings, job_id: str, step: int, source: Path) 
 
 def greedy(directory: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
     """What ``transformers`` generates greedily from the checkpoint for the chat-templated prompt."""
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    return greedy_from(model, AutoTokenizer.from_pretrained(directory), messages, max_new_tokens)
+
+
+def greedy_from(
+    model: torch.nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int
+) -> str:
+    """What ``model`` generates greedily for the chat-templated prompt."""
+    model.eval()
     ids = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False, return_tensors="pt")[
         "input_ids"
     ]
@@ -131,6 +145,12 @@ def greedy(directory: Path, messages: list[dict[str, str]], max_new_tokens: int)
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def answers_in_redis(settings: Settings) -> list[bytes]:
+    """The result keys the Celery result backend holds under this module's prefix."""
+    with redis.Redis.from_url(settings.broker_url) as client:
+        return list(client.scan_iter(match=f"{settings.broker_key_prefix}celery-task-meta-*"))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +178,9 @@ def job(
     return {"id": job["id"], "expected": expected, "name": name, "sources": sources}
 
 
-def test_a_checkpoint_answers_as_transformers_generates_greedily(client, job, inference_worker) -> None:
+def test_a_checkpoint_answers_as_transformers_generates_greedily(
+    client, job, inference_worker, chat_settings
+) -> None:
     completion = client.chat.completions.create(
         model=job["name"], messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
     )
@@ -189,6 +211,48 @@ def test_a_checkpoint_answers_as_transformers_generates_greedily(client, job, in
     assert first.choices[0].message.content == job["expected"][1]
     # two checkpoints, each loaded once: the worker keeps them warm between requests
     assert inference_worker.log().count("loaded checkpoint") == 2, inference_worker.log()[-3000:]
+    # each answer was deleted from Redis once the API had read it
+    assert answers_in_redis(chat_settings) == []
+
+
+def test_a_lora_checkpoint_answers_with_its_adapter_applied(
+    client, chat_settings, alice, tiny_model, inference_worker, tmp_path
+) -> None:
+    """A LoRA job's checkpoint is an adapter: it answers as the adapter on its base model does
+    (peft's ``PeftModel``), not as the base model; then from the merged model once there is one."""
+    with TestClient(create_app(chat_settings, send=lambda job_id: None), headers=bearer(alice)) as http:
+        spec = job_spec(upload(http).json()["id"], str(tiny_model), hyperparameters={"lora": {"r": 4}})
+        job_id = http.post("/v1/jobs", json=spec).json()["id"]
+    # two steps at a large learning rate, every linear layer adapted: the answer moves off the base's
+    run = tiny_run(
+        tiny_model,
+        letter_dataset(tmp_path / "data.jsonl"),
+        max_steps=2,
+        learning_rate=5e-2,
+        lora=LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+    )
+    trained = train(run, tmp_path / "out").checkpoint
+    assert (trained / "adapter_model.safetensors").is_file() and not (trained / "model.safetensors").exists()
+    record_checkpoint(chat_settings, job_id, 2, trained)
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(trained))
+    expected = greedy_from(adapted, tokenizer, MESSAGES, MAX_TOKENS)
+    assert expected != greedy(tiny_model, MESSAGES, MAX_TOKENS), "the adapter did not change the answer"
+
+    def answer() -> str:
+        completion = client.chat.completions.create(
+            model=f"{job_id}:2", messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
+        )
+        return completion.choices[0].message.content
+
+    checkpoint_dir = chat_settings.job_dir(job_id) / "checkpoints" / "step-000002"
+    assert answer() == expected, inference_worker.log()[-3000:]
+    assert f"loaded checkpoint {job_id}/2 from {checkpoint_dir} " in inference_worker.log()
+
+    # the job's end merged the adapter into its base: that model is served, and answers the same
+    merged = write_merged_model(checkpoint_dir, chat_settings.job_dir(job_id), 2)
+    assert answer() == expected, inference_worker.log()[-3000:]
+    assert f"loaded checkpoint {job_id}/2 from {merged} " in inference_worker.log()
 
 
 def test_stop_sequences_n_and_seed(client, job) -> None:
