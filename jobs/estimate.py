@@ -25,7 +25,7 @@ from jobs.models import Job, JobMetrics, JobStatus
 from jobs.schemas import EstimateMemory, EstimateTime, EstimateTokens, JobEstimate
 from jobs.settings import Settings
 from trainer.config import GRPOConfig
-from trainer.data import parse_line
+from trainer.data import messages_text, parse_line
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,9 @@ class PromptLengths:
 
 
 def prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(str(message.get("content", "")) for message in prompt if isinstance(message, dict))
+    """A row's prompt as text; chat messages as the trainer writes them without a chat template
+    (the estimate loads no template), a line each."""
+    return prompt if isinstance(prompt, str) else messages_text(prompt)
 
 
 def measure_prompts(dataset: Path, model_dir: Path | None, max_prompt_length: int) -> PromptLengths | None:

@@ -158,7 +158,10 @@ class Job(Base):
     owner: Mapped[str] = mapped_column(String(255))
     name: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the validated spec, as posted
+    # The validated request as posted, with the group_size it runs with (jobs.submission): what the
+    # worker runs. The columns below that repeat its fields are copied from it at insert
+    # (queries.create_job) for listing and filtering, and never written again.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     base_model: Mapped[str] = mapped_column(String(1024))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
     eval_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))

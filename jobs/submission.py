@@ -30,7 +30,14 @@ from jobs.queries import (
 )
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
-from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig, check_eval_settings
+from trainer.config import (
+    ConfigError,
+    GRPOConfig,
+    OperatorPolicy,
+    RunConfig,
+    check_eval_settings,
+    spec_hyperparameters,
+)
 from trainer.net import OutboundError, check_url_literal
 from trainer.rewards import check_operator_policy, required_fields, validate_reward_specs
 
@@ -40,32 +47,27 @@ DEFAULT_HYPERPARAMETERS = GRPOConfig()  # what a job gets for the hyperparameter
 
 
 @contextmanager
-def as_invalid_request(rename: dict[str, str] | None = None) -> Iterator[None]:
-    """The trainer's ``ConfigError`` as the API's ``InvalidRequest``, with its message and param
-    (``rename`` moves a param to where the client wrote it)."""
+def as_invalid_request() -> Iterator[None]:
+    """The trainer's ``ConfigError`` as the API's ``InvalidRequest``, with its message and param."""
     try:
         yield
     except ConfigError as exc:
-        param = (rename or {}).get(exc.param, exc.param)
-        raise InvalidRequest(exc.message, param=param) from None
+        raise InvalidRequest(exc.message, param=exc.param) from None
 
 
 @dataclass
 class CheckedSpec:
-    spec: dict[str, Any]  # what is stored and shown back
+    # What is stored: the request as posted (shown back as posted), ``group_size`` the one the job
+    # runs with; ``run_config_for`` reads it with the same ``spec_hyperparameters`` as here.
+    spec: dict[str, Any]
     config: GRPOConfig
 
 
 def check_job_request(*, session: Session, owner: str, request: JobCreate, settings: Settings) -> CheckedSpec:
     """Every check that can fail before a GPU is spent; raises ``InvalidRequest`` or ``DatasetNotFound``
     (the datasets must be ``owner``'s)."""
-    hyperparameters = dict(request.hyperparameters)
-    if request.group_size is not None:
-        hyperparameters["group_size"] = request.group_size
-    # a top-level group_size is reported where the client wrote it
-    top_level = {"hyperparameters.group_size": "group_size"} if request.group_size is not None else None
-    with as_invalid_request(rename=top_level):
-        config = GRPOConfig.from_dict(hyperparameters)
+    with as_invalid_request():  # the values as posted: JSON mode would make a NaN null
+        config = spec_hyperparameters(request.model_dump(include={"group_size", "hyperparameters"}))
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
     with as_invalid_request():
         check_eval_settings(config, has_eval_dataset=request.eval_dataset_id is not None)
@@ -160,24 +162,18 @@ def request_hash(request: JobCreate, extra_spec: dict[str, Any] | None = None) -
 
 
 def run_config_for(job: Job, settings: Settings) -> RunConfig:
-    """The trainer's view of a stored job: dataset ids become the uploaded files' paths. Its
-    models are checked again (``ConfigError``) before the worker loads anything: the settings may
-    have changed since the job was created."""
+    """The trainer's view of a stored job, read from its spec alone (never its columns): the spec
+    as a spec file, its dataset ids made the uploaded files' paths. Its models are checked again
+    (``ConfigError``) before the worker loads anything: the settings may have changed since the job
+    was created."""
     spec = job.spec
     check_models(spec["base_model"], spec.get("reward") or [], settings)
     eval_id = spec.get("eval_dataset_id")
-    return RunConfig.from_spec(
-        {
-            "name": spec.get("name"),
-            "base_model": spec["base_model"],
-            "reward": spec["reward"],
-            "group_size": spec["group_size"],
-            "hyperparameters": spec.get("hyperparameters") or {},
-            "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
-            "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
-        },
-        policy=operator_policy(settings),
-    )
+    paths = {
+        "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
+        "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
+    }
+    return RunConfig.from_spec({**spec, **paths}, policy=operator_policy(settings))
 
 
 def submit_job(

@@ -16,7 +16,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from trainer.config import ConfigError
-from trainer.data import messages_text
+from trainer.model import eos_token_ids
+from trainer.prompts import prompt_text  # the prompt as training formats it (tests import it from here)
 
 STOP_WINDOW_TOKENS = 8  # decoded beyond the longest stop sequence's length when looking for it
 
@@ -32,22 +33,6 @@ class Choice:
 class Generation:
     choices: list[Choice]
     prompt_tokens: int
-
-
-def prompt_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """The prompt as the trainer formats a row's messages: the chat template with the generation
-    prompt, or (a tokenizer without one) the contents a line each."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return messages_text(messages)
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokenizer's EOS and the model's generation config's, as the trainer stops on them."""
-    eos = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    return sorted(token for token in eos if token is not None)
 
 
 class StopOnText(StoppingCriteria):

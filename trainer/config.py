@@ -339,19 +339,18 @@ class RunConfig:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], policy: OperatorPolicy | None = None) -> RunConfig:
-        """Build from a job spec dict. ``group_size`` may sit at the top level (as in the HTTP spec)."""
+        """Build from a job spec dict: a spec file, or a stored job's spec with its dataset ids made
+        paths (other keys are not read). ``group_size`` may sit at the top level
+        (``spec_hyperparameters``)."""
         for required in ("base_model", "dataset", "reward"):
             if not spec.get(required):
                 raise ConfigError(required, "is required")
-        hp = dict(spec.get("hyperparameters") or {})
-        if "group_size" in spec:
-            hp["group_size"] = spec["group_size"]
         reward = spec["reward"]
         if isinstance(reward, dict):
             reward = [reward]
         if not isinstance(reward, list) or not reward:
             raise ConfigError("reward", 'give a list of reward functions, e.g. [{"type": "exact_match"}]')
-        config = GRPOConfig.from_dict(hp)
+        config = spec_hyperparameters(spec)
         check_eval_settings(config, has_eval_dataset=bool(spec.get("eval_dataset")))
         return cls(
             base_model=str(spec["base_model"]),
@@ -377,6 +376,23 @@ class RunConfig:
             "group_size": self.hyperparameters.group_size,
             "hyperparameters": self.hyperparameters.to_dict(),
         }
+
+
+def spec_hyperparameters(spec: dict[str, Any]) -> GRPOConfig:
+    """A spec's hyperparameters: its ``hyperparameters``, with its top-level ``group_size`` (unless
+    null) in place of theirs. The one place the two spellings of ``group_size`` meet: a spec file,
+    a job request and a stored job are all read through here. An error in a top-level
+    ``group_size`` names ``group_size``, where it was written."""
+    hyperparameters = dict(spec.get("hyperparameters") or {})
+    top_level = spec.get("group_size")
+    if top_level is not None:
+        hyperparameters["group_size"] = top_level
+    try:
+        return GRPOConfig.from_dict(hyperparameters)
+    except ConfigError as exc:
+        if top_level is not None and exc.param == "hyperparameters.group_size":
+            raise ConfigError("group_size", exc.message) from None
+        raise
 
 
 def check_eval_settings(config: GRPOConfig, *, has_eval_dataset: bool) -> None:

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from trainer.config import GRPOConfig
 
 if TYPE_CHECKING:
+    import torch
+
+    from trainer.batch import ScoredGroups
     from trainer.loop import Rollouts
 
 EVAL_PREFIX = "eval/"
@@ -40,23 +44,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 class Evaluator:
-    """Scores the policy on the eval rows; ``rollouts`` reads those rows (its generator is reseeded
-    per evaluation)."""
+    """Scores the policy on the first ``eval_max_rows`` of ``rows`` through ``rollouts`` (the
+    training's), sampling from ``generator``: its own, reseeded per evaluation."""
 
-    def __init__(self, rollouts: Rollouts, config: GRPOConfig):
-        self.rollouts, self.config = rollouts, config
-        self.indices = list(range(min(len(rollouts.rows), config.eval_max_rows)))
+    def __init__(
+        self, rollouts: Rollouts, rows: Sequence[dict], config: GRPOConfig, generator: torch.Generator
+    ):
+        self.rollouts, self.rows, self.config, self.generator = rollouts, rows, config, generator
+        self.indices = list(range(min(len(rows), config.eval_max_rows)))
         # sequences per generate call: what one training step generates
         self.sequences_per_call = max(1, config.prompts_per_step * config.group_size)
 
     def __call__(self, step: int) -> dict[str, float]:
         cfg, started = self.config, time.perf_counter()
-        self.rollouts.generator.manual_seed(cfg.seed + step)
+        self.generator.manual_seed(cfg.seed + step)
         totals: list[float] = []
         parts: dict[str, list[float]] = {}
         lengths: list[int] = []
         for chunk in self._chunks(1):
-            greedy = self.rollouts(chunk, group_size=1, temperature=0.0, timings={})
+            greedy = self._roll(chunk, group_size=1, temperature=0.0)
             totals += greedy.rewards.tolist()
             lengths += [c.shape[0] for c in greedy.completion_ids]
             for name, values in greedy.parts.items():
@@ -75,12 +81,22 @@ class Evaluator:
         cfg, k = self.config, self.config.eval_pass_k
         estimates: dict[int, list[float]] = {1: [], k: []}
         for chunk in self._chunks(k):
-            sampled = self.rollouts(chunk, group_size=k, temperature=cfg.temperature, timings={})
+            sampled = self._roll(chunk, group_size=k, temperature=cfg.temperature)
             passed = (sampled.rewards >= cfg.eval_pass_threshold).view(len(chunk), k).sum(dim=1)  # [rows]
             for c in passed.tolist():
                 for kk in estimates:
                     estimates[kk].append(pass_at_k(k, c, kk))
         return {f"eval/pass@{kk}": sum(values) / max(len(values), 1) for kk, values in estimates.items()}
+
+    def _roll(self, chunk: list[int], *, group_size: int, temperature: float) -> ScoredGroups:
+        return self.rollouts(
+            self.rows,
+            chunk,
+            group_size=group_size,
+            temperature=temperature,
+            generator=self.generator,
+            timings={},
+        )
 
     def _chunks(self, per_row: int) -> list[list[int]]:
         rows = max(1, self.sequences_per_call // per_row)

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,24 +17,24 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
-from trainer.config import ConfigError, GRPOConfig, RunConfig
-from trainer.data import PromptSampler, RowFile, messages_text
+from trainer.config import GRPOConfig, RunConfig
+from trainer.data import PromptSampler, RowFile
 from trainer.evaluation import BestCheckpoint, DivergenceWatch, Evaluator, checkpoint_figures
 from trainer.failures import Failures
 from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logprobs
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
-from trainer.model import Models, load_models
+from trainer.metrics_file import MetricsFile
+from trainer.model import Models, eos_token_ids, load_models
 from trainer.progress import Progress
+from trainer.prompts import PromptFormatter, check_a_prompt_fits, truncated_prompts, warn_truncated_prompts
 from trainer.rewards import RewardSuite, required_fields
 from trainer.rollout import generate
+from trainer.schedule import lr_lambda
 from trainer.tracking import Tracker, WandbOptions
 
 log = logging.getLogger(__name__)
 
 FORWARD_TOKEN_BUDGET = 8192  # tokens per forward pass, padding included
-MAX_TRUNCATION_WARNINGS = (
-    3  # warning events per run naming a prompt cut to max_prompt_length (the metric counts all)
-)
 
 
 @dataclass
@@ -61,22 +60,6 @@ def run_threads() -> int:
         return os.cpu_count() or 1
 
 
-def lr_lambda(config: GRPOConfig):
-    total = config.max_steps * config.num_iterations
-
-    def factor(update: int) -> float:
-        if update < config.warmup_steps:
-            return (update + 1) / (config.warmup_steps + 1)
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = (update - config.warmup_steps) / max(1, total - config.warmup_steps)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)  # linear
-
-    return factor
-
-
 @contextlib.contextmanager
 def no_router_logits(model: torch.nn.Module) -> Iterator[None]:
     """Sampling needs no router logits: a MoE config with ``output_router_logits`` would make each
@@ -95,81 +78,32 @@ def no_router_logits(model: torch.nn.Module) -> Iterator[None]:
 
 
 class Rollouts:
-    """Turns dataset rows into scored groups: prompt formatting, generation, rewards."""
+    """Turns dataset rows into scored groups: each prompt formatted, ``group_size`` completions
+    generated for it, every completion scored by the rewards. The rows and the random generator are
+    the caller's: training draws from its dataset, evaluation from the eval set with its own draws."""
 
-    def __init__(
-        self,
-        rows: Sequence[dict],
-        models: Models,
-        rewards: RewardSuite,
-        config: GRPOConfig,
-        generator: torch.Generator,
-    ):
-        self.rows, self.models, self.rewards, self.config, self.generator = (
-            rows,
-            models,
-            rewards,
-            config,
-            generator,
-        )
-        tokenizer = models.tokenizer
-        eos = {tokenizer.eos_token_id}
-        generation_eos = getattr(getattr(models.policy, "generation_config", None), "eos_token_id", None)
-        eos.update(
-            generation_eos
-            if isinstance(generation_eos, list)
-            else [generation_eos]
-            if generation_eos is not None
-            else []
-        )
-        self.eos_token_ids = sorted(eos)
-        # Whether the tokenizer puts a BOS before a text of its own accord (its post-processor, or a
-        # slow tokenizer's add_bos_token): plain-string prompts get it, as TRL's do.
-        bos = tokenizer.bos_token_id
-        self.bos_token_id = bos
-        self.adds_bos = (
-            bos is not None
-            and tokenizer("a")["input_ids"][:1] == [bos]
-            and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
-        )
-
-    def prompt_text(self, prompt: str | list[dict]) -> str:
-        tokenizer = self.models.tokenizer
-        if isinstance(prompt, str):
-            return prompt
-        if tokenizer.chat_template:
-            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return messages_text(prompt)
-
-    def prompt_ids(self, prompt: str | list[dict], text: str) -> list[int]:
-        """``text``'s token ids, BOS as the tokenizer adds it: a plain string gets the tokenizer's
-        BOS (as TRL's prompts do); a chat template's text carries its own BOS where the template
-        writes one, and never gets a second."""
-        ids = self.models.tokenizer(text, add_special_tokens=False)["input_ids"]
-        templated = not isinstance(prompt, str) and bool(self.models.tokenizer.chat_template)
-        if self.adds_bos and not templated and ids[:1] != [self.bos_token_id]:
-            ids = [self.bos_token_id, *ids]
-        return ids
-
-    def truncated(self, ids: list[int]) -> list[int]:
-        """At most max_prompt_length tokens, cut from the left as TRL does: the end of the prompt
-        (the question, a chat template's generation header) stays; a leading BOS stays too."""
-        limit = self.config.max_prompt_length
-        if len(ids) <= limit:
-            return ids
-        if limit > 1 and self.bos_token_id is not None and ids[0] == self.bos_token_id:
-            return [ids[0], *ids[len(ids) - (limit - 1) :]]
-        return ids[len(ids) - limit :]
+    def __init__(self, models: Models, rewards: RewardSuite, config: GRPOConfig):
+        self.models, self.rewards, self.config = models, rewards, config
+        self.prompts = PromptFormatter(models.tokenizer, config.max_prompt_length)
+        self.eos_token_ids = eos_token_ids(models.policy, models.tokenizer)
 
     def __call__(
-        self, row_indices: list[int], *, group_size: int, temperature: float, timings: dict
+        self,
+        rows: Sequence[dict],
+        row_indices: list[int],
+        *,
+        group_size: int,
+        temperature: float,
+        generator: torch.Generator,
+        timings: dict,
     ) -> ScoredGroups:
+        """Scored groups for ``rows[i]`` of each ``i`` in ``row_indices``, sampled from ``generator``."""
         tokenizer = self.models.tokenizer
         cfg = self.config
-        raw = [self.rows[i]["prompt"] for i in row_indices]
-        prompts = [self.prompt_text(p) for p in raw]
-        full_ids = [self.prompt_ids(p, text) for p, text in zip(raw, prompts, strict=True)]
-        prompt_ids = [torch.tensor(self.truncated(ids)) for ids in full_ids]
+        raw = [rows[i]["prompt"] for i in row_indices]
+        prompts = [self.prompts.text(p) for p in raw]
+        full_ids = [self.prompts.ids(p, text) for p, text in zip(raw, prompts, strict=True)]
+        prompt_ids = [torch.tensor(self.prompts.truncated(ids)) for ids in full_ids]
         started = time.perf_counter()
         self.models.policy.eval()
         with no_router_logits(self.models.policy):
@@ -182,14 +116,14 @@ class Rollouts:
                 pad_id=tokenizer.pad_token_id,
                 temperature=temperature,
                 top_p=cfg.top_p,
-                generator=self.generator,
+                generator=generator,
             )
         completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - started
 
         started = time.perf_counter()
         repeated_prompts = [p for p in prompts for _ in range(group_size)]
-        repeated_rows = [self.rows[i] for i in row_indices for _ in range(group_size)]
+        repeated_rows = [rows[i] for i in row_indices for _ in range(group_size)]
         scored = self.rewards(repeated_prompts, completions, repeated_rows)
         timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - started
         return ScoredGroups(
@@ -208,15 +142,29 @@ class Rollouts:
 
 
 def draw_batch(
-    rollouts: Rollouts, sampler: PromptSampler, config: GRPOConfig, timings: dict
+    rollouts: Rollouts,
+    rows: Sequence[dict],
+    sampler: PromptSampler,
+    generator: torch.Generator,
+    config: GRPOConfig,
+    timings: dict,
 ) -> tuple[ScoredGroups, int]:
-    """Sample prompts_per_step prompts and their groups; with dynamic sampling, replace groups
-    whose rewards are all equal by groups of fresh prompts, for at most max_resample_rounds draws.
-    Returns the batch and how many extra prompts were drawn."""
+    """Sample prompts_per_step prompts of ``rows`` and their groups; with dynamic sampling, replace
+    groups whose rewards are all equal by groups of fresh prompts, for at most max_resample_rounds
+    draws. Returns the batch and how many extra prompts were drawn."""
     G = config.group_size
-    batch = rollouts(
-        sampler.draw(config.prompts_per_step), group_size=G, temperature=config.temperature, timings=timings
-    )
+
+    def roll(row_indices: list[int]) -> ScoredGroups:
+        return rollouts(
+            rows,
+            row_indices,
+            group_size=G,
+            temperature=config.temperature,
+            generator=generator,
+            timings=timings,
+        )
+
+    batch = roll(sampler.draw(config.prompts_per_step))
     if not config.dynamic_sampling:
         return batch, 0
     draws = [batch]
@@ -228,7 +176,7 @@ def draw_batch(
         missing = config.prompts_per_step - len(informative)
         if missing == 0:
             break
-        fresh = rollouts(sampler.draw(missing), group_size=G, temperature=config.temperature, timings=timings)
+        fresh = roll(sampler.draw(missing))
         draws.append(fresh)
         extra += missing
         _, fresh_zero = group_advantages(fresh.rewards, G)
@@ -240,71 +188,6 @@ def draw_batch(
     chosen.errors = {name: sum(d.errors.get(name, 0) for d in draws) for name in batch.errors}
     chosen.error_messages = list(dict.fromkeys(m for d in draws for m in d.error_messages))[:5]
     return chosen, extra
-
-
-def check_a_prompt_fits(rollouts: Rollouts, rows: Iterable[dict]) -> None:
-    """ConfigError naming max_prompt_length when every prompt of the dataset is longer, counted as
-    the model gets it (chat template and BOS included): each would be cut from the left, and the run
-    would train on nothing but prompts whose beginning is gone. Reads rows up to the first that fits
-    (one, in a usual dataset); prompts cut now and then are counted and named in steps instead."""
-    limit = rollouts.config.max_prompt_length
-    shortest = None
-    for row in rows:
-        prompt = row["prompt"]
-        length = len(rollouts.prompt_ids(prompt, rollouts.prompt_text(prompt)))
-        if length <= limit:
-            return
-        shortest = length if shortest is None else min(shortest, length)
-    raise ConfigError(
-        "hyperparameters.max_prompt_length",
-        (
-            f"every prompt of the dataset is longer than max_prompt_length ({limit} tokens): the shortest is "
-            f"{shortest} tokens, chat template and BOS included, so every prompt would lose its beginning. "
-            f"Raise max_prompt_length to at least {shortest}, or shorten the prompts"
-        ),
-    )
-
-
-def truncated_prompts(batch: ScoredGroups) -> list[int]:
-    """The groups whose prompt max_prompt_length cut (none known: a batch built without lengths)."""
-    if not batch.prompt_lengths:
-        return []
-    return [
-        b
-        for b, (full, kept) in enumerate(zip(batch.prompt_lengths, batch.prompt_ids, strict=True))
-        if full > kept.shape[0]
-    ]
-
-
-def warn_truncated_prompts(
-    step: int,
-    batch: ScoredGroups,
-    rows: Sequence[dict],
-    cfg: GRPOConfig,
-    progress: Progress,
-    warned: set[int],
-) -> set[int]:
-    """A warning event for each prompt cut to max_prompt_length, once per row and at most
-    MAX_TRUNCATION_WARNINGS per run; the ``prompts_truncated`` metric counts every one."""
-    for b in truncated_prompts(batch):
-        row = batch.row_indices[b]
-        if row in warned or len(warned) >= MAX_TRUNCATION_WARNINGS:
-            continue
-        warned.add(row)
-        line = rows.line_number(row) if isinstance(rows, RowFile) else row + 1
-        full, kept = batch.prompt_lengths[b], batch.prompt_ids[b].shape[0]
-        more = "" if len(warned) < MAX_TRUNCATION_WARNINGS else "; further cut prompts are only counted"
-        progress.on_log(
-            "warning",
-            (
-                f"step {step}: the prompt on dataset line {line} is {full} tokens, more than "
-                f"max_prompt_length {cfg.max_prompt_length}: its first {full - kept} tokens were cut "
-                "(left truncation, as TRL: the end of the prompt and a leading BOS stay, so the model may "
-                "start mid-text). The metric prompts_truncated counts every cut "
-                f"prompt{more}. Raise max_prompt_length or shorten the prompt"
-            ),
-        )
-    return warned
 
 
 def token_values(values: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
@@ -368,15 +251,11 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler = PromptSampler(len(rows), cfg.seed)
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
-    rollouts = Rollouts(rows, models, rewards, cfg, generator)
-    check_a_prompt_fits(rollouts, rows)
+    rollouts = Rollouts(models, rewards, cfg)
+    check_a_prompt_fits(rollouts.prompts, rows)
     failures = Failures(cfg, output_dir, policy, progress)
     # Evaluation has its own generator (reseeded per evaluation): it never moves the training draws.
-    evaluator = (
-        Evaluator(Rollouts(eval_rows, models, rewards, cfg, torch.Generator(generator.device)), cfg)
-        if eval_rows
-        else None
-    )
+    evaluator = Evaluator(rollouts, eval_rows, cfg, torch.Generator(generator.device)) if eval_rows else None
     best, divergence = BestCheckpoint(cfg.keep_best_by), DivergenceWatch()
 
     start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
@@ -453,8 +332,10 @@ def _train(
 
         # 1-2. sample prompts, generate G completions each, score them
         with failures.during(step, "generation and scoring"):
-            batch, extra_prompts = draw_batch(rollouts, sampler, cfg, timings)
-        truncation_warnings = warn_truncated_prompts(step, batch, rows, cfg, progress, truncation_warnings)
+            batch, extra_prompts = draw_batch(rollouts, rows, sampler, generator, cfg, timings)
+        truncation_warnings = warn_truncated_prompts(
+            step, batch, rows, cfg.max_prompt_length, progress, truncation_warnings
+        )
 
         # 3. advantages; which completions need a forward/backward at all
         started = time.perf_counter()
@@ -723,23 +604,3 @@ def samples(batch: ScoredGroups, advantages: torch.Tensor, cfg: GRPOConfig) -> l
             }
         )
     return picked
-
-
-class MetricsFile:
-    """``metrics.jsonl``: one JSON object per step. On resume, lines past the resumed step are
-    dropped, so a replayed step replaces its line instead of duplicating it."""
-
-    def __init__(self, path: Path, keep_through: int):
-        self.path = path
-        kept = []
-        if path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_through
-            ]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def append(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -52,10 +52,28 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_r) - log_r - 1.0  # [N]
 
 
+def importance_ratio(
+    logps: torch.Tensor,  # [N] log pi(token) under the policy being trained
+    old_logps: torch.Tensor,  # [N] log pi_old(token) under the policy that sampled it
+    seq_index: torch.Tensor,  # [N] completion each token belongs to
+    num_sequences: int,
+    importance_sampling_level: str = "token",
+) -> torch.Tensor:
+    """The importance ratio r = pi / pi_old of each token [N]: per token, or (GSPO's sequence
+    level) exp of the mean token log-ratio of its completion, broadcast onto its tokens."""
+    log_ratio = logps - old_logps  # [N]
+    if importance_sampling_level == "sequence":
+        log_ratio = per_sequence_mean(log_ratio, seq_index, num_sequences)[seq_index]  # [N]
+    elif importance_sampling_level != "token":
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; expected token or sequence"
+        )
+    return torch.exp(log_ratio)  # [N]
+
+
 @dataclass
 class TokenLoss:
     loss: torch.Tensor  # [N] per-token loss, to be aggregated
-    ratio: torch.Tensor  # [N] importance ratio pi/pi_old (per token, or its sequence's broadcast)
     low_clipped: torch.Tensor  # [N] bool: ratio < 1 - eps where the advantage is negative
     high_clipped: torch.Tensor  # [N] bool: ratio > 1 + eps_high where the advantage is positive
     kl: torch.Tensor | None  # [N] per-token k3 KL, None when beta = 0
@@ -81,14 +99,7 @@ def clipped_token_loss(
     in the unclipped term when ``delta`` is set (two-sided clipping). With sequence-level
     importance sampling (GSPO) log r is the mean of the token log-ratios of its completion.
     """
-    log_ratio = logps - old_logps  # [N]
-    if importance_sampling_level == "sequence":
-        log_ratio = per_sequence_mean(log_ratio, seq_index, num_sequences)[seq_index]  # [N]
-    elif importance_sampling_level != "token":
-        raise ValueError(
-            f"unknown importance_sampling_level {importance_sampling_level!r}; expected token or sequence"
-        )
-    ratio = torch.exp(log_ratio)  # [N]
+    ratio = importance_ratio(logps, old_logps, seq_index, num_sequences, importance_sampling_level)  # [N]
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)  # [N]
     unclipped = torch.clamp(ratio, max=delta) if delta is not None else ratio  # [N]
     loss = -torch.min(unclipped * advantages, clipped * advantages)  # [N]
@@ -100,7 +111,6 @@ def clipped_token_loss(
         loss = loss + beta * kl
     return TokenLoss(
         loss=loss,
-        ratio=ratio,
         low_clipped=(ratio < 1.0 - epsilon) & (advantages < 0),
         high_clipped=(ratio > 1.0 + epsilon_high) & (advantages > 0),
         kl=kl,

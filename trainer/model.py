@@ -45,6 +45,15 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion, in training and in chat: the tokenizer's EOS and the
+    model's generation config's (one id or a list), those that are set."""
+    eos = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return sorted(token for token in eos if token is not None)
+
+
 def load_causal_lm(source: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -85,7 +85,7 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
                 settings.job_dir(job_id),
                 progress=progress,
                 resume=True,
-                wandb=wandb_options(settings, job_id=job_id, job_name=job.name),
+                wandb=wandb_options(settings, job_id=job_id, job_name=run.name),
             )
             if not result.stopped and run.hyperparameters.lora is not None and result.checkpoint is not None:
                 merge_final_adapter(result.checkpoint, settings.job_dir(job_id), result.final_step, progress)

@@ -4,8 +4,16 @@ They flush and never commit: the caller's unit of work (``jobs.db.unit_of_work``
 transaction.
 """
 
+from jobs.queries.checkpoints import (
+    delete_checkpoint,
+    forget_missing_checkpoints,
+    get_checkpoint,
+    list_checkpoints,
+    record_evaluation,
+    upsert_checkpoint,
+)
 from jobs.queries.datasets import create_dataset, delete_dataset, get_dataset, list_datasets
-from jobs.queries.history import list_events_newest_first
+from jobs.queries.events import add_event, list_events, list_events_newest_first
 from jobs.queries.idempotency import find_idempotent_resource, remember_idempotency_key
 from jobs.queries.jobs import (
     count_active_jobs,
@@ -29,20 +37,7 @@ from jobs.queries.lease import (
     requeue_stale_jobs,
     stop_job,
 )
-from jobs.queries.records import (
-    add_event,
-    add_samples,
-    append_metrics,
-    delete_checkpoint,
-    forget_missing_checkpoints,
-    get_checkpoint,
-    list_checkpoints,
-    list_events,
-    list_metrics,
-    list_samples,
-    record_evaluation,
-    upsert_checkpoint,
-)
+from jobs.queries.records import add_samples, append_metrics, list_metrics, list_samples
 from jobs.queries.webhooks import (
     claim_webhook_attempt,
     list_due_webhooks,

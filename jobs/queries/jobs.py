@@ -7,14 +7,16 @@ from sqlalchemy.orm import Session
 
 from jobs.errors import JobAlreadyFinished, JobNotFound, JobStateConflict, TooManyActiveJobs
 from jobs.models import Job, JobMetrics, JobStatus, new_id, utcnow
-from jobs.queries.records import add_event
+from jobs.queries.events import add_event
 from jobs.queries.webhooks import queue_webhook
 
 _reached_step = and_(JobMetrics.job_id == Job.id, JobMetrics.step == Job.step)
 
 
 def create_job(*, session: Session, owner: str, spec: dict[str, Any], max_steps: int) -> Job:
-    """A queued job for a validated ``spec`` (the HTTP job spec with ids, as stored)."""
+    """A queued job for a validated ``spec`` (the HTTP job spec with ids, as stored). Its columns
+    are derived from ``spec`` here, ``max_steps`` (which the spec may leave to its default) from
+    the checked config."""
     job = Job(
         id=new_id("job"),
         owner=owner,

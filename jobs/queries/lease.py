@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import Job, JobStatus, utcnow
-from jobs.queries.records import add_event
+from jobs.queries.events import add_event
 from jobs.queries.webhooks import queue_webhook
 from jobs.text import storable_text
 

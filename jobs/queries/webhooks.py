@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import Job, JobMetrics, WebhookStatus, utcnow
-from jobs.queries.records import add_event
+from jobs.queries.events import add_event
 
 
 def queue_webhook(*, session: Session, job_id: str) -> None:

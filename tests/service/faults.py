@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import httpx
 from api.main import KEEP_ALIVE_S
 from jobs.settings import Settings
 from tests.service.factories import ROOT, ChildProcess, free_port, settings_env, wait_for
+from tests.service.http_stub import LoopbackEndpoint
 
 
 class RedisServer:
@@ -213,44 +214,20 @@ class ApiProcess(ChildProcess):
 Answer = Callable[[int, int], tuple[int, dict[str, Any]]]
 
 
-class ScoringEndpoint:
+class ScoringEndpoint(LoopbackEndpoint):
     """An ``http`` reward's endpoint on loopback: ``answer(call, completions)`` gives the status
     and JSON body of the ``call``-th request (1-based), which scores ``completions`` completions."""
 
     def __init__(self, answer: Answer):
         self.calls = 0
-        endpoint = self
+        self.script = answer
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                endpoint.calls += 1
-                status, answer_body = answer(endpoint.calls, len(body["completions"]))
-                data = json.dumps(answer_body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/score"
+    def answer(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, Any]:
+        self.calls += 1
+        return self.script(self.calls, len(json.loads(body)["completions"]))
 
     def reward(self, **options: Any) -> dict[str, Any]:
         """An ``http`` reward spec for this endpoint (on loopback: the workers' settings must list
         127.0.0.1 in ``allow_private_hosts``, as ``redis_worker_settings`` does)."""
         return {"type": "http", "url": self.url, "retries": 0, **options}
-
-    def __enter__(self) -> ScoringEndpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()

@@ -11,9 +11,8 @@ falls at every evaluation)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -25,48 +24,28 @@ from api.main import create_app
 from grpo_client import Client
 from tests.service.e2e import wait_until_ended
 from tests.service.factories import api_key, bearer, job_spec, jsonl
+from tests.service.http_stub import LoopbackEndpoint
 from tests.service.live import serve
 from trainer.checkpoint import checkpoints_on_disk
 
 pytestmark = pytest.mark.slow
 
 
-class DivergingRewards:
+class DivergingRewards(LoopbackEndpoint):
     """``{"rewards": [...]}`` for the rows' ``split``: training rises, eval falls."""
 
     def __init__(self) -> None:
         self.training_batches = 0
-        scorer = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                data = json.dumps({"rewards": scorer.score(body["rows"])}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, Any]]:
+        return 200, {"rewards": self.score(json.loads(body)["rows"])}
 
     def score(self, rows: list[dict[str, Any]]) -> list[float]:
         if rows[0]["split"] == "train":  # one batch per step (no dynamic sampling)
             self.training_batches += 1
             return [round(0.1 * self.training_batches, 6)] * len(rows)
         return [round(1.0 - 0.1 * self.training_batches, 6)] * len(rows)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/score"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")

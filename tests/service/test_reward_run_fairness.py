@@ -9,7 +9,7 @@ import select
 import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -17,12 +17,13 @@ import psutil
 
 from api.main import create_app
 from tests.service.factories import api_key, bearer, wait_for
+from tests.service.http_stub import LoopbackEndpoint
 from tests.service.live import serve
 
 TRIVIAL = [{"type": "exact_match"}]
 
 
-class HoldingEndpoint:
+class HoldingEndpoint(LoopbackEndpoint):
     """An ``http`` reward's endpoint on loopback that holds every request until ``release``d. A
     request is known by its first completion: ``arrived`` lists them in order, ``dropped`` those
     whose caller closed the connection while it was held."""
@@ -31,47 +32,26 @@ class HoldingEndpoint:
         self.arrived: list[str] = []
         self.dropped: list[str] = []
         self.released = threading.Event()
-        endpoint = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                tag = body["completions"][0]
-                endpoint.arrived.append(tag)
-                while not endpoint.released.wait(0.05):
-                    readable, _, _ = select.select([self.connection], [], [], 0)
-                    if readable and not self.connection.recv(1, socket.MSG_PEEK):  # end of stream: hung up
-                        endpoint.dropped.append(tag)
-                        return
-                data = json.dumps({"rewards": [1.0] * len(body["completions"])}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, Any]] | None:
+        completions = json.loads(body)["completions"]
+        tag = completions[0]
+        self.arrived.append(tag)
+        while not self.released.wait(0.05):
+            readable, _, _ = select.select([request.connection], [], [], 0)
+            if readable and not request.connection.recv(1, socket.MSG_PEEK):  # end of stream: hung up
+                self.dropped.append(tag)
+                return None
+        return 200, {"rewards": [1.0] * len(completions)}
 
     def reward(self) -> dict[str, Any]:
         """A reward that waits on this endpoint far longer than any test runs."""
-        return {
-            "type": "http",
-            "url": f"http://127.0.0.1:{self.server.server_port}/score",
-            "retries": 0,
-            "timeout_s": 600,
-        }
+        return {"type": "http", "url": self.url, "retries": 0, "timeout_s": 600}
 
-    def __enter__(self) -> HoldingEndpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def dry_run(

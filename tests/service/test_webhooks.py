@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -29,6 +29,7 @@ from jobs.settings import Settings
 from jobs.webhooks import deliver_webhook, signature
 from tests.service.e2e import wait_until_ended
 from tests.service.factories import api_key, bearer, free_port, job_spec, upload, wait_for
+from tests.service.http_stub import LoopbackEndpoint
 
 pytestmark = pytest.mark.slow
 
@@ -43,41 +44,22 @@ class Post:
     body: bytes
 
 
-class Receiver:
+class Receiver(LoopbackEndpoint):
     """A webhook receiver on loopback; ``status(call)`` answers the ``call``-th POST (1-based)."""
+
+    path = "/hooks/grpo"
 
     def __init__(self, status: Callable[[int], int] = lambda call: 200):
         self.posts: list[Post] = []
-        lock = threading.Lock()
-        receiver = self
+        self.status = status
+        self.lock = threading.Lock()
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with lock:
-                    receiver.posts.append(Post({k.lower(): v for k, v in self.headers.items()}, body))
-                    call = len(receiver.posts)
-                self.send_response(status(call))
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/hooks/grpo"
-
-    def __enter__(self) -> Receiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            self.posts.append(Post({k.lower(): v for k, v in request.headers.items()}, body))
+            call = len(self.posts)
+        return self.status(call), {}
 
 
 def verified(post: Post, job_id: str) -> dict[str, Any]:

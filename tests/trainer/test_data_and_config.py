@@ -5,7 +5,7 @@ import json
 import pytest
 
 from trainer.__main__ import policy_from_environ
-from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig
+from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig, spec_hyperparameters
 from trainer.data import PromptSampler, RowFile, json_over_limits, parse_line, parse_rows
 from trainer.errors import DatasetError
 
@@ -264,6 +264,21 @@ def test_run_config_from_spec_takes_top_level_group_size():
     assert run.reward == [{"type": "exact_match"}]
     with pytest.raises(ConfigError, match="base_model: is required"):
         RunConfig.from_spec({"dataset": "d", "reward": []})
+
+
+def test_a_specs_group_size_is_read_in_one_place_and_errors_name_where_it_was_written():
+    """A top-level group_size stands in for the hyperparameters' (null: absent, as the HTTP API
+    stores it), and its error names ``group_size``; one in the hyperparameters names theirs."""
+    inside = {"hyperparameters": {"group_size": 3}}
+    assert spec_hyperparameters({**inside, "group_size": None}).group_size == 3
+    assert spec_hyperparameters({**inside, "group_size": 5}).group_size == 5
+    assert spec_hyperparameters({}).group_size == GRPOConfig().group_size
+    with pytest.raises(ConfigError) as top_level:
+        spec_hyperparameters({**inside, "group_size": 1})
+    assert top_level.value.param == "group_size" and ">= 2" in top_level.value.message
+    with pytest.raises(ConfigError) as nested:
+        spec_hyperparameters({"hyperparameters": {"group_size": 1}})
+    assert nested.value.param == "hyperparameters.group_size"
 
 
 def test_only_the_cli_reads_the_operators_allowances_from_the_environment():

@@ -189,7 +189,7 @@ def test_the_eval_reward_scores_the_greedy_completions_and_draws_nothing(tiny_mo
     reward = [{"type": "string_check", "reference": "{{item.answer}}", "operation": "eq"}]
     generator = torch.Generator()
     with RewardSuite(reward) as rewards:
-        figures = Evaluator(Rollouts(rows, models, rewards, cfg, generator), cfg)(step=2)
+        figures = Evaluator(Rollouts(models, rewards, cfg), rows, cfg, generator)(step=2)
     assert figures["eval/reward"] == 1.0 and figures["eval/rows"] == 3.0  # every row: HF's greedy text
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(cfg.seed + 2).get_state())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages, kl_k3
+from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages, importance_ratio, kl_k3
 
 
 def test_seed_example_rewards_give_equal_and_opposite_advantages():
@@ -92,9 +92,12 @@ def test_sequence_level_ratio_is_the_mean_token_log_ratio():
         epsilon_high=0.2,
         importance_sampling_level="sequence",
     )
-    assert_close(out.ratio, torch.tensor([math.exp(0.2), math.exp(0.2), math.exp(-0.05)]))
-    # e^0.2 = 1.2214 is clipped to 1.2; e^-0.05 is inside
+    ratio = importance_ratio(log_ratio, torch.zeros(3), seq_index, 2, importance_sampling_level="sequence")
+    assert_close(ratio, torch.tensor([math.exp(0.2), math.exp(0.2), math.exp(-0.05)]))
+    # the loss uses that ratio: e^0.2 = 1.2214 is clipped to 1.2 (token level, e^0.1 would not be);
+    # e^-0.05 is inside
     assert_close(out.loss, torch.tensor([-1.2, -1.2, -math.exp(-0.05)]))
+    assert out.high_clipped.tolist() == [True, True, False]
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from trainer.batch import ScoredGroups, group_cost, plan_micro_batches
 from trainer.config import GRPOConfig
 from trainer.data import PromptSampler
 from trainer.logprobs import PLAIN, Scoring, token_logprobs
-from trainer.loop import MAX_TRUNCATION_WARNINGS, Rollouts, draw_batch, optimize, train
+from trainer.loop import draw_batch, optimize, train
 from trainer.loss import group_advantages
 from trainer.model import Models
 from trainer.progress import Progress
+from trainer.prompts import MAX_TRUNCATION_WARNINGS, PromptFormatter
 from trainer.tiny import char_tokenizer, make_tiny_model
 
 G = 4
@@ -49,13 +50,12 @@ def _tokenizer(*, adds_bos: bool, template_bos: bool = False):
     return tokenizer
 
 
-def _rollouts(tokenizer, **config) -> Rollouts:
-    models = Models(policy=None, reference=None, tokenizer=tokenizer, uses_lora=False)
-    return Rollouts([], models, rewards=None, config=GRPOConfig(**config), generator=None)
+def _prompts(tokenizer, **config) -> PromptFormatter:
+    return PromptFormatter(tokenizer, GRPOConfig(**config).max_prompt_length)
 
 
-def _ids(rollouts: Rollouts, prompt) -> list[int]:
-    return rollouts.prompt_ids(prompt, rollouts.prompt_text(prompt))
+def _ids(prompts: PromptFormatter, prompt) -> list[int]:
+    return prompts.ids(prompt, prompts.text(prompt))
 
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -65,24 +65,24 @@ def test_a_plain_prompt_gets_the_bos_its_tokenizer_adds_and_a_chat_prompt_never_
     bos_adding = _tokenizer(adds_bos=True)
     bos = bos_adding.bos_token_id
     assert bos_adding("hi")["input_ids"][0] == bos  # the tokenizer itself adds it
-    plain = _ids(_rollouts(bos_adding), "hi")
+    plain = _ids(_prompts(bos_adding), "hi")
     assert plain == [bos, *bos_adding("hi", add_special_tokens=False)["input_ids"]]
     # a chat template's text is tokenized as written: its own BOS once, none where it writes none
-    assert _ids(_rollouts(_tokenizer(adds_bos=True, template_bos=True)), CHAT).count(bos) == 1
-    assert _ids(_rollouts(_tokenizer(adds_bos=True, template_bos=True)), CHAT)[0] == bos
-    assert bos not in _ids(_rollouts(bos_adding), CHAT)
+    assert _ids(_prompts(_tokenizer(adds_bos=True, template_bos=True)), CHAT).count(bos) == 1
+    assert _ids(_prompts(_tokenizer(adds_bos=True, template_bos=True)), CHAT)[0] == bos
+    assert bos not in _ids(_prompts(bos_adding), CHAT)
     # a tokenizer that adds no BOS: none anywhere
     plain_tokenizer = _tokenizer(adds_bos=False)
-    assert bos not in _ids(_rollouts(plain_tokenizer), "hi")
-    assert bos not in _ids(_rollouts(plain_tokenizer), CHAT)
+    assert bos not in _ids(_prompts(plain_tokenizer), "hi")
+    assert bos not in _ids(_prompts(plain_tokenizer), CHAT)
 
 
 def test_left_truncation_keeps_the_end_of_the_prompt_and_its_bos():
-    rollouts = _rollouts(_tokenizer(adds_bos=True), max_prompt_length=4)
-    bos = rollouts.bos_token_id
-    assert rollouts.truncated([bos, 10, 11, 12, 13, 14]) == [bos, 12, 13, 14]
-    assert rollouts.truncated([10, 11, 12, 13, 14]) == [11, 12, 13, 14]
-    assert rollouts.truncated([bos, 10, 11]) == [bos, 10, 11]
+    prompts = _prompts(_tokenizer(adds_bos=True), max_prompt_length=4)
+    bos = prompts.bos_token_id
+    assert prompts.truncated([bos, 10, 11, 12, 13, 14]) == [bos, 12, 13, 14]
+    assert prompts.truncated([10, 11, 12, 13, 14]) == [11, 12, 13, 14]
+    assert prompts.truncated([bos, 10, 11]) == [bos, 10, 11]
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ class ScriptedRollouts:
     def __init__(self, batches):
         self.batches = list(batches)
 
-    def __call__(self, row_indices, *, group_size, temperature, timings):
+    def __call__(self, rows, row_indices, *, group_size, temperature, generator, timings):
         return self.batches.pop(0)
 
 
@@ -276,7 +276,7 @@ def test_each_reward_error_counts_once_under_dynamic_sampling():
         [None, 1.0, 0.0, None, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     )  # 2 errors; group 2 flat
     fresh = _scored([None, 0.5, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0])  # 1 error; one group informative, one flat
-    batch, extra = draw_batch(ScriptedRollouts([first, fresh]), PromptSampler(10, 0), cfg, {})
+    batch, extra = draw_batch(ScriptedRollouts([first, fresh]), [], PromptSampler(10, 0), None, cfg, {})
     assert extra == 2 and len(batch.prompt_ids) == 3
     assert batch.errors == {
         "r": 3
