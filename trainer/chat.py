@@ -17,7 +17,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCrit
 
 from trainer.config import ConfigError
 from trainer.model import eos_token_ids
-from trainer.prompts import prompt_text  # the prompt as training formats it (tests import it from here)
+from trainer.prompts import PromptFormatter
 
 STOP_WINDOW_TOKENS = 8  # decoded beyond the longest stop sequence's length when looking for it
 
@@ -56,6 +56,14 @@ class StopOnText(StoppingCriteria):
         )
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The messages' token ids exactly as training tokenizes a prompt of these messages: the chat
+    template (or the plain fallback) and BOS as the tokenizer adds it. Never cut: the context
+    check in generate_chat refuses what does not fit."""
+    prompts = PromptFormatter(tokenizer, max_prompt_length=2**62)
+    return prompts.ids(list(messages), prompts.text(list(messages)))
+
+
 @torch.inference_mode()
 def generate_chat(
     model: torch.nn.Module,
@@ -72,10 +80,7 @@ def generate_chat(
     """``n`` completions of the chat ``messages``; ``ConfigError("messages", ...)`` when the
     prompt leaves the model no room to answer."""
     device = next(model.parameters()).device
-    text = prompt_text(tokenizer, messages)
-    prompt_ids = torch.tensor(
-        [tokenizer(text, add_special_tokens=False)["input_ids"]], device=device
-    )  # [1, P]
+    prompt_ids = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=device)  # [1, P]
     prompt_tokens = prompt_ids.shape[1]
     if prompt_tokens == 0:
         raise ConfigError("messages", "the messages make an empty prompt; give some content")

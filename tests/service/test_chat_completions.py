@@ -32,9 +32,9 @@ from tests.service.factories import WorkerProcess, api_key, bearer, job_spec, up
 from tests.service.live import serve
 from tests.service.test_dashboard import CHROMEDRIVER, CHROMIUM, browser, css  # noqa: F401  (browser: a fixture)
 from tests.trainer.factories import letter_dataset, tiny_run
-from trainer.chat import prompt_text
 from trainer.config import LoraConfig
 from trainer.loop import train
+from trainer.prompts import prompt_text
 from worker.merge import write_merged_model
 
 pytestmark = pytest.mark.slow

@@ -77,6 +77,19 @@ def test_a_plain_prompt_gets_the_bos_its_tokenizer_adds_and_a_chat_prompt_never_
     assert bos not in _ids(_prompts(plain_tokenizer), CHAT)
 
 
+def test_chat_serving_tokenizes_a_prompt_exactly_as_training_does():
+    from trainer.chat import chat_prompt_ids
+
+    no_template = _tokenizer(adds_bos=True)
+    no_template.chat_template = None  # the plain fallback: the messages' contents, a line each
+    cases = [no_template, _tokenizer(adds_bos=True), _tokenizer(adds_bos=True, template_bos=True)]
+    cases.append(_tokenizer(adds_bos=False))
+    for tokenizer in cases:
+        assert chat_prompt_ids(tokenizer, CHAT) == _ids(_prompts(tokenizer), CHAT)
+    # where the tokenizer adds a BOS and no template writes the prompt, both paths start with it
+    assert chat_prompt_ids(no_template, CHAT)[0] == no_template.bos_token_id
+
+
 def test_left_truncation_keeps_the_end_of_the_prompt_and_its_bos():
     prompts = _prompts(_tokenizer(adds_bos=True), max_prompt_length=4)
     bos = prompts.bos_token_id
