@@ -219,7 +219,8 @@ function drawAxes(chart, [first, last], [lo, hi], x, y) {
   chart.querySelector(".ticks.x").replaceChildren(...xLabels);
 }
 
-// One SVG path over steps; a missing (or non-finite) value breaks the line.
+// One SVG path over steps. A metric a step did not report (eval/* exists only at checkpoints) is
+// skipped and its neighbours joined; a value reported as null (non-finite) breaks the line.
 function drawLine(chart, points) {
   const known = points.filter(([, value]) => typeof value === "number");
   const steps = points.map(([step]) => step);
@@ -229,6 +230,7 @@ function drawLine(chart, points) {
   const y = (value) => hi === lo ? 50 : 96 - ((value - lo) / (hi - lo)) * 92;
   let d = "", pen = "M";
   for (const [step, value] of points) {
+    if (value === undefined) continue;
     if (typeof value !== "number") { pen = "M"; continue; }
     d += `${pen}${x(step).toFixed(1)},${y(value).toFixed(1)} `;
     pen = "L";

@@ -365,3 +365,26 @@ def test_checkpoints_show_their_eval_figures_and_the_best(browser, server, api, 
     assert "eval reward 0.75 · pass@1 0.5 · pass@4 0.9" in best.text and "exact_match" not in best.text
     assert [s.text for s in best.find_elements("css selector", "strong")] == ["best"]
     assert "eval reward 0.5 ·" in last.text and last.find_elements("css selector", "strong") == []
+
+
+def test_a_metric_reported_only_at_checkpoints_draws_one_joined_line(
+    browser, server, api, settings, key
+) -> None:
+    from jobs.db import transaction
+    from jobs.queries import append_metrics
+    from tests.service.simulate import metrics_at
+
+    job_id = new_job(api, "sparse-eval", max_steps=6)
+    worker = SimulatedWorker(settings, job_id).claim()
+    for step in range(1, 7):
+        worker.step(step)
+        if step % 2 == 0:  # as the trainer reports evaluation: at checkpoint steps only
+            with transaction(settings.database_url) as session:
+                metrics = {**metrics_at(step), "eval/reward": step / 10}
+                append_metrics(session=session, job_id=job_id, step=step, metrics=metrics)
+    worker.finish()
+
+    browser.get(f"{server}/?key={key}&poll_ms=200#{job_id}")
+    wait_for(lambda: points(browser, "eval_reward") == 3, timeout=15, what="the eval curve")
+    path = css(browser, "#chart-eval_reward path.line")[0].get_attribute("d")
+    assert path.count("M") == 1 and path.count("L") == 2, path  # steps 2, 4, 6 joined, not three lone dots
