@@ -158,9 +158,10 @@ class Job(Base):
     owner: Mapped[str] = mapped_column(String(255))
     name: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
-    # The validated request as posted, with the group_size it runs with (jobs.submission): what the
-    # worker runs. The columns below that repeat its fields are copied from it at insert
-    # (queries.create_job) for listing and filtering, and never written again.
+    # The job as the trainer runs it (jobs.submission.stored_spec): the request's fields, its rewards
+    # normalised, its hyperparameters complete (group_size among them), with dataset ids. The columns
+    # below that repeat its fields are derived from it at insert (queries.create_job) for listing and
+    # filtering, and never written again.
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     base_model: Mapped[str] = mapped_column(String(1024))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))

@@ -9,6 +9,8 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from jobs.models import Job, JobStatus, WebhookStatus
 from jobs.text import STORABLE, StorableStr
+from trainer.config import GRPOConfig
+from trainer.rewards import validate_reward_specs
 
 T = TypeVar("T")
 
@@ -24,6 +26,14 @@ HYPERPARAMETERS_EXAMPLE = {
     "beta": 0.04,
     "checkpoint_every": 50,
 }
+DEFAULT_HYPERPARAMETERS = GRPOConfig()  # what a job gets for the hyperparameters its request leaves out
+
+
+def job_hyperparameters(job: Job) -> dict[str, Any]:
+    """The hyperparameters ``job`` runs with, every one: its stored spec's (complete when it was
+    created, ``jobs.submission.stored_spec``), over the default of any hyperparameter added since,
+    which ``GRPOConfig.from_dict`` fills the same way when the job runs."""
+    return {**DEFAULT_HYPERPARAMETERS.to_dict(), **job.spec["hyperparameters"]}
 
 
 class Page(BaseModel, Generic[T]):
@@ -114,9 +124,9 @@ class JobOut(BaseModel):
                     "base_model": "Qwen/Qwen2.5-0.5B-Instruct",
                     "dataset_id": "ds_0193a5c1f00a7f3e2b9c4d1e",
                     "eval_dataset_id": None,
-                    "reward": REWARD_EXAMPLE,
+                    "reward": validate_reward_specs(REWARD_EXAMPLE),
                     "group_size": 8,
-                    "hyperparameters": HYPERPARAMETERS_EXAMPLE,
+                    "hyperparameters": {**DEFAULT_HYPERPARAMETERS.to_dict(), **HYPERPARAMETERS_EXAMPLE},
                     "webhook_url": None,
                     "webhook_status": None,
                     "step": 42,
@@ -144,9 +154,16 @@ class JobOut(BaseModel):
     base_model: str
     dataset_id: str
     eval_dataset_id: str | None
-    reward: list[dict[str, Any]]
-    group_size: int
-    hyperparameters: dict[str, Any]
+    reward: list[dict[str, Any]] = Field(
+        description="The reward functions as the job runs them: every option, defaults filled, a name each."
+    )
+    group_size: int = Field(description="Completions sampled per prompt: `hyperparameters.group_size`.")
+    hyperparameters: dict[str, Any] = Field(
+        description=(
+            "The hyperparameters the job runs with: every one, those the request left out at their "
+            "defaults (`group_size` among them, wherever the request gave it)."
+        )
+    )
     webhook_url: str | None
     webhook_status: WebhookStatus | None = Field(
         None,
@@ -177,7 +194,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job, latest_metrics: dict[str, float | None] | None = None) -> JobOut:
-        spec = job.spec
+        hyperparameters = job_hyperparameters(job)
         return cls(
             id=job.id,
             name=job.name,
@@ -185,9 +202,9 @@ class JobOut(BaseModel):
             base_model=job.base_model,
             dataset_id=job.dataset_id,
             eval_dataset_id=job.eval_dataset_id,
-            reward=spec["reward"],
-            group_size=spec["group_size"],
-            hyperparameters=spec.get("hyperparameters") or {},
+            reward=job.spec["reward"],
+            group_size=hyperparameters["group_size"],
+            hyperparameters=hyperparameters,
             webhook_url=job.webhook_url,
             webhook_status=job.webhook_status,
             step=job.step,

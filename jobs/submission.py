@@ -2,7 +2,11 @@
 the stored spec turned into the trainer's RunConfig when it runs (``run_config_for``). The rules
 are the trainer's own (``trainer.config``, ``trainer.rewards``, both free of torch), so the API
 rejects exactly what the trainer would; ``as_invalid_request`` is where the trainer's
-``ConfigError`` becomes the API's ``InvalidRequest``."""
+``ConfigError`` becomes the API's ``InvalidRequest``.
+
+A request may say ``group_size`` at its top level or among its hyperparameters; the stored spec
+(``stored_spec``) says it once, in the trainer's own config: everything else (the job's columns,
+its responses, its run) is read from that."""
 
 from __future__ import annotations
 
@@ -43,7 +47,6 @@ from trainer.rewards import check_operator_policy, required_fields, validate_rew
 
 ENDPOINT = "POST /v1/jobs"  # what its Idempotency-Keys are scoped to
 CAPPED = ("group_size", "prompts_per_step", "max_steps", "max_prompt_length", "max_completion_length")
-DEFAULT_HYPERPARAMETERS = GRPOConfig()  # what a job gets for the hyperparameters its request leaves out
 
 
 @contextmanager
@@ -57,10 +60,8 @@ def as_invalid_request() -> Iterator[None]:
 
 @dataclass
 class CheckedSpec:
-    # What is stored: the request as posted (shown back as posted), ``group_size`` the one the job
-    # runs with; ``run_config_for`` reads it with the same ``spec_hyperparameters`` as here.
-    spec: dict[str, Any]
-    config: GRPOConfig
+    spec: dict[str, Any]  # what is stored (``stored_spec``)
+    config: GRPOConfig  # its hyperparameters, as the trainer reads them
 
 
 def check_job_request(*, session: Session, owner: str, request: JobCreate, settings: Settings) -> CheckedSpec:
@@ -90,9 +91,17 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
                 f"lacks in some rows (fields present in every row: {', '.join(dataset.fields)})",
                 param="reward",
             )
-    spec = request.model_dump(mode="json")
-    spec["group_size"] = config.group_size
-    return CheckedSpec(spec=spec, config=config)
+    return CheckedSpec(spec=stored_spec(request, rewards=rewards, config=config), config=config)
+
+
+def stored_spec(request: JobCreate, *, rewards: list[dict[str, Any]], config: GRPOConfig) -> dict[str, Any]:
+    """The one shape a job is stored in (``jobs.spec``): the trainer's own config serialised, with
+    dataset ids. ``rewards`` normalised (``check_rewards``: defaults filled, a name each) and
+    ``config`` complete (every default resolved, ``group_size`` among them, never at the top
+    level), so that the job runs, and is shown, with what was decided when it was created, not
+    with the defaults of whichever release reads it. The other fields are the request's own."""
+    posted = request.model_dump(mode="json", exclude={"group_size", "hyperparameters", "reward"})
+    return {**posted, "reward": rewards, "hyperparameters": config.to_dict()}
 
 
 def operator_policy(settings: Settings) -> OperatorPolicy:
@@ -162,18 +171,25 @@ def request_hash(request: JobCreate, extra_spec: dict[str, Any] | None = None) -
 
 
 def run_config_for(job: Job, settings: Settings) -> RunConfig:
-    """The trainer's view of a stored job, read from its spec alone (never its columns): the spec
-    as a spec file, its dataset ids made the uploaded files' paths. Its models are checked again
+    """The trainer's view of a stored job, read from its spec alone (``stored_spec``; never its
+    columns), its dataset ids made the uploaded files' paths. Its models are checked again
     (``ConfigError``) before the worker loads anything: the settings may have changed since the job
     was created."""
     spec = job.spec
-    check_models(spec["base_model"], spec.get("reward") or [], settings)
+    check_models(spec["base_model"], spec["reward"], settings)
     eval_id = spec.get("eval_dataset_id")
-    paths = {
-        "dataset": str(settings.dataset_path(spec["dataset_id"]).resolve()),
-        "eval_dataset": str(settings.dataset_path(eval_id).resolve()) if eval_id else None,
-    }
-    return RunConfig.from_spec({**spec, **paths}, policy=operator_policy(settings))
+    eval_dataset = str(settings.dataset_path(eval_id).resolve()) if eval_id else None
+    config = GRPOConfig.from_dict(spec["hyperparameters"])
+    check_eval_settings(config, has_eval_dataset=eval_dataset is not None)
+    return RunConfig(
+        base_model=spec["base_model"],
+        dataset=str(settings.dataset_path(spec["dataset_id"]).resolve()),
+        reward=spec["reward"],
+        hyperparameters=config,
+        eval_dataset=eval_dataset,
+        name=spec.get("name"),
+        policy=operator_policy(settings),
+    )
 
 
 def submit_job(
@@ -188,8 +204,9 @@ def submit_job(
     """Create a queued job for ``owner``, or return the one made earlier with the same
     ``Idempotency-Key`` (and body) within ``settings.idempotency_ttl_s``.
 
-    ``extra_spec`` is stored in the spec beside the request (the OpenAI-compatible API keeps
-    what only its objects show there); the trainer never reads it.
+    ``extra_spec`` is stored in the spec beside the stored request (the OpenAI-compatible API
+    keeps what only its objects show there); the trainer never reads it. The ``Idempotency-Key``'s
+    hash is over the request as posted.
     Returns the job and whether it is new (only a new job is sent to the broker).
     """
     digest = request_hash(request, extra_spec)
@@ -212,7 +229,6 @@ def submit_job(
         session=session,
         owner=owner,
         spec={**checked.spec, **(extra_spec or {})},
-        max_steps=checked.config.max_steps,
     )
     model_dir = local_model_dir(request.base_model)
     for warning in context_warnings(checked.config, read_model_shape(model_dir) if model_dir else None):

@@ -339,9 +339,8 @@ class RunConfig:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], policy: OperatorPolicy | None = None) -> RunConfig:
-        """Build from a job spec dict: a spec file, or a stored job's spec with its dataset ids made
-        paths (other keys are not read). ``group_size`` may sit at the top level
-        (``spec_hyperparameters``)."""
+        """Build from a spec file's dict (other keys are not read). ``group_size`` may sit at the
+        top level (``spec_hyperparameters``). A stored job is read by ``jobs.submission``."""
         for required in ("base_model", "dataset", "reward"):
             if not spec.get(required):
                 raise ConfigError(required, "is required")
@@ -373,16 +372,16 @@ class RunConfig:
             "dataset": self.dataset,
             "eval_dataset": self.eval_dataset,
             "reward": self.reward,
-            "group_size": self.hyperparameters.group_size,
             "hyperparameters": self.hyperparameters.to_dict(),
         }
 
 
 def spec_hyperparameters(spec: dict[str, Any]) -> GRPOConfig:
     """A spec's hyperparameters: its ``hyperparameters``, with its top-level ``group_size`` (unless
-    null) in place of theirs. The one place the two spellings of ``group_size`` meet: a spec file,
-    a job request and a stored job are all read through here. An error in a top-level
-    ``group_size`` names ``group_size``, where it was written."""
+    null) in place of theirs. The one place the two spellings of ``group_size`` meet: a spec file
+    and a job request are read through here (a stored job says it once, inside its
+    hyperparameters: ``jobs.submission.stored_spec``). An error in a top-level ``group_size``
+    names ``group_size``, where it was written."""
     hyperparameters = dict(spec.get("hyperparameters") or {})
     top_level = spec.get("group_size")
     if top_level is not None:

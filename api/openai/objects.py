@@ -8,7 +8,7 @@ from datetime import datetime
 from api.openai.schemas import FileOut, FineTuningCheckpointOut, FineTuningJobEventOut, FineTuningJobOut
 from jobs.chat import checkpoint_model_name
 from jobs.models import Checkpoint, Dataset, Job, JobEvent, JobStatus
-from jobs.submission import DEFAULT_HYPERPARAMETERS as DEFAULTS
+from jobs.schemas import job_hyperparameters
 
 
 def unix(moment: datetime | None) -> int | None:
@@ -31,15 +31,14 @@ def job_object(
 ) -> FineTuningJobOut:
     """``latest_metrics``: the job's metrics at the step it reached, whose cumulative ``num_tokens``
     is OpenAI's ``trained_tokens`` once the job has ended (null before, as OpenAI has it)."""
-    spec, extra = job.spec, job.spec.get("openai") or {}
-    native = spec.get("hyperparameters") or {}
+    extra, native = job.spec.get("openai") or {}, job_hyperparameters(job)
     method = extra.get("method") or {
         "type": "reinforcement",
         "reinforcement": {
             "grader": None,
             "hyperparameters": {
                 "n_epochs": "auto",
-                "batch_size": native.get("prompts_per_step", DEFAULTS.prompts_per_step),
+                "batch_size": native["prompts_per_step"],
                 "learning_rate_multiplier": "auto",
             },
         },
@@ -72,7 +71,7 @@ def job_object(
         },
         method=method,
         result_files=[],
-        seed=native.get("seed", DEFAULTS.seed),
+        seed=native["seed"],
         trained_tokens=trained_tokens,
         error=error,
         estimated_finish=estimated,
@@ -81,7 +80,7 @@ def job_object(
         suffix=extra.get("suffix"),
         step=job.step,
         max_steps=job.max_steps,
-        reward=spec["reward"],
+        reward=job.spec["reward"],
     )
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from api.openai.graders import GRADER, grader_rewards, invalid
 from api.openai.schemas import FineTuningJobCreate
 from jobs.errors import ServiceError
+from jobs.schemas import DEFAULT_HYPERPARAMETERS as DEFAULTS
 from jobs.schemas import JobCreate
-from jobs.submission import DEFAULT_HYPERPARAMETERS as DEFAULTS
 
 HYPERPARAMETERS = "method.reinforcement.hyperparameters"
 NATIVE_PARAMS = {

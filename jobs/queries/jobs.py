@@ -13,10 +13,10 @@ from jobs.queries.webhooks import queue_webhook
 _reached_step = and_(JobMetrics.job_id == Job.id, JobMetrics.step == Job.step)
 
 
-def create_job(*, session: Session, owner: str, spec: dict[str, Any], max_steps: int) -> Job:
-    """A queued job for a validated ``spec`` (the HTTP job spec with ids, as stored). Its columns
-    are derived from ``spec`` here, ``max_steps`` (which the spec may leave to its default) from
-    the checked config."""
+def create_job(*, session: Session, owner: str, spec: dict[str, Any]) -> Job:
+    """A queued job for a validated ``spec`` in its stored shape (``jobs.submission.stored_spec``:
+    complete hyperparameters, dataset ids). Its columns are derived from ``spec`` here, and only
+    here."""
     job = Job(
         id=new_id("job"),
         owner=owner,
@@ -27,7 +27,7 @@ def create_job(*, session: Session, owner: str, spec: dict[str, Any], max_steps:
         dataset_id=spec["dataset_id"],
         eval_dataset_id=spec.get("eval_dataset_id"),
         webhook_url=spec.get("webhook_url"),
-        max_steps=max_steps,
+        max_steps=spec["hyperparameters"]["max_steps"],
         step=0,
         attempts=0,
         cancel_requested=False,

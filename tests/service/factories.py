@@ -20,7 +20,11 @@ from jobs.artifacts import describe_checkpoint
 from jobs.db import transaction
 from jobs.keys import issue_key
 from jobs.queries import upsert_checkpoint
+from jobs.schemas import JobCreate
 from jobs.settings import Settings
+from jobs.submission import stored_spec
+from trainer.config import spec_hyperparameters
+from trainer.rewards import validate_reward_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:8]
@@ -82,6 +86,15 @@ def job_spec(dataset_id: str, base_model: str = "org/model", **overrides: Any) -
     spec.update(overrides)
     spec["hyperparameters"].update(hyperparameters)
     return spec
+
+
+def stored_job_spec(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` (a job request's JSON) in the shape a job is stored in, for tests that insert a job
+    without the API: what ``POST /v1/jobs`` stores for it."""
+    create = JobCreate.model_validate(request)
+    return stored_spec(
+        create, rewards=validate_reward_specs(create.reward), config=spec_hyperparameters(request)
+    )
 
 
 def make_checkpoint(

@@ -10,7 +10,8 @@ from jobs.models import Job, JobStatus
 from jobs.queries import append_metrics, claim_job, finish_job
 from jobs.submission import run_config_for
 from tests.service.factories import api_key, bearer, job_spec, upload
-from trainer.config import OperatorPolicy
+from trainer.config import GRPOConfig, OperatorPolicy
+from trainer.rewards import validate_reward_specs
 
 
 @pytest.fixture
@@ -39,7 +40,36 @@ def test_create_queues_the_job_and_sends_it_after_commit(client, settings, sent,
 def test_group_size_may_come_with_the_hyperparameters(client, dataset_id) -> None:
     spec = job_spec(dataset_id, hyperparameters={"group_size": 3})
     del spec["group_size"]
-    assert client.post("/v1/jobs", json=spec).json()["group_size"] == 3
+    job = client.post("/v1/jobs", json=spec).json()
+    assert job["group_size"] == job["hyperparameters"]["group_size"] == 3
+
+
+def test_the_job_is_stored_and_shown_with_every_hyperparameter_it_runs_with(
+    client, settings, dataset_id
+) -> None:
+    """The posted values, the defaults of the rest, the rewards normalised (like OpenAI's resolved
+    hyperparameters); ``group_size`` once, inside them, however the request spelled it. The run
+    and the columns are read from that one stored spec."""
+    spec = job_spec(dataset_id, hyperparameters={"max_steps": 7})  # group_size at the top level
+    job = client.post("/v1/jobs", json=spec).json()
+    resolved = {**GRPOConfig().to_dict(), **spec["hyperparameters"], "group_size": 2}
+    assert job["hyperparameters"] == resolved and job["hyperparameters"]["beta"] == GRPOConfig().beta
+    assert job["reward"] == validate_reward_specs(spec["reward"])
+    assert [r["name"] for r in job["reward"]] == ["exact_match", "regex"]
+    with transaction(settings.database_url) as session:
+        stored = session.get(Job, job["id"])
+        assert stored.spec == {
+            "name": "test-job",
+            "base_model": "org/model",
+            "dataset_id": dataset_id,
+            "eval_dataset_id": None,
+            "reward": job["reward"],
+            "hyperparameters": resolved,
+            "webhook_url": None,
+        }
+        assert (stored.max_steps, stored.name, stored.dataset_id) == (7, "test-job", dataset_id)
+        run = run_config_for(stored, settings)
+    assert run.hyperparameters == GRPOConfig.from_dict(resolved) and run.reward == job["reward"]
 
 
 def test_a_local_model_directory_is_accepted(client, dataset_id, tmp_path) -> None:

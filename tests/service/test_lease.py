@@ -24,7 +24,7 @@ from jobs.queries import (
     request_cancel,
 )
 from jobs.settings import Settings
-from tests.service.factories import job_spec
+from tests.service.factories import job_spec, stored_job_spec
 from worker.sweeper import sweep
 
 OWNER = "alice"
@@ -47,8 +47,7 @@ def job_id(settings) -> str:
         dataset = create_dataset(
             session=session, owner=OWNER, name="d", rows=1, bytes=1, sha256="0" * 64, fields=["prompt"]
         )
-        spec = {**job_spec(dataset.id), "group_size": 2}
-        job = create_job(session=session, owner=OWNER, spec=spec, max_steps=3)
+        job = create_job(session=session, owner=OWNER, spec=stored_job_spec(job_spec(dataset.id)))
         mark_sent(session=session, job_id=job.id)
         return job.id
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.dialects.postgresql import JSONB
 
-from jobs.db import make_engine
+from jobs.db import make_engine, transaction
 from jobs.migrate import downgrade, upgrade
-from jobs.models import Base
+from jobs.models import Base, Job
+from jobs.settings import Settings
+from jobs.submission import run_config_for
+from trainer.config import GRPOConfig
 
 TABLES = {
     "datasets",
@@ -105,4 +110,68 @@ def test_webhook_delivery_columns_come_and_go_with_the_jobs_kept(empty_database:
     assert "webhook_status" not in {column["name"] for column in inspect(engine).get_columns("jobs")}
     with engine.connect() as connection:
         assert connection.execute(text("SELECT id, status FROM jobs")).all() == [("job_1", "succeeded")]
+    engine.dispose()
+
+
+def test_a_job_stored_with_a_top_level_group_size_runs_with_it_from_its_hyperparameters(
+    empty_database: str, tmp_path
+) -> None:
+    """0007: the old spec's top-level ``group_size`` (the one the job ran with, over one in its
+    hyperparameters) moves inside them; ``run_config_for`` reads the row as it reads a new job's.
+    Down again, the top level says it once more."""
+    spec_type = sa.JSON().with_variant(JSONB(), "postgresql")
+    old = {
+        "name": "j",
+        "base_model": "org/model",
+        "dataset_id": "ds_1",
+        "eval_dataset_id": None,
+        "reward": [{"type": "exact_match"}],
+        "group_size": 4,
+        "hyperparameters": {"group_size": 2, "max_steps": 3},
+        "webhook_url": None,
+    }
+    upgrade(empty_database, "0006")
+    engine = make_engine(empty_database, pooled=False)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO datasets (id, owner, name, rows, bytes, sha256, fields, created_at) "
+                "VALUES ('ds_1', 'local', 'd', 1, 1, 'x', '[]', CURRENT_TIMESTAMP)"
+            )
+        )
+        for job_id, spec in (("job_1", old), ("job_2", {**old, "group_size": None})):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, owner, status, spec, base_model, dataset_id, max_steps, step, "
+                    "attempts, cancel_requested, pause_requested, webhook_attempts, created_at, queued_at, "
+                    "updated_at) "
+                    "VALUES (:id, 'local', 'queued', :spec, 'org/model', 'ds_1', 3, 0, 0, false, false, 0, "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ).bindparams(sa.bindparam("spec", type_=spec_type)),
+                {"id": job_id, "spec": spec},
+            )
+
+    def specs() -> dict[str, dict]:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, spec FROM jobs").columns(id=sa.String, spec=spec_type))
+            return dict(rows.all())
+
+    upgrade(empty_database)
+    without_top_level = {key: value for key, value in old.items() if key != "group_size"}
+    assert specs() == {
+        "job_1": {**without_top_level, "hyperparameters": {"group_size": 4, "max_steps": 3}},
+        "job_2": without_top_level,  # a null top level said nothing: the hyperparameters' own stands
+    }
+    settings = Settings(data_dir=tmp_path, database_url=empty_database)
+    with transaction(empty_database) as session:
+        run = run_config_for(session.get(Job, "job_1"), settings)
+    assert (run.hyperparameters.group_size, run.hyperparameters.max_steps) == (4, 3)
+    assert run.hyperparameters.beta == GRPOConfig().beta  # left out when posted: the default
+    assert run.reward == old["reward"] and run.dataset == str(settings.dataset_path("ds_1").resolve())
+
+    downgrade(empty_database, "0006")
+    assert specs() == {
+        "job_1": {**old, "hyperparameters": {"group_size": 4, "max_steps": 3}},
+        "job_2": {**old, "group_size": 2},
+    }
     engine.dispose()

@@ -17,6 +17,7 @@ from jobs.db import transaction
 from jobs.models import Job, utcnow
 from jobs.queries import add_event, append_metrics, claim_job
 from tests.service.factories import api_key, bearer, jsonl, make_checkpoint
+from trainer.config import GRPOConfig
 
 RFT_ROWS = [
     {
@@ -193,9 +194,10 @@ def test_a_string_check_job_is_a_grpo_job_with_a_string_check_reward(client, sen
     }
     assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 2.0}
     assert job["method"]["reinforcement"]["grader"] == string_check()
-    assert job["reward"] == [
+    assert job["reward"] == [  # as the job runs it: the weight filled
         {
             "type": "string_check",
+            "weight": 1.0,
             "name": "exact",
             "input": "{{sample.output_text}}",
             "reference": "{{item.reference_answer}}",
@@ -205,7 +207,7 @@ def test_a_string_check_job_is_a_grpo_job_with_a_string_check_reward(client, sen
     assert job["max_steps"] == 8  # ceil(3 epochs * 10 rows / 4 per step)
 
     native = client.get(f"/v1/jobs/{job['id']}").json()  # the same job, natively
-    assert native["hyperparameters"] == {
+    translated = {
         "group_size": 2,
         "max_completion_length": 16,
         "prompts_per_step": 4,
@@ -213,6 +215,8 @@ def test_a_string_check_job_is_a_grpo_job_with_a_string_check_reward(client, sen
         "learning_rate": 2e-6,
         "seed": 7,
     }
+    # every hyperparameter the job runs with: the translated ones, and the defaults of the rest
+    assert native["hyperparameters"] == {**GRPOConfig().to_dict(), **translated}
     assert (native["name"], native["group_size"]) == ("arith", 2)
 
 

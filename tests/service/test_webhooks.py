@@ -28,7 +28,7 @@ from jobs.queries import claim_webhook_attempt, create_dataset, create_job, list
 from jobs.settings import Settings
 from jobs.webhooks import deliver_webhook, signature
 from tests.service.e2e import wait_until_ended
-from tests.service.factories import api_key, bearer, free_port, job_spec, upload, wait_for
+from tests.service.factories import api_key, bearer, free_port, job_spec, stored_job_spec, upload, wait_for
 from tests.service.http_stub import LoopbackEndpoint
 
 pytestmark = pytest.mark.slow
@@ -332,14 +332,17 @@ def test_deliveries_work_on_the_embedded_sqlite_database(tmp_path) -> None:
                 fields=["prompt"],
                 dataset_id="ds_1",
             )
-            spec = {
-                "base_model": "org/model",
-                "dataset_id": "ds_1",
-                "webhook_url": receiver.url,
-                "reward": [{"type": "exact_match"}],
-                "group_size": 2,
-            }
-            job_id = create_job(session=session, owner="local", spec=spec, max_steps=1).id
+            spec = stored_job_spec(
+                {
+                    "base_model": "org/model",
+                    "dataset_id": "ds_1",
+                    "webhook_url": receiver.url,
+                    "reward": [{"type": "exact_match"}],
+                    "group_size": 2,
+                    "hyperparameters": {"max_steps": 1},
+                }
+            )
+            job_id = create_job(session=session, owner="local", spec=spec).id
             request_cancel(session=session, owner="local", job_id=job_id)
         assert (
             deliver_webhook(job_id, sessions=sessions, settings=settings) == "pending"
