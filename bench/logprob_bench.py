@@ -1,7 +1,7 @@
 """One group's forward + backward through each way of scoring completions, at growing lengths.
 
     .venv/bin/python bench/logprob_bench.py [--lengths 64,512,1024] [--repeats 2] [--threads 1]
-        [--paths old-packed,shared-prompt,rows,plain]
+        [--paths old-packed,shared-prompt,rows,auto,plain]
 
 The realistic benchmark model's shape (bench_common "realistic": Llama, hidden 256, 8 layers, 8
 heads, 32k vocabulary, ~24M parameters; random init, fp32, sdpa), one group: a 100-token prompt
@@ -10,13 +10,17 @@ and G = 8 completions of the given length. Paths:
 - old-packed: the trainer's former scoring: one row [prompt, c_1..c_8] with a dense [S, S]
   additive mask through the decoder, the chunked LM head (kept here for comparison only; it
   drops sliding windows and logit transforms, see issue 11);
-- shared-prompt: ``token_logprobs`` as the trainer runs it: the prompt once with its KV cache in
-  the graph, repeated for the 8 completions, the chunked LM head;
+- shared-prompt: the prompt once with its KV cache in the graph, repeated for the 8 completions,
+  whatever the lengths, the chunked LM head (what ``token_logprobs`` did before issue 11's rule);
 - rows: ``token_logprobs`` one row [prompt, c_i] per completion, the chunked LM head;
+- auto: ``token_logprobs`` as the trainer runs it (``Scoring()``): the prompt shared where
+  ``shares_prompt`` says it pays, else rows;
 - plain: the naive computation, one row per completion through the model's own forward and full
   [8, S, V] logits (what TRL does).
 
-Prints the best of ``--repeats`` wall-clock seconds of forward + backward per path and length.
+Prints the best of ``--repeats`` seconds of forward + backward per path and length, wall clock
+and, in parentheses, this process's CPU time (with one thread, what the wall clock would be
+without other work on the machine).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 
 import torch
 
-from trainer.logprobs import PLAIN, Scoring, selected_logprobs, token_logprobs
+from trainer.logprobs import PLAIN, Scoring, _shared_prompt_hidden, selected_logprobs, token_logprobs
 
 PROMPT, G = 100, 8
 
@@ -75,10 +79,19 @@ def old_packed_logprobs(model, prompt: torch.Tensor, completions: list[torch.Ten
     return logps
 
 
+def shared_prompt_logprobs(model, prompt: torch.Tensor, completions: list[torch.Tensor]) -> torch.Tensor:
+    """``token_logprobs`` with the prompt shared whatever the lengths. -> [N]"""
+    hidden = _shared_prompt_hidden(model.model, [prompt], [completions], 8192)  # [N, H]
+    logps, _ = selected_logprobs(hidden, model.lm_head, torch.cat(completions), with_entropy=False)
+    return logps
+
+
 def scorer(path: str):
     if path == "old-packed":
         return old_packed_logprobs
-    scoring = {"shared-prompt": Scoring(), "rows": Scoring(share_prompt=False), "plain": PLAIN}[path]
+    if path == "shared-prompt":
+        return shared_prompt_logprobs
+    scoring = {"auto": Scoring(), "rows": Scoring(share_prompt=False), "plain": PLAIN}[path]
 
     def score(model, prompt, completions):
         return torch.cat(token_logprobs(model, [prompt], [completions], scoring=scoring)[0])
@@ -86,17 +99,19 @@ def scorer(path: str):
     return score
 
 
-def time_path(model, path: str, length: int, repeats: int) -> float:
+def time_path(model, path: str, length: int, repeats: int) -> tuple[float, float]:
+    """The best of ``repeats`` (wall seconds, CPU seconds) of one group's forward + backward."""
     g = torch.Generator().manual_seed(length)
     prompt = torch.randint(3, 32000, (PROMPT,), generator=g)
     completions = [torch.randint(3, 32000, (length,), generator=g) for _ in range(G)]
-    score, best = scorer(path), float("inf")
+    score, wall, cpu = scorer(path), float("inf"), float("inf")
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         score(model, prompt, completions).sum().backward()
-        best = min(best, time.perf_counter() - started)
-    return best
+        wall = min(wall, time.perf_counter() - started)
+        cpu = min(cpu, time.process_time() - started_cpu)
+    return wall, cpu
 
 
 def main() -> None:
@@ -104,7 +119,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", default="64,512,1024")
-    parser.add_argument("--paths", default="old-packed,shared-prompt,rows,plain")
+    parser.add_argument("--paths", default="old-packed,shared-prompt,rows,auto,plain")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -116,16 +131,18 @@ def main() -> None:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
         f"{args.threads} thread(s), best of {args.repeats}: seconds"
     )
-    print(f"{'L':>6} " + " ".join(f"{p:>14}" for p in paths) + "   shared-prompt vs plain")
+    ours = "auto" if "auto" in paths else "shared-prompt"
+    print(f"{'L':>6} " + " ".join(f"{p:>16}" for p in paths) + f"   plain / {ours} (wall, CPU)")
     time_path(model, "shared-prompt", 16, 1)  # warm-up
     for length in map(int, args.lengths.split(",")):
         seconds = {p: time_path(model, p, length, args.repeats) for p in paths}
-        ratio = (
-            seconds["plain"] / seconds["shared-prompt"] if {"plain", "shared-prompt"} <= seconds.keys() else 0
+        ratios = (
+            " ".join(f"{seconds['plain'][k] / seconds[ours][k]:.2f}x" for k in (0, 1))
+            if {"plain", ours} <= seconds.keys()
+            else ""
         )
-        print(
-            f"{length:>6} " + " ".join(f"{seconds[p]:>14.2f}" for p in paths) + f"   {ratio:.2f}x", flush=True
-        )
+        cells = " ".join(f"{f'{wall:.2f} ({cpu:.2f})':>16}" for wall, cpu in seconds.values())
+        print(f"{length:>6} {cells}   {ratios}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.logprobs import Group
+from trainer.logprobs import Group, shares_prompt
 
 
 @dataclass
@@ -27,6 +27,9 @@ class ScoredGroups:
     prompt_lengths: list[int] = field(
         default_factory=list
     )  # [B] prompt tokens before max_prompt_length cut them
+    # B*G x [L_i] float32: each token's log-prob under the sampler (Rollout.sampler_logprobs); None
+    # when the sampler gave none
+    sampler_logprobs: list[torch.Tensor] | None = None
 
     def select(self, groups: list[int], group_size: int) -> ScoredGroups:
         """The sub-batch made of the given groups, in that order."""
@@ -56,6 +59,9 @@ class ScoredGroups:
                 )
             ],
             prompt_lengths=[self.prompt_lengths[b] for b in groups] if self.prompt_lengths else [],
+            sampler_logprobs=[self.sampler_logprobs[i] for i in seqs]
+            if self.sampler_logprobs is not None
+            else None,
         )
 
     @staticmethod
@@ -75,6 +81,9 @@ class ScoredGroups:
             prompt_lengths=[n for b in batches for n in b.prompt_lengths]
             if all(b.prompt_lengths for b in batches)
             else [],
+            sampler_logprobs=[t for b in batches for t in b.sampler_logprobs]
+            if all(b.sampler_logprobs is not None for b in batches)
+            else None,
         )
 
 
@@ -85,16 +94,19 @@ class MicroBatch:
     seq_index: torch.Tensor  # [N] micro-batch-local completion index of each token
     ref_logps: torch.Tensor | None = None  # [N]
     old_logps: torch.Tensor | None = None  # [N]
+    sampler_logps: torch.Tensor | None = None  # [N] the sampler's log-probs of the tokens
 
 
-def group_cost(group: Group, *, share_prompt: bool = True) -> int:
+def group_cost(group: Group, *, share_prompt: bool = True, token_budget: int = 8192) -> int:
     """Token positions whose activations a group's scoring holds for the backward, padding
-    included: ``token_logprobs`` runs the prompt once and right-pads the completions of a forward
-    to its longest, so at most P + n x L_max (one row [prompt, completion] per completion without
-    a shared prompt: n x (P + L_max))."""
-    longest = max((c.shape[0] for c in group.completions), default=0)
-    n, plen = len(group.completions), group.prompt.shape[0]
-    return plen + n * longest if share_prompt else n * (plen + longest)
+    included, on the path ``token_logprobs`` takes for it (``shares_prompt``, given the same
+    forward ``token_budget``): with the prompt shared, the prompt once and the completions of a
+    forward right-padded to its longest, so at most P + n x L_max; one row [prompt, completion] per
+    completion otherwise: n x (P + L_max)."""
+    lengths = [c.shape[0] for c in group.completions]
+    longest, n, plen = max(lengths, default=0), len(lengths), group.prompt.shape[0]
+    shared = share_prompt and shares_prompt(plen, lengths, token_budget)
+    return plen + n * longest if shared else n * (plen + longest)
 
 
 def plan_micro_batches(
@@ -107,8 +119,10 @@ def plan_micro_batches(
 ) -> list[MicroBatch]:
     """Cut the step into micro-batches of whole groups whose held autograd graph stays within
     ``token_budget`` token positions (the sum of ``group_cost``; a group over it goes alone); only
-    ``active`` [B*G] completions are scored. How the step is cut changes no result: the loss is
-    normalised by whole-step counts."""
+    ``active`` [B*G] completions are scored. ``token_budget`` is also the scorer's per-forward
+    budget (the trainer passes one for both), which decides how a group's forwards are cut and so
+    whether its prompt is shared. How the step is cut changes no result: the loss is normalised by
+    whole-step counts."""
     plans: list[MicroBatch] = []
     current: list[tuple[Group, list[int]]] = []
     held = 0  # the current micro-batch's cost
@@ -123,6 +137,9 @@ def plan_micro_batches(
                 groups=[g for g, _ in current],
                 sequences=torch.tensor(sequences),
                 seq_index=torch.repeat_interleave(torch.arange(len(sequences)), lengths),
+                sampler_logps=torch.cat([batch.sampler_logprobs[i] for i in sequences])
+                if batch.sampler_logprobs is not None
+                else None,
             )
         )
         current.clear()
@@ -132,7 +149,7 @@ def plan_micro_batches(
         if not seqs:
             continue
         group = Group(prompt=prompt, completions=[batch.completion_ids[i] for i in seqs])
-        cost = group_cost(group, share_prompt=share_prompt)
+        cost = group_cost(group, share_prompt=share_prompt, token_budget=token_budget)
         if current and held + cost > token_budget:
             flush()
             held = 0

@@ -8,12 +8,14 @@ lean where that stays exact:
    the autograd graph; the cache is repeated along the batch dimension for the group's G
    completions, which then run through the model's own forward (so its own mask builder applies
    sliding windows, chunked attention and sinks). The prompt's gradient is the sum over the group,
-   exactly what G separate rows would give. A group's completions run in a few forwards of
-   similar lengths, right-padded within each (``_runs``: at short, uneven completions one forward
-   per group would pad them to twice their tokens), with their token embeddings looked up once
-   for all forwards (one embedding gradient, not one per forward). Hybrid caches (linear-attention
-   and conv layers) cannot be repeated: such models score one row ``[prompt, completion]`` per
-   completion.
+   exactly what G separate rows would give. Only where it pays (``shares_prompt``): at long
+   completions of a short prompt one row ``[prompt, completion]`` per completion costs less (its
+   attention runs SDPA's causal kernel, which skips half the pairs). A group's completions run in
+   a few forwards of similar lengths, right-padded within each (``_runs``: at short, uneven
+   completions one forward per group would pad them to twice their tokens), with their token
+   embeddings looked up once for all forwards (one embedding gradient, not one per forward).
+   Hybrid caches (linear-attention and conv layers) cannot be repeated: such models score one row
+   ``[prompt, completion]`` per completion.
 2. *No full-vocabulary tensor.* Only the hidden states that predict completion tokens go through
    the LM head, in chunks, inside an autograd function that keeps no ``[N, V]`` tensor alive (the
    backward recomputes each chunk), followed by the model's own logit transform (Gemma's soft-cap,
@@ -193,11 +195,13 @@ class Scoring:
     """How ``token_logprobs`` runs a model. The leanest is the default; ``check_scoring`` moves a
     model to a plainer one when the lean one does not reproduce its forward."""
 
-    share_prompt: bool = True  # the prompt's KV cache computed once per group, repeated for its completions
+    # the prompt's KV cache computed once per group and repeated for its completions, in the groups
+    # where that costs less than one row per completion (``shares_prompt``); False: never
+    share_prompt: bool = True
     own_logits: bool = False  # the model's own full logits instead of the chunked LM head and its transform
 
     def describe(self) -> str:
-        rows = "the prompt once per group" if self.share_prompt else "one row per completion"
+        rows = "the prompt once per group where it pays" if self.share_prompt else "one row per completion"
         head = "the model's own full logits" if self.own_logits else "the chunked LM head"
         return f"{rows}, {head}"
 
@@ -250,15 +254,11 @@ def token_logprobs(
         entropy = torch.cat([e for _, e in pieces]) if with_entropy else None  # [N]
     else:
         backbone, lm_head = _backbone_and_head(causal_lm)
-        if scoring.share_prompt:
-            hidden = _shared_prompt_hidden(backbone, prompts, completions, token_budget, router)  # [N, H]
-        else:
-            hidden = torch.cat(
-                [
-                    _row_hidden(backbone, p, group, token_budget, router)
-                    for p, group in zip(prompts, completions, strict=True)
-                ]
-            )  # [N, H]
+        shared = [
+            scoring.share_prompt and shares_prompt(p.shape[0], [c.shape[0] for c in group], token_budget)
+            for p, group in zip(prompts, completions, strict=True)
+        ]
+        hidden = _hidden(backbone, prompts, completions, shared, token_budget, router)  # [N, H]
         targets = (
             torch.cat([c for group in completions for c in group]) if lengths else hidden.new_empty(0).long()
         )
@@ -319,6 +319,32 @@ def _nest(
     return [[next(pieces) for _ in group] for group in completions]
 
 
+def _hidden(
+    backbone: nn.Module,
+    prompts: list[torch.Tensor],
+    completions: list[list[torch.Tensor]],
+    shared: list[bool],
+    token_budget: int,
+    router: list | None,
+) -> torch.Tensor:
+    """The hidden states that predict each completion's tokens, each group by its own path: the
+    prompt once where ``shared``, one row per completion elsewhere. -> [sum L_i, H], completions in
+    order"""
+    picked = [b for b, share in enumerate(shared) if share]
+    pieces: list[torch.Tensor | None] = [None] * len(prompts)
+    if picked:
+        states = _shared_prompt_hidden(
+            backbone, [prompts[b] for b in picked], [completions[b] for b in picked], token_budget, router
+        )  # [sum over the picked groups' L_i, H]
+        sizes = [sum(c.shape[0] for c in completions[b]) for b in picked]
+        for b, piece in zip(picked, states.split(sizes), strict=True):
+            pieces[b] = piece  # [sum L_i of group b, H]
+    for b, share in enumerate(shared):
+        if not share:
+            pieces[b] = _row_hidden(backbone, prompts[b], completions[b], token_budget, router)
+    return torch.cat(pieces) if pieces else backbone.get_input_embeddings().weight.new_empty(0, 0)
+
+
 def _shared_prompt_hidden(
     backbone: nn.Module,
     prompts: list[torch.Tensor],
@@ -375,7 +401,7 @@ def _completion_runs(prompt: torch.Tensor, completions: list[torch.Tensor], toke
     of completions, each completion's last token left out (it predicts nothing)."""
     plen, fed = prompt.shape[0], [max(c.shape[0] - 1, 0) for c in completions]
     planned = []
-    for run in _runs(fed, token_budget):
+    for run in _runs(fed, token_budget, past=plen):
         width = max(fed[i] for i in run)
         ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, W]
         mask = torch.zeros(len(run), plen + width, dtype=torch.long, device=prompt.device)  # [k, P+W]
@@ -465,14 +491,18 @@ def _rows(prompt: torch.Tensor, completions: list[torch.Tensor], token_budget: i
 RUN_OVERHEAD_TOKENS = 48  # what one more forward costs (its fixed per-call work), in padded token positions
 
 
-def _runs(sizes: list[int], token_budget: int) -> list[list[int]]:
+def _runs(sizes: list[int], token_budget: int, past: int | None = None) -> list[list[int]]:
     """Indices of ``sizes`` cut into runs, each run one right-padded forward: longest first, each
-    run's rows x longest <= token_budget (a run has one row at least), and the cut that pads least
-    where one more run costs RUN_OVERHEAD_TOKENS positions.
+    run's rows x longest <= token_budget (a run has one row at least), and the cut that costs
+    least (``_forward_work``, padding included) where one more run costs RUN_OVERHEAD_TOKENS
+    positions. ``past``: the keys before each row (a shared prompt's cache; its runs attend under
+    an explicit mask); None: rows of their own, whose unpadded runs take the causal kernel.
 
     One run per group pads every completion to the group's longest; at short, uneven completions
-    (a median of 15 tokens under a cap of 64) that is twice the real tokens. Sorted, the cheapest
-    cut into consecutive runs is a small dynamic programme (the longest of a run is its first)."""
+    (a median of 15 tokens under a cap of 64) that is twice the real tokens. At long rows a single
+    padded position costs the run its causal kernel, half its attention: rows of unequal lengths
+    go alone. Sorted, the cheapest cut into consecutive runs is a small dynamic programme (the
+    longest of a run is its first)."""
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     width = [sizes[i] for i in order]
     best = [0] + [None] * len(
@@ -484,7 +514,9 @@ def _runs(sizes: list[int], token_budget: int) -> list[list[int]]:
             rows = end - first
             if rows > 1 and rows * max(width[first], 1) > token_budget:
                 break  # longer runs (an earlier first) only grow
-            cost = best[first] + RUN_OVERHEAD_TOKENS + rows * width[first]
+            causal = past is None and width[first] == width[end - 1]  # unpadded
+            work = _forward_work(rows, width[first], (past or 0) + width[first], causal=causal)
+            cost = best[first] + RUN_OVERHEAD_TOKENS + work
             if best[end] is None or cost <= best[end]:  # ties: the longer run, fewer forwards
                 best[end], start[end] = cost, first
     runs, end = [], len(order)
@@ -492,6 +524,58 @@ def _runs(sizes: list[int], token_budget: int) -> list[list[int]]:
         runs.append(order[start[end] : end])
         end = start[end]
     return runs[::-1]
+
+
+# Query-key pairs of attention that cost as much as one token position's other work (projections,
+# MLP, norms), forward + backward. Measured on the realistic benchmark model (hidden 256, 8
+# layers, 1 CPU thread, SDPA): ~1.1 us a pair against ~1.35 ms a position (bench/RESULTS.md,
+# issue 11). Wider models spend relatively less on attention (a pair costs ~hidden, a position
+# ~hidden^2): there this undercounts what sharing saves, and the rule errs towards rows, at most
+# by the prompt's recomputation.
+ATTENTION_SPAN = 1250
+
+
+def shares_prompt(prompt_length: int, lengths: list[int], token_budget: int = 8192) -> bool:
+    """Whether a group costs less with its prompt computed once (its KV cache repeated for the
+    completions) than as one row ``[prompt, completion]`` per completion; ``token_logprobs``
+    takes that path for the group under ``Scoring(share_prompt=True)`` and ``group_cost`` sizes
+    micro-batches by it.
+
+    Sharing saves the prompt's positions (G - 1 times) but its completions attend under an
+    explicit mask (a past cache: queries != keys), so SDPA visits every query-key pair; a row of
+    its own without padding runs SDPA's causal kernel, which skips the pairs above the diagonal.
+    At long completions of a short prompt that half of the attention outweighs the prompt: on the
+    benchmark model (100-token prompt, G = 8, equal lengths) rows win from ~500 tokens. Rows
+    padded to a longer neighbour lose the causal kernel (sharing always wins against them), so
+    ``_runs`` cuts long rows of unequal lengths into forwards of their own. Rows must save more
+    than one forward's fixed cost (RUN_OVERHEAD_TOKENS): a smaller difference is within what this
+    model of the cost can tell, and sharing holds fewer positions for the backward.
+
+    prompt_length: P >= 1; lengths: [L_i] the group's completion lengths (none: shares, as
+    before the rule, its states coming out empty)."""
+    if not lengths:
+        return True
+    plen, fed = prompt_length, [max(n - 1, 0) for n in lengths]
+    shared = _forward_work(1, plen, plen, causal=True) + _runs_work(fed, token_budget, past=plen)
+    return shared <= _runs_work([plen + f for f in fed], token_budget) + RUN_OVERHEAD_TOKENS
+
+
+def _runs_work(sizes: list[int], token_budget: int, past: int | None = None) -> float:
+    """The work of the forwards ``_runs`` cuts ``sizes`` into (see there for ``past``)."""
+    work = 0.0
+    for run in _runs(sizes, token_budget, past):
+        width = max(sizes[i] for i in run)
+        causal = past is None and all(sizes[i] == width for i in run)  # unpadded
+        work += _forward_work(len(run), width, (past or 0) + width, causal=causal)
+    return work
+
+
+def _forward_work(rows: int, width: int, keys: int, *, causal: bool) -> float:
+    """One forward's work in token positions: rows x width positions and their attention's
+    query-key pairs, every one of them under an explicit mask, the lower triangle (about half)
+    under SDPA's causal kernel (no padding, queries = keys)."""
+    pairs = rows * width * (width + 1) / 2 if causal else rows * width * keys
+    return rows * width + pairs / ATTENTION_SPAN
 
 
 def _repeated(cache, times: int):
@@ -607,7 +691,6 @@ def check_scoring(model: nn.Module, *, max_length: int = 512, seed: int = 0) -> 
     # a parameter whose gradient flows from the prompt's tokens too; LoRA's B (A's gradient is 0 at init)
     probe = next((p for name, p in trainable if "lora_B" in name), trainable[0][1] if trainable else None)
     half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
-    tolerance = 5e-2 if half else 1e-3
 
     def scored(scoring: Scoring) -> tuple[torch.Tensor, torch.Tensor | None]:
         logps = torch.cat(token_logprobs(model, [prompt], [completions], scoring=scoring)[0])  # [N]
@@ -630,18 +713,32 @@ def check_scoring(model: nn.Module, *, max_length: int = 512, seed: int = 0) -> 
         for scoring in dict.fromkeys(candidates):  # in order, without repeats
             if scoring == PLAIN:
                 return ScoringCheck(scoring=PLAIN, default=default, mismatches=mismatches)
-            try:
-                got, got_grad = scored(scoring)
-            except Exception as exc:
-                mismatches.append(f"{scoring.describe()}: {type(exc).__name__}: {exc}")
-                continue
-            delta = _relative_gap(got, want, got_grad, want_grad, half)
-            if delta <= tolerance:
+            # sharing where it pays takes either path per group: both must agree (the sample's
+            # completions are no longer than its prompt, so ``shares_prompt`` shares it)
+            paths = [scoring, replace(scoring, share_prompt=False)] if scoring.share_prompt else [scoring]
+            failures = (
+                f"{path.describe()}: {why}"
+                for path in paths
+                if (why := _mismatch(scored, path, want, want_grad, half)) is not None
+            )
+            failure = next(failures, None)  # the first path that fails; the rest are not run
+            if failure is None:
                 return ScoringCheck(scoring=scoring, default=default, mismatches=mismatches)
-            mismatches.append(f"{scoring.describe()}: differs from the model's own forward by {delta:.3g}")
+            mismatches.append(failure)
         raise AssertionError("unreachable: PLAIN is the last candidate")
     finally:
         model.train(was_training)
+
+
+def _mismatch(scored, scoring: Scoring, want, want_grad, half: bool) -> str | None:
+    """Why ``scoring`` does not reproduce the plain forward on the check's sample, or None."""
+    tolerance = 5e-2 if half else 1e-3
+    try:
+        got, got_grad = scored(scoring)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    delta = _relative_gap(got, want, got_grad, want_grad, half)
+    return f"differs from the model's own forward by {delta:.3g}" if delta > tolerance else None
 
 
 def _relative_gap(got, want, got_grad, want_grad, half: bool) -> float:

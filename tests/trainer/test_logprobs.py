@@ -6,7 +6,17 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from trainer.logprobs import LogitTransform, Scoring, selected_logprobs, token_logprobs
+from trainer.batch import group_cost
+from trainer.logprobs import (
+    PLAIN,
+    Group,
+    LogitTransform,
+    Scoring,
+    _runs,
+    selected_logprobs,
+    shares_prompt,
+    token_logprobs,
+)
 
 
 def test_chunked_logprobs_equal_log_softmax_gather_with_gradients():
@@ -101,3 +111,69 @@ def test_token_logprobs_equal_one_plain_forward_per_completion(arch, scoring, ti
     # the prompt, computed once per group, gets the sum of its completions' gradients
     for (name, p), p2 in zip(lean_model.named_parameters(), plain_model.parameters(), strict=True):
         assert_close(p.grad, p2.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("prompt_length", "lengths", "shared"),
+    [(2, [400] * 4, False), (60, [8, 5, 3, 1], True)],
+    ids=["short-prompt-long-completions", "long-prompt-short-completions"],
+)
+def test_share_where_it_pays_picks_a_path_per_group_and_equals_plain(
+    prompt_length, lengths, shared, tiny_model_dir
+):
+    """Long completions of a short prompt score as one row each (the prompt's recomputation costs
+    less than attending without the causal kernel); a long prompt with short completions is
+    computed once. Either way the values and gradients are the plain forward's, and
+    ``group_cost`` counts the path taken."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(4, 100, (prompt_length,), generator=g)
+    completions = [torch.randint(4, 100, (n,), generator=g) for n in lengths]
+    assert shares_prompt(prompt_length, lengths) is shared
+    held = group_cost(Group(prompt=prompt, completions=completions))
+    longest = max(lengths)
+    assert held == (prompt_length + 4 * longest if shared else 4 * (prompt_length + longest))
+
+    seen = []
+    model.model.layers[0].register_forward_hook(
+        lambda module, args, out: seen.append(tuple(args[0].shape[:2]))
+    )
+    logps = torch.cat(token_logprobs(model, [prompt], [completions], scoring=Scoring())[0])
+    weights = torch.linspace(-1, 1, logps.shape[0])
+    (logps * weights).sum().backward()
+    plain = torch.cat(token_logprobs(plain_model, [prompt], [completions], scoring=PLAIN)[0])
+    (plain * weights).sum().backward()
+
+    # shared: the prompt alone, then the completions without their last tokens; rows: [prompt, c_i]
+    assert seen[0] == ((1, prompt_length) if shared else (4, prompt_length + longest - 1))
+    assert_close(logps, plain, atol=1e-4, rtol=1e-4)
+    for (name, p), p2 in zip(model.named_parameters(), plain_model.parameters(), strict=True):
+        assert_close(p.grad, p2.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_groups_on_either_path_in_one_call_come_back_in_order(tiny_model_dir):
+    """A call mixing groups that share their prompt and groups scored as rows returns every
+    completion's log-probs in its own place, equal to the plain forward's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(60, [8, 5, 3]), (2, [400, 400]), (40, [6, 1])]
+    prompts = [torch.randint(4, 100, (plen,), generator=g) for plen, _ in shapes]
+    completions = [[torch.randint(4, 100, (n,), generator=g) for n in lengths] for _, lengths in shapes]
+    assert [shares_prompt(plen, lengths) for plen, lengths in shapes] == [True, False, True]
+    with torch.no_grad():
+        got = token_logprobs(model, prompts, completions, scoring=Scoring())
+        want = token_logprobs(model, prompts, completions, scoring=PLAIN)
+    for got_group, want_group in zip(got, want, strict=True):
+        for got_one, want_one in zip(got_group, want_group, strict=True):
+            assert_close(got_one, want_one, atol=1e-4, rtol=1e-4)
+
+
+def test_long_rows_of_unequal_lengths_go_alone():
+    """A padded row loses SDPA's causal kernel (half its attention): long rows of unequal lengths
+    run alone, equal ones together; short uneven rows and a shared prompt's completions (always
+    under an explicit mask) still share a forward."""
+    assert _runs([500, 497, 494], 8192) == [[0], [1], [2]]
+    assert _runs([500, 500, 500], 8192) == [[0, 1, 2]]
+    assert _runs([20, 17, 14], 8192) == [[0, 1, 2]]
+    assert _runs([500, 497, 494], 8192, past=100) == [[0, 1, 2]]
