@@ -18,6 +18,8 @@ SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+GENERATIONS = ("hf", "vllm")
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 class ConfigError(ValueError):
@@ -164,6 +166,13 @@ class GRPOConfig:
     scale_rewards: str = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
+    generation: str = "hf"  # the sampler: "hf" (the policy module itself) or "vllm" (a vLLM engine)
+    # Sampler/trainer mismatch correction: each token's policy loss is weighted by
+    # pi_trainer / pi_sampler (token_*: per token; sequence_*: exp of the completion's summed
+    # log-ratio), truncated at the cap (*_truncate) or zeroed above it (*_mask); null: off. The
+    # defaults are TRL's (vllm_importance_sampling_correction=True, _mode="sequence_mask", _cap=3.0).
+    sampler_correction: str | None = "sequence_mask"
+    sampler_correction_cap: float = 3.0
     dynamic_sampling: bool = False
     max_resample_rounds: int = 3  # bound on the extra draws dynamic sampling may make per step
     seed: int = 0
@@ -265,6 +274,15 @@ class GRPOConfig:
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("generation", self.generation, GENERATIONS)
+        if self.sampler_correction is not None and self.sampler_correction not in SAMPLER_CORRECTIONS:
+            raise ConfigError(
+                "sampler_correction",
+                f"unknown sampler_correction {self.sampler_correction!r}; "
+                f"{did_you_mean(self.sampler_correction, SAMPLER_CORRECTIONS)}expected one of "
+                f"{', '.join(SAMPLER_CORRECTIONS)}, or null (no correction)",
+            )
+        _at_least("sampler_correction_cap", self.sampler_correction_cap, 1.0)
         if self.lora is not None:
             if not isinstance(self.lora, LoraConfig):
                 raise ConfigError(

@@ -9,7 +9,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +21,14 @@ from trainer.config import GRPOConfig, RunConfig
 from trainer.data import PromptSampler, RowFile
 from trainer.evaluation import BestCheckpoint, DivergenceWatch, Evaluator, checkpoint_figures
 from trainer.failures import Failures
+from trainer.generation import HFSampler, Sampler, make_sampler
 from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logprobs
-from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages
+from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages, sampler_correction
 from trainer.metrics_file import MetricsFile
 from trainer.model import Models, eos_token_ids, load_models
 from trainer.progress import Progress
 from trainer.prompts import PromptFormatter, check_a_prompt_fits, truncated_prompts, warn_truncated_prompts
 from trainer.rewards import RewardSuite, required_fields
-from trainer.rollout import generate
 from trainer.schedule import lr_lambda
 from trainer.tracking import Tracker, WandbOptions
 
@@ -60,30 +60,17 @@ def run_threads() -> int:
         return os.cpu_count() or 1
 
 
-@contextlib.contextmanager
-def no_router_logits(model: torch.nn.Module) -> Iterator[None]:
-    """Sampling needs no router logits: a MoE config with ``output_router_logits`` would make each
-    cached decoding step compute a load-balancing loss against the whole attention mask (and
-    fail). The training pass asks for them itself (``token_logprobs(router_aux_loss=True)``)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not getattr(text, "output_router_logits", False):
-        yield
-        return
-    text.output_router_logits = False
-    try:
-        yield
-    finally:
-        text.output_router_logits = True
-
-
 class Rollouts:
     """Turns dataset rows into scored groups: each prompt formatted, ``group_size`` completions
-    generated for it, every completion scored by the rewards. The rows and the random generator are
-    the caller's: training draws from its dataset, evaluation from the eval set with its own draws."""
+    generated for it by ``sampler`` (by default the HF sampler on the policy), every completion
+    scored by the rewards. The rows and the random generator are the caller's: training draws from
+    its dataset, evaluation from the eval set with its own draws."""
 
-    def __init__(self, models: Models, rewards: RewardSuite, config: GRPOConfig):
+    def __init__(
+        self, models: Models, rewards: RewardSuite, config: GRPOConfig, sampler: Sampler | None = None
+    ):
         self.models, self.rewards, self.config = models, rewards, config
+        self.sampler = sampler if sampler is not None else HFSampler(models.policy)
         self.prompts = PromptFormatter(models.tokenizer, config.max_prompt_length)
         self.eos_token_ids = eos_token_ids(models.policy, models.tokenizer)
 
@@ -105,19 +92,16 @@ class Rollouts:
         full_ids = [self.prompts.ids(p, text) for p, text in zip(raw, prompts, strict=True)]
         prompt_ids = [torch.tensor(self.prompts.truncated(ids)) for ids in full_ids]
         started = time.perf_counter()
-        self.models.policy.eval()
-        with no_router_logits(self.models.policy):
-            rollout = generate(
-                self.models.policy,
-                prompt_ids,
-                group_size=group_size,
-                max_new_tokens=cfg.max_completion_length,
-                eos_token_ids=self.eos_token_ids,
-                pad_id=tokenizer.pad_token_id,
-                temperature=temperature,
-                top_p=cfg.top_p,
-                generator=generator,
-            )
+        rollout = self.sampler.generate(
+            prompt_ids,
+            group_size=group_size,
+            max_new_tokens=cfg.max_completion_length,
+            eos_token_ids=self.eos_token_ids,
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=cfg.top_p,
+            generator=generator,
+        )
         completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - started
 
@@ -138,6 +122,7 @@ class Rollouts:
             errors=scored.errors,
             error_messages=scored.error_messages,
             prompt_lengths=[len(ids) for ids in full_ids],
+            sampler_logprobs=rollout.sampler_logprobs,
         )
 
 
@@ -222,9 +207,19 @@ def train(
     with (
         RewardSuite(run.reward, policy=run.policy) as rewards,
         Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker,
+        contextlib.ExitStack() as cleanup,  # closes what _train opens once the models are loaded
     ):
         return _train(
-            run, rows, eval_rows, rewards, output_dir, progress, tracker, resume=resume, device=device
+            run,
+            rows,
+            eval_rows,
+            rewards,
+            output_dir,
+            progress,
+            tracker,
+            cleanup,
+            resume=resume,
+            device=device,
         )
 
 
@@ -236,6 +231,7 @@ def _train(
     output_dir: Path,
     progress: Progress,
     tracker: Tracker,
+    cleanup: contextlib.ExitStack,
     *,
     resume: bool,
     device: torch.device | None,
@@ -251,8 +247,17 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler = PromptSampler(len(rows), cfg.seed)
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
-    rollouts = Rollouts(models, rewards, cfg)
-    check_a_prompt_fits(rollouts.prompts, rows)
+    check_a_prompt_fits(PromptFormatter(tokenizer, cfg.max_prompt_length), rows)
+    # The sampler is made once the data is known to fit (a vLLM engine takes a while to start) and
+    # closed when the run ends, however it ends.
+    generation = cleanup.enter_context(
+        contextlib.closing(
+            make_sampler(
+                cfg, policy, base_model=run.base_model, uses_lora=models.uses_lora, on_log=progress.on_log
+            )
+        )
+    )
+    rollouts = Rollouts(models, rewards, cfg, generation)
     failures = Failures(cfg, output_dir, policy, progress)
     # Evaluation has its own generator (reseeded per evaluation): it never moves the training draws.
     evaluator = Evaluator(rollouts, eval_rows, cfg, torch.Generator(generator.device)) if eval_rows else None
@@ -275,6 +280,7 @@ def _train(
         threads = int(state.extra.get("torch_threads") or threads)  # a resume elsewhere reduces alike
         best.load_state_dict(state.extra.get("best"))
         divergence.load_state_dict(state.extra.get("divergence"))
+        generation.sync(policy)  # the checkpoint's weights, not the base's
         progress.on_log("info", f"resumed from checkpoint {latest.name} (step {start_step})")
     metrics_file = MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step)
     torch.set_num_threads(threads)
@@ -373,6 +379,10 @@ def _train(
         if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
             raise failures.non_finite_loss(step, stats["loss"], stats["grad_norm"])
         timings["train"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with failures.during(step, "the weight sync to the sampler"):
+            generation.sync(policy)  # the next rollout samples from the updated policy
+        timings["sync"] = time.perf_counter() - started
 
         # 5. metrics
         metrics = step_metrics(batch, advantages, zero_std, lengths, stats, timings, cfg)
@@ -489,6 +499,9 @@ def optimize(
         "tokens": 0.0,
         "grad_norm": 0.0,
     }
+    # How far the sampler's log-probs are from the trainer's, over the tokens scored: for the
+    # sampler/* metrics, every backend (the correction uses them only where cfg asks for it).
+    mismatch = {"tokens": 0.0, "ratio": 0.0, "ratio_max": 0.0, "ratio_min": math.inf, "cut": 0.0, "diff": 0.0}
     # A mixture-of-experts config that asks for router logits gets its load-balancing loss added,
     # coef * aux_loss, as TRL and the model's own forward do; each micro-batch's aux loss weighs by
     # its share of the step's scored completions (TRL: by gradient-accumulation step).
@@ -497,7 +510,7 @@ def optimize(
     if aux_coef:
         totals["aux_loss"] = 0.0
     policy.train()
-    for _ in range(cfg.num_iterations):
+    for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches:
             if aux_coef:
@@ -506,9 +519,29 @@ def optimize(
                 )  # [N], [N], []
             else:
                 logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
+            # pi_old: the policy that sampled; with mu = 1 that is this very forward, detached
+            old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()  # [N]
+            correction = None
+            if micro.sampler_logps is not None:
+                correction = sampler_correction(
+                    old_logps,
+                    micro.sampler_logps.to(old_logps.device),
+                    micro.seq_index.to(old_logps.device),
+                    len(micro.sequences),
+                    cfg.sampler_correction,
+                    cfg.sampler_correction_cap,
+                )
+                if iteration == 0 and logps.shape[0]:  # pi_old is fixed: the same figures every pass
+                    diff = (old_logps - micro.sampler_logps.to(old_logps.device)).abs()  # [N]
+                    mismatch["tokens"] += logps.shape[0]
+                    mismatch["ratio"] += correction.ratio.sum().item()
+                    mismatch["ratio_max"] = max(mismatch["ratio_max"], correction.ratio.max().item())
+                    mismatch["ratio_min"] = min(mismatch["ratio_min"], correction.ratio.min().item())
+                    mismatch["cut"] += correction.cut.sum().item()
+                    mismatch["diff"] += diff.sum().item()
             terms = clipped_token_loss(
                 logps,
-                micro.old_logps if micro.old_logps is not None else logps.detach(),
+                old_logps,
                 token_values(advantages, micro),
                 micro.seq_index,
                 len(micro.sequences),
@@ -518,6 +551,7 @@ def optimize(
                 beta=cfg.beta,
                 ref_logps=micro.ref_logps,
                 importance_sampling_level=cfg.importance_sampling_level,
+                sampler_weights=correction.weights if correction is not None else None,
             )
             loss = aggregate_loss(
                 terms.loss,
@@ -547,6 +581,13 @@ def optimize(
             return totals  # the caller fails the run before any bad update lands
         optimizer.step()
         scheduler.step()
+    if mismatch["tokens"]:
+        tokens = mismatch["tokens"]
+        totals["sampler/ratio_mean"] = mismatch["ratio"] / tokens
+        totals["sampler/ratio_max"] = mismatch["ratio_max"]
+        totals["sampler/ratio_min"] = mismatch["ratio_min"]
+        totals["sampler/clipped_fraction"] = mismatch["cut"] / tokens
+        totals["sampler/logprob_diff_mean_abs"] = mismatch["diff"] / tokens
     return totals
 
 
@@ -577,9 +618,11 @@ def step_metrics(
         "time/generate": timings.get("generate", 0.0),
         "time/reward": timings.get("reward", 0.0),
         "time/train": timings.get("train", 0.0),
+        "time/sync": timings.get("sync", 0.0),
     }
     if "aux_loss" in stats:
         metrics["aux_loss"] = stats["aux_loss"]
+    metrics.update({name: value for name, value in stats.items() if name.startswith("sampler/")})
     for name, values in batch.parts.items():
         scored = [v for v in values if v is not None]
         metrics[f"rewards/{name}"] = sum(scored) / len(scored) if scored else float("nan")

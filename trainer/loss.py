@@ -72,6 +72,51 @@ def importance_ratio(
 
 
 @dataclass
+class SamplerCorrection:
+    weights: torch.Tensor | None  # [N] what multiplies each token's policy loss; None: no correction
+    ratio: torch.Tensor  # [N] pi_old / pi_sampler before the cap (sequence modes: its completion's)
+    cut: torch.Tensor  # [N] bool: the ratio is above the cap, so its weight was truncated or zeroed
+
+
+def sampler_correction(
+    old_logps: torch.Tensor,  # [N] log pi_old(token): the trainer's, under the policy that sampled it
+    sampler_logps: torch.Tensor,  # [N] log q(token): the sampler's own, as it drew the token
+    seq_index: torch.Tensor,  # [N] completion each token belongs to
+    num_sequences: int,
+    mode: str | None,
+    cap: float,
+) -> SamplerCorrection:
+    """Importance weights pi_old / q for tokens drawn from a sampler q (a vLLM engine, another
+    precision) that differs from the policy pi_old the trainer computes: TRL's
+    ``vllm_importance_sampling_correction`` and verl's rollout importance sampling (TIS / MIS).
+
+    token_*:    r = exp(log pi_old - log q) of each token
+    sequence_*: r = exp of the *sum* of its completion's token log-ratios (as TRL), on every token
+    *_truncate: weight = min(r, cap)
+    *_mask:     weight = r, or 0 where r > cap (the token, or the whole completion, drops out)
+    None:       no weights (the ratio still says how far apart the two are)
+    """
+    log_ratio = old_logps - sampler_logps  # [N]
+    if mode is not None and mode.startswith("sequence_"):
+        sums = log_ratio.new_zeros(num_sequences).index_add(0, seq_index, log_ratio)  # [S]
+        log_ratio = sums[seq_index]  # [N]
+    ratio = torch.exp(log_ratio)  # [N]
+    cut = ratio > cap  # [N]
+    if mode is None:
+        return SamplerCorrection(weights=None, ratio=ratio, cut=torch.zeros_like(cut))
+    if mode in ("token_truncate", "sequence_truncate"):
+        weights = torch.clamp(ratio, max=cap)  # [N]
+    elif mode in ("token_mask", "sequence_mask"):
+        weights = ratio.masked_fill(cut, 0.0)  # [N]
+    else:
+        raise ValueError(
+            f"unknown sampler_correction {mode!r}; expected one of token_truncate, token_mask, "
+            "sequence_truncate, sequence_mask, or None"
+        )
+    return SamplerCorrection(weights=weights, ratio=ratio, cut=cut)
+
+
+@dataclass
 class TokenLoss:
     loss: torch.Tensor  # [N] per-token loss, to be aggregated
     low_clipped: torch.Tensor  # [N] bool: ratio < 1 - eps where the advantage is negative
@@ -92,17 +137,22 @@ def clipped_token_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,  # [N] log pi_ref(token); needed when beta > 0
     importance_sampling_level: str = "token",
+    sampler_weights: torch.Tensor | None = None,  # [N] sampler_correction's weights, None: all 1
 ) -> TokenLoss:
     """Per-token PPO-style clipped surrogate with an optional k3 KL penalty (TRL's GRPO loss).
 
-    loss = -min(r * A, clip(r, 1 - eps, 1 + eps_high) * A) + beta * KL, with r capped at ``delta``
-    in the unclipped term when ``delta`` is set (two-sided clipping). With sequence-level
-    importance sampling (GSPO) log r is the mean of the token log-ratios of its completion.
+    loss = -w * min(r * A, clip(r, 1 - eps, 1 + eps_high) * A) + beta * KL, with r capped at
+    ``delta`` in the unclipped term when ``delta`` is set (two-sided clipping) and w the
+    sampler-mismatch weight (``sampler_correction``; TRL weighs the policy term, not the KL).
+    With sequence-level importance sampling (GSPO) log r is the mean of the token log-ratios of
+    its completion.
     """
     ratio = importance_ratio(logps, old_logps, seq_index, num_sequences, importance_sampling_level)  # [N]
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)  # [N]
     unclipped = torch.clamp(ratio, max=delta) if delta is not None else ratio  # [N]
     loss = -torch.min(unclipped * advantages, clipped * advantages)  # [N]
+    if sampler_weights is not None:
+        loss = loss * sampler_weights  # [N]
     kl = None
     if beta != 0.0:
         if ref_logps is None:

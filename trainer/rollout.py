@@ -28,18 +28,31 @@ class Rollout:
     prompt_ids: list[torch.Tensor]  # B tensors [P_b], no padding
     completion_ids: list[torch.Tensor]  # B*G tensors [L_i], up to and including EOS, no padding
     truncated: torch.Tensor  # [B*G] bool: hit max_completion_length without EOS
+    # B*G tensors [L_i] float32: each token's log-prob under the distribution it was drawn from,
+    # log softmax(logits / T)[token] before top-p (what the trainer's token_logprobs computes);
+    # None where the sampler gives none (greedy decoding has no sampling distribution)
+    sampler_logprobs: list[torch.Tensor] | None = None
 
 
 def sample_top_p(
-    logits: torch.Tensor, top_p: float, generator: torch.Generator, uniforms: torch.Tensor | None = None
-) -> torch.Tensor:
+    logits: torch.Tensor,
+    top_p: float,
+    generator: torch.Generator,
+    uniforms: torch.Tensor | None = None,
+    *,
+    with_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from softmax(logits) restricted to the top-p nucleus. [N, V] -> [N]
 
     Inverse-CDF sampling (the same distribution as ``torch.multinomial``, about ten times faster
     on a 32k vocabulary on CPU): the first token whose cumulative mass exceeds u ~ U[0, total).
     ``uniforms`` [N] in [0, 1) are the draws to use, else they come from ``generator``.
+    With ``with_logprobs`` also each token's log-prob under softmax(logits) [N] (before top-p),
+    read off the softmax already computed: log(p[token]) rather than a second full-vocabulary
+    log_softmax pass, equal to it within float32 rounding (p is floored at the smallest normal
+    float32, never log 0: a drawn token has mass, but underflow could still round it to zero).
     """
-    probs = torch.softmax(logits.float(), dim=-1)  # [N, V]
+    full = probs = torch.softmax(logits.float(), dim=-1)  # [N, V]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # [N, V]
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # [N, V] mass before the token already > p
@@ -54,7 +67,11 @@ def sample_top_p(
         uniforms = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)  # [N]
     u = uniforms[:, None] * cdf[:, -1:]  # [N, 1]
     # right=True picks the first index with cdf > u, which always has positive mass
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [N]
+    token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [N]
+    if not with_logprobs:
+        return token
+    picked = full.gather(-1, token[:, None]).squeeze(-1)  # [N]
+    return token, picked.clamp(min=torch.finfo(picked.dtype).tiny).log()  # [N], [N]
 
 
 class GrowingLayer(DynamicLayer):
@@ -246,6 +263,8 @@ def _generate(
     rows = torch.arange(batch * group_size, device=device)  # [A] the completion each decoding row is
     finished = torch.zeros(batch * group_size, dtype=torch.bool, device=device)  # [A]
     generated = torch.full((batch * group_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    sampled = temperature != 0
+    logprobs = torch.zeros((batch * group_size, max_new_tokens) if sampled else (0, 0), device=device)
     steps = 0
     for step in range(max_new_tokens):
         if temperature == 0:  # greedy (evaluation): the argmax, as HF generate(do_sample=False)
@@ -254,9 +273,14 @@ def _generate(
             # One draw for every completion, finished or dropped or not, each step: a completion's
             # tokens do not depend on which other rows are still in the batch.
             uniforms = torch.rand(batch * group_size, generator=generator, device=device)[rows]  # [A]
-            token = sample_top_p(
-                logits / temperature if temperature != 1.0 else logits, top_p, generator, uniforms
-            )  # [A]
+            token, logprob = sample_top_p(
+                logits / temperature if temperature != 1.0 else logits,
+                top_p,
+                generator,
+                uniforms,
+                with_logprobs=True,
+            )  # [A], [A]
+            logprobs[rows, step] = logprob
         token = token.masked_fill(finished, pad_id)
         generated[rows, step] = token
         steps = step + 1
@@ -284,6 +308,7 @@ def _generate(
         next_position = next_position + 1
 
     generated = generated[:, :steps].cpu()  # [B*G, T]
+    logprobs = logprobs[:, :steps].cpu()  # [B*G, T] (greedy: [0, 0])
     is_eos = torch.isin(generated, eos.cpu())  # [B*G, T]
     has_eos = is_eos.any(dim=1)  # [B*G]
     lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, generated.shape[1])  # [B*G] EOS included
@@ -291,4 +316,5 @@ def _generate(
         prompt_ids=[p.cpu() for p in prompt_ids],
         completion_ids=[generated[i, : lengths[i]] for i in range(generated.shape[0])],
         truncated=~has_eos,
+        sampler_logprobs=[logprobs[i, : lengths[i]] for i in range(generated.shape[0])] if sampled else None,
     )

@@ -1,0 +1,65 @@
+"""Generation backends: what samples a step's completions.
+
+The loop sees one interface, ``Sampler``: ``generate`` returns a ``Rollout`` (with, where the
+backend gives them, the log-prob of every sampled token under the distribution it was drawn
+from, which the sampler/trainer mismatch correction needs), ``sync`` is called after every
+optimizer step so that the next rollout samples from the updated policy, and ``close`` once at
+the end of the run. ``hyperparameters.generation`` picks the backend: ``"hf"`` (the default, the
+reference and the fallback) samples from the policy module itself; ``"vllm"`` drives a vLLM engine
+(``trainer.generation.vllm``, imported only when asked for: vLLM is an optional extra).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from trainer.config import ConfigError, GRPOConfig
+from trainer.generation.hf import HFSampler
+from trainer.rollout import Rollout
+
+__all__ = ["HFSampler", "Sampler", "make_sampler"]
+
+
+class Sampler(Protocol):
+    def generate(
+        self,
+        prompt_ids: list[torch.Tensor],  # B tensors [P_b], no padding
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        eos_token_ids: list[int],
+        pad_id: int,
+        temperature: float,  # 0: greedy
+        top_p: float,
+        generator: torch.Generator,
+    ) -> Rollout:
+        """``group_size`` completions of each prompt, those of a prompt adjacent."""
+        ...
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Make the sampler sample from ``model``'s current weights (after an optimizer step)."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend's processes and memory; the sampler is not used after."""
+        ...
+
+
+def make_sampler(config: GRPOConfig, model: torch.nn.Module, **options: Any) -> Sampler:
+    """The sampler ``config.generation`` names, sampling from ``model`` (the policy). ``options``
+    are the backend's own (the HF sampler needs none)."""
+    if config.generation == "hf":
+        return HFSampler(model)
+    try:
+        from trainer.generation.vllm import VLLMSampler
+    # Not only ImportError: a vLLM whose companion wheels do not match the platform (PyPI's CUDA
+    # torchvision beside a CPU torch) fails inside its own import with other errors.
+    except Exception as exc:
+        raise ConfigError(
+            "hyperparameters.generation",
+            f"generation 'vllm' needs vLLM, which could not be imported here ({type(exc).__name__}: {exc}); "
+            "install the vllm extra (pip install '.[vllm]') or set generation to 'hf'",
+        ) from exc
+    return VLLMSampler(config, model, **options)
