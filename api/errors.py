@@ -31,6 +31,7 @@ from jobs.errors import (
     UnsupportedMediaType,
 )
 from jobs.schemas import ErrorOut
+from jobs.store import StoreUnavailable
 from jobs.text import UNSTORABLE_ERROR, storable_text
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ STATUS: dict[type[ServiceError], int] = {
     TooManyActiveJobs: 429,
     InferenceUnavailable: 503,
     InferenceTimedOut: 504,
+    StoreUnavailable: 503,  # the object store unreachable: try again later
 }
 HTTP_CODES = {
     400: "invalid_request",

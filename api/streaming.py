@@ -6,38 +6,38 @@ import asyncio
 import tarfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
+from jobs.artifacts import ArtifactFile
 from jobs.db import Database
 from jobs.models import JobEvent, JobStatus
 from jobs.queries import get_job, list_events
 from jobs.schemas import EventOut
 
 BLOCK = tarfile.BLOCKSIZE
-CHUNK = 1 << 20
 KEEPALIVE_S = 15.0
 
 
-def tar_stream(files: list[tuple[str, Path]], root: str) -> Iterator[bytes]:
-    """An uncompressed tar of ``files`` under ``root/``, one chunk at a time (weights do not
-    compress, and a stream needs no temporary copy of a multi-gigabyte checkpoint)."""
-    for name, path in files:
-        with path.open("rb") as source:
-            size = path.stat().st_size
-            info = tarfile.TarInfo(f"{root}/{name}")
-            info.size, info.mtime, info.mode = size, int(path.stat().st_mtime), 0o644
-            yield info.tobuf(format=tarfile.PAX_FORMAT)
-            remaining = size
-            while remaining and (chunk := source.read(min(CHUNK, remaining))):
-                remaining -= len(chunk)
-                yield chunk
-            if remaining:
-                raise OSError(f"{path} shrank while it was being sent")
-        if size % BLOCK:
-            yield bytes(BLOCK - size % BLOCK)
+def tar_stream(files: list[ArtifactFile], root: str) -> Iterator[bytes]:
+    """An uncompressed tar of ``files`` under ``root/``, one chunk at a time as each file's bytes
+    arrive (from this machine's disk or the object store): weights do not compress, and a stream
+    needs no temporary copy of a multi-gigabyte checkpoint."""
+    for file in files:
+        info = tarfile.TarInfo(f"{root}/{file.name}")
+        info.size, info.mtime, info.mode = file.size, int(file.mtime), 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        remaining = file.size
+        for chunk in file.chunks():
+            if len(chunk) > remaining:
+                raise OSError(f"{file.name} grew while it was being sent")
+            remaining -= len(chunk)
+            yield chunk
+        if remaining:
+            raise OSError(f"{file.name} shrank while it was being sent")
+        if file.size % BLOCK:
+            yield bytes(BLOCK - file.size % BLOCK)
     yield bytes(2 * BLOCK)
 
 

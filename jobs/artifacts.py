@@ -1,4 +1,6 @@
 """The artifact directory: uploaded datasets and each job's output (checkpoints, metrics.jsonl).
+With an object store (``jobs.store``) the same paths are keys in the store, and the directory is
+each process's cache of it.
 
 A checkpoint directory is a Hugging Face model (or PEFT adapter) directory plus a
 ``trainer_state/`` folder that only resuming needs; downloads leave that folder out.
@@ -7,9 +9,28 @@ A checkpoint directory is a Hugging Face model (or PEFT adapter) directory plus 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.layout import STATE_DIR, checkpoint_name
+from jobs.store import CHUNK, MANIFEST, ArtifactStore
+from trainer.layout import CHECKPOINT_NAME, STATE_DIR, checkpoint_name
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of a download, wherever its bytes are (a local directory, the object store)."""
+
+    name: str  # inside the checkpoint
+    size: int
+    mtime: float
+    chunks: Callable[[], Iterator[bytes]]  # its bytes, a piece at a time
+
+
+def downloaded(name: str) -> bool:
+    """Whether a checkpoint's file ``name`` goes into its download: not the resume state, not the
+    store's manifest."""
+    return name != MANIFEST and name.split("/", 1)[0] != STATE_DIR
 
 
 def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
@@ -21,8 +42,48 @@ def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
             path = Path(root) / name
             if path.is_symlink():  # a checkpoint holds plain files; a link could point anywhere
                 continue
-            files.append((path.relative_to(directory).as_posix(), path))
+            relative = path.relative_to(directory).as_posix()
+            if downloaded(relative):
+                files.append((relative, path))
     return files
+
+
+def local_files(directory: Path) -> list[ArtifactFile]:
+    """The download of a checkpoint directory on this machine."""
+
+    def reader(path: Path) -> Callable[[], Iterator[bytes]]:
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as source:
+                while chunk := source.read(CHUNK):
+                    yield chunk
+
+        return chunks
+
+    files = []
+    for name, path in checkpoint_files(directory):
+        stat = path.stat()
+        files.append(ArtifactFile(name, stat.st_size, stat.st_mtime, reader(path)))
+    return files
+
+
+def stored_files(store: ArtifactStore, key: str) -> list[ArtifactFile] | None:
+    """The download of the checkpoint (or merged model) stored at ``key``, listed by its manifest:
+    None while it is not complete in the store."""
+    try:
+        manifest = store.manifest(key)
+    except ValueError:  # not a relative path: not an artifact the store holds
+        return None
+    if manifest is None:
+        return None
+
+    def reader(name: str, size: int) -> Callable[[], Iterator[bytes]]:
+        return lambda: store.read(f"{key}/{name}", size=size)
+
+    return [
+        ArtifactFile(name, size, manifest.created, reader(name, size))
+        for name, size in sorted(manifest.files.items())
+        if downloaded(name)
+    ]
 
 
 def inside(artifact_dir: Path, stored: str) -> Path | None:
@@ -37,6 +98,17 @@ def merged_dir(job_dir: Path, step: int) -> Path:
     """Where a LoRA job's adapter of ``step``, merged into its base model, is written (the
     worker does it for the final checkpoint when the job succeeds)."""
     return job_dir / "merged" / checkpoint_name(step)
+
+
+def merged_steps(job_dir: Path, store: ArtifactStore | None) -> set[int]:
+    """The steps of the job at ``job_dir`` whose adapter has a merged model: complete in the
+    store, or in the artifact directory when there is no store."""
+    root = job_dir / "merged"
+    if store is None:
+        names = [path.name for path in root.iterdir()] if root.is_dir() else []
+    else:
+        names = store.complete_dirs(store.key_of(root))
+    return {int(match.group(1)) for name in names if (match := CHECKPOINT_NAME.match(name))}
 
 
 def describe_checkpoint(directory: Path) -> tuple[str, int]:

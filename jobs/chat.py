@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from jobs.artifacts import inside
+from jobs.artifacts import inside, stored_files
 from jobs.errors import (
     InferenceUnavailable,
     InvalidRequest,
@@ -27,6 +27,7 @@ from jobs.errors import (
 from jobs.models import Checkpoint, Job
 from jobs.queries import get_job, list_checkpoints
 from jobs.settings import Settings
+from jobs.store import open_store
 
 CHAT_COMPLETION = "grpo.chat_completion"  # the inference worker's task, sent by name
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -184,15 +185,24 @@ def resolve_target(*, session: Session, owner: str, model: str, settings: Settin
     if model.startswith("ft:") and step is not None and model != checkpoint_model_name(job, step):
         raise ModelNotFound(model)
     checkpoint = pick_checkpoint(job, checkpoints, step, model)
-    assert settings.artifact_dir is not None
-    directory = inside(settings.artifact_dir, checkpoint.path)
-    if directory is None or not directory.is_dir():
+    if not checkpoint_present(checkpoint.path, settings):
         raise ModelNotFound(
             model,
             reason=f"job {job.id!r} no longer has the files of its checkpoint of step "
             f"{checkpoint.step}; list its checkpoints with GET /v1/jobs/{job.id}/checkpoints",
         )
     return ChatTarget(job_id=job.id, step=checkpoint.step, model=checkpoint_model_name(job, checkpoint.step))
+
+
+def checkpoint_present(path: str, settings: Settings) -> bool:
+    """Whether the checkpoint stored at ``path`` has its files: complete in the object store when
+    the operator set one (the inference worker fetches it from there), else on this disk."""
+    store = open_store(settings)
+    if store is not None:
+        return stored_files(store, path) is not None
+    assert settings.artifact_dir is not None
+    directory = inside(settings.artifact_dir, path)
+    return directory is not None and directory.is_dir()
 
 
 def pick_checkpoint(job: Job, checkpoints: list[Checkpoint], step: int | None, model: str) -> Checkpoint:

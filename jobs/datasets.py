@@ -1,4 +1,5 @@
-"""Dataset uploads: stream to disk, hash, and check every line with the trainer's row rules."""
+"""Dataset uploads: stream to disk, hash, and check every line with the trainer's row rules; with an
+object store, the checked file goes there too (the local copy is this process's cache)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jobs.queries import (
     remember_idempotency_key,
 )
 from jobs.settings import Settings
+from jobs.store import open_store
 from jobs.text import find_unstorable
 from trainer.data import chat_row, json_over_limits, parse_json, parse_line
 from trainer.errors import DatasetError
@@ -117,15 +119,45 @@ def store_dataset(
     except BaseException:
         saved.path.unlink(missing_ok=True)
         raise
+    store = open_store(settings)
+    if store is not None:
+        # Before the row is committed: a dataset a job can name is one every worker can fetch.
+        # This process's copy stays, as its cache.
+        key = store.key_of(final)
+        try:
+            store.upload_file(final, key)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        call_after_rollback(session, lambda: store.delete(key))
     call_after_rollback(session, lambda: final.unlink(missing_ok=True))
     return dataset, True
 
 
+def local_dataset(settings: Settings, dataset_id: str) -> Path:
+    """Where this process reads dataset ``dataset_id``: its local copy, fetched from the object
+    store first when the operator set one and another process took the upload (the path may not
+    exist if the dataset is gone from both)."""
+    path = settings.dataset_path(dataset_id)
+    store = open_store(settings)
+    if store is not None and not path.is_file():
+        try:
+            return store.fetch_file(store.key_of(path))
+        except FileNotFoundError:
+            pass
+    return path
+
+
 def remove_dataset(*, session: Session, owner: str, dataset_id: str, settings: Settings) -> Dataset:
-    """Forget ``owner``'s dataset and, once that is committed, its file (``DatasetInUse`` while a job
-    uses it)."""
+    """Forget ``owner``'s dataset and, once that is committed, its file, in the object store too
+    (``DatasetInUse`` while a job uses it). Other machines' cached copies stay until their
+    operator clears them: nothing names the dataset any more."""
     dataset = delete_dataset(session=session, owner=owner, dataset_id=dataset_id)
     path = settings.dataset_path(dataset_id)
+    store = open_store(settings)
+    if store is not None:
+        key = store.key_of(path)
+        call_after_commit(session, lambda: store.delete(key))
     call_after_commit(session, lambda: path.unlink(missing_ok=True))
     return dataset
 

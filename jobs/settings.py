@@ -23,6 +23,23 @@ class Settings(BaseSettings):
     broker_dir: Path | None = None  # filesystem broker folders; None: <data_dir>/broker
     broker_key_prefix: str = ""  # Redis: prefix every key (isolates test runs sharing one Redis)
     artifact_dir: Path | None = None  # datasets and job outputs; None: <data_dir>/artifacts
+    # Artifacts in an S3-compatible object store (jobs/store.py), for API processes and workers on
+    # several machines: "s3://bucket" or "s3://bucket/prefix". Unset: artifact_dir alone holds them
+    # (it must then be one directory every process shares); set: artifact_dir is each process's
+    # local cache of the store. Credentials unset: boto3's own chain (AWS_* variables, an instance
+    # role). The endpoint is for stores other than AWS S3 (SeaweedFS, MinIO, ...).
+    store_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str | None = None
+    # Dataset downloads (GET /v1/files/{id}/content) answer with a 307 to a presigned URL of the
+    # store instead of passing the bytes through the API, valid this long. The URL names the
+    # endpoint clients reach: s3_public_endpoint_url when the API's own (s3_endpoint_url) is an
+    # address only the servers can reach (a compose service name).
+    store_presigned_downloads: bool = False
+    store_presigned_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+    s3_public_endpoint_url: str | None = None
     queue: str = "gpu"  # the Celery queue GPU workers consume
     # Results of chat completions come back through this Celery result backend; empty: the broker's
     # Redis (redis:// brokers), else a directory under data_dir (file://, for the filesystem broker).
@@ -144,10 +161,32 @@ class Settings(BaseSettings):
     max_chat_tokens: int = Field(512, ge=1)  # a chat completion's max_tokens: the cap, and the default
     max_chat_choices: int = Field(4, ge=1)  # a chat completion's n
 
-    @field_validator("webhook_secret", "wandb_project", "wandb_entity", mode="before")
+    @field_validator(
+        "webhook_secret",
+        "wandb_project",
+        "wandb_entity",
+        "store_url",
+        "s3_endpoint_url",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_region",
+        "s3_public_endpoint_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value  # compose passes an unset variable as ""
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_url(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("s3://") or not value[len("s3://") :].strip("/")):
+            raise ValueError(
+                f"GRPO_STORE_URL: {value!r} is not an object store URL; give s3://BUCKET or "
+                "s3://BUCKET/PREFIX (and GRPO_S3_ENDPOINT_URL for a store other than AWS S3), "
+                "or leave it unset to keep artifacts in GRPO_ARTIFACT_DIR alone"
+            )
+        return value
 
     @field_validator("allow_private_hosts", mode="before")
     @classmethod

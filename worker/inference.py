@@ -23,7 +23,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from jobs.artifacts import inside, merged_dir
+from jobs.artifacts import downloaded, inside, merged_dir
 from jobs.chat import CHAT_COMPLETION
 from jobs.db import session_factory, unit_of_work
 from jobs.errors import CheckpointNotFound
@@ -31,10 +31,13 @@ from jobs.model_paths import check_model
 from jobs.models import Job
 from jobs.queries import get_checkpoint
 from jobs.settings import Settings, get_settings
+from jobs.store import ArtifactStore, StoreUnavailable, open_store
 from trainer.config import ConfigError
 from trainer.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
+
+SERVING_CACHE = "inference-cache"  # under the artifact directory: checkpoints fetched from the store
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,16 @@ def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
             checkpoint.created_at,
             job.base_model,
         )
-    directory = inside(settings.artifact_dir, path)
+    store = open_store(settings)
+    directory = inside(settings.artifact_dir, path) if store is None else serving_copy(store, path, settings)
     if directory is None or not directory.is_dir():
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
     key = (job_id, str(step), created.isoformat(), path)
     if kind == "adapter":
-        merged = merged_dir(settings.job_dir(job_id), step)
-        if merged.is_dir():
+        merged: Path | None = merged_dir(settings.job_dir(job_id), step)
+        if store is not None:
+            merged = serving_copy(store, store.key_of(merged), settings)
+        if merged is not None and merged.is_dir():
             return Source(key=(*key, "merged"), directory=merged, base_model=None)
         # the operator's allowed model directories now, not when the job was created
         check_model(
@@ -138,6 +144,21 @@ def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
         )
         return Source(key=key, directory=directory, base_model=base_model)
     return Source(key=key, directory=directory, base_model=None)
+
+
+def serving_copy(store: ArtifactStore, key: str, settings: Settings) -> Path | None:
+    """This machine's copy of the checkpoint (or merged model) stored at ``key``, fetched from the
+    object store if it has none of the stored version (None while the store has no complete one).
+    Without the resume state, which serving never reads; and in a cache of its own
+    (``<artifact_dir>/inference-cache``), so that a training worker sharing this machine's artifact
+    directory never finds its checkpoints replaced under it."""
+    assert settings.artifact_dir is not None
+    try:
+        return store.fetch_dir(
+            key, skip=lambda name: not downloaded(name), into=settings.artifact_dir / SERVING_CACHE
+        )
+    except ValueError:  # not a relative path: nothing the store holds
+        return None
 
 
 def answer(request: dict[str, Any], *, settings: Settings, models: WarmModels) -> dict[str, Any]:
@@ -163,6 +184,21 @@ def answer(request: dict[str, Any], *, settings: Settings, models: WarmModels) -
         return {"error": {"code": "model_not_found", "message": exc.message, "param": "model"}}
     except ConfigError as exc:
         return {"error": {"message": exc.message, "param": exc.param}}
+    except StoreUnavailable:
+        log.warning(
+            "chat request for %s step %s: artifact store unreachable",
+            request.get("job_id"),
+            request.get("step"),
+            exc_info=True,
+        )
+        return {
+            "error": {
+                "code": "inference_unavailable",
+                "message": "the checkpoint could not be fetched from this server's artifact store; "
+                "try again shortly",
+                "param": "model",
+            }
+        }
     except ModelLoadError as exc:  # its text may hold this machine's paths: the log keeps it
         log.warning("chat request for %s step %s: %s", request.get("job_id"), request.get("step"), exc)
         return {

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from jobs.artifacts import merged_dir
+from jobs.store import ArtifactStore
 from trainer.checkpoint import export_merged
 from trainer.progress import Progress
 
@@ -33,12 +34,17 @@ def write_merged_model(checkpoint: Path, job_dir: Path, step: int) -> Path:
     return target
 
 
-def merge_final_adapter(checkpoint: Path, job_dir: Path, step: int, progress: Progress) -> None:
-    """After a LoRA job's last step: the merged model, or a warning saying why there is none (the
-    adapter is the result either way, so a failed merge does not fail the job)."""
+def merge_final_adapter(
+    checkpoint: Path, job_dir: Path, step: int, progress: Progress, store: ArtifactStore | None = None
+) -> None:
+    """After a LoRA job's last step: the merged model (sent to the object store, with one), or a
+    warning saying why there is none (the adapter is the result either way, so a failed merge does
+    not fail the job)."""
     progress.on_log("info", f"merging the adapter of step {step} into its base model")
     try:
-        write_merged_model(checkpoint, job_dir, step)
+        merged = write_merged_model(checkpoint, job_dir, step)
+        if store is not None and store.manifest(key := store.key_of(merged)) is None:
+            store.upload_dir(merged, key)
     except Exception as exc:
         log.exception("merging the adapter of step %d failed", step)
         progress.on_log(

@@ -1,4 +1,5 @@
-"""The trainer's progress hooks, written to the job record."""
+"""The trainer's progress hooks, written to the job record (and, with an object store, each
+checkpoint sent to the store before its row is written)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from jobs.queries import (
     upsert_checkpoint,
 )
 from jobs.settings import Settings
+from jobs.store import ArtifactStore
+from trainer.layout import checkpoint_name
 from trainer.progress import Progress
 from trainer.tracking import WandbOptions
 from worker.retry import with_retries
@@ -60,9 +63,14 @@ class JobProgress(Progress):
         sessions: sessionmaker[Session],
         artifact_dir: Path,
         database_retry_s: float,
+        store: ArtifactStore | None = None,
+        job_dir: Path | None = None,
     ):
+        """``store`` (with the ``job_dir`` the trainer writes to): the object store, where each
+        checkpoint goes before it is recorded."""
         self.job_id, self.worker, self.sessions, self.artifact_dir = job_id, worker, sessions, artifact_dir
         self.database_retry_s = database_retry_s
+        self.store, self.job_dir = store, job_dir
         self.lease_lost = threading.Event()  # set by the heartbeat thread
 
     def _hold(self) -> None:
@@ -108,8 +116,14 @@ class JobProgress(Progress):
         )
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        """Record a checkpoint the trainer wrote; with a store, only once it is complete there
+        (every file, then its manifest): a recorded checkpoint is one any worker can resume from
+        and the API can serve."""
         self._hold()
         kind, size = describe_checkpoint(Path(path))
+        if self.store is not None:
+            self.store.upload_dir(Path(path), self.store.key_of(Path(path)))
+            self._hold()  # the upload may have taken a while
 
         def write(session: Session) -> None:
             upsert_checkpoint(
@@ -131,7 +145,13 @@ class JobProgress(Progress):
         self._write(write, f"checkpoint of step {step}")
 
     def on_checkpoint_removed(self, step: int) -> None:
+        """Forget a checkpoint the trainer deleted; with a store, delete it there first (as the
+        trainer deleted the files first): a worker that dies in between leaves a row whose files
+        are gone, which the next attempt forgets."""
         self._hold()
+        if self.store is not None:
+            assert self.job_dir is not None
+            self.store.delete_dir(self.store.key_of(self.job_dir / "checkpoints" / checkpoint_name(step)))
         self._write(
             lambda session: delete_checkpoint(session=session, job_id=self.job_id, step=step),
             f"removal of checkpoint {step}",

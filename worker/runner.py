@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -10,17 +12,20 @@ from jobs.db import session_factory
 from jobs.models import JobStatus
 from jobs.queries import claim_job, finish_job, forget_missing_checkpoints, stop_job
 from jobs.settings import Settings
+from jobs.store import StoreUnavailable, open_store
 from jobs.submission import run_config_for
 from jobs.webhooks import first_attempt
 from trainer.config import ConfigError
 from trainer.errors import TrainingError
 from trainer.loop import train
+from worker.artifacts import prepare_run, publish_run_logs
 from worker.heartbeat import Heartbeat
 from worker.merge import merge_final_adapter
 from worker.progress import JobProgress, LeaseLost, wandb_options
 from worker.retry import DATABASE_UNREACHABLE, with_retries
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def internal_failure_reason(job_id: str, exc: Exception) -> str:
@@ -49,30 +54,46 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
         return
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker, job.attempts)
     assert settings.artifact_dir is not None
-    artifact_dir = settings.artifact_dir
+    artifact_dir, job_dir, store = settings.artifact_dir, settings.job_dir(job_id), open_store(settings)
+
+    def write(work: Callable[[Session], T]) -> T:
+        return with_retries(sessions, work, within_s=retry_s, what=f"job {job_id}: checkpoints")
 
     # The trainer reports each checkpoint it deletes (JobProgress.on_checkpoint_removed), but a worker
     # that died between deleting one and committing the report (killed, or the database out of reach
     # past database_retry_s) left a row whose files are gone, and no later run reports that step again.
-    # So the record is checked against the disk once, here, before a resumed run; after a clean end
-    # (a pause) or on a first attempt it finds nothing.
-    def forget_missing(session: Session) -> list[int]:
-        return forget_missing_checkpoints(session=session, job_id=job_id, artifact_dir=artifact_dir)
+    # So the record is checked against the disk (or the store) once, before a resumed run; after a
+    # clean end (a pause) or on a first attempt it finds nothing. With a store, this machine's cache
+    # then gets the job's datasets and newest checkpoint (worker.artifacts), under the heartbeat:
+    # a large checkpoint may take longer to fetch than a lease lasts.
+    def prepare() -> None:
+        if store is None:
+            forgotten = write(
+                lambda session: forget_missing_checkpoints(
+                    session=session, job_id=job_id, artifact_dir=artifact_dir
+                )
+            )
+        else:
+            forgotten = prepare_run(job_id=job_id, spec=job.spec, settings=settings, store=store, write=write)
+        if forgotten:
+            log.warning(
+                "job %s: forgot the checkpoints of steps %s, deleted by an earlier attempt that died "
+                "before recording it",
+                job_id,
+                forgotten,
+            )
 
-    forgotten = with_retries(sessions, forget_missing, within_s=retry_s, what=f"job {job_id}: checkpoints")
-    if forgotten:
-        log.warning(
-            "job %s: forgot the checkpoints of steps %s, deleted by an earlier attempt that died "
-            "before recording it",
-            job_id,
-            forgotten,
-        )
     progress = JobProgress(
-        job_id=job_id, worker=worker, sessions=sessions, artifact_dir=artifact_dir, database_retry_s=retry_s
+        job_id=job_id,
+        worker=worker,
+        sessions=sessions,
+        artifact_dir=artifact_dir,
+        database_retry_s=retry_s,
+        store=store,
+        job_dir=job_dir,
     )
     stopped_at, reason = None, None
     try:
-        run = run_config_for(job, settings)
         with Heartbeat(
             sessions=sessions,
             job_id=job_id,
@@ -80,18 +101,31 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
             interval=settings.heartbeat_interval_s,
             on_lost=progress.lease_lost.set,
         ):
-            result = train(
-                run,
-                settings.job_dir(job_id),
-                progress=progress,
-                resume=True,
-                wandb=wandb_options(settings, job_id=job_id, job_name=run.name),
-            )
+            prepare()
+            run = run_config_for(job, settings)
+            try:
+                result = train(
+                    run,
+                    job_dir,
+                    progress=progress,
+                    resume=True,
+                    wandb=wandb_options(settings, job_id=job_id, job_name=run.name),
+                )
+            finally:
+                if store is not None:
+                    publish_run_logs(job_dir, store)
             if not result.stopped and run.hyperparameters.lora is not None and result.checkpoint is not None:
-                merge_final_adapter(result.checkpoint, settings.job_dir(job_id), result.final_step, progress)
+                merge_final_adapter(result.checkpoint, job_dir, result.final_step, progress, store)
         stopped_at = result.final_step if result.stopped else None
     except LeaseLost:
         log.warning("job %s: another worker holds it now; leaving it alone", job_id)
+        return
+    except StoreUnavailable:
+        log.exception(
+            "job %s: the artifact store became unreachable; giving the job up (the sweeper re-queues "
+            "it once its heartbeat is stale, and the next attempt resumes from its newest stored checkpoint)",
+            job_id,
+        )
         return
     except DATABASE_UNREACHABLE:
         log.exception(

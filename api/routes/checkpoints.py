@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import pathlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -9,11 +8,13 @@ from fastapi.responses import StreamingResponse
 from api.deps import MAX_STEP, CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import responses
 from api.streaming import tar_stream
-from jobs.artifacts import checkpoint_files, inside, merged_dir
+from jobs.artifacts import ArtifactFile, inside, local_files, merged_dir, merged_steps, stored_files
 from jobs.errors import CheckpointNotFound, InvalidRequest
 from jobs.models import Checkpoint
 from jobs.queries import get_checkpoint, get_job, list_checkpoints
 from jobs.schemas import CheckpointOut, Page
+from jobs.settings import Settings
+from jobs.store import open_store
 
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
 
@@ -34,10 +35,15 @@ def get_checkpoints(
     with db.transaction() as session:
         job = get_job(session=session, owner=owner, job_id=job_id)
         checkpoints = list_checkpoints(session=session, job_id=job_id)
+    merged = (
+        merged_steps(settings.job_dir(job_id), open_store(settings))
+        if any(c.kind == "adapter" for c in checkpoints)
+        else set()
+    )
     return Page(
         has_more=False,
         data=[
-            checkpoint_out(request, c, settings.job_dir(job_id), best_step=job.best_checkpoint_step)
+            checkpoint_out(request, c, merged=c.step in merged, best_step=job.best_checkpoint_step)
             for c in checkpoints
         ],
     )
@@ -53,10 +59,10 @@ def download_url(request: Request, job_id: str, step: int) -> str:
 
 
 def checkpoint_out(
-    request: Request, checkpoint: Checkpoint, job_dir: pathlib.Path, *, best_step: int | None = None
+    request: Request, checkpoint: Checkpoint, *, merged: bool, best_step: int | None = None
 ) -> CheckpointOut:
     url = download_url(request, checkpoint.job_id, checkpoint.step)
-    merged = checkpoint.kind == "adapter" and merged_dir(job_dir, checkpoint.step).is_dir()
+    merged = merged and checkpoint.kind == "adapter"
     return CheckpointOut(
         step=checkpoint.step,
         kind=checkpoint.kind,
@@ -96,9 +102,8 @@ def download_checkpoint(
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)
         checkpoint = get_checkpoint(session=session, job_id=job_id, step=step)
-    assert settings.artifact_dir is not None
-    directory = inside(settings.artifact_dir, checkpoint.path)
-    if directory is None or not directory.is_dir():
+    files = download_files(settings, checkpoint.path)
+    if files is None:
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
     root = f"{job_id}-step-{step}"
     if format == "adapter" and checkpoint.kind == "model":
@@ -108,8 +113,13 @@ def download_checkpoint(
             param="format",
         )
     if format == "merged" and checkpoint.kind == "adapter":
-        directory, root = merged_dir(settings.job_dir(job_id), step), f"{root}-merged"
-        if not directory.is_dir():
+        assert settings.artifact_dir is not None
+        merged = merged_dir(settings.job_dir(job_id), step)
+        files, root = (
+            download_files(settings, merged.relative_to(settings.artifact_dir).as_posix()),
+            f"{root}-merged",
+        )
+        if files is None:
             raise CheckpointNotFound(
                 job_id,
                 step,
@@ -120,7 +130,19 @@ def download_checkpoint(
                 ),
             )
     return StreamingResponse(
-        tar_stream(checkpoint_files(directory), root),
+        tar_stream(files, root),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
     )
+
+
+def download_files(settings: Settings, stored: str) -> list[ArtifactFile] | None:
+    """The files a download of the directory at stored path ``stored`` carries, streamed from the
+    object store when there is one, else read from the artifact directory; None if it has none
+    (complete)."""
+    store = open_store(settings)
+    if store is not None:
+        return stored_files(store, stored)
+    assert settings.artifact_dir is not None
+    directory = inside(settings.artifact_dir, stored)
+    return local_files(directory) if directory is not None and directory.is_dir() else None

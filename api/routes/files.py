@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from api.content_type import accepts
 from api.deps import After, CurrentOwner, DatabaseDep, IdempotencyKey, SettingsDep
@@ -15,6 +15,7 @@ from api.openai.schemas import FileDeleted, FileOut, ListOut
 from jobs.datasets import prompt_from_messages, remove_dataset, store_dataset
 from jobs.errors import DatasetNotFound, InvalidDataset, InvalidRequest
 from jobs.queries import get_dataset, list_datasets
+from jobs.store import content_disposition, open_store
 from jobs.text import check_file_name
 
 router = APIRouter(prefix="/v1/files", tags=["openai"], route_class=OpenAIRoute)
@@ -27,6 +28,12 @@ JSONL_RESPONSE = {
     200: {
         "content": {"application/jsonl": {"schema": {"type": "string"}}},
         "description": "The file as stored: JSONL, each line with its `prompt`.",
+    }
+}
+REDIRECT_RESPONSE = {
+    307: {
+        "description": "The file is in this server's object store, and clients fetch it there: "
+        "`Location` is a URL valid for a few minutes (GRPO_STORE_PRESIGNED_DOWNLOADS)."
     }
 }
 
@@ -116,12 +123,35 @@ def delete_file(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, fil
     return FileDeleted(id=file_id, deleted=True)
 
 
-@router.get("/{file_id}/content", response_class=FileResponse, responses={**JSONL_RESPONSE, **responses(404)})
-def file_content(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, file_id: str) -> FileResponse:
-    """The file as stored (after the conversion of its `messages` into `prompt`s)."""
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={**JSONL_RESPONSE, **REDIRECT_RESPONSE, **responses(404)},
+)
+def file_content(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, file_id: str) -> Response:
+    """The file as stored (after the conversion of its `messages` into `prompt`s). Where the server
+    keeps files in an object store and lets clients fetch them there, a 307 to a short-lived URL."""
     with db.transaction() as session:
         dataset = get_dataset(session=session, owner=owner, dataset_id=file_id)
     path = settings.dataset_path(dataset.id)
+    store = open_store(settings)
+    if store is not None:
+        key = store.key_of(path)
+        if settings.store_presigned_downloads:
+            url = store.presign(key, filename=dataset.name, expires_s=settings.store_presigned_expiry_s)
+            return RedirectResponse(url, status_code=307)
+        if not path.is_file():  # not uploaded through this API process: stream it from the store
+            size = store.size(key)
+            if size is None:
+                raise DatasetNotFound(file_id)
+            return StreamingResponse(
+                store.read(key, size=size),
+                media_type="application/jsonl",
+                headers={
+                    "Content-Length": str(size),
+                    "Content-Disposition": content_disposition(dataset.name),
+                },
+            )
     if not path.is_file():
         raise DatasetNotFound(file_id)
     return FileResponse(path, media_type="application/jsonl", filename=dataset.name)

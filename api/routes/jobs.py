@@ -19,6 +19,7 @@ from api.deps import (
 )
 from api.errors import responses
 from api.webhooks import send_webhook_after_response
+from jobs.datasets import local_dataset
 from jobs.estimate import estimate_job
 from jobs.models import JobStatus
 from jobs.queries import (
@@ -133,7 +134,7 @@ def create_job(
                 owner=owner,
                 config=checked.config,
                 base_model=request.base_model,
-                dataset=settings.dataset_path(request.dataset_id),
+                dataset=local_dataset(settings, request.dataset_id),
                 settings=settings,
             )
             active = count_active_jobs(session=session, owner=owner)

@@ -19,6 +19,7 @@ from jobs.migrate import upgrade
 from jobs.models import Base
 from jobs.settings import Settings
 from tests.service.factories import RUN_ID, WorkerProcess, api_key, bearer
+from tests.service.s3 import S3Server, running_s3_server
 
 ADMIN_URL = os.environ.get("GRPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GRPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -135,3 +136,11 @@ def redis_worker(redis_worker_settings: Settings) -> Iterator[WorkerProcess]:
     yield worker
     worker.stop()
     worker.forget_broker_keys()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) for the session; each test's store takes a prefix of
+    its own in the one bucket (``S3Server.settings``)."""
+    with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
