@@ -173,6 +173,8 @@ class GRPOConfig:
     # defaults are TRL's (vllm_importance_sampling_correction=True, _mode="sequence_mask", _cap=3.0).
     sampler_correction: str | None = "sequence_mask"
     sampler_correction_cap: float = 3.0
+    # generation "vllm": the engine's KV cache (its memory for sequences in flight), GiB
+    vllm_kv_cache_gib: float = 1.0
     dynamic_sampling: bool = False
     max_resample_rounds: int = 3  # bound on the extra draws dynamic sampling may make per step
     seed: int = 0
@@ -283,6 +285,7 @@ class GRPOConfig:
                 f"{', '.join(SAMPLER_CORRECTIONS)}, or null (no correction)",
             )
         _at_least("sampler_correction_cap", self.sampler_correction_cap, 1.0)
+        _at_least("vllm_kv_cache_gib", self.vllm_kv_cache_gib, 0.001)
         if self.lora is not None:
             if not isinstance(self.lora, LoraConfig):
                 raise ConfigError(

@@ -250,13 +250,7 @@ def _train(
     check_a_prompt_fits(PromptFormatter(tokenizer, cfg.max_prompt_length), rows)
     # The sampler is made once the data is known to fit (a vLLM engine takes a while to start) and
     # closed when the run ends, however it ends.
-    generation = cleanup.enter_context(
-        contextlib.closing(
-            make_sampler(
-                cfg, policy, base_model=run.base_model, uses_lora=models.uses_lora, on_log=progress.on_log
-            )
-        )
-    )
+    generation = cleanup.enter_context(contextlib.closing(make_sampler(cfg, policy)))
     rollouts = Rollouts(models, rewards, cfg, generation)
     failures = Failures(cfg, output_dir, policy, progress)
     # Evaluation has its own generator (reseeded per evaluation): it never moves the training draws.

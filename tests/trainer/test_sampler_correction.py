@@ -3,7 +3,6 @@
 import copy
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from tests.trainer.factories import letter_dataset, tiny_run
 from trainer import loop
 from trainer.batch import ScoredGroups, plan_micro_batches
 from trainer.config import ConfigError, GRPOConfig
+from trainer.errors import TrainingError
 from trainer.generation import HFSampler, make_sampler
 from trainer.logprobs import token_logprobs
 from trainer.loop import optimize, train
@@ -112,15 +112,15 @@ def test_defaults_are_trls_and_bad_values_name_the_field():
         assert caught.value.param == param and words in str(caught.value)
 
 
-def test_make_sampler_gives_the_hf_sampler_and_names_the_field_when_vllm_is_missing(monkeypatch):
+def test_make_sampler_gives_the_hf_sampler_and_a_missing_vllm_environment_says_how_to_build_it(
+    monkeypatch, tmp_path
+):
     model = torch.nn.Linear(2, 2)
     sampler = make_sampler(GRPOConfig(), model)
     assert isinstance(sampler, HFSampler) and sampler.model is model
-    monkeypatch.setitem(sys.modules, "trainer.generation.vllm", None)  # an import that fails
-    with pytest.raises(ConfigError) as caught:
-        make_sampler(GRPOConfig(generation="vllm"), model)
-    assert caught.value.param == "hyperparameters.generation"
-    assert "pip install '.[vllm]'" in str(caught.value)
+    monkeypatch.setenv("GRPO_VLLM_PYTHON", str(tmp_path / "no-such-env" / "bin" / "python"))
+    with pytest.raises(TrainingError, match="make vllm-setup"):
+        make_sampler(GRPOConfig(generation="vllm"), model, model_dir=tmp_path)
 
 
 # --- the HF sampler's log-probs -----------------------------------------------------------------

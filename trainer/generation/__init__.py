@@ -52,14 +52,6 @@ def make_sampler(config: GRPOConfig, model: torch.nn.Module, **options: Any) -> 
     are the backend's own (the HF sampler needs none)."""
     if config.generation == "hf":
         return HFSampler(model)
-    try:
-        from trainer.generation.vllm import VLLMSampler
-    # Not only ImportError: a vLLM whose companion wheels do not match the platform (PyPI's CUDA
-    # torchvision beside a CPU torch) fails inside its own import with other errors.
-    except Exception as exc:
-        raise ConfigError(
-            "hyperparameters.generation",
-            f"generation 'vllm' needs vLLM, which could not be imported here ({type(exc).__name__}: {exc}); "
-            "install the vllm extra (pip install '.[vllm]') or set generation to 'hf'",
-        ) from exc
+    from trainer.generation.vllm import VLLMSampler  # never imports vllm: the engine has its own env
+
     return VLLMSampler(config, model, **options)
