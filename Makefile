@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m demo
 
-test: setup
+# The vLLM tests run on a real engine: `make test` builds its environment too (once).
+test: setup vllm-setup
 	$(PY) -m pytest -q
 
 lint: setup
