@@ -106,7 +106,8 @@ def create_app(settings: Settings | None = None, *, send: Send | None = None) ->
     app.state.key_cache = KeyCache(settings.api_key_cache_s)
     app.state.celery = make_celery(settings)
     app.state.dispatcher = Dispatcher(
-        send or job_sender(app.state.celery, settings), app.state.database.sessions
+        send or job_sender(app.state.celery, settings, app.state.database.sessions),
+        app.state.database.sessions,
     )
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsByStatus(app.state.database))

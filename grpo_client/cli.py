@@ -245,6 +245,8 @@ def show_job(
         f"  attempts {job['attempts']}"
     )
     out.print(f"model {job['base_model']}  dataset {job['dataset_id']}  group size {job['group_size']}")
+    ran_on = f" (ran on {', '.join(job['devices'])})" if job.get("devices") else ""
+    out.print(f"gpus {job.get('gpus', 1)}{ran_on}")
     if job["failure_reason"]:
         out.print(job["failure_reason"], style="red")
     if job.get("best_checkpoint_step") is not None:

@@ -27,6 +27,8 @@ class Job(TypedDict):
     step: int
     max_steps: int
     attempts: int
+    gpus: int  # devices the job asked for
+    devices: list[str] | None  # those its latest run was given ("cuda:0", ...; "cpu" per process)
     cancel_requested: bool
     failure_reason: str | None
     latest_metrics: dict[str, float | None] | None

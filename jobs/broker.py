@@ -7,6 +7,12 @@ broker, the routes and the result backend.
 
 A send that fails leaves the job ``queued`` with no ``sent_at``; the worker's sweeper re-sends
 it. The broker never holds a job the database does not.
+
+Jobs are routed by the devices they ask for (their ``gpus``): one queue per size
+(``train_queue``), and a worker with D devices consumes the queues of sizes 1 to D
+(``train_queues``), so it takes only jobs that fit it, and a job waits for a worker big enough
+rather than for a particular one. Celery's own routing, no scheduler of ours: the sender reads the
+size from the job's row, so a re-send by the sweeper goes where the first send went.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.chat import CHAT_COMPLETION
 from jobs.chat_queue import result_backend_config
 from jobs.db import call_after_commit, unit_of_work
-from jobs.queries import mark_sent
+from jobs.queries import get_job_gpus, mark_sent
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,  # acknowledge when the job ends, so a dead worker's message is not lost
         task_reject_on_worker_lost=True,  # a killed pool process requeues its message, never acks it
         worker_prefetch_multiplier=1,  # reserve one message at a time: queued jobs stay free for idle workers
-        worker_concurrency=1,  # one job per worker; run one worker per GPU (CUDA_VISIBLE_DEVICES)
+        worker_concurrency=1,  # one job per worker, on as many of its devices as the job asks for
         worker_max_tasks_per_child=1,  # a fresh pool process per job hands all GPU memory back
         task_time_limit=None,  # jobs run for hours; they are stopped through the record (cancel)
         task_soft_time_limit=None,
@@ -80,9 +86,28 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def job_sender(app: Celery, settings: Settings) -> Send:
+def train_queue(settings: Settings, gpus: int) -> str:
+    """The queue of jobs asking for ``gpus`` devices: ``GRPO_QUEUE`` itself for one (the queue
+    every worker has always consumed), ``<GRPO_QUEUE>.gpus-N`` for N."""
+    return settings.queue if gpus == 1 else f"{settings.queue}.gpus-{gpus}"
+
+
+def train_queues(settings: Settings, devices: int) -> list[str]:
+    """The queues a training worker with ``devices`` devices consumes: every size it can run,
+    largest first."""
+    return [train_queue(settings, gpus) for gpus in range(devices, 0, -1)]
+
+
+def job_sender(app: Celery, settings: Settings, sessions: sessionmaker[Session]) -> Send:
+    """Sends a committed job to the queue of its size, read from its row."""
+
     def send(job_id: str) -> None:
-        app.send_task(RUN_JOB, args=[job_id], queue=settings.queue)
+        with unit_of_work(sessions) as session:
+            gpus = get_job_gpus(session=session, job_id=job_id)
+        if gpus is None:  # no such job: there is nothing to run
+            log.warning("job %s is not in the database; not sending it", job_id)
+            return
+        app.send_task(RUN_JOB, args=[job_id], queue=train_queue(settings, gpus))
 
     return send
 

@@ -168,9 +168,13 @@ class Job(Base):
     eval_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
     webhook_url: Mapped[str | None] = mapped_column(Text)
     max_steps: Mapped[int] = mapped_column(Integer)
+    gpus: Mapped[int] = mapped_column(Integer)  # devices the job asks for: it goes to a worker with as many
     step: Mapped[int] = mapped_column(Integer, default=0)  # the last step whose metrics are recorded
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))  # the lease holder while running
+    # the devices its latest run was given, as its worker names them: ["cuda:0", "cuda:1"], or
+    # ["cpu", "cpu"] (two processes on a worker without CUDA); null until a worker claims it
+    devices: Mapped[list[str] | None] = mapped_column(JSONType)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     pause_requested: Mapped[bool] = mapped_column(
@@ -242,3 +246,16 @@ class JobSample(Base):
     step: Mapped[int] = mapped_column(Integer)
     data: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Worker(Base):
+    """A training worker that is up, as it last said (``worker.presence``): it renews
+    ``heartbeat_at`` every ``heartbeat_interval_s``, and one not heard from for
+    ``heartbeat_stale_s`` is gone. The API refuses a job asking for more devices than any live
+    worker has (``jobs.submission.check_devices``)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # its Celery hostname
+    devices: Mapped[int] = mapped_column(Integer)  # the most a job it takes may ask for
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)

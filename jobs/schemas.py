@@ -26,6 +26,9 @@ HYPERPARAMETERS_EXAMPLE = {
     "beta": 0.04,
     "checkpoint_every": 50,
 }
+# A bound on a job's `gpus` that keeps it an integer every database stores; the real limit is the
+# largest live worker's (jobs.submission.check_devices).
+MAX_GPUS = 1 << 16
 DEFAULT_HYPERPARAMETERS = GRPOConfig()  # what a job gets for the hyperparameters its request leaves out
 
 
@@ -109,6 +112,16 @@ class JobCreate(BaseModel):
     hyperparameters: Annotated[dict[str, Any], STORABLE] = Field(
         default_factory=dict, examples=[HYPERPARAMETERS_EXAMPLE]
     )
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=MAX_GPUS,
+        description=(
+            "Devices the job trains on, as one model sharded across them: GPUs, or on a worker without "
+            "CUDA that many processes. It runs on a worker with at least as many (GRPO_WORKER_DEVICES); "
+            "asking for more than any live worker has is refused, naming the largest."
+        ),
+    )
     webhook_url: AnyHttpUrl | None = Field(None, description="POSTed when the job reaches a terminal state.")
 
 
@@ -132,7 +145,9 @@ class JobOut(BaseModel):
                     "step": 42,
                     "max_steps": 200,
                     "attempts": 1,
+                    "gpus": 2,
                     "worker": "celery@gpu-0/4242",
+                    "devices": ["cuda:0", "cuda:1"],
                     "heartbeat_at": "2025-01-01T12:10:00Z",
                     "cancel_requested": False,
                     "pause_requested": False,
@@ -175,7 +190,14 @@ class JobOut(BaseModel):
     step: int = Field(description="The last step whose metrics are recorded.")
     max_steps: int
     attempts: int
+    gpus: int = Field(description="Devices the job asked for.")
     worker: str | None
+    devices: list[str] | None = Field(
+        description=(
+            "The devices its latest run was given, as its worker names them (`cuda:0`, ...; `cpu` once per "
+            "process on a worker without CUDA); null until a worker takes it."
+        )
+    )
     heartbeat_at: datetime | None
     cancel_requested: bool
     pause_requested: bool = Field(description="Running, and asked to pause: it stops after its current step.")
@@ -210,7 +232,9 @@ class JobOut(BaseModel):
             step=job.step,
             max_steps=job.max_steps,
             attempts=job.attempts,
+            gpus=job.gpus,
             worker=job.worker,
+            devices=job.devices,
             heartbeat_at=job.heartbeat_at,
             cancel_requested=job.cancel_requested,
             pause_requested=job.pause_requested,
@@ -248,8 +272,8 @@ class EventOut(BaseModel):
                     "job_id": "job_0193a5c2a1b27d9e4f0a3b2c",
                     "level": "info",
                     "kind": "status",
-                    "message": "running on celery@gpu-0/4242 (attempt 1)",
-                    "data": {"status": "running"},
+                    "message": "running on celery@gpu-0/4242 (cuda:0, cuda:1; attempt 1)",
+                    "data": {"status": "running", "devices": ["cuda:0", "cuda:1"]},
                     "created_at": "2025-01-01T12:00:03Z",
                 }
             ]

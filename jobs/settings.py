@@ -40,7 +40,13 @@ class Settings(BaseSettings):
     store_presigned_downloads: bool = False
     store_presigned_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
     s3_public_endpoint_url: str | None = None
-    queue: str = "gpu"  # the Celery queue GPU workers consume
+    # The Celery queue of one-device jobs; a job asking for N devices (its spec's `gpus`) goes to
+    # "<queue>.gpus-N" (jobs.broker.train_queue), and a worker consumes those of every size it can run.
+    queue: str = "gpu"
+    # A training worker's devices: N GPUs (cuda:0..N-1 as it sees them), or on a machine without CUDA
+    # N processes. None: every CUDA device torch sees, else 1 (worker/devices.py). It takes the jobs
+    # asking for at most N; the API refuses a job asking for more than any live worker has.
+    worker_devices: int | None = Field(None, ge=1)
     # Results of chat completions come back through this Celery result backend; empty: the broker's
     # Redis (redis:// brokers), else a directory under data_dir (file://, for the filesystem broker).
     result_backend: str = ""
@@ -171,6 +177,7 @@ class Settings(BaseSettings):
         "s3_secret_access_key",
         "s3_region",
         "s3_public_endpoint_url",
+        "worker_devices",
         mode="before",
     )
     @classmethod

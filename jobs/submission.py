@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from jobs.errors import InvalidRequest, LimitExceeded, TooManyActiveJobs
 from jobs.estimate import context_warnings, local_model_dir, read_model_shape
 from jobs.model_paths import check_job_models
-from jobs.models import Job
+from jobs.models import Job, since
 from jobs.queries import (
     add_event,
     count_active_jobs,
@@ -30,6 +30,7 @@ from jobs.queries import (
     find_idempotent_resource,
     get_dataset,
     get_job,
+    largest_live_worker,
     remember_idempotency_key,
 )
 from jobs.schemas import JobCreate
@@ -70,6 +71,7 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
     with as_invalid_request():  # the values as posted: JSON mode would make a NaN null
         config = spec_hyperparameters(request.model_dump(include={"group_size", "hyperparameters"}))
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
+    check_devices(session=session, gpus=request.gpus, settings=settings)
     with as_invalid_request():
         check_eval_settings(config, has_eval_dataset=request.eval_dataset_id is not None)
     rewards = check_rewards(request.reward, settings)
@@ -153,6 +155,30 @@ def check_limits(config: GRPOConfig, settings: Settings, *, top_level_group_size
             f"eval_pass_k is {config.eval_pass_k}, above this server's limit of "
             f"{settings.max_group_size} completions per prompt (GRPO_MAX_GROUP_SIZE)",
             param="hyperparameters.eval_pass_k",
+        )
+
+
+def check_devices(*, session: Session, gpus: int, settings: Settings) -> None:
+    """A job asking for more devices than the largest live worker has is refused, naming that
+    size: it would wait in its queue for a worker that is not there.
+
+    The largest size comes from the workers themselves (``workers``, renewed by each one's
+    heartbeat, ``worker.presence``) rather than from an operator's setting on the API, which would
+    say what the workers were when someone last edited it: a worker that is added, restarted with
+    other devices or stopped is known here within ``heartbeat_stale_s``.
+
+    With no live worker at all the job is accepted: that is a service whose workers are
+    restarting, not yet up (the embedded setup's first seconds) or scaled to zero, and its jobs
+    wait in their queues until a worker starts, as they always have. Refusing would turn every
+    restart of the workers into failed submissions that each user must notice and send again,
+    and would say nothing true about the size the workers will have."""
+    largest = largest_live_worker(session=session, seen_after=since(settings.heartbeat_stale_s))
+    if largest is not None and gpus > largest:
+        raise LimitExceeded(
+            f"gpus is {gpus}, more than any worker here has: the largest worker here has {largest} "
+            f"device{'s' if largest > 1 else ''}; ask for at most {largest}, or have the operator start "
+            "a worker with more (GRPO_WORKER_DEVICES)",
+            param="gpus",
         )
 
 

@@ -1,4 +1,5 @@
-"""The worker's Celery app: ``python -m worker`` or ``celery -A worker.app worker -Q gpu``.
+"""The worker's Celery app: ``python -m worker``, which consumes the queues of the job sizes its
+devices fit (or ``celery -A worker.app worker -Q gpu,gpu.gpus-2`` for a worker with two devices).
 
 Configured from ``GRPO_*`` settings (see ``jobs.broker``); the sweeper runs in the worker's
 main process beside the pool.

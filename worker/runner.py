@@ -19,6 +19,7 @@ from trainer.config import ConfigError
 from trainer.errors import TrainingError
 from trainer.loop import train
 from worker.artifacts import prepare_run, publish_run_logs
+from worker.devices import worker_devices
 from worker.heartbeat import Heartbeat
 from worker.merge import merge_final_adapter
 from worker.progress import JobProgress, LeaseLost, wandb_options
@@ -42,17 +43,20 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
     outcome; a job that is not queued (a duplicate message) is left alone."""
     sessions = session_factory(settings.database_url)
     retry_s = settings.database_retry_s
+    devices = worker_devices(settings.worker_devices)
     job = with_retries(
         sessions,
-        lambda session: claim_job(session=session, job_id=job_id, worker=worker),
+        lambda session: claim_job(session=session, job_id=job_id, worker=worker, devices=devices),
         within_s=retry_s,
         what=f"job {job_id}: claim",
     )
     if job is None:
         # A duplicate message (a re-send, a redelivery): the job is held, finished, paused or cancelled.
-        log.info("job %s is not queued; nothing to do", job_id)
+        # (Or it asks for more devices than this worker has: a message on a queue of a size this worker
+        # does not run, consumed by hand; it stays queued for a worker that fits.)
+        log.info("job %s is not queued, or asks for more than this worker's %d devices", job_id, len(devices))
         return
-    log.info("job %s: claimed by %s (attempt %d)", job_id, worker, job.attempts)
+    log.info("job %s: claimed by %s on %s (attempt %d)", job_id, worker, ", ".join(job.devices), job.attempts)
     assert settings.artifact_dir is not None
     artifact_dir, job_dir, store = settings.artifact_dir, settings.job_dir(job_id), open_store(settings)
 

@@ -1,6 +1,7 @@
 """The sweeper: takes back jobs whose worker died and re-sends jobs whose message went missing.
-``SweeperStep`` starts it with the worker, and beside it, on a thread of its own, the webhook
-deliverer (``worker.webhooks``): a slow receiver never delays the recovery of jobs.
+``SweeperStep`` starts it with the worker, and beside it, on threads of their own, the webhook
+deliverer (``worker.webhooks``: a slow receiver never delays the recovery of jobs) and the
+worker's presence (``worker.presence``: it is up, with so many devices).
 
 It runs as a thread in every worker's main process, beside the pool, rather than under celery
 beat: it needs no extra process, it keeps running while the pool process trains (a beat-sent
@@ -12,9 +13,11 @@ A message goes missing when the send after commit fails, or when the broker lose
 restarted without persistence). The first is seen in the database (no ``sent_at``); the second
 is seen by an idle worker: with prefetch 1, a worker that has had a free slot for
 ``send_grace_s`` while jobs are queued would be holding one of their messages, had the broker
-kept it. So an idle worker re-sends every queued job, and a busy one leaves them alone: the queue
-never fills with copies while the workers are busy, and a lost queue is refilled within seconds.
-(A resend after ``resend_after_s`` remains as a backstop.)
+kept it. So an idle worker re-sends every queued job that fits it (one asking for no more devices
+than it has: the queues it consumes), and a busy one leaves them alone: the queues never fill
+with copies while the workers are busy, a job no live worker can run is not re-sent every few
+seconds, and a lost queue is refilled within seconds. (A resend after ``resend_after_s`` remains
+as a backstop, for every size.) Every send routes by the job's row (``jobs.broker.job_sender``).
 """
 
 from __future__ import annotations
@@ -33,14 +36,18 @@ from jobs.db import session_factory, unit_of_work
 from jobs.models import since
 from jobs.queries import jobs_due_for_send, requeue_stale_jobs
 from jobs.settings import Settings, get_settings
+from worker.devices import worker_devices
+from worker.presence import Presence
 from worker.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
 
-def sweep(*, settings: Settings, dispatcher: Dispatcher, idle_for_s: float = 0.0) -> list[str]:
-    """One pass; returns the ids sent to the broker. ``idle_for_s``: how long this worker has
-    had a slot free (held fewer messages than it can run)."""
+def sweep(
+    *, settings: Settings, dispatcher: Dispatcher, idle_for_s: float = 0.0, devices: int = 1
+) -> list[str]:
+    """One pass; returns the ids sent to the broker. ``idle_for_s``: how long this worker, which
+    has ``devices`` devices, has had a slot free (held fewer messages than it can run)."""
     with unit_of_work(dispatcher.sessions) as session:
         requeued = requeue_stale_jobs(
             session=session,
@@ -48,11 +55,19 @@ def sweep(*, settings: Settings, dispatcher: Dispatcher, idle_for_s: float = 0.0
             max_attempts=settings.max_attempts,
         )
     idle = idle_for_s >= settings.send_grace_s
-    resend_after_s = settings.send_grace_s if idle else settings.resend_after_s
     with unit_of_work(dispatcher.sessions) as session:
         missing = jobs_due_for_send(
-            session=session, unsent_before=since(settings.send_grace_s), resent_before=since(resend_after_s)
+            session=session,
+            unsent_before=since(settings.send_grace_s),
+            resent_before=since(settings.resend_after_s),
         )
+        if idle:
+            missing += jobs_due_for_send(
+                session=session,
+                unsent_before=since(settings.send_grace_s),
+                resent_before=since(settings.send_grace_s),
+                max_gpus=devices,
+            )
     sent = []
     for job_id in dict.fromkeys(requeued + missing):
         if dispatcher.deliver(job_id):
@@ -70,11 +85,17 @@ def sweep(*, settings: Settings, dispatcher: Dispatcher, idle_for_s: float = 0.0
 
 class Sweeper(threading.Thread):
     def __init__(
-        self, *, settings: Settings, dispatcher: Dispatcher, has_free_slot: Callable[[], bool] = lambda: False
+        self,
+        *,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        devices: int,
+        has_free_slot: Callable[[], bool] = lambda: False,
     ):
         super().__init__(name="grpo-sweeper", daemon=True)
         self.settings = settings
         self.dispatcher = dispatcher
+        self.devices = devices
         self.has_free_slot = has_free_slot
         self.stopping = threading.Event()
 
@@ -85,7 +106,10 @@ class Sweeper(threading.Thread):
                 busy_at = time.monotonic()
             try:
                 if sweep(
-                    settings=self.settings, dispatcher=self.dispatcher, idle_for_s=time.monotonic() - busy_at
+                    settings=self.settings,
+                    dispatcher=self.dispatcher,
+                    idle_for_s=time.monotonic() - busy_at,
+                    devices=self.devices,
                 ):
                     busy_at = time.monotonic()  # give what was sent time to arrive
             except Exception:
@@ -104,21 +128,29 @@ def free_slot(concurrency: int) -> Callable[[], bool]:
 
 
 class SweeperStep(bootsteps.StartStopStep):
-    """Starts the sweeper and the webhook deliverer with the worker (after the pool) and stops
-    them on shutdown."""
+    """Starts the sweeper, the webhook deliverer and the worker's presence with the worker (after
+    the pool) and stops them on shutdown."""
 
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any):
         super().__init__(worker, **kwargs)
-        self.threads: list[Sweeper | WebhookDeliverer] = []
+        self.threads: list[Sweeper | WebhookDeliverer | Presence] = []
 
     def start(self, worker: Any) -> None:
         settings = get_settings()
-        dispatcher = Dispatcher(job_sender(worker.app, settings), session_factory(settings.database_url))
+        sessions = session_factory(settings.database_url)
+        dispatcher = Dispatcher(job_sender(worker.app, settings, sessions), sessions)
+        devices = len(worker_devices(settings.worker_devices))
         self.threads = [
-            Sweeper(settings=settings, dispatcher=dispatcher, has_free_slot=free_slot(worker.concurrency)),
-            WebhookDeliverer(settings=settings, sessions=dispatcher.sessions),
+            Sweeper(
+                settings=settings,
+                dispatcher=dispatcher,
+                devices=devices,
+                has_free_slot=free_slot(worker.concurrency),
+            ),
+            WebhookDeliverer(settings=settings, sessions=sessions),
+            Presence(settings=settings, sessions=sessions, name=worker.hostname, devices=devices),
         ]
         for thread in self.threads:
             thread.start()

@@ -128,7 +128,8 @@ function renderHeader(info) {
   $("#job-status").textContent = info.status;
   $("#job-status").className = `status ${info.status}`;
   $("#job-step").textContent = `step ${info.step} / ${info.max_steps}` +
-    (info.attempts > 1 ? ` · attempt ${info.attempts}` : "") + (info.worker ? ` · ${info.worker}` : "");
+    (info.attempts > 1 ? ` · attempt ${info.attempts}` : "") + (info.worker ? ` · ${info.worker}` : "") +
+    (info.devices ? ` · ${info.devices.join(", ")}` : "");
   $("#job-step").dataset.step = info.step;
   $("#job-progress").value = info.max_steps ? info.step / info.max_steps : 0;
   $("#job-failure").textContent = info.failure_reason || "";

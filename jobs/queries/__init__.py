@@ -29,6 +29,7 @@ from jobs.queries.keys import create_api_key, get_api_key_by_hash, list_api_keys
 from jobs.queries.lease import (
     claim_job,
     finish_job,
+    get_job_gpus,
     is_stop_requested,
     jobs_due_for_send,
     mark_sent,
@@ -44,6 +45,7 @@ from jobs.queries.webhooks import (
     queue_webhook,
     record_webhook_attempt,
 )
+from jobs.queries.workers import forget_workers, largest_live_worker, record_worker
 
 __all__ = [
     "add_event",
@@ -57,14 +59,17 @@ __all__ = [
     "delete_checkpoint",
     "delete_dataset",
     "find_idempotent_resource",
+    "forget_workers",
     "finish_job",
     "forget_missing_checkpoints",
     "get_api_key_by_hash",
     "get_checkpoint",
     "get_dataset",
     "get_job",
+    "get_job_gpus",
     "get_job_with_metrics",
     "is_stop_requested",
+    "largest_live_worker",
     "list_api_keys",
     "remember_idempotency_key",
     "renew_lease",
@@ -90,4 +95,5 @@ __all__ = [
     "list_due_webhooks",
     "queue_webhook",
     "record_webhook_attempt",
+    "record_worker",
 ]

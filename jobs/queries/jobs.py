@@ -28,6 +28,7 @@ def create_job(*, session: Session, owner: str, spec: dict[str, Any]) -> Job:
         eval_dataset_id=spec.get("eval_dataset_id"),
         webhook_url=spec.get("webhook_url"),
         max_steps=spec["hyperparameters"]["max_steps"],
+        gpus=spec["gpus"],
         step=0,
         attempts=0,
         cancel_requested=False,

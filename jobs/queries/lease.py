@@ -6,6 +6,7 @@ two workers (or a worker and the sweeper) racing for one job cannot both win.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
@@ -21,8 +22,14 @@ def _held_by(job_id: str, worker: str) -> ColumnElement[bool]:
     return and_(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.running)
 
 
-def claim_job(*, session: Session, job_id: str, worker: str) -> Job | None:
-    """Take a queued job for ``worker``; None if it is not queued (taken, finished, cancelled)."""
+def claim_job(*, session: Session, job_id: str, worker: str, devices: Sequence[str] = ("cpu",)) -> Job | None:
+    """Take a queued job for ``worker``, whose ``devices`` are these, and give it the first as many
+    of them as it asks for (``Job.devices``); None if it is not queued (taken, finished,
+    cancelled) or asks for more devices than ``worker`` has (a message on a queue this worker
+    should not consume)."""
+    gpus = get_job_gpus(session=session, job_id=job_id)
+    if gpus is None or gpus > len(devices):
+        return None
     now = utcnow()
     claimed = session.execute(
         update(Job)
@@ -30,6 +37,7 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         .values(
             status=JobStatus.running,
             worker=worker,
+            devices=list(devices[:gpus]),
             heartbeat_at=now,
             attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, now),
@@ -44,8 +52,8 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         session=session,
         job_id=job_id,
         kind="status",
-        message=f"running on {worker} (attempt {job.attempts})",
-        data={"status": "running", "attempt": job.attempts, "worker": worker},
+        message=f"running on {worker} ({', '.join(job.devices or ())}; attempt {job.attempts})",
+        data={"status": "running", "attempt": job.attempts, "worker": worker, "devices": job.devices},
     )
     return job
 
@@ -203,19 +211,24 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
     return requeued
 
 
-def jobs_due_for_send(*, session: Session, unsent_before: datetime, resent_before: datetime) -> list[str]:
+def jobs_due_for_send(
+    *, session: Session, unsent_before: datetime, resent_before: datetime, max_gpus: int | None = None
+) -> list[str]:
     """Queued jobs whose message may be missing: never sent (the send after commit failed) since
-    ``unsent_before``, or last sent before ``resent_before`` (the broker may have lost it)."""
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.status == JobStatus.queued,
-                or_(and_(Job.sent_at.is_(None), Job.queued_at < unsent_before), Job.sent_at < resent_before),
-            )
-            .order_by(Job.id)
-        )
+    ``unsent_before``, or last sent before ``resent_before`` (the broker may have lost it); with
+    ``max_gpus``, only those asking for at most that many devices."""
+    stmt = select(Job.id).where(
+        Job.status == JobStatus.queued,
+        or_(and_(Job.sent_at.is_(None), Job.queued_at < unsent_before), Job.sent_at < resent_before),
     )
+    if max_gpus is not None:
+        stmt = stmt.where(Job.gpus <= max_gpus)
+    return list(session.scalars(stmt.order_by(Job.id)))
+
+
+def get_job_gpus(*, session: Session, job_id: str) -> int | None:
+    """The devices job ``job_id`` asks for (which queue its message goes to); None: no such job."""
+    return session.scalar(select(Job.gpus).where(Job.id == job_id))
 
 
 def mark_sent(*, session: Session, job_id: str) -> None:

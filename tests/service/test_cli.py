@@ -73,6 +73,7 @@ def test_create_list_show_and_cancel(env, spec_file) -> None:
     assert "queued" in narrow and "queu…" not in narrow  # the status is never cut short
     shown = grpo(env, "jobs", "show", job_id)
     assert shown.exit_code == 0 and "cli-job" in shown.output and "step 0/6" in shown.output
+    assert "gpus 1" in shown.output and "ran on" not in shown.output  # no worker has taken it
     assert json.loads(grpo(env, "jobs", "show", job_id, "--json").output)["id"] == job_id
     cancelled = grpo(env, "jobs", "cancel", job_id)
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.output

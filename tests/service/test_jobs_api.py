@@ -65,6 +65,7 @@ def test_the_job_is_stored_and_shown_with_every_hyperparameter_it_runs_with(
             "eval_dataset_id": None,
             "reward": job["reward"],
             "hyperparameters": resolved,
+            "gpus": 1,
             "webhook_url": None,
         }
         assert (stored.max_steps, stored.name, stored.dataset_id) == (7, "test-job", dataset_id)

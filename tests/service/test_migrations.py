@@ -25,6 +25,7 @@ TABLES = {
     "job_samples",
     "api_keys",
     "idempotency_keys",
+    "workers",
 }
 
 
@@ -158,6 +159,7 @@ def test_a_job_stored_with_a_top_level_group_size_runs_with_it_from_its_hyperpar
 
     upgrade(empty_database)
     without_top_level = {key: value for key, value in old.items() if key != "group_size"}
+    without_top_level["gpus"] = 1  # 0008: jobs made before asked for one device
     assert specs() == {
         "job_1": {**without_top_level, "hyperparameters": {"group_size": 4, "max_steps": 3}},
         "job_2": without_top_level,  # a null top level said nothing: the hyperparameters' own stands
@@ -174,4 +176,48 @@ def test_a_job_stored_with_a_top_level_group_size_runs_with_it_from_its_hyperpar
         "job_1": {**old, "hyperparameters": {"group_size": 4, "max_steps": 3}},
         "job_2": {**old, "group_size": 2},
     }
+    engine.dispose()
+
+
+def test_jobs_made_before_devices_ask_for_one_and_the_columns_go_with_the_jobs_kept(
+    empty_database: str,
+) -> None:
+    """0008: an existing job asks for one device, in its spec and its column, and has run on none
+    recorded; down again, the spec and the table are as 0007 left them."""
+    spec_type = sa.JSON().with_variant(JSONB(), "postgresql")
+    spec = {"name": "j", "base_model": "org/model", "dataset_id": "ds_1", "hyperparameters": {"max_steps": 3}}
+    upgrade(empty_database, "0007")
+    engine = make_engine(empty_database, pooled=False)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO datasets (id, owner, name, rows, bytes, sha256, fields, created_at) "
+                "VALUES ('ds_1', 'local', 'd', 1, 1, 'x', '[]', CURRENT_TIMESTAMP)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, owner, status, spec, base_model, dataset_id, max_steps, step, "
+                "attempts, cancel_requested, pause_requested, webhook_attempts, created_at, queued_at, "
+                "updated_at) "
+                "VALUES ('job_1', 'local', 'succeeded', :spec, 'org/model', 'ds_1', 3, 3, 1, false, false, "
+                "0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            ).bindparams(sa.bindparam("spec", type_=spec_type)),
+            {"spec": spec},
+        )
+
+    def rows() -> list[tuple]:
+        columns = {"spec": spec_type, "gpus": sa.Integer, "devices": spec_type}
+        available = {column["name"] for column in inspect(engine).get_columns("jobs")}
+        names = [name for name in columns if name in available]
+        with engine.connect() as connection:
+            query = text(f"SELECT {', '.join(names)} FROM jobs").columns(**{n: columns[n] for n in names})
+            return [tuple(row) for row in connection.execute(query)]
+
+    upgrade(empty_database)
+    assert rows() == [({**spec, "gpus": 1}, 1, None)]
+    assert "workers" in inspect(engine).get_table_names()
+    downgrade(empty_database, "0007")
+    assert rows() == [(spec,)]
+    assert "workers" not in inspect(engine).get_table_names()
     engine.dispose()
