@@ -166,6 +166,15 @@ class Settings(BaseSettings):
     )  # checkpoints an inference worker keeps loaded (least recently used goes)
     max_chat_tokens: int = Field(512, ge=1)  # a chat completion's max_tokens: the cap, and the default
     max_chat_choices: int = Field(4, ge=1)  # a chat completion's n
+    # "vllm": an inference worker answers LoRA jobs' checkpoints from one vLLM engine per base model,
+    # each job's adapter loaded into it on first use, many side by side (worker/vllm_serving.py);
+    # full-model checkpoints still load with transformers. Needs vLLM's environment (`make
+    # vllm-setup`, or GRPO_VLLM_PYTHON): the worker refuses to start without it. An engine keeps at
+    # most inference_vllm_max_loras adapters (the least recently used is unloaded) and a KV cache of
+    # inference_vllm_kv_cache_gib; inference_models caps the engines (base models) it keeps running.
+    inference_backend: Literal["hf", "vllm"] = "hf"
+    inference_vllm_max_loras: int = Field(8, ge=1)
+    inference_vllm_kv_cache_gib: float = Field(1.0, gt=0)
 
     @field_validator(
         "webhook_secret",

@@ -10,6 +10,11 @@ The API deletes each answer once it has read it. An answer stored after its aske
 REVOKED state of a request that expired in the queue) is deleted by Redis once GRPO's
 ``result_expires`` has passed; with the file backend, which nothing else cleans (Celery's cleanup
 task needs ``celery beat``), by this worker before each request.
+
+With ``GRPO_INFERENCE_BACKEND=vllm`` a LoRA job's checkpoint is answered by a vLLM engine of its
+base model, the job's adapter loaded into it beside other jobs' (``worker.vllm_serving``);
+full-model checkpoints, and adapters vLLM refuses, by transformers as without it. The worker
+refuses to start when vLLM's environment is missing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_init, worker_shutdown
 
 from jobs.artifacts import downloaded, inside, merged_dir
 from jobs.chat import CHAT_COMPLETION
@@ -34,6 +40,7 @@ from jobs.settings import Settings, get_settings
 from jobs.store import ArtifactStore, StoreUnavailable, open_store
 from trainer.config import ConfigError
 from trainer.errors import ModelLoadError
+from worker.vllm_serving import AdapterRefused, VLLMServing, check_vllm_environment
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +116,10 @@ def load(source: Source) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
+def checkpoint_source(request: dict[str, Any], settings: Settings, *, adapter: bool = False) -> Source:
     """The checkpoint of the request's job and step as stored now (``CheckpointNotFound`` once
-    pruned); a LoRA job's adapter is served from its merged model when there is one."""
+    pruned); a LoRA job's adapter is served from its merged model when there is one, unless
+    ``adapter`` (a vLLM engine serves the adapter itself on the base it shares with other jobs)."""
     assert settings.artifact_dir is not None
     job_id, step = str(request["job_id"]), int(request["step"])
     with unit_of_work(session_factory(settings.database_url)) as session:
@@ -130,8 +138,8 @@ def checkpoint_source(request: dict[str, Any], settings: Settings) -> Source:
         raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
     key = (job_id, str(step), created.isoformat(), path)
     if kind == "adapter":
-        merged: Path | None = merged_dir(settings.job_dir(job_id), step)
-        if store is not None:
+        merged: Path | None = None if adapter else merged_dir(settings.job_dir(job_id), step)
+        if store is not None and merged is not None:
             merged = serving_copy(store, store.key_of(merged), settings)
         if merged is not None and merged.is_dir():
             return Source(key=(*key, "merged"), directory=merged, base_model=None)
@@ -161,25 +169,39 @@ def serving_copy(store: ArtifactStore, key: str, settings: Settings) -> Path | N
         return None
 
 
-def answer(request: dict[str, Any], *, settings: Settings, models: WarmModels) -> dict[str, Any]:
+def answer(
+    request: dict[str, Any], *, settings: Settings, models: WarmModels, serving: VLLMServing | None = None
+) -> dict[str, Any]:
     """``{"choices": [...], "usage": {...}}``, or ``{"error": {"message", "param"}}`` for a
-    request this checkpoint cannot answer."""
+    request this checkpoint cannot answer. With ``serving``, a LoRA checkpoint is answered by
+    vLLM (its adapter on its base model's engine), anything else by ``models``."""
     from trainer.chat import generate_chat
 
     try:
-        source = checkpoint_source(request, settings)
-        model, tokenizer = models.get(source)
-        generation = generate_chat(
-            model,
-            tokenizer,
-            request["messages"],
-            max_tokens=int(request["max_tokens"]),
-            temperature=float(request["temperature"]),
-            top_p=float(request["top_p"]),
-            n=int(request["n"]),
-            stop=list(request["stop"]),
-            seed=request.get("seed"),
-        )
+        source = checkpoint_source(request, settings, adapter=serving is not None)
+        generation = None
+        if serving is not None and source.base_model is not None:
+            try:
+                generation = serving.generate_chat(source, request)
+            except AdapterRefused as exc:
+                log.warning(
+                    "vLLM cannot serve checkpoint %s; transformers answers it: %s",
+                    "/".join(source.key[:2]),
+                    exc,
+                )
+        if generation is None:
+            model, tokenizer = models.get(source)
+            generation = generate_chat(
+                model,
+                tokenizer,
+                request["messages"],
+                max_tokens=int(request["max_tokens"]),
+                temperature=float(request["temperature"]),
+                top_p=float(request["top_p"]),
+                n=int(request["n"]),
+                stop=list(request["stop"]),
+                seed=request.get("seed"),
+            )
     except CheckpointNotFound as exc:
         return {"error": {"code": "model_not_found", "message": exc.message, "param": "model"}}
     except ConfigError as exc:
@@ -238,6 +260,7 @@ def remove_expired_answers(backend: Any) -> None:
 
 
 _models: WarmModels | None = None
+_serving: VLLMServing | None = None
 
 
 def warm_models(settings: Settings) -> WarmModels:
@@ -247,6 +270,37 @@ def warm_models(settings: Settings) -> WarmModels:
     return _models
 
 
+def vllm_serving(settings: Settings) -> VLLMServing | None:
+    """This worker's vLLM engines when the operator chose that backend (started as first used)."""
+    global _serving
+    if _serving is None and settings.inference_backend == "vllm":
+        _serving = VLLMServing(settings)
+    return _serving
+
+
+@worker_init.connect
+def check_inference_backend(sender: Any = None, **_: object) -> None:
+    """An inference worker with ``GRPO_INFERENCE_BACKEND=vllm`` and no vLLM environment exits at
+    start, saying how to get one, rather than failing every chat request. (SystemExit: Celery logs
+    and swallows a signal handler's exceptions.)"""
+    settings = get_settings()
+    if settings.inference_backend != "vllm" or sender is None:
+        return
+    if settings.inference_queue not in sender.app.amqp.queues.consume_from:
+        return  # a training worker: it never answers chat requests
+    try:
+        check_vllm_environment()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+@worker_shutdown.connect
+def stop_engines(**_: object) -> None:
+    """Stop this worker's vLLM engines (they would also exit once it is gone: their stdin closes)."""
+    if _serving is not None:
+        _serving.close()
+
+
 # ignore_result=False: the answer goes back through the result backend; acks_late=False: a request
 # that kills its worker is not handed to the next one (it would likely kill it too, and its
 # asker has moved on); track_started: a timed-out request says whether a worker had taken it.
@@ -254,4 +308,4 @@ def warm_models(settings: Settings) -> WarmModels:
 def chat_completion(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     remove_expired_answers(self.backend)
     settings = get_settings()
-    return answer(request, settings=settings, models=warm_models(settings))
+    return answer(request, settings=settings, models=warm_models(settings), serving=vllm_serving(settings))

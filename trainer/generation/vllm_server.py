@@ -7,10 +7,13 @@ library, vllm, torch and safetensors, and never this project's package, so it ca
 anywhere and run as a plain script:
 
     .venv-vllm/bin/python trainer/generation/vllm_server.py --model DIR --max-model-len 1024 \\
-        --port 8100 [--host 0.0.0.0] [--kv-cache-gib 1] [--max-lora-rank 16] [--threads 4]
+        --port 8100 [--host 0.0.0.0] [--kv-cache-gib 1] [--max-lora-rank 16] [--max-loras 4] \\
+        [--threads 4]
 
 ``trainer.generation.vllm.VLLMSampler`` starts it as its child (``--port 0 --ready-file F``: the
 port it bound and any start-up error come back in F) or talks to one an operator runs elsewhere.
+The inference worker (``worker.vllm_serving``) starts one per base model and serves many jobs'
+LoRA adapters from it, loading (``/load_lora``) and unloading (``/unload_lora``) them as used.
 
 Why HTTP with the standard library, not ``multiprocessing.connection`` or uvicorn: the same code
 serves a child on the loopback and a server on another host; nothing is unpickled from the peer
@@ -21,12 +24,14 @@ dependency to either environment. Weights and adapters travel as files: a path b
 There is no authentication: it listens on the loopback unless told otherwise, and a server on a
 network belongs on a private one (a caller can load any weights it can reach).
 
-    GET  /health                    -> {"ok": true, "model", "max_model_len", "loras": [...]}
+    GET  /health                    -> {"ok": true, "model", "max_model_len", "max_lora_rank",
+                                        "loras": [...]}
     POST /generate                  {"prompts": [[ids]], "n", "max_tokens", "temperature", "top_p",
                                      "stop_token_ids", "seed", "lora": name | null}
                                     -> {"completions": [[{"token_ids", "logprobs", "finish_reason"}]]}
     POST /load_weights              {"path": safetensors file or directory} -> {"seconds"}
     POST /load_lora                 {"name", "path": peft adapter directory} -> {"id"}
+    POST /unload_lora               {"name"} -> {"unloaded": whether it was loaded}
     PUT  /files/<relative path>     raw bytes -> {"path": where the server stored them}
     POST /shutdown
 
@@ -170,7 +175,7 @@ class Engine:
         self.scratch = scratch
         lora = args.max_lora_rank > 0
         self.model = args.model
-        self.max_model_len = args.max_model_len
+        self.max_lora_rank = lora_rank_slot(args.max_lora_rank) if lora else 0
         self.llm = LLM(
             model=args.model,
             dtype=args.dtype,
@@ -179,7 +184,7 @@ class Engine:
             kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
             enable_prefix_caching=True,
             enable_lora=lora,
-            max_lora_rank=lora_rank_slot(args.max_lora_rank) if lora else 16,
+            max_lora_rank=self.max_lora_rank or 16,
             max_loras=args.max_loras,
             skip_tokenizer_init=True,  # ids in, ids out: the trainer tokenizes
             # the sampler hands over log-probs (ours, see the extension): no raw pass before it
@@ -187,6 +192,8 @@ class Engine:
             worker_extension_cls=f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
             enforce_eager=args.enforce_eager,
         )
+        # the length the engine settled on: the one asked for, or with -1 the longest its KV cache holds
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.llm.collective_rpc("grpo_logprobs_before_top_p")
         self.lock = threading.Lock()
         self.loras: dict[str, object] = {}  # name -> the LoRARequest later generations use
@@ -271,6 +278,16 @@ class Engine:
             self._reset_prefix_cache()
         return {"id": request.lora_int_id}
 
+    def unload_lora(self, name: str) -> dict:
+        """Stop serving ``name`` and free its slot: a server shared by many adapters (one per job
+        of an inference worker) keeps only those its client still uses."""
+        with self.lock:
+            request = self.loras.pop(name, None)
+            if request is not None:
+                self.llm.llm_engine.remove_lora(request.lora_int_id)
+                self.scratch.discard(request.lora_path)
+        return {"unloaded": request is not None}
+
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
@@ -311,6 +328,7 @@ class Handler(BaseHTTPRequestHandler):
                 "ok": True,
                 "model": engine.model,
                 "max_model_len": engine.max_model_len,
+                "max_lora_rank": engine.max_lora_rank,
                 "loras": sorted(engine.loras),
             },
         )
@@ -321,6 +339,7 @@ class Handler(BaseHTTPRequestHandler):
             "/generate": lambda body: engine.generate(body),
             "/load_weights": lambda body: engine.load_weights(body["path"]),
             "/load_lora": lambda body: engine.load_lora(body["name"], body["path"]),
+            "/unload_lora": lambda body: engine.unload_lora(body["name"]),
         }
         if self.path == "/shutdown":
             self._reply(HTTPStatus.OK, {"ok": True})
@@ -376,7 +395,12 @@ def exit_when_parent_goes(scratch: Scratch) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face model directory (or hub id)")
-    parser.add_argument("--max-model-len", type=int, required=True, help="prompt + completion tokens")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        required=True,
+        help="prompt + completion tokens; -1: the model's context, or less if the KV cache holds less",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the KV cache")
