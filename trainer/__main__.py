@@ -1,8 +1,18 @@
 """``python -m trainer``: run a job spec with no server, or build a tiny model for tests and demos.
 
-    python -m trainer run SPEC.json --output DIR [--resume | --overwrite]
+    python -m trainer run SPEC.json --output DIR [--resume | --overwrite] [--nproc N]
+        [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT]
     python -m trainer make-tiny-model DIR [--arch llama|qwen2] [--vocab-size N] ...
     python -m trainer export-merged CHECKPOINT_DIR OUTPUT_DIR
+
+One job on several processes: ``--nproc N`` (default: the spec's ``gpus``) starts N processes
+through torchrun's launcher, one per GPU (on a machine without GPUs each computes on the CPU, with
+the CPUs split between them); they train as one, to the result one process would reach. On several
+machines, run the same command on each with ``--nnodes M``, its own ``--node-rank`` (0 to M-1) and
+the same ``--rdzv-endpoint HOST:PORT`` (a free port on node 0, reachable from the others); the
+--output directory must be one they all see (a shared filesystem). If a process dies, the others
+are stopped and the command exits non-zero naming it; ``--resume`` continues from the newest
+checkpoint, with any number of processes.
 
 With no server, the operator is whoever runs the command: what a run may reach beyond its spec
 comes from the service's environment variables of the same names (GRPO_ALLOW_PRIVATE_HOSTS,
@@ -20,6 +30,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 
 from trainer.config import ConfigError, OperatorPolicy, RunConfig
@@ -117,6 +128,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start over in an --output that holds an earlier run (its checkpoints are replaced)",
     )
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes on this machine, one per GPU (or CPU share): the job trains on all of them as "
+        "one, through torchrun (default: the spec's gpus, else 1)",
+    )
+    run.add_argument("--nnodes", type=int, default=1, help="machines the job spans (each runs this command)")
+    run.add_argument("--node-rank", type=int, default=0, help="this machine's place among --nnodes, 0 to M-1")
+    run.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        help="HOST:PORT on node 0 where the machines of a --nnodes job meet (the same on every machine)",
+    )
+    run.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds a process waits for the others in a collective before the job fails (default 1800)",
+    )
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-init causal LM + char tokenizer")
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
@@ -130,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("output", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.command == "run":
+        if args.nnodes < 1 or (args.nproc is not None and args.nproc < 1):
+            parser.error("--nproc and --nnodes must be at least 1")
+        if args.nnodes > 1 and not args.rdzv_endpoint:
+            parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (a free port on node 0)")
+        if not 0 <= args.node_rank < args.nnodes:
+            parser.error(f"--node-rank must be in 0..{args.nnodes - 1}")
 
     if args.command == "make-tiny-model":
         from trainer.tiny import make_tiny_model
@@ -152,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from trainer.checkpoint import checkpoints_on_disk
-    from trainer.loop import train
 
     earlier = checkpoints_on_disk(args.output)
     if earlier and not (args.resume or args.overwrite):
@@ -162,25 +199,63 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.overwrite:
+    if args.overwrite and args.node_rank == 0:
         shutil.rmtree(args.output / "checkpoints", ignore_errors=True)
         shutil.rmtree(args.output / TENSORBOARD_DIR, ignore_errors=True)
         (args.output / "metrics.jsonl").unlink(missing_ok=True)
     try:
+        run_config = load_spec(args.spec, policy_from_environ())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    nproc = args.nproc or run_config.gpus
+    if "LOCAL_RANK" not in os.environ and (nproc > 1 or args.nnodes > 1):  # not yet under torchrun
+        return launch_processes(args, nproc)
+    return run_here(args, run_config)
+
+
+def launch_processes(args: argparse.Namespace, nproc: int) -> int:
+    """This command again, in ``nproc`` processes under torchrun's launcher (joined with the other
+    machines' when ``--nnodes`` > 1); its exit status is theirs."""
+    from trainer.distributed import LaunchFailed, launch
+
+    worker = ["-m", "trainer", "run", str(args.spec.resolve()), "--output", str(args.output.resolve())]
+    worker += ["--collective-timeout", str(args.collective_timeout)] + (["--resume"] if args.resume else [])
+    try:
+        launch(
+            worker,
+            nproc=nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint,
+        )
+    except LaunchFailed as exc:
+        print(f"error: the job's processes failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def run_here(args: argparse.Namespace, run_config: RunConfig) -> int:
+    """Train in this process (one of several when torchrun started it)."""
+    from trainer.loop import train
+
+    try:
         result = train(
-            load_spec(args.spec, policy_from_environ()),
+            run_config,
             args.output,
             PrintProgress(),
             resume=args.resume,
             wandb=wandb_from_environ(),
+            collective_timeout=timedelta(seconds=args.collective_timeout),
         )
     except (ConfigError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"done at step {result.final_step}; checkpoint {result.checkpoint}"
-        + (f"; best checkpoint {result.best_checkpoint}" if result.best_checkpoint else "")
-    )
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"done at step {result.final_step}; checkpoint {result.checkpoint}"
+            + (f"; best checkpoint {result.best_checkpoint}" if result.best_checkpoint else "")
+        )
     return 0
 
 

@@ -5,20 +5,36 @@ prompt order, step).
 A checkpoint is written under a temporary name (``.tmp-step-…``) and renamed to ``step-NNNNNN``
 only once complete, so a listed checkpoint is always whole; a crash leaves only a temp directory,
 which the next save removes.
+
+A run on several processes writes the same checkpoint: the weights gathered whole to rank 0, the
+optimizer state in ``trainer_state/optimizer/`` by ``torch.distributed.checkpoint`` (each process
+its shard, into the same directory: the output directory must be one they all see). One process
+writes its optimizer state whole, keyed by parameter name, in ``trainer_state/optimizer.pt`` (as
+before, so that a full disk is the ``OSError`` it always was). Either loads into any number of
+processes, one included, by resharding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable, Collection
+import warnings
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
+from trainer.distributed import World
+from trainer.errors import TrainingError
 from trainer.layout import CHECKPOINT_NAME, STATE_DIR, checkpoint_name
+
+OPTIMIZER_FILE = "optimizer.pt"  # in STATE_DIR: one process's optimizer state, whole (torch.save)
+OPTIMIZER_DIR = "optimizer"  # in STATE_DIR: several processes' shards of it (torch.distributed.checkpoint)
 
 
 def checkpoints_on_disk(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -42,36 +58,111 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 @dataclass
 class TrainingState:
     step: int
-    optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     extra: dict[str, Any]  # JSON-able: prompt sampler position, the config that wrote it
 
 
-def save_checkpoint(output_dir: str | Path, policy, tokenizer, state: TrainingState) -> Path:
-    """Write a complete checkpoint for ``state.step`` (``prune_checkpoints`` then drops old ones)."""
+def save_checkpoint(
+    output_dir: str | Path,
+    policy,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
+    world: World | None = None,
+) -> Path:
+    """Write a complete checkpoint for ``state.step`` (``prune_checkpoints`` then drops old ones).
+    Every process of ``world`` calls it; it returns once the checkpoint is complete."""
+    world = world or World()
     root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
     tmp = root / f".tmp-{final.name}"
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    world.barrier()  # no process writes its optimizer shard into a directory rank 0 is still clearing
     try:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        weights = gathered_weights(policy, world)
         state_dir = tmp / STATE_DIR
-        state_dir.mkdir()
-        torch.save(state.optimizer, state_dir / "optimizer.pt")
-        torch.save(state.scheduler, state_dir / "scheduler.pt")
-        torch.save(state.rng, state_dir / "rng.pt")
-        (state_dir / "state.json").write_text(json.dumps({"step": state.step, **state.extra}, indent=2))
-        if final.exists():  # a replayed step after a resume: the newer one wins
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if world.size == 1:  # the whole state, keyed by parameter name: loads into any number of processes
+            state_dir.mkdir(parents=True)
+            torch.save(optimizer_state(policy, optimizer), state_dir / OPTIMIZER_FILE)
+        else:
+            dcp.save(
+                {"optimizer": optimizer_state(policy, optimizer)}, checkpoint_id=state_dir / OPTIMIZER_DIR
+            )
+        if world.is_main:
+            policy.save_pretrained(
+                tmp, safe_serialization=True, **({} if weights is None else {"state_dict": weights})
+            )
+            tokenizer.save_pretrained(tmp)
+            torch.save(state.scheduler, state_dir / "scheduler.pt")
+            torch.save(state.rng, state_dir / "rng.pt")
+            (state_dir / "state.json").write_text(json.dumps({"step": state.step, **state.extra}, indent=2))
+            if final.exists():  # a replayed step after a resume: the newer one wins
+                shutil.rmtree(final)
+            tmp.rename(final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    world.barrier()
     return final
+
+
+def gathered_weights(policy, world: World) -> dict[str, torch.Tensor] | None:
+    """The full weights of a policy sharded over several processes, on rank 0's CPU (an empty dict
+    on the others; collective); None for one process, whose module holds them whole already."""
+    if world.size == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A parameter under two names (an LM head tied to the embedding) comes back as two copies:
+    # one tensor again, as the module holds it, so that save_pretrained writes it once.
+    names: dict[int, list[str]] = {}
+    for name, parameter in policy.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for same in names.values():
+        for name in same[1:]:
+            if name in weights and same[0] in weights:
+                weights[name] = weights[same[0]]
+    return weights
+
+
+def optimizer_state(policy, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name (each process's shards of it when sharded):
+    what ``torch.distributed.checkpoint`` saves and reshards on load."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(policy, optimizer)
+
+
+def load_optimizer_state(policy, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Load checkpoint ``path``'s optimizer state into ``optimizer`` (of ``policy``, sharded or
+    not, over as many processes as this run has, whatever the run that wrote it had; collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state_dir = Path(path) / STATE_DIR
+    whole = state_dir / OPTIMIZER_FILE  # one process wrote it
+    if whole.is_file():
+        saved = torch.load(whole, weights_only=True)
+        if all(isinstance(key, str) for key in saved["state"]):  # keyed by parameter name
+            options = StateDictOptions(full_state_dict=True)  # each process takes its shards of it
+            set_optimizer_state_dict(policy, optimizer, saved, options=options)
+            return
+        # keyed by parameter index: written before checkpoints could move between process counts
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise TrainingError(
+                f"{path} predates multi-process checkpoints: resume it on one process (gpus: 1)"
+            )
+        optimizer.load_state_dict(saved)
+        return
+    state = {"optimizer": optimizer_state(policy, optimizer)}
+    with one_process_quiet():
+        dcp.load(state, checkpoint_id=state_dir / OPTIMIZER_DIR)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
 
 
 def prune_checkpoints(
@@ -95,12 +186,22 @@ def prune_checkpoints(
             on_removed(step)
 
 
+@contextlib.contextmanager
+def one_process_quiet() -> Iterator[None]:
+    """torch.distributed.checkpoint warns, whenever no process group exists, that it assumes one
+    process: which is what a run without one is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
 def load_training_state(path: str | Path) -> TrainingState:
     state_dir = Path(path) / STATE_DIR
     extra = json.loads((state_dir / "state.json").read_text())
     return TrainingState(
         step=extra.pop("step"),
-        optimizer=torch.load(state_dir / "optimizer.pt", weights_only=True),
         scheduler=torch.load(state_dir / "scheduler.pt", weights_only=True),
         rng=torch.load(state_dir / "rng.pt", weights_only=False),
         extra=extra,

@@ -357,6 +357,13 @@ class RunConfig:
     eval_dataset: str | None = None
     name: str | None = None
     policy: OperatorPolicy = field(default_factory=OperatorPolicy)
+    # Processes the job trains on, one per GPU (``python -m trainer run`` starts them under
+    # torchrun; on a machine without GPUs each process computes on the CPU). The result is the
+    # same for every count: it sets how the work is split, not what is computed.
+    gpus: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least("gpus", self.gpus, 1, integer=True)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], policy: OperatorPolicy | None = None) -> RunConfig:
@@ -380,6 +387,7 @@ class RunConfig:
             eval_dataset=spec.get("eval_dataset"),
             name=spec.get("name"),
             policy=policy or OperatorPolicy(),
+            gpus=1 if spec.get("gpus") is None else spec["gpus"],
         )
 
     def check_eval_settings(self) -> None:
@@ -393,6 +401,7 @@ class RunConfig:
             "dataset": self.dataset,
             "eval_dataset": self.eval_dataset,
             "reward": self.reward,
+            "gpus": self.gpus,
             "hyperparameters": self.hyperparameters.to_dict(),
         }
 

@@ -1,9 +1,13 @@
 """The GRPO training loop: sample prompts -> generate -> score -> advantages -> loss/backward/step
-(num_iterations times) -> metrics -> checkpoint -> stop check."""
+(num_iterations times) -> metrics -> checkpoint -> stop check.
+
+The same loop runs in every process of a job on several (``trainer.distributed``): each process
+generates and trains on its share of the step's groups, and sees every group's rewards."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -11,17 +15,19 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
-from trainer.config import GRPOConfig, RunConfig
+from trainer.config import ConfigError, GRPOConfig, RunConfig
 from trainer.data import PromptSampler, RowFile
+from trainer.distributed import DEFAULT_COLLECTIVE_TIMEOUT, Sharding, World, joined
 from trainer.evaluation import BestCheckpoint, DivergenceWatch, Evaluator, checkpoint_figures
 from trainer.failures import Failures
-from trainer.generation import HFSampler, Sampler, make_sampler
+from trainer.generation import HFSampler, Sampler, make_sampler, takes_group_seeds
 from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logprobs
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages, sampler_correction
 from trainer.metrics_file import MetricsFile
@@ -71,6 +77,7 @@ class Rollouts:
     ):
         self.models, self.rewards, self.config = models, rewards, config
         self.sampler = sampler if sampler is not None else HFSampler(models.policy)
+        self.seeds_groups = takes_group_seeds(self.sampler)
         self.prompts = PromptFormatter(models.tokenizer, config.max_prompt_length)
         self.eos_token_ids = eos_token_ids(models.policy, models.tokenizer)
 
@@ -83,8 +90,11 @@ class Rollouts:
         temperature: float,
         generator: torch.Generator,
         timings: dict,
+        group_seeds: list[int] | None = None,
     ) -> ScoredGroups:
-        """Scored groups for ``rows[i]`` of each ``i`` in ``row_indices``, sampled from ``generator``."""
+        """Scored groups for ``rows[i]`` of each ``i`` in ``row_indices``, sampled from ``generator``,
+        or each from its own seed of ``group_seeds`` where the sampler takes them (see
+        ``Sampler.generate``)."""
         tokenizer = self.models.tokenizer
         cfg = self.config
         raw = [rows[i]["prompt"] for i in row_indices]
@@ -101,6 +111,7 @@ class Rollouts:
             temperature=temperature,
             top_p=cfg.top_p,
             generator=generator,
+            **({"group_seeds": group_seeds} if group_seeds is not None and self.seeds_groups else {}),
         )
         completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - started
@@ -126,6 +137,14 @@ class Rollouts:
         )
 
 
+def group_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the group of the ``index``-th prompt drawn at ``step`` (0-based, counting dynamic
+    sampling's extra draws): its sampling depends on these three alone, so that it is the same in
+    whichever process, beside whichever other prompts, it is generated."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63: any generator takes it
+
+
 def draw_batch(
     rollouts: Rollouts,
     rows: Sequence[dict],
@@ -133,21 +152,37 @@ def draw_batch(
     generator: torch.Generator,
     config: GRPOConfig,
     timings: dict,
+    *,
+    step: int,
+    world: World | None = None,
 ) -> tuple[ScoredGroups, int]:
     """Sample prompts_per_step prompts of ``rows`` and their groups; with dynamic sampling, replace
     groups whose rewards are all equal by groups of fresh prompts, for at most max_resample_rounds
-    draws. Returns the batch and how many extra prompts were drawn."""
+    draws. Returns the batch and how many extra prompts were drawn. Each process of ``world``
+    generates its share of the groups and returns all of them, the same batch in every process."""
     G = config.group_size
+    world = world or World()
+    drawn = 0  # prompts drawn so far this step
 
     def roll(row_indices: list[int]) -> ScoredGroups:
-        return rollouts(
-            rows,
-            row_indices,
-            group_size=G,
-            temperature=config.temperature,
-            generator=generator,
-            timings=timings,
+        nonlocal drawn
+        seeds = [group_seed(config.seed, step, drawn + i) for i in range(len(row_indices))]
+        drawn += len(row_indices)
+        mine = world.share(len(row_indices))
+        part = (
+            rollouts(
+                rows,
+                [row_indices[i] for i in mine],
+                group_size=G,
+                temperature=config.temperature,
+                generator=generator,
+                timings=timings,
+                group_seeds=[seeds[i] for i in mine],
+            )
+            if mine
+            else None
         )
+        return world.gather_groups(part, len(row_indices), G)
 
     batch = roll(sampler.draw(config.prompts_per_step))
     if not config.dynamic_sampling:
@@ -188,14 +223,18 @@ def train(
     resume: bool = False,
     device: torch.device | None = None,
     wandb: WandbOptions | None = None,
+    collective_timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT,
 ) -> TrainResult:
     """Run GRPO as ``run`` says, writing ``output_dir/metrics.jsonl``, ``output_dir/checkpoints/`` and
     TensorBoard event files in ``output_dir/tensorboard/`` (and to W&B, given ``wandb``).
     With ``resume``, continue from the newest complete checkpoint there (none: start fresh).
-    Raises ``TrainingError`` subclasses whose message is meant for the user."""
+    Raises ``TrainingError`` subclasses whose message is meant for the user.
+
+    Under torchrun every process of the job calls it and they train as one (``trainer.distributed``;
+    collectives give up after ``collective_timeout``): rank 0 alone reports to ``progress`` and W&B
+    and writes the output directory, which every process must see."""
     cfg = run.hyperparameters
     run.check_eval_settings()
-    progress = progress or Progress()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -204,23 +243,34 @@ def train(
     # Rows are read from disk when drawn (the file's line offsets stay in memory, not the rows).
     rows = RowFile(run.dataset, required=required_fields(run.reward))
     eval_rows = RowFile(run.eval_dataset) if run.eval_dataset else []
-    with (
-        RewardSuite(run.reward, policy=run.policy) as rewards,
-        Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker,
-        contextlib.ExitStack() as cleanup,  # closes what _train opens once the models are loaded
-    ):
-        return _train(
-            run,
-            rows,
-            eval_rows,
-            rewards,
-            output_dir,
-            progress,
-            tracker,
-            cleanup,
-            resume=resume,
-            device=device,
-        )
+    with joined(collective_timeout) as world:
+        if world.size > 1 and cfg.generation != "hf":
+            raise ConfigError(
+                "hyperparameters.generation",
+                f"a job on {world.size} processes generates with its own model ('hf'); "
+                f"generation {cfg.generation!r} runs on one process (gpus: 1)",
+            )
+        if not world.is_main:  # rank 0 alone reports
+            progress, wandb = None, None
+        progress = progress or Progress()
+        with (
+            RewardSuite(run.reward, policy=run.policy) as rewards,
+            Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker,
+            contextlib.ExitStack() as cleanup,  # closes what _train opens once the models are loaded
+        ):
+            return _train(
+                run,
+                rows,
+                eval_rows,
+                rewards,
+                output_dir,
+                progress,
+                tracker,
+                cleanup,
+                resume=resume,
+                device=device or world.device,
+                world=world,
+            )
 
 
 def _train(
@@ -235,12 +285,17 @@ def _train(
     *,
     resume: bool,
     device: torch.device | None,
+    world: World,
 ) -> TrainResult:
     cfg = run.hyperparameters
     G = cfg.group_size
     models = load_models(run.base_model, cfg, device, on_log=progress.on_log)
     policy, tokenizer = models.policy, models.tokenizer
-    params = [p for p in policy.parameters() if p.requires_grad]
+    start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
+    if latest is not None:  # every process reads the whole weights, before they are sharded
+        ckpt.load_policy_weights(policy, latest, models.uses_lora)
+    sharding = Sharding(world, policy, models.reference)  # with several processes: FSDP2
+    params = [p for p in policy.parameters() if p.requires_grad]  # (each process's shards of them)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
     )
@@ -257,13 +312,11 @@ def _train(
     evaluator = Evaluator(rollouts, eval_rows, cfg, torch.Generator(generator.device)) if eval_rows else None
     best, divergence = BestCheckpoint(cfg.keep_best_by), DivergenceWatch()
 
-    start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
     num_tokens_seen = 0  # prompt and completion tokens of every step so far (TRL's num_tokens)
     threads = run_threads()
     if latest is not None:
         state = ckpt.load_training_state(latest)
-        ckpt.load_policy_weights(policy, latest, models.uses_lora)
-        optimizer.load_state_dict(state.optimizer)
+        ckpt.load_optimizer_state(policy, optimizer, latest)
         scheduler.load_state_dict(state.scheduler)
         sampler.load_state_dict(state.extra["sampler"])
         generator.set_state(state.rng["generator"])
@@ -276,13 +329,19 @@ def _train(
         divergence.load_state_dict(state.extra.get("divergence"))
         generation.sync(policy)  # the checkpoint's weights, not the base's
         progress.on_log("info", f"resumed from checkpoint {latest.name} (step {start_step})")
-    metrics_file = MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step)
+    metrics_file = (
+        MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step) if world.is_main else None
+    )
     torch.set_num_threads(threads)
 
     def run_evaluation(step: int) -> dict[str, float]:
         assert evaluator is not None
-        with failures.during(step, "evaluation"):
-            evaluation = evaluator(step)
+        sharding.gather()  # rank 0 evaluates with the full weights; the others wait for its figures
+        evaluation = None
+        if world.is_main:
+            with failures.during(step, "evaluation"):
+                evaluation = evaluator(step)
+        evaluation = world.broadcast(evaluation)
         warning = divergence.observe(step, evaluation["eval/reward"])
         if warning:
             progress.on_log("warning", f"step {step}: {warning}")
@@ -293,7 +352,6 @@ def _train(
             best.consider(step, evaluation)
         state = ckpt.TrainingState(
             step=step,
-            optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             rng={
                 "generator": generator.get_state(),
@@ -308,17 +366,20 @@ def _train(
                 "eval": checkpoint_figures(evaluation or {}) or None,
                 "best": best.state_dict(),
                 "divergence": divergence.state_dict(),
+                "processes": world.size,
             },
         )
+        sharding.reshard()  # the checkpoint reads each process's shards
         with failures.saving(step):
-            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, state)
+            path = ckpt.save_checkpoint(output_dir, policy, tokenizer, optimizer, state, world)
         progress.on_checkpoint(step, path)
-        ckpt.prune_checkpoints(
-            output_dir,
-            keep_last=cfg.keep_last_checkpoints,
-            keep_steps=() if best.step is None else (best.step,),
-            on_removed=progress.on_checkpoint_removed,
-        )
+        if world.is_main:
+            ckpt.prune_checkpoints(
+                output_dir,
+                keep_last=cfg.keep_last_checkpoints,
+                keep_steps=() if best.step is None else (best.step,),
+                on_removed=progress.on_checkpoint_removed,
+            )
         if evaluation is not None:
             progress.on_evaluation(step, checkpoint_figures(evaluation), best_step=best.step)
         return path
@@ -330,9 +391,13 @@ def _train(
         step_started = time.perf_counter()
         timings: dict[str, float] = {}
 
-        # 1-2. sample prompts, generate G completions each, score them
+        # 1-2. sample prompts, generate G completions each, score them (each process its share of
+        # the groups, with the full weights; every process then holds every group)
         with failures.during(step, "generation and scoring"):
-            batch, extra_prompts = draw_batch(rollouts, rows, sampler, generator, cfg, timings)
+            sharding.gather()
+            batch, extra_prompts = draw_batch(
+                rollouts, rows, sampler, generator, cfg, timings, step=step, world=world
+            )
         truncation_warnings = warn_truncated_prompts(
             step, batch, rows, cfg.max_prompt_length, progress, truncation_warnings
         )
@@ -349,9 +414,9 @@ def _train(
         skip_zero = cfg.beta == 0 and not router_aux_loss_coef(policy)
         active = loss_mask & ((advantages != 0) if skip_zero else torch.ones_like(loss_mask))  # [B*G]
         num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
-        micro_batches = plan_micro_batches(
+        micro_batches = plan_micro_batches(  # this process's groups; the counts above are the step's
             batch,
-            active,
+            active & world.sequences(len(batch.prompt_ids), G),
             G,
             FORWARD_TOKEN_BUDGET,
             share_prompt=(models.scoring or default_scoring(policy)).share_prompt,
@@ -369,6 +434,7 @@ def _train(
                 params=params,
                 optimizer=optimizer,
                 scheduler=scheduler,
+                sharding=sharding,
             )
         if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
             raise failures.non_finite_loss(step, stats["loss"], stats["grad_norm"])
@@ -397,8 +463,9 @@ def _train(
         if evaluator is not None and (checkpoint_due or (cfg.eval_every and step % cfg.eval_every == 0)):
             evaluation = run_evaluation(step)
             metrics.update(evaluation)
-        metrics_file.append(step, metrics)
-        tracker.log(step, metrics)
+        if metrics_file is not None:  # rank 0
+            metrics_file.append(step, metrics)
+            tracker.log(step, metrics)
         progress.on_step(step, metrics)
         progress.on_samples(step, samples(batch, advantages, cfg))
         if sum(batch.errors.values()):
@@ -409,8 +476,8 @@ def _train(
             )
         failures.check_rewards(step, batch)
 
-        # 6-7. checkpoint, stop check
-        stopped = progress.should_stop() and step < cfg.max_steps
+        # 6-7. checkpoint, stop check (rank 0's answer)
+        stopped = world.broadcast(progress.should_stop()) and step < cfg.max_steps
         if stopped or checkpoint_due:
             if evaluator is not None and evaluation is None:  # a pause or cancel's checkpoint
                 evaluation = run_evaluation(step)
@@ -471,15 +538,21 @@ def optimize(
     params,
     optimizer,
     scheduler,
+    sharding: Sharding | None = None,
 ) -> dict[str, float]:
+    """``num_iterations`` optimizer steps over ``micro_batches`` (this process's, when ``sharding``
+    spreads the job over several: then the returned figures are every process's together)."""
     policy = models.policy
+    sharding = sharding or Sharding(World())
+    world = sharding.world
     with torch.no_grad():  # the reference, and pi_old when the batch is reused (mu > 1)
         if cfg.beta > 0:
-            with models.reference_model() as reference:
+            with models.reference_model() as reference, sharding.gathered_reference():
                 reference.eval()
                 for micro in micro_batches:
                     micro.ref_logps = micro_logprobs(reference, micro, models, cfg)
         if cfg.num_iterations > 1:
+            sharding.gather()
             policy.eval()
             for micro in micro_batches:
                 micro.old_logps = micro_logprobs(policy, micro, models, cfg)
@@ -500,12 +573,14 @@ def optimize(
     # coef * aux_loss, as TRL and the model's own forward do; each micro-batch's aux loss weighs by
     # its share of the step's scored completions (TRL: by gradient-accumulation step).
     aux_coef = router_aux_loss_coef(policy)
-    scored_sequences = sum(len(micro.sequences) for micro in micro_batches)
+    scored_sequences = world.reduce({"n": sum(len(micro.sequences) for micro in micro_batches)})["n"]
     if aux_coef:
         totals["aux_loss"] = 0.0
     policy.train()
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
+        sharding.gather()  # the weights the last optimizer step made
+        iteration_loss = 0.0
         for micro in micro_batches:
             if aux_coef:
                 (logps, entropy), aux = micro_logprobs(
@@ -561,20 +636,31 @@ def optimize(
                 loss = loss + aux_coef * aux * share
                 totals["aux_loss"] += aux.item() * share / cfg.num_iterations
             loss.backward()
-            totals["loss"] += loss.item() / cfg.num_iterations
+            iteration_loss += loss.item()
             totals["tokens"] += logps.shape[0]
             totals["entropy"] += entropy.sum().item()
             totals["low"] += terms.low_clipped.sum().item()
             totals["high"] += terms.high_clipped.sum().item()
             if terms.kl is not None:
                 totals["kl"] += terms.kl.detach().sum().item()
+        # No process scored anything: no gradient anywhere and no update, as in one process.
+        if scored_sequences:
+            sharding.reduce_gradients()
+        totals["loss"] += world.reduce({"loss": iteration_loss})["loss"] / cfg.num_iterations
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if micro_batches else torch.tensor(0.0)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, max_norm) if scored_sequences else torch.tensor(0.0)
+        )
         totals["grad_norm"] += grad_norm.item() / cfg.num_iterations
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm.item())):
             return totals  # the caller fails the run before any bad update lands
         optimizer.step()
         scheduler.step()
+    # The step's figures: every process's sums together (the loss and grad norm are already).
+    totals.update(world.reduce({k: v for k, v in totals.items() if k not in ("loss", "grad_norm")}))
+    mismatch.update(world.reduce({k: mismatch[k] for k in ("tokens", "ratio", "cut", "diff")}))
+    mismatch.update(world.reduce({"ratio_max": mismatch["ratio_max"]}, "max"))
+    mismatch.update(world.reduce({"ratio_min": mismatch["ratio_min"]}, "min"))
     if mismatch["tokens"]:
         tokens = mismatch["tokens"]
         totals["sampler/ratio_mean"] = mismatch["ratio"] / tokens

@@ -6,13 +6,15 @@ with the cache, stops a sequence at EOS (and drops finished sequences from the b
 quarter of it has finished) and the whole batch once every sequence has stopped. Full-attention
 layers keep their keys and values in a buffer that grows geometrically (``GrowingLayer``), not by
 concatenating every token onto the whole cache. Each completion gets its own uniform draw every
-step, so which rows are still in the batch changes no token.
+step, so which rows are still in the batch changes no token; given one generator per prompt, a
+prompt's completions draw only from its own, so which other prompts share the batch changes none of
+their draws either (what lets several processes split a step's prompts and sample as one would).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,7 @@ class Rollout:
 def sample_top_p(
     logits: torch.Tensor,
     top_p: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     uniforms: torch.Tensor | None = None,
     *,
     with_logprobs: bool = False,
@@ -72,6 +74,19 @@ def sample_top_p(
         return token
     picked = full.gather(-1, token[:, None]).squeeze(-1)  # [N]
     return token, picked.clamp(min=torch.finfo(picked.dtype).tiny).log()  # [N], [N]
+
+
+def draw_uniforms(
+    generator: torch.Generator | Sequence[torch.Generator],
+    prompts: int,
+    group_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """One uniform in [0, 1) for each of the ``prompts * group_size`` completions -> [B*G]: all from
+    ``generator``, or, given one generator per prompt, prompt b's ``group_size`` from ``generator[b]``."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(prompts * group_size, generator=generator, device=device)  # [B*G]
+    return torch.cat([torch.rand(group_size, generator=g, device=device) for g in generator])  # [B*G]
 
 
 class GrowingLayer(DynamicLayer):
@@ -207,8 +222,13 @@ def generate(
     pad_id: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> Rollout:
+    """``group_size`` completions of each prompt, sampled at ``temperature`` (0: greedy) within the
+    top-p nucleus; ``generator`` is one generator for the whole batch, or one per prompt (then a
+    prompt's completions are the same whatever other prompts share the call)."""
+    if not isinstance(generator, torch.Generator) and len(generator) != len(prompt_ids):
+        raise ValueError(f"{len(generator)} generators for {len(prompt_ids)} prompts: give one per prompt")
     with contiguous_head(model):
         return _generate(
             model,
@@ -233,7 +253,7 @@ def _generate(
     pad_id: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> Rollout:
     device = next(model.parameters()).device
     batch, width = len(prompt_ids), max(p.shape[0] for p in prompt_ids)
@@ -272,11 +292,11 @@ def _generate(
         else:
             # One draw for every completion, finished or dropped or not, each step: a completion's
             # tokens do not depend on which other rows are still in the batch.
-            uniforms = torch.rand(batch * group_size, generator=generator, device=device)[rows]  # [A]
+            uniforms = draw_uniforms(generator, batch, group_size, device)[rows]  # [A]
             token, logprob = sample_top_p(
                 logits / temperature if temperature != 1.0 else logits,
                 top_p,
-                generator,
+                None,
                 uniforms,
                 with_logprobs=True,
             )  # [A], [A]

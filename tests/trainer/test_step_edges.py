@@ -262,7 +262,7 @@ class ScriptedRollouts:
     def __init__(self, batches):
         self.batches = list(batches)
 
-    def __call__(self, rows, row_indices, *, group_size, temperature, generator, timings):
+    def __call__(self, rows, row_indices, *, group_size, temperature, generator, timings, group_seeds):
         return self.batches.pop(0)
 
 
@@ -289,7 +289,9 @@ def test_each_reward_error_counts_once_under_dynamic_sampling():
         [None, 1.0, 0.0, None, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     )  # 2 errors; group 2 flat
     fresh = _scored([None, 0.5, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0])  # 1 error; one group informative, one flat
-    batch, extra = draw_batch(ScriptedRollouts([first, fresh]), [], PromptSampler(10, 0), None, cfg, {})
+    batch, extra = draw_batch(
+        ScriptedRollouts([first, fresh]), [], PromptSampler(10, 0), None, cfg, {}, step=1
+    )
     assert extra == 2 and len(batch.prompt_ids) == 3
     assert batch.errors == {
         "r": 3

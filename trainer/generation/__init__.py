@@ -11,15 +11,17 @@ reference and the fallback) samples from the policy module itself; ``"vllm"`` dr
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 
-from trainer.config import ConfigError, GRPOConfig
+from trainer.config import GRPOConfig
 from trainer.generation.hf import HFSampler
 from trainer.rollout import Rollout
 
-__all__ = ["HFSampler", "Sampler", "make_sampler"]
+__all__ = ["HFSampler", "Sampler", "make_sampler", "takes_group_seeds"]
 
 
 class Sampler(Protocol):
@@ -34,8 +36,14 @@ class Sampler(Protocol):
         temperature: float,  # 0: greedy
         top_p: float,
         generator: torch.Generator,
+        group_seeds: Sequence[int] | None = None,  # [B]
     ) -> Rollout:
-        """``group_size`` completions of each prompt, those of a prompt adjacent."""
+        """``group_size`` completions of each prompt, those of a prompt adjacent. Given
+        ``group_seeds`` (one per prompt), prompt b's completions draw their randomness from
+        ``group_seeds[b]`` alone, so that a group samples the same whichever other prompts share
+        the call (a run on several processes splits each step's prompts between them); without,
+        from ``generator``. A sampler may leave ``group_seeds`` out of its signature (see
+        ``takes_group_seeds``): it is then called with ``generator`` alone."""
         ...
 
     def sync(self, model: torch.nn.Module) -> None:
@@ -45,6 +53,12 @@ class Sampler(Protocol):
     def close(self) -> None:
         """Release the backend's processes and memory; the sampler is not used after."""
         ...
+
+
+def takes_group_seeds(sampler: Sampler) -> bool:
+    """Whether ``sampler.generate`` takes ``group_seeds`` (a backend written before they existed
+    does not, and keeps sampling each call from ``generator``)."""
+    return "group_seeds" in inspect.signature(sampler.generate).parameters
 
 
 def make_sampler(config: GRPOConfig, model: torch.nn.Module, **options: Any) -> Sampler:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -45,7 +45,14 @@ class HFSampler:
         temperature: float,
         top_p: float,
         generator: torch.Generator,
+        group_seeds: Sequence[int] | None = None,
     ) -> Rollout:
+        device = next(self.model.parameters()).device
+        draws = (
+            generator
+            if group_seeds is None
+            else [torch.Generator(device).manual_seed(seed) for seed in group_seeds]
+        )
         self.model.eval()
         with no_router_logits(self.model):
             return generate(
@@ -57,7 +64,7 @@ class HFSampler:
                 pad_id=pad_id,
                 temperature=temperature,
                 top_p=top_p,
-                generator=generator,
+                generator=draws,
             )
 
     def sync(self, model: torch.nn.Module) -> None:

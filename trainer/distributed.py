@@ -1,0 +1,323 @@
+"""One job on several processes: ``torchrun`` starts them, ``torch.distributed`` joins them, FSDP2
+shards the model over them.
+
+Who does what. Every process generates and scores whole groups, its share of the step's prompts
+(the b-th prompt drawn goes to process b mod N), each group sampling from a seed of its own
+(``trainer.loop.group_seed``), so that a group's completions do not depend on which process drew
+it. The scored groups are then exchanged: every process holds the whole step, and computes from it
+what one process would (advantages with batch-level scaling, dynamic sampling's decisions, the
+loss's normalising counts, the metrics), with the same numbers. Each process trains on its own
+groups; the gradients are summed. Rank 0 alone reports (metrics, progress, checkpoints, the stop
+check, whose answer it broadcasts).
+
+The model. ``fully_shard`` (FSDP2) on every decoder layer and on the root, for the policy and for a
+separate reference. FSDP's hooks gather a layer's weights in its forward and reduce its gradient
+in its backward, collectives that must pair up across processes, and the loop calls the model in
+ways that would not pair them: generation runs as many forwards as its longest completion needs
+(per process), and ``token_logprobs`` runs the backbone a data-dependent number of times and reads
+the LM head's weight directly (no root forward at all). So ``Sharding`` gathers the full weights
+explicitly, once per optimizer step; every forward and backward of the step then runs locally with
+gradient sync off (gradients accumulate unsharded); ``reduce_gradients`` then runs one
+one-token forward/backward that every process runs alike, in whose backward FSDP sums each
+parameter's accumulated gradient into its shard and frees the gathered weights. The optimizer
+steps on the shards. What this saves is the optimizer's state, the gradients between steps and,
+between steps, the weights (a process holds the full weights only while a step runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.batch import ScoredGroups
+from trainer.errors import ModelLoadError
+
+# How long a process waits in a collective for the others. A dead process ends the job at once
+# (torchrun stops the others, a closed connection fails theirs); this bounds a *stuck* one. It must
+# outlast the longest phase one process can run while the others wait: its share of the step's
+# generation and rewards.
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the job's processes (one process alone: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device | None = None  # the process's device; None: the run's default
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that reports, writes and decides."""
+        return self.rank == 0
+
+    def share(self, count: int) -> list[int]:
+        """Which of ``count`` prompts this process generates: the b-th with b mod size == rank."""
+        return list(range(self.rank, count, self.size))
+
+    def sequences(self, num_groups: int, group_size: int) -> torch.Tensor:
+        """[B*G] bool: the completions of the groups this process trains on (its ``share``)."""
+        owned = torch.arange(num_groups).remainder(self.size) == self.rank  # [B]
+        return owned.repeat_interleave(group_size)  # [B*G]
+
+    def gather_groups(self, part: ScoredGroups | None, count: int, group_size: int) -> ScoredGroups:
+        """Every process's scored groups (``part``: this one's ``share(count)``, None for none), in
+        the order their prompts were drawn."""
+        if self.size == 1:
+            assert part is not None
+            return part
+        parts: list[ScoredGroups | None] = [None] * self.size
+        dist.all_gather_object(parts, part)
+        drawn = [b for rank, p in enumerate(parts) if p is not None for b in range(rank, count, self.size)]
+        position = {b: i for i, b in enumerate(drawn)}
+        joined = ScoredGroups.concat([p for p in parts if p is not None])
+        return joined.select([position[b] for b in range(count)], group_size)
+
+    def reduce(self, values: dict[str, float], op: str = "sum") -> dict[str, float]:
+        """``values`` summed (``op`` "sum"), or their max or min, over the processes."""
+        if self.size == 1 or not values:
+            return dict(values)
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        names = sorted(values)
+        tensor = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=ops[op])
+        return dict(zip(names, tensor.tolist(), strict=True))
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every process."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def joined(timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> Iterator[World]:
+    """This process's ``World``: under torchrun (``WORLD_SIZE`` > 1) the job's processes joined into
+    one process group for the duration (gloo on CPUs, NCCL on GPUs, each process on the GPU of its
+    ``LOCAL_RANK``), collectives failing after ``timeout``; else one process alone. A group the
+    caller already initialised is used as it is, and left open."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1 and not dist.is_initialized():
+        yield World()
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    created = not dist.is_initialized()
+    if created:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    try:
+        yield World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+class Sharding:
+    """The policy (and a reference of its own, under full fine-tuning with beta > 0) sharded with
+    FSDP2 over ``world``'s processes; with one process nothing is sharded and every method does
+    nothing. See the module docstring for why the weights are gathered by hand."""
+
+    def __init__(
+        self, world: World, policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None
+    ):
+        self.world = world
+        sharded = world.size > 1 and policy is not None
+        self.policy = policy if sharded else None
+        self.policy_units = shard(policy, world) if sharded else []
+        self.reference_units = shard(reference, world) if sharded and reference is not None else []
+        self.gathered = False
+
+    def gather(self) -> None:
+        """The policy's full weights on every process, until ``reduce_gradients`` or ``reshard``
+        (collective: every process calls it at the same point of the step)."""
+        if self.gathered or not self.policy_units:
+            return
+        for unit in self.policy_units:
+            unit.unshard()
+        self.gathered = True
+
+    def reshard(self) -> None:
+        """Back to each process's shard of the weights (what the optimizer and a checkpoint use)."""
+        for unit in self.policy_units:
+            unit.reshard()
+        self.gathered = False
+
+    @contextlib.contextmanager
+    def gathered_reference(self) -> Iterator[None]:
+        """The separate reference's full weights for the duration (collective)."""
+        for unit in self.reference_units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in self.reference_units:
+                unit.reshard()
+
+    def reduce_gradients(self) -> None:
+        """Sum every process's accumulated gradients into each one's shard and reshard the weights
+        (collective). Each process's loss is its own groups' share of the step's loss, normalised
+        by the whole step's counts, so the sum is the one-process gradient.
+
+        FSDP reduces in a backward: one forward/backward of a single token, run alike on every
+        process whatever its micro-batches were, whose zero loss adds nothing. In eval mode, so that
+        no dropout draws random numbers one process would not."""
+        if self.policy is None:
+            return
+        policy, was_training = self.policy, self.policy.training
+        policy.eval()
+        policy.set_requires_gradient_sync(True)
+        policy.set_reshard_after_backward(True)
+        try:
+            logits = policy(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.world.device)).logits
+            (logits.float().sum() * 0.0).backward()
+        finally:
+            policy.set_requires_gradient_sync(False)
+            policy.set_reshard_after_backward(False)
+            policy.train(was_training)
+        self.reshard()
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the classes transformers names in ``_no_split_modules``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
+    """``fully_shard`` each decoder layer of ``model`` and the root (a peft model whole, adapters
+    and frozen weights alike), set up for ``Sharding``'s explicit gather; the FSDP units, root first."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    device = world.device or next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world.size,))
+    layers = decoder_layers(model)
+    if not layers:
+        raise ModelLoadError(
+            f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by: "
+            "it trains on one process only (gpus: 1)"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)  # sum, not average: see Sharding.reduce_gradients
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    model.set_requires_gradient_sync(False)  # the step accumulates locally; reduce_gradients syncs
+    model.set_reshard_after_backward(False)
+    # A parameter no forward used (an expert no token was routed to) still takes part in the sum,
+    # so that every process reduces the same tensors.
+    model.set_reduce_scatter_unused_params(True)
+    # FSDP takes the first module it sees run forward as its root, and token_logprobs calls the
+    # backbone, never the root: run the root once here.
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    for unit in units:
+        unit.reshard()
+    return units
+
+
+# --- launching -------------------------------------------------------------------------------------
+
+
+class LaunchFailed(RuntimeError):
+    """A process of the job failed; the message names it (and any other that failed), and
+    ``exit_code`` is the first failure's (1 for a process killed by a signal)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def launch(
+    args: Sequence[str],
+    *,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+) -> None:
+    """Run ``python <args>`` as ``nproc`` processes on this machine through torchrun's launcher
+    (``torch.distributed.launcher.api.elastic_launch``), which sets each one's RANK, LOCAL_RANK and
+    WORLD_SIZE, and stops the others when one fails. With ``nnodes`` > 1 the job spans that many
+    machines: each runs this with its own ``node_rank`` (0 to nnodes - 1) and the same
+    ``rdzv_endpoint`` ``HOST:PORT``, a port on node 0 that the others reach. Processes that set no
+    OMP_NUM_THREADS split this machine's CPUs between them. Raises ``LaunchFailed``."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise ValueError("a job on several machines needs --rdzv-endpoint HOST:PORT (a port on node 0)")
+        # static rendezvous: node_rank decides the ranks (node k's processes are k * nproc, ...)
+        rendezvous = {
+            "rdzv_backend": "static",
+            "rdzv_endpoint": rdzv_endpoint,
+            "rdzv_configs": {"rank": node_rank},
+        }
+    else:  # torchrun --standalone: a store on a free local port
+        rendezvous = {"rdzv_backend": "c10d", "rdzv_endpoint": "127.0.0.1:0", "rdzv_configs": {}}
+    if "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the workers inherit this environment
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc,
+        run_id=f"grpo-{uuid.uuid4().hex[:8]}" if nnodes == 1 else "grpo",
+        max_restarts=0,  # a failed process fails the job: the service re-queues it from a checkpoint
+        **rendezvous,
+    )
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except ChildFailedError as exc:
+        raise LaunchFailed(describe_failures(exc.failures), first_exit_code(exc.failures)) from None
+
+
+def describe_failures(failures: dict[int, Any]) -> str:
+    """Which processes failed and how, those the launcher stopped because another had failed
+    (SIGTERM) last: ``rank 1 (local rank 1, pid 123) was killed by SIGKILL; rank 0 stopped``."""
+    failed = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    described = []
+    for rank, failure in sorted(failed.items()):
+        how = (
+            f"was killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        described.append(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}")
+    stopped = sorted(set(failures) - set(failed))
+    if stopped:
+        described.append(f"{'rank' if len(stopped) == 1 else 'ranks'} {', '.join(map(str, stopped))} stopped")
+    return "; ".join(described)
+
+
+def first_exit_code(failures: dict[int, Any]) -> int:
+    """The exit status the launching command ends with: the first positive one, else 1."""
+    codes = [failure.exitcode for _, failure in sorted(failures.items())]
+    return next((code for code in codes if code > 0), 1)
