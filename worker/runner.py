@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.orm import Session
@@ -16,13 +18,15 @@ from jobs.store import StoreUnavailable, open_store
 from jobs.submission import run_config_for
 from jobs.webhooks import first_attempt
 from trainer.config import ConfigError
+from trainer.distributed import LaunchFailed, launch
 from trainer.errors import TrainingError
-from trainer.loop import train
+from trainer.loop import TrainResult, train
 from worker.artifacts import prepare_run, publish_run_logs
 from worker.devices import worker_devices
 from worker.heartbeat import Heartbeat
 from worker.merge import merge_final_adapter
 from worker.progress import JobProgress, LeaseLost, wandb_options
+from worker.rank import outcome_path
 from worker.retry import DATABASE_UNREACHABLE, with_retries
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,63 @@ def internal_failure_reason(job_id: str, exc: Exception) -> str:
         f"internal error in the worker ({type(exc).__name__}); this is a fault of the service, not known to "
         f"come from your spec: create the job again, and if it fails the same way, give the operator its id "
         f"({job_id}), whose traceback the worker log has"
+    )
+
+
+class RanksGaveUp(Exception):
+    """The job's processes gave the job up, as ``claim_and_run`` does in-process when the store or
+    the database stays out of reach: the sweeper re-queues it once its heartbeat is stale."""
+
+
+class RankCrashed(Exception):
+    """A process of the job raised an error the worker did not expect (its traceback is in the
+    worker's log, where the processes write)."""
+
+
+def train_on_processes(job_id: str, worker: str, job_dir: Path, *, nproc: int) -> TrainResult:
+    """Train the claimed job on ``nproc`` processes (``python -m worker.rank``, one per device) and
+    return what rank 0 reached, or raise what the in-process ``train`` would: ``TrainingError``,
+    ``ConfigError``, ``LeaseLost``, with the processes' reason (``RanksGaveUp`` or ``RankCrashed``
+    for the rest). A process killed, with no reason of its own, is a ``TrainingError`` naming it.
+
+    The worker's heartbeat keeps the lease meanwhile. Should it find the lease gone, rank 0 learns
+    it from the job record itself: its next step's ``record_step`` is refused (``LeaseLost``)."""
+    paths = [outcome_path(job_dir, rank) for rank in range(nproc)]
+    for path in paths:  # an earlier attempt's
+        path.unlink(missing_ok=True)
+    failed: LaunchFailed | None = None
+    try:
+        launch(["-m", "worker.rank", job_id, worker], nproc=nproc)
+    except LaunchFailed as exc:
+        failed = exc
+    outcomes = {rank: json.loads(path.read_text()) for rank, path in enumerate(paths) if path.exists()}
+    for path in paths:
+        path.unlink(missing_ok=True)
+    errors = [(rank, outcome) for rank, outcome in sorted(outcomes.items()) if "error" in outcome]
+    # A process that lost its peers (one killed) fails in a collective, an "internal" error that
+    # says less than the launcher's account of which one died.
+    for rank, outcome in errors:
+        if outcome["kind"] == "config":
+            raise ConfigError(outcome["param"], outcome["error"])
+        if outcome["kind"] == "training":
+            raise TrainingError(outcome["error"])
+        if outcome["kind"] == "lease_lost":
+            raise LeaseLost(job_id)
+        if outcome["kind"] == "gave_up":
+            raise RanksGaveUp(f"rank {rank}: {outcome['error']}")
+    if failed is not None:
+        raise TrainingError(f"the job's processes failed: {failed}")
+    if errors:
+        rank, outcome = errors[0]
+        raise RankCrashed(f"rank {rank}: {outcome['error']}")
+    if 0 not in outcomes:
+        raise RankCrashed("rank 0 ended without recording its outcome")
+    done = outcomes[0]
+    return TrainResult(
+        final_step=done["final_step"],
+        stopped=done["stopped"],
+        checkpoint=None if done["checkpoint"] is None else Path(done["checkpoint"]),
+        best_checkpoint=None if done["best_checkpoint"] is None else Path(done["best_checkpoint"]),
     )
 
 
@@ -108,13 +169,16 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
             prepare()
             run = run_config_for(job, settings)
             try:
-                result = train(
-                    run,
-                    job_dir,
-                    progress=progress,
-                    resume=True,
-                    wandb=wandb_options(settings, job_id=job_id, job_name=run.name),
-                )
+                if len(job.devices) > 1:  # one process per device; lease loss: see train_on_processes
+                    result = train_on_processes(job_id, worker, job_dir, nproc=len(job.devices))
+                else:
+                    result = train(
+                        run,
+                        job_dir,
+                        progress=progress,
+                        resume=True,
+                        wandb=wandb_options(settings, job_id=job_id, job_name=run.name),
+                    )
             finally:
                 if store is not None:
                     publish_run_logs(job_dir, store)
@@ -123,6 +187,9 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
         stopped_at = result.final_step if result.stopped else None
     except LeaseLost:
         log.warning("job %s: another worker holds it now; leaving it alone", job_id)
+        return
+    except RanksGaveUp as exc:
+        log.warning("job %s: giving the job up, as its processes did (%s)", job_id, exc)
         return
     except StoreUnavailable:
         log.exception(

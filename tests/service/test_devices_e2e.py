@@ -1,6 +1,7 @@
 """Scheduling by devices with real Celery workers on Redis: a worker takes only the jobs that fit
 its declared devices, a bigger job waits in its own queue for a worker that fits, the API refuses
-what no live worker can run, and each job records the devices it ran on."""
+what no live worker can run, and each job records the devices it ran on (and runs on as many
+processes, ``worker.rank``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from api.main import create_app
 from jobs.db import transaction
 from jobs.models import since
 from jobs.queries import largest_live_worker, record_worker
-from tests.service.e2e import wait_until_ended
+from tests.service.e2e import download_and_load, metric_steps, wait_until_ended
 from tests.service.factories import WorkerProcess, api_key, bearer, job_spec, upload, wait_for
+from trainer.checkpoint import OPTIMIZER_DIR, OPTIMIZER_FILE
+from trainer.layout import STATE_DIR, checkpoint_name
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +26,7 @@ def largest_live(settings) -> int | None:
 
 
 def test_a_one_device_worker_leaves_a_two_device_job_queued_for_a_worker_that_fits(
-    redis_worker_settings, tiny_model
+    redis_worker_settings, tiny_model, tmp_path
 ) -> None:
     settings = redis_worker_settings
     small = WorkerProcess(settings.model_copy(update={"worker_devices": 1}))
@@ -54,6 +57,20 @@ def test_a_one_device_worker_leaves_a_two_device_job_queued_for_a_worker_that_fi
             done = wait_until_ended(client, two["id"])
             assert done["status"] == "succeeded", (done, pair.log()[-3000:])
             assert done["devices"] == ["cpu", "cpu"] and done["worker"].startswith(pair.name)
+            # It trained on two processes, as one: each step reported once (by rank 0), and the
+            # optimizer state saved as two processes' shards (one process saves it whole).
+            assert metric_steps(client, two["id"]) == [1, 2]
+            state = settings.job_dir(two["id"]) / "checkpoints" / checkpoint_name(2) / STATE_DIR
+            assert (state / OPTIMIZER_DIR).is_dir() and not (state / OPTIMIZER_FILE).exists()
+            assert not list(settings.job_dir(two["id"]).glob(".rank*-outcome.json"))
+            download_and_load(client, two["id"], 2, tmp_path)
+
+            # A process's error reaches the job as in-process: the trainer's reason, not the launcher's.
+            broken = {**spec, "gpus": 2, "base_model": "no-such-org/no-such-model"}
+            failed = wait_until_ended(client, client.post("/v1/jobs", json=broken).json()["id"], timeout=60)
+            assert (failed["status"], failed["devices"]) == ("failed", ["cpu", "cpu"]), failed
+            assert "no-such-org/no-such-model" in failed["failure_reason"]
+            assert "rank" not in failed["failure_reason"] and "Traceback" not in failed["failure_reason"]
     finally:
         for worker in (small, pair):
             worker.stop()
