@@ -21,6 +21,7 @@ from trainer.errors import OutOfMemoryError
 from trainer.generation.vllm import VLLMEngineError, VLLMSampler, vllm_python
 from trainer.logprobs import token_logprobs
 from trainer.loop import train
+from trainer.loss import sampler_correction
 from trainer.progress import Progress
 from trainer.rollout import generate
 from trainer.tiny import make_tiny_model
@@ -188,6 +189,55 @@ def test_lora_adapter_sync_through_the_servers_url(sampler, ref):
         assert [c.tolist() for c in greedy_vllm(sampler, ref, ref.eos).completion_ids] == base
     finally:
         client.close()
+
+
+@needs_engine
+def test_mismatch_is_nil_in_fp32_and_shows_when_the_sampler_runs_in_bf16(sampler, ref, tmp_path):
+    """The sampler/trainer mismatch the correction exists for: the fp32 engine's log-probs are the
+    fp32 trainer's, so its importance ratios are 1; a bf16 engine on the same weights samples from
+    a slightly different distribution, and its ratios spread around 1 (measured on this model: max
+    |diff| 3.3e-3 to 5.5e-3, ratio spread 5.9e-3 to 9.1e-3 over seeds; fp32: 5e-7 and 1e-6)."""
+    ref.model.save_pretrained(tmp_path / "policy")  # the weights as they are now (other tests change them)
+    bf16 = VLLMSampler(
+        CONFIG, ref.model, threads=1, dtype="bfloat16", enforce_eager=True, model_dir=tmp_path / "policy"
+    )
+    try:
+        measured = {}
+        for name, engine in (("fp32", sampler), ("bf16", bf16)):
+            rollout = engine.generate(
+                ref.prompts,
+                group_size=3,
+                max_new_tokens=MAX_NEW,
+                eos_token_ids=ref.eos,
+                pad_id=ref.pad,
+                temperature=0.7,
+                top_p=1.0,
+                generator=torch.Generator().manual_seed(3),
+            )
+            groups = [rollout.completion_ids[3 * b : 3 * b + 3] for b in range(len(ref.prompts))]
+            with torch.no_grad():
+                trainer = token_logprobs(ref.model, ref.prompts, groups, temperature=0.7)
+            old = torch.cat([lp for group in trainer for lp in group])  # [N]
+            drawn = torch.cat(rollout.sampler_logprobs)  # [N]
+            seq_index = torch.cat(
+                [torch.full((len(c),), i) for i, c in enumerate(rollout.completion_ids)]
+            )  # [N]
+            correction = sampler_correction(
+                old, drawn, seq_index, len(rollout.completion_ids), "token_truncate", 3.0
+            )
+            measured[name] = ((old - drawn).abs().max().item(), correction)
+    finally:
+        bf16.close()
+
+    fp32_diff, fp32 = measured["fp32"]
+    bf16_diff, bf16_correction = measured["bf16"]
+    assert fp32_diff < 1e-4
+    torch.testing.assert_close(fp32.weights, torch.ones_like(fp32.weights), rtol=0, atol=1e-4)
+    assert bf16_diff > 1e-3, f"bf16 sampling matched fp32 to {bf16_diff:.2e}: no mismatch to correct"
+    spread = (bf16_correction.ratio.max() - bf16_correction.ratio.min()).item()
+    assert spread > 2e-3, f"bf16 ratios spread only {spread:.2e}"
+    assert not bf16_correction.cut.any()  # a small mismatch: truncation at 3 leaves the weights as is
+    torch.testing.assert_close(bf16_correction.weights, bf16_correction.ratio)
 
 
 @needs_engine
