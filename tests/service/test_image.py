@@ -151,7 +151,8 @@ def test_the_compose_file_parses() -> None:
 
 def test_every_compose_command_starts_from_the_installed_image(image: Path, make_database) -> None:
     commands = compose_commands()
-    assert set(commands) == {"migrate", "api", "worker", "inference"}, commands
+    assert set(commands) == {"migrate", "api", "worker", "worker-multi-gpu", "inference"}, commands
+    assert commands["worker-multi-gpu"] == commands["worker"]  # the same worker, declaring more devices
     tag = uuid.uuid4().hex[:8]
     database_url = make_database(migrate=False)
     env = clean_env(
