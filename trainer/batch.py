@@ -116,16 +116,19 @@ def plan_micro_batches(
     token_budget: int,
     *,
     share_prompt: bool = True,
+    one_forward: bool = False,
 ) -> list[MicroBatch]:
     """Cut the step into micro-batches of whole groups whose held autograd graph stays within
     ``token_budget`` token positions (the sum of ``group_cost``; a group over it goes alone); only
     ``active`` [B*G] completions are scored. ``token_budget`` is also the scorer's per-forward
     budget (the trainer passes one for both), which decides how a group's forwards are cut and so
-    whether its prompt is shared. How the step is cut changes no result: the loss is normalised by
-    whole-step counts."""
+    whether its prompt is shared. With ``one_forward`` (``Scoring.one_forward``) a micro-batch is
+    one right-padded forward: its cost is its rows x its longest row. How the step is cut changes
+    no result: the loss is normalised by whole-step counts."""
     plans: list[MicroBatch] = []
     current: list[tuple[Group, list[int]]] = []
     held = 0  # the current micro-batch's cost
+    rows, width = 0, 0  # one_forward: the current micro-batch's rows and longest row
 
     def flush() -> None:
         if not current:
@@ -149,11 +152,19 @@ def plan_micro_batches(
         if not seqs:
             continue
         group = Group(prompt=prompt, completions=[batch.completion_ids[i] for i in seqs])
-        cost = group_cost(group, share_prompt=share_prompt, token_budget=token_budget)
+        if one_forward:
+            longest = prompt.shape[0] + max(c.shape[0] for c in group.completions)
+            cost = (rows + len(seqs)) * max(width, longest) - held  # what adding the group adds
+        else:
+            cost = group_cost(group, share_prompt=share_prompt, token_budget=token_budget)
         if current and held + cost > token_budget:
             flush()
-            held = 0
+            held, rows, width = 0, 0, 0
+            if one_forward:
+                cost = len(seqs) * longest
         current.append((group, seqs))
         held += cost
+        if one_forward:
+            rows, width = rows + len(seqs), max(width, longest)
     flush()
     return plans

@@ -10,18 +10,23 @@ loss's normalising counts, the metrics), with the same numbers. Each process tra
 groups; the gradients are summed. Rank 0 alone reports (metrics, progress, checkpoints, the stop
 check, whose answer it broadcasts).
 
-The model. ``fully_shard`` (FSDP2) on every decoder layer and on the root, for the policy and for a
-separate reference. FSDP's hooks gather a layer's weights in its forward and reduce its gradient
-in its backward, collectives that must pair up across processes, and the loop calls the model in
-ways that would not pair them: generation runs as many forwards as its longest completion needs
-(per process), and ``token_logprobs`` runs the backbone a data-dependent number of times and reads
-the LM head's weight directly (no root forward at all). So ``Sharding`` gathers the full weights
-explicitly, once per optimizer step; every forward and backward of the step then runs locally with
-gradient sync off (gradients accumulate unsharded); ``reduce_gradients`` then runs one
-one-token forward/backward that every process runs alike, in whose backward FSDP sums each
-parameter's accumulated gradient into its shard and frees the gathered weights. The optimizer
-steps on the shards. What this saves is the optimizer's state, the gradients between steps and,
-between steps, the weights (a process holds the full weights only while a step runs).
+The model. ``fully_shard`` (FSDP2) on every decoder layer and on the root (the embeddings, the
+final norm and the LM head), for the policy and for a separate reference. Between steps a process
+holds its shard of the weights, of the gradients and of the optimizer's state. ``Sharding`` moves
+the policy between two states:
+
+- gathered (``gather``): the full weights on every process, for generation and the forwards with
+  no gradient (the reference, pi_old, the evaluation). FSDP's per-layer collectives must pair up
+  across processes, and generation runs as many forwards as each process's longest completion
+  needs, so the weights are gathered once, explicitly, and every forward runs locally.
+- training (``training``): each decoder layer's weights gathered for its forward and again for its
+  backward, freed after each, its gradient summed into the shards in its backward (FSDP's own
+  hooks, per layer), so a process holds one layer's full weights and gradients at a time. For the
+  collectives to pair, every process runs the same forwards in the same order: each micro-batch is
+  one padded forward (``Scoring.one_forward``), and a process with fewer micro-batches than
+  another runs empty ones (``idle_pass``). The root's weights stay gathered for the phase (the
+  scorer reads the LM head's weight directly, outside any forward FSDP sees); its gradients are
+  summed into its shards at the end of each backward.
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ def joined(timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> Iterator[World]:
 class Sharding:
     """The policy (and a reference of its own, under full fine-tuning with beta > 0) sharded with
     FSDP2 over ``world``'s processes; with one process nothing is sharded and every method does
-    nothing. See the module docstring for why the weights are gathered by hand."""
+    nothing. See the module docstring for the two states."""
 
     def __init__(
         self, world: World, policy: torch.nn.Module | None = None, reference: torch.nn.Module | None = None
@@ -150,8 +155,12 @@ class Sharding:
         self.reference_units = shard(reference, world) if sharded and reference is not None else []
         self.gathered = False
 
+    @property
+    def sharded(self) -> bool:
+        return self.policy is not None
+
     def gather(self) -> None:
-        """The policy's full weights on every process, until ``reduce_gradients`` or ``reshard``
+        """The policy's full weights on every process, until ``reshard`` or ``training``
         (collective: every process calls it at the same point of the step)."""
         if self.gathered or not self.policy_units:
             return
@@ -167,7 +176,14 @@ class Sharding:
 
     @contextlib.contextmanager
     def gathered_reference(self) -> Iterator[None]:
-        """The separate reference's full weights for the duration (collective)."""
+        """The reference's full weights for the duration (collective): a separate reference's, the
+        policy's freed meanwhile; else the policy's (under LoRA the reference is the policy with its
+        adapters off)."""
+        if not self.reference_units:
+            self.gather()
+            yield
+            return
+        self.reshard()
         for unit in self.reference_units:
             unit.unshard()
         try:
@@ -176,28 +192,51 @@ class Sharding:
             for unit in self.reference_units:
                 unit.reshard()
 
-    def reduce_gradients(self) -> None:
-        """Sum every process's accumulated gradients into each one's shard and reshard the weights
-        (collective). Each process's loss is its own groups' share of the step's loss, normalised
-        by the whole step's counts, so the sum is the one-process gradient.
+    def micro_batch_gap(self, count: int) -> int:
+        """How many empty micro-batches (``idle_pass``) this process runs after its ``count``
+        real ones so that every process runs as many as the busiest (collective)."""
+        if not self.sharded:
+            return 0
+        return int(self.world.reduce({"n": count}, "max")["n"]) - count
 
-        FSDP reduces in a backward: one forward/backward of a single token, run alike on every
-        process whatever its micro-batches were, whose zero loss adds nothing. In eval mode, so that
-        no dropout draws random numbers one process would not."""
-        if self.policy is None:
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """The training state (module docstring) for an optimizer step's forwards and backwards:
+        each backward sums its gradients into the shards, layer by layer (collective)."""
+        if not self.sharded:
+            yield
             return
-        policy, was_training = self.policy, self.policy.training
-        policy.eval()
-        policy.set_requires_gradient_sync(True)
-        policy.set_reshard_after_backward(True)
-        try:
-            logits = policy(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.world.device)).logits
-            (logits.float().sum() * 0.0).backward()
-        finally:
-            policy.set_requires_gradient_sync(False)
-            policy.set_reshard_after_backward(False)
-            policy.train(was_training)
+        root, layers = self.policy_units[0], self.policy_units[1:]
         self.reshard()
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        for unit in self.policy_units:
+            unit.set_requires_gradient_sync(True, recurse=False)
+            unit.set_reshard_after_backward(unit is not root, recurse=False)
+        root.unshard()
+        try:
+            yield
+        finally:
+            for unit in self.policy_units:
+                unit.set_reshard_after_forward(False, recurse=False)
+                unit.set_requires_gradient_sync(False, recurse=False)
+                unit.set_reshard_after_backward(False, recurse=False)
+            self.reshard()
+
+    def idle_pass(self, scoring) -> None:
+        """An empty micro-batch: the forward and backward of one token through the policy, run as a
+        real micro-batch runs (``Scoring.one_forward``), whose zero loss adds nothing to the
+        gradients; in eval mode, so that no dropout draws random numbers."""
+        from trainer.logprobs import token_logprobs
+
+        policy, was_training = self.policy, self.policy.training
+        token = torch.zeros(1, dtype=torch.long, device=self.world.device)
+        policy.eval()
+        try:
+            logps = token_logprobs(policy, [token], [[token]], scoring=scoring)[0][0]  # [1]
+            (logps.sum() * 0.0).backward()
+        finally:
+            policy.train(was_training)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -209,7 +248,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
     """``fully_shard`` each decoder layer of ``model`` and the root (a peft model whole, adapters
-    and frozen weights alike), set up for ``Sharding``'s explicit gather; the FSDP units, root first."""
+    and frozen weights alike), set up in ``Sharding``'s gathered state; the FSDP units, root first."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -226,9 +265,9 @@ def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
     for unit in units:
-        unit.set_gradient_divide_factor(1.0)  # sum, not average: see Sharding.reduce_gradients
+        unit.set_gradient_divide_factor(1.0)  # sum, not average: each process's loss is its share
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-    model.set_requires_gradient_sync(False)  # the step accumulates locally; reduce_gradients syncs
+    model.set_requires_gradient_sync(False)  # only ``Sharding.training`` reduces
     model.set_reshard_after_backward(False)
     # A parameter no forward used (an expert no token was routed to) still takes part in the sum,
     # so that every process reduces the same tensors.

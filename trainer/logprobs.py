@@ -199,9 +199,14 @@ class Scoring:
     # where that costs less than one row per completion (``shares_prompt``); False: never
     share_prompt: bool = True
     own_logits: bool = False  # the model's own full logits instead of the chunked LM head and its transform
+    # every row [prompt, completion] of the call in one right-padded forward, whatever the groups and
+    # the token budget: the same single forward on every process, as FSDP's per-layer collectives
+    # need (``trainer.distributed``); overrides ``share_prompt``
+    one_forward: bool = False
 
     def describe(self) -> str:
         rows = "the prompt once per group where it pays" if self.share_prompt else "one row per completion"
+        rows = "one padded forward of every row" if self.one_forward else rows
         head = "the model's own full logits" if self.own_logits else "the chunked LM head"
         return f"{rows}, {head}"
 
@@ -246,19 +251,26 @@ def token_logprobs(
     router: list | None = [] if router_aux_loss else None  # (router logits per layer, token mask) per forward
 
     if scoring.own_logits:
-        pieces = [
-            _own_logits_logprobs(causal_lm, p, group, temperature, token_budget, with_entropy, router)
-            for p, group in zip(prompts, completions, strict=True)
-        ]
+        pieces = (
+            [_own_logits_logprobs(causal_lm, prompts, completions, temperature, with_entropy, router)]
+            if scoring.one_forward
+            else [
+                _own_logits_logprobs(causal_lm, [p], [group], temperature, with_entropy, router, token_budget)
+                for p, group in zip(prompts, completions, strict=True)
+            ]
+        )
         logps = torch.cat([lp for lp, _ in pieces])  # [N]
         entropy = torch.cat([e for _, e in pieces]) if with_entropy else None  # [N]
     else:
         backbone, lm_head = _backbone_and_head(causal_lm)
-        shared = [
-            scoring.share_prompt and shares_prompt(p.shape[0], [c.shape[0] for c in group], token_budget)
-            for p, group in zip(prompts, completions, strict=True)
-        ]
-        hidden = _hidden(backbone, prompts, completions, shared, token_budget, router)  # [N, H]
+        if scoring.one_forward:
+            hidden = _row_hidden(backbone, prompts, completions, None, router)  # [N, H]
+        else:
+            shared = [
+                scoring.share_prompt and shares_prompt(p.shape[0], [c.shape[0] for c in group], token_budget)
+                for p, group in zip(prompts, completions, strict=True)
+            ]
+            hidden = _hidden(backbone, prompts, completions, shared, token_budget, router)  # [N, H]
         targets = (
             torch.cat([c for group in completions for c in group]) if lengths else hidden.new_empty(0).long()
         )
@@ -341,7 +353,7 @@ def _hidden(
             pieces[b] = piece  # [sum L_i of group b, H]
     for b, share in enumerate(shared):
         if not share:
-            pieces[b] = _row_hidden(backbone, prompts[b], completions[b], token_budget, router)
+            pieces[b] = _row_hidden(backbone, [prompts[b]], [completions[b]], token_budget, router)
     return torch.cat(pieces) if pieces else backbone.get_input_embeddings().weight.new_empty(0, 0)
 
 
@@ -430,62 +442,71 @@ def _embedded(backbone: nn.Module, ids: list[torch.Tensor]) -> list[dict]:
 
 def _row_hidden(
     backbone: nn.Module,
-    prompt: torch.Tensor,
-    completions: list[torch.Tensor],
-    token_budget: int,
+    prompts: list[torch.Tensor],
+    completions: list[list[torch.Tensor]],
+    token_budget: int | None,
     router: list | None = None,
 ) -> torch.Tensor:
     """The same states from one row ``[prompt, completion]`` per completion. -> [sum L_i, H]"""
-    plen, hidden = prompt.shape[0], [None] * len(completions)
-    for run, ids, mask in _rows(prompt, completions, token_budget):
+    flat = [c for group in completions for c in group]
+    hidden: list[torch.Tensor | None] = [None] * len(flat)
+    for run, ids, mask, starts in _rows(prompts, completions, token_budget):
         out = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **_router_forward_kwargs(router))
         _keep_router_logits(router, out, mask)
         states = out.last_hidden_state  # [k, S, H]
         for r, i in enumerate(run):
-            hidden[i] = states[r, plen - 1 : plen - 1 + completions[i].shape[0]]  # [L_i, H]
-    return torch.cat(hidden) if hidden else prompt.new_empty(0, 0).float()
+            hidden[i] = states[r, starts[r] : starts[r] + flat[i].shape[0]]  # [L_i, H]
+    return torch.cat(hidden) if hidden else prompts[0].new_empty(0, 0).float()
 
 
 def _own_logits_logprobs(
     causal_lm: nn.Module,
-    prompt: torch.Tensor,
-    completions: list[torch.Tensor],
+    prompts: list[torch.Tensor],
+    completions: list[list[torch.Tensor]],
     temperature: float,
-    token_budget: int,
     with_entropy: bool,
     router: list | None = None,
+    token_budget: int | None = None,
 ):
     """The plain path: the model's own forward and full logits, one row per completion.
     -> ([sum L_i], [sum L_i])"""
-    plen, logps, entropies = prompt.shape[0], [None] * len(completions), [None] * len(completions)
-    for run, ids, mask in _rows(prompt, completions, token_budget):
+    flat = [c for group in completions for c in group]
+    logps: list[torch.Tensor | None] = [None] * len(flat)
+    entropies: list[torch.Tensor | None] = [None] * len(flat)
+    for run, ids, mask, starts in _rows(prompts, completions, token_budget):
         out = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False, **_router_forward_kwargs(router))
         _keep_router_logits(router, out, mask)
         logits = out.logits  # [k, S, V]
         for r, i in enumerate(run):
-            length = completions[i].shape[0]
             log_probs = torch.log_softmax(
-                logits[r, plen - 1 : plen - 1 + length].float() / temperature, -1
+                logits[r, starts[r] : starts[r] + flat[i].shape[0]].float() / temperature, -1
             )  # [L_i, V]
-            logps[i] = log_probs.gather(-1, completions[i][:, None]).squeeze(-1)
+            logps[i] = log_probs.gather(-1, flat[i][:, None]).squeeze(-1)
             entropies[i] = -(log_probs.exp() * log_probs).sum(-1).detach() if with_entropy else None
-    empty = prompt.new_empty(0, dtype=torch.float32)
+    empty = prompts[0].new_empty(0, dtype=torch.float32)
     return (torch.cat(logps) if logps else empty), (
         torch.cat(entropies) if with_entropy and entropies else empty
     )
 
 
-def _rows(prompt: torch.Tensor, completions: list[torch.Tensor], token_budget: int):
-    """Runs of rows ``[prompt, c_i[:-1]]``, right-padded: yields (indices, ids [k, S], mask [k, S])."""
-    plen, fed = prompt.shape[0], [max(c.shape[0] - 1, 0) for c in completions]
-    for run in _runs([plen + f for f in fed], token_budget):
-        width = plen + max(fed[i] for i in run)
-        ids = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, S]
-        mask = torch.zeros(len(run), width, dtype=torch.long, device=prompt.device)  # [k, S]
+def _rows(prompts: list[torch.Tensor], completions: list[list[torch.Tensor]], token_budget: int | None):
+    """Runs of rows ``[prompt_b, c_i[:-1]]`` (c_i among prompt b's completions), right-padded, cut
+    by ``_runs`` (None: all in one run). Yields (indices into the flattened completions, ids [k,
+    S], mask [k, S], where each row's completion states start [k])."""
+    owner = [b for b, group in enumerate(completions) for _ in group]
+    flat = [c for group in completions for c in group]
+    fed = [max(c.shape[0] - 1, 0) for c in flat]
+    sizes = [prompts[owner[i]].shape[0] + fed[i] for i in range(len(flat))]
+    runs = _runs(sizes, token_budget) if token_budget is not None else [list(range(len(flat)))]
+    device = prompts[0].device
+    for run in runs:
+        width = max(sizes[i] for i in run)
+        ids = torch.zeros(len(run), width, dtype=torch.long, device=device)  # [k, S]
+        mask = torch.zeros(len(run), width, dtype=torch.long, device=device)  # [k, S]
         for r, i in enumerate(run):
-            ids[r, : plen + fed[i]] = torch.cat([prompt, completions[i][: fed[i]]])
-            mask[r, : plen + fed[i]] = 1
-        yield run, ids, mask
+            ids[r, : sizes[i]] = torch.cat([prompts[owner[i]], flat[i][: fed[i]]])
+            mask[r, : sizes[i]] = 1
+        yield run, ids, mask, [prompts[owner[i]].shape[0] - 1 for i in run]
 
 
 RUN_OVERHEAD_TOKENS = 48  # what one more forward costs (its fixed per-call work), in padded token positions

@@ -7,6 +7,7 @@ generates and trains on its share of the step's groups, and sees every group's r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -295,6 +296,8 @@ def _train(
     if latest is not None:  # every process reads the whole weights, before they are sharded
         ckpt.load_policy_weights(policy, latest, models.uses_lora)
     sharding = Sharding(world, policy, models.reference)  # with several processes: FSDP2
+    if sharding.sharded:  # every process's micro-batches one forward each, as FSDP's collectives need
+        models.scoring = dataclasses.replace(models.scoring or default_scoring(policy), one_forward=True)
     params = [p for p in policy.parameters() if p.requires_grad]  # (each process's shards of them)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
@@ -420,6 +423,7 @@ def _train(
             G,
             FORWARD_TOKEN_BUDGET,
             share_prompt=(models.scoring or default_scoring(policy)).share_prompt,
+            one_forward=sharding.sharded,
         )
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
@@ -577,76 +581,77 @@ def optimize(
     if aux_coef:
         totals["aux_loss"] = 0.0
     policy.train()
+    idle_passes = sharding.micro_batch_gap(len(micro_batches))  # as many passes as the busiest process's
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        sharding.gather()  # the weights the last optimizer step made
         iteration_loss = 0.0
-        for micro in micro_batches:
-            if aux_coef:
-                (logps, entropy), aux = micro_logprobs(
-                    policy, micro, models, cfg, with_entropy=True, router_aux_loss=True
-                )  # [N], [N], []
-            else:
-                logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
-            # pi_old: the policy that sampled; with mu = 1 that is this very forward, detached
-            old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()  # [N]
-            correction = None
-            if micro.sampler_logps is not None:
-                correction = sampler_correction(
+        with sharding.training():  # with several processes: each backward sums into the shards
+            for micro in micro_batches:
+                if aux_coef:
+                    (logps, entropy), aux = micro_logprobs(
+                        policy, micro, models, cfg, with_entropy=True, router_aux_loss=True
+                    )  # [N], [N], []
+                else:
+                    logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
+                # pi_old: the policy that sampled; with mu = 1 that is this very forward, detached
+                old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()  # [N]
+                correction = None
+                if micro.sampler_logps is not None:
+                    correction = sampler_correction(
+                        old_logps,
+                        micro.sampler_logps.to(old_logps.device),
+                        micro.seq_index.to(old_logps.device),
+                        len(micro.sequences),
+                        cfg.sampler_correction,
+                        cfg.sampler_correction_cap,
+                    )
+                    if iteration == 0 and logps.shape[0]:  # pi_old is fixed: the same figures every pass
+                        diff = (old_logps - micro.sampler_logps.to(old_logps.device)).abs()  # [N]
+                        mismatch["tokens"] += logps.shape[0]
+                        mismatch["ratio"] += correction.ratio.sum().item()
+                        mismatch["ratio_max"] = max(mismatch["ratio_max"], correction.ratio.max().item())
+                        mismatch["ratio_min"] = min(mismatch["ratio_min"], correction.ratio.min().item())
+                        mismatch["cut"] += correction.cut.sum().item()
+                        mismatch["diff"] += diff.sum().item()
+                terms = clipped_token_loss(
+                    logps,
                     old_logps,
-                    micro.sampler_logps.to(old_logps.device),
-                    micro.seq_index.to(old_logps.device),
+                    token_values(advantages, micro),
+                    micro.seq_index,
                     len(micro.sequences),
-                    cfg.sampler_correction,
-                    cfg.sampler_correction_cap,
+                    epsilon=cfg.epsilon,
+                    epsilon_high=cfg.epsilon_upper,
+                    delta=cfg.delta,
+                    beta=cfg.beta,
+                    ref_logps=micro.ref_logps,
+                    importance_sampling_level=cfg.importance_sampling_level,
+                    sampler_weights=correction.weights if correction is not None else None,
                 )
-                if iteration == 0 and logps.shape[0]:  # pi_old is fixed: the same figures every pass
-                    diff = (old_logps - micro.sampler_logps.to(old_logps.device)).abs()  # [N]
-                    mismatch["tokens"] += logps.shape[0]
-                    mismatch["ratio"] += correction.ratio.sum().item()
-                    mismatch["ratio_max"] = max(mismatch["ratio_max"], correction.ratio.max().item())
-                    mismatch["ratio_min"] = min(mismatch["ratio_min"], correction.ratio.min().item())
-                    mismatch["cut"] += correction.cut.sum().item()
-                    mismatch["diff"] += diff.sum().item()
-            terms = clipped_token_loss(
-                logps,
-                old_logps,
-                token_values(advantages, micro),
-                micro.seq_index,
-                len(micro.sequences),
-                epsilon=cfg.epsilon,
-                epsilon_high=cfg.epsilon_upper,
-                delta=cfg.delta,
-                beta=cfg.beta,
-                ref_logps=micro.ref_logps,
-                importance_sampling_level=cfg.importance_sampling_level,
-                sampler_weights=correction.weights if correction is not None else None,
-            )
-            loss = aggregate_loss(
-                terms.loss,
-                micro.seq_index,
-                len(micro.sequences),
-                cfg.loss_type,
-                num_sequences=num_sequences,
-                num_tokens=num_tokens,
-                max_completion_length=cfg.max_completion_length,
-            )
-            if aux_coef:
-                share = len(micro.sequences) / scored_sequences
-                loss = loss + aux_coef * aux * share
-                totals["aux_loss"] += aux.item() * share / cfg.num_iterations
-            loss.backward()
-            iteration_loss += loss.item()
-            totals["tokens"] += logps.shape[0]
-            totals["entropy"] += entropy.sum().item()
-            totals["low"] += terms.low_clipped.sum().item()
-            totals["high"] += terms.high_clipped.sum().item()
-            if terms.kl is not None:
-                totals["kl"] += terms.kl.detach().sum().item()
-        # No process scored anything: no gradient anywhere and no update, as in one process.
-        if scored_sequences:
-            sharding.reduce_gradients()
+                loss = aggregate_loss(
+                    terms.loss,
+                    micro.seq_index,
+                    len(micro.sequences),
+                    cfg.loss_type,
+                    num_sequences=num_sequences,
+                    num_tokens=num_tokens,
+                    max_completion_length=cfg.max_completion_length,
+                )
+                if aux_coef:
+                    share = len(micro.sequences) / scored_sequences
+                    loss = loss + aux_coef * aux * share
+                    totals["aux_loss"] += aux.item() * share / cfg.num_iterations
+                loss.backward()
+                iteration_loss += loss.item()
+                totals["tokens"] += logps.shape[0]
+                totals["entropy"] += entropy.sum().item()
+                totals["low"] += terms.low_clipped.sum().item()
+                totals["high"] += terms.high_clipped.sum().item()
+                if terms.kl is not None:
+                    totals["kl"] += terms.kl.detach().sum().item()
+            for _ in range(idle_passes):
+                sharding.idle_pass(models.scoring)
         totals["loss"] += world.reduce({"loss": iteration_loss})["loss"] / cfg.num_iterations
+        # No process scored anything: no gradient anywhere and no update, as in one process.
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(params, max_norm) if scored_sequences else torch.tensor(0.0)

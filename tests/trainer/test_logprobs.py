@@ -93,7 +93,16 @@ def _plain_logprobs(model, prompts, completions, temperature):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("scoring", [Scoring(), Scoring(share_prompt=False)], ids=["shared-prompt", "rows"])
+@pytest.mark.parametrize(
+    "scoring",
+    [
+        Scoring(),
+        Scoring(share_prompt=False),
+        Scoring(one_forward=True),
+        Scoring(own_logits=True, one_forward=True),
+    ],
+    ids=["shared-prompt", "rows", "one-forward", "own-logits-one-forward"],
+)
 def test_token_logprobs_equal_one_plain_forward_per_completion(arch, scoring, tiny_model_dir, tiny_qwen_dir):
     path = tiny_model_dir if arch == "llama" else tiny_qwen_dir
     lean_model = AutoModelForCausalLM.from_pretrained(path)
@@ -111,6 +120,22 @@ def test_token_logprobs_equal_one_plain_forward_per_completion(arch, scoring, ti
     # the prompt, computed once per group, gets the sum of its completions' gradients
     for (name, p), p2 in zip(lean_model.named_parameters(), plain_model.parameters(), strict=True):
         assert_close(p.grad, p2.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("own_logits", [False, True])
+def test_one_forward_scores_every_group_in_a_single_forward(own_logits, tiny_model_dir):
+    """What FSDP's per-layer collectives need: one call of each decoder layer per scoring, whatever
+    the groups, their lengths and the token budget."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda module, args, out: calls.append(1))
+    prompts, completions = _groups()
+    scoring = Scoring(own_logits=own_logits, one_forward=True)
+    token_logprobs(model, prompts, completions, scoring=scoring, token_budget=4)
+    assert len(calls) == 1
+    calls.clear()
+    token_logprobs(model, prompts, completions, scoring=Scoring(share_prompt=False), token_budget=4)
+    assert len(calls) > 1  # the budget cuts the ordinary rows path into several forwards
 
 
 @pytest.mark.parametrize(
