@@ -31,8 +31,6 @@ import logging
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from trainer.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from trainer.chat import Generation
-    from trainer.generation.vllm import EngineProcess
+    from trainer.generation.vllm import EngineClient
     from worker.inference import Source
 
 log = logging.getLogger(__name__)
@@ -139,13 +137,12 @@ class BaseEngine:
         startup_timeout_s: float,
         request_timeout_s: float,
     ):
-        from trainer.generation.vllm import EngineProcess
+        from trainer.generation.vllm import EngineClient, EngineStartError
         from trainer.generation.vllm_server import lora_rank_slot
         from trainer.model import default_device, resolve_dtype
 
         self.base_model = base_model
         self.max_loras = settings.inference_vllm_max_loras
-        self.request_timeout_s = request_timeout_s
         self.adapters: OrderedDict[str, ServedAdapter] = OrderedDict()
         self.generation_config = base_generation_config(base_model)
         kv_cache_gib = settings.inference_vllm_kv_cache_gib
@@ -160,21 +157,23 @@ class BaseEngine:
             *("--threads", str(threads)),
         ]
         self.work_dir = Path(tempfile.mkdtemp(prefix="grpo-serving-"))
-        self.engine: EngineProcess | None = None
+        self.client: EngineClient | None = None
         try:
-            self.engine = EngineProcess(python, args, self.work_dir, startup_timeout_s)
-            ready = self.engine.ready
-            if "error" in ready:
-                hint = (
-                    f"; {KV_CACHE_SETTING} = {kv_cache_gib:g} GiB sizes its KV cache"
-                    if ready.get("kind") in ("kv_cache", "memory")
-                    else ""
-                )
-                raise ModelLoadError(
-                    f"the vLLM engine for {base_model} failed to start{hint}: {ready['error']}"
-                )
-            self.url = f"http://127.0.0.1:{ready['port']}"
+            # no KV-cache setting to name: a killed engine is a VLLMEngineError, restarted when next asked
+            self.client = EngineClient.start(
+                python, args, self.work_dir, startup_timeout_s=startup_timeout_s, timeout_s=request_timeout_s
+            )
             health = self.request("GET", "/health")
+        except EngineStartError as exc:
+            self.close()
+            hint = (
+                f"; {KV_CACHE_SETTING} = {kv_cache_gib:g} GiB sizes its KV cache"
+                if exc.kind in ("kv_cache", "memory")
+                else ""
+            )
+            raise ModelLoadError(
+                f"the vLLM engine for {base_model} failed to start{hint}: {exc.reason}"
+            ) from None
         except BaseException:
             self.close()
             raise
@@ -275,32 +274,17 @@ class BaseEngine:
         )
 
     def running(self) -> bool:
-        return self.engine is not None and self.engine.process.poll() is None
+        return self.client is not None and self.client.running()
 
     def request(self, method: str, route: str, body: dict | None = None) -> dict:
-        """The engine's JSON answer; ``VLLMEngineError`` with its reason (and log) otherwise."""
-        from trainer.generation.vllm import VLLMEngineError
-
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + route, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                reason = json.loads(exc.read()).get("error", str(exc))
-            except ValueError:
-                reason = str(exc)
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = f"no answer from {self.url} ({exc})"
-        where = f"; its log: {self.engine.log_path}" if self.engine is not None else ""
-        raise VLLMEngineError(f"vLLM engine {method} {route} failed: {reason}{where}")
+        """The engine's JSON answer (``EngineClient.request``)."""
+        assert self.client is not None, "the engine is closed"
+        return self.client.request(method, route, body)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
-            self.engine = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 

@@ -4,7 +4,8 @@ vLLM cannot live in the trainer's interpreter here: vLLM 0.32 pins ``transformer
 ``torch==2.13.0``, the trainer needs ``transformers>=5.24``. So the engine runs in its own
 environment (``make vllm-setup`` builds ``.venv-vllm``) as ``vllm_server.py``, either this
 sampler's child process (the default: started here, stopped by ``close``, gone with its parent)
-or a server an operator runs elsewhere (``url``). The sampler speaks its small HTTP API:
+or a server an operator runs elsewhere (``url``). The sampler speaks its small HTTP API through
+``EngineClient`` (the inference worker's engines, ``worker/vllm_serving.py``, use it too):
 
 - ``generate``: one request for the step's prompts, ``n = group_size``, and a seed drawn from the
   run's generator (so a run is reproducible), back as a ``Rollout`` with each sampled token's
@@ -21,6 +22,7 @@ run stops with an ``OutOfMemoryError`` that names the setting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -88,8 +90,19 @@ def dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def start_error(kind: str, message: str, kv_cache_gib: float, max_model_len: int) -> TrainingError:
-    """The error a failed start raises: memory failures name the setting that sizes the cache."""
+class EngineStartError(VLLMEngineError):
+    """``vllm_server.py`` reported why it could not start: ``kind`` is ``kv_cache``, ``memory`` (the
+    KV cache or the machine's memory too small) or ``other``; ``reason`` is vLLM's message."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(f"the vLLM engine failed to start: {reason}")
+        self.kind, self.reason = kind, reason
+
+
+def start_error(error: EngineStartError, kv_cache_gib: float, max_model_len: int) -> TrainingError:
+    """The error the sampler's failed start raises: memory failures name the setting that sizes the
+    cache."""
+    kind, message = error.kind, error.reason
     if kind == "kv_cache":
         return OutOfMemoryError(
             f"vLLM's KV cache ({KV_CACHE_SETTING} = {kv_cache_gib:g} GiB) cannot hold one sequence of "
@@ -101,13 +114,13 @@ def start_error(kind: str, message: str, kv_cache_gib: float, max_model_len: int
             f"the vLLM engine ran out of memory starting up with {KV_CACHE_SETTING} = {kv_cache_gib:g} "
             f"GiB: lower {KV_CACHE_SETTING}, or free memory on the machine (vLLM: {message})"
         )
-    return VLLMEngineError(f"the vLLM engine failed to start: {message}")
+    return error
 
 
 class EngineProcess:
     """``vllm_server.py`` as a child: started with a ready file in which it reports the port it
-    bound (or why it could not start), its stdin a pipe whose closing (this process ending, even
-    killed) makes it exit, its output in ``log_path``."""
+    bound (or why it could not start: ``EngineStartError``), its stdin a pipe whose closing (this
+    process ending, even killed) makes it exit, its output in ``log_path``."""
 
     def __init__(self, python: Path, args: list[str], work_dir: Path, startup_timeout_s: float):
         self.log_path = work_dir / "vllm-server.log"
@@ -146,7 +159,11 @@ class EngineProcess:
             time.sleep(0.2)
         self.ready: dict = json.loads(ready.read_text())
         if "error" in self.ready:
-            self.process.wait(timeout=60)  # it re-raises and exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=60)  # it re-raises and exits, its traceback in the log
+            self.stop()
+            raise EngineStartError(self.ready.get("kind", "other"), self.ready["error"])
+        self.url = f"http://127.0.0.1:{self.ready['port']}"
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -160,6 +177,105 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+class EngineClient:
+    """The one way to talk to a ``vllm_server.py``: the server at ``url``, or ``engine``, the child
+    this process started (``start``), whose exit and log a failed request then reports.
+
+    ``kv_cache_setting`` is the setting that sizes the child's KV cache and its value in GiB:
+    given, a child killed by SIGKILL (what the kernel's out-of-memory killer sends) fails a request
+    with an ``OutOfMemoryError`` naming it. ``timeout_s``: how long a request may take.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        engine: EngineProcess | None = None,
+        *,
+        timeout_s: float,
+        kv_cache_setting: tuple[str, float] | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.engine = engine
+        self.timeout_s = timeout_s
+        self.kv_cache_setting = kv_cache_setting
+
+    @classmethod
+    def start(
+        cls,
+        python: Path,
+        args: list[str],
+        work_dir: Path,
+        *,
+        startup_timeout_s: float,
+        timeout_s: float,
+        kv_cache_setting: tuple[str, float] | None = None,
+    ) -> EngineClient:
+        """A client of ``vllm_server.py`` ``args`` started as a child (``EngineProcess``);
+        ``EngineStartError`` when the engine says why it could not start."""
+        engine = EngineProcess(python, args, work_dir, startup_timeout_s)
+        return cls(engine.url, engine, timeout_s=timeout_s, kv_cache_setting=kv_cache_setting)
+
+    def request(self, method: str, route: str, body: Any = None, timeout: float | None = None) -> dict:
+        """The engine's JSON answer to ``body`` (JSON, or bytes sent as they are); a
+        ``VLLMEngineError`` with the engine's reason (and, for a child, its log) otherwise."""
+        data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + route, data=data, method=method)
+        request.add_header(
+            "Content-Type", "application/octet-stream" if isinstance(body, bytes) else "application/json"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", str(exc))
+            except ValueError:
+                reason = str(exc)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = f"no answer from {self.url} ({exc})"
+            code = self.exit_code()
+            if code == -signal.SIGKILL and self.kv_cache_setting is not None:
+                setting, gib = self.kv_cache_setting
+                raise OutOfMemoryError(
+                    f"the vLLM engine was killed (SIGKILL: most likely out of memory) during {route}: "
+                    f"lower {setting} ({gib:g} GiB), or free memory on the machine"
+                ) from exc
+            if code is not None:
+                reason += f"; the engine exited ({code}), the end of its log:\n{self.engine.log_tail()}"
+        where = f"; its log: {self.engine.log_path}" if self.engine is not None else ""
+        raise VLLMEngineError(f"vLLM engine {method} {route} failed: {reason}{where}")
+
+    def exit_code(self) -> int | None:
+        """The child's exit code once it is gone (a dropped connection may come a moment before
+        the exit), None while it runs or for a server given by ``url``."""
+        if self.engine is None:
+            return None
+        try:
+            return self.engine.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def running(self) -> bool:
+        """Whether the child still runs (False for a server given by ``url``: not this client's)."""
+        return self.engine is not None and self.engine.running()
+
+    def close(self) -> None:
+        """Stop the child, asked to shut down first while it runs (a server given by ``url`` keeps
+        running)."""
+        if self.engine is None:
+            return
+        if self.engine.running():
+            try:
+                self.request("POST", "/shutdown", timeout=10)
+            except TrainingError:
+                pass  # gone meanwhile: stop() below reaps it
+        self.engine.stop()
+        self.engine = None
 
 
 class VLLMSampler:
@@ -205,7 +321,6 @@ class VLLMSampler:
         self.kv_cache_gib = float(
             kv_cache_gib or getattr(config, "vllm_kv_cache_gib", None) or DEFAULT_KV_CACHE_GIB
         )
-        self.request_timeout_s = request_timeout_s
         self.upload = url is not None if upload is None else upload
         self.uses_lora = lora_rank(model) > 0
         self.lora_name = f"policy-{uuid.uuid4().hex[:12]}" if self.uses_lora else None
@@ -215,10 +330,9 @@ class VLLMSampler:
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="grpo-vllm-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.engine: EngineProcess | None = None
         if url is not None:
-            self.url = url.rstrip("/")
-            health = self._request("GET", "/health", timeout=30)
+            self.client = EngineClient(url, timeout_s=request_timeout_s)
+            health = self.client.request("GET", "/health", timeout=30)
             if health["max_model_len"] < self.max_model_len:
                 raise VLLMEngineError(
                     f"the vLLM server at {url} serves sequences up to {health['max_model_len']} tokens, "
@@ -244,19 +358,29 @@ class VLLMSampler:
             *(["--enforce-eager"] if enforce_eager else []),
         ]
         try:
-            self.engine = EngineProcess(vllm_python(python), args, self.work_dir, startup_timeout_s)
+            self.client = EngineClient.start(
+                vllm_python(python),
+                args,
+                self.work_dir,
+                startup_timeout_s=startup_timeout_s,
+                timeout_s=request_timeout_s,
+                kv_cache_setting=(KV_CACHE_SETTING, self.kv_cache_gib),
+            )
+        except EngineStartError as exc:
+            self._remove_work_dir()
+            raise start_error(exc, self.kv_cache_gib, self.max_model_len) from None
         except BaseException:
             self._remove_work_dir()
             raise
-        if "error" in self.engine.ready:
-            self._remove_work_dir()
-            raise start_error(
-                self.engine.ready.get("kind", "other"),
-                self.engine.ready["error"],
-                self.kv_cache_gib,
-                self.max_model_len,
-            )
-        self.url = f"http://127.0.0.1:{self.engine.ready['port']}"
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    @property
+    def engine(self) -> EngineProcess | None:
+        """The engine this sampler started; None for a server given by ``url``."""
+        return self.client.engine
 
     # --- the Sampler protocol ---------------------------------------------------------------
 
@@ -286,7 +410,7 @@ class VLLMSampler:
         seed = None
         if group_seeds is None:
             seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-        answer = self._request(
+        answer = self.client.request(
             "POST",
             "/generate",
             {
@@ -323,7 +447,9 @@ class VLLMSampler:
         try:
             model.save_pretrained(target, safe_serialization=True)  # a peft model: the adapter only
             if self.uses_lora:
-                self._request("POST", "/load_lora", {"name": self.lora_name, "path": self._shipped(target)})
+                self.client.request(
+                    "POST", "/load_lora", {"name": self.lora_name, "path": self._shipped(target)}
+                )
                 self.lora_loaded = True
                 # vLLM may read the adapter it serves from disk again: the previous one goes now
                 if self._lora_dir is not None:
@@ -333,21 +459,14 @@ class VLLMSampler:
                 for extra in target.iterdir():  # configs: the engine reloads weights, not the model
                     if extra.suffix != ".safetensors":
                         extra.unlink()
-                self._request("POST", "/load_weights", {"path": self._shipped(target)})
+                self.client.request("POST", "/load_weights", {"path": self._shipped(target)})
         finally:
             if target is not None:  # copied into the engine, or failed
                 shutil.rmtree(target, ignore_errors=True)
 
     def close(self) -> None:
         """Stop the engine this sampler started (a server given by ``url`` keeps running)."""
-        if self.engine is not None:
-            if self.engine.process.poll() is None:
-                try:
-                    self._request("POST", "/shutdown", timeout=10)
-                except TrainingError:
-                    pass  # gone meanwhile: stop() below reaps it
-            self.engine.stop()
-            self.engine = None
+        self.client.close()
         self._remove_work_dir()
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -359,46 +478,9 @@ class VLLMSampler:
             return str(directory)
         stored = ""
         for file in sorted(directory.iterdir()):
-            answer = self._request("PUT", f"/files/{directory.name}/{file.name}", file.read_bytes())
+            answer = self.client.request("PUT", f"/files/{directory.name}/{file.name}", file.read_bytes())
             stored = str(Path(answer["path"]).parent)
         return stored
-
-    def _request(self, method: str, route: str, body: Any = None, timeout: float | None = None) -> dict:
-        data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + route, data=data, method=method)
-        request.add_header(
-            "Content-Type", "application/octet-stream" if isinstance(body, bytes) else "application/json"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout or self.request_timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                reason = json.loads(exc.read()).get("error", str(exc))
-            except ValueError:
-                reason = str(exc)
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = f"no answer from {self.url} ({exc})"
-            code = self._engine_exit_code()
-            if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
-                raise OutOfMemoryError(
-                    f"the vLLM engine was killed (SIGKILL: most likely out of memory) during {route}: "
-                    f"lower {KV_CACHE_SETTING} ({self.kv_cache_gib:g} GiB), or free memory on the machine"
-                ) from exc
-            if code is not None:
-                reason += f"; the engine exited ({code}), the end of its log:\n{self.engine.log_tail()}"
-        where = f"; its log: {self.engine.log_path}" if self.engine is not None else ""
-        raise VLLMEngineError(f"vLLM engine {method} {route} failed: {reason}{where}")
-
-    def _engine_exit_code(self) -> int | None:
-        """The child's exit code once it is gone (a dropped connection may come a moment before
-        the exit), None while it runs or for a server given by ``url``."""
-        if self.engine is None:
-            return None
-        try:
-            return self.engine.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return None
 
     def _remove_work_dir(self) -> None:
         if self._own_work_dir:
