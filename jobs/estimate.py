@@ -3,6 +3,9 @@ memory its model and batch take, the time per step and in all, and the lengths i
 take. Read off the model directory's ``config.json`` (and its safetensors headers, its
 ``tokenizer.json``) and the dataset's first rows: nothing is loaded, no torch is imported.
 
+A job of ``gpus`` N > 1 runs on N processes (``trainer.distributed``): the memory figures are then
+one device's, and the time the job's (``memory``, ``step_rate``).
+
 Every figure is an estimate and says how it was made (``JobEstimate.notes``).
 """
 
@@ -71,6 +74,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     max_positions: int | None
+    root_parameters: int  # outside the decoder layers: the embeddings, the final norm, an untied LM head
 
 
 def _first(config: dict[str, Any], *names: str) -> Any:
@@ -104,11 +108,8 @@ def read_model_shape(directory: Path) -> ModelShape | None:
     # a gated MLP (gate, up, down), as Llama, Qwen, Mistral and Gemma have; a mixture of experts has
     # one per expert and a router
     mlp = experts * 3 * hidden * expert_size + hidden * experts if experts else 3 * hidden * intermediate
-    counted = (
-        vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
-        + layers * (attention + mlp + 2 * hidden)
-        + hidden
-    )
+    root = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2) + hidden
+    counted = root + layers * (attention + mlp + 2 * hidden)
     weighed = safetensors_parameters(directory)
     return ModelShape(
         parameters=weighed or counted,
@@ -121,6 +122,7 @@ def read_model_shape(directory: Path) -> ModelShape | None:
         kv_heads=kv_heads,
         head_dim=head_dim,
         max_positions=_first(config, "max_position_embeddings", "n_positions", "max_seq_len"),
+        root_parameters=root,
     )
 
 
@@ -228,7 +230,22 @@ def context_warnings(config: GRPOConfig, shape: ModelShape | None) -> list[str]:
     ]
 
 
-def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings: Settings) -> EstimateMemory:
+def memory(
+    config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings: Settings, *, gpus: int = 1
+) -> EstimateMemory:
+    """What one device holds at most. On one device: the weights, the reference, the gradients and
+    the optimizer's state, plus the larger of the activations and the generation cache.
+
+    On ``gpus`` N > 1, as ``trainer.distributed`` runs a job: FSDP2 shards the weights, the
+    reference, the gradients and the optimizer's state over the N processes, each holding 1/N of
+    each throughout; each process generates and trains its own share of the prompts (ceil(P / N)
+    of prompts_per_step P), which divides its cache and its activations. Beyond its shards, a
+    process gathers, while it generates, the full weights (``gathered_bytes``: the policy's; the
+    reference's forward, after it, gathers no more, the policy being freed meanwhile), and while
+    it trains, the root's weights (embeddings, final norm, LM head) and two decoder layers' (FSDP
+    overlaps the next one's gather with the current one), with their gradients
+    (``training_gathered_bytes``). Not counted: FSDP's padding of each shard and its
+    communication buffers."""
     dtype = (
         config.dtype
         if config.dtype != "auto"
@@ -254,8 +271,9 @@ def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings
         }
         trainable = shape.layers * sum(config.lora.r * sum(shapes[name]) for name in names)
     completion = config.max_completion_length
+    prompts = math.ceil(config.prompts_per_step / gpus)  # this process's share of the step's prompts
     group_tokens = prompt_tokens + config.group_size * completion  # the prompt is scored once per group
-    forward_tokens = max(min(FORWARD_TOKEN_BUDGET, config.prompts_per_step * group_tokens), group_tokens)
+    forward_tokens = max(min(FORWARD_TOKEN_BUDGET, prompts * group_tokens), group_tokens)
     per_token_layer = 6 * shape.hidden + 2 * kv_dim + 4 * shape.intermediate  # saved tensors of one layer
     if config.gradient_checkpointing:  # only each layer's input is kept, and one layer's inside at a time
         saved = forward_tokens * (shape.layers * shape.hidden + per_token_layer) * size
@@ -264,23 +282,39 @@ def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings
     logits = (
         2 * min(config.logprob_chunk_size, forward_tokens) * shape.vocab * 4
     )  # a chunk of the head, and its grad
-    sequences = config.prompts_per_step * config.group_size
+    sequences = prompts * config.group_size
     cache = sequences * (prompt_tokens + completion) * shape.layers * 2 * kv_dim * size
     weights = n * size
     reference = weights if config.beta > 0 and config.lora is None else 0
+    gathered = training_gathered = 0
+    if gpus > 1:
+        gathered = weights
+        root = min(shape.root_parameters, n)
+        root_trainable = root if config.lora is None else 0  # LoRA adapts the layers' linears alone
+        layer = (n - root) / shape.layers
+        layer_trainable = (trainable - root_trainable) / shape.layers
+        at_once = min(2, shape.layers)
+        training_gathered = int((root + root_trainable + at_once * (layer + layer_trainable)) * size)
+    shard = math.ceil  # each process's 1/N of a sharded tensor (FSDP pads to a multiple of N)
     parts = dict(
-        weights_bytes=weights,
-        reference_model_bytes=reference,
-        gradients_bytes=trainable * size,
-        optimizer_bytes=2 * trainable * size,
+        weights_bytes=shard(weights / gpus),
+        reference_model_bytes=shard(reference / gpus),
+        gradients_bytes=shard(trainable * size / gpus),
+        optimizer_bytes=shard(2 * trainable * size / gpus),
         activations_bytes=int(saved + logits),
         generation_cache_bytes=int(cache),
+        gathered_bytes=gathered,
+        training_gathered_bytes=training_gathered,
     )
     total = (
-        weights
-        + reference
-        + trainable * size * 3
-        + max(parts["activations_bytes"], parts["generation_cache_bytes"])
+        parts["weights_bytes"]
+        + parts["reference_model_bytes"]
+        + parts["gradients_bytes"]
+        + parts["optimizer_bytes"]
+        + max(
+            training_gathered + parts["activations_bytes"],
+            gathered + parts["generation_cache_bytes"],
+        )
     )
     return EstimateMemory(
         parameters=n,
@@ -292,12 +326,20 @@ def memory(config: GRPOConfig, shape: ModelShape, prompt_tokens: float, settings
     )
 
 
-def measured_throughput(*, session: Session, owner: str, base_model: str) -> tuple[float, int] | None:
+def measured_throughput(
+    *, session: Session, owner: str, base_model: str, gpus: int = 1
+) -> tuple[float, int] | None:
     """The median tokens_per_second of the last steps of ``owner``'s latest succeeded jobs of
-    ``base_model``, and how many jobs that is; None without one."""
+    ``base_model`` on ``gpus`` devices (a job's figure is all its processes' together), and how
+    many jobs that is; None without one."""
     jobs = session.scalars(
         select(Job.id)
-        .where(Job.owner == owner, Job.base_model == base_model, Job.status == JobStatus.succeeded)
+        .where(
+            Job.owner == owner,
+            Job.base_model == base_model,
+            Job.gpus == gpus,
+            Job.status == JobStatus.succeeded,
+        )
         .order_by(Job.finished_at.desc())
         .limit(RECENT_JOBS)
     ).all()
@@ -318,9 +360,16 @@ def measured_throughput(*, session: Session, owner: str, base_model: str) -> tup
 
 
 def estimate_job(
-    *, session: Session, owner: str, config: GRPOConfig, base_model: str, dataset: Path, settings: Settings
+    *,
+    session: Session,
+    owner: str,
+    config: GRPOConfig,
+    base_model: str,
+    dataset: Path,
+    settings: Settings,
+    gpus: int = 1,
 ) -> JobEstimate:
-    """The estimate for a job already checked in full (``check_job_request``)."""
+    """The estimate for a job already checked in full (``check_job_request``), on ``gpus`` devices."""
     notes, warnings = [], []
     model_dir = local_model_dir(base_model)
     shape = read_model_shape(model_dir) if model_dir is not None else None
@@ -374,23 +423,21 @@ def estimate_job(
         total=per_step * config.max_steps,
     )
 
-    measured = measured_throughput(session=session, owner=owner, base_model=base_model)
+    measured = measured_throughput(session=session, owner=owner, base_model=base_model, gpus=gpus)
     if measured is not None:
         rate, jobs = measured
         source = (
-            f"your {jobs} latest finished job(s) of this base_model on this server (their tokens_per_second)"
+            f"your {jobs} latest finished job(s) of this base_model on {devices(gpus)} on this server "
+            "(their tokens_per_second)"
         )
     else:
-        rate = settings.worker_tokens_per_s
-        source = f"GRPO_WORKER_TOKENS_PER_S ({settings.worker_tokens_per_s:g} tokens/s"
-        if shape is not None:
-            rate = settings.worker_tokens_per_s * settings.worker_tokens_per_s_params / shape.parameters
-            source += (
-                f" at {settings.worker_tokens_per_s_params:.3g} parameters, scaled to this model's "
-                f"{shape.parameters:.3g})"
-            )
-        else:
-            source += ", not scaled: the model's size is unknown)"
+        rate, source = step_rate(settings, shape, gpus)
+    if gpus > 1 and shape is not None:
+        notes.append(
+            f"memory: one device's of the {gpus}, each holding 1/{gpus} of the weights, gradients and "
+            "optimizer state (FSDP2 shards), generating and training its share of the prompts, and "
+            "gathering the full weights to generate and the root and two layers at a time to train"
+        )
     seconds = per_step / rate
     time = EstimateTime(
         tokens_per_second=rate,
@@ -401,9 +448,40 @@ def estimate_job(
     warnings += context_warnings(config, shape)
     return JobEstimate(
         base_model=base_model,
+        gpus=gpus,
         tokens=tokens,
-        memory=memory(config, shape, lengths.mean, settings) if shape is not None else None,
+        memory=memory(config, shape, lengths.mean, settings, gpus=gpus) if shape is not None else None,
         time=time,
         warnings=warnings,
         notes=notes,
     )
+
+
+def devices(gpus: int) -> str:
+    return "1 device" if gpus == 1 else f"{gpus} devices"
+
+
+def step_rate(settings: Settings, shape: ModelShape | None, gpus: int) -> tuple[float, str]:
+    """The tokens per second a job of ``gpus`` devices is assumed to train at, without a finished
+    job to measure it by, and where that comes from: GRPO_WORKER_TOKENS_PER_S (one device's)
+    scaled inversely with the model's size and, on GPUs, by ``gpus``: each process generates and
+    trains its own share of the step's prompts, so N devices take at best 1/N of the time (the
+    exchange of groups and weights, and the busiest process's share, make it longer). CPU
+    "devices" are processes sharing the machine's cores (``trainer.distributed.launch`` splits
+    them): no faster than one."""
+    rate = settings.worker_tokens_per_s
+    source = f"GRPO_WORKER_TOKENS_PER_S ({settings.worker_tokens_per_s:g} tokens/s"
+    if shape is not None:
+        rate = settings.worker_tokens_per_s * settings.worker_tokens_per_s_params / shape.parameters
+        source += (
+            f" at {settings.worker_tokens_per_s_params:.3g} parameters, scaled to this model's "
+            f"{shape.parameters:.3g})"
+        )
+    else:
+        source += ", not scaled: the model's size is unknown)"
+    if gpus > 1 and settings.worker_device == "cuda":
+        rate *= gpus
+        source += f", times {gpus} devices: the step's prompts split evenly, at best"
+    elif gpus > 1:
+        source += f"; {gpus} processes on CPUs share its cores, no faster than one"
+    return rate, source

@@ -498,6 +498,8 @@ class EstimateTokens(BaseModel):
 
 
 class EstimateMemory(BaseModel):
+    """What one device holds at most (with `gpus` N > 1, each of the N: see `gathered_bytes`)."""
+
     parameters: int
     parameters_from: Literal["safetensors", "config.json"] = Field(
         description=(
@@ -510,7 +512,10 @@ class EstimateMemory(BaseModel):
         "GPU; GRPO_WORKER_DEVICE says which this server has)."
     )
     trainable_parameters: int = Field(description="Every parameter, or LoRA's adapters alone.")
-    weights_bytes: int
+    weights_bytes: int = Field(
+        description="The weights; with `gpus` N > 1, each device's shard of them (1/N), as of the "
+        "reference, the gradients and the optimizer's state."
+    )
     reference_model_bytes: int = Field(
         description="A frozen copy of the weights when beta > 0 without LoRA "
         "(LoRA's reference is the base with its adapters off: no copy)."
@@ -525,11 +530,23 @@ class EstimateMemory(BaseModel):
         "groups, about 8192 tokens (fewer kept with gradient_checkpointing)."
     )
     generation_cache_bytes: int = Field(
-        description="The key/value cache while prompts_per_step x group_size completions are sampled."
+        description="The key/value cache while prompts_per_step x group_size completions are sampled "
+        "(with `gpus` N > 1, a device's share: ceil(prompts_per_step / N) prompts' groups)."
+    )
+    gathered_bytes: int = Field(
+        0,
+        description="With `gpus` > 1: the full weights a device gathers beside its shards to "
+        "generate (0 on one device, where nothing is sharded).",
+    )
+    training_gathered_bytes: int = Field(
+        0,
+        description="With `gpus` > 1: what a device gathers beside its shards to train: the "
+        "embeddings, final norm and LM head and two decoder layers at a time, weights and gradients.",
     )
     total_bytes: int = Field(
         description="Weights, reference, gradients and optimizer, plus the larger of the "
-        "activations and the generation cache (they are not held at once)."
+        "activations (with `training_gathered_bytes`) and the generation cache (with "
+        "`gathered_bytes`): they are not held at once."
     )
 
 
@@ -554,6 +571,7 @@ class JobEstimate(BaseModel):
                 {
                     "object": "job.estimate",
                     "base_model": "/models/qwen2.5-0.5b",
+                    "gpus": 1,
                     "tokens": {
                         "prompt_tokens_mean": 61.4,
                         "prompt_tokens_max": 143,
@@ -592,6 +610,11 @@ class JobEstimate(BaseModel):
 
     object: Literal["job.estimate"] = "job.estimate"
     base_model: str
+    gpus: int = Field(
+        1,
+        description="Devices the job would train on; the memory figures are one device's, the time "
+        "the job's.",
+    )
     tokens: EstimateTokens
     memory: EstimateMemory | None = Field(
         description="Null when base_model is a hub id: the figures need its "

@@ -84,7 +84,7 @@ def train_on_processes(job_id: str, worker: str, job_dir: Path, *, nproc: int) -
         if outcome["kind"] == "gave_up":
             raise RanksGaveUp(f"rank {rank}: {outcome['error']}")
     if failed is not None:
-        raise TrainingError(f"the job's processes failed: {failed}")
+        raise TrainingError(f"the job's processes failed: {failed}{killed_hint(failed)}")
     if errors:
         rank, outcome = errors[0]
         raise RankCrashed(f"rank {rank}: {outcome['error']}")
@@ -96,6 +96,20 @@ def train_on_processes(job_id: str, worker: str, job_dir: Path, *, nproc: int) -
         stopped=done["stopped"],
         checkpoint=None if done["checkpoint"] is None else Path(done["checkpoint"]),
         best_checkpoint=None if done["best_checkpoint"] is None else Path(done["best_checkpoint"]),
+    )
+
+
+def killed_hint(failed: LaunchFailed) -> str:
+    """What a user can do about a process killed by SIGKILL (the launcher's account says so:
+    ``trainer.distributed.describe_failures``), which left no reason of its own: the kernel's
+    out-of-memory killer sends it (a GPU out of memory is the trainer's own reason, above)."""
+    if "killed by SIGKILL" not in str(failed):
+        return ""
+    return (
+        ". A process killed by SIGKILL was stopped from outside the trainer, most likely because the "
+        "machine ran out of memory: create the job again with less memory per step (lower "
+        "prompts_per_step or group_size, shorten max_completion_length, or turn on LoRA or "
+        "gradient_checkpointing), or ask the operator whether it was stopped by hand"
     )
 
 

@@ -136,6 +136,7 @@ def create_job(
                 base_model=request.base_model,
                 dataset=local_dataset(settings, request.dataset_id),
                 settings=settings,
+                gpus=request.gpus,
             )
             active = count_active_jobs(session=session, owner=owner)
         if active >= settings.max_active_jobs_per_owner:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import update
 from typer.testing import CliRunner
 
@@ -241,3 +242,74 @@ def test_grpo_jobs_create_estimate_prints_it_and_creates_nothing(client, setting
     assert "memory " in shown.stdout and "warning: max_prompt_length + max_completion_length" in shown.stdout
     assert json.loads(as_json.stdout)["tokens"]["per_step"] == 8 * 4 * 42
     assert client.get("/v1/jobs").json()["data"] == []
+
+
+def test_on_two_devices_each_holds_half_the_state_and_its_share_of_the_batch(client, tmp_path) -> None:
+    """gpus=2: each device holds a shard (1/2) of the weights, reference, gradients and optimizer
+    state, generates and trains 4 of the 8 prompts, and gathers beyond its shards the full weights
+    to generate, the root and two layers (weights and gradients) to train."""
+    directory = model_dir(tmp_path, num_hidden_layers=8)
+    spec = spec_for(client, directory)
+    one, two = dry_run(client, spec).json(), dry_run(client, {**spec, "gpus": 2}).json()
+    assert (one["gpus"], two["gpus"]) == (1, 2)
+    assert two["tokens"] == one["tokens"]  # the job's tokens: the same step, split
+
+    layer, root = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64, 2 * 100 * 64 + 64
+    weights = 4 * (8 * layer + root)  # float32 on this CPU server
+    m1, m2 = one["memory"], two["memory"]
+    assert m1["parameters"] == m2["parameters"] == 8 * layer + root
+    assert (m1["weights_bytes"], m1["gathered_bytes"], m1["training_gathered_bytes"]) == (weights, 0, 0)
+    for part in ("weights_bytes", "reference_model_bytes", "gradients_bytes", "optimizer_bytes"):
+        assert 2 * m2[part] == m1[part] > 0, part  # a shard each
+    assert m2["gathered_bytes"] == weights
+    assert m2["training_gathered_bytes"] == 4 * 2 * (root + 2 * layer)  # full fine-tuning: + gradients
+    kv_cache = 4 * 4 * (10 + 32) * 8 * 2 * (2 * 16) * 4  # 4 prompts' groups of 4 on each device
+    assert (
+        2 * m2["generation_cache_bytes"] == m1["generation_cache_bytes"]
+        and m2["generation_cache_bytes"] == kv_cache
+    )
+    saved_per_token = 8 * (6 * 64 + 2 * 32 + 4 * 128) * 4  # layers x saved tensors x bytes
+    for memory, tokens in ((m1, 8 * (10 + 4 * 32)), (m2, 4 * (10 + 4 * 32))):  # its prompts' groups
+        head = 2 * min(1024, tokens) * 100 * 4  # a chunk of the LM head (logprob_chunk_size), and its grad
+        assert memory["activations_bytes"] == tokens * saved_per_token + head
+    assert m1["total_bytes"] == 5 * weights + m1["activations_bytes"]
+    assert m2["total_bytes"] == 5 * weights // 2 + m2["training_gathered_bytes"] + m2["activations_bytes"]
+    assert m2["total_bytes"] < m1["total_bytes"]
+    assert any("one device's of the 2" in note for note in two["notes"])
+
+
+def test_on_two_gpus_a_step_takes_half_the_time_at_best_and_two_cpu_processes_none_less(
+    client, settings, sent, tmp_path
+) -> None:
+    directory = model_dir(tmp_path)
+    spec = spec_for(client, directory)
+    cpu_one, cpu_two = (dry_run(client, {**spec, "gpus": n}).json()["time"] for n in (1, 2))
+    assert cpu_two["tokens_per_second"] == cpu_one["tokens_per_second"]
+    assert "share its cores" in cpu_two["tokens_per_second_from"]
+    gpu_settings = settings.model_copy(update={"worker_device": "cuda"})
+    with TestClient(create_app(gpu_settings, send=sent.append), headers=client.headers) as gpu_client:
+        gpu_one, gpu_two = (dry_run(gpu_client, {**spec, "gpus": n}).json()["time"] for n in (1, 2))
+    assert gpu_one["tokens_per_second"] == cpu_one["tokens_per_second"]
+    assert gpu_two["tokens_per_second"] == pytest.approx(2 * gpu_one["tokens_per_second"])
+    assert gpu_two["seconds_per_step"] == pytest.approx(gpu_one["seconds_per_step"] / 2)
+    assert "times 2 devices" in gpu_two["tokens_per_second_from"]
+
+    # A finished job's throughput (all its processes') counts for jobs on as many devices only.
+    def finished(gpus: int, rate: float) -> None:
+        job_id = client.post("/v1/jobs", json={**spec, "gpus": gpus}).json()["id"]
+        with transaction(settings.database_url) as session:
+            claim_job(session=session, job_id=job_id, worker="w", devices=("cpu",) * gpus)
+            append_metrics(session=session, job_id=job_id, step=1, metrics={"tokens_per_second": rate})
+            session.execute(
+                update(Job).where(Job.id == job_id).values(status=JobStatus.succeeded, finished_at=utcnow())
+            )
+
+    finished(1, 1000.0)
+    assert dry_run(client, {**spec, "gpus": 1}).json()["time"]["tokens_per_second"] == 1000.0
+    assert (
+        dry_run(client, {**spec, "gpus": 2}).json()["time"]["tokens_per_second"]
+        == cpu_two["tokens_per_second"]
+    )
+    finished(2, 1800.0)
+    time = dry_run(client, {**spec, "gpus": 2}).json()["time"]
+    assert time["tokens_per_second"] == 1800.0 and "on 2 devices" in time["tokens_per_second_from"]
