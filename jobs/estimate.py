@@ -242,10 +242,12 @@ def memory(
     of prompts_per_step P), which divides its cache and its activations. Beyond its shards, a
     process gathers, while it generates, the full weights (``gathered_bytes``: the policy's; the
     reference's forward, after it, gathers no more, the policy being freed meanwhile), and while
-    it trains, the root's weights (embeddings, final norm, LM head) and two decoder layers' (FSDP
-    overlaps the next one's gather with the current one), with their gradients
-    (``training_gathered_bytes``). Not counted: FSDP's padding of each shard and its
-    communication buffers."""
+    it trains (``training_gathered_bytes``), as ``fsdp_reshard`` says: "layer", the root's weights
+    (embeddings, final norm, LM head) and two decoder layers' (FSDP overlaps the next one's gather
+    with the current one), with their gradients, every row [prompt, completion] padded in one
+    forward (more activations); "step", the whole model's weights and gradients, with the lean
+    activations; "auto", whichever of the two totals less, as the trainer picks. Not counted:
+    FSDP's padding of each shard and its communication buffers."""
     dtype = (
         config.dtype
         if config.dtype != "auto"
@@ -273,20 +275,26 @@ def memory(
     completion = config.max_completion_length
     prompts = math.ceil(config.prompts_per_step / gpus)  # this process's share of the step's prompts
     group_tokens = prompt_tokens + config.group_size * completion  # the prompt is scored once per group
-    forward_tokens = max(min(FORWARD_TOKEN_BUDGET, prompts * group_tokens), group_tokens)
     per_token_layer = 6 * shape.hidden + 2 * kv_dim + 4 * shape.intermediate  # saved tensors of one layer
-    if config.gradient_checkpointing:  # only each layer's input is kept, and one layer's inside at a time
-        saved = forward_tokens * (shape.layers * shape.hidden + per_token_layer) * size
-    else:
-        saved = forward_tokens * shape.layers * per_token_layer * size
-    logits = (
-        2 * min(config.logprob_chunk_size, forward_tokens) * shape.vocab * 4
-    )  # a chunk of the head, and its grad
+
+    def activations(forward_tokens: float) -> float:
+        if config.gradient_checkpointing:  # each layer's input is kept, and one layer's inside at a time
+            saved = forward_tokens * (shape.layers * shape.hidden + per_token_layer) * size
+        else:
+            saved = forward_tokens * shape.layers * per_token_layer * size
+        return (
+            saved + 2 * min(config.logprob_chunk_size, forward_tokens) * shape.vocab * 4
+        )  # + head chunk, grad
+
+    lean = activations(max(min(FORWARD_TOKEN_BUDGET, prompts * group_tokens), group_tokens))
+    row_tokens = prompt_tokens + completion  # one padded row per completion, by layer
+    padded = activations(max(min(FORWARD_TOKEN_BUDGET, prompts * config.group_size * row_tokens), row_tokens))
     sequences = prompts * config.group_size
     cache = sequences * (prompt_tokens + completion) * shape.layers * 2 * kv_dim * size
     weights = n * size
     reference = weights if config.beta > 0 and config.lora is None else 0
     gathered = training_gathered = 0
+    activation_bytes = lean
     if gpus > 1:
         gathered = weights
         root = min(shape.root_parameters, n)
@@ -294,14 +302,19 @@ def memory(
         layer = (n - root) / shape.layers
         layer_trainable = (trainable - root_trainable) / shape.layers
         at_once = min(2, shape.layers)
-        training_gathered = int((root + root_trainable + at_once * (layer + layer_trainable)) * size)
+        by_layer = (root + root_trainable + at_once * (layer + layer_trainable)) * size, padded
+        by_step = (n + trainable) * size, lean
+        choice = {"layer": by_layer, "step": by_step}.get(config.fsdp_reshard) or min(
+            by_layer, by_step, key=sum
+        )
+        training_gathered, activation_bytes = int(choice[0]), choice[1]
     shard = math.ceil  # each process's 1/N of a sharded tensor (FSDP pads to a multiple of N)
     parts = dict(
         weights_bytes=shard(weights / gpus),
         reference_model_bytes=shard(reference / gpus),
         gradients_bytes=shard(trainable * size / gpus),
         optimizer_bytes=shard(2 * trainable * size / gpus),
-        activations_bytes=int(saved + logits),
+        activations_bytes=int(activation_bytes),
         generation_cache_bytes=int(cache),
         gathered_bytes=gathered,
         training_gathered_bytes=training_gathered,
@@ -436,7 +449,9 @@ def estimate_job(
         notes.append(
             f"memory: one device's of the {gpus}, each holding 1/{gpus} of the weights, gradients and "
             "optimizer state (FSDP2 shards), generating and training its share of the prompts, and "
-            "gathering the full weights to generate and the root and two layers at a time to train"
+            "gathering the full weights to generate and, to train, the root and two layers at a time "
+            "(padded rows) or the whole model (lean rows), as fsdp_reshard says or, on auto, whichever "
+            "holds less"
         )
     seconds = per_step / rate
     time = EstimateTime(

@@ -95,6 +95,7 @@ class MicroBatch:
     ref_logps: torch.Tensor | None = None  # [N]
     old_logps: torch.Tensor | None = None  # [N]
     sampler_logps: torch.Tensor | None = None  # [N] the sampler's log-probs of the tokens
+    positions: int = 0  # token positions its scoring holds for the backward, padding included
 
 
 def group_cost(group: Group, *, share_prompt: bool = True, token_budget: int = 8192) -> int:
@@ -143,6 +144,7 @@ def plan_micro_batches(
                 sampler_logps=torch.cat([batch.sampler_logprobs[i] for i in sequences])
                 if batch.sampler_logprobs is not None
                 else None,
+                positions=held,
             )
         )
         current.clear()

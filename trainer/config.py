@@ -19,6 +19,7 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GENERATIONS = ("hf", "vllm")
+FSDP_RESHARDS = ("auto", "layer", "step")
 SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -175,6 +176,11 @@ class GRPOConfig:
     sampler_correction_cap: float = 3.0
     # generation "vllm": the engine's KV cache (its memory for sequences in flight), GiB
     vllm_kv_cache_gib: float = 1.0
+    # gpus > 1: how a step's training holds the sharded model (trainer.distributed): "layer" gathers
+    # each decoder layer for its forward and its backward (least memory; one padded forward per
+    # micro-batch), "step" the whole model once for the step (least communication, the leanest
+    # scoring), "auto" whichever the step's batch makes hold less memory
+    fsdp_reshard: str = "auto"
     dynamic_sampling: bool = False
     max_resample_rounds: int = 3  # bound on the extra draws dynamic sampling may make per step
     seed: int = 0
@@ -277,6 +283,7 @@ class GRPOConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("generation", self.generation, GENERATIONS)
+        _choice("fsdp_reshard", self.fsdp_reshard, FSDP_RESHARDS)
         if self.sampler_correction is not None and self.sampler_correction not in SAMPLER_CORRECTIONS:
             raise ConfigError(
                 "sampler_correction",

@@ -13,7 +13,7 @@ check, whose answer it broadcasts).
 The model. ``fully_shard`` (FSDP2) on every decoder layer and on the root (the embeddings, the
 final norm and the LM head), for the policy and for a separate reference. Between steps a process
 holds its shard of the weights, of the gradients and of the optimizer's state. ``Sharding`` moves
-the policy between two states:
+the policy between these states:
 
 - gathered (``gather``): the full weights on every process, for generation and the forwards with
   no gradient (the reference, pi_old, the evaluation). FSDP's per-layer collectives must pair up
@@ -27,6 +27,12 @@ the policy between two states:
   another runs empty ones (``idle_pass``). The root's weights stay gathered for the phase (the
   scorer reads the LM head's weight directly, outside any forward FSDP sees); its gradients are
   summed into its shards at the end of each backward.
+- or training gathered for the step: the full weights from the gathered state, every forward and
+  backward local with the leanest scoring (the prompt's KV cache shared across its group), the
+  gradients accumulated whole, then summed into the shards by one forward/backward every process
+  runs alike. It holds every layer's full weights and gradients while the step trains, but no
+  padding: on a small model, or short completions of long prompts, that is less memory (and far
+  less communication) than layer by layer. ``choose`` picks per step (``fsdp_reshard``).
 """
 
 from __future__ import annotations
@@ -151,9 +157,21 @@ class Sharding:
         self.world = world
         sharded = world.size > 1 and policy is not None
         self.policy = policy if sharded else None
+        # what training gathered for the step holds that layer by layer does not: the decoder
+        # layers' full weights and their gradients (counted before fully_shard splits them)
+        self.layer_bytes = (
+            sum(
+                p.numel() * p.element_size() * (2 if p.requires_grad else 1)
+                for layer in decoder_layers(policy)
+                for p in layer.parameters()
+            )
+            if sharded
+            else 0
+        )
         self.policy_units = shard(policy, world) if sharded else []
         self.reference_units = shard(reference, world) if sharded and reference is not None else []
         self.gathered = False
+        self.by_layer = False  # this step's training state (``choose``)
 
     @property
     def sharded(self) -> bool:
@@ -192,19 +210,42 @@ class Sharding:
             for unit in self.reference_units:
                 unit.reshard()
 
+    def choose(self, setting: str, extra_positions: int, position_bytes: int) -> bool:
+        """Whether this step trains layer by layer (module docstring): ``setting`` "layer" or
+        "step", or "auto": layer by layer where that holds less memory, i.e. where the activations
+        of the ``extra_positions`` token positions its padded forward adds to this process's largest
+        micro-batch (the most over the processes), ``position_bytes`` each, weigh less than every
+        decoder layer's full weights and gradients. The same answer on every process (collective)."""
+        if not self.sharded:
+            self.by_layer = False
+        elif setting == "auto":
+            extra = self.world.reduce({"n": float(extra_positions)}, "max")["n"]
+            self.by_layer = extra * position_bytes < self.layer_bytes
+        else:
+            self.by_layer = setting == "layer"
+        return self.by_layer
+
     def micro_batch_gap(self, count: int) -> int:
         """How many empty micro-batches (``idle_pass``) this process runs after its ``count``
-        real ones so that every process runs as many as the busiest (collective)."""
-        if not self.sharded:
+        real ones so that, layer by layer, every process runs as many as the busiest (collective)."""
+        if not self.by_layer:
             return 0
         return int(self.world.reduce({"n": count}, "max")["n"]) - count
 
     @contextlib.contextmanager
-    def training(self) -> Iterator[None]:
-        """The training state (module docstring) for an optimizer step's forwards and backwards:
-        each backward sums its gradients into the shards, layer by layer (collective)."""
+    def training(self, *, reduce: bool = True) -> Iterator[None]:
+        """This step's training state (``choose``) for an optimizer step's forwards and backwards,
+        after which every process's gradients are summed into the shards (collective). ``reduce``
+        False: no process has a gradient (nothing was scored anywhere), and none is made."""
         if not self.sharded:
             yield
+            return
+        if not self.by_layer:
+            self.gather()
+            yield
+            if reduce:
+                self._reduce_gathered_gradients()
+            self.reshard()
             return
         root, layers = self.policy_units[0], self.policy_units[1:]
         self.reshard()
@@ -223,6 +264,24 @@ class Sharding:
                 unit.set_reshard_after_backward(False, recurse=False)
             self.reshard()
 
+    def _reduce_gathered_gradients(self) -> None:
+        """Sum every process's accumulated gradients into each one's shard. Each process's loss is
+        its own groups' share of the step's loss, normalised by the whole step's counts, so the sum
+        is the one-process gradient. FSDP reduces in a backward: one forward/backward of a single
+        token through the root, run alike on every process whatever its micro-batches were, whose
+        zero loss adds nothing; in eval mode, so that no dropout draws random numbers."""
+        policy, was_training = self.policy, self.policy.training
+        policy.eval()
+        policy.set_requires_gradient_sync(True)
+        policy.set_reshard_after_backward(True)
+        try:
+            logits = policy(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.world.device)).logits
+            (logits.float().sum() * 0.0).backward()
+        finally:
+            policy.set_requires_gradient_sync(False)
+            policy.set_reshard_after_backward(False)
+            policy.train(was_training)
+
     def idle_pass(self, scoring) -> None:
         """An empty micro-batch: the forward and backward of one token through the policy, run as a
         real micro-batch runs (``Scoring.one_forward``), whose zero loss adds nothing to the
@@ -237,6 +296,21 @@ class Sharding:
             (logps.sum() * 0.0).backward()
         finally:
             policy.train(was_training)
+
+
+# Activations a decoder layer holds for the backward per token position, in hidden-size units
+# (attention's inputs and outputs, the MLP's wider intermediates, the norms), without gradient
+# checkpointing; with it, a layer keeps its input alone. The figure matches what padding cost on
+# the realistic benchmark model (~20 x hidden x 4 bytes per layer and position, bench/RESULTS.md).
+ACTIVATIONS_PER_POSITION = 20
+
+
+def activation_bytes_per_position(model: torch.nn.Module, checkpointing: bool) -> int:
+    """What one more token position in a training forward holds until its backward, roughly."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    element = next(model.parameters()).element_size()
+    per_layer = config.hidden_size * element * (1 if checkpointing else ACTIVATIONS_PER_POSITION)
+    return per_layer * config.num_hidden_layers
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -329,7 +403,7 @@ def launch(
         max_nodes=nnodes,
         nproc_per_node=nproc,
         run_id=f"grpo-{uuid.uuid4().hex[:8]}" if nnodes == 1 else "grpo",
-        max_restarts=0,  # a failed process fails the job: the service re-queues it from a checkpoint
+        max_restarts=0,  # a failed process fails the job, naming it
         **rendezvous,
     )
     try:

@@ -25,7 +25,13 @@ from trainer import checkpoint as ckpt
 from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
 from trainer.config import ConfigError, GRPOConfig, RunConfig
 from trainer.data import PromptSampler, RowFile
-from trainer.distributed import DEFAULT_COLLECTIVE_TIMEOUT, Sharding, World, joined
+from trainer.distributed import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    Sharding,
+    World,
+    activation_bytes_per_position,
+    joined,
+)
 from trainer.evaluation import BestCheckpoint, DivergenceWatch, Evaluator, checkpoint_figures
 from trainer.failures import Failures
 from trainer.generation import HFSampler, Sampler, make_sampler, takes_group_seeds
@@ -296,8 +302,6 @@ def _train(
     if latest is not None:  # every process reads the whole weights, before they are sharded
         ckpt.load_policy_weights(policy, latest, models.uses_lora)
     sharding = Sharding(world, policy, models.reference)  # with several processes: FSDP2
-    if sharding.sharded:  # every process's micro-batches one forward each, as FSDP's collectives need
-        models.scoring = dataclasses.replace(models.scoring or default_scoring(policy), one_forward=True)
     params = [p for p in policy.parameters() if p.requires_grad]  # (each process's shards of them)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
@@ -417,19 +421,15 @@ def _train(
         skip_zero = cfg.beta == 0 and not router_aux_loss_coef(policy)
         active = loss_mask & ((advantages != 0) if skip_zero else torch.ones_like(loss_mask))  # [B*G]
         num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
-        micro_batches = plan_micro_batches(  # this process's groups; the counts above are the step's
-            batch,
-            active & world.sequences(len(batch.prompt_ids), G),
-            G,
-            FORWARD_TOKEN_BUDGET,
-            share_prompt=(models.scoring or default_scoring(policy)).share_prompt,
-            one_forward=sharding.sharded,
+        # this process's groups (the counts above are the step's), cut as this step trains them
+        micro_batches, step_models = plan_training(
+            batch, active & world.sequences(len(batch.prompt_ids), G), models, cfg, sharding
         )
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
         with failures.during(step, "the forward and backward passes"):
             stats = optimize(
-                models,
+                step_models,
                 micro_batches,
                 advantages,
                 cfg,
@@ -498,6 +498,26 @@ def _train(
         checkpoint=ckpt.latest_checkpoint(output_dir),
         best_checkpoint=best_path,
     )
+
+
+def plan_training(
+    batch: ScoredGroups, mine: torch.Tensor, models: Models, cfg: GRPOConfig, sharding: Sharding
+) -> tuple[list[MicroBatch], Models]:
+    """This process's ``mine`` [B*G] completions cut into micro-batches, and the models with the
+    scoring they train with: the leanest, or, where several processes train layer by layer this
+    step (``Sharding.choose``), one padded forward per micro-batch."""
+    lean = models.scoring or default_scoring(models.policy)
+    plan = plan_micro_batches(
+        batch, mine, cfg.group_size, FORWARD_TOKEN_BUDGET, share_prompt=lean.share_prompt
+    )
+    if not sharding.sharded:
+        return plan, models
+    padded = plan_micro_batches(batch, mine, cfg.group_size, FORWARD_TOKEN_BUDGET, one_forward=True)
+    extra = max((m.positions for m in padded), default=0) - max((m.positions for m in plan), default=0)
+    position = activation_bytes_per_position(models.policy, cfg.gradient_checkpointing)
+    if not sharding.choose(cfg.fsdp_reshard, extra, position):
+        return plan, models
+    return padded, dataclasses.replace(models, scoring=dataclasses.replace(lean, one_forward=True))
 
 
 def micro_logprobs(
@@ -585,7 +605,7 @@ def optimize(
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         iteration_loss = 0.0
-        with sharding.training():  # with several processes: each backward sums into the shards
+        with sharding.training(reduce=scored_sequences > 0):  # several processes: summed into the shards
             for micro in micro_batches:
                 if aux_coef:
                     (logps, entropy), aux = micro_logprobs(

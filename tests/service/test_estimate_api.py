@@ -247,35 +247,54 @@ def test_grpo_jobs_create_estimate_prints_it_and_creates_nothing(client, setting
 def test_on_two_devices_each_holds_half_the_state_and_its_share_of_the_batch(client, tmp_path) -> None:
     """gpus=2: each device holds a shard (1/2) of the weights, reference, gradients and optimizer
     state, generates and trains 4 of the 8 prompts, and gathers beyond its shards the full weights
-    to generate, the root and two layers (weights and gradients) to train."""
+    to generate and, to train, the root and two layers (weights and gradients) with every row
+    padded (fsdp_reshard "layer"), or the whole model with the lean rows ("step"); "auto" takes
+    whichever totals less."""
     directory = model_dir(tmp_path, num_hidden_layers=8)
     spec = spec_for(client, directory)
-    one, two = dry_run(client, spec).json(), dry_run(client, {**spec, "gpus": 2}).json()
-    assert (one["gpus"], two["gpus"]) == (1, 2)
-    assert two["tokens"] == one["tokens"]  # the job's tokens: the same step, split
+    one = dry_run(client, spec).json()
+    two = {
+        reshard: dry_run(
+            client,
+            {**spec, "gpus": 2, "hyperparameters": {**spec["hyperparameters"], "fsdp_reshard": reshard}},
+        ).json()
+        for reshard in ("layer", "step", "auto")
+    }
+    assert (one["gpus"], two["layer"]["gpus"]) == (1, 2)
+    assert two["layer"]["tokens"] == one["tokens"]  # the job's tokens: the same step, split
 
     layer, root = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64, 2 * 100 * 64 + 64
     weights = 4 * (8 * layer + root)  # float32 on this CPU server
-    m1, m2 = one["memory"], two["memory"]
+    m1, m2, m2_step = one["memory"], two["layer"]["memory"], two["step"]["memory"]
     assert m1["parameters"] == m2["parameters"] == 8 * layer + root
     assert (m1["weights_bytes"], m1["gathered_bytes"], m1["training_gathered_bytes"]) == (weights, 0, 0)
     for part in ("weights_bytes", "reference_model_bytes", "gradients_bytes", "optimizer_bytes"):
         assert 2 * m2[part] == m1[part] > 0, part  # a shard each
-    assert m2["gathered_bytes"] == weights
+    assert m2["gathered_bytes"] == m2_step["gathered_bytes"] == weights
     assert m2["training_gathered_bytes"] == 4 * 2 * (root + 2 * layer)  # full fine-tuning: + gradients
+    assert m2_step["training_gathered_bytes"] == 2 * weights
     kv_cache = 4 * 4 * (10 + 32) * 8 * 2 * (2 * 16) * 4  # 4 prompts' groups of 4 on each device
     assert (
         2 * m2["generation_cache_bytes"] == m1["generation_cache_bytes"]
         and m2["generation_cache_bytes"] == kv_cache
     )
     saved_per_token = 8 * (6 * 64 + 2 * 32 + 4 * 128) * 4  # layers x saved tensors x bytes
-    for memory, tokens in ((m1, 8 * (10 + 4 * 32)), (m2, 4 * (10 + 4 * 32))):  # its prompts' groups
+    for memory, tokens in (
+        (m1, 8 * (10 + 4 * 32)),  # its prompts' groups, each prompt once
+        (m2_step, 4 * (10 + 4 * 32)),
+        (m2, 4 * 4 * (10 + 32)),  # by layer: one padded row [prompt, completion] per completion
+    ):
         head = 2 * min(1024, tokens) * 100 * 4  # a chunk of the LM head (logprob_chunk_size), and its grad
         assert memory["activations_bytes"] == tokens * saved_per_token + head
     assert m1["total_bytes"] == 5 * weights + m1["activations_bytes"]
-    assert m2["total_bytes"] == 5 * weights // 2 + m2["training_gathered_bytes"] + m2["activations_bytes"]
-    assert m2["total_bytes"] < m1["total_bytes"]
-    assert any("one device's of the 2" in note for note in two["notes"])
+    for memory in (m2, m2_step):
+        assert (
+            memory["total_bytes"]
+            == 5 * weights // 2 + memory["training_gathered_bytes"] + memory["activations_bytes"]
+        )
+        assert memory["total_bytes"] < m1["total_bytes"]
+    assert two["auto"]["memory"]["total_bytes"] == min(m2["total_bytes"], m2_step["total_bytes"])
+    assert any("one device's of the 2" in note for note in two["layer"]["notes"])
 
 
 def test_on_two_gpus_a_step_takes_half_the_time_at_best_and_two_cpu_processes_none_less(

@@ -47,6 +47,7 @@ FULL = {
     "loss_type": "dapo",
     "checkpoint_every": 2,
     "seed": 0,
+    "fsdp_reshard": "step",  # the whole model gathered for each step's training
 }
 # LoRA (peft model sharded whole, reference = adapters off), the per-sequence normaliser (grpo),
 # and two optimizer passes over each batch (pi_old, a weight gather after each update).
@@ -58,12 +59,21 @@ LORA = {
     "dynamic_sampling": False,
     "loss_type": "grpo",
     "num_iterations": 2,
+    "fsdp_reshard": "layer",  # each layer gathered for its forward and backward, one padded forward each
 }
 
 # No KL term (beta 0): completions whose advantage is 0 are not scored at all, so a process may
 # have nothing to train on while the other has; rewards unscaled; Dr. GRPO's normaliser. (bnpo is
 # dapo's normaliser, FULL's.)
-NO_KL = {**FULL, "beta": 0.0, "scale_rewards": "none", "dynamic_sampling": False, "loss_type": "dr_grpo"}
+# Layer by layer, so that a process with nothing to train runs empty micro-batches.
+NO_KL = {
+    **FULL,
+    "beta": 0.0,
+    "scale_rewards": "none",
+    "dynamic_sampling": False,
+    "loss_type": "dr_grpo",
+    "fsdp_reshard": "layer",
+}
 
 
 def write_spec(directory: Path, model_dir: Path, hyperparameters: dict) -> Path:

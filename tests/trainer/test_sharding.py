@@ -63,6 +63,14 @@ def train_on_rank(rank: int, init_file: str, model_dir: str, out_dir: str) -> No
             layer.register_forward_pre_hook(lambda module, args: held.append(gathered_layers(layers)))
         scoring = Scoring(one_forward=True)
         mine = [micro_batch(10 * rank + i, *spec) for i, spec in enumerate(MICRO_BATCHES[rank])]
+        # auto: layer by layer unless the padding's activations outweigh the layers' weights and
+        # gradients; the busiest process's padding decides for all
+        choices = [
+            sharding.choose("auto", 10 if rank == 0 else 0, 1),
+            sharding.choose("auto", 0 if rank == 0 else sharding.layer_bytes, 1),
+            sharding.choose("step", 0, 1),
+        ]
+        assert sharding.choose("layer", sharding.layer_bytes * 10, 1)
         gap = sharding.micro_batch_gap(len(mine))
         with sharding.training():
             for prompts, completions in mine:
@@ -74,7 +82,7 @@ def train_on_rank(rank: int, init_file: str, model_dir: str, out_dir: str) -> No
         if rank == 0:
             torch.save(grads, Path(out_dir) / "grads.pt")
         (Path(out_dir) / f"rank{rank}.json").write_text(
-            json.dumps({"gap": gap, "held": held, "after": after, "layers": len(layers)})
+            json.dumps({"gap": gap, "held": held, "after": after, "layers": len(layers), "choices": choices})
         )
     finally:
         dist.destroy_process_group()
@@ -86,6 +94,7 @@ def test_training_holds_a_layer_at_a_time_and_sums_every_process_gradients(tmp_p
     mp.spawn(train_on_rank, args=(str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=2)
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["choices"] for r in reports] == [[True, False, False]] * 2
     assert [r["gap"] for r in reports] == [0, 1]  # rank 1 ran one empty micro-batch
     for report in reports:
         assert report["layers"] == 4
