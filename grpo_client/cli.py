@@ -177,15 +177,26 @@ def print_estimate(estimate: dict[str, Any], *, as_json: bool) -> None:
         f"{duration(time_['total_seconds'])} in all "
         f"at {time_['tokens_per_second']:,.0f} tokens/s ({time_['tokens_per_second_from']})"
     )
+    gpus = estimate.get("gpus", 1)  # absent from a server older than multi-device jobs
+    out.print(f"devices          {gpus}" + (" (memory is each one's, time the job's)" if gpus > 1 else ""))
     if memory is None:
         out.print("memory           unknown (see the notes)")
     else:
+        # what a device gathers beside its shards: 0, and left out, on one device
+        gathered = "".join(
+            f", {label} {gib(memory[key])}"
+            for key, label in (
+                ("gathered_bytes", "gathered to generate"),
+                ("training_gathered_bytes", "gathered to train"),
+            )
+            if memory.get(key)
+        )
         out.print(
             f"memory           {gib(memory['total_bytes'])}: weights {gib(memory['weights_bytes'])} "
             f"({memory['parameters']:,} parameters, {memory['dtype']}), reference "
             f"{gib(memory['reference_model_bytes'])}, gradients {gib(memory['gradients_bytes'])}, optimizer "
             f"{gib(memory['optimizer_bytes'])}, activations {gib(memory['activations_bytes'])}, generation "
-            f"cache {gib(memory['generation_cache_bytes'])}"
+            f"cache {gib(memory['generation_cache_bytes'])}{gathered}"
         )
     for warning in estimate["warnings"]:
         out.print(f"warning: {warning}", style="red")

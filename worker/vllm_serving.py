@@ -166,13 +166,15 @@ class BaseEngine:
             health = self.request("GET", "/health")
         except EngineStartError as exc:
             self.close()
-            hint = (
-                f"; {KV_CACHE_SETTING} = {kv_cache_gib:g} GiB sizes its KV cache"
-                if exc.kind in ("kv_cache", "memory")
-                else ""
-            )
+            # vLLM's own advice (gpu_memory_utilization) does not apply: this setting sizes the cache
+            hint = {
+                "kv_cache": f": its KV cache ({KV_CACHE_SETTING} = {kv_cache_gib:g} GiB) is too "
+                f"small; raise {KV_CACHE_SETTING}",
+                "memory": f": out of memory with {KV_CACHE_SETTING} = {kv_cache_gib:g} GiB; lower "
+                f"{KV_CACHE_SETTING} or free memory on the machine",
+            }.get(exc.kind, "")
             raise ModelLoadError(
-                f"the vLLM engine for {base_model} failed to start{hint}: {exc.reason}"
+                f"the vLLM engine for {base_model} failed to start{hint} (vLLM: {exc.reason})"
             ) from None
         except BaseException:
             self.close()

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from api.cli import app as cli_app
 from api.main import create_app
+from grpo_client.cli import gib
 from jobs.db import transaction
 from jobs.models import Job, JobStatus, utcnow
 from jobs.queries import append_metrics, claim_job
@@ -229,18 +230,36 @@ def test_the_estimates_micro_batch_is_the_trainers() -> None:
     assert FORWARD_TOKEN_BUDGET == TRAINERS
 
 
+def words(text: str) -> str:
+    """``text`` with its runs of spaces and line breaks one space: the CLI wraps at the terminal's width."""
+    return " ".join(text.split())
+
+
 def test_grpo_jobs_create_estimate_prints_it_and_creates_nothing(client, settings, tmp_path) -> None:
     spec = spec_for(client, model_dir(tmp_path, max_position_embeddings=64))
     path = tmp_path / "spec.yaml"
     path.write_text(json.dumps(spec))
+    path_two = tmp_path / "spec-2.yaml"
+    path_two.write_text(json.dumps({**spec, "gpus": 2}))
     with serve(create_app(settings, send=lambda job_id: None)) as url:
         env = {"GRPO_API_URL": url, "GRPO_API_KEY": client.headers["Authorization"].split()[1]}
         shown = CliRunner().invoke(cli_app, ["jobs", "create", "--estimate", str(path)], env=env)
         as_json = CliRunner().invoke(cli_app, ["jobs", "create", "--estimate", "--json", str(path)], env=env)
+        shown_two = CliRunner().invoke(cli_app, ["jobs", "create", "--estimate", str(path_two)], env=env)
+        two = CliRunner().invoke(cli_app, ["jobs", "create", "--estimate", "--json", str(path_two)], env=env)
     assert shown.exit_code == 0, shown.output
     assert f"tokens per step  {8 * 4 * 42:,}" in shown.stdout and " a step, " in shown.stdout
     assert "memory " in shown.stdout and "warning: max_prompt_length + max_completion_length" in shown.stdout
     assert json.loads(as_json.stdout)["tokens"]["per_step"] == 8 * 4 * 42
+    # one device: nothing gathered, so not shown
+    assert "devices 1 memory " in words(shown.stdout) and "gathered" not in shown.stdout
+    # two: each device's memory, with what it gathers beside its shards
+    assert shown_two.exit_code == 0, shown_two.output
+    memory, text = json.loads(two.stdout)["memory"], words(shown_two.stdout)
+    assert memory["gathered_bytes"] > 0 and memory["training_gathered_bytes"] > 0
+    assert "devices 2 (memory is each one's" in text
+    assert f"gathered to generate {gib(memory['gathered_bytes'])}" in text
+    assert f"gathered to train {gib(memory['training_gathered_bytes'])}" in text
     assert client.get("/v1/jobs").json()["data"] == []
 
 

@@ -323,6 +323,29 @@ def test_an_adapter_of_a_larger_rank_restarts_the_engine_with_larger_slots(
 
 
 @needs_engine
+def test_a_kv_cache_too_small_for_one_token_names_the_setting(
+    serving_settings: Settings, base_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine starts with ``--max-model-len -1``: vLLM fits the length to the cache and fails
+    when not even one token fits. The caller gets the worker's usual error; the log says which
+    setting to raise, not vLLM's own advice (``gpu_memory_utilization``, which sizes nothing here)."""
+    settings = serving_settings.model_copy(update={"inference_vllm_kv_cache_gib": 1e-5})
+    job_id = create_job(settings, base_model, lora={"r": 4})
+    record_checkpoint(settings, job_id, 1, random_adapter(base_model, tmp_path / "adapter", seed=1))
+    serving = VLLMServing(settings, threads=1)
+    try:
+        with caplog.at_level("WARNING", logger="worker.inference"):
+            answered = answer(chat(job_id, 1), settings=settings, models=WarmModels(1), serving=serving)
+    finally:
+        serving.close()
+    assert answered["error"]["code"] == "inference_unavailable", answered
+    assert not serving.engines and serving.starts == 0
+    [record] = [r for r in caplog.records if r.name == "worker.inference"]
+    assert "GRPO_INFERENCE_VLLM_KV_CACHE_GIB = 1e-05 GiB) is too small" in record.getMessage()
+    assert "Cannot auto-fit max_model_len" in record.getMessage()  # vLLM's reason kept after it
+
+
+@needs_engine
 def test_an_inference_worker_on_vllm_answers_two_jobs_through_the_api(
     serving_settings: Settings, jobs: dict
 ) -> None:

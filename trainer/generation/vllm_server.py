@@ -67,9 +67,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 logger = logging.getLogger("grpo.vllm_server")
 
-# Substrings of vLLM's start-up errors when the KV cache cannot hold one max-length sequence
-# (v1/core/kv_cache_utils.py) or the memory for it is not there (v1/worker/cpu_worker.py).
-KV_TOO_SMALL = ("KV cache is needed", "No available memory for the cache blocks")
+# Substrings of vLLM's start-up errors when the KV cache cannot hold one max-length sequence, or
+# with --max-model-len -1 not even one token (v1/core/kv_cache_utils.py), or the memory for it is
+# not there (v1/worker/cpu_worker.py).
+KV_TOO_SMALL = (
+    "KV cache is needed",
+    "No available memory for the cache blocks",
+    "Cannot auto-fit max_model_len",
+)
 OUT_OF_MEMORY = ("less than requested memory for kv", "out of memory", "OutOfMemoryError")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 
