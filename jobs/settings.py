@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     store_presigned_downloads: bool = False
     store_presigned_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
     s3_public_endpoint_url: str | None = None
+    # With a store, a worker's artifact_dir (its cache of the store) holds at most this many GiB:
+    # past it, whole artifacts (datasets, checkpoints, merged models) that are safely in the store
+    # and in use by no process of that directory are evicted, least recently used first
+    # (worker/cache.py). 0: unbounded. Without a store it never applies: the directory is the storage.
+    store_cache_gib: float = Field(50.0, ge=0)
     # The Celery queue of one-device jobs; a job asking for N devices (its spec's `gpus`) goes to
     # "<queue>.gpus-N" (jobs.broker.train_queue), and a worker consumes those of every size it can run.
     queue: str = "gpu"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,10 @@ from jobs.model_paths import check_model
 from jobs.models import Job
 from jobs.queries import get_checkpoint
 from jobs.settings import Settings, get_settings
-from jobs.store import ArtifactStore, StoreUnavailable, open_store
+from jobs.store import ArtifactStore, StoreUnavailable, check_key, open_store
 from trainer.config import ConfigError
 from trainer.errors import ModelLoadError
+from worker.cache import open_cache
 from worker.vllm_serving import AdapterRefused, VLLMServing, check_vllm_environment
 
 log = logging.getLogger(__name__)
@@ -159,14 +161,26 @@ def serving_copy(store: ArtifactStore, key: str, settings: Settings) -> Path | N
     object store if it has none of the stored version (None while the store has no complete one).
     Without the resume state, which serving never reads; and in a cache of its own
     (``<artifact_dir>/inference-cache``), so that a training worker sharing this machine's artifact
-    directory never finds its checkpoints replaced under it."""
+    directory never finds its checkpoints replaced under it. Fetched through the bounded cache
+    (``worker.cache``), which may evict others first."""
     assert settings.artifact_dir is not None
     try:
-        return store.fetch_dir(
+        return open_cache(settings, store).fetch_dir(
             key, skip=lambda name: not downloaded(name), into=settings.artifact_dir / SERVING_CACHE
         )
     except ValueError:  # not a relative path: nothing the store holds
         return None
+
+
+def serving_files_in_use(request: dict[str, Any], settings: Settings) -> AbstractContextManager[object]:
+    """Hold this machine's serving copies of the request's job in use while it is answered (from
+    fetching to loading), so that no process of the cache evicts them meanwhile."""
+    store = open_store(settings)
+    if store is None:
+        return nullcontext()
+    assert settings.artifact_dir is not None
+    job = settings.artifact_dir / SERVING_CACHE / "jobs" / check_key(str(request["job_id"]))
+    return open_cache(settings, store).in_use([job])
 
 
 def answer(
@@ -308,4 +322,7 @@ def stop_engines(**_: object) -> None:
 def chat_completion(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     remove_expired_answers(self.backend)
     settings = get_settings()
-    return answer(request, settings=settings, models=warm_models(settings), serving=vllm_serving(settings))
+    with serving_files_in_use(request, settings):
+        return answer(
+            request, settings=settings, models=warm_models(settings), serving=vllm_serving(settings)
+        )

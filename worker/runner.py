@@ -21,7 +21,7 @@ from trainer.config import ConfigError
 from trainer.distributed import LaunchFailed, launch
 from trainer.errors import TrainingError
 from trainer.loop import TrainResult, train
-from worker.artifacts import prepare_run, publish_run_logs
+from worker.artifacts import job_files_in_use, prepare_run, publish_run_logs
 from worker.devices import worker_devices
 from worker.heartbeat import Heartbeat
 from worker.merge import merge_final_adapter
@@ -173,12 +173,15 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
     )
     stopped_at, reason = None, None
     try:
-        with Heartbeat(
-            sessions=sessions,
-            job_id=job_id,
-            worker=worker,
-            interval=settings.heartbeat_interval_s,
-            on_lost=progress.lease_lost.set,
+        with (
+            Heartbeat(
+                sessions=sessions,
+                job_id=job_id,
+                worker=worker,
+                interval=settings.heartbeat_interval_s,
+                on_lost=progress.lease_lost.set,
+            ),
+            job_files_in_use(job_id=job_id, spec=job.spec, settings=settings, store=store),
         ):
             prepare()
             run = run_config_for(job, settings)
