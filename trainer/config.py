@@ -176,6 +176,10 @@ class GRPOConfig:
     sampler_correction_cap: float = 3.0
     # generation "vllm": the engine's KV cache (its memory for sequences in flight), GiB
     vllm_kv_cache_gib: float = 1.0
+    # generation "vllm": the engine the trainer starts sleeps while the policy trains (its weights
+    # and KV cache leave the device) where vLLM's platform has sleep mode (GPUs; not its CPU build).
+    # Off by default, as in TRL: the sleeping path has not run on a GPU here yet
+    vllm_sleep: bool = False
     # gpus > 1: how a step's training holds the sharded model (trainer.distributed): "layer" gathers
     # each decoder layer for its forward and its backward (least memory; one padded forward per
     # micro-batch), "step" the whole model once for the step (least communication, the leanest
@@ -257,7 +261,12 @@ class GRPOConfig:
                 f"{did_you_mean(self.keep_best_by, self.best_metric_choices)}expected one of "
                 f"{', '.join(self.best_metric_choices)}, or null{pass_k}",
             )
-        for name in ("mask_truncated_completions", "dynamic_sampling", "gradient_checkpointing"):
+        for name in (
+            "mask_truncated_completions",
+            "dynamic_sampling",
+            "gradient_checkpointing",
+            "vllm_sleep",
+        ):
             _boolean(name, getattr(self, name))
         _at_least("learning_rate", self.learning_rate, 0.0)
         _at_least("weight_decay", self.weight_decay, 0.0)

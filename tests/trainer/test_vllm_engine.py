@@ -8,8 +8,12 @@ follows the reference model ``ref.model`` through every sync, so each test can c
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import os
 import signal
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -94,8 +98,9 @@ def ref(model_dir):
 def sampler(ref, model_dir):
     if NO_ENGINE:
         pytest.skip(NO_ENGINE)
-    # LoRA slots too, so that test_lora_adapter can share this engine through its URL
-    sampler = VLLMSampler(CONFIG, ref.model, threads=1, max_lora_rank=8)
+    # LoRA slots too, so that test_lora_adapter can share this engine through its URL; and so no
+    # sleep where the platform has it (a sleeping engine would refuse its other client)
+    sampler = VLLMSampler(CONFIG, ref.model, threads=1, max_lora_rank=8, sleep=False)
     yield sampler
     sampler.close()
 
@@ -241,6 +246,48 @@ def test_mismatch_is_nil_in_fp32_and_shows_when_the_sampler_runs_in_bf16(sampler
 
 
 @needs_engine
+def test_without_sleep_mode_the_engine_refuses_to_sleep_and_the_sampler_never_asks(sampler, model_dir, ref):
+    """vLLM's CPU build has no sleep mode. A sampler that asks for it (vllm_sleep): its server
+    reports it cannot sleep, refuses /sleep and /wake_up with the reason, and the sampler never asks,
+    so a step's generate -> push -> generate runs as without (the GPU path: test_vllm_sleep.py)."""
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # the engine's
+    own = VLLMSampler(dataclasses.replace(CONFIG, vllm_sleep=True), policy, threads=1)
+    try:
+        assert own.engine.ready["can_sleep"] is False
+        assert own.sleep_level == 0
+        refusals = {
+            "/sleep": "sleep: vLLM's cpu platform has no sleep mode (vLLM has it on CUDA, ROCm and XPU)",
+            "/wake_up": "wake_up: vLLM's cpu platform has no sleep mode (vLLM has it on CUDA, ROCm and XPU)",
+        }
+        for route, reason in refusals.items():
+            request = urllib.request.Request(own.url + route, data=b'{"level": 2}', method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 409
+            assert json.loads(refused.value.read()) == {"error": reason}
+
+        before = greedy_hf(policy, ref, ref.eos)
+        assert [c.tolist() for c in greedy_vllm(own, ref, ref.eos).completion_ids] == before
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                parameter.mul_(1.5)
+        expected = greedy_hf(policy, ref, ref.eos)
+        assert expected != before  # the push shows in the tokens
+        own.sync(policy)
+        assert [c.tolist() for c in greedy_vllm(own, ref, ref.eos).completion_ids] == expected
+        assert own.asleep == set()
+        assert own.client.request("GET", "/health")["sleeping"] == []
+    finally:
+        own.close()
+
+    # an engine started without --sleep-mode (this module's, shared through its URL) says so
+    health = sampler.client.request("GET", "/health")
+    assert health["can_sleep"] is False and health["sleeping"] == []
+    with pytest.raises(VLLMEngineError, match="sleep: the server was started without --sleep-mode"):
+        sampler.client.request("POST", "/sleep", {"level": 1})
+
+
+@needs_engine
 def test_a_kv_cache_too_small_names_the_setting(ref):
     with pytest.raises(OutOfMemoryError, match="vllm_kv_cache_gib = 1e-05 GiB"):
         VLLMSampler(CONFIG, ref.model, threads=1, kv_cache_gib=1e-5)
@@ -278,6 +325,7 @@ def test_a_training_run_sampling_with_vllm_learns(model_dir, tmp_path):
         max_completion_length=12,
         beta=0.04,
         generation="vllm",
+        vllm_sleep=True,
     )
     steps = []
 
@@ -285,6 +333,7 @@ def test_a_training_run_sampling_with_vllm_learns(model_dir, tmp_path):
         def on_step(self, step, metrics):
             steps.append(metrics)
 
+    assert run.hyperparameters.vllm_sleep  # asked for: a no-op here (a /sleep would fail the run)
     result = train(run, tmp_path / "out", Steps())
     rewards = [m["reward"] for m in steps]
     assert result.final_step == 30 and len(rewards) == 30

@@ -14,6 +14,13 @@ or a server an operator runs elsewhere (``url``). The sampler speaks its small H
   ``save_pretrained`` safetensors, loaded in place by the engine's workers) or, for a peft model,
   only the adapter, served under a new LoRA id. The engine resets its prefix cache after each.
   Files travel by path when the engine shares this machine's disk, else uploaded.
+- Sleep, where vLLM's platform has sleep mode (GPUs; not its CPU build) and the engine is this
+  sampler's child (``hyperparameters.vllm_sleep``, off by default): after each generation the engine
+  gives its device memory back for the trainer's forward and backward passes, and takes it again
+  in the order a weight push needs: its weights first, then the new weights loaded into them, then
+  its KV cache (with the next generation). A full fine-tune sleeps at level 2 (the weights are
+  discarded: every sync replaces them anyway); a LoRA job at level 1 (the base weights wait in
+  host memory, the adapter is all a sync sends).
 
 The engine's KV cache has a fixed size (``kv_cache_gib``, default 1 GiB): vLLM's CPU backend would
 otherwise reserve most of the machine's memory. When it cannot hold one max-length sequence the
@@ -295,7 +302,13 @@ class VLLMSampler:
     - ``max_lora_rank``: serve LoRA adapters up to this rank even for a plain policy (other
       samplers may then share the engine through ``url``)
     - ``upload``: send weights over HTTP rather than by path (default: only with ``url``)
+    - ``sleep``: let the engine sleep between generations where its platform can (default
+      ``config.vllm_sleep``, else off); never a server given by ``url``, which may serve others
     - ``startup_timeout_s``, ``request_timeout_s``, ``work_dir`` (default a temporary directory)
+
+    ``sleep_level`` is what the engine sleeps at after each generation: 0 (never: no sleep mode
+    here, or turned off), 1 (a LoRA policy) or 2 (full weights); ``asleep`` the memory it holds
+    asleep now (``"weights"``, ``"kv_cache"``).
     """
 
     def __init__(
@@ -312,6 +325,7 @@ class VLLMSampler:
         enforce_eager: bool = False,
         max_lora_rank: int | None = None,
         upload: bool | None = None,
+        sleep: bool | None = None,
         startup_timeout_s: float = 900.0,
         request_timeout_s: float = 3600.0,
         work_dir: str | os.PathLike | None = None,
@@ -327,6 +341,10 @@ class VLLMSampler:
         self.lora_loaded = False  # no adapter until the first sync: the base model samples
         self.syncs = 0
         self._lora_dir: Path | None = None  # the adapter the engine serves, kept while it does
+        self.sleep_level = 0
+        self.asleep: set[str] = set()
+        self._policy = model  # level 2 without a push yet: what the dropped weights are reloaded from
+        self._weights_dir: Path | None = None  # level 2: the last full weights pushed, kept to reload
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="grpo-vllm-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -357,6 +375,9 @@ class VLLMSampler:
             str(threads or torch.get_num_threads()),
             *(["--enforce-eager"] if enforce_eager else []),
         ]
+        wants_sleep = getattr(config, "vllm_sleep", False) if sleep is None else sleep
+        if wants_sleep:
+            args.append("--sleep-mode")  # the server turns it on only where vLLM's platform has it
         try:
             self.client = EngineClient.start(
                 vllm_python(python),
@@ -372,6 +393,8 @@ class VLLMSampler:
         except BaseException:
             self._remove_work_dir()
             raise
+        if wants_sleep and self.client.engine.ready.get("can_sleep"):
+            self.sleep_level = 1 if self.uses_lora else 2
 
     @property
     def url(self) -> str:
@@ -410,6 +433,7 @@ class VLLMSampler:
         seed = None
         if group_seeds is None:
             seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        self._wake_for_generation()
         answer = self.client.request(
             "POST",
             "/generate",
@@ -425,6 +449,7 @@ class VLLMSampler:
                 "lora": self.lora_name if self.lora_loaded else None,
             },
         )
+        self._sleep()  # the trainer's forward and backward passes come next
         completions = [c for group in answer["completions"] for c in group]  # B*G, prompt-major
         extra: dict[str, Any] = {}
         if ROLLOUT_HAS_SAMPLER_LOGPROBS and temperature != 0:  # greedy has no sampling distribution
@@ -441,11 +466,15 @@ class VLLMSampler:
     def sync(self, model: torch.nn.Module) -> None:
         """Push ``model``'s weights to the engine: a peft model's adapter under a new LoRA id,
         else the full weights as ``save_pretrained`` writes them (the engine resets its prefix
-        cache either way)."""
+        cache either way). An engine asleep wakes its weights for the load, not yet its KV cache
+        (the next generation does)."""
         self.syncs += 1
         target = self.work_dir / f"sync-{self.syncs}"
         try:
             model.save_pretrained(target, safe_serialization=True)  # a peft model: the adapter only
+            # level 1: the base weights come back from host memory, for the adapter to go with;
+            # level 2: their memory, uninitialized, which the load below fills whole
+            self._wake("weights")
             if self.uses_lora:
                 self.client.request(
                     "POST", "/load_lora", {"name": self.lora_name, "path": self._shipped(target)}
@@ -460,6 +489,10 @@ class VLLMSampler:
                     if extra.suffix != ".safetensors":
                         extra.unlink()
                 self.client.request("POST", "/load_weights", {"path": self._shipped(target)})
+                if self.sleep_level == 2:  # kept: a generation with no push since a sleep reloads them
+                    previous, self._weights_dir, target = self._weights_dir, target, None
+                    if previous is not None:
+                        shutil.rmtree(previous, ignore_errors=True)
         finally:
             if target is not None:  # copied into the engine, or failed
                 shutil.rmtree(target, ignore_errors=True)
@@ -467,7 +500,39 @@ class VLLMSampler:
     def close(self) -> None:
         """Stop the engine this sampler started (a server given by ``url`` keeps running)."""
         self.client.close()
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
         self._remove_work_dir()
+
+    # --- sleep --------------------------------------------------------------------------------
+
+    def _sleep(self) -> None:
+        """After a generation: the engine gives its device memory back until the next push or
+        generation (nothing where it cannot sleep)."""
+        if self.sleep_level and not self.asleep:
+            answer = self.client.request("POST", "/sleep", {"level": self.sleep_level})
+            self.asleep = set(answer["sleeping"])
+
+    def _wake(self, *tags: str) -> None:
+        """Take back the memory of those of ``tags`` asleep."""
+        wanted = [tag for tag in tags if tag in self.asleep]
+        if wanted:
+            answer = self.client.request("POST", "/wake_up", {"tags": wanted})
+            self.asleep = set(answer["sleeping"])
+
+    def _wake_for_generation(self) -> None:
+        """Wake the engine for a generation: its weights where no push woke them since it slept
+        (an evaluation, or a dynamic-sampling round, right after a generation), then its KV cache.
+        Level 1: both in one call. Level 2 discarded the weights: they are loaded again first, the
+        last pushed (kept for this) or, before any push, the policy's, which are the engine's (a
+        push follows every optimizer step)."""
+        if "weights" in self.asleep and self.sleep_level == 2:
+            if self._weights_dir is not None:
+                self._wake("weights")
+                self.client.request("POST", "/load_weights", {"path": str(self._weights_dir)})
+            else:
+                self.sync(self._policy)  # keeps what it pushed in _weights_dir
+        self._wake("weights", "kv_cache")
 
     # --- plumbing -----------------------------------------------------------------------------
 

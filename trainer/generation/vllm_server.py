@@ -8,7 +8,7 @@ anywhere and run as a plain script:
 
     .venv-vllm/bin/python trainer/generation/vllm_server.py --model DIR --max-model-len 1024 \\
         --port 8100 [--host 0.0.0.0] [--kv-cache-gib 1] [--max-lora-rank 16] [--max-loras 4] \\
-        [--threads 4]
+        [--threads 4] [--sleep-mode]
 
 ``trainer.generation.vllm.VLLMSampler`` starts it as its child (``--port 0 --ready-file F``: the
 port it bound and any start-up error come back in F) or talks to one an operator runs elsewhere.
@@ -25,7 +25,7 @@ There is no authentication: it listens on the loopback unless told otherwise, an
 network belongs on a private one (a caller can load any weights it can reach).
 
     GET  /health                    -> {"ok": true, "model", "max_model_len", "max_lora_rank",
-                                        "loras": [...]}
+                                        "loras": [...], "can_sleep", "sleeping": [tags]}
     POST /generate                  {"prompts": [[ids]], "n", "max_tokens", "temperature", "top_p",
                                      "stop_token_ids", "seed", "lora": name | null}
                                     -> {"completions": [[{"token_ids", "logprobs", "finish_reason"}]]}
@@ -33,7 +33,18 @@ network belongs on a private one (a caller can load any weights it can reach).
     POST /load_lora                 {"name", "path": peft adapter directory} -> {"id"}
     POST /unload_lora               {"name"} -> {"unloaded": whether it was loaded}
     PUT  /files/<relative path>     raw bytes -> {"path": where the server stored them}
+    POST /sleep                     {"level": 1 | 2} -> {"sleeping": [tags]}
+    POST /wake_up                   {"tags": ["weights", "kv_cache"] | null (all)} -> {"sleeping"}
     POST /shutdown
+
+Sleep mode (``--sleep-mode``, where vLLM's platform has it: CUDA, ROCm, XPU; not its CPU build):
+a colocated engine gives its device memory back while the trainer trains. ``/sleep`` level 1 moves
+the weights to host memory and drops the KV cache; level 2 drops both (for weights about to be
+replaced). ``/wake_up`` takes them back in the order the caller needs: after a level-2 sleep,
+``weights``, then ``/load_weights``, then ``kv_cache`` (vLLM's wake alone leaves the weights'
+memory uninitialized). Refused with 409 and the reason: ``/sleep`` and ``/wake_up`` without sleep
+mode (``can_sleep``, also in the ready file, says whether it has it), and while asleep the routes
+that need what sleeps.
 
 The log-prob of each sampled token is ``log_softmax(logits / T)`` at that token, before top-p:
 the policy's distribution at the sampling temperature, as the trainer computes it
@@ -170,14 +181,44 @@ class Scratch:
             shutil.rmtree(self._path, ignore_errors=True)
 
 
+class Refused(Exception):
+    """A request the engine cannot serve in its state (asleep, or without sleep mode): a 409 with
+    the reason, not a failure of the engine."""
+
+
+SLEEP_TAGS = ("weights", "kv_cache")  # what vLLM's wake_up takes back, each on its own
+
+
+def sleep_mode_available() -> tuple[bool, str]:
+    """Whether vLLM's platform here has sleep mode, and if not, why (for the refusal)."""
+    from vllm.platforms import current_platform
+
+    name = getattr(current_platform, "device_name", "") or type(current_platform).__name__
+    if not current_platform.is_sleep_mode_available():
+        return False, f"vLLM's {name} platform has no sleep mode (vLLM has it on CUDA, ROCm and XPU)"
+    # with sleep mode vLLM puts CUDA/ROCm memory in its cumem allocator, and refuses to start without
+    if current_platform.is_cuda_alike() and not current_platform.is_cumem_allocator_available():
+        return False, f"vLLM's cumem allocator, which sleep mode needs, is not available on {name}"
+    return True, ""
+
+
 class Engine:
     """One ``vllm.LLM`` and the adapters loaded into it. Calls are serialized by a lock: the
-    offline ``LLM`` is not re-entrant, and a weight load must not interleave with a generation."""
+    offline ``LLM`` is not re-entrant, and a weight load must not interleave with a generation.
+
+    With ``--sleep-mode`` where the platform has it, ``sleep`` and ``wake_up`` give the device
+    memory back and take it again; ``sleeping`` holds the tags asleep, and ``weights_discarded``
+    whether a level-2 sleep dropped the weights with nothing loaded since (generating from them
+    would decode from uninitialized memory)."""
 
     def __init__(self, args: argparse.Namespace, scratch: Scratch):
         from vllm import LLM
 
         self.scratch = scratch
+        self.can_sleep, why = sleep_mode_available() if args.sleep_mode else (False, "")
+        self.cannot_sleep_reason = why or "the server was started without --sleep-mode"
+        self.sleeping: set[str] = set()
+        self.weights_discarded = False
         lora = args.max_lora_rank > 0
         self.model = args.model
         self.max_lora_rank = lora_rank_slot(args.max_lora_rank) if lora else 0
@@ -196,6 +237,7 @@ class Engine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
             enforce_eager=args.enforce_eager,
+            enable_sleep_mode=self.can_sleep,
         )
         # the length the engine settled on: the one asked for, or with -1 the longest its KV cache holds
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -235,6 +277,13 @@ class Engine:
         ]
         prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in request["prompts"]]
         with self.lock:
+            # asleep, vLLM's scheduler is paused: the request would wait forever
+            self._require_awake("generate", SLEEP_TAGS)
+            if self.weights_discarded:
+                raise Refused(
+                    "generate: a level-2 sleep discarded the weights and none were loaded since: "
+                    "POST /load_weights first"
+                )
             lora = self.loras[request["lora"]] if request.get("lora") else None
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
         completions = []
@@ -257,7 +306,9 @@ class Engine:
     def load_weights(self, path: str) -> dict:
         started = time.perf_counter()
         with self.lock:
+            self._require_awake("load_weights", ("weights",))  # asleep, they have no memory to go to
             self.llm.collective_rpc("grpo_load_weights", args=(path,))
+            self.weights_discarded = False
             self._reset_prefix_cache()
         self.scratch.discard(path)  # the weights were copied in
         return {"seconds": time.perf_counter() - started}
@@ -269,6 +320,7 @@ class Engine:
         from vllm.lora.request import LoRARequest
 
         with self.lock:
+            self._require_awake("load_lora", ("weights",))  # the adapter slots live with the weights
             request = LoRARequest(name, self.next_lora_id, path)
             self.next_lora_id += 1
             if not self.llm.llm_engine.add_lora(request):
@@ -287,11 +339,48 @@ class Engine:
         """Stop serving ``name`` and free its slot: a server shared by many adapters (one per job
         of an inference worker) keeps only those its client still uses."""
         with self.lock:
+            self._require_awake("unload_lora", ("weights",))
             request = self.loras.pop(name, None)
             if request is not None:
                 self.llm.llm_engine.remove_lora(request.lora_int_id)
                 self.scratch.discard(request.lora_path)
         return {"unloaded": request is not None}
+
+    def sleep(self, level: int) -> dict:
+        """Give the device memory back: level 1 moves the weights to host memory and drops the
+        KV cache, level 2 drops both (the caller loads new weights before generating). Asleep
+        already: nothing changes (vLLM would ignore a second sleep)."""
+        if not self.can_sleep:
+            raise Refused(f"sleep: {self.cannot_sleep_reason}")
+        if level not in (1, 2):
+            raise Refused(f"sleep: level must be 1 (weights to host memory) or 2 (discarded), got {level!r}")
+        with self.lock:
+            if not self.sleeping:
+                self.llm.sleep(level=level)
+                self.sleeping = set(SLEEP_TAGS)
+                self.weights_discarded = level == 2
+        return {"sleeping": sorted(self.sleeping)}
+
+    def wake_up(self, tags: list[str] | None) -> dict:
+        """Take back the memory of ``tags`` (None: all), those asleep; the engine serves again once
+        both are awake. vLLM wakes nothing when one of the tags asked for is awake, so only those
+        asleep are passed on."""
+        if not self.can_sleep:
+            raise Refused(f"wake_up: {self.cannot_sleep_reason}")
+        unknown = sorted(set(tags or ()) - set(SLEEP_TAGS))
+        if unknown:
+            raise Refused(f"wake_up: unknown tags {unknown}; expected some of {list(SLEEP_TAGS)}")
+        with self.lock:
+            asleep = [t for t in (tags or SLEEP_TAGS) if t in self.sleeping]
+            if asleep:
+                self.llm.wake_up(tags=asleep)
+                self.sleeping -= set(asleep)
+        return {"sleeping": sorted(self.sleeping)}
+
+    def _require_awake(self, route: str, tags: tuple[str, ...]) -> None:
+        asleep = [t for t in tags if t in self.sleeping]
+        if asleep:
+            raise Refused(f"{route}: the engine is asleep ({', '.join(asleep)}): POST /wake_up first")
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -318,6 +407,8 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, work) -> None:
         try:
             self._reply(HTTPStatus.OK, work())
+        except Refused as exc:
+            self._reply(HTTPStatus.CONFLICT, {"error": str(exc)})
         except Exception as exc:  # the client raises it with this text
             logger.exception("request failed")
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
@@ -335,6 +426,8 @@ class Handler(BaseHTTPRequestHandler):
                 "max_model_len": engine.max_model_len,
                 "max_lora_rank": engine.max_lora_rank,
                 "loras": sorted(engine.loras),
+                "can_sleep": engine.can_sleep,
+                "sleeping": sorted(engine.sleeping),
             },
         )
 
@@ -345,6 +438,8 @@ class Handler(BaseHTTPRequestHandler):
             "/load_weights": lambda body: engine.load_weights(body["path"]),
             "/load_lora": lambda body: engine.load_lora(body["name"], body["path"]),
             "/unload_lora": lambda body: engine.unload_lora(body["name"]),
+            "/sleep": lambda body: engine.sleep(body.get("level", 1)),
+            "/wake_up": lambda body: engine.wake_up(body.get("tags")),
         }
         if self.path == "/shutdown":
             self._reply(HTTPStatus.OK, {"ok": True})
@@ -413,6 +508,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-loras", type=int, default=1, help="adapters one batch may mix")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: vLLM's own binding)")
     parser.add_argument("--enforce-eager", action="store_true", help="no compiled graphs")
+    parser.add_argument(
+        "--sleep-mode",
+        action="store_true",
+        help="serve /sleep and /wake_up where vLLM's platform has sleep mode (not on CPU)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (see --ready-file)")
     parser.add_argument("--ready-file", help="write {port} or {error, kind} here once started")
@@ -445,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             write_ready(args.ready_file, {"error": message, "kind": classify_start_error(message)})
             raise
         server = Server((args.host, args.port), engine, scratch)
-        write_ready(args.ready_file, {"port": server.server_address[1]})
+        write_ready(args.ready_file, {"port": server.server_address[1], "can_sleep": engine.can_sleep})
         logger.info("serving %s on %s:%d", args.model, args.host, server.server_address[1])
         server.serve_forever()
     finally:
