@@ -79,6 +79,21 @@ CONFIGS = {
         reward_pattern=r"<extra_[12]\d\d>",
         eos_probability=0.04,
     ),
+    # the realistic config 4x wider (~160M parameters): the weights, gradients and optimizer state
+    # dominate a process's memory, as they do at the sizes sharding is for (bench/distributed_bench.py)
+    "realistic-wide": BenchConfig(
+        name="realistic-wide",
+        hidden_size=1024,
+        num_layers=8,
+        num_heads=16,
+        vocab_size=32000,
+        prompt_chars=(90, 110),
+        group_size=8,
+        prompts_per_step=4,
+        max_completion_length=64,
+        reward_pattern=r"<extra_[12]\d\d>",
+        eos_probability=0.04,
+    ),
     # the same shape with the 101-token character vocabulary (~8M parameters)
     "realistic-small": BenchConfig(
         name="realistic-small",

@@ -1,15 +1,17 @@
 """One job on N processes against one process, each process one thread, on a bench config.
 
     .venv/bin/python bench/distributed_bench.py [--config realistic] [--nproc 2] [--steps 3]
-        [--repeats 1] [--workdir /tmp/grpo-bench]
+        [--repeats 1] [--reshard auto|layer,step] [--workdir /tmp/grpo-bench]
 
 Builds the config's model and data (``bench_common.prepare``, in a subprocess: this driver never
 loads torch), then runs ``python -m trainer run SPEC --nproc N`` (torchrun's launcher, gloo, FSDP2)
-and the same spec in one process, every process with OMP_NUM_THREADS=1, alternating which goes
-first on each repeat. Prints, per side: the median seconds per step (rank 0's ``step_seconds``;
-step 1, the warm-up, skipped), steps per second and the speed-up; each worker process's peak RSS
-(its VmHWM, read from /proc while it runs, the last reading before it exits); and every step's
-loss, the same on both sides (how the work is split changes no result).
+once per ``--reshard`` value (``fsdp_reshard``), and the spec in one process, every process with
+OMP_NUM_THREADS=1, alternating which goes first on each repeat. Prints, per side: the median
+seconds per step (rank 0's ``step_seconds``; step 1, the warm-up, skipped), steps per second and
+the speed-up; each worker process's peak RSS (its VmHWM, read from /proc while it runs, the last
+reading before it exits), and that peak less what a process that only imported the trainer holds
+(the job's own memory); and every step's loss, the same on every side (how the work is split
+changes no result).
 """
 
 from __future__ import annotations
@@ -57,6 +59,20 @@ def worker_ranks(root: int) -> dict[int, int]:
     return found or {root: 0}
 
 
+def runtime_rss_mb(env: dict) -> float:
+    """The resident set of a process that has imported what the trainer imports and loaded no
+    model: what every process pays before the job's own memory (weights, gradients, optimizer
+    state, activations)."""
+    probe = (
+        "import resource, trainer.__main__, trainer.loop; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=env, check=True, capture_output=True, text=True
+    )
+    return int(done.stdout.split()[-1]) / 1024
+
+
 def run_side(spec: Path, output: Path, nproc: int, env: dict) -> dict:
     """One run; its per-step metrics and each worker's peak RSS."""
     shutil.rmtree(output, ignore_errors=True)
@@ -82,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument(
+        "--reshard",
+        default="auto",
+        help="comma-separated fsdp_reshard values, one multi-process side each (auto, layer, step)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is warm-up)")
@@ -107,40 +128,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_dir = args.workdir / config.name / "distributed"
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = run_dir / "spec.json"
-    spec.write_text(json.dumps(spec_for(config, prepared, args.steps), indent=2))
     print(
         f"{config.name}: {prepared['parameters'] / 1e6:.1f}M parameters, {args.steps} steps per run",
         flush=True,
     )
 
-    sides = (1, args.nproc)
-    results: dict[int, list[dict]] = {n: [] for n in sides}
+    # (processes, fsdp_reshard): one process, then N processes with each way of holding the model
+    sides = [(1, "auto")] + [(args.nproc, reshard) for reshard in args.reshard.split(",")]
+    specs = {}
+    for _, reshard in sides:
+        specs[reshard] = run_dir / f"spec-{reshard}.json"
+        body = spec_for(config, prepared, args.steps)
+        body["hyperparameters"]["fsdp_reshard"] = reshard
+        specs[reshard].write_text(json.dumps(body, indent=2))
+    results: dict[tuple[int, str], list[dict]] = {side: [] for side in sides}
     for repeat in range(args.repeats):
-        for nproc in sides if repeat % 2 == 0 else sides[::-1]:
-            results[nproc].append(run_side(spec, run_dir / f"nproc{nproc}", nproc, env))
+        for nproc, reshard in sides if repeat % 2 == 0 else sides[::-1]:
+            output = run_dir / f"nproc{nproc}-{reshard}"
+            results[nproc, reshard].append(run_side(specs[reshard], output, nproc, env))
 
     seconds = {
-        n: statistics.median(s["step_seconds"] for r in results[n] for s in r["steps"][1:]) for n in sides
+        side: statistics.median(s["step_seconds"] for r in results[side] for s in r["steps"][1:])
+        for side in sides
     }
-    peak = {n: max(max(r["peak_rss_mb"]) for r in results[n]) for n in sides}
+    peak = {side: max(max(r["peak_rss_mb"]) for r in results[side]) for side in sides}
+    runtime = runtime_rss_mb(env)
+    one = sides[0]
     print(f"\n=== {config.name}: {args.nproc} processes x 1 thread vs 1 process x 1 thread ===")
+    print(f"the runtime alone (imports, no model): {runtime:.0f} MB a process")
     print(
-        f"{'processes':>9} {'median s/step':>14} {'steps/s':>8} {'speed-up':>9} "
-        f"{'peak RSS MB per process':>28}"
+        f"{'side':>18} {'median s/step':>14} {'steps/s':>8} {'speed-up':>9} "
+        f"{'peak RSS MB per process':>24} {'vs 1':>6} {'above runtime':>14} {'vs 1':>6}"
     )
-    for n in sides:
-        per_process = ", ".join(f"{mb:.0f}" for mb in results[n][-1]["peak_rss_mb"])
+    for side in sides:
+        nproc, reshard = side
+        per_process = ", ".join(f"{mb:.0f}" for mb in results[side][-1]["peak_rss_mb"])
+        label = "1 process" if nproc == 1 else f"{nproc} x {reshard}"
         print(
-            f"{n:>9} {seconds[n]:>14.3f} {1 / seconds[n]:>8.3f} {seconds[1] / seconds[n]:>8.2f}x "
-            f"{per_process:>28}   ({peak[n] / peak[1]:.2f}x the single process)"
+            f"{label:>18} {seconds[side]:>14.3f} {1 / seconds[side]:>8.3f} "
+            f"{seconds[one] / seconds[side]:>8.2f}x "
+            f"{per_process:>24} {peak[side] / peak[one]:>5.2f}x {peak[side] - runtime:>13.0f} "
+            f"{(peak[side] - runtime) / (peak[one] - runtime):>5.2f}x"
         )
-    for n in sides:
-        for i, r in enumerate(results[n]):
+    for side in sides:
+        for i, r in enumerate(results[side]):
             print(
-                f"  {n} process(es), run {i + 1}: "
+                f"  {side[0]} process(es) {side[1]}, run {i + 1}: "
                 f"per-step s {[round(s['step_seconds'], 2) for s in r['steps']]}; "
                 f"generate s {[round(s['time/generate'], 2) for s in r['steps']]}; "
+                f"train s {[round(s['time/train'], 2) for s in r['steps']]}; "
                 f"loss {[round(s['loss'], 5) for s in r['steps']]}"
             )
     return 0
