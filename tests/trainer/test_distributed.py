@@ -47,8 +47,10 @@ FULL = {
     "loss_type": "dapo",
     "checkpoint_every": 2,
     "seed": 0,
-    "fsdp_reshard": "step",  # the whole model gathered for each step's training
+    "fsdp_reshard": "layer",  # each layer gathered for its forward and backward, one padded forward each
 }
+# The same with the whole model gathered for each step's training (the leanest scoring, one reduce).
+FULL_STEP = {**FULL, "fsdp_reshard": "step"}
 # LoRA (peft model sharded whole, reference = adapters off), the per-sequence normaliser (grpo),
 # and two optimizer passes over each batch (pi_old, a weight gather after each update).
 LORA = {
@@ -61,6 +63,7 @@ LORA = {
     "num_iterations": 2,
     "fsdp_reshard": "layer",  # each layer gathered for its forward and backward, one padded forward each
 }
+LORA_STEP = {**LORA, "fsdp_reshard": "step"}
 
 # No KL term (beta 0): completions whose advantage is 0 are not scored at all, so a process may
 # have nothing to train on while the other has; rewards unscaled; Dr. GRPO's normaliser. (bnpo is
@@ -138,7 +141,7 @@ def assert_same_run(one: Path, other: Path) -> None:
 class Runs:
     """Runs by (config, processes), made on first use and shared by the module's tests."""
 
-    CONFIGS = {"full": FULL, "lora": LORA, "no_kl": NO_KL}
+    CONFIGS = {"full": FULL, "full_step": FULL_STEP, "lora": LORA, "lora_step": LORA_STEP, "no_kl": NO_KL}
 
     def __init__(self, root: Path, model_dir: Path):
         self.root, self.model_dir = root, model_dir
@@ -164,8 +167,9 @@ def runs(tiny_model_dir, tmp_path_factory) -> Runs:
 
 
 @pytest.mark.slow
-def test_two_processes_train_full_finetuning_as_one_process_would(runs):
-    one, two = runs("full", 1), runs("full", 2)
+@pytest.mark.parametrize("config", ["full", "full_step"])
+def test_two_processes_train_full_finetuning_as_one_process_would(runs, config):
+    one, two = runs("full", 1), runs(config, 2)  # (one process ignores fsdp_reshard)
     assert_same_run(one, two)
     steps = metrics(two)
     assert any(m["dynamic_sampling/extra_prompts"] > 0 for m in steps)  # groups were redrawn
@@ -176,9 +180,10 @@ def test_two_processes_train_full_finetuning_as_one_process_would(runs):
 
 
 @pytest.mark.slow
-def test_two_processes_train_lora_as_one_process_would(runs):
-    assert_same_run(runs("lora", 1), runs("lora", 2))
-    assert (runs("lora", 2) / "checkpoints" / "step-000003" / "adapter_model.safetensors").is_file()
+@pytest.mark.parametrize("config", ["lora", "lora_step"])
+def test_two_processes_train_lora_as_one_process_would(runs, config):
+    assert_same_run(runs("lora", 1), runs(config, 2))
+    assert (runs(config, 2) / "checkpoints" / "step-000003" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
