@@ -288,7 +288,13 @@ def memory(
 
     lean = activations(max(min(FORWARD_TOKEN_BUDGET, prompts * group_tokens), group_tokens))
     row_tokens = prompt_tokens + completion  # one padded row per completion, by layer
-    padded = activations(max(min(FORWARD_TOKEN_BUDGET, prompts * config.group_size * row_tokens), row_tokens))
+    # (a group is never split: one over the budget is one forward of its own)
+    padded = activations(
+        max(
+            min(FORWARD_TOKEN_BUDGET, prompts * config.group_size * row_tokens),
+            config.group_size * row_tokens,
+        )
+    )
     sequences = prompts * config.group_size
     cache = sequences * (prompt_tokens + completion) * shape.layers * 2 * kv_dim * size
     weights = n * size

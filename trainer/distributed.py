@@ -207,20 +207,22 @@ class Sharding:
         try:
             yield
         finally:
-            for unit in self.reference_units:
-                unit.reshard()
+            # FSDP records every forward's order for the backward's prefetching, and clears it in
+            # a backward, which the reference never runs: clear it here (this reshards it too)
+            self.reference_units[0].reset_iter_state()
 
-    def choose(self, setting: str, extra_positions: int, position_bytes: int) -> bool:
+    def choose(self, setting: str, padded_positions: int, lean_positions: int, position_bytes: int) -> bool:
         """Whether this step trains layer by layer (module docstring): ``setting`` "layer" or
         "step", or "auto": layer by layer where that holds less memory, i.e. where the activations
-        of the ``extra_positions`` token positions its padded forward adds to this process's largest
-        micro-batch (the most over the processes), ``position_bytes`` each, weigh less than every
-        decoder layer's full weights and gradients. The same answer on every process (collective)."""
+        of the positions its padding adds to the largest micro-batch of any process (this one's
+        largest holds ``padded_positions`` padded, ``lean_positions`` on the leanest scoring),
+        ``position_bytes`` each, weigh less than every decoder layer's full weights and gradients.
+        The same answer on every process (collective)."""
         if not self.sharded:
             self.by_layer = False
         elif setting == "auto":
-            extra = self.world.reduce({"n": float(extra_positions)}, "max")["n"]
-            self.by_layer = extra * position_bytes < self.layer_bytes
+            largest = self.world.reduce({"padded": padded_positions, "lean": lean_positions}, "max")
+            self.by_layer = (largest["padded"] - largest["lean"]) * position_bytes < self.layer_bytes
         else:
             self.by_layer = setting == "layer"
         return self.by_layer
@@ -242,10 +244,12 @@ class Sharding:
             return
         if not self.by_layer:
             self.gather()
-            yield
-            if reduce:
-                self._reduce_gathered_gradients()
-            self.reshard()
+            try:
+                yield
+                if reduce:
+                    self._reduce_gathered_gradients()
+            finally:
+                self.reshard()
             return
         root, layers = self.policy_units[0], self.policy_units[1:]
         self.reshard()
@@ -338,6 +342,12 @@ def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    # Each layer's backward prefetches the layer before it (the first: the root, always gathered
+    # then), fixed here: FSDP's default follows the recorded order of forwards, which the passes
+    # with no gradient (reference, pi_old) extend by a number of forwards that differs by process,
+    # and an all-gather one process issues and another does not never pairs.
+    for i, layer in enumerate(layers):
+        layer.set_modules_to_backward_prefetch([layers[i - 1] if i else model])
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum, not average: each process's loss is its share
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM

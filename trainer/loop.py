@@ -302,7 +302,8 @@ def _train(
     if latest is not None:  # every process reads the whole weights, before they are sharded
         ckpt.load_policy_weights(policy, latest, models.uses_lora)
     sharding = Sharding(world, policy, models.reference)  # with several processes: FSDP2
-    params = [p for p in policy.parameters() if p.requires_grad]  # (each process's shards of them)
+    # each process's shards of them: read before any gather (a gathered model lists its full weights)
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
     )
@@ -513,9 +514,9 @@ def plan_training(
     if not sharding.sharded:
         return plan, models
     padded = plan_micro_batches(batch, mine, cfg.group_size, FORWARD_TOKEN_BUDGET, one_forward=True)
-    extra = max((m.positions for m in padded), default=0) - max((m.positions for m in plan), default=0)
+    largest = [max((m.positions for m in cut), default=0) for cut in (padded, plan)]
     position = activation_bytes_per_position(models.policy, cfg.gradient_checkpointing)
-    if not sharding.choose(cfg.fsdp_reshard, extra, position):
+    if not sharding.choose(cfg.fsdp_reshard, *largest, position):
         return plan, models
     return padded, dataclasses.replace(models, scoring=dataclasses.replace(lean, one_forward=True))
 

@@ -7,7 +7,9 @@ micro-batches; a process with fewer micro-batches than the other runs empty ones
 from __future__ import annotations
 
 import json
+import math
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -66,11 +68,13 @@ def train_on_rank(rank: int, init_file: str, model_dir: str, out_dir: str) -> No
         # auto: layer by layer unless the padding's activations outweigh the layers' weights and
         # gradients; the busiest process's padding decides for all
         choices = [
-            sharding.choose("auto", 10 if rank == 0 else 0, 1),
-            sharding.choose("auto", 0 if rank == 0 else sharding.layer_bytes, 1),
-            sharding.choose("step", 0, 1),
+            sharding.choose("auto", 10 if rank == 0 else 0, 0, 1),
+            sharding.choose("auto", 0 if rank == 0 else sharding.layer_bytes, 0, 1),
+            # rank 0's largest padded, rank 1's largest lean: the gap is between the two maxima
+            sharding.choose("auto", sharding.layer_bytes if rank == 0 else 0, 0 if rank == 0 else 10, 1),
+            sharding.choose("step", 0, 0, 1),
         ]
-        assert sharding.choose("layer", sharding.layer_bytes * 10, 1)
+        assert sharding.choose("layer", sharding.layer_bytes * 10, 0, 1)
         gap = sharding.micro_batch_gap(len(mine))
         with sharding.training():
             for prompts, completions in mine:
@@ -94,7 +98,7 @@ def test_training_holds_a_layer_at_a_time_and_sums_every_process_gradients(tmp_p
     mp.spawn(train_on_rank, args=(str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=2)
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["choices"] for r in reports] == [[True, False, False]] * 2
+    assert [r["choices"] for r in reports] == [[True, False, True, False]] * 2
     assert [r["gap"] for r in reports] == [0, 1]  # rank 1 ran one empty micro-batch
     for report in reports:
         assert report["layers"] == 4
@@ -108,3 +112,102 @@ def test_training_holds_a_layer_at_a_time_and_sums_every_process_gradients(tmp_p
     sharded = torch.load(tmp_path / "grads.pt")
     for name, p in model.named_parameters():
         torch.testing.assert_close(sharded[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# Rank 1's group has nothing to train (advantage 0 under beta 0, or every completion masked as
+# truncated): no micro-batch, only empty ones, after rank 0 alone ran a pass with no gradient
+# through the layers (pi_old with num_iterations 2; LoRA's reference, the adapters off).
+NOTHING_TO_TRAIN = {
+    "pi_old": dict(beta=0.0, num_iterations=2),
+    "lora_reference": dict(
+        beta=0.04, mask_truncated_completions=True, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}
+    ),
+}
+
+
+def optimize_step(case: str, model_dir: str, world: World | None):
+    """One ``optimize`` over a fixed two-group batch: rank 0 gets group 0, rank 1 group 1 (both
+    with ``world`` None: one process); -> (stats, micro-batches this process trained)."""
+    from trainer.batch import ScoredGroups
+    from trainer.config import GRPOConfig
+    from trainer.loop import optimize, plan_training
+    from trainer.model import load_models
+
+    cfg = GRPOConfig.from_dict(
+        dict(group_size=2, prompts_per_step=2, max_completion_length=8, scale_rewards="none")
+        | {"fsdp_reshard": "layer"}
+        | NOTHING_TO_TRAIN[case]
+    )
+    torch.manual_seed(0)  # the same LoRA adapters on every process, as the trainer seeds them
+    models = load_models(model_dir, cfg, torch.device("cpu"))
+    sharding = Sharding(world or World(), models.policy, models.reference)
+    params = [p for p in models.policy.parameters() if p.requires_grad]
+    prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11])]
+    completions = [
+        torch.tensor([12, 13, 14]),
+        torch.tensor([15, 16]),
+        torch.tensor([17, 18, 19]),
+        torch.tensor([21]),
+    ]
+    batch = ScoredGroups(
+        row_indices=[0, 1],
+        prompt_ids=prompts,
+        completion_ids=completions,
+        prompts=["a", "b"],
+        completions=["x"] * 4,
+        truncated=torch.tensor([False, False, True, True]),
+        rewards=torch.tensor([1.0, 0.0, 0.5, 0.5]),
+        parts={},
+        errors={},
+        error_messages=[],
+    )
+    advantages = torch.tensor([0.5, -0.5, 0.0, 0.0])  # group 1: nothing to learn
+    trainable = ~batch.truncated if cfg.mask_truncated_completions else advantages != 0
+    mine = trainable & (world or World()).sequences(2, 2)
+    sharding.gather()  # as after generation
+    micro_batches, step_models = plan_training(batch, mine, models, cfg, sharding)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = optimize(
+        step_models,
+        micro_batches,
+        advantages,
+        cfg,
+        num_sequences=4,
+        num_tokens=int(sum(c.shape[0] for c, t in zip(completions, trainable, strict=True) if t)),
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sharding=sharding,
+    )
+    return stats, len(micro_batches)
+
+
+def optimize_on_rank(rank: int, init_file: str, case: str, model_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # a collective that never pairs fails in a minute, not the trainer's 30
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        stats, count = optimize_step(case, model_dir, World(rank=rank, size=2, device=torch.device("cpu")))
+        (Path(out_dir) / f"{case}-rank{rank}.json").write_text(
+            json.dumps({"stats": stats, "micro_batches": count})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(NOTHING_TO_TRAIN))
+def test_a_process_with_nothing_to_train_pairs_its_collectives(case, tiny_model_dir, tmp_path):
+    torch.set_num_threads(1)
+    mp.spawn(
+        optimize_on_rank, args=(str(tmp_path / "init"), case, str(tiny_model_dir), str(tmp_path)), nprocs=2
+    )
+    ranks = [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["micro_batches"] for r in ranks] == [1, 0]
+    one, _ = optimize_step(case, str(tiny_model_dir), None)
+    for rank in ranks:
+        for name in ("loss", "grad_norm"):
+            assert math.isclose(rank["stats"][name], one[name], rel_tol=1e-5, abs_tol=1e-6), name
