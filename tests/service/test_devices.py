@@ -63,6 +63,9 @@ def test_each_size_has_its_queue_and_a_worker_consumes_those_it_fits() -> None:
 # The API, on PostgreSQL (``client`` and ``settings`` of conftest; ``sent`` what it handed the broker).
 
 
+FOUR_PROMPTS = {"prompts_per_step": 4}  # a prompt a step for each of 4 processes at least
+
+
 @pytest.fixture
 def dataset_id(client) -> str:
     return upload(client).json()["id"]
@@ -83,6 +86,12 @@ def test_a_job_asks_for_one_device_unless_it_says_and_shows_what_it_asked(
     assert sent == [job["id"], two["id"]]
     refused = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=0))
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "gpus"
+    # fewer prompts a step than processes: one would have nothing to generate or train
+    idle = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=2, hyperparameters={"prompts_per_step": 1}))
+    assert idle.status_code == 422, idle.text
+    assert idle.json()["error"]["param"] == "hyperparameters.prompts_per_step"
+    assert "prompts_per_step is 1, fewer than gpus (2)" in idle.json()["error"]["message"]
+    assert sent == [job["id"], two["id"]]
 
 
 def test_a_job_asking_for_more_devices_than_any_live_worker_is_refused_naming_the_largest(
@@ -100,12 +109,15 @@ def test_a_job_asking_for_more_devices_than_any_live_worker_is_refused_naming_th
     assert sent == [] and client.get("/v1/jobs").json()["data"] == []
 
     register(settings, "gone", 8)  # back: its size is available again
-    assert client.post("/v1/jobs", json=job_spec(dataset_id, gpus=4)).status_code == 201
+    assert (
+        client.post("/v1/jobs", json=job_spec(dataset_id, gpus=4, hyperparameters=FOUR_PROMPTS)).status_code
+        == 201
+    )
 
 
 def test_with_no_live_worker_a_job_of_any_size_waits_in_its_queue(client, settings, dataset_id) -> None:
     register(settings, "gone", 1, seconds_ago=settings.heartbeat_stale_s + 1)
-    job = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=4))
+    job = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=4, hyperparameters=FOUR_PROMPTS))
     assert job.status_code == 201 and job.json()["status"] == "queued"
 
 
