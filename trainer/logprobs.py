@@ -302,16 +302,19 @@ def _router_forward_kwargs(router: list | None) -> dict:
     return {"output_router_logits": True} if router is not None else {}
 
 
-def _keep_router_logits(router: list | None, out, mask: torch.Tensor) -> None:
-    """Keep a forward's router logits (per layer [rows, E]) with its token mask [rows]."""
+def _keep_router_logits(router: list | None, out, mask: torch.Tensor, times: int = 1) -> None:
+    """Keep a forward's router logits (per layer [rows, E]) with its token mask [rows], ``times``
+    over (a prompt shared by that many completions)."""
     if router is not None and getattr(out, "router_logits", None):
-        router.append((tuple(out.router_logits), mask.reshape(-1)))
+        router.append((tuple(r.repeat(times, 1) for r in out.router_logits), mask.reshape(-1).repeat(times)))
 
 
 def _router_aux_loss(causal_lm: nn.Module, router: list) -> torch.Tensor:
     """The model's own ``load_balancing_loss_func`` over the router logits of every real token the
     forwards ran (padding masked out), each layer's rows laid end to end: the loss of one forward
-    over those tokens. A shared prompt counts once per group, not once per completion. -> [] float32"""
+    over those tokens. A shared prompt counts once per completion, as in one row [prompt,
+    completion] per completion (the model's own forward over the padded rows, TRL's): the same
+    loss whichever path scored the group. -> [] float32"""
     import sys
 
     device = next(causal_lm.parameters()).device
@@ -381,7 +384,7 @@ def _shared_prompt_hidden(
         prompts, completions, runs, prompt_inputs, strict=True
     ):
         out = backbone(**prompt_input, use_cache=True, **_router_forward_kwargs(router))
-        _keep_router_logits(router, out, torch.ones_like(prompt))
+        _keep_router_logits(router, out, torch.ones_like(prompt), times=len(group))
         cache = _require_repeatable(out.cache)
         last = out.last_hidden_state[0, -1:]  # [1, H]
         plen, states_of = prompt.shape[0], [None] * len(group)
