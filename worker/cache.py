@@ -120,20 +120,31 @@ class StoreCache:
 
     def make_room(self, incoming: int = 0) -> list[Path]:
         """Evict artifacts, least recently used first, until what this cache holds and ``incoming``
-        more bytes fit its bound; returns what was evicted."""
+        more bytes fit its bound; returns what was evicted.
+
+        The store is asked which candidates it holds outside the lock: each look-up is a request that
+        boto3 retries for about a minute when the store is out of reach, and meanwhile every
+        ``in_use`` (each chat request, each job start) would wait for the lock. So the candidates are
+        picked under the lock, looked up without it, and evicted under it again only if still not in
+        use and unchanged since (same size, same last use: what the look-up vouched for)."""
         if self.limit_bytes is None:
             return []
-        evicted: list[Path] = []
         with self._locked():
             over = disk_bytes(self.root) + incoming - self.limit_bytes
             if over <= 0:
                 return []
             pinned = self._pinned()
-            for artifact in sorted(self._artifacts(), key=lambda a: (a.used_ns, str(a.path))):
+            candidates = [artifact for artifact in self._artifacts() if not self._held(artifact.path, pinned)]
+        stored = self._stored_first(candidates, over)  # the store's look-ups: without the lock
+        evicted: list[Path] = []
+        with self._locked():
+            over = disk_bytes(self.root) + incoming - self.limit_bytes
+            pinned = self._pinned()
+            for artifact in stored:
                 if over <= 0:
                     break
-                if self._held(artifact.path, pinned) or not self._in_store(artifact):
-                    continue
+                if self._held(artifact.path, pinned) or self._cached(artifact.path) != artifact:
+                    continue  # taken in use, used, or gone since it was looked up
                 evict(artifact.path)
                 over -= artifact.size
                 evicted.append(artifact.path)
@@ -147,6 +158,18 @@ class StoreCache:
                 self.limit_bytes / (1 << 30),
             )
         return evicted
+
+    def _stored_first(self, candidates: list[CachedArtifact], over: int) -> list[CachedArtifact]:
+        """The least recently used of ``candidates`` that are safely in the store, enough of them to
+        free ``over`` bytes (if there are)."""
+        stored: list[CachedArtifact] = []
+        for artifact in sorted(candidates, key=lambda a: (a.used_ns, str(a.path))):
+            if over <= 0:
+                break
+            if self._in_store(artifact):
+                stored.append(artifact)
+                over -= artifact.size
+        return stored
 
     def _artifacts(self) -> list[CachedArtifact]:
         """The whole artifacts in this cache: dataset files, and directories holding a manifest
@@ -162,14 +185,21 @@ class StoreCache:
                 ]
             elif MANIFEST in names and here != self.root:
                 dirs[:], paths = [], [here]
-            for path in paths:
-                try:
-                    info = path.lstat()
-                except FileNotFoundError:  # deleted meanwhile
-                    continue
-                if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):  # no links
-                    found.append(CachedArtifact(path, disk_bytes(path), info.st_mtime_ns))
+            found += [artifact for artifact in map(self._cached, paths) if artifact is not None]
         return found
+
+    def _cached(self, path: Path) -> CachedArtifact | None:
+        """``path`` as a whole artifact now: a plain file, or a directory holding the manifest (None
+        if gone meanwhile, or a link)."""
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        if stat.S_ISREG(info.st_mode):
+            return CachedArtifact(path, info.st_size, info.st_mtime_ns)
+        if stat.S_ISDIR(info.st_mode) and (path / MANIFEST).is_file():
+            return CachedArtifact(path, disk_bytes(path), info.st_mtime_ns)
+        return None
 
     def _in_store(self, artifact: CachedArtifact) -> bool:
         if artifact.path.is_dir():

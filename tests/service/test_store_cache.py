@@ -6,11 +6,15 @@ and without a store nothing is ever evicted."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,9 +24,10 @@ from jobs.settings import Settings
 from jobs.store import MANIFEST, ArtifactStore, open_store
 from tests.service.e2e import metric_steps, status_changes, wait_for_status, wait_for_step, wait_until_ended
 from tests.service.factories import ROOT, WorkerProcess, api_key, bearer, job_spec, settings_env, upload
+from tests.service.faults import TcpProxy
 from tests.service.s3 import S3Server
 from worker.artifacts import job_files_in_use
-from worker.cache import StoreCache, disk_bytes, open_cache
+from worker.cache import StoreCache, disk_bytes, mark_used, open_cache
 from worker.inference import SERVING_CACHE, serving_files_in_use
 
 
@@ -140,6 +145,62 @@ def test_a_pin_held_by_another_process_protects_until_that_process_dies(
         holder.wait()
     assert cache.make_room() == [store.cache / key]  # its pin lapsed with it
     assert list((store.cache / ".cache" / "pins").iterdir()) == []  # and was swept
+
+
+class HeldProxy(TcpProxy):
+    """A proxy to the store that holds every connection, unanswered, until ``release`` is set: a
+    store look-up that hangs, as an unreachable store's do for a minute of boto3's retries."""
+
+    def __init__(self, target_port: int):
+        self.holding, self.release = threading.Event(), threading.Event()
+        super().__init__(target_port)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        self.holding.set()
+        self.release.wait(timeout=300)  # a hang guard: the test releases it
+        super()._pump(a, b)
+
+
+def test_the_store_is_asked_without_the_lock_and_what_was_taken_in_use_meanwhile_is_kept(
+    store: ArtifactStore, s3_server: S3Server, tmp_path: Path
+) -> None:
+    keys = [stored_dataset(store, tmp_path, f"ds_{name}.jsonl") for name in "abc"]
+    for key in keys:
+        StoreCache(store).fetch_file(key)  # least recently used first: a, then b, then c
+    store_port = urlsplit(s3_server.endpoint).port
+    assert store_port is not None
+    proxy = HeldProxy(store_port)
+    through_proxy = {**s3_server.settings(store.prefix), "s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+    held = open_store(Settings(data_dir=tmp_path, artifact_dir=store.cache, **through_proxy))
+    assert held is not None and (held.cache, held.prefix) == (store.cache, store.prefix)
+    cache = StoreCache(held, limit_bytes=0)  # everything safely stored goes
+    a, b, c = (cache.root / key for key in keys)
+
+    pinned, unpin = threading.Event(), threading.Event()
+
+    def take_in_use() -> None:  # a chat request or a job start, while the evictor waits on the store
+        with StoreCache(store).in_use([a]):
+            pinned.set()
+            unpin.wait(timeout=300)
+
+    with ThreadPoolExecutor(2) as threads:
+        try:
+            evicting = threads.submit(cache.make_room)
+            assert proxy.holding.wait(timeout=60), "make_room never asked the store"
+            taking = threads.submit(take_in_use)
+            assert pinned.wait(timeout=60), "in_use waited for the store's look-up"
+            assert not evicting.done()  # the look-up is still unanswered
+            mark_used(b)  # and b is used meanwhile (fetched again): no longer the least recently used
+            proxy.release.set()
+            # the store holds all three at their size, but only c is still as it was looked up
+            assert evicting.result(timeout=120) == [c]
+            assert a.is_file() and b.is_file() and not c.exists()
+        finally:
+            proxy.release.set()
+            unpin.set()
+        taking.result(timeout=60)
+        proxy.close()
+    assert StoreCache(store, limit_bytes=0).make_room() == [a, b]  # no longer in use, least recently used
 
 
 def test_an_inference_worker_holds_the_job_it_answers_and_evicts_others(
