@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,10 +53,18 @@ def gathered_layers(layers) -> int:
     return sum(not isinstance(next(layer.parameters()), DTensor) for layer in layers)
 
 
-def train_on_rank(rank: int, init_file: str, model_dir: str, out_dir: str) -> None:
+def rendezvous() -> str:
+    """A TCP store on a free local port for the spawned processes (as torchrun's: a file store's
+    cleanup at exit races between processes and can abort one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def train_on_rank(rank: int, init_method: str, model_dir: str, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         layers = decoder_layers(model)  # before fully_shard renames their classes
@@ -95,7 +104,7 @@ def train_on_rank(rank: int, init_file: str, model_dir: str, out_dir: str) -> No
 @pytest.mark.slow
 def test_training_holds_a_layer_at_a_time_and_sums_every_process_gradients(tmp_path):
     model_dir = make_tiny_model(tmp_path / "model", num_layers=4)
-    mp.spawn(train_on_rank, args=(str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=2)
+    mp.spawn(train_on_rank, args=(rendezvous(), str(model_dir), str(tmp_path)), nprocs=2)
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["choices"] for r in reports] == [[True, False, True, False]] * 2
@@ -183,11 +192,11 @@ def optimize_step(case: str, model_dir: str, world: World | None):
     return stats, len(micro_batches)
 
 
-def optimize_on_rank(rank: int, init_file: str, case: str, model_dir: str, out_dir: str) -> None:
+def optimize_on_rank(rank: int, init_method: str, case: str, model_dir: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     # a collective that never pairs fails in a minute, not the trainer's 30
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+        "gloo", init_method=init_method, rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
     try:
         stats, count = optimize_step(case, model_dir, World(rank=rank, size=2, device=torch.device("cpu")))
@@ -202,9 +211,7 @@ def optimize_on_rank(rank: int, init_file: str, case: str, model_dir: str, out_d
 @pytest.mark.parametrize("case", sorted(NOTHING_TO_TRAIN))
 def test_a_process_with_nothing_to_train_pairs_its_collectives(case, tiny_model_dir, tmp_path):
     torch.set_num_threads(1)
-    mp.spawn(
-        optimize_on_rank, args=(str(tmp_path / "init"), case, str(tiny_model_dir), str(tmp_path)), nprocs=2
-    )
+    mp.spawn(optimize_on_rank, args=(rendezvous(), case, str(tiny_model_dir), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["micro_batches"] for r in ranks] == [1, 0]
     one, _ = optimize_step(case, str(tiny_model_dir), None)
