@@ -1,6 +1,7 @@
 """One job on N processes against one process, each process one thread, on a bench config.
 
     .venv/bin/python bench/distributed_bench.py [--config realistic] [--nproc 2] [--steps 3]
+        [--gradient-checkpointing]
         [--repeats 1] [--reshard auto|layer,step] [--workdir /tmp/grpo-bench]
 
 Builds the config's model and data (``bench_common.prepare``, in a subprocess: this driver never
@@ -103,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="comma-separated fsdp_reshard values, one multi-process side each (auto, layer, step)",
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="every side recomputes each layer's activations in the backward (what large models train with)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is warm-up)")
@@ -126,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         ).stdout
     )
-    run_dir = args.workdir / config.name / "distributed"
+    run_dir = (
+        args.workdir / config.name / ("distributed-gc" if args.gradient_checkpointing else "distributed")
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     print(
-        f"{config.name}: {prepared['parameters'] / 1e6:.1f}M parameters, {args.steps} steps per run",
+        f"{config.name}: {prepared['parameters'] / 1e6:.1f}M parameters, {args.steps} steps per run"
+        + (", gradient checkpointing" if args.gradient_checkpointing else ""),
         flush=True,
     )
 
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         specs[reshard] = run_dir / f"spec-{reshard}.json"
         body = spec_for(config, prepared, args.steps)
         body["hyperparameters"]["fsdp_reshard"] = reshard
+        body["hyperparameters"]["gradient_checkpointing"] = args.gradient_checkpointing
         specs[reshard].write_text(json.dumps(body, indent=2))
     results: dict[tuple[int, str], list[dict]] = {side: [] for side in sides}
     for repeat in range(args.repeats):

@@ -51,6 +51,9 @@ FULL = {
 }
 # The same with the whole model gathered for each step's training (the leanest scoring, one reduce).
 FULL_STEP = {**FULL, "fsdp_reshard": "step"}
+# Layer by layer with gradient checkpointing, as large models train: each layer's forward runs again
+# in its backward, which gathers the layer a third time (FSDP's pre-backward hook, inside the recompute).
+FULL_CHECKPOINTING = {**FULL, "gradient_checkpointing": True}
 # LoRA (peft model sharded whole, reference = adapters off), the per-sequence normaliser (grpo),
 # and two optimizer passes over each batch (pi_old, a weight gather after each update).
 LORA = {
@@ -141,7 +144,14 @@ def assert_same_run(one: Path, other: Path) -> None:
 class Runs:
     """Runs by (config, processes), made on first use and shared by the module's tests."""
 
-    CONFIGS = {"full": FULL, "full_step": FULL_STEP, "lora": LORA, "lora_step": LORA_STEP, "no_kl": NO_KL}
+    CONFIGS = {
+        "full": FULL,
+        "full_step": FULL_STEP,
+        "full_checkpointing": FULL_CHECKPOINTING,
+        "lora": LORA,
+        "lora_step": LORA_STEP,
+        "no_kl": NO_KL,
+    }
 
     def __init__(self, root: Path, model_dir: Path):
         self.root, self.model_dir = root, model_dir
@@ -177,6 +187,12 @@ def test_two_processes_train_full_finetuning_as_one_process_would(runs, config):
     # the optimizer state: one shard per process, in torch.distributed.checkpoint's layout
     state = two / "checkpoints" / "step-000003" / "trainer_state" / "optimizer"
     assert sorted(p.name for p in state.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
+def test_two_processes_with_gradient_checkpointing_train_as_one_process_without_would(runs):
+    # recomputing a layer's activations in its backward changes no number
+    assert_same_run(runs("full", 1), runs("full_checkpointing", 2))
 
 
 @pytest.mark.slow
