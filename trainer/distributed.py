@@ -77,9 +77,22 @@ class World:
         """Which of ``count`` prompts this process generates: the b-th with b mod size == rank."""
         return list(range(self.rank, count, self.size))
 
-    def sequences(self, num_groups: int, group_size: int) -> torch.Tensor:
-        """[B*G] bool: the completions of the groups this process trains on (its ``share``)."""
-        owned = torch.arange(num_groups).remainder(self.size) == self.rank  # [B]
+    def sequences(
+        self, num_groups: int, group_size: int, costs: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """[B*G] bool: the completions of the groups this process trains on. With ``costs`` (each
+        group's work, [B]), the groups are dealt longest first, each to the process with the least
+        work so far (the lower rank on a tie), so that no process waits long for another at the
+        gradients' sum: every process holds the whole step, so any split sums to the same gradient.
+        Without, its ``share``."""
+        if costs is None or self.size == 1:
+            owned = torch.arange(num_groups).remainder(self.size) == self.rank  # [B]
+        else:
+            load, owner = [0.0] * self.size, [0] * num_groups
+            for b in sorted(range(num_groups), key=lambda b: (-costs[b], b)):
+                owner[b] = min(range(self.size), key=lambda r: (load[r], r))
+                load[owner[b]] += costs[b]
+            owned = torch.tensor(owner) == self.rank  # [B]
         return owned.repeat_interleave(group_size)  # [B*G]
 
     def gather_groups(self, part: ScoredGroups | None, count: int, group_size: int) -> ScoredGroups:

@@ -422,10 +422,16 @@ def _train(
         skip_zero = cfg.beta == 0 and not router_aux_loss_coef(policy)
         active = loss_mask & ((advantages != 0) if skip_zero else torch.ones_like(loss_mask))  # [B*G]
         num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
-        # this process's groups (the counts above are the step's), cut as this step trains them
-        micro_batches, step_models = plan_training(
-            batch, active & world.sequences(len(batch.prompt_ids), G), models, cfg, sharding
-        )
+        # this process's groups (the counts above are the step's), dealt so that every process has
+        # about as many tokens to score (a group's prompt once, its completions that train), and cut
+        # as this step trains them
+        scored_tokens = (lengths * active).view(-1, G).sum(-1)  # [B]
+        costs = [
+            float(n + prompt.shape[0]) if n else 0.0
+            for n, prompt in zip(scored_tokens.tolist(), batch.prompt_ids, strict=True)
+        ]
+        mine = world.sequences(len(batch.prompt_ids), G, costs)  # [B*G]
+        micro_batches, step_models = plan_training(batch, active & mine, models, cfg, sharding)
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
         with failures.during(step, "the forward and backward passes"):
