@@ -385,12 +385,14 @@ def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
 
 
 class LaunchFailed(RuntimeError):
-    """A process of the job failed; the message names it (and any other that failed), and
-    ``exit_code`` is the first failure's (1 for a process killed by a signal)."""
+    """A process of the job failed; the message names it (and any other that failed), ``exit_code``
+    is the first failure's (1 for a process killed by a signal), and ``signals`` names the signals
+    that killed the failed ones (``SIGKILL``: from outside, the out-of-memory killer most often)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, signals: frozenset[str] = frozenset()):
         super().__init__(message)
         self.exit_code = exit_code
+        self.signals = signals
 
 
 def launch(
@@ -435,13 +437,24 @@ def launch(
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:
-        raise LaunchFailed(describe_failures(exc.failures), first_exit_code(exc.failures)) from None
+        failed = failed_first(exc.failures)
+        raise LaunchFailed(
+            describe_failures(exc.failures),
+            first_exit_code(exc.failures),
+            frozenset(f.signal_name() for f in failed.values() if f.exitcode < 0),
+        ) from None
+
+
+def failed_first(failures: dict[int, Any]) -> dict[int, Any]:
+    """The processes that failed of themselves: all but those the launcher stopped (SIGTERM) because
+    another had failed; all, where every one was stopped so."""
+    return {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
 
 
 def describe_failures(failures: dict[int, Any]) -> str:
     """Which processes failed and how, those the launcher stopped because another had failed
     (SIGTERM) last: ``rank 1 (local rank 1, pid 123) was killed by SIGKILL; rank 0 stopped``."""
-    failed = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    failed = failed_first(failures)
     described = []
     for rank, failure in sorted(failed.items()):
         how = (

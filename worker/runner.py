@@ -100,10 +100,10 @@ def train_on_processes(job_id: str, worker: str, job_dir: Path, *, nproc: int) -
 
 
 def killed_hint(failed: LaunchFailed) -> str:
-    """What a user can do about a process killed by SIGKILL (the launcher's account says so:
-    ``trainer.distributed.describe_failures``), which left no reason of its own: the kernel's
-    out-of-memory killer sends it (a GPU out of memory is the trainer's own reason, above)."""
-    if "killed by SIGKILL" not in str(failed):
+    """What a user can do about a process killed by SIGKILL (``LaunchFailed.signals``), which left
+    no reason of its own: the kernel's out-of-memory killer sends it (a GPU out of memory is the
+    trainer's own reason, above)."""
+    if "SIGKILL" not in failed.signals:
         return ""
     return (
         ". A process killed by SIGKILL was stopped from outside the trainer, most likely because the "
