@@ -1,7 +1,7 @@
 """One job on N processes against one process, each process one thread, on a bench config.
 
     .venv/bin/python bench/distributed_bench.py [--config realistic] [--nproc 2] [--steps 3]
-        [--gradient-checkpointing]
+        [--gradient-checkpointing] [--release-freed-memory]
         [--repeats 1] [--reshard auto|layer,step] [--workdir /tmp/grpo-bench]
 
 Builds the config's model and data (``bench_common.prepare``, in a subprocess: this driver never
@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every side recomputes each layer's activations in the backward (what large models train with)",
     )
+    parser.add_argument(
+        "--release-freed-memory",
+        action="store_true",
+        help="glibc gives freed memory back at once (every side), so that a peak RSS is the most a "
+        "process held, not what its allocator kept from earlier phases; slower (fresh pages for every "
+        "large allocation): read the memory columns of such a run, not its seconds",
+    )
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is warm-up)")
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
+    if args.release_freed_memory:  # allocations over 64 KiB mapped alone, unmapped when freed; no heap kept
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     config = CONFIGS[args.config]
     prepared = json.loads(
         subprocess.run(
