@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
+from jobs.cache import open_cache
 from jobs.db import call_after_commit, call_after_rollback
 from jobs.errors import InvalidDataset, PayloadTooLarge
 from jobs.models import Dataset
@@ -122,7 +123,7 @@ def store_dataset(
     store = open_store(settings)
     if store is not None:
         # Before the row is committed: a dataset a job can name is one every worker can fetch.
-        # This process's copy stays, as its cache.
+        # This process's copy stays, as its cache, brought back under its bound once committed.
         key = store.key_of(final)
         try:
             store.upload_file(final, key)
@@ -130,6 +131,7 @@ def store_dataset(
             final.unlink(missing_ok=True)
             raise
         call_after_rollback(session, lambda: store.delete(key))
+        call_after_commit(session, open_cache(settings, store).make_room)
     call_after_rollback(session, lambda: final.unlink(missing_ok=True))
     return dataset, True
 
@@ -142,7 +144,7 @@ def local_dataset(settings: Settings, dataset_id: str) -> Path:
     store = open_store(settings)
     if store is not None and not path.is_file():
         try:
-            return store.fetch_file(store.key_of(path))
+            return open_cache(settings, store).fetch_file(store.key_of(path))  # room made first
         except FileNotFoundError:
             pass
     return path

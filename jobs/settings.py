@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # With a store, a worker's artifact_dir (its cache of the store) holds at most this many GiB:
     # past it, whole artifacts (datasets, checkpoints, merged models) that are safely in the store
     # and in use by no process of that directory are evicted, least recently used first
-    # (worker/cache.py). 0: unbounded. Without a store it never applies: the directory is the storage.
+    # (jobs/cache.py). 0: unbounded. Without a store it never applies: the directory is the storage.
     store_cache_gib: float = Field(50.0, ge=0)
     # The Celery queue of one-device jobs; a job asking for N devices (its spec's `gpus`) goes to
     # "<queue>.gpus-N" (jobs.broker.train_queue), and a worker consumes those of every size it can run.

@@ -10,7 +10,7 @@ the older recorded ones as placeholders holding only their step state (``trainer
 and nothing else. The trainer resumes from the newest, and its pruning sees the older ones and
 deletes them as it would have on the machine that wrote them, which deletes them from the store.
 
-Fetches go through the cache (``worker.cache``), which evicts what no run needs to keep the
+Fetches go through the cache (``jobs.cache``), which evicts what no run needs to keep the
 directory under ``GRPO_STORE_CACHE_GIB``; a run holds its job directory and datasets in use
 (``job_files_in_use``), so that no process of this cache evicts them while it runs.
 """
@@ -26,13 +26,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from jobs.cache import StoreCache, open_cache
 from jobs.queries import delete_checkpoint, list_checkpoints
 from jobs.settings import Settings
 from jobs.store import ArtifactStore, StoreUnavailable
 from trainer.errors import TrainingError
 from trainer.layout import CHECKPOINT_NAME, STATE_DIR
 from trainer.tracking import TENSORBOARD_DIR
-from worker.cache import StoreCache, open_cache
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from celery import Task, shared_task
 from celery.signals import worker_init, worker_shutdown
 
 from jobs.artifacts import downloaded, inside, merged_dir
+from jobs.cache import open_cache
 from jobs.chat import CHAT_COMPLETION
 from jobs.db import session_factory, unit_of_work
 from jobs.errors import CheckpointNotFound
@@ -41,7 +42,6 @@ from jobs.settings import Settings, get_settings
 from jobs.store import ArtifactStore, StoreUnavailable, check_key, open_store
 from trainer.config import ConfigError
 from trainer.errors import ModelLoadError
-from worker.cache import open_cache
 from worker.vllm_serving import AdapterRefused, VLLMServing, check_vllm_environment
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def serving_copy(store: ArtifactStore, key: str, settings: Settings) -> Path | N
     Without the resume state, which serving never reads; and in a cache of its own
     (``<artifact_dir>/inference-cache``), so that a training worker sharing this machine's artifact
     directory never finds its checkpoints replaced under it. Fetched through the bounded cache
-    (``worker.cache``), which may evict others first."""
+    (``jobs.cache``), which may evict others first."""
     assert settings.artifact_dir is not None
     try:
         return open_cache(settings, store).fetch_dir(

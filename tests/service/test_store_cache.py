@@ -1,4 +1,4 @@
-"""A worker's artifact directory as a bounded cache of the object store (worker/cache.py), against a
+"""A worker's artifact directory as a bounded cache of the object store (jobs/cache.py), against a
 real S3 server (SeaweedFS): least recently used artifacts evicted, never one in use (by this process
 or another) or not safely in the store; a job whose checkpoint was evicted resumes from the store;
 and without a store nothing is ever evicted."""
@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from jobs.cache import StoreCache, disk_bytes, mark_used, open_cache
 from jobs.settings import Settings
 from jobs.store import MANIFEST, ArtifactStore, open_store
 from tests.service.e2e import metric_steps, status_changes, wait_for_status, wait_for_step, wait_until_ended
@@ -27,7 +28,6 @@ from tests.service.factories import ROOT, WorkerProcess, api_key, bearer, job_sp
 from tests.service.faults import TcpProxy
 from tests.service.s3 import S3Server
 from worker.artifacts import job_files_in_use
-from worker.cache import StoreCache, disk_bytes, mark_used, open_cache
 from worker.inference import SERVING_CACHE, serving_files_in_use
 
 
@@ -128,7 +128,7 @@ def test_a_pin_held_by_another_process_protects_until_that_process_dies(
             sys.executable,
             "-c",
             "import time; from jobs.settings import get_settings; from jobs.store import open_store; "
-            "from worker.cache import open_cache; s = get_settings(); "
+            "from jobs.cache import open_cache; s = get_settings(); "
             "pin = open_cache(s, open_store(s)).in_use([s.job_dir('job_x')]); pin.__enter__(); "
             "print('pinned', flush=True); time.sleep(600)",
         ],
@@ -221,6 +221,27 @@ def test_an_inference_worker_holds_the_job_it_answers_and_evicts_others(
         assert cache.make_room() == [] and (serving / answered / MANIFEST).is_file()  # over, but in use
     cache.make_room()
     assert not (serving / answered).exists()
+
+
+def test_an_api_process_keeps_its_datasets_under_the_bound_and_fetches_them_back(
+    settings: Settings, s3_server: S3Server, tiny_model: Path
+) -> None:
+    """An API-only machine: what it received (an upload) and what it read (a dry run's estimate)
+    stays under GRPO_STORE_CACHE_GIB, and a dataset evicted there is fetched back when read."""
+    api = settings.model_copy(update={**s3_server.settings(), "store_cache_gib": 1 / (1 << 30)})  # 1 byte
+    store = open_store(api)
+    assert store is not None
+    with TestClient(create_app(api, send=lambda job_id: None), headers=bearer(api_key(api))) as client:
+        first = upload(client).json()["id"]
+        local = api.dataset_path(first)
+        assert store.size(store.key_of(local)) and not local.exists()  # in the store; the copy evicted
+        estimate = client.post("/v1/jobs", params={"dry_run": "true"}, json=job_spec(first, str(tiny_model)))
+        assert estimate.status_code == 200, estimate.text
+        assert estimate.json()["tokens"]["prompts_sampled"] > 0  # the dataset was read: fetched back
+        assert local.is_file()
+        second = upload(client).json()["id"]
+        assert not local.exists() and not api.dataset_path(second).exists()  # both under the bound again
+    assert disk_bytes(api.artifact_dir) == 0
 
 
 def test_without_a_store_nothing_is_ever_evicted(tmp_path: Path) -> None:

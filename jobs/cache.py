@@ -1,10 +1,11 @@
-"""A worker's artifact directory as a bounded cache of the object store (``GRPO_STORE_CACHE_GIB``).
+"""A process's artifact directory as a bounded cache of the object store (``GRPO_STORE_CACHE_GIB``).
 
 With a store, ``GRPO_ARTIFACT_DIR`` holds copies: the datasets and checkpoints a training worker
-fetched or wrote, the checkpoints and merged models an inference worker fetched to serve. Before a
-fetch, the cache makes room for what comes by evicting whole artifacts, least recently used first;
-after a job ends, it is brought back under its bound (the job's checkpoints may have taken it
-over). Fetching or using an artifact marks it used (its mtime).
+fetched or wrote, the checkpoints and merged models an inference worker fetched to serve, the
+datasets an API process received or read (an upload, a dry run's estimate). Before a fetch, the
+cache makes room for what comes by evicting whole artifacts, least recently used first; after a
+job ends, and after an upload, it is brought back under its bound (the job's checkpoints, the
+upload, may have taken it over). Fetching or using an artifact marks it used (its mtime).
 
 Only what is safely in the store is evicted:
 
