@@ -110,6 +110,32 @@ def group_cost(group: Group, *, share_prompt: bool = True, token_budget: int = 8
     return plen + n * longest if shared else n * (plen + longest)
 
 
+def group_costs(
+    batch: ScoredGroups,
+    active: torch.Tensor,
+    group_size: int,
+    *,
+    share_prompt: bool = True,
+    token_budget: int = 8192,
+    one_forward: bool = False,
+) -> list[int]:
+    """[B] each group's ``group_cost`` over its ``active`` [B*G] completions (0: none active); with
+    ``one_forward``, its rows padded to its longest: n x (P + L_max)."""
+    costs = []
+    for b, prompt in enumerate(batch.prompt_ids):
+        completions = [
+            batch.completion_ids[b * group_size + g] for g in range(group_size) if active[b * group_size + g]
+        ]
+        if not completions:
+            costs.append(0)
+        elif one_forward:
+            costs.append(len(completions) * (prompt.shape[0] + max(c.shape[0] for c in completions)))
+        else:
+            group = Group(prompt=prompt, completions=completions)
+            costs.append(group_cost(group, share_prompt=share_prompt, token_budget=token_budget))
+    return costs
+
+
 def plan_micro_batches(
     batch: ScoredGroups,
     active: torch.Tensor,

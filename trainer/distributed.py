@@ -6,8 +6,9 @@ Who does what. Every process generates and scores whole groups, its share of the
 (``trainer.loop.group_seed``), so that a group's completions do not depend on which process drew
 it. The scored groups are then exchanged: every process holds the whole step, and computes from it
 what one process would (advantages with batch-level scaling, dynamic sampling's decisions, the
-loss's normalising counts, the metrics), with the same numbers. Each process trains on its own
-groups; the gradients are summed. Rank 0 alone reports (metrics, progress, checkpoints, the stop
+loss's normalising counts, the metrics), with the same numbers. The groups to train are then
+dealt to the processes by the token positions each scores (``World.sequences``), whoever generated
+them; the gradients are summed. Rank 0 alone reports (metrics, progress, checkpoints, the stop
 check, whose answer it broadcasts).
 
 The model. ``fully_shard`` (FSDP2) on every decoder layer and on the root (the embeddings, the
@@ -77,9 +78,7 @@ class World:
         """Which of ``count`` prompts this process generates: the b-th with b mod size == rank."""
         return list(range(self.rank, count, self.size))
 
-    def sequences(
-        self, num_groups: int, group_size: int, costs: Sequence[float] | None = None
-    ) -> torch.Tensor:
+    def sequences(self, num_groups: int, group_size: int, costs: Sequence[int] | None = None) -> torch.Tensor:
         """[B*G] bool: the completions of the groups this process trains on. With ``costs`` (each
         group's work, [B]), the groups are dealt longest first, each to the process with the least
         work so far (the lower rank on a tie), so that no process waits long for another at the
@@ -88,7 +87,7 @@ class World:
         if costs is None or self.size == 1:
             owned = torch.arange(num_groups).remainder(self.size) == self.rank  # [B]
         else:
-            load, owner = [0.0] * self.size, [0] * num_groups
+            load, owner = [0] * self.size, [0] * num_groups
             for b in sorted(range(num_groups), key=lambda b: (-costs[b], b)):
                 owner[b] = min(range(self.size), key=lambda r: (load[r], r))
                 load[owner[b]] += costs[b]
@@ -364,7 +363,13 @@ def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
     # and an all-gather one process issues and another does not never pairs.
     for i, layer in enumerate(layers):
         layer.set_modules_to_backward_prefetch([layers[i - 1] if i else model])
-    gloo = dist.get_backend(mesh.get_group()) == "gloo"
+    # (where measured: every process on one machine, 2 or 4 of them; and where torch has the hooks)
+    one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world.size)) == world.size
+    gloo = (
+        dist.get_backend(mesh.get_group()) == "gloo"
+        and one_machine
+        and hasattr(model, "set_custom_all_gather")
+    )
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum, not average: each process's loss is its share
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
@@ -388,7 +393,8 @@ def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
 # FSDP2's collectives as gloo runs them fastest (``set_custom_all_gather`` and
 # ``set_custom_reduce_scatter``, whose interface is ``allocate`` and ``__call__``): gloo's own
 # all-gather and reduce-scatter take 2-3x the time of one broadcast per process and of an all-reduce
-# of the same bytes (24M float32 on 2 processes: bench/RESULTS.md). NCCL's are left as they are.
+# of the same bytes (24M float32, 2 or 4 processes on one machine: bench/RESULTS.md). Across machines
+# (untested there: an all-reduce sends twice a reduce-scatter's bytes) and on NCCL FSDP's own stay.
 
 
 class GlooAllGather:

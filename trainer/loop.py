@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.batch import MicroBatch, ScoredGroups, plan_micro_batches
+from trainer.batch import MicroBatch, ScoredGroups, group_costs, plan_micro_batches
 from trainer.config import ConfigError, GRPOConfig, RunConfig
 from trainer.data import PromptSampler, RowFile
 from trainer.distributed import (
@@ -423,14 +423,8 @@ def _train(
         active = loss_mask & ((advantages != 0) if skip_zero else torch.ones_like(loss_mask))  # [B*G]
         num_sequences, num_tokens = len(batch.completion_ids), int(lengths[loss_mask].sum())
         # this process's groups (the counts above are the step's), dealt so that every process has
-        # about as many tokens to score (a group's prompt once, its completions that train), and cut
-        # as this step trains them
-        scored_tokens = (lengths * active).view(-1, G).sum(-1)  # [B]
-        costs = [
-            float(n + prompt.shape[0]) if n else 0.0
-            for n, prompt in zip(scored_tokens.tolist(), batch.prompt_ids, strict=True)
-        ]
-        mine = world.sequences(len(batch.prompt_ids), G, costs)  # [B*G]
+        # about as many token positions to score, and cut as this step trains them
+        mine = world.sequences(len(batch.prompt_ids), G, training_costs(batch, active, models, cfg))  # [B*G]
         micro_batches, step_models = plan_training(batch, active & mine, models, cfg, sharding)
 
         # 4. loss / backward / optimizer step, num_iterations times over the same batch
@@ -504,6 +498,21 @@ def _train(
         stopped=stopped,
         checkpoint=ckpt.latest_checkpoint(output_dir),
         best_checkpoint=best_path,
+    )
+
+
+def training_costs(batch: ScoredGroups, active: torch.Tensor, models: Models, cfg: GRPOConfig) -> list[int]:
+    """[B] the token positions each group's training scores (``group_costs``): as one padded forward
+    where the step trains layer by layer for certain (``fsdp_reshard`` "layer"), else on the leanest
+    scoring."""
+    lean = models.scoring or default_scoring(models.policy)
+    return group_costs(
+        batch,
+        active,
+        cfg.group_size,
+        share_prompt=lean.share_prompt,
+        token_budget=FORWARD_TOKEN_BUDGET,
+        one_forward=cfg.fsdp_reshard == "layer",
     )
 
 

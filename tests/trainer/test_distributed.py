@@ -52,7 +52,7 @@ FULL = {
 # The same with the whole model gathered for each step's training (the leanest scoring, one reduce).
 FULL_STEP = {**FULL, "fsdp_reshard": "step"}
 # Layer by layer with gradient checkpointing, as large models train: each layer's forward runs again
-# in its backward, which gathers the layer a third time (FSDP's pre-backward hook, inside the recompute).
+# in its backward, inside the gather FSDP's pre-backward hook made for it (no extra collective).
 FULL_CHECKPOINTING = {**FULL, "gradient_checkpointing": True}
 # LoRA (peft model sharded whole, reference = adapters off), the per-sequence normaliser (grpo),
 # and two optimizer passes over each batch (pi_old, a weight gather after each update).

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.trainer.factories import letter_dataset, tiny_run, write_rows
-from trainer.batch import ScoredGroups, group_cost, plan_micro_batches
+from trainer.batch import ScoredGroups, group_cost, group_costs, plan_micro_batches
 from trainer.config import GRPOConfig
 from trainer.data import PromptSampler
 from trainer.logprobs import PLAIN, Scoring, token_logprobs
@@ -366,6 +366,20 @@ def test_micro_batches_hold_at_most_the_budget_of_padded_completions():
             )
             assert real <= budget or len(plan.groups) == 1
     assert len(plan_micro_batches(batch, active, G, 500)) == 3
+
+
+def test_a_groups_cost_counts_the_positions_its_scoring_holds_on_each_path():
+    """What the step's groups are dealt to processes by: prompts 6, 3, 5; only active completions."""
+    lengths = [100, 1, 1, 1] + [2, 2, 2, 2] + [7, 1, 1, 1]
+    batch = _batch([0.0] * (3 * G), lengths)
+    active = torch.ones(3 * G, dtype=torch.bool)
+    active[8:] = False  # the third group trains nothing
+    active[1:3] = False  # the first trains its completions 0 and 3
+    shared = [6 + 2 * 100, 3 + 4 * 2, 0]  # the prompt once, the completions padded to their longest
+    rows = [2 * (6 + 100), 4 * (3 + 2), 0]  # a row [prompt, completion] each, padded to the longest
+    assert group_costs(batch, active, G) == shared
+    assert group_costs(batch, active, G, share_prompt=False) == rows
+    assert group_costs(batch, active, G, one_forward=True) == rows
 
 
 # --- reproducibility --------------------------------------------------------------------------
