@@ -343,8 +343,16 @@ def shard(model: torch.nn.Module, world: World) -> list[torch.nn.Module]:
     """``fully_shard`` each decoder layer of ``model`` and the root (a peft model whole, adapters
     and frozen weights alike), set up in ``Sharding``'s gathered state; the FSDP units, root first."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        FSDPModule = None
+    if FSDPModule is None or not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise ModelLoadError(
+            f"one job on several processes needs FSDP2 as torch 2.9 or newer has it; this worker has torch "
+            f"{torch.__version__}: install a newer torch on the workers, or create the job with gpus: 1"
+        )
     device = world.device or next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world.size,))
     layers = decoder_layers(model)
