@@ -196,10 +196,13 @@ class Sharding:
             return
         for unit in self.policy_units:
             unit.unshard()
+        drop_shards(self.policy_units)
         self.gathered = True
 
     def reshard(self) -> None:
         """Back to each process's shard of the weights (what the optimizer and a checkpoint use)."""
+        if self.gathered:
+            restore_shards(self.policy_units, self.world)
         for unit in self.policy_units:
             unit.reshard()
         self.gathered = False
@@ -219,9 +222,11 @@ class Sharding:
             self.reshard()
         for unit in self.reference_units:
             unit.unshard()
+        drop_shards(self.reference_units)
         try:
             yield
         finally:
+            restore_shards(self.reference_units, self.world)
             # FSDP records every forward's order for the backward's prefetching, and clears it in
             # a backward, which the reference never runs: clear it here (this reshards it too)
             self.reference_units[0].reset_iter_state()
@@ -261,6 +266,9 @@ class Sharding:
             self.gather()
             try:
                 yield
+                # the shards back before FSDP's reduce, which reshards (frees the full weights)
+                restore_shards(self.policy_units, self.world)
+                self.gathered = False
                 if reduce:
                     self._reduce_gathered_gradients()
             finally:
@@ -330,6 +338,53 @@ def activation_bytes_per_position(model: torch.nn.Module, checkpointing: bool) -
     element = next(model.parameters()).element_size()
     per_layer = config.hidden_size * element * (1 if checkpointing else ACTIVATIONS_PER_POSITION)
     return per_layer * config.num_hidden_layers
+
+
+def _sharded_params(units: Sequence[torch.nn.Module]) -> list[Any]:
+    """FSDP2's record of each parameter of ``units`` sharded on its first dimension (FSDP's
+    default), whose own shard ``drop_shards`` may free; none where this torch's FSDP2 keeps them
+    otherwise."""
+    params = []
+    for unit in units:
+        for group in getattr(unit._get_fsdp_state(), "_fsdp_param_groups", []):
+            for param in group.fsdp_params:
+                if (
+                    getattr(param, "fsdp_placement", None) is not None
+                    and param.fsdp_placement.dim == 0
+                    and isinstance(getattr(param, "_sharded_param_data", None), torch.Tensor)
+                    and hasattr(param, "padded_sharded_param_size")
+                ):
+                    params.append(param)
+    return params
+
+
+def drop_shards(units: Sequence[torch.nn.Module]) -> None:
+    """Free this process's own shard of ``units``' weights while their full weights are gathered:
+    the full weights hold the same numbers, and nothing reads the shard until ``restore_shards``
+    (the optimizer and a checkpoint read it once resharded). While a process generates, it then
+    holds the full weights beside its shards of the optimizer's state, not beside its shard of the
+    weights too: P/N less at its peak (bench/RESULTS.md)."""
+    for param in _sharded_params(units):
+        full = getattr(param, "_unsharded_param", None)
+        if full is not None and full.untyped_storage().size() > 0:  # gathered: the numbers are there
+            param._sharded_param_data.untyped_storage().resize_(0)
+
+
+def restore_shards(units: Sequence[torch.nn.Module], world: World) -> None:
+    """Each shard ``drop_shards`` freed, again, copied from the full weights (before they are
+    freed): this process's chunk of the first dimension, zero-padded as FSDP holds it."""
+    for param in _sharded_params(units):
+        data = param._sharded_param_data  # [padded shard numel]
+        storage = data.untyped_storage()
+        if storage.size() > 0:
+            continue  # not dropped
+        storage.resize_(data.numel() * data.element_size())
+        padded = data.view(param.padded_sharded_param_size)  # [ceil(D0 / N), ...]
+        chunks = torch.chunk(param._unsharded_param.detach(), world.size, dim=0)
+        padded.zero_()
+        if world.rank < len(chunks):  # a small first dimension leaves the last processes none
+            mine = chunks[world.rank]  # [<= ceil(D0 / N), ...]
+            padded.narrow(0, 0, mine.shape[0]).copy_(mine)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

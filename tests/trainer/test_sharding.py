@@ -1,7 +1,8 @@
-"""``Sharding``'s training state on two gloo processes (``torch.multiprocessing``): while a step
-trains, a process holds the full weights of the layer that runs (and the one FSDP prefetches), not
-the model's; every gradient ends summed into the shards, equal to one process's over all the
-micro-batches; a process with fewer micro-batches than the other runs empty ones and adds nothing.
+"""``Sharding``'s training state on two gloo processes (``torch.multiprocessing``): gathered, a
+process holds no shard of its own beside the full weights; while a step trains, a process holds the
+full weights of the layer that runs (and the one FSDP prefetches), not the model's; every gradient
+ends summed into the shards, equal to one process's over all the micro-batches; a process with
+fewer micro-batches than the other runs empty ones and adds nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def train_on_rank(rank: int, init_method: str, model_dir: str, out_dir: str) -> 
         held: list[int] = []
         for layer in layers:
             layer.register_forward_pre_hook(lambda module, args: held.append(gathered_layers(layers)))
+        # gathered, a process frees its own shard of the weights (the full weights hold the same
+        # numbers) and gets it back, the same, when resharded
+        shards = dict(model.named_parameters())  # this process's shards (DTensors)
+        before = {name: p.to_local().clone() for name, p in shards.items()}
+        sharding.gather()
+        dropped = all(p.to_local().untyped_storage().size() == 0 for p in shards.values())
+        sharding.reshard()
+        restored = all(torch.equal(p.to_local(), before[name]) for name, p in shards.items())
         scoring = Scoring(one_forward=True)
         mine = [micro_batch(10 * rank + i, *spec) for i, spec in enumerate(MICRO_BATCHES[rank])]
         # auto: layer by layer unless the padding's activations outweigh the layers' weights and
@@ -95,7 +104,17 @@ def train_on_rank(rank: int, init_method: str, model_dir: str, out_dir: str) -> 
         if rank == 0:
             torch.save(grads, Path(out_dir) / "grads.pt")
         (Path(out_dir) / f"rank{rank}.json").write_text(
-            json.dumps({"gap": gap, "held": held, "after": after, "layers": len(layers), "choices": choices})
+            json.dumps(
+                {
+                    "gap": gap,
+                    "held": held,
+                    "after": after,
+                    "layers": len(layers),
+                    "choices": choices,
+                    "dropped": dropped,
+                    "restored": restored,
+                }
+            )
         )
     finally:
         dist.destroy_process_group()
@@ -110,6 +129,7 @@ def test_training_holds_a_layer_at_a_time_and_sums_every_process_gradients(tmp_p
     assert [r["choices"] for r in reports] == [[True, False, True, False]] * 2
     assert [r["gap"] for r in reports] == [0, 1]  # rank 1 ran one empty micro-batch
     for report in reports:
+        assert report["dropped"] and report["restored"]
         assert report["layers"] == 4
         assert report["held"], "no decoder layer ran"
         assert max(report["held"]) <= 2  # the layer running and at most the one prefetched, of 4
