@@ -34,6 +34,9 @@ from tests.service.live import serve
 from tests.service.simulate import SimulatedWorker
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# How long the page may take to show a change: it only guards a hang (chromium on a loaded 2-core
+# machine has taken more than 15 s to render a job's first step).
+PAGE_S = 60.0
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -129,14 +132,14 @@ def test_a_finished_jobs_curves_samples_checkpoints_and_events(
     SimulatedWorker(settings, job_id).run(30, checkpoint_every=10)
 
     browser.get(f"{server}/?key={key}&poll_ms=300#{job_id}")
-    wait_for(lambda: points(browser, "reward") == 30, timeout=15, what="the reward curve")
+    wait_for(lambda: points(browser, "reward") == 30, timeout=PAGE_S, what="the reward curve")
     path = css(browser, "#chart-reward path.line")[0].get_attribute("d")
     assert path.startswith("M") and path.count("L") == 29
     assert {"kl", "loss", "reward_std"} <= {c.get_attribute("data-metric") for c in css(browser, ".chart")}
     assert css(browser, "#job-status")[0].text == "succeeded"
     assert css(browser, "#job-step")[0].text.startswith("step 30 / 30")
     assert f"{job_id}" in css(browser, "#jobs tbody tr.selected")[0].text
-    wait_for(lambda: len(css(browser, "#samples tbody tr")) == 2, timeout=10, what="the samples")
+    wait_for(lambda: len(css(browser, "#samples tbody tr")) == 2, timeout=PAGE_S, what="the samples")
     assert "<think>30 plus 0</think> 30" in css(browser, "#samples tbody")[0].text
     assert [li.text.split(" · ")[0] for li in css(browser, "#checkpoints li")] == [
         "step 10",
@@ -159,14 +162,14 @@ def test_a_running_jobs_page_follows_its_progress(browser, server, api, settings
     worker = SimulatedWorker(settings, job_id).claim()
     worker.step(1)
     browser.get(f"{server}/?poll_ms=200#{job_id}")  # the key is remembered
-    wait_for(lambda: points(browser, "reward") == 1, timeout=15, what="the first step")
+    wait_for(lambda: points(browser, "reward") == 1, timeout=PAGE_S, what="the first step")
     assert css(browser, "#job-status")[0].text == "running"
 
     for step in range(2, 6):
         worker.step(step)
         wait_for(
             lambda s=step: css(browser, "#job-step")[0].get_attribute("data-step") == str(s),
-            timeout=10,
+            timeout=PAGE_S,
             what=f"step {step} on the page",
         )
     assert (
@@ -174,7 +177,9 @@ def test_a_running_jobs_page_follows_its_progress(browser, server, api, settings
         and css(browser, "#chart-reward path.line")[0].get_attribute("d").count("L") == 4
     )
     worker.finish()
-    wait_for(lambda: css(browser, "#job-status")[0].text == "succeeded", timeout=10, what="the final status")
+    wait_for(
+        lambda: css(browser, "#job-status")[0].text == "succeeded", timeout=PAGE_S, what="the final status"
+    )
 
 
 def test_a_lora_job_offers_its_adapter_and_merged_model(browser, server, api, settings) -> None:
@@ -186,7 +191,7 @@ def test_a_lora_job_offers_its_adapter_and_merged_model(browser, server, api, se
     (merged / "model.safetensors").write_bytes(b"w" * 64)
 
     browser.get(f"{server}/?poll_ms=200#{job_id}")
-    wait_for(lambda: css(browser, "#checkpoints li"), timeout=15, what="the checkpoint")
+    wait_for(lambda: css(browser, "#checkpoints li"), timeout=PAGE_S, what="the checkpoint")
     [item] = css(browser, "#checkpoints li")
     assert [b.text for b in item.find_elements("css selector", "button")] == ["adapter", "merged model"]
     assert f"grpo jobs download {job_id} --step 2 [--merged]" in item.text
@@ -194,12 +199,14 @@ def test_a_lora_job_offers_its_adapter_and_merged_model(browser, server, api, se
 
 def test_without_a_valid_key_the_page_asks_for_one(browser, server, settings) -> None:
     browser.get(f"{server}/?key=grpo_not-a-key")
-    wait_for(lambda: css(browser, "#key-form")[0].is_displayed(), timeout=10, what="the key form")
+    wait_for(lambda: css(browser, "#key-form")[0].is_displayed(), timeout=PAGE_S, what="the key form")
     assert "invalid API key" in css(browser, "#key-error")[0].text
     css(browser, "#key-input")[0].send_keys(api_key(settings, owner="bob"))
     css(browser, "#key-form button")[0].click()
-    wait_for(lambda: css(browser, "#app")[0].is_displayed(), timeout=10, what="the dashboard")
-    wait_for(lambda: css(browser, "#jobs-empty")[0].is_displayed(), timeout=10, what="bob's empty job list")
+    wait_for(lambda: css(browser, "#app")[0].is_displayed(), timeout=PAGE_S, what="the dashboard")
+    wait_for(
+        lambda: css(browser, "#jobs-empty")[0].is_displayed(), timeout=PAGE_S, what="bob's empty job list"
+    )
 
 
 # What each element's box is, read in the page: [left, top, right, bottom, line boxes, overflows].
@@ -234,7 +241,7 @@ def test_event_numbers_job_ids_and_chart_axes_are_readable(
     browser.get(f"{server}/?key={key}&poll_ms=300#{job_id}")
     wait_for(
         lambda: points(browser, "reward") == 12 and len(css(browser, "#events li")) >= 14,
-        timeout=15,
+        timeout=PAGE_S,
         what="the curves and the events",
     )
 
@@ -296,12 +303,12 @@ def test_ticked_jobs_overlay_their_curves_in_one_chart(browser, server, api, set
     for job_id, steps in ((first, 8), (second, 12), (third, 4)):
         SimulatedWorker(settings, job_id).run(steps)
     browser.get(f"{server}/?key={key}&poll_ms=300#{third}")
-    wait_for(lambda: points(browser, "reward") == 4, timeout=15, what="the third job's page")
+    wait_for(lambda: points(browser, "reward") == 4, timeout=PAGE_S, what="the third job's page")
     assert css(browser, "#compare")[0].is_displayed() is False
 
     for job_id in (first, second):
         tick(browser, job_id)
-    wait_for(lambda: len(overlay(browser)["series"]) == 2, timeout=15, what="two series")
+    wait_for(lambda: len(overlay(browser)["series"]) == 2, timeout=PAGE_S, what="two series")
     shown = overlay(browser)
     assert {job_id: points for job_id, (points, _, _) in shown["series"].items()} == {first: 8, second: 12}
     assert [shown["series"][first][1].count("L"), shown["series"][second][1].count("L")] == [7, 11]
@@ -314,10 +321,10 @@ def test_ticked_jobs_overlay_their_curves_in_one_chart(browser, server, api, set
     assert browser.current_url.endswith(f"#{third}")  # ticking a job does not open it
 
     tick(browser, first)
-    wait_for(lambda: list(overlay(browser)["series"]) == [second], timeout=10, what="one series left")
+    wait_for(lambda: list(overlay(browser)["series"]) == [second], timeout=PAGE_S, what="one series left")
     assert len(overlay(browser)["legend"]) == 1
     tick(browser, second)
-    wait_for(lambda: not css(browser, "#compare")[0].is_displayed(), timeout=10, what="the chart hidden")
+    wait_for(lambda: not css(browser, "#compare")[0].is_displayed(), timeout=PAGE_S, what="the chart hidden")
 
 
 def tick(browser, job_id: str) -> None:
@@ -360,7 +367,7 @@ def test_checkpoints_show_their_eval_figures_and_the_best(browser, server, api, 
             )
 
     browser.get(f"{server}/?key={key}&poll_ms=200#{job_id}")
-    wait_for(lambda: len(css(browser, "#checkpoints li")) == 2, timeout=15, what="the checkpoints")
+    wait_for(lambda: len(css(browser, "#checkpoints li")) == 2, timeout=PAGE_S, what="the checkpoints")
     best, last = css(browser, "#checkpoints li")
     assert "eval reward 0.75 · pass@1 0.5 · pass@4 0.9" in best.text and "exact_match" not in best.text
     assert [s.text for s in best.find_elements("css selector", "strong")] == ["best"]
@@ -385,6 +392,6 @@ def test_a_metric_reported_only_at_checkpoints_draws_one_joined_line(
     worker.finish()
 
     browser.get(f"{server}/?key={key}&poll_ms=200#{job_id}")
-    wait_for(lambda: points(browser, "eval_reward") == 3, timeout=15, what="the eval curve")
+    wait_for(lambda: points(browser, "eval_reward") == 3, timeout=PAGE_S, what="the eval curve")
     path = css(browser, "#chart-eval_reward path.line")[0].get_attribute("d")
     assert path.count("M") == 1 and path.count("L") == 2, path  # steps 2, 4, 6 joined, not three lone dots
