@@ -282,9 +282,11 @@ class Sharding:
             unit.set_requires_gradient_sync(True, recurse=False)
             unit.set_reshard_after_backward(unit is not root, recurse=False)
         root.unshard()
+        drop_shards([root])  # gathered for the phase: its own shard meanwhile freed
         try:
             yield
         finally:
+            restore_shards([root], self.world)  # before the reshard frees its full weights
             for unit in self.policy_units:
                 unit.set_reshard_after_forward(False, recurse=False)
                 unit.set_requires_gradient_sync(False, recurse=False)

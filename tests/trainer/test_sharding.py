@@ -94,11 +94,15 @@ def train_on_rank(rank: int, init_method: str, model_dir: str, out_dir: str) -> 
         ]
         assert sharding.choose("layer", sharding.layer_bytes * 10, 0, 1)
         gap = sharding.micro_batch_gap(len(mine))
+        root = [name for name in shards if ".layers." not in name]  # embeddings, final norm, LM head
         with sharding.training():
+            # the root, gathered for the phase, without its own shard meanwhile
+            dropped = dropped and all(shards[n].to_local().untyped_storage().size() == 0 for n in root)
             for prompts, completions in mine:
                 loss_of(model, prompts, completions, scoring).backward()
             for _ in range(gap):
                 sharding.idle_pass(scoring)
+        restored = restored and all(torch.equal(shards[n].to_local(), before[n]) for n in root)
         after = gathered_layers(layers)
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # collective
         if rank == 0:
