@@ -148,11 +148,10 @@ def download(client: httpx.Client, job: dict, target_root: Path) -> Path:
     archive = client.get(f"/v1/jobs/{job['id']}/checkpoints/{step}/download")
     if archive.is_error:
         check(archive)
-    target = target_root / f"{job['id']}-step-{step}"
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
-        tar.extractall(target, filter="data")
-    return next(p.parent for p in target.rglob("config.json"))
+    target_root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:  # its one folder: JOB-step-N
+        tar.extractall(target_root, filter="data")
+    return target_root / f"{job['id']}-step-{step}"
 
 
 def main() -> int:
@@ -182,7 +181,7 @@ def main() -> int:
     torch.set_num_threads(int(threads))
     started = time.monotonic()
 
-    print("1. model and data (cached in", args.data_dir, ")")
+    print(f"1. model and data (cached in {args.data_dir})")
     paths = prepare(args.data_dir / "assets", seed=args.seed)
     before = accuracy(paths["model"], paths["heldout"])
     heldout = rows(paths["heldout"])

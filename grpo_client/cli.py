@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,10 +87,25 @@ def when(timestamp: str) -> str:
     return timestamp[:16].replace("T", " ")
 
 
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 (and JSON) do: PyYAML follows YAML 1.1,
+    where a float needs a decimal point and a signed exponent, so ``learning_rate: 1e-4`` would
+    reach the server as the string '1e-4'. A quoted '1e-4' stays a string."""
+
+
+# After YAML 1.1's own resolvers, so what they read (ints, 1.5, .5, .inf) keeps its type; this
+# one adds the floats they miss: 1e-4, -1E+3, 1.5e3.
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
 def read_spec(path: Path) -> Any:
     """A JSON or YAML file (YAML is a superset of JSON, so either parses)."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=SpecLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise GrpoError(f"cannot read {path}: {exc}", code="invalid_file") from None
 

@@ -104,12 +104,17 @@ def wandb_from_environ(environ: Mapping[str, str] = os.environ) -> WandbOptions 
 
 
 def load_spec(path: Path, policy: OperatorPolicy | None = None) -> RunConfig:
+    """The run a spec file describes. A relative path in it is read from the spec file's folder,
+    not the current directory (as docker compose reads the paths in its file)."""
     spec = json.loads(path.read_text())
-    base = path.parent
-    for key in ("dataset", "eval_dataset", "base_model"):  # relative paths are relative to the spec file
+    folder = path.parent
+    for key in ("dataset", "eval_dataset", "base_model"):
         value = spec.get(key)
-        if isinstance(value, str) and value.startswith(".") and (base / value).exists():
-            spec[key] = str((base / value).resolve())
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        # base_model may be a hub id ("Qwen/Qwen2.5-0.5B"): a path only if it says so or is there
+        if key != "base_model" or value.startswith(".") or (folder / value).exists():
+            spec[key] = str((folder / value).resolve())
     return RunConfig.from_spec(spec, policy=policy)
 
 

@@ -165,3 +165,24 @@ def test_download_merged_or_adapter(env, settings, spec_file, tmp_path) -> None:
     assert (tmp_path / f"{job_id}-step-4" / "adapter_config.json").exists()
     both = grpo(env, "jobs", "download", job_id, "--adapter", "--merged")
     assert (both.exit_code, both.output) == (1, "error: give --merged or --adapter, not both\n")
+
+
+def test_a_yaml_spec_reads_exponent_floats_as_numbers(env, spec_file, tmp_path) -> None:
+    """PyYAML alone reads `1e-4` (no decimal point) as a string; the CLI reads floats as YAML 1.2
+    does. Quoted, '1e-4' stays a string, and the server says so."""
+    dataset_id = json.loads(spec_file.read_text())["dataset_id"]
+    spec = (
+        f"name: yaml-floats\nbase_model: org/model\ndataset_id: {dataset_id}\ngroup_size: 2\n"
+        "reward:\n  - type: exact_match\n"
+        "hyperparameters:\n  max_steps: 2\n  learning_rate: {rate}\n  max_grad_norm: {norm}\n"
+    )
+    (tmp_path / "spec.yaml").write_text(spec.format(rate="1e-4", norm="2.5e0"))
+    job_id = create(env, tmp_path / "spec.yaml")
+    stored = json.loads(grpo(env, "jobs", "show", job_id, "--json").stdout)["hyperparameters"]
+    assert (stored["learning_rate"], stored["max_grad_norm"]) == (0.0001, 2.5)
+    assert grpo(env, "jobs", "cancel", job_id).exit_code == 0
+
+    (tmp_path / "quoted.yaml").write_text(spec.format(rate="'1e-4'", norm="1.0"))
+    refused = grpo(env, "jobs", "create", tmp_path / "quoted.yaml")
+    assert refused.exit_code == 1
+    assert "hyperparameters.learning_rate: must be a number, got '1e-4'" in " ".join(refused.output.split())

@@ -60,3 +60,10 @@ def test_the_demo_fails_loudly_when_accuracy_does_not_rise_enough(data_dir: Path
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED: held-out accuracy rose" in result.stderr
     assert "less than --min-rise 101" in result.stderr
+    assert f"1. model and data (cached in {data_dir})\n" in result.stdout
+    # the checkpoint's folder straight under downloaded/, not inside another of the same name
+    loaded = re.search(r"from_pretrained\('([^']+)'\)", result.stdout)
+    assert loaded, result.stdout
+    model_dir = Path(loaded.group(1))
+    assert model_dir.parent == data_dir / "downloaded" and (model_dir / "config.json").is_file()
+    assert model_dir.name.startswith("job_") and model_dir.name.endswith("-step-1")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,6 +237,35 @@ def test_cli_runs_a_spec_and_resumes(tiny_model_dir, tmp_path):
         timeout=300,
     )
     assert done.returncode == 2 and "group_size: must be >= 2" in done.stderr
+
+
+def test_a_specs_relative_paths_are_read_from_its_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`dataset` and a local `base_model` written relative to the spec file are found from any
+    current directory; a `base_model` that names nothing beside the spec is a hub id, left as is."""
+    from trainer.__main__ import load_spec, main
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    letter_dataset(folder / "train.jsonl", n=4)
+    (folder / "model").symlink_to(tiny_model_dir)
+    spec = {
+        "base_model": "model",
+        "dataset": "train.jsonl",
+        "group_size": 2,
+        "reward": [{"type": "regex", "pattern": "a", "score": "fraction"}],
+        "hyperparameters": {"max_steps": 1, "prompts_per_step": 2, "max_completion_length": 4, "beta": 0.0},
+    }
+    (folder / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    capsys.readouterr()
+    assert main(["run", "../job/spec.json", "--output", "out"]) == 0, capsys.readouterr().err
+    assert "step 1/1" in capsys.readouterr().out
+    assert len((tmp_path / "elsewhere" / "out" / "metrics.jsonl").read_text().splitlines()) == 1
+    (folder / "hub.json").write_text(json.dumps({**spec, "base_model": "Qwen/Qwen2.5-0.5B"}))
+    run = load_spec(Path("../job/hub.json"))
+    assert (run.base_model, run.dataset) == ("Qwen/Qwen2.5-0.5B", str(folder.resolve() / "train.jsonl"))
 
 
 def test_trainer_imports_no_web_database_or_queue_module():
