@@ -242,8 +242,10 @@ def launch_processes(args: argparse.Namespace, nproc: int) -> int:
 
 def run_here(args: argparse.Namespace, run_config: RunConfig) -> int:
     """Train in this process (one of several when torchrun started it)."""
+    from trainer.distributed import die_with_launcher
     from trainer.loop import train
 
+    die_with_launcher()
     try:
         result = train(
             run_config,

@@ -491,6 +491,30 @@ class GlooReduceScatter:
 # --- launching -------------------------------------------------------------------------------------
 
 
+LAUNCHER_PID = "GRPO_LAUNCHER_PID"  # set by ``launch`` for the processes it starts
+
+
+def die_with_launcher() -> None:
+    """Under ``launch``: have the kernel kill this process when its launcher dies (Linux's
+    ``PR_SET_PDEATHSIG``). torchrun starts each process in a session of its own and stops them when
+    it exits, but a launcher killed outright (SIGKILL, the out-of-memory killer: a worker taken down
+    with its machine's job) stops nothing, and its processes would go on training, writing and
+    uploading checkpoints of a job that the record hands to another worker meanwhile. Exits at once
+    if the launcher is already gone. Elsewhere (not under ``launch``, not Linux) it does nothing."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != int(launcher):  # it died before the line above: no signal will come
+        print(f"the launcher (pid {launcher}) is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 class LaunchFailed(RuntimeError):
     """A process of the job failed; the message names it (and any other that failed), ``exit_code``
     is the first failure's (1 for a process killed by a signal), and ``signals`` names the signals
@@ -533,6 +557,7 @@ def launch(
     if "OMP_NUM_THREADS" not in os.environ:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the workers inherit this environment
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # for ``die_with_launcher`` in each process
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,

@@ -31,6 +31,7 @@ from jobs.settings import Settings
 from jobs.store import StoreUnavailable, open_store
 from jobs.submission import run_config_for
 from trainer.config import ConfigError
+from trainer.distributed import die_with_launcher
 from trainer.errors import TrainingError
 from trainer.loop import TrainResult, train
 from trainer.progress import Progress
@@ -112,6 +113,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s rank {os.environ.get('RANK', '0')} %(message)s"
     )
+    die_with_launcher()  # a worker killed outright takes its job's processes with it
     job_id, worker = argv
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     settings = Settings()

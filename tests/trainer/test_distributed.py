@@ -7,6 +7,7 @@ tiny model; runs that several tests compare against are made once per module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -276,6 +277,39 @@ def test_a_process_that_dies_ends_the_job_naming_its_rank(tiny_model_dir, tmp_pa
     assert launcher.returncode != 0
     assert f"rank 1 (local rank 1, pid {victim.pid}) was killed by SIGKILL" in stderr, stderr[-4000:]
     assert len(metrics(tmp_path / "out")) < 10_000
+
+
+@pytest.mark.slow
+def test_the_processes_die_with_a_launcher_killed_outright(tiny_model_dir, tmp_path):
+    """SIGKILL on the launcher (as the out-of-memory killer takes a worker) leaves no process
+    training on: each asked the kernel to kill it with its launcher."""
+    spec = write_spec(tmp_path, tiny_model_dir, {**FULL, "max_steps": 10_000, "checkpoint_every": 0})
+    launcher = subprocess.Popen(
+        trainer_command(spec, tmp_path / "out", "--nproc", "2"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ranks: list[psutil.Process] = []
+    try:
+        metrics_file = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics_file.is_file() and metrics_file.read_text().strip()):  # a step went through
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-4000:]
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if rank_of(p) is not None]
+        assert sorted(rank_of(p) for p in ranks) == ["0", "1"]
+        launcher.kill()
+        launcher.communicate()
+        gone, alive = psutil.wait_procs(ranks, timeout=LOADED_MACHINE_SLACK_S * 4)
+    finally:
+        for process in ranks:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert not alive, f"still running after their launcher died: {alive}"
+    assert {p.pid for p in gone} == {p.pid for p in ranks}
 
 
 # Run by every process under torchrun: rank 0's progress asks to stop after step 1 (a pause or a
