@@ -17,12 +17,19 @@ Only what is safely in the store is evicted:
   ``UPLOAD_GRACE_S``: deleted by its owner, rather than an upload that an API process sharing this
   directory is still sending.
 
-Nothing else: a checkpoint being written or uploaded has no manifest yet, and run logs are not
-artifacts. Nor anything a process of this directory holds in use (``in_use``): a running job's
-directory and datasets, the checkpoint an inference worker is answering from. A pin is a file under
-``.cache/pins`` that its process keeps locked (``flock``) while it lives, so the pins of a killed
-process lapse with it; pins are taken and evictions made under one lock (``.cache/lock``), so an
-artifact is never evicted between a process pinning it and using it.
+Nothing else, but for one kind of garbage, freed first (before any stored artifact, however recently
+used): the leftovers of a job's run that its next run on this machine would delete
+(``worker.artifacts.restore_checkpoints``), the directories directly under ``jobs/<job>/checkpoints/``
+named ``.tmp-…``/``.fetch-…`` (a write or fetch that died) or ``step-NNNNNN`` without the manifest (an
+upload that died), once unchanged for ``LEFTOVER_GRACE_S`` (a margin: a write or upload in progress
+is its run's, whose worker pins the job, and a job's processes on several devices die with their
+worker, ``trainer.distributed.die_with_launcher``). A checkpoint being written or uploaded has no
+manifest yet, and run logs are not artifacts. Nor is anything evicted or freed that a process of
+this directory holds in use (``in_use``): a running job's directory and datasets, the checkpoint an
+inference worker is answering from. A pin is a file under ``.cache/pins`` that its process keeps
+locked (``flock``) while it lives, so the pins of a killed process lapse with it; pins are taken and
+evictions made under one lock (``.cache/lock``), so an artifact is never evicted between a process
+pinning it and using it.
 
 Without a store there is no cache: the artifact directory is the storage, and nothing here runs.
 """
@@ -45,12 +52,16 @@ from botocore.exceptions import ClientError
 
 from jobs.settings import Settings
 from jobs.store import MANIFEST, ArtifactStore, StoreUnavailable, check_key, is_current
+from trainer.layout import CHECKPOINT_NAME
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".cache"  # under the artifact directory: the lock and the pins, never an artifact
 DATASETS = "datasets"
 UPLOAD_GRACE_S = 3600.0  # a dataset file absent from the store this long was deleted, not in flight
+JOBS, CHECKPOINTS = "jobs", "checkpoints"  # a job's checkpoints: <artifact dir>/jobs/<job>/checkpoints
+LEFTOVER_PREFIXES = (".tmp-", ".fetch-")  # a checkpoint's write (trainer.checkpoint), a fetch (jobs.store)
+LEFTOVER_GRACE_S = 3600.0  # a leftover unchanged this long is no process's write or upload in progress
 
 
 @dataclass(frozen=True)
@@ -135,9 +146,12 @@ class StoreCache:
             if over <= 0:
                 return []
             pinned = self._pinned()
+            evicted = self._free_leftovers(over, pinned)  # no look-up: decided and freed in this hold
+            over -= sum(disk for _, disk in evicted)
+            if over <= 0:
+                return [path for path, _ in evicted]
             candidates = [artifact for artifact in self._artifacts() if not self._held(artifact.path, pinned)]
         stored = self._stored_first(candidates, over)  # the store's look-ups: without the lock
-        evicted: list[Path] = []
         with self._locked():
             over = disk_bytes(self.root) + incoming - self.limit_bytes
             pinned = self._pinned()
@@ -148,7 +162,7 @@ class StoreCache:
                     continue  # taken in use, used, or gone since it was looked up
                 evict(artifact.path)
                 over -= artifact.size
-                evicted.append(artifact.path)
+                evicted.append((artifact.path, artifact.size))
                 log.info("evicted %s from the artifact cache (%d bytes)", artifact.path, artifact.size)
         if over > 0:
             log.warning(
@@ -158,7 +172,68 @@ class StoreCache:
                 -(-over // (1 << 20)),
                 self.limit_bytes / (1 << 30),
             )
-        return evicted
+        return [path for path, _ in evicted]
+
+    def _free_leftovers(self, over: int, pinned: set[str]) -> list[tuple[Path, int]]:
+        """Under the lock: delete leftovers (see the module's docstring) that no live process holds
+        in use, the longest unchanged first, until ``over`` bytes are freed; returns them and their
+        bytes. Each is looked at again just before it goes (a write does not take the lock)."""
+        freed: list[tuple[Path, int]] = []
+        now = time.time_ns()
+        for leftover in sorted(self._leftovers(), key=lambda a: (a.used_ns, str(a.path))):
+            if over <= 0:
+                break
+            if now - leftover.used_ns <= LEFTOVER_GRACE_S * 1e9:
+                break  # the rest changed more recently still
+            if self._held(leftover.path, pinned) or self._leftover(leftover.path) != leftover:
+                continue  # in use, or changed or gone since it was looked at
+            shutil.rmtree(leftover.path, ignore_errors=True)
+            over -= leftover.size
+            freed.append((leftover.path, leftover.size))
+            log.info(
+                "freed %s from the artifact cache: a leftover of a job's run (%d bytes)",
+                leftover.path,
+                leftover.size,
+            )
+        return freed
+
+    def _leftovers(self) -> list[CachedArtifact]:
+        """The leftovers of jobs' runs in this cache, as they are now: directories directly under a
+        ``jobs/<job>/checkpoints/`` (the training layout only: never a job's run logs or merged
+        models, nor the serving cache) named ``.tmp-…``/``.fetch-…``, or ``step-NNNNNN`` without the
+        manifest. Their ``used_ns`` is when anything in them last changed."""
+        found = []
+        for job in real_subdirs(self.root / JOBS):
+            if job.name.startswith("."):
+                continue  # no job's
+            for path in real_subdirs(job / CHECKPOINTS):
+                leftover = self._leftover(path)
+                if leftover is not None:
+                    found.append(leftover)
+        return found
+
+    def _leftover(self, path: Path) -> CachedArtifact | None:
+        """``path`` as a leftover now (None if it is none, or gone)."""
+        name = path.name
+        if not (name.startswith(LEFTOVER_PREFIXES) or CHECKPOINT_NAME.match(name)):
+            return None
+        try:
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or (not name.startswith(".") and (path / MANIFEST).exists()):
+                return None  # a link, or a stored checkpoint (the manifest's rule)
+        except FileNotFoundError:
+            return None
+        size, changed = 0, info.st_mtime_ns
+        for root, dirs, names in os.walk(path):
+            for entry in dirs + names:
+                try:
+                    entry_info = os.lstat(os.path.join(root, entry))
+                except FileNotFoundError:
+                    continue
+                changed = max(changed, entry_info.st_mtime_ns)
+                if stat.S_ISREG(entry_info.st_mode):
+                    size += entry_info.st_size
+        return CachedArtifact(path, size, changed)
 
     def _stored_first(self, candidates: list[CachedArtifact], over: int) -> list[CachedArtifact]:
         """The least recently used of ``candidates`` that are safely in the store, enough of them to
@@ -269,6 +344,18 @@ class StoreCache:
         with (self.state / "lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+
+def real_subdirs(directory: Path) -> list[Path]:
+    """The directories directly in ``directory``, links left out; none if it is not a directory
+    (or a link to one)."""
+    try:
+        if not stat.S_ISDIR(directory.lstat().st_mode):
+            return []
+        with os.scandir(directory) as entries:
+            return [directory / entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def evict(path: Path) -> None:

@@ -1,7 +1,8 @@
 """A worker's artifact directory as a bounded cache of the object store (jobs/cache.py), against a
 real S3 server (SeaweedFS): least recently used artifacts evicted, never one in use (by this process
-or another) or not safely in the store; a job whose checkpoint was evicted resumes from the store;
-and without a store nothing is ever evicted."""
+or another) or not safely in the store; the leftovers of a job's run (a checkpoint whose upload died,
+a write that died) freed first, unless in use; a job whose checkpoint was evicted resumes from the
+store; and without a store nothing is ever evicted."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from jobs.cache import StoreCache, disk_bytes, mark_used, open_cache
+from jobs.artifacts import merged_dir
+from jobs.cache import LEFTOVER_GRACE_S, StoreCache, disk_bytes, mark_used, open_cache
 from jobs.settings import Settings
 from jobs.store import MANIFEST, ArtifactStore, open_store
 from tests.service.e2e import metric_steps, status_changes, wait_for_status, wait_for_step, wait_until_ended
 from tests.service.factories import ROOT, WorkerProcess, api_key, bearer, job_spec, settings_env, upload
 from tests.service.faults import TcpProxy
 from tests.service.s3 import S3Server
-from worker.artifacts import job_files_in_use
+from trainer.tracking import TENSORBOARD_DIR
+from worker.artifacts import METRICS_FILE, job_files_in_use
 from worker.inference import SERVING_CACHE, serving_files_in_use
 
 
@@ -75,11 +78,11 @@ def test_a_cache_over_its_bound_evicts_the_least_recently_used_and_never_what_is
         stored_checkpoint(store, tmp_path, "job_old"),
     )
     ds_a, ds_b, ds_c = (stored_dataset(store, tmp_path, f"ds_{name}.jsonl") for name in "abc")
-    # Not safely in the store, whatever their age: a checkpoint whose upload a killed worker never
-    # finished (no manifest), and a dataset an API process sharing this directory is still sending.
+    # Not safely in the store: a checkpoint without its manifest that changed moments ago (a rank
+    # process that outlived its killed worker may be uploading it still), and a dataset an API
+    # process sharing this directory is still sending.
     unuploaded = root / "jobs" / "job_dead" / "checkpoints" / "step-000006"
     unuploaded.mkdir(parents=True)
-    aged(unuploaded, 2 * 86400)
     (root / "datasets").mkdir()
     in_flight = root / "datasets" / "ds_sending.jsonl"
     in_flight.write_bytes(b"y" * 800)
@@ -114,6 +117,118 @@ def test_a_cache_over_its_bound_evicts_the_least_recently_used_and_never_what_is
     assert unuploaded.is_dir() and in_flight.is_file()
     assert not (root / "jobs" / "job_run" / "checkpoints" / "step-000002").exists()
     assert cache.fetch_dir(running) == root / running  # and comes back from the store
+
+
+def aged_tree(path: Path, seconds: float) -> Path:
+    """``path`` and everything under it last changed ``seconds`` ago."""
+    then = time.time() - seconds
+    for inner in [*path.rglob("*"), path]:
+        os.utime(inner, (then, then), follow_symlinks=False)
+    return path
+
+
+def leftovers(job_dir: Path) -> tuple[Path, Path]:
+    """What runs of a job left under its ``checkpoints/`` on a machine it never came back to: a
+    complete checkpoint whose upload died with its worker (no manifest), and a write that died."""
+    unuploaded = job_dir / "checkpoints" / "step-000004"
+    (unuploaded / "trainer_state").mkdir(parents=True)
+    (unuploaded / "model.safetensors").write_bytes(b"w" * 1500)
+    (unuploaded / "trainer_state" / "state.json").write_text('{"step": 4}')
+    partial = job_dir / "checkpoints" / ".tmp-xyz"
+    (partial / "trainer_state").mkdir(parents=True)
+    (partial / "trainer_state" / "optimizer.pt").write_bytes(b"o" * 700)
+    return unuploaded, partial
+
+
+PAST_GRACE = LEFTOVER_GRACE_S + 3600  # unchanged this long: no process's write or upload
+
+
+def test_leftovers_of_a_job_run_are_freed_before_any_stored_artifact(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    layout = Settings(data_dir=tmp_path, artifact_dir=store.cache)
+    cache = StoreCache(store)  # unbounded while it fills
+    root = cache.root
+    older, newer = (stored_checkpoint(store, tmp_path, job) for job in ("job_older", "job_newer"))
+    cache.fetch_dir(older)
+    aged(root / older, 3 * PAST_GRACE)  # used less recently than the leftovers last changed
+    cache.fetch_dir(newer)  # used just now
+    unuploaded, partial = leftovers(layout.job_dir("job_gone"))
+    aged_tree(unuploaded, 2 * PAST_GRACE)
+    aged_tree(partial, PAST_GRACE)
+    # a write that changed moments ago, in a directory no process pins: a rank process that
+    # outlived its killed worker (and the worker's pin) may still be writing it
+    recent = layout.job_dir("job_orphaned") / "checkpoints" / ".tmp-step-000006"
+    recent.mkdir(parents=True)
+    (recent / "model.safetensors").write_bytes(b"r" * 900)
+
+    cache.limit_bytes = disk_bytes(root) - disk_bytes(unuploaded) - disk_bytes(partial)
+    assert cache.make_room() == [unuploaded, partial]  # the longest unchanged first; both needed
+    assert not unuploaded.exists() and not partial.exists()
+    assert (root / older / MANIFEST).is_file() and (root / newer / MANIFEST).is_file()
+    assert unuploaded.parent.is_dir() and (recent / "model.safetensors").is_file()
+    assert disk_bytes(root) <= cache.limit_bytes
+
+    cache.limit_bytes = 0  # the stored ones were evictable all along, least recently used first
+    assert cache.make_room() == [root / older, root / newer]
+    assert (recent / "model.safetensors").is_file()
+
+
+def test_leftovers_in_a_job_directory_in_use_are_kept(store: ArtifactStore, tmp_path: Path) -> None:
+    layout = Settings(data_dir=tmp_path, artifact_dir=store.cache)
+    cache = StoreCache(store)
+    root = cache.root
+    other = stored_checkpoint(store, tmp_path, "job_other")
+    cache.fetch_dir(other)
+    job_dir = layout.job_dir("job_running")
+    unuploaded, partial = leftovers(job_dir)
+    aged_tree(unuploaded, 2 * PAST_GRACE)
+    aged_tree(partial, PAST_GRACE)
+    with cache.in_use([job_dir]):  # a run of the job, here: its restore_checkpoints decides on them
+        cache.limit_bytes = 0
+        assert cache.make_room() == [root / other]  # over its bound: what may go went
+        assert (unuploaded / "model.safetensors").is_file() and (partial / "trainer_state").is_dir()
+    assert cache.make_room() == [unuploaded, partial]  # the pin released
+
+
+def test_freeing_leftovers_touches_nothing_else(store: ArtifactStore, tmp_path: Path) -> None:
+    layout = Settings(data_dir=tmp_path, artifact_dir=store.cache)
+    cache = StoreCache(store, limit_bytes=0)  # everything that may go goes
+    root = cache.root
+    job_dir = layout.job_dir("job_gone")
+    unuploaded, partial = leftovers(job_dir)
+    outside = tmp_path / "elsewhere" / "model"  # a link's target: never followed
+    outside.mkdir(parents=True)
+    (job_dir / "checkpoints" / "step-000005").symlink_to(outside)
+    kept = [
+        job_dir / METRICS_FILE,  # run logs
+        job_dir / TENSORBOARD_DIR / "events.out.tfevents.1.host",
+        job_dir / ".rank0-outcome.json",
+        job_dir / "checkpoints" / "notes.txt",  # a file, not a checkpoint's directory
+        merged_dir(job_dir, 4) / "model.safetensors",  # merged models, even without the manifest
+        job_dir / "merged" / ".tmp-step-000004-123" / "model.safetensors",
+        root / SERVING_CACHE / "jobs" / "job_gone" / "checkpoints" / "step-000004" / "model.safetensors",
+        root
+        / SERVING_CACHE
+        / "jobs"
+        / "job_gone"
+        / "checkpoints"
+        / ".fetch-step-000004-0a1b2c3d"
+        / "config.json",
+        layout.datasets_dir / ".fetch-ds_1.jsonl-0a1b2c3d",  # a dataset's fetch
+        root / ".cache" / "jobs" / "job_gone" / "checkpoints" / ".tmp-step-000004" / "model.safetensors",
+        outside / "model.safetensors",
+    ]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"k" * 300)
+    for tree in (root, outside):
+        aged_tree(tree, PAST_GRACE)
+    aged_tree(unuploaded, 2 * PAST_GRACE)
+
+    assert cache.make_room() == [unuploaded, partial]
+    assert all(path.read_bytes() == b"k" * 300 for path in kept)
+    assert (job_dir / "checkpoints" / "step-000005").is_symlink()
 
 
 def test_a_pin_held_by_another_process_protects_until_that_process_dies(
