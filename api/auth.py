@@ -62,7 +62,7 @@ async def authorize(state: State, token: str | None) -> str:
     if inspect.isawaitable(wait_s):  # Redis' shared bucket
         wait_s = await wait_s
     if wait_s:
-        raise RateLimited(wait_s)
+        raise RateLimited(wait_s, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
     return owner
 
 

@@ -6,7 +6,7 @@ Domain code raises ``jobs.errors`` exceptions; this module alone knows their HTT
 from __future__ import annotations
 
 import logging
-import math
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute, iter_route_contexts
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -94,8 +95,8 @@ def dotted_path(loc: Sequence[str | int]) -> str | None:
 def headers_of(exc: ServiceError) -> dict[str, str] | None:
     if isinstance(exc, Unauthenticated):
         return {"WWW-Authenticate": 'Bearer realm="grpo"'}
-    if isinstance(exc, RateLimited):
-        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if exc.retry_after_s is not None:  # a 429, or a 409 that a retry resolves: the seconds its message says
+        return {"Retry-After": str(exc.retry_after_s)}
     return None
 
 
@@ -113,23 +114,84 @@ def _location(error: Any) -> tuple[str | int, ...]:
     return tuple(storable_text(part) if isinstance(part, str) else part for part in loc)
 
 
-def _problem(error: Any) -> dict[str, Any]:
+# pydantic's errors for a body that is not an object at all (empty, null, a list, a string, ...)
+NOT_AN_OBJECT = ("missing", "model_attributes_type", "model_type", "dict_type")
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, as a message names it: ``an array``, ``null``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def body_must_be(request: Request) -> str:
+    """``"a JSON object with model and training_file"``: what the route's body must be (its
+    model's required fields, as the client writes them)."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return "a JSON object"
+    required = [info.alias or name for name, info in model.model_fields.items() if info.is_required()]
+    if not required:
+        return "a JSON object"
+    listed = required[0] if len(required) == 1 else f"{', '.join(required[:-1])} and {required[-1]}"
+    return f"a JSON object with {listed}"
+
+
+def _problem(error: Any, request: Request) -> dict[str, Any]:
     if error.get("type") == "json_invalid":  # FastAPI's location is ("body", <character offset>)
         return {
             "param": None,
             "message": f"the body is not valid JSON: {error['ctx']['error']} (character {error['loc'][-1]})",
         }
+    if tuple(error["loc"]) == ("body",) and error.get("type") in NOT_AN_OBJECT:
+        # the body as a whole: no field to name (param null, as OpenAI has it), so say what it must be
+        got = "it is empty" if error["type"] == "missing" else f"got {json_kind(error.get('input'))}"
+        return {"param": None, "message": f"the body must be {body_must_be(request)}; {got}"}
     return {"param": dotted_path(_location(error)), "message": error["msg"]}
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """A 422 naming the first field at fault (and in ``details`` every one); a body that is not
+    JSON at all is a 400, as one that cannot be decoded (``http_error``)."""
     assert isinstance(exc, RequestValidationError)
-    problems = [_problem(e) for e in exc.errors()]
+    errors = exc.errors()
+    problems = [_problem(e, request) for e in errors]
     first = problems[0] if problems else {"param": None, "message": "invalid request"}
     message = first["message"] if first["param"] is None else f"{first['param']}: {first['message']}"
+    status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
     return error_response(
-        422, "invalid_request", message, first["param"], problems if len(problems) > 1 else None
+        status, "invalid_request", message, first["param"], problems if len(problems) > 1 else None
     )
+
+
+# The nesting every JSON body may have: Python's parser stops at its recursion limit (about 950
+# levels for a request; fewer on a deeper call stack), so a client is told a depth that always works.
+READABLE_DEPTH = 500
+
+
+def undecodable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not read a body (its 400 "There was an error parsing the body"), from the
+    exception behind it; never that exception's own text (Python's advice is not the client's)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body could not be decoded: a JSON body must be UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return (
+            f"the body nests objects and lists too deeply to be read: keep it under {READABLE_DEPTH} levels"
+        )
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (
+            f"a number in the body has more than {sys.get_int_max_str_digits()} digits; no field "
+            "here takes one that large"
+        )
+    return "the body could not be decoded: send UTF-8 JSON, or a well-formed multipart/form-data form"
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -154,8 +216,8 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 lists what the resource supports
         message = f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
     elif exc.status_code == 400 and message == "There was an error parsing the body":
-        # FastAPI's answer to a JSON body that json.loads cannot even decode
-        message = "the body could not be decoded: a JSON body must be UTF-8 text"
+        # FastAPI's answer to a body json.loads (or the form parser) cannot read, raised from why
+        message = undecodable_body(exc.__cause__)
     return error_response(exc.status_code, code, message, headers=headers or None)
 
 
@@ -170,7 +232,9 @@ class OpenAIRoute(APIRoute):
     """A route of the OpenAI-compatible API. The error shape is the same, but a request refused as
     invalid is a 400 (a 422 elsewhere), as OpenAI answers it and its SDK expects
     (``BadRequestError``); the message starts with the param, since the SDK shows the message
-    alone; a 409 and a 504 carry ``x-should-retry: false``, or the SDK would retry them."""
+    alone; a 409 and a 504 carry ``x-should-retry: false``, or the SDK would retry them, unless
+    the answer says when to retry (``Retry-After``: a 409 for an Idempotency-Key in use), when
+    they carry ``x-should-retry: true``."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
@@ -187,11 +251,10 @@ class OpenAIRoute(APIRoute):
                 )
             if response.status_code == 422:
                 response.status_code = 400
-            elif response.status_code in (
-                409,
-                504,
-            ):  # a timed-out chat completion: retrying waits as long again
-                response.headers["x-should-retry"] = "false"
+            elif response.status_code in (409, 504):
+                # a 504 is a timed-out chat completion: retrying waits as long again
+                retry = "retry-after" in response.headers
+                response.headers["x-should-retry"] = "true" if retry else "false"
             return response
 
         return handle_as_openai

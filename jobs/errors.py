@@ -4,11 +4,18 @@ request: what is wrong and how to fix it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def whole_seconds(seconds: float) -> int:
+    """A wait as a ``Retry-After`` header gives it: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(seconds))
 
 
 class ServiceError(Exception):
     code = "invalid_request"
+    retry_after_s: int | None = None  # whole seconds: the answer's Retry-After, and its message's
 
     def __init__(
         self, message: str, *, param: str | None = None, details: list[dict[str, Any]] | None = None
@@ -48,9 +55,13 @@ class Unauthenticated(ServiceError):
 class RateLimited(ServiceError):
     code = "rate_limited"
 
-    def __init__(self, retry_after_s: float):
-        super().__init__(f"too many requests with this API key; retry in {retry_after_s:.1f} s")
-        self.retry_after_s = retry_after_s
+    def __init__(self, retry_after_s: float, *, rate_per_s: float, burst: int):
+        self.retry_after_s = whole_seconds(retry_after_s)
+        super().__init__(
+            f"too many requests with this API key, over this server's rate limit of {rate_per_s:g} "
+            f"a second (GRPO_RATE_LIMIT_PER_S) in bursts of up to {burst} (GRPO_RATE_LIMIT_BURST); "
+            f"retry in {self.retry_after_s} s"
+        )
 
 
 class TooManyRewardRuns(RateLimited):
@@ -59,13 +70,13 @@ class TooManyRewardRuns(RateLimited):
     code = "too_many_reward_runs"
 
     def __init__(self, held: int, retry_after_s: float):
+        self.retry_after_s = whole_seconds(retry_after_s)
         ServiceError.__init__(
             self,
             f"you already have {held} reward dry-run(s) scoring or waiting, this server's limit "
             "(GRPO_REWARD_RUNS_PER_KEY scoring plus GRPO_REWARD_RUN_QUEUE_PER_KEY waiting); retry "
-            f"in {retry_after_s:.0f} s, once one has ended",
+            f"in {self.retry_after_s} s, once one has ended",
         )
-        self.retry_after_s = retry_after_s
 
 
 class RewardRunTimedOut(LimitExceeded):
@@ -157,6 +168,20 @@ class IdempotencyKeyReused(Conflict):
     def __init__(self) -> None:
         super().__init__(
             "this Idempotency-Key was used with a different request body; use a new key",
+            param="Idempotency-Key",
+        )
+
+
+class IdempotencyKeyInUse(Conflict):
+    """Another request with the same Idempotency-Key is being processed: a retry a moment later
+    gets what that one made. The code stays ``conflict``, as clients match it."""
+
+    retry_after_s = 1
+
+    def __init__(self) -> None:
+        super().__init__(
+            "another request with this Idempotency-Key is being processed; retry it in "
+            f"{self.retry_after_s} s (Retry-After) to get what that request made",
             param="Idempotency-Key",
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictInt
 
 from jobs.models import Job, JobStatus, WebhookStatus
 from jobs.text import STORABLE, StorableStr
@@ -108,7 +108,10 @@ class JobCreate(BaseModel):
         examples=[REWARD_EXAMPLE],
         description="Reward functions, each with a `type` and a `weight`.",
     )
-    group_size: int | None = Field(None, description="Completions sampled per prompt (G >= 2); default 8.")
+    # strict, as the hyperparameters' integers are (trainer.config): "2" or true is not a group size
+    group_size: StrictInt | None = Field(
+        None, description="Completions sampled per prompt (G >= 2); default 8."
+    )
     hyperparameters: Annotated[dict[str, Any], STORABLE] = Field(
         default_factory=dict, examples=[HYPERPARAMETERS_EXAMPLE]
     )

@@ -426,18 +426,24 @@ def spec_hyperparameters(spec: dict[str, Any]) -> GRPOConfig:
     """A spec's hyperparameters: its ``hyperparameters``, with its top-level ``group_size`` (unless
     null) in place of theirs. The one place the two spellings of ``group_size`` meet: a spec file
     and a job request are read through here (a stored job says it once, inside its
-    hyperparameters: ``jobs.submission.stored_spec``). An error in a top-level ``group_size``
-    names ``group_size``, where it was written."""
+    hyperparameters: ``jobs.submission.stored_spec``). Each spelling is checked where it was
+    written, with the same rule (an integer >= 2, never a bool or a string), and an error names
+    it; given both, they must agree."""
     hyperparameters = dict(spec.get("hyperparameters") or {})
     top_level = spec.get("group_size")
     if top_level is not None:
+        _at_least("group_size", top_level, 2, integer=True)
+        if "group_size" in hyperparameters:
+            inside = hyperparameters["group_size"]
+            _at_least("hyperparameters.group_size", inside, 2, integer=True)
+            if inside != top_level:
+                raise ConfigError(
+                    "hyperparameters.group_size",
+                    f"is {inside}, but group_size (at the top level) is {top_level}: give group_size "
+                    "once, in either place, or the same value in both",
+                )
         hyperparameters["group_size"] = top_level
-    try:
-        return GRPOConfig.from_dict(hyperparameters)
-    except ConfigError as exc:
-        if top_level is not None and exc.param == "hyperparameters.group_size":
-            raise ConfigError("group_size", exc.message) from None
-        raise
+    return GRPOConfig.from_dict(hyperparameters)
 
 
 def check_eval_settings(config: GRPOConfig, *, has_eval_dataset: bool) -> None:

@@ -4,8 +4,10 @@ fields the rewards read. Standard library only: the service validates uploads wi
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -13,26 +15,40 @@ from typing import Any, BinaryIO, Literal
 
 from trainer.errors import DatasetError
 
+# The roles a chat message may have, as chat templates know them (``developer``, OpenAI's name for
+# ``system``, is read as ``system``: ``chat_message``).
+ROLES = ("system", "user", "assistant", "tool")
+
 
 def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
     """Return ``row`` if it can be trained on, else raise ``DatasetError`` naming the line. A row
-    in the chat format (``messages`` and no ``prompt``) comes back with its prompt: see ``chat_row``."""
+    in the chat format (``messages`` and no ``prompt``) comes back with its prompt: see ``chat_row``;
+    a prompt of chat messages comes back as ``chat_message`` reads each one."""
     if not isinstance(row, dict):
         raise DatasetError(f"expected a JSON object, got {type(row).__name__}", line)
+    source = "prompt"  # the field the prompt's messages were written in
     if "prompt" not in row and "messages" in row:
-        row = chat_row(row, line)
+        row, source = chat_row(row, line), "messages"
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         if not prompt.strip():
             raise DatasetError("'prompt' is empty", line)
     elif isinstance(prompt, list) and prompt:
+        prompt = [chat_message(message) for message in prompt]
         for i, message in enumerate(prompt):
             if not (
                 isinstance(message, dict)
                 and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)
             ):
-                raise DatasetError(f'\'prompt\'[{i}] must be a message {{"role": ..., "content": ...}}', line)
+                raise DatasetError(f'{source!r}[{i}] must be a message {{"role": ..., "content": ...}}', line)
+            if message["role"] not in ROLES:
+                raise DatasetError(
+                    f"{source!r}[{i}] has the role {message['role']!r}; a message's role is one of "
+                    f"{', '.join(ROLES)} (or developer, read as system)",
+                    line,
+                )
+        row = {**row, "prompt": prompt}
     elif prompt is None:
         raise DatasetError(
             "missing 'prompt' (a string, or a list of chat messages); a chat-format row may give "
@@ -59,7 +75,13 @@ def chat_row(row: dict[str, Any], line: int | None = None) -> dict[str, Any]:
         )
     prompt = [chat_message(message) for message in messages]
     extra: dict[str, Any] = {}
-    if len(prompt) > 1 and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+    if isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        if len(prompt) == 1:
+            raise DatasetError(
+                "'messages' holds only an assistant message, and the prompt is the messages before "
+                "a final assistant one: this row has none; put the user message it answers before it",
+                line,
+            )
         reply = prompt.pop()
         if "completion" not in row and isinstance(reply.get("content"), str):
             extra["completion"] = reply["content"]
@@ -96,13 +118,93 @@ def parse_line(text: str, number: int | None) -> dict[str, Any] | None:
     return check_row(parse_json(text, number), number)
 
 
+class _NotJSONNumber:
+    """What the parser makes, in place of a value, of a number that is not standard JSON or that
+    this side cannot read: ``NaN``/``Infinity`` (Python's extension), one beyond a float's range
+    (``1e400`` would be infinity), an integer longer than ``sys.get_int_max_str_digits()``."""
+
+    def __init__(self, text: str, found: list[_NotJSONNumber]):
+        self.text = text
+        found.append(self)
+
+    def problem(self) -> str:
+        if self.text in ("NaN", "Infinity", "-Infinity"):
+            return f"is {self.text}, which JSON does not allow; write null or a string instead"
+        shown = self.text if len(self.text) <= 24 else f"{self.text[:12]}…{self.text[-8:]}"
+        if any(c in self.text for c in ".eE"):
+            return f"is {shown}, beyond a 64-bit float's range (it reads as infinity); write it as a string"
+        digits = len(self.text.lstrip("-"))
+        return (
+            f"is an integer of {digits} digits, more than the {sys.get_int_max_str_digits()} a number "
+            "may have here; write it as a string"
+        )
+
+
+def _json_value_at(path: tuple[str | int, ...]) -> str:
+    """``'messages'[0]['content']``: where a value sits in a row, as the messages name fields."""
+    if not path:
+        return "the row"
+    return "".join(f"[{part!r}]" if i or isinstance(part, int) else repr(part) for i, part in enumerate(path))
+
+
+def _find_not_json_number(value: Any) -> tuple[tuple[str | int, ...], _NotJSONNumber] | None:
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:  # iterative: as deep as the parser went
+        path, item = stack.pop()
+        if isinstance(item, _NotJSONNumber):
+            return path, item
+        if isinstance(item, dict):
+            stack.extend(((*path, key), child) for key, child in reversed(list(item.items())))
+        elif isinstance(item, list):
+            stack.extend(((*path, index), child) for index, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _loads_standard(text: str, *, read_ints: bool) -> Any:
+    """``json.loads`` of standard JSON numbers only: the others (``_NotJSONNumber``) are a
+    ``DatasetError`` naming the field. ``read_ints=False`` leaves integers to Python's own
+    parser, which raises ``ValueError`` for one too long to read."""
+    found: list[_NotJSONNumber] = []
+
+    def finite(number: str) -> float | _NotJSONNumber:
+        value = float(number)
+        return value if math.isfinite(value) else _NotJSONNumber(number, found)
+
+    def readable(number: str) -> int | _NotJSONNumber:
+        limit = sys.get_int_max_str_digits()
+        return _NotJSONNumber(number, found) if limit and len(number.lstrip("-")) > limit else int(number)
+
+    value = json.loads(
+        text,
+        parse_constant=lambda name: _NotJSONNumber(name, found),
+        parse_float=finite,
+        parse_int=readable if read_ints else None,
+    )
+    if found:
+        where = _find_not_json_number(value)
+        if where is None:  # under a key given twice: gone from the value, not from the line
+            raise DatasetError(f"a value {found[0].problem()}")
+        raise DatasetError(f"{_json_value_at(where[0])} {where[1].problem()}")
+    return value
+
+
 def parse_json(text: str, number: int | None) -> Any:
     """``json.loads``, every failure a ``DatasetError`` naming the line and the column (in
-    characters, as an editor counts them). A UTF-8 byte order mark before the JSON is skipped (some
-    editors start a file with one)."""
+    characters, as an editor counts them), or the field of a number JSON does not allow (``NaN``,
+    ``Infinity``, one a float cannot hold) or this parser cannot read (an integer of more than
+    ``sys.get_int_max_str_digits()`` digits): a row must read back as the JSON it is stored as. A
+    UTF-8 byte order mark before the JSON is skipped (some editors start a file with one)."""
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(text)
+        try:
+            return _loads_standard(text, read_ints=False)
+        except ValueError as exc:
+            if isinstance(exc, json.JSONDecodeError | DatasetError):
+                raise
+            # an integer too long for int(): parsed again, each integer checked, to name its field
+            return _loads_standard(text, read_ints=True)
+    except DatasetError as exc:
+        raise DatasetError(exc.reason, number) from None
     except json.JSONDecodeError as exc:
         # exc.colno counts from the last newline before the error, and the text ends with the
         # line's own: a line cut short was blamed on "column 1" (of the empty line after it).
@@ -111,8 +213,6 @@ def parse_json(text: str, number: int | None) -> Any:
         raise DatasetError(f"not valid JSON ({exc.msg} at {where})", number) from None
     except RecursionError:
         raise DatasetError("not valid JSON: nested too deeply to read", number) from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise DatasetError(f"not valid JSON ({exc})", number) from None
 
 
 # A JSON string, escapes and all; one never left open (an unterminated string runs to the end of

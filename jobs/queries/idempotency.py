@@ -11,7 +11,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobs.errors import Conflict, IdempotencyKeyReused
+from jobs.errors import IdempotencyKeyInUse, IdempotencyKeyReused
 from jobs.models import IdempotencyKey, since
 
 
@@ -47,7 +47,8 @@ def remember_idempotency_key(
     """Record what the key made (and forget the owner's expired keys, so the table stays small).
 
     Two requests with one key racing each other: the second waits on the first's row and, once
-    that commits, gets a ``Conflict``; its retry then finds the first's resource.
+    that commits, gets an ``IdempotencyKeyInUse`` (a 409 with ``Retry-After``); its retry then
+    finds the first's resource.
     """
     session.execute(
         delete(IdempotencyKey).where(IdempotencyKey.owner == owner, IdempotencyKey.created_at < since(ttl_s))
@@ -60,6 +61,4 @@ def remember_idempotency_key(
     try:
         session.flush()
     except IntegrityError:
-        raise Conflict(
-            "another request with this Idempotency-Key is being processed; retry it", param="Idempotency-Key"
-        ) from None
+        raise IdempotencyKeyInUse() from None

@@ -13,8 +13,10 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
+from api.errors import headers_of
 from api.main import create_app
 from api.ratelimit import RateLimiter, RedisRateLimiter, make_rate_limiter
+from jobs.errors import RateLimited
 from tests.service.factories import api_key, bearer
 from tests.service.faults import RedisServer
 from tests.service.live import serve
@@ -129,6 +131,18 @@ def test_two_api_processes_together_allow_only_the_burst(settings, sent) -> None
         answers = [client.get("/v1/jobs") for _ in range(4) for client in (one, two)]
     assert [answer.status_code for answer in answers] == [200] * 4 + [429] * 4
     assert all(90 <= int(answer.headers["Retry-After"]) <= 100 for answer in answers[4:])  # 1 token at 0.01/s
+    for answer in answers[4:]:  # the message says the header's seconds, and which setting it is
+        message = answer.json()["error"]["message"]
+        assert message.endswith(f"retry in {answer.headers['Retry-After']} s"), message
+        assert "rate limit of 0.01 a second (GRPO_RATE_LIMIT_PER_S) in bursts of up to 4" in message, message
+
+
+@pytest.mark.parametrize(("wait_s", "said"), [(0.0004, 1), (0.04, 1), (1.0, 1), (1.2, 2), (99.01, 100)])
+def test_a_429_says_the_seconds_its_retry_after_does(wait_s, said) -> None:
+    """A wait under a second was "retry in 0.0 s" beside ``Retry-After: 1``: both round up now."""
+    refused = RateLimited(wait_s, rate_per_s=1000, burst=1)
+    assert headers_of(refused) == {"Retry-After": str(said)}
+    assert refused.message.endswith(f"retry in {said} s"), refused.message
 
 
 def test_the_redis_bucket_refills_at_its_rate(settings) -> None:

@@ -67,6 +67,13 @@ def test_a_row_without_prompt_or_messages_is_told_about_both(client) -> None:
         (b'{"prompt": ""}\n', [1], "'prompt' is empty"),
         (b'{"prompt": [{"role": "user"}]}\n', [1], "message"),
         (b"[1, 2]\n", [1], "expected a JSON object"),
+        # a lone assistant message was taken as the prompt: the prompt is the messages before it
+        (
+            b'{"prompt": "ok"}\n{"messages": [{"role": "assistant", "content": "x"}]}\n',
+            [2],
+            "line 2: 'messages' holds only an assistant message",
+        ),
+        (b'{"prompt": [{"role": "bogus", "content": "x"}]}\n', [1], "'prompt'[0] has the role 'bogus'"),
     ],
 )
 def test_bad_lines_are_listed_and_nothing_is_stored(client, settings, content, lines, says) -> None:

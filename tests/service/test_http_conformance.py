@@ -1,7 +1,8 @@
 """The HTTP layer as the OpenAPI document describes it, on the real API on PostgreSQL: a 405 names
-every method its path takes (``Allow``), a body that cannot be decoded is a documented 400, and a
-NUL in a path or query parameter is a documented 4xx naming the parameter, never the database's
-500. The cases are generated from the document, so a new route or parameter is covered too."""
+every method its path takes (``Allow``), a body that cannot be decoded or parsed is a documented
+400 saying why, one that is not an object is told what it must be, and a NUL in a path or query
+parameter is a documented 4xx naming the parameter, never the database's 500. The cases are
+generated from the document, so a new route or parameter is covered too."""
 
 from __future__ import annotations
 
@@ -82,17 +83,63 @@ def test_a_body_that_cannot_be_decoded_is_a_documented_400(client, document) -> 
         assert response.json()["error"]["code"] == "invalid_request"
 
 
-def test_json_that_does_not_parse_is_refused_for_the_body_as_a_whole(client, document) -> None:
+def json_operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     for path, method, operation in operations(document):
-        if "application/json" not in operation.get("requestBody", {}).get("content", {}):
-            continue
-        response = client.request(
-            method, path, content=b'{"name": ', headers={"Content-Type": "application/json"}
-        )
+        if "application/json" in operation.get("requestBody", {}).get("content", {}):
+            yield path, method, operation
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"name": ', "the body is not valid JSON: Expecting value (character 9)"),
+        (b'{"name": "\xff\xfe"}', "the body could not be decoded: a JSON body must be UTF-8 text"),
+        # each was told "must be UTF-8 text" too; the second leaked Python's sys.set_int_max_str_digits()
+        (b"[" * 100_000 + b"]" * 100_000, "the body nests objects and lists too deeply to be read"),
+        (b'{"name": ' + b"7" * 5000 + b"}", "a number in the body has more than 4300 digits"),
+    ],
+    ids=["malformed", "not-utf8", "nested-100000-deep", "5000-digits"],
+)
+def test_a_body_json_cannot_read_is_a_400_saying_why(client, document, body, says) -> None:
+    """Every body that cannot be read as JSON is the documented 400, each with its own reason
+    (malformed JSON was a 422 beside the 400 for one that is not UTF-8)."""
+    tried = 0
+    for path, method, operation in json_operations(document):
+        response = client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, (method, path, response.text)
+        assert "400" in operation["responses"], (method, path, sorted(operation["responses"]))
+        error = response.json()["error"]
+        assert error["param"] is None and error["message"].startswith(says), (method, path, error)
+        assert "sys." not in error["message"], error
+        tried += 1
+    assert tried >= 4, tried
+
+
+@pytest.mark.parametrize(
+    ("body", "got"), [(b"", "it is empty"), (b"[]", "got an array"), (b"null", "got null")]
+)
+def test_a_body_that_is_not_an_object_is_told_what_it_must_be(client, document, body, got) -> None:
+    """Once "Field required" or "Input should be a valid dictionary", naming nothing: the body
+    as a whole has no param (null, as OpenAI has it), so the message says what the body must be."""
+    for path, method, operation in json_operations(document):
+        response = client.request(method, path, content=body, headers={"Content-Type": "application/json"})
         assert response.status_code in (400, 422), (method, path, response.text)
         assert str(response.status_code) in operation["responses"], (method, path, response.status_code)
         error = response.json()["error"]
-        assert error["param"] is None and error["message"].startswith("the body is not valid JSON"), error
+        assert error["param"] is None and error["message"].startswith("the body must be a JSON object"), error
+        assert error["message"].endswith(f"; {got}"), error
+    job = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert job.status_code == 422
+    assert (
+        job.json()["error"]["message"]
+        == f"the body must be a JSON object with base_model, dataset_id and reward; {got}"
+    )
+    openai = client.post("/v1/fine_tuning/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert openai.status_code == 400
+    assert (
+        openai.json()["error"]["message"]
+        == f"the body must be a JSON object with model and training_file; {got}"
+    )
 
 
 def test_a_nul_in_any_path_or_query_parameter_is_a_4xx_naming_it(client, document, path_values) -> None:

@@ -3,15 +3,21 @@ within 24 h return the original, another body is a 409, keys are per owner and e
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
+import httpx
+import psycopg
 import pytest
 from sqlalchemy import func, select, update
 
 from jobs.db import transaction
 from jobs.models import Dataset, IdempotencyKey, Job, utcnow
+from jobs.submission import ENDPOINT
 from tests.service.factories import api_key, arithmetic_rows, bearer, job_spec, jsonl, upload
+from tests.service.test_openai_api import rft_job, upload_file
 
 
 def count(settings, model) -> int:
@@ -79,7 +85,67 @@ def test_concurrent_requests_with_one_key_make_one_job(client, settings, sent, d
     in_progress = [r for r in responses if r.status_code == 409]
     assert len(made) == 1 and all(r.status_code in (201, 409) for r in responses)  # 409: retry, then replayed
     assert all("being processed" in r.json()["error"]["message"] for r in in_progress)
+    assert all(r.headers["Retry-After"] == "1" for r in in_progress)
     assert count(settings, Job) == 1 and sent == list(made)
+
+
+def overtaken(client, settings, path: str, body: dict[str, Any], *, made_with: str) -> httpx.Response:
+    """POST ``body`` with the Idempotency-Key "race" while another request with that key, for the
+    same body, is about to commit: its row (a copy of the one key ``made_with`` left, naming the
+    same job) is inserted by an open transaction, committed once the request waits on it. The
+    race ``test_concurrent_requests_with_one_key_make_one_job`` may or may not hit, every time."""
+    with transaction(settings.database_url) as session:
+        made = session.get(IdempotencyKey, ("alice", ENDPOINT, made_with))
+        row = ("alice", ENDPOINT, "race", made.request_hash, made.resource_id)
+    url = settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    with (
+        psycopg.connect(url) as holder,
+        psycopg.connect(url, autocommit=True) as watcher,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        holder.execute(
+            "INSERT INTO idempotency_keys (owner, endpoint, key, request_hash, resource_id, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, now())",
+            row,
+        )
+        pending = pool.submit(client.post, path, json=body, headers={"Idempotency-Key": "race"})
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        deadline = time.monotonic() + 120  # a guard against a hang, not a measurement
+        while not watcher.execute(waiting, (holder.info.backend_pid,)).fetchone()[0]:
+            assert not pending.done(), pending.result().text  # it must wait on the held row
+            assert time.monotonic() < deadline, "the request never waited on the held key"
+            time.sleep(0.01)
+        holder.commit()
+        return pending.result()
+
+
+def test_a_request_overtaken_by_another_with_its_key_is_told_when_to_retry(client, settings, sent) -> None:
+    dataset_id = upload(client).json()["id"]
+    first = client.post("/v1/jobs", json=job_spec(dataset_id), headers={"Idempotency-Key": "first"}).json()
+    response = overtaken(client, settings, "/v1/jobs", job_spec(dataset_id), made_with="first")
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("conflict", "Idempotency-Key")
+    assert "being processed; retry it in 1 s" in error["message"]
+    assert response.headers["Retry-After"] == "1"  # what the message says, as a 429 has it
+    retried = client.post("/v1/jobs", json=job_spec(dataset_id), headers={"Idempotency-Key": "race"})
+    assert retried.status_code == 201 and retried.json()["id"] == first["id"]
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert count(settings, Job) == 1 and sent == [first["id"]]  # the overtaken request's job rolled back
+
+
+def test_on_the_openai_route_that_409_is_one_the_sdk_retries(client, settings, sent) -> None:
+    """OpenAI's SDK retries a 409 unless told ``x-should-retry: false``, as every other 409 here
+    is; this one says "retry it", so it says ``true``."""
+    body = rft_job(upload_file(client).json()["id"])
+    first = client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "first"}).json()
+    response = overtaken(client, settings, "/v1/fine_tuning/jobs", body, made_with="first")
+    assert response.status_code == 409, response.text
+    assert response.headers["x-should-retry"] == "true" and response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["message"].startswith("Idempotency-Key: another request")
+    retried = client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "race"})
+    assert retried.status_code == 200 and retried.json()["id"] == first["id"], retried.text
+    assert sent == [first["id"]]
 
 
 def test_a_dataset_retried_with_its_key_is_the_same_dataset(client, settings) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import func, select
 
@@ -140,12 +142,58 @@ def test_bad_specs_are_refused_and_nothing_is_created(
     assert count_jobs(settings) == 0 and sent == []
 
 
-def test_missing_field_and_bad_json_are_422(client, sent) -> None:
+def test_a_missing_field_is_422_and_json_that_does_not_parse_400(client, sent) -> None:
+    """A body that cannot be read is a 400 whatever the reason (README: not UTF-8 was one, and
+    malformed JSON was a 422 beside it); a body read and found wanting, a 422 naming the field."""
     response = client.post("/v1/jobs", json={"dataset_id": "ds_x", "reward": [{"type": "exact_match"}]})
     assert response.status_code == 422 and response.json()["error"]["param"] == "base_model"
     response = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["message"].startswith("the body is not valid JSON")
     assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "says"),
+    [
+        # the top level is strict, as the hyperparameters' integers are: "2" was taken, true was 1
+        ({"group_size": "2"}, "group_size", "valid integer"),
+        ({"group_size": True}, "group_size", "valid integer"),
+        ({"group_size": 2.0}, "group_size", "valid integer"),
+        # beside a top-level group_size, the hyperparameters' was replaced unread
+        (
+            {"hyperparameters": {"group_size": float("nan")}},
+            "hyperparameters.group_size",
+            "must be an integer",
+        ),
+        ({"hyperparameters": {"group_size": []}}, "hyperparameters.group_size", "must be an integer"),
+        (
+            {"hyperparameters": {"group_size": "1"}},
+            "hyperparameters.group_size",
+            "must be an integer, got '1'",
+        ),
+        ({"hyperparameters": {"group_size": True}}, "hyperparameters.group_size", "must be an integer"),
+        ({"hyperparameters": {"group_size": -1}}, "hyperparameters.group_size", "must be >= 2"),
+        (
+            {"hyperparameters": {"group_size": 4}},
+            "hyperparameters.group_size",
+            "is 4, but group_size (at the top level) is 2",
+        ),
+    ],
+)
+def test_group_size_is_checked_wherever_it_is_written(
+    client, settings, sent, dataset_id, change, param, says
+):
+    spec = job_spec(dataset_id, hyperparameters=change.pop("hyperparameters", {}), **change)
+    assert "group_size" in spec  # the factory's top-level one, or the change's
+    sent_as = json.dumps(spec).encode()  # NaN as JSON's NaN token, which httpx's json= refuses
+    response = client.post("/v1/jobs", content=sent_as, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+    assert count_jobs(settings) == 0 and sent == []
+    agreeing = job_spec(dataset_id, hyperparameters={"group_size": 2})  # the same in both places
+    assert client.post("/v1/jobs", json=agreeing).json()["hyperparameters"]["group_size"] == 2
 
 
 def test_idempotency_key_returns_the_first_job_and_refuses_another_body(

@@ -63,12 +63,45 @@ def test_json_shape_is_read_off_the_bytes(line, over):
     ("text", "says"),
     [
         ("[" * 100_000 + "]" * 100_000, "line 7: not valid JSON: nested too deeply"),
-        ('{"prompt": ' + "9" * 5000 + "}", "line 7: not valid JSON (Exceeds the limit"),
+        (
+            '{"prompt": ' + "9" * 5000 + "}",
+            "line 7: 'prompt' is an integer of 5000 digits, more than the 4300",
+        ),
     ],
 )
 def test_json_the_parser_cannot_read_is_a_dataset_error(text, says):
-    with pytest.raises(DatasetError, match=says.replace("(", r"\(")):
+    with pytest.raises(DatasetError, match=says.replace("(", r"\(")) as caught:
         parse_line(text, 7)
+    assert "sys.set_int_max_str_digits" not in str(caught.value)  # Python's advice is not the user's
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"prompt": "a", "answer": NaN}', "line 4: 'answer' is NaN, which JSON does not allow"),
+        ('{"prompt": "a", "answer": Infinity}', "line 4: 'answer' is Infinity, which JSON does not allow"),
+        ('{"prompt": "a", "x": [1, {"y": -Infinity}]}', "line 4: 'x'[1]['y'] is -Infinity"),
+        ('{"prompt": "a", "answer": 1e400}', "line 4: 'answer' is 1e400, beyond a 64-bit float's range"),
+        (
+            '{"prompt": "a", "answer": -' + "9" * 400 + ".0}",
+            "line 4: 'answer' is -99999999999…999999.0, beyond",
+        ),
+        ('{"prompt": "a", "n": [1, -' + "7" * 4301 + "]}", "line 4: 'n'[1] is an integer of 4301 digits"),
+        ("NaN", "line 4: the row is NaN"),
+        ('{"prompt": "a", "x": NaN, "x": 1}', "line 4: a value is NaN"),  # the line still holds it
+    ],
+)
+def test_numbers_that_are_not_json_are_refused_naming_the_field(text, says):
+    """Python reads NaN, Infinity and 1e400 (as inf), which no JSON reader after it would: a row
+    must read back as the JSON it is stored as."""
+    with pytest.raises(DatasetError) as caught:
+        parse_line(text, 4)
+    assert str(caught.value).startswith(says), str(caught.value)
+
+
+def test_numbers_json_allows_are_read_as_they_are():
+    row = parse_line('{"prompt": "a", "f": 1.5e300, "tiny": 1e-400, "i": -' + "7" * 4300 + ', "z": -0}', 1)
+    assert row["f"] == 1.5e300 and row["tiny"] == 0.0 and row["i"] == -int("7" * 4300) and row["z"] == 0
 
 
 @pytest.mark.parametrize(
@@ -119,8 +152,36 @@ def test_a_chat_format_row_has_its_messages_before_a_final_assistant_one_as_prom
     for bad in ('{"messages": "hi"}', '{"messages": []}'):
         with pytest.raises(DatasetError, match="missing 'prompt'.*'messages' must be a non-empty list"):
             parse_line(bad, 1)
-    with pytest.raises(DatasetError, match=r"'prompt'\[0\] must be a message"):
+    with pytest.raises(DatasetError, match=r"'messages'\[0\] must be a message"):
         parse_line('{"messages": [{"role": "user"}]}', 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # the prompt is the messages before a final assistant one: a lone assistant message leaves none
+        (
+            '{"messages": [{"role": "assistant", "content": "x"}]}',
+            "line 5: 'messages' holds only an assistant",
+        ),
+        ('{"prompt": [{"role": "bogus", "content": "x"}]}', "line 5: 'prompt'[0] has the role 'bogus'"),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "Assistant", "content": "y"}]}',
+            "line 5: 'messages'[1] has the role 'Assistant'",
+        ),
+        ('{"prompt": []}', "line 5: 'prompt' must be a non-empty string"),
+    ],
+)
+def test_a_chat_row_without_a_prompt_or_with_an_unknown_role_is_refused(text, says):
+    with pytest.raises(DatasetError) as caught:
+        parse_line(text, 5)
+    assert str(caught.value).startswith(says), str(caught.value)
+
+
+def test_a_prompt_of_messages_takes_the_roles_chat_templates_know():
+    roles = ["developer", "system", "user", "assistant", "tool", "user"]
+    row = parse_line(json.dumps({"prompt": [{"role": role, "content": "x"} for role in roles]}), 1)
+    assert [message["role"] for message in row["prompt"]] == ["system", *roles[1:]]  # developer: system
 
 
 def rows_file(path, lines: list[bytes]):
@@ -271,7 +332,8 @@ def test_a_specs_group_size_is_read_in_one_place_and_errors_name_where_it_was_wr
     stores it), and its error names ``group_size``; one in the hyperparameters names theirs."""
     inside = {"hyperparameters": {"group_size": 3}}
     assert spec_hyperparameters({**inside, "group_size": None}).group_size == 3
-    assert spec_hyperparameters({**inside, "group_size": 5}).group_size == 5
+    assert spec_hyperparameters({**inside, "group_size": 3}).group_size == 3
+    assert spec_hyperparameters({"group_size": 5, "hyperparameters": {"max_steps": 2}}).group_size == 5
     assert spec_hyperparameters({}).group_size == GRPOConfig().group_size
     with pytest.raises(ConfigError) as top_level:
         spec_hyperparameters({**inside, "group_size": 1})
@@ -279,6 +341,46 @@ def test_a_specs_group_size_is_read_in_one_place_and_errors_name_where_it_was_wr
     with pytest.raises(ConfigError) as nested:
         spec_hyperparameters({"hyperparameters": {"group_size": 1}})
     assert nested.value.param == "hyperparameters.group_size"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (float("nan"), "must be an integer, got nan"),
+        (float("-inf"), "must be an integer, got -inf"),
+        ([], "must be an integer, got []"),
+        ({}, "must be an integer, got {}"),
+        ("1", "must be an integer, got '1'"),
+        (True, "must be an integer, got True"),
+        (-1, "must be >= 2, got -1"),
+        (None, "must be an integer, got None"),
+    ],
+)
+def test_a_bad_group_size_in_the_hyperparameters_is_refused_beside_a_top_level_one(value, says):
+    """Once silently replaced by the top-level group_size."""
+    with pytest.raises(ConfigError) as caught:
+        spec_hyperparameters({"group_size": 4, "hyperparameters": {"group_size": value}})
+    assert caught.value.param == "hyperparameters.group_size" and caught.value.message == says
+
+
+def test_two_group_sizes_that_differ_are_refused_naming_both():
+    with pytest.raises(ConfigError) as caught:
+        spec_hyperparameters({"group_size": 4, "hyperparameters": {"group_size": 8}})
+    assert caught.value.param == "hyperparameters.group_size"
+    assert caught.value.message.startswith("is 8, but group_size (at the top level) is 4"), (
+        caught.value.message
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "says"), [("2", "must be an integer, got '2'"), (True, "must be an integer, got True")]
+)
+def test_a_top_level_group_size_is_an_integer_as_the_hyperparameters_are(value, says):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_spec(
+            {"base_model": "m", "dataset": "d", "reward": [{"type": "exact_match"}], "group_size": value}
+        )
+    assert (caught.value.param, caught.value.message) == ("group_size", says)
 
 
 def test_only_the_cli_reads_the_operators_allowances_from_the_environment():
