@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from sqlalchemy.orm import Session
 
 from jobs.artifacts import inside, stored_files
@@ -28,6 +29,8 @@ from jobs.models import Checkpoint, Job
 from jobs.queries import get_job, list_checkpoints
 from jobs.settings import Settings
 from jobs.store import open_store
+from jobs.text import STORABLE, UNSTORABLE_ERROR, StorableStr, unstorable_reason
+from trainer.config import MIN_SAMPLING_TEMPERATURE
 
 CHAT_COMPLETION = "grpo.chat_completion"  # the inference worker's task, sent by name
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -40,12 +43,28 @@ class TextPart(BaseModel):
     text: str
 
 
+def _text_content(content: str | list[TextPart]) -> str | list[TextPart]:
+    """A message's content, unless a string in it is not text a tokenizer takes: a lone surrogate
+    (``\\ud800``, which JSON can escape but no encoding holds) or a NUL, as in every request body
+    (jobs/text.py). The error names the place: ``messages[0].content``, ``...content[1].text``."""
+    texts = (
+        [((), content)]
+        if isinstance(content, str)
+        else [((i, "text"), p.text) for i, p in enumerate(content)]
+    )
+    for at, text in texts:
+        reason = unstorable_reason(text)
+        if reason is not None:
+            raise PydanticCustomError(UNSTORABLE_ERROR, reason, {"at": at})
+    return content
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Annotated[str | list[TextPart], AfterValidator(_text_content)]
+    name: StorableStr | None = None
 
     def as_template_message(self) -> dict[str, str]:
         """What a chat template reads: ``developer`` is ``system`` (as for training files), text
@@ -74,7 +93,7 @@ class ChatCompletionCreate(BaseModel):
         },
     )
 
-    model: str = Field(
+    model: StorableStr = Field(
         min_length=1,
         max_length=1024,
         description=(
@@ -89,10 +108,18 @@ class ChatCompletionCreate(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, description="The same as max_tokens."
     )
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy (deterministic).")
+    temperature: float = Field(
+        1.0,
+        ge=0,
+        le=2,
+        description=(
+            f"0: greedy (deterministic). Above 0 and below {MIN_SAMPLING_TEMPERATURE:g}: sampled at "
+            f"{MIN_SAMPLING_TEMPERATURE:g}, as vLLM does."
+        ),
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, description="Choices to generate; capped by GRPO_MAX_CHAT_CHOICES.")
-    stop: str | list[str] | None = Field(
+    stop: Annotated[str | list[str] | None, STORABLE] = Field(
         None,
         description=(
             f"Up to {MAX_STOP_SEQUENCES} sequences where generation stops (not included in the answer)."
@@ -100,7 +127,7 @@ class ChatCompletionCreate(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stream: bool = Field(False, description="Streaming is not supported here: false only.")
-    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+    user: StorableStr | None = Field(None, max_length=256, description="Accepted and ignored.")
 
     @property
     def stop_sequences(self) -> list[str]:

@@ -3,8 +3,9 @@
 
 Greedy when ``temperature`` is 0, else sampling with ``temperature`` and ``top_p`` only (the
 model's own generation defaults, such as a ``top_k`` or a repetition penalty, are not applied:
-the checkpoint is answered as the trainer sampled it). ``stop`` sequences end a choice and are
-left out of its text, as OpenAI does.
+the checkpoint is answered as the trainer sampled it). A temperature above 0 and below
+MIN_SAMPLING_TEMPERATURE samples at that floor, as vLLM does. ``stop`` sequences end a choice and
+are left out of its text, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from trainer.config import ConfigError
+from trainer.config import MIN_SAMPLING_TEMPERATURE, ConfigError
 from trainer.model import eos_token_ids
 from trainer.prompts import PromptFormatter
 
 STOP_WINDOW_TOKENS = 8  # decoded beyond the longest stop sequence's length when looking for it
+# The logits divided by a temperature near 0 overflow (1e-300 made every probability inf or NaN,
+# and the request fail). vLLM samples any temperature in (0, MIN_SAMPLING_TEMPERATURE) at it; so
+# does this path, so that both backends of the inference worker answer alike.
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def generate_chat(
     max_new_tokens = min(max_tokens, context - prompt_tokens) if context is not None else max_tokens
     eos = eos_token_ids(model, tokenizer)
     sample = temperature > 0
+    temperature = max(temperature, MIN_SAMPLING_TEMPERATURE)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample,

@@ -4,6 +4,7 @@ Redis, and checkpoints of real tiny-model weights recorded as a worker records t
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -281,6 +282,79 @@ def test_stop_sequences_n_and_seed(client, job) -> None:
         return [choice.message.content for choice in completion.choices]
 
     assert sampled(7) == sampled(7)  # a seed makes sampling repeatable
+
+
+def test_a_temperature_near_zero_samples_at_the_floor_vllm_samples_at(client, job) -> None:
+    """logits / 1e-300 overflowed in the worker (every probability NaN: a 503); vLLM samples any
+    temperature in (0, 0.01) at 0.01, and so does the transformers path."""
+
+    def sampled(temperature: float) -> list[str]:
+        completion = client.chat.completions.create(
+            model=job["id"], messages=MESSAGES, temperature=temperature, n=2, seed=5, max_tokens=MAX_TOKENS
+        )
+        return [choice.message.content for choice in completion.choices]
+
+    assert sampled(1e-300) == sampled(0.01)
+
+
+def test_generate_chat_samples_below_the_floor_at_it(tiny_model) -> None:
+    from trainer.chat import generate_chat
+    from trainer.config import MIN_SAMPLING_TEMPERATURE
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def sampled(temperature: float, seed: int = 3) -> list[str]:
+        generation = generate_chat(
+            model, tokenizer, MESSAGES, max_tokens=MAX_TOKENS, temperature=temperature, n=3, seed=seed
+        )
+        return [choice.text for choice in generation.choices]
+
+    assert sampled(1e-300) == sampled(5e-3) == sampled(MIN_SAMPLING_TEMPERATURE)
+    assert sampled(1e-300) != sampled(1.0)  # sampling at the floor, not at the temperature asked for
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "a\x00"}],
+                    }
+                ]
+            },
+            "messages[0].content[1].text",
+        ),
+        ({"messages": [{"role": "user", "content": "hi", "name": "a\x00"}]}, "messages[0].name"),
+        ({"model": "a\x00"}, "model"),
+        ({"stop": ["ok", "\udfff"]}, "stop[1]"),
+        ({"user": "\udc00"}, "user"),
+    ],
+    ids=[
+        "lone-surrogate",
+        "nul-in-a-part",
+        "nul-in-name",
+        "nul-in-model",
+        "surrogate-in-stop",
+        "surrogate-in-user",
+    ],
+)
+def test_text_no_tokenizer_takes_is_a_400_naming_the_field(chat_settings, alice, change, param) -> None:
+    """A lone surrogate (JSON can escape one, no encoding holds it) made the worker's tokenizer raise:
+    a 503. Refused by the API, before any checkpoint is looked up, as a NUL is in every body."""
+    body = {"model": "job_0000000000000000000000", "messages": MESSAGES, "max_tokens": 4, **change}
+    with TestClient(create_app(chat_settings, send=lambda job_id: None), headers=bearer(alice)) as http:
+        response = http.post(
+            "/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", param)
+    assert error["message"].startswith(f"{param}: contains a ")
 
 
 def test_another_owners_model_is_not_found_like_a_missing_one(server, job, chat_settings) -> None:

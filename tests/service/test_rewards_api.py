@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -64,6 +66,7 @@ def test_code_is_run_against_the_rows_tests(client) -> None:
         ([{"type": "telepathy"}], "reward[0].type", "unknown reward type"),
         ([{"type": "exact_match"}, {"type": "regex"}], "reward[1].pattern", "required"),
         ([{"type": "regex", "pattern": "("}], "reward[0].pattern", "not a valid regular expression"),
+        ([{"type": "regex", "pattern": "a{1001}"}], "reward[0].pattern", "repeat count 1001 exceeds 1000"),
         ([{"type": "reward_model", "model": "org/rm"}], "reward[0].type", "does not"),
     ],
 )
@@ -167,3 +170,62 @@ def test_a_pathological_expression_or_pattern_is_a_counted_error_not_a_hung_requ
     assert [score["errors"] for score in body["data"]] == [["math", "regex"], []]
     assert "math: math-verify timed out after 1s" in body["error_messages"][0]
     assert "regex: the pattern '(a|a)+$' timed out after 1s" in body["error_messages"][1]
+
+
+# Run by the API in a child held to 2 GB of address space: compiled, the first two would ask it for
+# ~21 GB (the process killed, or a 500 under a limit), the third for 260 MB and a second.
+TOO_LARGE = [
+    ({"type": "regex", "pattern": "a{1000000000}"}, "repeat count 1000000000 exceeds 1000"),
+    (
+        {"type": "exact_match", "extract": "regex", "pattern": "(\\d){1000000000}"},
+        "repeat count 1000000000 exceeds 1000",
+    ),
+    ({"type": "regex", "pattern": "(a{1000}){1000}"}, "expand it to 1,003,002 elements, at most 10,000"),
+]
+API_UNDER_A_MEMORY_LIMIT = textwrap.dedent(
+    """
+    import json, resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (2_000_000_000, 2_000_000_000))
+    from fastapi.testclient import TestClient
+    import api.main
+
+    answers = []
+    with TestClient(api.main.app, headers={"Authorization": sys.argv[1]}) as client:
+        for spec in json.loads(sys.argv[2]):
+            scored = client.post("/v1/rewards/run", json={"reward": [spec], "samples": [{"completion": "a"}]})
+            job = {"dataset_id": "ds_x", "base_model": "org/model", "reward": [spec]}
+            estimated = client.post("/v1/jobs", params={"dry_run": "true"}, json=job)
+            answers.append([[r.status_code, r.json()] for r in (scored, estimated)])
+        at_limit = {"type": "regex", "pattern": "^(?:a{1000}){9}$", "full_match": True}
+        samples = [{"completion": "a" * 9000}, {"completion": "a" * 8999}]
+        after = client.post("/v1/rewards/run", json={"reward": [at_limit], "samples": samples})
+        answers.append([after.status_code, after.json()])
+    print(json.dumps(answers))
+    """
+)
+
+
+def test_a_pattern_too_large_to_compile_is_a_422_naming_it_and_the_api_stays_up(settings) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            API_UNDER_A_MEMORY_LIMIT,
+            f"Bearer {api_key(settings)}",
+            json.dumps([spec for spec, _ in TOO_LARGE]),
+        ],
+        cwd=ROOT,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    *refused, (status, body) = json.loads(result.stdout.splitlines()[-1])
+    for (_, says), answers in zip(TOO_LARGE, refused, strict=True):
+        for code, answer in answers:  # /v1/rewards/run, then POST /v1/jobs?dry_run=true
+            assert code == 422, answer
+            assert answer["error"]["param"] == "reward[0].pattern"
+            assert says in answer["error"]["message"], answer
+    assert status == 200, body  # the same process, still up: a pattern at the limits compiles and scores
+    assert [score["total"] for score in body["data"]] == [1.0, 0.0]

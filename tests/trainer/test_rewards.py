@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import resource
 import shutil
 import socket
 import ssl
@@ -213,6 +214,39 @@ def test_a_math_child_that_stops_answering_is_killed_at_the_limit(tmp_path):
         pool.close()
 
 
+@pytest.mark.parametrize(
+    ("soft", "hard"),
+    [(3 << 30, 3 << 30), (5 << 29, resource.RLIM_INFINITY)],
+    ids=["hard-3GiB", "soft-2.5GiB"],
+)
+def test_a_math_child_started_under_a_lower_memory_limit_keeps_it_and_answers(soft, hard):
+    """An operator's ``ulimit -v`` below the child's own 4 GiB: a process may not raise its hard
+    limit, so asking for 4 GiB failed the child at its start, and every math reward with it."""
+    from trainer.rewards.math_pool import CHILD
+
+    child = subprocess.Popen(
+        [sys.executable, "-P", str(CHILD)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)),
+    )
+    try:
+        assert json.loads(child.stdout.readline() or "null") == {"ready": True}, child.stderr.read()
+        limits = Path(f"/proc/{child.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max address space")]
+        assert line.split()[3:5] == [str(soft), str(soft)]  # the lower limit kept, soft and hard
+        child.stdin.write(json.dumps({"gold": "1/2", "answer": "$\\frac{2}{4}$", "timeout_s": 30}) + "\n")
+        child.stdin.flush()
+        assert json.loads(child.stdout.readline()) == {"score": 1.0}
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+        child.stdout.close()
+        child.stderr.close()
+
+
 def test_math_unreadable_gold_answer_is_an_error():
     output = score({"type": "math"}, ["$2$"], answers("}{"))
     assert output.errors == {"math": 1}
@@ -280,6 +314,107 @@ def test_patterns_are_checked_and_run_by_the_same_engine():
     assert parts(
         {"type": "regex", "pattern": r"(?<=answer: +)\p{Lu}+"}, ["answer:   PARIS", "answer: paris"]
     ) == [1.0, 0.0]
+
+
+def test_a_pattern_at_the_size_limits_compiles_and_scores_and_one_past_them_is_refused():
+    """Each {m,n} count at most 1000, at most 10,000 elements with the minimum counts multiplied out."""
+    at_limit = {"type": "regex", "pattern": "^(?:a{1000}){9}$", "full_match": True}  # 9,020 elements
+    assert parts(at_limit, ["a" * 9000, "a" * 8999, "a" * 9001]) == [1.0, 0.0, 0.0]
+    assert parts({"type": "regex", "pattern": "^a{0,1000}$"}, ["a" * 1000, "a" * 1001]) == [1.0, 0.0]
+    for pattern, says in (
+        ("(?:a{1000}){10}", "its repeats expand it to 10,022 elements, at most 10,000"),
+        ("a{0,1001}", "repeat count 1001 exceeds 1000"),
+        ("(?x) a{1 0 0 1}", "repeat count 1001 exceeds 1000"),  # the engine's own reading of the count
+    ):
+        with pytest.raises(ConfigError) as caught:
+            validate_reward_specs([{"type": "regex", "pattern": pattern}])
+        assert (caught.value.param, says in caught.value.message) == ("reward[0].pattern", True), caught.value
+
+
+def test_huge_repeat_counts_are_refused_before_anything_is_compiled():
+    """Compiled, "a{1000000000}" asks for ~21 GB: refused by its count. Checked in a child held to
+    1.5 GB of address space, where compiling it would be a MemoryError, not this message."""
+    code = (
+        "import json, resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000))\n"
+        "from trainer.config import ConfigError\n"
+        "from trainer.rewards import validate_reward_specs\n"
+        "errors = []\n"
+        "for spec in ({'type': 'regex', 'pattern': 'a{1000000000}'},\n"
+        "             {'type': 'exact_match', 'extract': 'regex', 'pattern': '(\\\\d){1000000000}'},\n"
+        "             {'type': 'regex', 'pattern': '(a{1000}){1000}'}):\n"
+        "    try:\n"
+        "        validate_reward_specs([spec])\n"
+        "    except ConfigError as exc:\n"
+        "        errors.append([exc.param, exc.message])\n"
+        "print(json.dumps(errors))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    errors = json.loads(result.stdout)
+    assert [param for param, _ in errors] == ["reward[0].pattern"] * 3
+    assert errors[0][1].startswith("repeat count 1000000000 exceeds 1000")
+    assert errors[1][1].startswith("repeat count 1000000000 exceeds 1000")
+    assert "its repeats expand it to 1,003,002 elements, at most 10,000" in errors[2][1]
+
+
+def test_checking_patterns_keeps_none_of_them_in_the_regex_module():
+    """The regex module caches 500 compiled patterns, and remembers every pattern string it has
+    compiled (its locale-sensitivity) until that cache is pruned: a server that checks users'
+    patterns would keep them all."""
+    import regex
+
+    module = sys.modules[regex.compile.__module__]
+    cached, remembered = len(module._cache), len(module._locale_sensitive)
+    specs = [{"type": "regex", "pattern": f"a{{{900 + i}}}", "name": f"r{i}"} for i in range(50)]
+    validate_reward_specs(specs)
+    assert parts(specs[0], ["a" * 900, "a" * 899]) == [1.0, 0.0]  # built: compiled again
+    assert (len(module._cache), len(module._locale_sensitive)) == (cached, remembered)
+
+
+def test_a_pattern_nested_too_deeply_to_compile_is_refused_by_name():
+    with pytest.raises(ConfigError) as caught:
+        validate_reward_specs([{"type": "regex", "pattern": "(" * 900 + "a" + ")" * 900}])
+    assert caught.value.param == "reward[0].pattern"
+    assert "nests its groups too deeply to compile" in caught.value.message
+
+
+PATTERNS = [
+    "a",
+    "a{1000}",
+    r"\d{1,3}(,\d{3})*",
+    "(?:a{10}|b{20}c){30}",
+    "(?x) a { 1 0 } # a comment",
+    r"(?<=answer: +)\p{Lu}{2,5}",
+    "(?i)[a-z]{3}(?:x{2}){4}",
+    "(a)(?(1)b{10}|c{20}){5}",
+    "(?:a{3}){e<=1}",
+    "(?:(?:a){7}){7}",
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_the_text_fallback_bounds_what_the_parse_measures(pattern):
+    """Where the regex package's internal parser has changed, the size is bounded from the text."""
+    from trainer.rewards.base import _repeats_in_text, _repeats_parsed
+
+    parsed_counts, parsed_elements = _repeats_parsed(pattern, 0)
+    text_counts, text_elements = _repeats_in_text(pattern)
+    assert max(text_counts, default=0) >= max(parsed_counts, default=0)
+    assert text_elements >= parsed_elements
+
+
+def test_sizes_are_still_bounded_when_the_regex_parser_is_not_the_known_one(monkeypatch):
+    from regex import _regex_core
+
+    from trainer.rewards.base import pattern_cost_problem
+
+    monkeypatch.delattr(_regex_core, "_parse_pattern")  # as a release that renamed it
+    assert pattern_cost_problem("a{1000000000}", 0).startswith("repeat count 1000000000 exceeds 1000")
+    assert "its repeats expand it to" in pattern_cost_problem("(a{100}){100}", 0)
+    assert pattern_cost_problem(r"\d{1,3}(,\d{3})*", 0) is None
 
 
 def test_length_target_and_max_length():
@@ -858,6 +993,17 @@ def test_validate_fills_defaults_and_copies():
         ),
         ([{"type": "math", "timeout_s": 61}], "reward[0].timeout_s", "must be <= 60 s"),
         ([{"type": "regex", "pattern": "a", "flags": "q"}], "reward[0].flags", "unknown regex flag 'q'"),
+        ([{"type": "regex", "pattern": "a{1001}"}], "reward[0].pattern", "repeat count 1001 exceeds 1000"),
+        (
+            [{"type": "exact_match", "extract": "regex", "pattern": "(\\d){1001}"}],
+            "reward[0].pattern",
+            "repeat count 1001 exceeds 1000",
+        ),
+        (
+            [{"type": "regex", "pattern": "x" * 2001}],
+            "reward[0].pattern",
+            "2001 characters long; at most 2000",
+        ),
         ([{"type": "regex", "pattern": "a", "weight": "high"}], "reward[0].weight", "must be a number"),
         ([{"type": "regex", "pattern": "a", "weight": True}], "reward[0].weight", "must be a number"),
         (

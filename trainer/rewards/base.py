@@ -7,6 +7,8 @@ batch-level failure, which the suite counts against every completion.
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,13 +107,136 @@ REGEX_FLAGS = {
 }
 PATTERN_TIMEOUT_S = 1.0  # one pattern on one completion; a sane pattern takes microseconds
 
+# What a pattern may cost to compile. The engine compiles a repeat's minimum count as that many
+# copies of what it repeats (250 B to 1.2 KB each), in the process that validates the spec: the
+# API's. "a{1000000000}" asked it for ~21 GB, "(a{1000}){1000}" takes 260 MB and 1 s. So each count
+# of a {m}, {m,} or {m,n} is at most MAX_REPEAT, and the elements a pattern expands to (each node
+# of its parse, times the minimum counts of the repeats around it) at most MAX_PATTERN_ELEMENTS:
+# at these limits a pattern compiles in at most ~35 ms and ~12 MB (measured under a 1.5 GB
+# address-space limit; README, the rewards table).
+MAX_PATTERN_LENGTH = 2000  # characters
+MAX_REPEAT = 1000
+MAX_PATTERN_ELEMENTS = 10_000
+_SHOWN_ELEMENTS = 10**9  # an expansion past this is reported as "over", not counted out
+_MAX_PARSE_NODES = 20 * MAX_PATTERN_LENGTH  # more nodes than a parse of that length has: not a tree
 
-def compile_pattern(pattern: str, flags: str) -> regex.Pattern[str]:
-    """Compile a spec's ``pattern`` with its ``flags`` letters (already validated)."""
+
+def regex_flags(flags: str) -> int:
+    """The ``regex`` flags a spec's ``flags`` letters (already validated) stand for."""
     value = 0
     for letter in flags:
         value |= REGEX_FLAGS[letter]
-    return regex.compile(pattern, value)
+    return value
+
+
+def compile_pattern(pattern: str, flags: str) -> regex.Pattern[str]:
+    """Compile a spec's ``pattern`` with its ``flags`` letters (already validated).
+
+    Outside the ``regex`` module's cache: it keeps 500 compiled patterns, so distinct patterns
+    sent for validation would stay in the API process. With the cache off the module still
+    remembers, for every pattern string, whether it is locale-sensitive, in a table only its
+    cache's pruning trims (70 MB for 100,000 patterns of 500 characters): forgotten here too."""
+    try:
+        return regex.compile(pattern, regex_flags(flags), cache_pattern=False)
+    finally:
+        remembered = getattr(sys.modules[regex.compile.__module__], "_locale_sensitive", None)
+        if isinstance(remembered, dict):
+            remembered.pop((type(pattern), pattern), None)
+
+
+class _ParserChanged(Exception):
+    """The ``regex`` package's internal parser is not the one ``_parse`` knows."""
+
+
+def _parse(pattern: str, flags: int) -> Any:
+    """The engine's own parse of ``pattern``, the first step of ``regex.compile`` (which does the
+    same), so the counts and nesting measured are the ones it compiles: verbose mode's "a{1 000}"
+    included. regex.error if it does not parse. The parser is internal to the package:
+    ``_ParserChanged`` if it is not the one this was written for."""
+    try:
+        from regex import _regex_core as core
+
+        global_flags = flags
+        while True:
+            source = core.Source(pattern)
+            info = core.Info(global_flags, source.char_type, {})
+            info.guess_encoding = core.UNICODE
+            source.ignore_space = bool(info.flags & regex.VERBOSE)
+            source.use_unicode_space(bool(info.flags & regex.VERSION1))
+            try:
+                return core._parse_pattern(source, info)
+            except core._UnscopedFlagSet:  # a global flag, e.g. "(?i)", past the start: parse again
+                global_flags = info.global_flags
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise _ParserChanged from exc
+
+
+def _repeats_parsed(pattern: str, flags: int) -> tuple[list[int], int]:
+    """The repeat counts in ``pattern`` and the elements it expands to, from the engine's parse."""
+    parsed = _parse(pattern, flags)
+    counts: list[int] = []
+    elements, visited = 0, 0
+    try:
+        from regex import _regex_core as core
+
+        repeat, node_kind = core.GreedyRepeat, core.RegexBase  # lazy and possessive repeats subclass it
+        stack: list[tuple[Any, int]] = [(parsed, 1)]
+        while stack:  # iterative: the parse of a deeply nested pattern is deep
+            node, factor = stack.pop()
+            visited += 1
+            if visited > _MAX_PARSE_NODES:
+                raise _ParserChanged("the parse is larger than any of a pattern this long")
+            elements = min(elements + factor, _SHOWN_ELEMENTS)
+            if isinstance(node, repeat):
+                counts += [count for count in (node.min_count, node.max_count) if count is not None]
+                factor = min(factor * max(node.min_count, 1), _SHOWN_ELEMENTS)
+            for value in vars(node).values():  # the node's parts, whatever its kind names them
+                children = value if isinstance(value, list | tuple) else (value,)
+                stack.extend((child, factor) for child in children if isinstance(child, node_kind))
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise _ParserChanged from exc
+    return counts, elements
+
+
+_COUNT_IN_TEXT = re.compile(r"\{([0-9]*),?([0-9]*)\}")
+
+
+def _repeats_in_text(pattern: str) -> tuple[list[int], int]:
+    """A bound on what ``_repeats_parsed`` measures, read off the text: every "{m,n}" taken for a
+    repeat (in a class or a comment too), all of them nested, around every node (a parse has at
+    most two nodes a character, and one more); spaces dropped first (verbose mode may write
+    "a{1 000}"). Used where the engine's parser changed."""
+    counts: list[int] = []
+    elements = 2 * len(pattern) + 1
+    for match in _COUNT_IN_TEXT.finditer("".join(pattern.split())):
+        counts += [int(digits) for digits in match.groups() if digits]
+        elements = min(elements * max(int(match.group(1) or 0), 1), _SHOWN_ELEMENTS)
+    return counts, elements
+
+
+def pattern_cost_problem(pattern: str, flags: int) -> str | None:
+    """Why compiling ``pattern`` would cost the process too much, or None (regex.error if it does
+    not parse; RecursionError if it nests too deeply to)."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return f"is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH}"
+    try:
+        counts, elements = _repeats_parsed(pattern, flags)
+    except _ParserChanged:
+        counts, elements = _repeats_in_text(pattern)
+    too_many = max(counts, default=0)
+    if too_many > MAX_REPEAT:
+        return (
+            f"repeat count {too_many} exceeds {MAX_REPEAT}; each count of a {{m}}, {{m,}} or {{m,n}} "
+            f"is at most {MAX_REPEAT} (use * or + for an open-ended repeat)"
+        )
+    if elements > MAX_PATTERN_ELEMENTS:
+        shown = f"over {_SHOWN_ELEMENTS:,}" if elements >= _SHOWN_ELEMENTS else f"{elements:,}"
+        return (
+            f"is too large to compile: its repeats expand it to {shown} elements, at most "
+            f"{MAX_PATTERN_ELEMENTS:,} (a repeat's minimum count multiplies what it repeats: "
+            "(a{100}){100} is 10,302); use smaller counts, or * and +"
+        )
+    return None
 
 
 def pattern_timed_out(pattern: regex.Pattern[str]) -> RewardError:
@@ -124,7 +249,8 @@ def pattern_timed_out(pattern: regex.Pattern[str]) -> RewardError:
 
 
 def check_pattern(spec: dict[str, Any], param: str) -> None:
-    """ConfigError unless ``spec["flags"]`` are known letters and ``spec["pattern"]`` compiles."""
+    """ConfigError unless ``spec["flags"]`` are known letters and ``spec["pattern"]`` compiles,
+    within what compiling may cost (``pattern_cost_problem``)."""
     unknown = sorted(set(spec["flags"]) - set(REGEX_FLAGS))
     if unknown:
         raise ConfigError(
@@ -134,12 +260,23 @@ def check_pattern(spec: dict[str, Any], param: str) -> None:
             "s: dot matches newline, x: verbose)",
         )
     try:
+        problem = pattern_cost_problem(spec["pattern"], regex_flags(spec["flags"]))
+        if problem is not None:
+            raise ConfigError(f"{param}.pattern", problem)
         compile_pattern(spec["pattern"], spec["flags"])
     except regex.error as exc:
         raise ConfigError(
             f"{param}.pattern",
             f"is not a valid regular expression ({exc}); fix it or escape "
             "special characters with a backslash",
+        ) from None
+    except RecursionError:  # Python's recursion limit, in the engine's parser or compiler
+        raise ConfigError(
+            f"{param}.pattern", "nests its groups too deeply to compile; use fewer levels of parentheses"
+        ) from None
+    except (MemoryError, OverflowError) as exc:  # what the limits above should leave to no pattern
+        raise ConfigError(
+            f"{param}.pattern", f"is too large to compile ({type(exc).__name__}); simplify it"
         ) from None
 
 

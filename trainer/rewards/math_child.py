@@ -26,13 +26,21 @@ from typing import Any, TextIO
 MEMORY_LIMIT = 4 << 30  # bytes of address space: sympy on a hostile expression stops with a MemoryError
 
 
+def memory_limit() -> int:
+    """MEMORY_LIMIT, or the lower limit this process was started under (an operator's ``ulimit -v``):
+    a process may not raise its hard limit, and need not raise its soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    return min(limit for limit in (MEMORY_LIMIT, soft, hard) if limit != resource.RLIM_INFINITY)
+
+
 class OutOfTime(BaseException):
     """Raised by the alarm. A BaseException: math-verify catches Exception (and turns it into
     "nothing parsed"), which would hide the timeout."""
 
 
 def main() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    limit = memory_limit()
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: known
@@ -77,7 +85,7 @@ def main() -> None:
         except OutOfTime:
             answer = {"timeout": True}
         except MemoryError:
-            answer = {"error": f"math-verify ran out of memory ({MEMORY_LIMIT >> 30} GiB) on this completion"}
+            answer = {"error": f"math-verify ran out of memory ({limit / 2**30:.3g} GiB) on this completion"}
         except Exception as exc:  # one bad completion must not end the process
             answer = {"error": f"math-verify failed: {type(exc).__name__}: {exc}"[:300]}
         reply(answers, answer)
