@@ -235,8 +235,9 @@ def calibrate_eos(model_dir: Path, dataset: Path, config: BenchConfig) -> dict:
 
 
 def prepare(config: BenchConfig, workdir: Path) -> dict:
-    """Model directory, dataset and spec for ``config`` under ``workdir``, built once and reused."""
-    root = workdir / config.name
+    """Model directory, dataset and spec for ``config`` under ``workdir``, built once and reused;
+    absolute paths (a spec reads relative ones from its own folder)."""
+    root = workdir.resolve() / config.name
     marker = root / "prepared.json"
     wanted = json.loads(json.dumps(asdict(config)))  # as it reads back from JSON (tuples become lists)
     if marker.exists():

@@ -93,11 +93,11 @@ class SpecLoader(yaml.SafeLoader):
     reach the server as the string '1e-4'. A quoted '1e-4' stays a string."""
 
 
-# After YAML 1.1's own resolvers, so what they read (ints, 1.5, .5, .inf) keeps its type; this
-# one adds the floats they miss: 1e-4, -1E+3, 1.5e3.
+# After YAML 1.1's own resolvers, so what they read (ints, 1.5, .5, .inf, dates, "08" a string)
+# keeps its type; this one adds only the floats they miss, those with an exponent: 1e-4, -1E+3, 1.5e3.
 SpecLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"),
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 

@@ -75,7 +75,11 @@ def send(
             continue
         if response.is_success:
             return response
-        if last or response.status_code not in policy.statuses:
+        # a 409 with Retry-After: a request with the same Idempotency-Key is still being processed
+        retryable = response.status_code in policy.statuses or (
+            response.status_code == 409 and "retry-after" in response.headers
+        )
+        if last or not retryable:
             response.read()
             response.close()
             raise GrpoError.from_response(response)

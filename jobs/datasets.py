@@ -30,7 +30,7 @@ from jobs.queries import (
 from jobs.settings import Settings
 from jobs.store import open_store
 from jobs.text import find_unstorable
-from trainer.data import chat_row, json_over_limits, parse_json, parse_line
+from trainer.data import chat_row, json_field_path, json_over_limits, parse_json, parse_line
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,4 @@ def check_row_storable(row: Any, line: bytes) -> None:
     found = find_unstorable(row)
     if found is not None:
         path, reason = found
-        where = "".join(
-            f"[{part!r}]" if i or isinstance(part, int) else repr(part) for i, part in enumerate(path)
-        )
-        raise DatasetError(f"{where or 'the row'} {reason}")
+        raise DatasetError(f"{json_field_path(path)} {reason}")

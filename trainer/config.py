@@ -18,9 +18,9 @@ SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# The lowest temperature anything samples at. vLLM (its _MAX_TEMP, 0.32) samples any temperature in
-# (0, 0.01) at 0.01, so a rollout asked for less would be scored at a temperature it was not
-# sampled at; a chat completion above 0 and below it samples at it (trainer.chat).
+# The lowest temperature vLLM samples at (its _MAX_TEMP, 0.32: any in (0, 0.01) is sampled at
+# 0.01): a rollout asked for less would be scored at a temperature it was not sampled at, so
+# generation "vllm" refuses it; a chat completion above 0 and below it samples at it (trainer.chat).
 MIN_SAMPLING_TEMPERATURE = 0.01
 GENERATIONS = ("hf", "vllm")
 FSDP_RESHARDS = ("auto", "layer", "step")
@@ -282,7 +282,14 @@ class GRPOConfig:
             _at_least("delta", self.delta, 1.0)
         if self.max_grad_norm is not None:
             _at_least("max_grad_norm", self.max_grad_norm, 1e-12)
-        _at_least("temperature", self.temperature, MIN_SAMPLING_TEMPERATURE)
+        _at_least("temperature", self.temperature, 1e-6)
+        if self.generation == "vllm" and self.temperature < MIN_SAMPLING_TEMPERATURE:
+            raise ConfigError(
+                "temperature",
+                f"must be >= {MIN_SAMPLING_TEMPERATURE} with generation vllm, got {self.temperature!r}: "
+                f"vLLM samples any lower temperature at {MIN_SAMPLING_TEMPERATURE}, and the log-probs "
+                "would be computed at another temperature than the one that sampled",
+            )
         _at_least("top_p", self.top_p, 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p!r}")

@@ -140,7 +140,7 @@ class _NotJSONNumber:
         )
 
 
-def _json_value_at(path: tuple[str | int, ...]) -> str:
+def json_field_path(path: tuple[str | int, ...]) -> str:
     """``'messages'[0]['content']``: where a value sits in a row, as the messages name fields."""
     if not path:
         return "the row"
@@ -184,7 +184,7 @@ def _loads_standard(text: str, *, read_ints: bool) -> Any:
         where = _find_not_json_number(value)
         if where is None:  # under a key given twice: gone from the value, not from the line
             raise DatasetError(f"a value {found[0].problem()}")
-        raise DatasetError(f"{_json_value_at(where[0])} {where[1].problem()}")
+        raise DatasetError(f"{json_field_path(where[0])} {where[1].problem()}")
     return value
 
 

@@ -502,7 +502,7 @@ def die_with_launcher() -> None:
     uploading checkpoints of a job that the record hands to another worker meanwhile. Exits at once
     if the launcher is already gone. Elsewhere (not under ``launch``, not Linux) it does nothing."""
     launcher = os.environ.get(LAUNCHER_PID)
-    if launcher is None or not sys.platform.startswith("linux"):
+    if launcher is None or "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
 
@@ -557,7 +557,6 @@ def launch(
     if "OMP_NUM_THREADS" not in os.environ:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the workers inherit this environment
-    os.environ[LAUNCHER_PID] = str(os.getpid())  # for ``die_with_launcher`` in each process
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -566,6 +565,7 @@ def launch(
         max_restarts=0,  # a failed process fails the job, naming it
         **rendezvous,
     )
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # for ``die_with_launcher`` in each process (only)
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:
@@ -575,6 +575,8 @@ def launch(
             first_exit_code(exc.failures),
             frozenset(f.signal_name() for f in failed.values() if f.exitcode < 0),
         ) from None
+    finally:
+        os.environ.pop(LAUNCHER_PID, None)
 
 
 def failed_first(failures: dict[int, Any]) -> dict[int, Any]:

@@ -186,3 +186,15 @@ def test_a_yaml_spec_reads_exponent_floats_as_numbers(env, spec_file, tmp_path) 
     refused = grpo(env, "jobs", "create", tmp_path / "quoted.yaml")
     assert refused.exit_code == 1
     assert "hyperparameters.learning_rate: must be a number, got '1e-4'" in " ".join(refused.output.split())
+
+
+def test_the_yaml_reader_adds_exponent_floats_and_nothing_else(tmp_path) -> None:
+    """Only what YAML 1.1 leaves a string for want of a decimal point changes type."""
+    from grpo_client.cli import read_spec
+
+    path = tmp_path / "values.yaml"
+    path.write_text("a: 1e-4\nb: -1E+3\nc: 08\nd: 1.10\ne: 12\nf: 2026-12-06\ng: 0x1F\nh: v1e3\ni: '1e3'\n")
+    values = read_spec(path)
+    assert values["a"] == 0.0001 and values["b"] == -1000.0
+    assert values["c"] == "08" and values["d"] == 1.1 and values["e"] == 12 and values["g"] == 31
+    assert str(values["f"]) == "2026-12-06" and values["h"] == "v1e3" and values["i"] == "1e3"

@@ -204,6 +204,20 @@ def test_429_and_503_are_retried_after_the_time_the_server_asks(fake) -> None:
     assert Scripted.seen[0]["Authorization"] == "Bearer grpo_k"
 
 
+def test_a_409_is_retried_only_when_the_server_says_when(fake) -> None:
+    """A create whose Idempotency-Key another request is still processing: a 409 with Retry-After,
+    whose retry gets what that one made. A 409 without it (a real conflict) is final."""
+    Scripted.script = [(409, {"Retry-After": "1"})]
+    waits: list[float] = []
+    with Client(fake, sleep=waits.append) as client:
+        assert client.jobs.create({"name": "x"})["id"] == "job_1"
+        assert waits == [1.0] and len({h["Idempotency-Key"] for h in Scripted.seen}) == 1
+        Scripted.script = [(409, {})]
+        with pytest.raises(GrpoError) as failed:
+            client.jobs.create({"name": "x"})
+    assert failed.value.status == 409 and waits == [1.0]
+
+
 def test_retries_are_bounded(fake) -> None:
     Scripted.script = [(503, {"Retry-After": "3600"})] * 3
     waits: list[float] = []

@@ -172,8 +172,9 @@ def test_a_pathological_expression_or_pattern_is_a_counted_error_not_a_hung_requ
     assert "regex: the pattern '(a|a)+$' timed out after 1s" in body["error_messages"][1]
 
 
-# Run by the API in a child held to 2 GB of address space: compiled, the first two would ask it for
-# ~21 GB (the process killed, or a 500 under a limit), the third for 260 MB and a second.
+# Run by the API in a child held to 4 GB of address space (room for thread stacks and malloc
+# arenas): compiled, the first two would ask it for ~21 GB (the process killed, or a 500 under a
+# limit), the third for 260 MB and a second.
 TOO_LARGE = [
     ({"type": "regex", "pattern": "a{1000000000}"}, "repeat count 1000000000 exceeds 1000"),
     (
@@ -185,7 +186,7 @@ TOO_LARGE = [
 API_UNDER_A_MEMORY_LIMIT = textwrap.dedent(
     """
     import json, resource, sys
-    resource.setrlimit(resource.RLIMIT_AS, (2_000_000_000, 2_000_000_000))
+    resource.setrlimit(resource.RLIMIT_AS, (4_000_000_000, 4_000_000_000))
     from fastapi.testclient import TestClient
     import api.main
 

@@ -363,12 +363,17 @@ def test_a_bad_group_size_in_the_hyperparameters_is_refused_beside_a_top_level_o
     assert caught.value.param == "hyperparameters.group_size" and caught.value.message == says
 
 
-def test_a_temperature_below_what_vllm_samples_at_is_refused():
-    """vLLM samples any temperature under 0.01 at 0.01: the log-probs would be at another one."""
+def test_a_temperature_below_what_vllm_samples_at_is_refused_with_vllm():
+    """vLLM samples any temperature under 0.01 at 0.01: the log-probs would be at another one.
+    Our own sampler takes it (a job stored with one still runs)."""
     with pytest.raises(ConfigError) as caught:
-        spec_hyperparameters({"hyperparameters": {"temperature": 0.005}})
+        spec_hyperparameters({"hyperparameters": {"temperature": 0.005, "generation": "vllm"}})
     assert caught.value.param == "hyperparameters.temperature" and "0.01" in caught.value.message
-    assert spec_hyperparameters({"hyperparameters": {"temperature": 0.01}}).temperature == 0.01
+    assert (
+        spec_hyperparameters({"hyperparameters": {"temperature": 0.01, "generation": "vllm"}}).temperature
+        == 0.01
+    )
+    assert spec_hyperparameters({"hyperparameters": {"temperature": 0.005}}).temperature == 0.005
 
 
 def test_two_group_sizes_that_differ_are_refused_naming_both():

@@ -284,25 +284,26 @@ def test_the_processes_die_with_a_launcher_killed_outright(tiny_model_dir, tmp_p
     """SIGKILL on the launcher (as the out-of-memory killer takes a worker) leaves no process
     training on: each asked the kernel to kill it with its launcher."""
     spec = write_spec(tmp_path, tiny_model_dir, {**FULL, "max_steps": 10_000, "checkpoint_every": 0})
-    launcher = subprocess.Popen(
-        trainer_command(spec, tmp_path / "out", "--nproc", "2"),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "launcher.log"  # a file, not a pipe: ranks that outlived it would hold a pipe open
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(
+            trainer_command(spec, tmp_path / "out", "--nproc", "2"),
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     ranks: list[psutil.Process] = []
     try:
         metrics_file = tmp_path / "out" / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while not (metrics_file.is_file() and metrics_file.read_text().strip()):  # a step went through
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-4000:]
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.2)
         ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if rank_of(p) is not None]
         assert sorted(rank_of(p) for p in ranks) == ["0", "1"]
         launcher.kill()
-        launcher.communicate()
+        launcher.wait(timeout=60)
         gone, alive = psutil.wait_procs(ranks, timeout=LOADED_MACHINE_SLACK_S * 4)
     finally:
         for process in ranks:

@@ -333,10 +333,10 @@ def test_a_pattern_at_the_size_limits_compiles_and_scores_and_one_past_them_is_r
 
 def test_huge_repeat_counts_are_refused_before_anything_is_compiled():
     """Compiled, "a{1000000000}" asks for ~21 GB: refused by its count. Checked in a child held to
-    1.5 GB of address space, where compiling it would be a MemoryError, not this message."""
+    4 GB of address space, where compiling it would be a MemoryError, not this message."""
     code = (
         "import json, resource\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4_000_000_000, 4_000_000_000))\n"
         "from trainer.config import ConfigError\n"
         "from trainer.rewards import validate_reward_specs\n"
         "errors = []\n"
