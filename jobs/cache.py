@@ -188,6 +188,8 @@ class StoreCache:
             if self._held(leftover.path, pinned) or self._leftover(leftover.path) != leftover:
                 continue  # in use, or changed or gone since it was looked at
             shutil.rmtree(leftover.path, ignore_errors=True)
+            if leftover.path.exists():  # not ours to delete (permissions): counted as kept
+                continue
             over -= leftover.size
             freed.append((leftover.path, leftover.size))
             log.info(
