@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from jobs.db import session_factory
 from jobs.models import JobStatus
-from jobs.queries import claim_job, finish_job, forget_missing_checkpoints, stop_job
+from jobs.queries import claim_job, finish_job, forget_missing_checkpoints, record_given_up, stop_job
 from jobs.settings import Settings
 from jobs.store import StoreUnavailable, open_store
 from jobs.submission import run_config_for
@@ -162,6 +162,14 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
                 forgotten,
             )
 
+    def say_given_up(cause: str) -> None:
+        """Why this attempt gives the job up, on its record (the user's events, and the sweeper's
+        reason should the job fail), best effort: the job is given up either way."""
+        try:
+            write(lambda session: record_given_up(session=session, job_id=job_id, worker=worker, cause=cause))
+        except Exception:
+            log.warning("job %s: could not record why it was given up", job_id, exc_info=True)
+
     progress = JobProgress(
         job_id=job_id,
         worker=worker,
@@ -207,13 +215,15 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
         return
     except RanksGaveUp as exc:
         log.warning("job %s: giving the job up, as its processes did (%s)", job_id, exc)
+        say_given_up(f"its processes gave up ({exc})")
         return
-    except StoreUnavailable:
+    except StoreUnavailable as exc:
         log.exception(
             "job %s: the artifact store became unreachable; giving the job up (the sweeper re-queues "
             "it once its heartbeat is stale, and the next attempt resumes from its newest stored checkpoint)",
             job_id,
         )
+        say_given_up(f"the artifact store was out of reach ({exc}); the service's operator can check it")
         return
     except DATABASE_UNREACHABLE:
         log.exception(

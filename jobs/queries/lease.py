@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, JobStatus, utcnow
+from jobs.models import Job, JobEvent, JobStatus, utcnow
 from jobs.queries.events import add_event
 from jobs.queries.webhooks import queue_webhook
 from jobs.text import storable_text
@@ -154,6 +154,42 @@ def stop_job(*, session: Session, job_id: str, worker: str, step: int) -> JobSta
     return None
 
 
+GIVEN_UP = "given_up"  # the key, in a log event's data, of why a worker gave its attempt up
+
+
+def record_given_up(*, session: Session, job_id: str, worker: str, cause: str) -> bool:
+    """Say on the job's record why its worker gave this attempt up (the artifact store out of
+    reach, its processes giving up) while the lease still runs; the sweeper re-queues it once the
+    heartbeat is stale, or fails it naming this cause (``requeue_stale_jobs``). False if ``worker``
+    no longer holds the job (then nothing is written)."""
+    if not session.execute(select(Job.id).where(_held_by(job_id, worker))).first():
+        return False
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind="log",
+        level="warning",
+        message=f"this attempt gave up: {cause}; the job is re-queued once its worker's heartbeat is "
+        "stale, and resumes from its newest checkpoint",
+        data={GIVEN_UP: storable_text(cause), "worker": worker},
+    )
+    return True
+
+
+def last_given_up(session: Session, job_id: str, worker: str | None) -> str | None:
+    """The cause ``record_given_up`` recorded for ``worker``'s attempt at the job, if it did."""
+    rows = session.execute(
+        select(JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == "log")
+        .order_by(JobEvent.id.desc())
+        .limit(20)
+    ).scalars()
+    for data in rows:
+        if isinstance(data, dict) and GIVEN_UP in data and data.get("worker") == worker:
+            return data[GIVEN_UP]
+    return None
+
+
 def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts: int) -> list[str]:
     """Take back running jobs whose heartbeat is older than ``stale_before``.
 
@@ -176,9 +212,12 @@ def requeue_stale_jobs(*, session: Session, stale_before: datetime, max_attempts
             status, message = JobStatus.paused, f"paused (its worker {worker} stopped responding)"
             values = {"status": status, "pause_requested": False}
         elif attempts >= max_attempts:
+            cause = last_given_up(session, job_id, worker)
             reason = (
                 f"the job's worker was lost {attempts} times (last: {worker}); it may be running out of "
                 f"memory or crashing its process; see the worker logs"
+                if cause is None
+                else f"{attempts} attempts ended without finishing the job; the last gave up because {cause}"
             )
             status, message = JobStatus.failed, f"failed: {reason}"
             values = {"status": status, "failure_reason": reason, "finished_at": now}

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ def weed_binary() -> str:
 class S3Server:
     endpoint: str
     bucket: str = BUCKET
+    weed: WeedProcess | None = field(default=None, repr=False)  # its process, for a test to kill
 
     def settings(self, prefix: str | None = None) -> dict[str, Any]:
         """Settings that put a service's artifacts in this server, under a prefix of their own
@@ -128,7 +129,7 @@ def running_s3_server(directory: Path, timeout: float = 90) -> Iterator[S3Server
     """A started server with its bucket made; stopped and its data deleted after (its log stays in
     ``directory``)."""
     weed = WeedProcess(directory).start()
-    server = S3Server(endpoint=f"http://127.0.0.1:{weed.s3_port}")
+    server = S3Server(endpoint=f"http://127.0.0.1:{weed.s3_port}", weed=weed)
     try:
         client = server.client()
         deadline, last_error = time.monotonic() + timeout, None

@@ -18,7 +18,9 @@ from jobs.queries import (
     create_dataset,
     create_job,
     get_job,
+    list_events,
     mark_sent,
+    record_given_up,
     record_step,
     renew_lease,
     request_cancel,
@@ -115,6 +117,30 @@ def test_sweeper_fails_a_job_that_keeps_losing_its_worker(settings, job_id, rese
         job = get_job(session=session, owner=OWNER, job_id=job_id)
         assert job.status == JobStatus.failed and "lost 3 times" in job.failure_reason
     assert len(sent) == settings.max_attempts - 1
+
+
+def test_a_job_whose_attempts_gave_up_fails_naming_why(settings, job_id, resent) -> None:
+    """An attempt that gave the job up for a cause it knew (the artifact store out of reach) says
+    so on the record at once, and the failure after the last attempt names it, not a lost worker."""
+    dispatcher, _ = resent
+    cause = "the artifact store was out of reach (EndpointConnectionError)"
+    for attempt in range(settings.max_attempts):
+        worker = f"w{attempt}"
+        with transaction(settings.database_url) as session:
+            assert claim_job(session=session, job_id=job_id, worker=worker) is not None
+        with transaction(settings.database_url) as session:
+            assert record_given_up(session=session, job_id=job_id, worker=worker, cause=cause)
+            assert not record_given_up(session=session, job_id=job_id, worker="another", cause="x")
+        age(settings, job_id, heartbeat_at=settings.heartbeat_stale_s + 1)
+        sweep(settings=settings, dispatcher=dispatcher)
+    with transaction(settings.database_url) as session:
+        job = get_job(session=session, owner=OWNER, job_id=job_id)
+        assert job.status == JobStatus.failed
+        assert job.failure_reason.endswith(f"the last gave up because {cause}"), job.failure_reason
+        events, _ = list_events(session=session, job_id=job_id)
+        given_up = [e for e in events if e.data and "given_up" in e.data]
+        assert len(given_up) == settings.max_attempts and given_up[0].level == "warning"
+        assert given_up[0].message.startswith(f"this attempt gave up: {cause}")
 
 
 def test_sweeper_ends_a_dead_job_that_was_being_cancelled(settings, job_id, resent) -> None:

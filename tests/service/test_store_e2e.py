@@ -32,7 +32,7 @@ from tests.service.factories import (
     upload,
     wait_for,
 )
-from tests.service.s3 import S3Server
+from tests.service.s3 import S3Server, running_s3_server
 from worker.inference import SERVING_CACHE, checkpoint_source, load
 
 pytestmark = pytest.mark.slow
@@ -265,3 +265,53 @@ def test_a_worker_killed_mid_job_is_followed_by_one_on_another_machine_that_resu
         for process in (first, second):
             process.stop()
         first.forget_broker_keys()
+
+
+def test_a_job_whose_store_goes_out_of_reach_says_so_on_its_record(
+    shared, make_database, tiny_model, tmp_path
+) -> None:
+    """The store gone mid-job: the attempt gives the job up (the sweeper re-queues it once its
+    lease is stale) and says why on the record at once, where the user reads it."""
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / "s3").mkdir()
+    with running_s3_server(tmp_path / "s3") as store:  # its own: this test stops it
+        settings = shared.model_copy(
+            update={
+                **store.settings(),
+                "database_url": make_database(),
+                "queue": f"gpu-{tag}",
+                "broker_key_prefix": f"grpo-test-{tag}:",
+            }
+        )
+        worker = WorkerProcess(machine(settings, tmp_path / "worker")).start()
+        api = machine(settings, tmp_path / "api")
+        try:
+            with TestClient(create_app(api), headers=bearer(api_key(api))) as client:
+                dataset_id = upload(client).json()["id"]
+                spec = job_spec(
+                    dataset_id, str(tiny_model), hyperparameters={"max_steps": 500, "checkpoint_every": 1}
+                )
+                job_id = client.post("/v1/jobs", json=spec).json()["id"]
+                wait_for(
+                    lambda: client.get(f"/v1/jobs/{job_id}").json()["step"] >= 1 or None,
+                    timeout=120,
+                    what="the job's first step",
+                )
+                assert store.weed is not None
+                store.weed.kill()
+
+                def given_up() -> list[dict] | None:
+                    events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+                    said = "this attempt gave up: the artifact store was out of reach"
+                    return [e for e in events if e["message"].startswith(said)] or None
+
+                (event,) = wait_for(given_up, timeout=300, what="the attempt to say it gave up")
+                assert event["level"] == "warning", event
+                assert "resumes from its newest checkpoint" in event["message"], event
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                assert job["status"] == "running" and job["step"] < 500, (
+                    job
+                )  # re-queued once its lease is stale
+        finally:
+            worker.kill()
+            worker.forget_broker_keys()
