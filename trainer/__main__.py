@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         help="HOST:PORT on node 0 where the machines of a --nnodes job meet (the same on every machine)",
     )
     run.add_argument(
+        "--rdzv-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a --nnodes job waits for every machine to join before it fails (default 600)",
+    )
+    run.add_argument(
         "--collective-timeout",
         type=float,
         default=1800.0,
@@ -231,6 +237,7 @@ def launch_processes(args: argparse.Namespace, nproc: int) -> int:
             worker,
             nproc=nproc,
             nnodes=args.nnodes,
+            rdzv_timeout=args.rdzv_timeout,
             node_rank=args.node_rank,
             rdzv_endpoint=args.rdzv_endpoint,
         )

@@ -533,12 +533,14 @@ def launch(
     nnodes: int = 1,
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
+    rdzv_timeout: float = 600.0,
 ) -> None:
     """Run ``python <args>`` as ``nproc`` processes on this machine through torchrun's launcher
     (``torch.distributed.launcher.api.elastic_launch``), which sets each one's RANK, LOCAL_RANK and
     WORLD_SIZE, and stops the others when one fails. With ``nnodes`` > 1 the job spans that many
     machines: each runs this with its own ``node_rank`` (0 to nnodes - 1) and the same
-    ``rdzv_endpoint`` ``HOST:PORT``, a port on node 0 that the others reach. Processes that set no
+    ``rdzv_endpoint`` ``HOST:PORT``, a port on node 0 that the others reach, within ``rdzv_timeout``
+    seconds of each other. Processes that set no
     OMP_NUM_THREADS split this machine's CPUs between them. Raises ``LaunchFailed``."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -550,8 +552,14 @@ def launch(
         rendezvous = {
             "rdzv_backend": "static",
             "rdzv_endpoint": rdzv_endpoint,
-            "rdzv_configs": {"rank": node_rank},
+            "rdzv_configs": {"rank": node_rank, "timeout": max(1, round(rdzv_timeout))},
         }
+        print(
+            f"node {node_rank} of {nnodes}: waiting up to {rdzv_timeout:g} s for every machine to join at "
+            f"{rdzv_endpoint}",
+            file=sys.stderr,
+            flush=True,
+        )
     else:  # torchrun --standalone: a store on a free local port
         rendezvous = {"rdzv_backend": "c10d", "rdzv_endpoint": "127.0.0.1:0", "rdzv_configs": {}}
     if "OMP_NUM_THREADS" not in os.environ:
@@ -574,6 +582,15 @@ def launch(
             describe_failures(exc.failures),
             first_exit_code(exc.failures),
             frozenset(f.signal_name() for f in failed.values() if f.exitcode < 0),
+        ) from None
+    except dist.DistError as exc:  # the machines' rendezvous: no process has started
+        if nnodes == 1:
+            raise
+        raise LaunchFailed(
+            f"the {nnodes} machines did not all join at {rdzv_endpoint} within {rdzv_timeout:g} s ({exc}); "
+            "run the same command on every machine, each with its --node-rank, node 0's port reachable "
+            "from the others, within --rdzv-timeout of each other",
+            1,
         ) from None
     finally:
         os.environ.pop(LAUNCHER_PID, None)

@@ -251,6 +251,29 @@ def test_two_machines_joined_on_loopback_train_as_one_process_would(runs, tmp_pa
     assert_same_run(runs("full", 1), output)
 
 
+def test_a_machine_left_waiting_for_the_others_fails_saying_so(tiny_model_dir, tmp_path):
+    """Node 0 of 2, the other never started: it says what it waits for, and after --rdzv-timeout
+    fails saying what to do, not a hang."""
+    spec = write_spec(tmp_path, tiny_model_dir, FULL)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ("--nproc", "1", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}")
+    done = subprocess.run(
+        trainer_command(spec, tmp_path / "out", *options, "--rdzv-timeout", "3"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert f"node 0 of 2: waiting up to 3 s for every machine to join at 127.0.0.1:{port}" in done.stderr
+    assert f"the 2 machines did not all join at 127.0.0.1:{port} within 3 s" in done.stderr, done.stderr[
+        -3000:
+    ]
+
+
 @pytest.mark.slow
 def test_a_process_that_dies_ends_the_job_naming_its_rank(tiny_model_dir, tmp_path):
     spec = write_spec(tmp_path, tiny_model_dir, {**FULL, "max_steps": 10_000, "checkpoint_every": 0})
