@@ -41,6 +41,7 @@ from trainer.config import (
     OperatorPolicy,
     RunConfig,
     check_eval_settings,
+    check_prompts_for_processes,
     spec_hyperparameters,
 )
 from trainer.net import OutboundError, check_url_literal
@@ -72,14 +73,8 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
         config = spec_hyperparameters(request.model_dump(include={"group_size", "hyperparameters"}))
     check_limits(config, settings, top_level_group_size=request.group_size is not None)
     check_devices(session=session, gpus=request.gpus, settings=settings)
-    if config.prompts_per_step < request.gpus:  # a process with no prompt would only wait
-        raise InvalidRequest(
-            f"prompts_per_step is {config.prompts_per_step}, fewer than gpus ({request.gpus}): each of a "
-            f"job's processes generates and trains whole groups, one prompt's each; ask for at least "
-            f"{request.gpus} prompts per step, or fewer gpus",
-            param="hyperparameters.prompts_per_step",
-        )
     with as_invalid_request():
+        check_prompts_for_processes(config, request.gpus, f"gpus ({request.gpus})")
         check_eval_settings(config, has_eval_dataset=request.eval_dataset_id is not None)
     rewards = check_rewards(request.reward, settings)
     with as_invalid_request():

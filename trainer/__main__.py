@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
-from trainer.config import ConfigError, OperatorPolicy, RunConfig
+from trainer.config import ConfigError, OperatorPolicy, RunConfig, check_prompts_for_processes
 from trainer.errors import TrainingError
 from trainer.progress import Progress
 from trainer.tracking import TENSORBOARD_DIR, WandbOptions
@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     nproc = args.nproc or run_config.gpus
     if "LOCAL_RANK" not in os.environ and (nproc > 1 or args.nnodes > 1):  # not yet under torchrun
+        try:
+            asked = f"--nproc {nproc} x --nnodes {args.nnodes}" if args.nnodes > 1 else f"--nproc {nproc}"
+            check_prompts_for_processes(run_config.hyperparameters, nproc * args.nnodes, asked)
+        except ConfigError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
         return launch_processes(args, nproc)
     return run_here(args, run_config)
 
@@ -228,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 def launch_processes(args: argparse.Namespace, nproc: int) -> int:
     """This command again, in ``nproc`` processes under torchrun's launcher (joined with the other
     machines' when ``--nnodes`` > 1); its exit status is theirs."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     from trainer.distributed import LaunchFailed, launch
 
     worker = ["-m", "trainer", "run", str(args.spec.resolve()), "--output", str(args.output.resolve())]
@@ -244,6 +252,12 @@ def launch_processes(args: argparse.Namespace, nproc: int) -> int:
     except LaunchFailed as exc:
         print(f"error: the job's processes failed: {exc}", file=sys.stderr)
         return exc.exit_code
+    except SignalException as exc:  # Ctrl-C or a kill: torchrun has stopped the processes
+        print(
+            f"stopped by {exc.sigval.name}; `--resume` continues from the newest checkpoint in {args.output}",
+            file=sys.stderr,
+        )
+        return 128 + exc.sigval.value
     return 0
 
 

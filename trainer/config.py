@@ -457,6 +457,18 @@ def spec_hyperparameters(spec: dict[str, Any]) -> GRPOConfig:
     return GRPOConfig.from_dict(hyperparameters)
 
 
+def check_prompts_for_processes(config: GRPOConfig, processes: int, asked_as: str) -> None:
+    """ConfigError unless each of a job's ``processes`` (``asked_as``, as the user asked for them:
+    "gpus (2)") has a prompt of every step to generate from: a process with none would only wait."""
+    if config.prompts_per_step < processes:
+        raise ConfigError(
+            "hyperparameters.prompts_per_step",
+            f"prompts_per_step is {config.prompts_per_step}, fewer than {asked_as}: each of a job's "
+            f"processes generates and trains whole groups, one prompt's each; ask for at least "
+            f"{processes} prompts per step, or fewer processes",
+        )
+
+
 def check_eval_settings(config: GRPOConfig, *, has_eval_dataset: bool) -> None:
     """``keep_best_by`` chooses among evaluated checkpoints: without an eval set there are none."""
     if config.keep_best_by is not None and not has_eval_dataset:

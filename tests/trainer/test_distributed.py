@@ -251,6 +251,23 @@ def test_two_machines_joined_on_loopback_train_as_one_process_would(runs, tmp_pa
     assert_same_run(runs("full", 1), output)
 
 
+def test_more_processes_than_prompts_a_step_is_refused_before_any_starts(tiny_model_dir, tmp_path):
+    """A process with no prompt would only wait: refused, as the service refuses gpus past
+    prompts_per_step."""
+    spec = write_spec(tmp_path, tiny_model_dir, FULL)  # 4 prompts a step
+    done = subprocess.run(
+        trainer_command(spec, tmp_path / "out", "--nproc", "5"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "prompts_per_step is 4, fewer than --nproc 5" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_a_machine_left_waiting_for_the_others_fails_saying_so(tiny_model_dir, tmp_path):
     """Node 0 of 2, the other never started: it says what it waits for, and after --rdzv-timeout
     fails saying what to do, not a hang."""
