@@ -115,7 +115,7 @@ class JobCreate(BaseModel):
     hyperparameters: Annotated[dict[str, Any], STORABLE] = Field(
         default_factory=dict, examples=[HYPERPARAMETERS_EXAMPLE]
     )
-    gpus: int = Field(
+    gpus: StrictInt = Field(  # strict, as group_size: "2" or true is not a device count
         1,
         ge=1,
         le=MAX_GPUS,

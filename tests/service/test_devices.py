@@ -86,6 +86,9 @@ def test_a_job_asks_for_one_device_unless_it_says_and_shows_what_it_asked(
     assert sent == [job["id"], two["id"]]
     refused = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=0))
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "gpus"
+    for not_a_count in ("2", True, 2.0):  # strict, as group_size
+        refused = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=not_a_count))
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "gpus", not_a_count
     # fewer prompts a step than processes: one would have nothing to generate or train
     idle = client.post("/v1/jobs", json=job_spec(dataset_id, gpus=2, hyperparameters={"prompts_per_step": 1}))
     assert idle.status_code == 422, idle.text
