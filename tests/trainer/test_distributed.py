@@ -102,8 +102,8 @@ def trainer_command(spec: Path, output: Path, *options: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every process alike: same kernels, same sums
 
 
-def run_trainer(spec: Path, output: Path, *options: str) -> Path:
-    done = subprocess.run(
+def trainer_ran(spec: Path, output: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         trainer_command(spec, output, *options),
         cwd=REPO,
         env=ENV,
@@ -111,6 +111,10 @@ def run_trainer(spec: Path, output: Path, *options: str) -> Path:
         text=True,
         timeout=600,
     )
+
+
+def run_trainer(spec: Path, output: Path, *options: str) -> Path:
+    done = trainer_ran(spec, output, *options)
     assert done.returncode == 0, done.stderr[-4000:]
     return output
 
@@ -255,14 +259,7 @@ def test_more_processes_than_prompts_a_step_is_refused_before_any_starts(tiny_mo
     """A process with no prompt would only wait: refused, as the service refuses gpus past
     prompts_per_step."""
     spec = write_spec(tmp_path, tiny_model_dir, FULL)  # 4 prompts a step
-    done = subprocess.run(
-        trainer_command(spec, tmp_path / "out", "--nproc", "5"),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = trainer_ran(spec, tmp_path / "out", "--nproc", "5")
     assert done.returncode == 2
     assert "prompts_per_step is 4, fewer than --nproc 5" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -276,14 +273,7 @@ def test_a_machine_left_waiting_for_the_others_fails_saying_so(tiny_model_dir, t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     options = ("--nproc", "1", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}")
-    done = subprocess.run(
-        trainer_command(spec, tmp_path / "out", *options, "--rdzv-timeout", "3"),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = trainer_ran(spec, tmp_path / "out", *options, "--rdzv-timeout", "3")
     assert done.returncode == 1
     assert f"node 0 of 2: waiting up to 3 s for every machine to join at 127.0.0.1:{port}" in done.stderr
     assert f"the 2 machines did not all join at 127.0.0.1:{port} within 3 s" in done.stderr, done.stderr[
