@@ -56,7 +56,9 @@ class PrintProgress(Progress):
 
     def on_start(self, *, start_step: int, max_steps: int) -> None:
         self.max_steps = max_steps
-        if start_step:
+        if start_step >= max_steps:
+            print(f"the run already reached step {start_step} of {max_steps}: nothing to train", flush=True)
+        elif start_step:
             print(f"resuming at step {start_step + 1}/{max_steps}", flush=True)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:

@@ -225,6 +225,8 @@ def test_cli_runs_a_spec_and_resumes(tiny_model_dir, tmp_path):
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resuming at step 3/3" in done.stdout
+    finished = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0 and "already reached step 3 of 3: nothing to train" in finished.stdout
     over = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=300)
     assert over.returncode == 0 and "resuming" not in over.stdout and "step 1/3" in over.stdout, over.stderr
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
