@@ -400,10 +400,25 @@ def test_the_text_fallback_bounds_what_the_parse_measures(pattern):
     """Where the regex package's internal parser has changed, the size is bounded from the text."""
     from trainer.rewards.base import _repeats_in_text, _repeats_parsed
 
-    parsed_counts, parsed_elements = _repeats_parsed(pattern, 0)
-    text_counts, text_elements = _repeats_in_text(pattern)
+    parsed_counts, parsed_elements, parsed_calls = _repeats_parsed(pattern, 0)
+    text_counts, text_elements, text_calls = _repeats_in_text(pattern)
     assert max(text_counts, default=0) >= max(parsed_counts, default=0)
     assert text_elements >= parsed_elements
+    assert text_calls >= parsed_calls
+
+
+@pytest.mark.parametrize("pattern", ["(?R)?a", "(a(?1)?b)", "(?P<x>a(?&x)?)", "(?P<x>a(?P>x)?)", "a(?0)?"])
+def test_a_pattern_that_calls_a_group_is_refused(pattern, monkeypatch):
+    """(?R)?a holds ~0.6 GB for a second before the engine gives up: group calls are refused,
+    from the parse and, where the parser changed, from the text."""
+    from regex import _regex_core
+
+    from trainer.rewards.base import pattern_cost_problem
+
+    assert pattern_cost_problem(pattern, 0).startswith("calls a group")
+    monkeypatch.delattr(_regex_core, "_parse_pattern")
+    assert pattern_cost_problem(pattern, 0).startswith("calls a group")
+    assert pattern_cost_problem(r"(a)\1(?:b)", 0) is None  # a back-reference is not a call
 
 
 def test_sizes_are_still_bounded_when_the_regex_parser_is_not_the_known_one(monkeypatch):

@@ -171,11 +171,12 @@ def _parse(pattern: str, flags: int) -> Any:
         raise _ParserChanged from exc
 
 
-def _repeats_parsed(pattern: str, flags: int) -> tuple[list[int], int]:
-    """The repeat counts in ``pattern`` and the elements it expands to, from the engine's parse."""
+def _repeats_parsed(pattern: str, flags: int) -> tuple[list[int], int, bool]:
+    """The repeat counts in ``pattern``, the elements it expands to, and whether it calls a group
+    (``(?R)``, ``(?1)``, ``(?&name)``), from the engine's parse."""
     parsed = _parse(pattern, flags)
     counts: list[int] = []
-    elements, visited = 0, 0
+    elements, visited, calls = 0, 0, False
     try:
         from regex import _regex_core as core
 
@@ -187,6 +188,7 @@ def _repeats_parsed(pattern: str, flags: int) -> tuple[list[int], int]:
             if visited > _MAX_PARSE_NODES:
                 raise _ParserChanged("the parse is larger than any of a pattern this long")
             elements = min(elements + factor, _SHOWN_ELEMENTS)
+            calls = calls or isinstance(node, core.CallGroup)
             if isinstance(node, repeat):
                 counts += [count for count in (node.min_count, node.max_count) if count is not None]
                 factor = min(factor * max(node.min_count, 1), _SHOWN_ELEMENTS)
@@ -195,13 +197,16 @@ def _repeats_parsed(pattern: str, flags: int) -> tuple[list[int], int]:
                 stack.extend((child, factor) for child in children if isinstance(child, node_kind))
     except (ImportError, AttributeError, TypeError) as exc:
         raise _ParserChanged from exc
-    return counts, elements
+    return counts, elements, calls
 
 
 _COUNT_IN_TEXT = re.compile(r"\{([0-9]*),?([0-9]*)\}")
 
 
-def _repeats_in_text(pattern: str) -> tuple[list[int], int]:
+_CALL_IN_TEXT = re.compile(r"\(\?(?:R|[-+]?[0-9]|&|P>)")  # (?R), (?1), (?-1), (?&name), (?P>name)
+
+
+def _repeats_in_text(pattern: str) -> tuple[list[int], int, bool]:
     """A bound on what ``_repeats_parsed`` measures, read off the text: every "{m,n}" taken for a
     repeat (in a class or a comment too), all of them nested, around every node (a parse has at
     most two nodes a character, and one more); spaces dropped first (verbose mode may write
@@ -211,7 +216,7 @@ def _repeats_in_text(pattern: str) -> tuple[list[int], int]:
     for match in _COUNT_IN_TEXT.finditer("".join(pattern.split())):
         counts += [int(digits) for digits in match.groups() if digits]
         elements = min(elements * max(int(match.group(1) or 0), 1), _SHOWN_ELEMENTS)
-    return counts, elements
+    return counts, elements, bool(_CALL_IN_TEXT.search(pattern))
 
 
 def pattern_cost_problem(pattern: str, flags: int) -> str | None:
@@ -220,9 +225,14 @@ def pattern_cost_problem(pattern: str, flags: int) -> str | None:
     if len(pattern) > MAX_PATTERN_LENGTH:
         return f"is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH}"
     try:
-        counts, elements = _repeats_parsed(pattern, flags)
+        counts, elements, calls = _repeats_parsed(pattern, flags)
     except _ParserChanged:
-        counts, elements = _repeats_in_text(pattern)
+        counts, elements, calls = _repeats_in_text(pattern)
+    if calls:
+        return (
+            "calls a group ((?R), (?1), (?&name)): a pattern that recurses can hold the engine's memory "
+            "for seconds (~0.6 GB for (?R)?a); write it without group calls"
+        )
     too_many = max(counts, default=0)
     if too_many > MAX_REPEAT:
         return (
