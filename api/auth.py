@@ -66,6 +66,24 @@ async def authorize(state: State, token: str | None) -> str:
     return owner
 
 
+async def still_live(state: State, token: str | None) -> bool:
+    """Whether ``token``'s key still lets its owner in, its rate limit untouched: what a response
+    that outlives its request (an event stream) checks as it goes, so that a revoked key stops
+    receiving within ``GRPO_API_KEY_CACHE_S``, as its new requests are refused."""
+    if state.settings.auth == "disabled":
+        return True
+    if token is None:
+        return False
+    keys: KeyCache = state.key_cache
+    if keys.get(token) is not None:
+        return True
+    try:
+        keys.put(token, await run_in_threadpool(_live_key, state.database, token))
+    except Unauthenticated:
+        return False
+    return True
+
+
 class AuthenticateFirst:
     """Pure ASGI middleware: authorizes every ``/v1`` request from its headers, before the app
     (and FastAPI's body parsing) sees it; the owner goes to ``request.state.owner``."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
+from api.auth import bearer_token, still_live
 from jobs.artifacts import ArtifactFile
 from jobs.db import Database
 from jobs.models import JobEvent, JobStatus
@@ -58,10 +59,12 @@ def _read_events(db: Database, owner: str, job_id: str, after: int) -> tuple[lis
 async def event_stream(
     request: Request, db: Database, owner: str, job_id: str, *, after: int, poll_s: float
 ) -> AsyncIterator[str]:
-    """Events after ``after`` as they are recorded; ends once the job has ended."""
+    """Events after ``after`` as they are recorded; ends once the job has ended, or once the
+    request's API key is revoked (a paused job's stream would otherwise run on for good)."""
     yield f"retry: {int(poll_s * 2000)}\n\n"
     quiet_since = time.monotonic()
-    while True:
+    token = bearer_token(request.headers.get("authorization"))
+    while await still_live(request.app.state, token):
         events, complete = await run_in_threadpool(_read_events, db, owner, job_id, after)
         for event in events:
             yield sse_message(event)

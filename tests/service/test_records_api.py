@@ -7,12 +7,15 @@ import shutil
 import tarfile
 
 import pytest
+from fastapi.testclient import TestClient
 
+from api.main import create_app
 from jobs.artifacts import merged_dir
 from jobs.db import transaction
+from jobs.keys import hash_token
 from jobs.models import JobStatus
-from jobs.queries import add_event, append_metrics, claim_job, finish_job
-from tests.service.factories import job_spec, make_checkpoint, upload
+from jobs.queries import add_event, append_metrics, claim_job, finish_job, get_api_key_by_hash, revoke_api_key
+from tests.service.factories import api_key, bearer, job_spec, make_checkpoint, upload
 
 
 @pytest.fixture
@@ -69,6 +72,25 @@ def test_events_as_server_sent_events_end_with_the_job(client, settings, job_id)
     ) as response:
         resumed = [b for b in response.read().decode().split("\n\n") if b.startswith("id:")]
     assert resumed == messages[2:]
+
+
+def test_an_event_stream_ends_once_its_key_is_revoked(settings, sent, job_id) -> None:
+    """A queued job's stream would run on for good: it stops once the key that opened it is
+    revoked (within GRPO_API_KEY_CACHE_S; 0 here), as that key's new requests are refused."""
+    secret = api_key(settings)
+    quick = settings.model_copy(update={"api_key_cache_s": 0, "event_poll_interval_s": 0.05})
+    with TestClient(create_app(quick, send=sent.append), headers=bearer(secret)) as client:
+        with client.stream(
+            "GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}
+        ) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(lines).startswith("retry:")
+            with transaction(settings.database_url) as session:
+                key = get_api_key_by_hash(session=session, token_hash=hash_token(secret))
+                revoke_api_key(session=session, key_id=key.id)
+            list(lines)  # returns: the stream ended (a test that hangs here has its answer)
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 401
 
 
 def test_checkpoints_list_and_download_as_tar(client, settings, job_id) -> None:
