@@ -8,10 +8,15 @@ A checkpoint directory is a Hugging Face model (or PEFT adapter) directory plus 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from botocore.exceptions import ClientError
 
 from jobs.store import CHUNK, MANIFEST, ArtifactStore
 from trainer.layout import CHECKPOINT_NAME, STATE_DIR, checkpoint_name
@@ -48,12 +53,16 @@ def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def local_files(directory: Path) -> list[ArtifactFile]:
-    """The download of a checkpoint directory on this machine."""
+def local_files(directory: Path, handles: ExitStack) -> list[ArtifactFile]:
+    """The download of a checkpoint directory on this machine, every file opened (and its size read
+    from the open file) now, before a response starts: a file the trainer deletes afterwards (a
+    checkpoint pruned by ``keep_last_checkpoints``) stays readable through its open handle, so
+    the tar still completes. ``FileNotFoundError`` if one is already gone. Each handle closes once
+    its bytes are sent, and all of them with ``handles`` (the stream's end, a client gone)."""
 
-    def reader(path: Path) -> Callable[[], Iterator[bytes]]:
+    def reader(source: BinaryIO) -> Callable[[], Iterator[bytes]]:
         def chunks() -> Iterator[bytes]:
-            with path.open("rb") as source:
+            with source:
                 while chunk := source.read(CHUNK):
                     yield chunk
 
@@ -61,29 +70,48 @@ def local_files(directory: Path) -> list[ArtifactFile]:
 
     files = []
     for name, path in checkpoint_files(directory):
-        stat = path.stat()
-        files.append(ArtifactFile(name, stat.st_size, stat.st_mtime, reader(path)))
+        source = handles.enter_context(path.open("rb"))
+        stat = os.fstat(source.fileno())
+        files.append(ArtifactFile(name, stat.st_size, stat.st_mtime, reader(source)))
     return files
 
 
-def stored_files(store: ArtifactStore, key: str) -> list[ArtifactFile] | None:
+def stored_files(
+    store: ArtifactStore, key: str, handles: ExitStack | None = None
+) -> list[ArtifactFile] | None:
     """The download of the checkpoint (or merged model) stored at ``key``, listed by its manifest:
-    None while it is not complete in the store."""
+    None while it is not complete in the store.
+
+    With ``handles``, every object is opened (its first piece read) now, before a response
+    starts, so a directory deleted afterwards (a checkpoint pruned by ``keep_last_checkpoints``)
+    is read from the objects already open; ``FileNotFoundError`` if one is already gone. They
+    close with ``handles``."""
     try:
         manifest = store.manifest(key)
     except ValueError:  # not a relative path: not an artifact the store holds
         return None
     if manifest is None:
         return None
+    listed = sorted((name, size) for name, size in manifest.files.items() if downloaded(name))
+    if handles is None:
 
-    def reader(name: str, size: int) -> Callable[[], Iterator[bytes]]:
-        return lambda: store.read(f"{key}/{name}", size=size)
+        def reader(name: str, size: int) -> Callable[[], Iterator[bytes]]:
+            return lambda: store.read(f"{key}/{name}", size=size)
 
-    return [
-        ArtifactFile(name, size, manifest.created, reader(name, size))
-        for name, size in sorted(manifest.files.items())
-        if downloaded(name)
-    ]
+        return [ArtifactFile(name, size, manifest.created, reader(name, size)) for name, size in listed]
+
+    def opened(name: str, size: int) -> Callable[[], Iterator[bytes]]:
+        pieces = store.read(f"{key}/{name}", size=size)
+        handles.callback(pieces.close)  # closes the object's body
+        try:
+            first = next(pieces, b"")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no object {key}/{name} in the artifact store") from exc
+            raise
+        return lambda: itertools.chain([first] if first else [], pieces)
+
+    return [ArtifactFile(name, size, manifest.created, opened(name, size)) for name, size in listed]
 
 
 def inside(artifact_dir: Path, stored: str) -> Path | None:

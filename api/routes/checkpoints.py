@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -102,47 +104,85 @@ def download_checkpoint(
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)
         checkpoint = get_checkpoint(session=session, job_id=job_id, step=step)
-    files = download_files(settings, checkpoint.path)
-    if files is None:
-        raise CheckpointNotFound(job_id, step, reason="no longer has the files of that checkpoint")
-    root = f"{job_id}-step-{step}"
     if format == "adapter" and checkpoint.kind == "model":
         raise InvalidRequest(
             f"the checkpoint of step {step} is a full model (the job trained every parameter, "
             "not a LoRA adapter); download it without format",
             param="format",
         )
-    if format == "merged" and checkpoint.kind == "adapter":
-        assert settings.artifact_dir is not None
-        merged = merged_dir(settings.job_dir(job_id), step)
-        files, root = (
-            download_files(settings, merged.relative_to(settings.artifact_dir).as_posix()),
-            f"{root}-merged",
-        )
-        if files is None:
-            raise CheckpointNotFound(
-                job_id,
-                step,
-                reason=(
-                    "has no merged model at that step: a LoRA job's adapter is merged into its base model "
-                    "for the final checkpoint when the job succeeds; download format=adapter and merge it "
-                    "yourself with `python -m trainer export-merged ADAPTER_DIR OUT_DIR`"
-                ),
-            )
+    root = f"{job_id}-step-{step}"
+    # Every file is opened before the response starts, and stays open until the stream ends (or
+    # the client goes): a checkpoint the trainer prunes meanwhile still downloads whole.
+    handles = ExitStack()
+    try:
+        if format == "merged" and checkpoint.kind == "adapter":
+            assert settings.artifact_dir is not None
+            merged = merged_dir(settings.job_dir(job_id), step)
+            try:
+                files = download_files(
+                    settings, merged.relative_to(settings.artifact_dir).as_posix(), handles
+                )
+            except FileNotFoundError:
+                files = None
+            root = f"{root}-merged"
+            if files is None:
+                raise CheckpointNotFound(
+                    job_id,
+                    step,
+                    reason=(
+                        "has no merged model at that step: a LoRA job's adapter is merged into its base "
+                        "model for the final checkpoint when the job succeeds; download format=adapter "
+                        "and merge it yourself with `python -m trainer export-merged ADAPTER_DIR OUT_DIR`"
+                    ),
+                )
+        else:
+            try:
+                files = download_files(settings, checkpoint.path, handles, recorded_bytes=checkpoint.bytes)
+            except FileNotFoundError:  # deleted while it was being opened
+                files = None
+            if files is None:
+                raise CheckpointNotFound(job_id, step, reason=PRUNED)
+    except BaseException:
+        handles.close()
+        raise
     return StreamingResponse(
-        tar_stream(files, root),
+        closing(tar_stream(files, root), handles),
         media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
     )
 
 
-def download_files(settings: Settings, stored: str) -> list[ArtifactFile] | None:
-    """The files a download of the directory at stored path ``stored`` carries, streamed from the
-    object store when there is one, else read from the artifact directory; None if it has none
-    (complete)."""
+# What a checkpoint row whose files are gone most likely is: one the trainer deleted to keep the last few.
+PRUNED = (
+    "no longer has the files of that checkpoint: it was pruned (deleted by keep_last_checkpoints, "
+    "which keeps the newest few and the best)"
+)
+
+
+def closing(chunks: Iterator[bytes], handles: ExitStack) -> Iterator[bytes]:
+    """``chunks``, then ``handles`` closed: when the stream ends, fails, or is dropped (a client
+    that went away: the generator is closed)."""
+    with handles:
+        yield from chunks
+
+
+def download_files(
+    settings: Settings, stored: str, handles: ExitStack, *, recorded_bytes: int | None = None
+) -> list[ArtifactFile] | None:
+    """The files a download of the directory at stored path ``stored`` carries, opened now (their
+    handles close with ``handles``): streamed from the object store when there is one, else read
+    from the artifact directory; None if it has none (complete). ``FileNotFoundError`` if a file
+    is deleted while they are being opened, or if a local directory carries fewer bytes than
+    ``recorded_bytes`` (what the worker recorded): its files were being deleted as they were
+    listed. (The store lists a directory by its manifest, which is deleted first.)"""
     store = open_store(settings)
     if store is not None:
-        return stored_files(store, stored)
+        return stored_files(store, stored, handles)
     assert settings.artifact_dir is not None
     directory = inside(settings.artifact_dir, stored)
-    return local_files(directory) if directory is not None and directory.is_dir() else None
+    if directory is None or not directory.is_dir():
+        return None
+    files = local_files(directory, handles)
+    if recorded_bytes is not None and sum(file.size for file in files) < recorded_bytes:
+        raise FileNotFoundError(f"{stored} has fewer bytes than were recorded: it is being deleted")
+    return files

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
+from contextlib import ExitStack
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from api.routes.checkpoints import closing, download_files
+from api.streaming import tar_stream
 from jobs.artifacts import merged_dir
 from jobs.db import transaction
 from jobs.keys import hash_token
 from jobs.models import JobStatus
 from jobs.queries import add_event, append_metrics, claim_job, finish_job, get_api_key_by_hash, revoke_api_key
+from jobs.store import CHUNK
 from tests.service.factories import api_key, bearer, job_spec, make_checkpoint, upload
 
 
@@ -160,3 +165,67 @@ def test_a_full_model_checkpoint_has_no_adapter(client, settings, job_id) -> Non
     assert "full model" in response.json()["error"]["message"]
     response = client.get(url, params={"format": "gguf"})
     assert response.status_code == 422 and response.json()["error"]["param"] == "format"
+
+
+def _open_fds_under(directory) -> list[str]:
+    """What this process holds open under ``directory`` (deleted files included), from /proc."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith(str(directory)):
+            held.append(target)
+    return held
+
+
+def test_a_checkpoint_pruned_while_it_downloads_still_comes_whole(client, settings, job_id) -> None:
+    stored = make_checkpoint(settings, job_id, 2)
+    directory = settings.artifact_dir / stored
+    (directory / "model.safetensors").write_bytes(os.urandom(3 * CHUNK + 5))  # several pieces
+    sizes = {"config.json": 23, "model.safetensors": 3 * CHUNK + 5}
+    weights = (directory / "model.safetensors").read_bytes()
+
+    # What the route streams: every file opened before the response starts.
+    handles = ExitStack()
+    files = download_files(settings, stored, handles)
+    assert files is not None
+    stream = closing(tar_stream(files, "ckpt"), handles)
+    body = [next(stream)]  # the response has started ...
+    shutil.rmtree(directory)  # ... when the trainer prunes the checkpoint (keep_last_checkpoints)
+    assert not directory.exists() and len(_open_fds_under(directory)) == 2
+    body += list(stream)
+
+    with tarfile.open(fileobj=io.BytesIO(b"".join(body))) as archive:
+        assert {m.name.removeprefix("ckpt/"): m.size for m in archive.getmembers()} == sizes
+        assert archive.extractfile("ckpt/model.safetensors").read() == weights
+    assert _open_fds_under(directory) == []  # closed once the stream ended
+
+    # A client that goes away after the first piece: its handles close with the stream.
+    make_checkpoint(settings, job_id, 4)
+    handles = ExitStack()
+    files = download_files(settings, f"{stored[: -len('2')]}4", handles)
+    assert files is not None
+    stream = closing(tar_stream(files, "ckpt"), handles)
+    next(stream)
+    assert len(_open_fds_under(settings.job_dir(job_id))) == 2
+    stream.close()
+    assert _open_fds_under(settings.job_dir(job_id)) == []
+
+
+def test_a_checkpoint_pruned_before_its_download_is_404_saying_so(client, settings, job_id) -> None:
+    shutil.rmtree(settings.artifact_dir / make_checkpoint(settings, job_id, 2))  # its row is still there
+    response = client.get(f"/v1/jobs/{job_id}/checkpoints/2/download")
+    error = response.json()["error"]
+    assert response.status_code == 404 and error["code"] == "checkpoint_not_found"
+    assert "pruned" in error["message"] and "keep_last_checkpoints" in error["message"]
+    assert job_id in error["message"] and "(step 2)" in error["message"]
+
+    # Caught halfway through its deletion (the directory is still there, a file is gone).
+    directory = settings.artifact_dir / make_checkpoint(settings, job_id, 4)
+    (directory / "model.safetensors").unlink()
+    response = client.get(f"/v1/jobs/{job_id}/checkpoints/4/download")
+    assert response.status_code == 404 and "pruned" in response.json()["error"]["message"]
+    assert "(step 4)" in response.json()["error"]["message"]
+    assert _open_fds_under(directory) == []

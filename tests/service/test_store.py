@@ -4,7 +4,10 @@ parts, listing, deletion, presigned URLs, and directories that count only once c
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import tarfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr, ValidationError
 
 from api.errors import status_of
+from api.streaming import tar_stream
 from jobs.artifacts import stored_files
 from jobs.settings import Settings
 from jobs.store import CHUNK, MANIFEST, PART_BYTES, ArtifactStore, StoreUnavailable, check_key, open_store
@@ -224,3 +228,32 @@ def test_a_resumed_jobs_checkpoints_are_laid_out_as_the_record_says(
 
 def test_an_unreachable_store_is_a_503_in_the_api() -> None:
     assert status_of(StoreUnavailable("the artifact store at http://127.0.0.1:1 could not be reached")) == 503
+
+
+def test_a_stored_checkpoint_pruned_while_it_downloads_still_comes_whole(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    key = "jobs/job_p/checkpoints/step-000002"
+    weights = os.urandom(3 * CHUNK + 5)
+    store.upload_dir(write_checkpoint(tmp_path / "step-000002", weights), key)
+
+    with ExitStack() as handles:
+        files = stored_files(store, key, handles)  # every object opened before a response starts
+        assert files is not None
+        stream = tar_stream(files, "ckpt")
+        body = [next(stream)]
+        store.delete_dir(key)  # the worker prunes it (keep_last_checkpoints)
+        assert store.manifest(key) is None and store.list(key) == []
+        body += list(stream)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(body))) as archive:
+        assert {m.name: m.size for m in archive.getmembers()} == {
+            "ckpt/config.json": 23,
+            "ckpt/model.safetensors": len(weights),
+        }
+        assert archive.extractfile("ckpt/model.safetensors").read() == weights
+
+    # Deleted between its manifest and its objects being opened: not found, before any response.
+    store.upload_dir(write_checkpoint(tmp_path / "again", weights), key)
+    store.delete(f"{key}/model.safetensors")
+    with ExitStack() as handles, pytest.raises(FileNotFoundError, match="model.safetensors"):
+        stored_files(store, key, handles)
