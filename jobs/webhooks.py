@@ -44,6 +44,7 @@ from jobs.settings import Settings
 from trainer.net import OutboundError, RefusedUrl, post_json
 
 log = logging.getLogger(__name__)
+WEBHOOK_ANSWER_BYTES = 64 * 1024  # what a receiver's answer may hold: only its status is read
 
 SECRET_PREFIX = "whsec_"
 DELIVERERS = 4  # a worker's attempts at once: one slow receiver does not hold up the others
@@ -116,6 +117,7 @@ def deliver_webhook(
                 retries=0,
                 timeout_s=settings.webhook_timeout_s,
                 headers=headers,
+                max_answer_bytes=WEBHOOK_ANSWER_BYTES,
             ).status_code
             reason = ""
         except RefusedUrl as exc:  # a name that resolves to a private address: asking again will not help

@@ -15,12 +15,19 @@ answer that changes between the check and the connection (rebinding) cannot redi
 ``post_json(url, payload, ...)`` does one checked POST with a timeout, retrying connection
 errors and 5xx answers with bounded exponential backoff. Redirects are not followed and
 proxies from the environment are not used: the checked address is the one connected to.
+``timeout_s`` is a deadline for each whole attempt (connecting, sending, and reading the whole
+answer, headers and body), not a limit on each network read: an endpoint that drips its
+answer a byte at a time cannot hold the caller past it. Every network read and write of the
+attempt waits at most until the deadline, and the answer is read as a stream and checked against
+the deadline (``time.monotonic``) as it arrives. The answer is read into memory up to
+``max_answer_bytes`` (MAX_ANSWER_BYTES unless the caller says), and refused past that.
 
 Standard library only at import; httpx is imported when a request is made.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import re
 import socket
@@ -34,10 +41,15 @@ ALLOW_PRIVATE_HOSTS_ENV = "GRPO_ALLOW_PRIVATE_HOSTS"  # the operator setting tha
 BACKOFF_S = 0.25  # the first retry's delay, doubled after each retry
 MAX_BACKOFF_S = 8.0
 MAX_RETRIES = 5
+# The most an answer may hold (decoded) before it is refused, unread past that. An http reward's
+# {"rewards": [...]} for a batch of 100,000 completions is about 2.5 MB; a webhook's answer is ignored.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The time.monotonic() deadline of the attempt this thread is making (None: none), for _DeadlineStream.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("outbound_deadline", default=None)
 
 
 class OutboundError(ValueError):
@@ -179,15 +191,21 @@ def post_json(
     client: Any = None,
     sleep: Callable[[float], None] | None = None,
     on_retry: Callable[[str], None] | None = None,
+    max_answer_bytes: int = MAX_ANSWER_BYTES,
 ):
-    """POST ``payload`` as JSON to the checked ``url``: its 2xx ``httpx.Response``, else OutboundError.
-    ``payload`` is a JSON-able value, or ``bytes`` of JSON already encoded, sent as they are (when
-    a signature covers the exact body).
+    """POST ``payload`` as JSON to the checked ``url``: its 2xx ``httpx.Response`` (read whole),
+    else OutboundError. ``payload`` is a JSON-able value, or ``bytes`` of JSON already encoded,
+    sent as they are (when a signature covers the exact body).
 
+    Each attempt must connect, send and read the whole answer within ``timeout_s`` (a deadline,
+    not a per-read timeout; past it: OutboundError "no answer within ... s", not retried), and
+    the answer may hold at most ``max_answer_bytes`` (else OutboundError naming the limit).
     Connection errors (connect timeouts included) and 5xx answers are retried up to ``retries``
     times (at most MAX_RETRIES), after BACKOFF_S, 2*BACKOFF_S, ... (at most MAX_BACKOFF_S);
-    ``on_retry(reason)`` is told of each. A read timeout is not retried. The URL is checked (and
-    resolved) again before every attempt, which tries each checked address until one connects.
+    ``on_retry(reason)`` is told of each. The URL is checked (and resolved) again before every
+    attempt, which tries each checked address until one connects (within the attempt's deadline).
+    A ``client`` given has its connections' reads and writes bounded by the deadline too (its
+    transport's network backend is wrapped once, when it is httpx's usual one).
     """
     import httpx
 
@@ -195,11 +213,13 @@ def post_json(
     retries = min(retries, MAX_RETRIES)
     own_client = client is None
     if own_client:
-        client = httpx.Client(timeout=timeout_s, trust_env=False, follow_redirects=False)
+        transport = httpx.HTTPTransport(trust_env=False)
+        client = httpx.Client(transport=transport, timeout=timeout_s, trust_env=False, follow_redirects=False)
+    _bound_by_deadlines(client)
     try:
         for attempt in range(retries + 1):
             target = check_outbound_url(url, allowed_hosts)
-            response, reason = _post_once(client, target, payload, headers, timeout_s)
+            response, reason = _post_once(client, target, payload, headers, timeout_s, max_answer_bytes)
             if response is not None:
                 if response.is_success:
                     return response
@@ -220,9 +240,15 @@ def post_json(
 
 
 def _post_once(
-    client: Any, target: OutboundTarget, payload: Any, headers: dict[str, str] | None, timeout_s: float
+    client: Any,
+    target: OutboundTarget,
+    payload: Any,
+    headers: dict[str, str] | None,
+    timeout_s: float,
+    max_answer_bytes: int,
 ) -> tuple[Any, str]:
-    """(the response, "") from the first of the target's addresses that connects, else (None, why not)."""
+    """(the response, read whole, and "") from the first of the target's addresses that connects
+    within the attempt's deadline, else (None, why not)."""
     import httpx
 
     encoded = isinstance(payload, bytes)
@@ -232,20 +258,140 @@ def _post_once(
         **(headers or {}),
         "Host": target.host_header,
     }
+    shown_url = redact_url(target.url)
+    too_late = f"POST {shown_url}: no answer within {timeout_s:g} s (the deadline for the whole answer)"
+    deadline = time.monotonic() + timeout_s
     reason = "no address"
-    for address in target.addresses:
-        try:
-            return client.post(
-                target.connect_url(address),
-                auth=target.auth,
-                headers=headers,
-                **body,
-                extensions={"sni_hostname": target.host} if target.scheme == "https" else None,
-            ), ""
-        except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
-            reason = f"cannot connect ({exc or type(exc).__name__})"
-        except httpx.TimeoutException:
-            raise OutboundError(f"POST {redact_url(target.url)}: no answer within {timeout_s:g} s") from None
-        except httpx.TransportError as exc:
-            return None, f"failed ({exc or type(exc).__name__})"
-    return None, reason
+    token = _DEADLINE.set(deadline)
+    try:
+        for address in target.addresses:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break  # the reason of the last address tried stands
+            try:
+                with client.stream(
+                    "POST",
+                    target.connect_url(address),
+                    auth=target.auth,
+                    headers=headers,
+                    **body,
+                    timeout=remaining,
+                    extensions={"sni_hostname": target.host} if target.scheme == "https" else None,
+                ) as response:
+                    response._content = _read_answer(
+                        response, deadline, max_answer_bytes, shown_url, too_late
+                    )
+                    return response, ""  # .content, .text and .json() use _content, as after read()
+            except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
+                reason = f"cannot connect ({exc or type(exc).__name__})"
+            except httpx.TimeoutException:
+                raise OutboundError(too_late) from None
+            except httpx.TransportError as exc:
+                return None, f"failed ({exc or type(exc).__name__})"
+        return None, reason
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _read_answer(response: Any, deadline: float, limit: int, shown_url: str, too_late: str) -> bytes:
+    """The whole (decoded) body of the streamed ``response``, read by the ``deadline``: at most
+    ``limit`` bytes, refused unread past that."""
+    too_big = f"POST {shown_url}: the answer is larger than the limit of {limit} bytes"
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise OutboundError(f"{too_big} (Content-Length: {declared})")
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise OutboundError(too_big)
+        if time.monotonic() > deadline:
+            raise OutboundError(too_late)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bound_by_deadlines(client: Any) -> None:
+    """Make every network read and write of ``client``'s connections wait at most until the
+    deadline of the attempt under way (``_DEADLINE``): httpx's own timeouts bound each read alone,
+    so an answer (its headers included) that arrives a byte at a time would never time out."""
+    pool = getattr(getattr(client, "_transport", None), "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if backend is not None and not isinstance(backend, _DeadlineBackend):
+        pool._network_backend = _DeadlineBackend(backend)  # httpx has no public way to hand httpcore one
+
+
+def _remaining(timeout: float | None, error: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of the attempt's deadline; ``error`` when nothing is left."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise error("the deadline of the whole attempt has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineBackend:
+    """An httpcore network backend whose streams wait at most until the attempt's deadline."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> Any:
+        import httpcore
+
+        stream = self._backend.connect_tcp(
+            host,
+            port,
+            timeout=_remaining(timeout, httpcore.ConnectTimeout),
+            local_address=local_address,
+            socket_options=socket_options,
+        )
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
+        raise OSError("unix sockets are not used for outbound calls")
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _DeadlineStream:
+    """A connection's stream (httpcore's NetworkStream) whose reads and writes end at the deadline."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        import httpcore
+
+        return self._stream.read(max_bytes, _remaining(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        import httpcore
+
+        self._stream.write(buffer, _remaining(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Any:
+        import httpcore
+
+        self._stream = self._stream.start_tls(
+            ssl_context, server_hostname, _remaining(timeout, httpcore.ConnectTimeout)
+        )
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
