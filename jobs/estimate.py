@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs.model_paths import is_hub_id
+from jobs.model_paths import names_hub
 from jobs.models import Job, JobMetrics, JobStatus
 from jobs.schemas import EstimateMemory, EstimateTime, EstimateTokens, JobEstimate
 from jobs.settings import Settings
@@ -207,9 +207,9 @@ def measure_prompts(dataset: Path, model_dir: Path | None, max_prompt_length: in
 
 
 def local_model_dir(base_model: str) -> Path | None:
-    """The directory of a local base_model (already checked to be allowed), None for a hub id."""
-    looks_like_path = base_model.startswith(("/", ".", "~"))
-    if not looks_like_path and is_hub_id(base_model) and not Path(base_model).exists():
+    """The directory of a local base_model (already checked to be allowed), None for a hub id
+    (whatever the API's current directory holds: ``jobs.model_paths.names_hub``)."""
+    if names_hub(base_model):
         return None
     return Path(base_model).expanduser().resolve()
 
@@ -272,6 +272,10 @@ def memory(
             "down_proj": (shape.intermediate, shape.hidden),
         }
         trainable = shape.layers * sum(config.lora.r * sum(shapes[name]) for name in names)
+    trainable_size = size if config.lora is None else 4  # LoRA's adapters are float32 (peft upcasts them)
+    # AdamW's two moments in float32, and a half-precision parameter's float32 master copy
+    # (trainer.optimizer: updates below bfloat16's resolution would otherwise be lost)
+    optimizer_per_parameter = 2 * 4 + (4 if trainable_size < 4 else 0)
     completion = config.max_completion_length
     prompts = math.ceil(config.prompts_per_step / gpus)  # this process's share of the step's prompts
     group_tokens = prompt_tokens + config.group_size * completion  # the prompt is scored once per group
@@ -318,8 +322,8 @@ def memory(
     parts = dict(
         weights_bytes=shard(weights / gpus),
         reference_model_bytes=shard(reference / gpus),
-        gradients_bytes=shard(trainable * size / gpus),
-        optimizer_bytes=shard(2 * trainable * size / gpus),
+        gradients_bytes=shard(trainable * trainable_size / gpus),
+        optimizer_bytes=shard(optimizer_per_parameter * trainable / gpus),
         activations_bytes=int(activation_bytes),
         generation_cache_bytes=int(cache),
         gathered_bytes=gathered,

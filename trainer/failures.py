@@ -125,9 +125,12 @@ class Failures:
         try:
             yield
         except Exception as exc:
-            # the weights saved plus AdamW's two moments, all the size of the trainable parameters
-            needed = 3 * sum(
-                p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad
+            # the weights saved plus the optimizer's state: AdamW's two moments in float32, and a
+            # half-precision weight's float32 master (trainer.optimizer)
+            needed = sum(
+                p.numel() * (p.element_size() + (12 if p.element_size() < 4 else 8))
+                for p in self.policy.parameters()
+                if p.requires_grad
             )
             root = self.output_dir / "checkpoints"
             if not is_disk_full(exc, root, needed):

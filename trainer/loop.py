@@ -39,6 +39,7 @@ from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logpro
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages, sampler_correction
 from trainer.metrics_file import MetricsFile
 from trainer.model import Models, eos_token_ids, load_models
+from trainer.optimizer import MasterWeightAdamW
 from trainer.progress import Progress
 from trainer.prompts import PromptFormatter, check_a_prompt_fits, truncated_prompts, warn_truncated_prompts
 from trainer.rewards import RewardSuite, required_fields
@@ -304,7 +305,7 @@ def _train(
     sharding = Sharding(world, policy, models.reference)  # with several processes: FSDP2
     # each process's shards of them: read before any gather (a gathered model lists its full weights)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
+    optimizer = MasterWeightAdamW(  # AdamW; float32 masters of half-precision weights
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

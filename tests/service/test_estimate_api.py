@@ -126,6 +126,9 @@ def test_lora_and_beta_zero_need_no_reference_copy_and_lora_trains_a_small_share
     assert no_kl["reference_model_bytes"] == 0 and no_kl["trainable_parameters"] == LLAMA_PARAMETERS
     half = dry_run(client, spec_for(client, directory, dtype="bfloat16")).json()["memory"]
     assert half["weights_bytes"] == 2 * LLAMA_PARAMETERS
+    # bfloat16 gradients; AdamW's moments and a float32 master of each weight (trainer.optimizer)
+    assert half["gradients_bytes"] == 2 * LLAMA_PARAMETERS
+    assert half["optimizer_bytes"] == 3 * 4 * LLAMA_PARAMETERS
 
 
 def test_lengths_beyond_the_context_are_warned_of_in_the_estimate_and_the_created_job(

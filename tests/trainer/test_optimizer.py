@@ -1,0 +1,108 @@
+"""MasterWeightAdamW: half-precision weights take AdamW's updates as float32 weights do."""
+
+import pytest
+import torch
+
+from trainer.optimizer import MASTER, MasterWeightAdamW
+
+SETTINGS = dict(lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
+
+
+def _grads(shape, steps, seed=0, drift=0.0):
+    """``steps`` gradients: noise, plus ``drift`` times one fixed direction (a steady signal)."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(shape, generator=generator)
+    return [(torch.randn(shape, generator=generator) + drift * direction) * 1e-3 for _ in range(steps)]
+
+
+def _run(optimizer_class, weight, grads):
+    param = torch.nn.Parameter(weight.clone())
+    optimizer = optimizer_class([param], **SETTINGS)
+    for grad in grads:
+        param.grad = grad.to(param.dtype)
+        optimizer.step()
+    return param, optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_follow_the_float32_run(dtype):
+    weight = (torch.randn(64, 64, generator=torch.Generator().manual_seed(1)) * 0.02).to(dtype)
+    # a steady signal under noise, as training gives: 40 steps of ~1e-6 add up to ~4e-5
+    grads = [g.to(dtype).float() for g in _grads((64, 64), 40, drift=3.0)]  # as a half-precision model yields
+    reference, _ = _run(torch.optim.AdamW, weight.float(), grads)
+    plain, _ = _run(torch.optim.AdamW, weight, grads)
+    ours, optimizer = _run(MasterWeightAdamW, weight, grads)
+
+    # plain AdamW on the half-precision weights loses the updates (1e-6 against a spacing ~1e-4);
+    # in float16 its second moment (~1e-12) underflows too, and weights jump to inf
+    lost = ((plain != weight) & plain.isfinite()).float().mean()
+    assert lost < 0.2
+    # the master is the float32 run to the bit, and the weight is the master rounded
+    master = optimizer.state[ours][MASTER]
+    assert master.dtype == torch.float32 and torch.equal(master, reference.detach())
+    assert torch.equal(ours.detach(), reference.detach().to(dtype))
+    moved = (ours != weight).float().mean()
+    assert ours.isfinite().all() and moved > 2 * lost and moved > 0.2, (
+        moved,
+        lost,
+    )  # the rounded weights move as updates add up
+    assert all(optimizer.state[ours][k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_float32_weights_are_plain_adamw():
+    weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    grads = _grads((16, 8), 5)
+    plain, plain_optimizer = _run(torch.optim.AdamW, weight, grads)
+    ours, optimizer = _run(MasterWeightAdamW, weight, grads)
+    assert torch.equal(ours, plain) and MASTER not in optimizer.state[ours]
+    assert torch.equal(optimizer.state[ours]["exp_avg"], plain_optimizer.state[plain]["exp_avg"])
+
+
+def test_a_mixed_model_and_a_saved_state_resume_exactly():
+    """bf16 weights beside float32 ones (a model with float32 norms, LoRA's adapters), saved and
+    loaded mid-run: the resumed run ends where the uninterrupted one does, masters in float32."""
+    weights = [
+        torch.randn(8, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16),
+        torch.ones(8),
+    ]
+    grads = [_grads((8, 8), 6, seed=4), _grads((8,), 6, seed=5)]
+
+    def make(values):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        return params, MasterWeightAdamW(params, **SETTINGS)
+
+    def steps(params, optimizer, indices):
+        for i in indices:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g[i].to(p.dtype)
+            optimizer.step()
+
+    whole, whole_optimizer = make(weights)
+    steps(whole, whole_optimizer, range(6))
+
+    first, first_optimizer = make(weights)
+    steps(first, first_optimizer, range(3))
+    saved = first_optimizer.state_dict()
+    resumed, resumed_optimizer = make([p.detach() for p in first])
+    resumed_optimizer.load_state_dict(saved)
+    master = resumed_optimizer.state[resumed[0]][MASTER]
+    assert master.dtype == torch.float32 and torch.equal(master, first_optimizer.state[first[0]][MASTER])
+    steps(resumed, resumed_optimizer, range(3, 6))
+    for a, b in zip(resumed, whole, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_state_without_masters_gets_them_from_the_weights():
+    """A checkpoint written by plain AdamW (moments in bf16, no master) resumes: the master starts
+    from the weight and the moments are carried over in float32."""
+    weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    grads = _grads((8, 8), 4)
+    old, old_optimizer = _run(torch.optim.AdamW, weight, grads[:2])
+    param = torch.nn.Parameter(old.detach().clone())
+    optimizer = MasterWeightAdamW([param], **SETTINGS)
+    optimizer.load_state_dict(old_optimizer.state_dict())
+    for grad in grads[2:]:
+        param.grad = grad.to(torch.bfloat16)
+        optimizer.step()
+    state = optimizer.state[param]
+    assert state[MASTER].dtype == state["exp_avg"].dtype == torch.float32 and float(state["step"]) == 4
