@@ -27,6 +27,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a job trains in: ``resolve_dtype``'s, except that ``auto`` never picks float16.
+    Training in float16 needs a loss scale (small gradients underflow its range), which this
+    trainer does not keep: a GPU without bfloat16 trains in float32 unless the spec asks."""
+    dtype = resolve_dtype(name, device)
+    return torch.float32 if name == "auto" and dtype == torch.float16 else dtype
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -95,7 +103,7 @@ def load_models(
     scoring checked against the model's own forward (``on_log`` hears when it falls back)."""
     device = device or default_device()
     tokenizer = load_tokenizer(base_model)
-    policy = load_causal_lm(base_model, resolve_dtype(config.dtype, device), device)
+    policy = load_causal_lm(base_model, training_dtype(config.dtype, device), device)
     policy.config.use_cache = False
     uses_lora = config.lora is not None
     reference = None

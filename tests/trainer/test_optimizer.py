@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from trainer.model import resolve_dtype, training_dtype
 from trainer.optimizer import MASTER, MasterWeightAdamW
 
 SETTINGS = dict(lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
@@ -106,3 +107,16 @@ def test_a_state_without_masters_gets_them_from_the_weights():
         optimizer.step()
     state = optimizer.state[param]
     assert state[MASTER].dtype == state["exp_avg"].dtype == torch.float32 and float(state["step"]) == 4
+
+
+def test_auto_never_trains_in_float16(monkeypatch):
+    """Without a loss scale, float16's small gradients underflow: ``auto`` on a GPU without
+    bfloat16 trains in float32 (and serves in float16); float16 only when a spec asks."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert resolve_dtype("auto", cuda) == torch.float16
+    assert training_dtype("auto", cuda) == torch.float32
+    assert training_dtype("float16", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert training_dtype("auto", cuda) == torch.bfloat16
+    assert training_dtype("auto", torch.device("cpu")) == torch.float32
