@@ -18,13 +18,14 @@ loading put the float32 values back).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.optim.adamw import adamw
 
 HALF = (torch.bfloat16, torch.float16)
 MASTER = "master"  # the state key of a half-precision parameter's float32 copy
+CHUNK_ELEMENTS = 1 << 26  # parameters stepped together: their float32 gradients take 256 MB at most
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -54,35 +55,38 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def _step_masters(self, group: dict, params: list[torch.Tensor]) -> None:
         """One AdamW step of ``params``' float32 masters on their gradients in float32, then each
-        parameter set to its master rounded to the parameter's dtype."""
-        states = [self._master_state(p) for p in params]
-        masters = [s[MASTER] for s in states]
+        parameter set to its master rounded to the parameter's dtype; a few parameters at a time,
+        so that the gradients' float32 copies never take more than CHUNK_ELEMENTS at once."""
         beta1, beta2 = group["betas"]
-        adamw(
-            masters,
-            [p.grad.float() for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states],
-            amsgrad=group["amsgrad"],
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )
-        for p, master in zip(params, masters, strict=True):
-            p.copy_(master)
+        amsgrad = group["amsgrad"]
+        for chunk in _chunks(params, CHUNK_ELEMENTS):
+            states = [self._master_state(p, amsgrad) for p in chunk]
+            masters = [s[MASTER] for s in states]
+            adamw(
+                masters,
+                [p.grad.float() for p in chunk],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                [s["step"] for s in states],
+                amsgrad=amsgrad,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+            )
+            for p, master in zip(chunk, masters, strict=True):
+                p.copy_(master)
 
-    def _master_state(self, p: torch.Tensor) -> dict:
+    def _master_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
         """``p``'s state: its float32 master and moments, made on its first step (a state loaded
         from a checkpoint written before masters existed gets its master from ``p``)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self._amsgrad(p) else ()):
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             elif state[key].dtype != torch.float32:
@@ -91,8 +95,18 @@ class MasterWeightAdamW(torch.optim.AdamW):
             state[MASTER] = p.detach().to(torch.float32, copy=True)
         return state
 
-    def _amsgrad(self, p: torch.Tensor) -> bool:
-        return any(group["amsgrad"] for group in self.param_groups if any(q is p for q in group["params"]))
+
+def _chunks(params: list[torch.Tensor], elements: int) -> Iterator[list[torch.Tensor]]:
+    """``params`` in order, in runs of at most ``elements`` elements (a larger one alone)."""
+    run, size = [], 0
+    for p in params:
+        if run and size + p.numel() > elements:
+            yield run
+            run, size = [], 0
+        run.append(p)
+        size += p.numel()
+    if run:
+        yield run
 
 
 def _keep_float32_state(optimizer: MasterWeightAdamW, state_dict: dict) -> None:

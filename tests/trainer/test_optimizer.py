@@ -120,3 +120,34 @@ def test_auto_never_trains_in_float16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert training_dtype("auto", cuda) == torch.bfloat16
     assert training_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_stepped_a_few_at_a_time_as_all_at_once(monkeypatch):
+    import trainer.optimizer
+
+    weights = [
+        torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16) for n in (5, 30, 7)
+    ]
+    grads = [_grads((n,), 3, seed=n) for n in (5, 30, 7)]
+
+    def run():
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = MasterWeightAdamW(params, **SETTINGS)
+        for i in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g[i].to(torch.bfloat16)
+            optimizer.step()
+        return [optimizer.state[p][MASTER] for p in params]
+
+    whole = run()
+    monkeypatch.setattr(trainer.optimizer, "CHUNK_ELEMENTS", 10)  # runs [5], [30], [7]
+    assert [
+        [p.numel() for p in run]
+        for run in trainer.optimizer._chunks([torch.zeros(n) for n in (5, 4, 30, 7)], 10)
+    ] == [
+        [5, 4],
+        [30],
+        [7],
+    ]
+    for a, b in zip(run(), whole, strict=True):
+        assert torch.equal(a, b)
