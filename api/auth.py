@@ -24,6 +24,7 @@ from jobs.errors import RateLimited, ServiceError, Unauthenticated
 from jobs.keys import HOW_TO_GET_ONE, LOCAL_OWNER, authenticate
 from jobs.settings import Settings
 
+LOCAL_KEY = CheckedKey(id=LOCAL_OWNER, owner=LOCAL_OWNER)  # every request's, with GRPO_AUTH=disabled
 PROTECTED_PREFIX = (
     "/v1/"  # every /v1 route needs a live key; health, metrics, docs and the dashboard page do not
 )
@@ -41,13 +42,13 @@ def _live_key(db: Database, token: str) -> CheckedKey:
         return CheckedKey(id=key.id, owner=key.owner)
 
 
-async def authorize(state: State, token: str | None) -> str:
-    """The owner of ``token``'s API key (or the one local owner when ``GRPO_AUTH=disabled``),
+async def authorize(state: State, token: str | None) -> CheckedKey:
+    """``token``'s API key: its id and owner (both the one local owner when ``GRPO_AUTH=disabled``),
     with one token of its rate limit spent. ``Unauthenticated`` without a live key,
     ``RateLimited`` once the key is over its rate. ``state`` is the app's."""
     settings: Settings = state.settings
     if settings.auth == "disabled":
-        owner = bucket = LOCAL_OWNER
+        key = LOCAL_KEY
     elif token is None:
         raise Unauthenticated(f"no API key; {HOW_TO_GET_ONE}")
     else:
@@ -56,14 +57,13 @@ async def authorize(state: State, token: str | None) -> str:
         if key is None:
             key = await run_in_threadpool(_live_key, state.database, token)
             keys.put(token, key)
-        owner, bucket = key.owner, key.id
     limiter = state.rate_limiter
-    wait_s = limiter.take(bucket)  # the in-process bucket: no I/O
+    wait_s = limiter.take(key.id)  # the in-process bucket: no I/O
     if inspect.isawaitable(wait_s):  # Redis' shared bucket
         wait_s = await wait_s
     if wait_s:
         raise RateLimited(wait_s, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
-    return owner
+    return key
 
 
 async def still_live(state: State, token: str | None) -> bool:
@@ -86,7 +86,8 @@ async def still_live(state: State, token: str | None) -> bool:
 
 class AuthenticateFirst:
     """Pure ASGI middleware: authorizes every ``/v1`` request from its headers, before the app
-    (and FastAPI's body parsing) sees it; the owner goes to ``request.state.owner``."""
+    (and FastAPI's body parsing) sees it; the owner goes to ``request.state.owner``, the key's id
+    (what its limits are counted by) to ``request.state.key_id``."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -99,12 +100,13 @@ class AuthenticateFirst:
             (value.decode("latin-1") for name, value in scope["headers"] if name == b"authorization"), None
         )
         try:
-            owner = await authorize(scope["app"].state, bearer_token(authorization))
+            key = await authorize(scope["app"].state, bearer_token(authorization))
         except ServiceError as exc:
             response = error_response(
                 status_of(exc), exc.code, exc.message, exc.param, exc.details, headers_of(exc)
             )
             await response(scope, receive, send)  # the body is never received
             return
-        scope.setdefault("state", {})["owner"] = owner
+        state = scope.setdefault("state", {})
+        state["owner"], state["key_id"] = key.owner, key.id
         await self.app(scope, receive, send)

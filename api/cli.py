@@ -171,13 +171,18 @@ def create_key(
     ] = None,
 ) -> None:
     """Create a key. Its secret goes to stdout, once: only a hash of it is stored."""
-    from jobs.keys import issue_key
+    from jobs.errors import InvalidRequest
+    from jobs.keys import check_label, issue_key
 
-    for label, value in (("NAME", name), ("--owner", owner)):
-        if value is not None and not 0 < len(value.strip()) <= 255:
-            raise typer.BadParameter("must be 1 to 255 characters", param_hint=label)
+    try:  # before the database is opened: a bad name is the first thing to hear about
+        name = check_label(name, param="name")
+        owner = owner if owner is None else check_label(owner, param="owner")
+    except InvalidRequest as exc:
+        raise typer.BadParameter(
+            exc.message, param_hint="NAME" if exc.param == "name" else "--owner"
+        ) from None
     with _key_store() as session:
-        key, secret = issue_key(session=session, name=name.strip(), owner=owner and owner.strip())
+        key, secret = issue_key(session=session, name=name, owner=owner)
     typer.echo(
         f"created {key.id} ({key.name!r}, owner {key.owner!r}); the secret below is shown only "
         f"this once; send it as 'Authorization: Bearer <secret>':",

@@ -55,11 +55,18 @@ async def current_owner(request: Request) -> str:
     return request.state.owner
 
 
+async def current_key_id(request: Request) -> str:
+    """The id of the request's API key (the one local owner when ``GRPO_AUTH=disabled``): what
+    per-key limits count by."""
+    return request.state.key_id
+
+
 # The database's integers: a larger value in a query would fail there, so it is a 422 here.
 MAX_STEP = 2**31 - 1
 MAX_EVENT_ID = 2**63 - 1
 
 CurrentOwner = Annotated[str, Depends(current_owner)]
+CurrentKeyId = Annotated[str, Depends(current_key_id)]
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 DatabaseDep = Annotated[Database, Depends(database)]
 DispatcherDep = Annotated[Dispatcher, Depends(dispatcher)]

@@ -50,6 +50,9 @@ STATUS: dict[type[ServiceError], int] = {
     InferenceTimedOut: 504,
     StoreUnavailable: 503,  # the object store unreachable: try again later
 }
+# A 503 for the artifact store out of reach: boto3 has already retried for seconds; a store that
+# restarts or fails over is back within a few more, and clients (grpo_client) wait this long.
+STORE_RETRY_AFTER_S = 5
 HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -97,6 +100,8 @@ def headers_of(exc: ServiceError) -> dict[str, str] | None:
         return {"WWW-Authenticate": 'Bearer realm="grpo"'}
     if exc.retry_after_s is not None:  # a 429, or a 409 that a retry resolves: the seconds its message says
         return {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, StoreUnavailable):
+        return {"Retry-After": str(STORE_RETRY_AFTER_S)}
     return None
 
 

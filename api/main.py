@@ -32,6 +32,7 @@ from api.routes import (
     rewards,
     samples,
 )
+from api.streaming import EventStreams
 from jobs.broker import Dispatcher, Send, job_sender, make_celery
 from jobs.datasets import remove_leftover_uploads
 from jobs.db import Database
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, *, send: Send | None = None) ->
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsByStatus(app.state.database))
     app.state.rate_limiter = make_rate_limiter(settings)  # shared through Redis when the broker is Redis
+    app.state.event_streams = EventStreams(settings.max_event_streams_per_key)  # this process's SSE
     app.state.response_cache = ResponseCache(int(settings.response_cache_mb * 2**20))
     app.state.change_listener = (  # SQLite cannot notify: there the cache never serves
         ChangeListener(settings.database_url, app.state.response_cache)

@@ -53,12 +53,15 @@ def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def local_files(directory: Path, handles: ExitStack) -> list[ArtifactFile]:
+def local_files(directory: Path, handles: ExitStack | None) -> list[ArtifactFile]:
     """The download of a checkpoint directory on this machine, every file opened (and its size read
     from the open file) now, before a response starts: a file the trainer deletes afterwards (a
     checkpoint pruned by ``keep_last_checkpoints``) stays readable through its open handle, so
     the tar still completes. ``FileNotFoundError`` if one is already gone. Each handle closes once
-    its bytes are sent, and all of them with ``handles`` (the stream's end, a client gone)."""
+    its bytes are sent, and all of them with ``handles`` (the stream's end, a client gone).
+
+    Without ``handles`` (a ``HEAD``: the sizes, no bytes) each file is only looked at (``stat``),
+    and opened when its bytes are read."""
 
     def reader(source: BinaryIO) -> Callable[[], Iterator[bytes]]:
         def chunks() -> Iterator[bytes]:
@@ -68,7 +71,15 @@ def local_files(directory: Path, handles: ExitStack) -> list[ArtifactFile]:
 
         return chunks
 
+    def opened_later(path: Path) -> Callable[[], Iterator[bytes]]:
+        return lambda: reader(path.open("rb"))()
+
     files = []
+    if handles is None:
+        for name, path in checkpoint_files(directory):
+            stat = path.stat()
+            files.append(ArtifactFile(name, stat.st_size, stat.st_mtime, opened_later(path)))
+        return files
     for name, path in checkpoint_files(directory):
         source = handles.enter_context(path.open("rb"))
         stat = os.fstat(source.fileno())

@@ -79,6 +79,21 @@ class TooManyRewardRuns(RateLimited):
         )
 
 
+class TooManyEventStreams(RateLimited):
+    """An API key holds as many event streams as this API process lets one key hold."""
+
+    code = "too_many_event_streams"
+
+    def __init__(self, held: int, limit: int, retry_after_s: float):
+        self.retry_after_s = whole_seconds(retry_after_s)
+        ServiceError.__init__(
+            self,
+            f"this API key already has {held} event stream(s) open on this API process, this server's "
+            f"limit (GRPO_MAX_EVENT_STREAMS_PER_KEY) is {limit}; close one (or read a job's events as "
+            f"JSON pages, GET /v1/jobs/{{id}}/events?after=), and retry in {self.retry_after_s} s",
+        )
+
+
 class RewardRunTimedOut(LimitExceeded):
     """A reward dry-run ran past GRPO_REWARD_RUN_TIMEOUT_S; its work was stopped."""
 

@@ -10,16 +10,46 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import unicodedata
 
 from sqlalchemy.orm import Session
 
-from jobs.errors import Unauthenticated
+from jobs.errors import InvalidRequest, Unauthenticated
 from jobs.models import ApiKey
 from jobs.queries.keys import create_api_key, get_api_key_by_hash
 
 TOKEN_PREFIX = "grpo_"
 LOCAL_OWNER = "local"  # the one owner of a server whose authentication is disabled
 HOW_TO_GET_ONE = "send 'Authorization: Bearer <key>'; an operator creates keys with `grpo keys create NAME`"
+MAX_LABEL_CHARS = 255  # api_keys.name and .owner are VARCHAR(255)
+# Characters that make a name print as something else in `grpo keys list` and in logs: controls
+# (a newline forges a row, ESC sequences restyle or erase the terminal, NUL cannot be stored), line
+# and paragraph separators, lone surrogates (not Unicode: nothing can encode them), and the bidi
+# embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069), which reorder what follows.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+
+
+def check_label(value: str, *, param: str) -> str:
+    """A key's name or owner (``param`` says which), stripped; ``InvalidRequest`` naming ``param``
+    when it is empty, longer than MAX_LABEL_CHARS, or holds a character that would print as
+    something else."""
+    label = value.strip()
+    if not 0 < len(label) <= MAX_LABEL_CHARS:
+        raise InvalidRequest(
+            f"must be 1 to {MAX_LABEL_CHARS} characters (not counting surrounding spaces); got {len(label)}",
+            param=param,
+        )
+    for position, char in enumerate(label, start=1):
+        category = unicodedata.category(char)
+        if category in _UNPRINTABLE_CATEGORIES or char in _BIDI_CONTROLS:
+            name = unicodedata.name(char, "a lone surrogate" if category == "Cs" else "a control character")
+            raise InvalidRequest(
+                f"contains U+{ord(char):04X} ({name}) at character {position}, which would print as "
+                "something else in `grpo keys list` and in logs; use printable characters only",
+                param=param,
+            )
+    return label
 
 
 def hash_token(token: str) -> str:
@@ -28,10 +58,13 @@ def hash_token(token: str) -> str:
 
 def issue_key(*, session: Session, name: str, owner: str | None = None) -> tuple[ApiKey, str]:
     """A new key for ``owner`` (by default, a new owner called ``name``) and its secret, which is
-    not stored anywhere: show it once."""
+    not stored anywhere: show it once. Both are stripped; ``InvalidRequest`` naming ``name`` or
+    ``owner`` for one that cannot be shown as it is (``check_label``)."""
+    name = check_label(name, param="name")
+    owner = check_label(owner, param="owner") if owner is not None else name
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     key = create_api_key(
-        session=session, name=name, owner=owner or name, token_hash=hash_token(token), prefix=token[:12]
+        session=session, name=name, owner=owner, token_hash=hash_token(token), prefix=token[:12]
     )
     return key, token
 

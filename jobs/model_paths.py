@@ -7,12 +7,17 @@ all. So a local path counts only when it resolves (symlinks followed) under one 
 again before loading (a spec may be older than the settings). Torch-free: both sides import it.
 
 Every refusal reads the same whatever is on disk (missing, unreadable, not a model, outside the
-allowed directories, in the artifact store), so the answer tells nobody which paths exist.
+allowed directories, in the artifact store), so the answer tells nobody which paths exist. A hub
+id is one whatever is on the API's disk: it is never looked up there. ``from_pretrained`` (and
+vLLM) would load a directory of that name relative to the loading process's current directory
+instead of the hub's repository; the process about to load one refuses it then
+(``check_loadable_here``): a worker, whose current directory is the operator's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -68,23 +73,53 @@ def _allowed_directory(value: str, model_dirs: Iterable[Path], artifact_dir: Pat
         return False
 
 
+def names_hub(value: str) -> bool:
+    """Whether ``value`` is read as a hub id: shaped like one, and not like a path (``/``, ``.``,
+    ``~``). Decided from the text alone, never from the disk: a local model directory is written as
+    a path (``/models/qwen``, ``./org/name``)."""
+    return not value.startswith(("/", ".", "~")) and is_hub_id(value)
+
+
 def check_model(value: str, *, param: str, model_dirs: Sequence[Path], artifact_dir: Path) -> None:
     """``ConfigError(param, ...)`` unless ``value`` is a hub id or an allowed model directory.
 
-    A value that looks like a path (``/``, ``.``, ``~``) is a path. So is a hub id that names a
-    directory relative to the current one: ``from_pretrained`` would load that directory, not the
-    hub's repository.
+    A value that looks like a path (``/``, ``.``, ``~``) is a path; a hub id is accepted as one
+    without looking at the disk (``check_loadable_here`` is the loading process's check).
     """
-    looks_like_path = value.startswith(("/", ".", "~"))
-    if not looks_like_path and is_hub_id(value):
-        try:
-            local = Path(value).exists()
-        except (OSError, ValueError):
-            local = True  # unreadable: refuse like any path we cannot vouch for
-        if not local:
-            return
+    if names_hub(value):
+        return
     if not _allowed_directory(value, model_dirs, artifact_dir):
         raise ConfigError(param, refusal(value))
+
+
+def hub_id_shadowed(value: str) -> bool:
+    """Whether ``value`` is a hub id that also names something relative to this process's current
+    directory: ``from_pretrained`` (and vLLM) look there first (``os.path.isdir``, and ``isfile``
+    for a config) and would load that, not the hub's repository. A dangling symlink counts (its
+    target may appear); a name ``lstat`` cannot read does not, as ``isdir`` reads it so too."""
+    return names_hub(value) and os.path.lexists(value)
+
+
+def shadowed_message(value: str) -> str:
+    return (
+        f"{value!r} is a Hugging Face hub id, but this worker's current directory holds a path of that "
+        "name, which transformers would load instead of the hub's repository, so the worker refuses "
+        "to load it. The operator can start the workers from a directory without it (a model "
+        f"directory this server allows is written as a path: './{value}' or an absolute one)"
+    )
+
+
+def check_loadable_here(value: str, *, param: str) -> None:
+    """In a process about to load ``value`` (a worker's): ``ConfigError(param, ...)`` when it is a
+    hub id shadowed by a path relative to the current directory (``hub_id_shadowed``).
+
+    The API never asks: its answer would tell a tenant which paths exist on the server. Nor does
+    the worker change directory to one that holds nothing: it trains in its pool's process, whose
+    other threads (the heartbeat) and relative settings (``GRPO_DATA_DIR=var``, ``.env``) use the
+    current directory, as the job's torchrun processes do. The vLLM engines it starts run in a
+    fresh temporary directory of their own."""
+    if hub_id_shadowed(value):
+        raise ConfigError(param, shadowed_message(value))
 
 
 def check_causal_lm(value: str, *, param: str) -> None:
@@ -93,7 +128,7 @@ def check_causal_lm(value: str, *, param: str) -> None:
     ``...ForSequenceClassification``, a bare ``LlamaModel``): transformers would load it with a
     head it does not have, or not at all. A hub id, an adapter directory, or a config that does
     not say (no ``architectures``, unreadable) is left to the worker's load."""
-    if is_hub_id(value) and not value.startswith(("/", ".", "~")) and not Path(value).exists():
+    if names_hub(value):
         return
     try:
         with (Path(value).expanduser() / "config.json").open("rb") as file:
@@ -119,21 +154,30 @@ def check_causal_lm(value: str, *, param: str) -> None:
     )
 
 
-def check_job_models(
-    base_model: str, rewards: Sequence[dict[str, Any]], *, model_dirs: Sequence[Path], artifact_dir: Path
-) -> None:
-    """The job's ``base_model`` and each ``reward_model`` reward's ``model`` (``reward[i].model``)."""
-    check_model(base_model, param="base_model", model_dirs=model_dirs, artifact_dir=artifact_dir)
-    check_causal_lm(base_model, param="base_model")
+def job_models(base_model: str, rewards: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(param, value)`` of the job's ``base_model`` and each ``reward_model`` reward's ``model``."""
+    models = [("base_model", base_model)]
     for index, spec in enumerate(rewards):
         if (
             isinstance(spec, dict)
             and spec.get("type") == "reward_model"
             and isinstance(spec.get("model"), str)
         ):
-            check_model(
-                spec["model"],
-                param=f"reward[{index}].model",
-                model_dirs=model_dirs,
-                artifact_dir=artifact_dir,
-            )
+            models.append((f"reward[{index}].model", spec["model"]))
+    return models
+
+
+def check_job_models(
+    base_model: str, rewards: Sequence[dict[str, Any]], *, model_dirs: Sequence[Path], artifact_dir: Path
+) -> None:
+    """The job's ``base_model`` and each ``reward_model`` reward's ``model`` (``reward[i].model``)."""
+    for param, value in job_models(base_model, rewards):
+        check_model(value, param=param, model_dirs=model_dirs, artifact_dir=artifact_dir)
+        if param == "base_model":
+            check_causal_lm(base_model, param="base_model")
+
+
+def check_job_models_loadable_here(base_model: str, rewards: Sequence[dict[str, Any]]) -> None:
+    """``check_loadable_here`` for each of the job's models, in the worker about to load them."""
+    for param, value in job_models(base_model, rewards):
+        check_loadable_here(value, param=param)

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
         "cpu"  # what dtype "auto" becomes: float32 on cpu, bfloat16 on cuda
     )
     event_poll_interval_s: float = 0.5  # server-sent events: how often the stream looks for news
+    # Per API key and API process: event streams open at once (each polls the database every
+    # event_poll_interval_s); past it, 429. Counted in each process, like reward dry-runs: a count
+    # kept in Redis would outlive a killed process's streams.
+    max_event_streams_per_key: int = Field(8, ge=1)
     # The reward dry-run (POST /v1/rewards/run) scores in the API process: a bounded batch, and
     # only a few batches at once, so that code_tests sandboxes cannot starve the other routes.
     max_reward_run_samples: int = 64

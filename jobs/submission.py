@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from jobs.errors import InvalidRequest, LimitExceeded, TooManyActiveJobs
 from jobs.estimate import context_warnings, local_model_dir, read_model_shape
-from jobs.model_paths import check_job_models
+from jobs.model_paths import check_job_models, check_job_models_loadable_here
 from jobs.models import Job, since
 from jobs.queries import (
     add_event,
@@ -202,9 +202,11 @@ def run_config_for(job: Job, settings: Settings) -> RunConfig:
     """The trainer's view of a stored job, read from its spec alone (``stored_spec``; never its
     columns), its dataset ids made the uploaded files' paths. Its models are checked again
     (``ConfigError``) before the worker loads anything: the settings may have changed since the job
-    was created."""
+    was created; and a hub id must not name a path in the worker's current directory, which
+    ``from_pretrained`` would load instead (``check_loadable_here``, never asked by the API)."""
     spec = job.spec
     check_models(spec["base_model"], spec["reward"], settings)
+    check_job_models_loadable_here(spec["base_model"], spec["reward"])
     eval_id = spec.get("eval_dataset_id")
     eval_dataset = str(settings.dataset_path(eval_id).resolve()) if eval_id else None
     config = GRPOConfig.from_dict(spec["hyperparameters"])

@@ -23,9 +23,19 @@ ROLES = ("system", "user", "assistant", "tool")
 def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
     """Return ``row`` if it can be trained on, else raise ``DatasetError`` naming the line. A row
     in the chat format (``messages`` and no ``prompt``) comes back with its prompt: see ``chat_row``;
-    a prompt of chat messages comes back as ``chat_message`` reads each one."""
+    a prompt of chat messages comes back as ``chat_message`` reads each one. A row with both is
+    refused unless its ``messages`` give exactly its ``prompt`` (as a chat row read once, e.g. by
+    ``POST /v1/files``, is stored): one of the two would be ignored without a word (a null
+    ``messages`` is no chat, and ignoring it loses nothing)."""
     if not isinstance(row, dict):
         raise DatasetError(f"expected a JSON object, got {type(row).__name__}", line)
+    if "prompt" in row and row.get("messages") is not None and not _same_prompt(row):
+        raise DatasetError(
+            "'prompt' and 'messages' are both given, and give different prompts; keep one: 'prompt' (a "
+            "string, or a list of chat messages) or 'messages' (a chat, the prompt being every "
+            "message before a final assistant one), or rename the other (e.g. 'reference_messages')",
+            line,
+        )
     source = "prompt"  # the field the prompt's messages were written in
     if "prompt" not in row and "messages" in row:
         row, source = chat_row(row, line), "messages"
@@ -58,6 +68,19 @@ def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
     else:
         raise DatasetError("'prompt' must be a non-empty string or a non-empty list of chat messages", line)
     return row
+
+
+def _same_prompt(row: dict[str, Any]) -> bool:
+    """Whether ``row``'s ``messages``, read as a chat row, give its ``prompt`` (each message as
+    ``chat_message`` reads it)."""
+    prompt = row["prompt"]
+    if not isinstance(prompt, list):
+        return False
+    try:
+        derived = chat_row({key: value for key, value in row.items() if key != "prompt"})["prompt"]
+    except DatasetError:
+        return False
+    return derived == [chat_message(message) for message in prompt]
 
 
 def chat_row(row: dict[str, Any], line: int | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from jobs.cache import open_cache
 from jobs.chat import CHAT_COMPLETION
 from jobs.db import session_factory, unit_of_work
 from jobs.errors import CheckpointNotFound
-from jobs.model_paths import check_model
+from jobs.model_paths import check_model, hub_id_shadowed, shadowed_message
 from jobs.models import Job
 from jobs.queries import get_checkpoint
 from jobs.settings import Settings, get_settings
@@ -152,6 +152,10 @@ def checkpoint_source(request: dict[str, Any], settings: Settings, *, adapter: b
             model_dirs=settings.model_dirs or [],
             artifact_dir=settings.artifact_dir,
         )
+        # transformers (and the vLLM engine's base_generation_config) would load a path of the hub
+        # id's name in this process's current directory instead: the operator's to fix, in the log
+        if hub_id_shadowed(base_model):
+            raise ModelLoadError(f"the base model of job {job_id}: {shadowed_message(base_model)}")
         return Source(key=key, directory=directory, base_model=base_model)
     return Source(key=key, directory=directory, base_model=None)
 

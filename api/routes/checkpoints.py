@@ -5,11 +5,11 @@ from contextlib import ExitStack
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from api.deps import MAX_STEP, CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import responses
-from api.streaming import tar_stream
+from api.streaming import tar_size, tar_stream
 from jobs.artifacts import ArtifactFile, inside, local_files, merged_dir, merged_steps, stored_files
 from jobs.errors import CheckpointNotFound, InvalidRequest
 from jobs.models import Checkpoint
@@ -77,12 +77,16 @@ def checkpoint_out(
     )
 
 
+# HEAD answers as GET would, without opening a file or object: the undocumented twin of each
+# download route (the OpenAPI document lists GET; a 405's Allow names HEAD too).
+@router.head("/{job_id}/checkpoints/{step}/download", include_in_schema=False, name="head_checkpoint")
 @router.get(
     "/{job_id}/checkpoints/{step}/download",
     response_class=StreamingResponse,
     responses={**TAR_RESPONSE, **responses(404, 422)},
 )
 def download_checkpoint(
+    request: Request,
     db: DatabaseDep,
     settings: SettingsDep,
     owner: CurrentOwner,
@@ -98,9 +102,10 @@ def download_checkpoint(
             )
         ),
     ] = None,
-) -> StreamingResponse:
+) -> Response:
     """A tar of the checkpoint, ready for ``from_pretrained`` once extracted (the optimizer
     state that only resuming needs is left out)."""
+    head = request.method == "HEAD"
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)
         checkpoint = get_checkpoint(session=session, job_id=job_id, step=step)
@@ -112,15 +117,17 @@ def download_checkpoint(
         )
     root = f"{job_id}-step-{step}"
     # Every file is opened before the response starts, and stays open until the stream ends (or
-    # the client goes): a checkpoint the trainer prunes meanwhile still downloads whole.
+    # the client goes): a checkpoint the trainer prunes meanwhile still downloads whole. A HEAD
+    # lists them (their sizes) and opens none.
     handles = ExitStack()
+    opening = None if head else handles
     try:
         if format == "merged" and checkpoint.kind == "adapter":
             assert settings.artifact_dir is not None
             merged = merged_dir(settings.job_dir(job_id), step)
             try:
                 files = download_files(
-                    settings, merged.relative_to(settings.artifact_dir).as_posix(), handles
+                    settings, merged.relative_to(settings.artifact_dir).as_posix(), opening
                 )
             except FileNotFoundError:
                 files = None
@@ -137,7 +144,7 @@ def download_checkpoint(
                 )
         else:
             try:
-                files = download_files(settings, checkpoint.path, handles, recorded_bytes=checkpoint.bytes)
+                files = download_files(settings, checkpoint.path, opening, recorded_bytes=checkpoint.bytes)
             except FileNotFoundError:  # deleted while it was being opened
                 files = None
             if files is None:
@@ -145,10 +152,14 @@ def download_checkpoint(
     except BaseException:
         handles.close()
         raise
+    headers = {
+        "Content-Length": str(tar_size(files, root)),
+        "Content-Disposition": f'attachment; filename="{root}.tar"',
+    }
+    if head:
+        return Response(media_type="application/x-tar", headers=headers)
     return StreamingResponse(
-        closing(tar_stream(files, root), handles),
-        media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
+        closing(tar_stream(files, root), handles), media_type="application/x-tar", headers=headers
     )
 
 
@@ -167,14 +178,15 @@ def closing(chunks: Iterator[bytes], handles: ExitStack) -> Iterator[bytes]:
 
 
 def download_files(
-    settings: Settings, stored: str, handles: ExitStack, *, recorded_bytes: int | None = None
+    settings: Settings, stored: str, handles: ExitStack | None, *, recorded_bytes: int | None = None
 ) -> list[ArtifactFile] | None:
     """The files a download of the directory at stored path ``stored`` carries, opened now (their
-    handles close with ``handles``): streamed from the object store when there is one, else read
-    from the artifact directory; None if it has none (complete). ``FileNotFoundError`` if a file
-    is deleted while they are being opened, or if a local directory carries fewer bytes than
-    ``recorded_bytes`` (what the worker recorded): its files were being deleted as they were
-    listed. (The store lists a directory by its manifest, which is deleted first.)"""
+    handles close with ``handles``; without, a HEAD's, only listed with their sizes): streamed
+    from the object store when there is one, else read from the artifact directory; None if it
+    has none (complete). ``FileNotFoundError`` if a file is deleted while they are being opened,
+    or if a local directory carries fewer bytes than ``recorded_bytes`` (what the worker
+    recorded): its files were being deleted as they were listed. (The store lists a directory by
+    its manifest, which is deleted first.)"""
     store = open_store(settings)
     if store is not None:
         return stored_files(store, stored, handles)

@@ -5,9 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.sse import EventSourceResponse
 
-from api.deps import MAX_EVENT_ID, CurrentOwner, DatabaseDep, SettingsDep
+from api.deps import MAX_EVENT_ID, CurrentKeyId, CurrentOwner, DatabaseDep, SettingsDep
 from api.errors import responses
-from api.streaming import event_stream
+from api.streaming import EventStreams, HeldEventSourceResponse, event_stream
 from jobs.queries import get_job, list_events
 from jobs.schemas import EventOut, Page
 
@@ -36,6 +36,7 @@ def get_events(
     db: DatabaseDep,
     settings: SettingsDep,
     owner: CurrentOwner,
+    key_id: CurrentKeyId,
     request: Request,
     job_id: str,
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events after this id.")] = 0,
@@ -45,13 +46,17 @@ def get_events(
 ) -> Page[EventOut] | EventSourceResponse:
     """The job's log: state changes, checkpoints, warnings, errors. Ask for `text/event-stream`
     to follow it live (server-sent events, resumable with `Last-Event-ID`); the stream ends
-    when the job has ended."""
+    when the job has ended. An API key may have GRPO_MAX_EVENT_STREAMS_PER_KEY streams open at
+    once on each API process; past that, a 429 `too_many_event_streams` with Retry-After."""
     if "text/event-stream" in accept:
         with db.transaction() as session:
             get_job(session=session, owner=owner, job_id=job_id)
+        streams: EventStreams = request.app.state.event_streams
+        slot = streams.open(key_id)
         start = last_event_id if last_event_id is not None else after
-        return EventSourceResponse(
-            event_stream(request, db, owner, job_id, after=start, poll_s=settings.event_poll_interval_s)
+        return HeldEventSourceResponse(
+            event_stream(request, db, owner, job_id, after=start, poll_s=settings.event_poll_interval_s),
+            slot,
         )
     with db.transaction() as session:
         get_job(session=session, owner=owner, job_id=job_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from api.content_type import accepts
@@ -123,12 +123,17 @@ def delete_file(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, fil
     return FileDeleted(id=file_id, deleted=True)
 
 
+# HEAD answers as GET would (FileResponse sends no body to a HEAD; from the object store, its size
+# is asked, no object opened), undocumented as the checkpoint download's (api/routes/checkpoints.py).
+@router.head("/{file_id}/content", include_in_schema=False, name="head_file_content")
 @router.get(
     "/{file_id}/content",
     response_class=FileResponse,
     responses={**JSONL_RESPONSE, **REDIRECT_RESPONSE, **responses(404)},
 )
-def file_content(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, file_id: str) -> Response:
+def file_content(
+    request: Request, db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, file_id: str
+) -> Response:
     """The file as stored (after the conversion of its `messages` into `prompt`s). Where the server
     keeps files in an object store and lets clients fetch them there, a 307 to a short-lived URL."""
     with db.transaction() as session:
@@ -144,13 +149,11 @@ def file_content(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, fi
             size = store.size(key)
             if size is None:
                 raise DatasetNotFound(file_id)
+            headers = {"Content-Length": str(size), "Content-Disposition": content_disposition(dataset.name)}
+            if request.method == "HEAD":
+                return Response(media_type="application/jsonl", headers=headers)
             return StreamingResponse(
-                store.read(key, size=size),
-                media_type="application/jsonl",
-                headers={
-                    "Content-Length": str(size),
-                    "Content-Disposition": content_disposition(dataset.name),
-                },
+                store.read(key, size=size), media_type="application/jsonl", headers=headers
             )
     if not path.is_file():
         raise DatasetNotFound(file_id)

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from tests.service.factories import api_key, arithmetic_rows, bearer, jsonl, upload
+from trainer.data import RowFile
 
 
 def stored_files(settings) -> list[str]:
@@ -85,6 +86,44 @@ def test_bad_lines_are_listed_and_nothing_is_stored(client, settings, content, l
     assert says in error["message"]
     assert client.get("/v1/datasets").json()["data"] == []
     assert stored_files(settings) == []
+
+
+CHAT_MESSAGES = [
+    {"role": "system", "content": "Answer with a number."},
+    {"role": "user", "content": "2 + 2?"},
+    {"role": "assistant", "content": "4"},
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/datasets", "/v1/files"])
+def test_a_row_with_both_prompt_and_messages_is_refused_naming_the_line(client, settings, route) -> None:
+    """The user who wrote both meant one of them: which, only they know. Kept silently, the
+    'prompt' would have trained on without the chat (and on /v1/files, without a word either)."""
+    rows = [{"messages": CHAT_MESSAGES}, {"prompt": "2 + 2?", "messages": CHAT_MESSAGES, "answer": "4"}]
+    response = client.post(
+        route, files={"file": ("d.jsonl", jsonl(rows), "application/jsonl")}, data={"purpose": "fine-tune"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert "line 2: 'prompt' and 'messages' are both given, and give different prompts" in error["message"]
+    assert [d["line"] for d in error["details"]] == [2]
+    assert client.get("/v1/datasets").json()["data"] == [] and stored_files(settings) == []
+
+
+def test_a_file_of_chat_rows_reads_back_as_the_trainer_reads_it(client, settings) -> None:
+    """/v1/files stores each chat row with the prompt its messages give, beside them: no conflict
+    when a job's worker reads the file again."""
+    response = client.post(
+        "/v1/files",
+        files={"file": ("d.jsonl", jsonl([{"messages": CHAT_MESSAGES}]), "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    rows = RowFile(settings.dataset_path(response.json()["id"]))
+    assert [(row["prompt"], row["messages"], row["completion"]) for row in rows] == [
+        (CHAT_MESSAGES[:2], CHAT_MESSAGES, "4")
+    ]
+    rows.close()
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from api.cli import app, refuse_open_unauthenticated
 from api.keycache import KeyCache
 from jobs.db import transaction
+from jobs.errors import InvalidRequest
+from jobs.keys import issue_key
 from jobs.models import ApiKey
 from jobs.settings import get_settings
 from tests.service.factories import bearer
@@ -95,6 +97,39 @@ def test_bad_key_commands_fail_with_a_message(grpo, args) -> None:
     result = grpo(*args)
     assert result.exit_code != 0
     assert "no API key with id 'key_nope'" in result.output or "255 characters" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("keys", "create", "ci\nkey_forged  x  y"), "U+000A"),  # a newline would forge a row of `keys list`
+        (("keys", "create", "ci\x1b[2J"), "U+001B"),  # ESC: clears the operator's terminal
+        (("keys", "create", "ci\x00"), "U+0000"),
+        (("keys", "create", "ci\u202etxt.exe"), "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        (("keys", "create", "ci\u2066x"), "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        (("keys", "create", "a\u2028b"), "U+2028 (LINE SEPARATOR)"),
+        (("keys", "create", "ci", "--owner", "bob\tx"), "U+0009"),
+        (("keys", "create", "n" * 256), "255 characters"),
+    ],
+)
+def test_a_name_that_would_print_as_something_else_is_refused(grpo, settings, args, says) -> None:
+    result = grpo(*args)
+    assert result.exit_code == 2, result.output
+    assert says in result.output, result.output
+    assert ("--owner" if "--owner" in args else "NAME") in result.output  # the field it is about
+    assert stored_keys(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "owner", "param"),
+    [("ci\x1b]0;pwned\x07", None, "name"), ("ci", "bo\rb", "owner"), ("ci", "b\udc00b", "owner")],
+)
+def test_every_way_of_issuing_a_key_checks_its_name_and_owner(settings, name, owner, param) -> None:
+    """`grpo keys create` is one caller of issue_key (the demo is another): the check is issue_key's own."""
+    with pytest.raises(InvalidRequest) as refused, transaction(settings.database_url) as session:
+        issue_key(session=session, name=name, owner=owner)
+    assert refused.value.param == param and "U+" in refused.value.message
+    assert stored_keys(settings) == []
 
 
 def test_an_unmigrated_database_is_reported_not_a_traceback(monkeypatch, tmp_path) -> None:

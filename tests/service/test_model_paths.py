@@ -17,6 +17,7 @@ from jobs.models import Job
 from jobs.settings import Settings
 from tests.service.factories import api_key, bearer, job_spec, make_checkpoint, upload
 from tests.service.test_openai_api import rft_job, upload_file
+from trainer.errors import ModelLoadError
 
 
 @pytest.fixture
@@ -119,18 +120,77 @@ def test_what_is_not_a_hub_id_is_refused_as_one(client, dataset_id, hub_id: str)
     assert status == 422 and error["param"] == "base_model" and "GRPO_MODEL_DIRS" in error["message"], error
 
 
-def test_a_hub_id_that_names_a_local_directory_is_checked_as_one(
-    client, dataset_id, bobs_checkpoint: Path, monkeypatch
+def test_a_hub_id_is_one_whatever_the_apis_current_directory_holds(
+    client, dataset_id, bobs_checkpoint: Path, tiny_model: Path, monkeypatch
 ) -> None:
-    """``from_pretrained("step-000001")`` loads ./step-000001 when it exists, not the hub's repository."""
-    monkeypatch.chdir(bobs_checkpoint.parent)
-    refusal_of(
-        *native(client, dataset_id, bobs_checkpoint.name), param="base_model", path=bobs_checkpoint.name
-    )
+    """The API never looks a hub id up on its disk: were it refused (or estimated from a local
+    config.json) when ``./org/name`` exists, the answer would tell a tenant which paths exist."""
     monkeypatch.chdir(bobs_checkpoint.parents[1])
-    path = f"{bobs_checkpoint.parent.name}/{bobs_checkpoint.name}"  # an org/name
-    assert path == "checkpoints/step-000001"
-    refusal_of(*native(client, dataset_id, path), param="base_model", path=path)
+    there, absent = "checkpoints/step-000001", "checkpoints/step-000009"
+    assert Path(there).is_dir() and not Path(absent).exists()
+    for hub_id in (bobs_checkpoint.name, there, absent):
+        assert native(client, dataset_id, hub_id)[0] == 201, hub_id
+        assert reward_model(client, dataset_id, hub_id)[0] == 201, hub_id
+
+    monkeypatch.chdir(tiny_model.parent)  # a real model of that name here, under GRPO_MODEL_DIRS too
+    estimates = [
+        client.post("/v1/jobs", params={"dry_run": "true"}, json=job_spec(dataset_id, name)).json()
+        for name in (tiny_model.name, "no-such-model")
+    ]
+    assert estimates[0]["memory"] is None and estimates[0]["notes"] == estimates[1]["notes"], estimates
+
+
+@pytest.mark.parametrize("field", ["base_model", "reward_model"])
+def test_the_worker_refuses_a_hub_id_that_its_current_directory_shadows(
+    client, settings, dataset_id, tiny_model: Path, tmp_path: Path, monkeypatch, field: str
+) -> None:
+    """``from_pretrained("org/model")`` loads ``./org/model`` when that exists, not the hub's
+    repository: the worker about to load it refuses the job, saying why, before loading anything."""
+    from worker.runner import claim_and_run
+
+    if field == "base_model":
+        spec, param = job_spec(dataset_id, "org/model"), "base_model"
+    else:
+        reward = [{"type": "exact_match"}, {"type": "reward_model", "model": "org/model"}]
+        spec, param = job_spec(dataset_id, str(tiny_model), reward=reward), "reward[1].model"
+    job = client.post("/v1/jobs", json=spec).json()
+    assert job["status"] == "queued", job
+    cwd = tmp_path / "worker-cwd"
+    (cwd / "org").mkdir(parents=True)
+    (cwd / "org" / "model").symlink_to(tiny_model)  # a real model there, which would train
+    monkeypatch.chdir(cwd)
+
+    claim_and_run(job["id"], settings=settings, worker="test-worker")
+
+    ended = client.get(f"/v1/jobs/{job['id']}").json()
+    assert ended["status"] == "failed", ended
+    reason = ended["failure_reason"]
+    assert reason.startswith(f"{param}: 'org/model' is a Hugging Face hub id"), reason
+    assert "current directory" in reason, reason
+    assert not (settings.job_dir(job["id"]) / "checkpoints").exists()  # nothing was trained or saved
+
+
+def test_the_inference_worker_refuses_a_lora_base_model_that_its_current_directory_shadows(
+    client, settings, dataset_id, tiny_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A LoRA checkpoint is served on its job's base model: a hub id shadowed by a path in the
+    inference worker's current directory is not loaded; the asker is told to ask the operator,
+    whose log says why."""
+    from worker.inference import WarmModels, answer, checkpoint_source
+
+    job = client.post("/v1/jobs", json=job_spec(dataset_id, "org/model")).json()
+    make_checkpoint(settings, job["id"], 1, kind="adapter")
+    request = {"job_id": job["id"], "step": 1}
+    assert checkpoint_source(request, settings).base_model == "org/model"  # nothing of that name here
+
+    cwd = tmp_path / "inference-cwd"
+    (cwd / "org").mkdir(parents=True)
+    (cwd / "org" / "model").symlink_to(tiny_model)
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ModelLoadError, match="'org/model' is a Hugging Face hub id"):
+        checkpoint_source(request, settings)
+    error = answer(request, settings=settings, models=WarmModels(1))["error"]
+    assert error["code"] == "inference_unavailable" and "org/model" not in error["message"], error
 
 
 @pytest.mark.parametrize("hub_id", ["gpt2", "Qwen/Qwen2.5-0.5B-Instruct", "org_1/model.v2-final", "a" * 96])

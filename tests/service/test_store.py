@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 from pydantic import SecretStr, ValidationError
 
-from api.errors import status_of
+from api.errors import STORE_RETRY_AFTER_S, headers_of, status_of
 from api.streaming import tar_stream
 from jobs.artifacts import stored_files
 from jobs.settings import Settings
@@ -227,7 +227,10 @@ def test_a_resumed_jobs_checkpoints_are_laid_out_as_the_record_says(
 
 
 def test_an_unreachable_store_is_a_503_in_the_api() -> None:
-    assert status_of(StoreUnavailable("the artifact store at http://127.0.0.1:1 could not be reached")) == 503
+    """(Through the API, with nothing listening at the store's address: test_download_head.py.)"""
+    unreachable = StoreUnavailable("the artifact store at http://127.0.0.1:1 could not be reached")
+    assert status_of(unreachable) == 503
+    assert headers_of(unreachable) == {"Retry-After": str(STORE_RETRY_AFTER_S)}
 
 
 def test_a_stored_checkpoint_pruned_while_it_downloads_still_comes_whole(

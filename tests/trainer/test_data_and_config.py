@@ -6,7 +6,7 @@ import pytest
 
 from trainer.__main__ import policy_from_environ
 from trainer.config import ConfigError, GRPOConfig, OperatorPolicy, RunConfig, spec_hyperparameters
-from trainer.data import PromptSampler, RowFile, json_over_limits, parse_line, parse_rows
+from trainer.data import PromptSampler, RowFile, chat_row, json_over_limits, parse_line, parse_rows
 from trainer.errors import DatasetError
 
 
@@ -144,8 +144,7 @@ def test_a_chat_format_row_has_its_messages_before_a_final_assistant_one_as_prom
     row = parse_line(json.dumps(chat), 1)
     assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert row["completion"] == "4" and row["messages"] == chat["messages"] and row["answer"] == "4"
-    # a prompt given wins; a row's own completion is kept; no final assistant message, no completion
-    assert parse_line(json.dumps({**chat, "prompt": "p"}), 1)["prompt"] == "p"
+    # a row's own completion is kept; no final assistant message, no completion
     assert parse_line(json.dumps({**chat, "completion": "mine"}), 1)["completion"] == "mine"
     only_user = parse_line('{"messages": [{"role": "user", "content": "hi"}]}', 1)
     assert only_user["prompt"] == [{"role": "user", "content": "hi"}] and "completion" not in only_user
@@ -176,6 +175,53 @@ def test_a_chat_row_without_a_prompt_or_with_an_unknown_role_is_refused(text, sa
     with pytest.raises(DatasetError) as caught:
         parse_line(text, 5)
     assert str(caught.value).startswith(says), str(caught.value)
+
+
+CHAT = {
+    "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+        {"role": "assistant", "content": "4"},
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "p",  # the plain prompt would have been trained on, the chat never seen
+        [{"role": "user", "content": "2+2?"}],  # the chat's system message dropped
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+3?"}],
+        # the prompt the messages would give, final assistant message and all: not what they give
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ],
+    ],
+)
+def test_a_row_with_a_prompt_and_messages_that_differ_is_refused_naming_the_line_and_both(prompt, tmp_path):
+    line = json.dumps({**CHAT, "prompt": prompt})
+    with pytest.raises(DatasetError) as caught:
+        parse_line(line, 7)
+    assert str(caught.value).startswith("line 7: 'prompt' and 'messages' are both given"), str(caught.value)
+    # the trainer reads its rows again at a job's start: the same refusal, the same line
+    path = rows_file(tmp_path / "d.jsonl", [b'{"prompt": "ok"}\n', line.encode() + b"\n"])
+    with pytest.raises(DatasetError, match=r"^line 2: 'prompt' and 'messages' are both given"):
+        RowFile(path)
+
+
+def test_a_prompt_its_messages_give_or_a_null_messages_is_no_conflict(tmp_path):
+    """A chat row as read once (chat_row: what POST /v1/files stores) reads back as it is."""
+    stored = json.dumps(chat_row(CHAT))
+    assert json.loads(stored)["messages"] == CHAT["messages"] and "prompt" in json.loads(stored)
+    row = parse_line(stored, 1)
+    assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert row["completion"] == "4"
+    rows = RowFile(rows_file(tmp_path / "d.jsonl", [stored.encode() + b"\n"]))
+    assert rows[0]["prompt"] == row["prompt"]
+    rows.close()
+    assert parse_line('{"prompt": "p", "messages": null}', 1)["prompt"] == "p"
 
 
 def test_a_prompt_of_messages_takes_the_roles_chat_templates_know():
