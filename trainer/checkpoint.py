@@ -147,8 +147,14 @@ def load_optimizer_state(policy, optimizer: torch.optim.Optimizer, path: str | P
     state_dir = Path(path) / STATE_DIR
     whole = state_dir / OPTIMIZER_FILE  # one process wrote it
     if whole.is_file():
-        saved = torch.load(whole, weights_only=True)
+        # mapped from the file, on the CPU: each tensor is read (and moved to its parameter's
+        # device) as it is loaded, not the whole state beside the optimizer's own
+        saved = torch.load(whole, weights_only=True, map_location="cpu", mmap=True)
         if all(isinstance(key, str) for key in saved["state"]):  # keyed by parameter name
+            if not (dist.is_initialized() and dist.get_world_size() > 1) and _load_by_name(
+                policy, optimizer, saved
+            ):
+                return
             options = StateDictOptions(full_state_dict=True)  # each process takes its shards of it
             set_optimizer_state_dict(policy, optimizer, saved, options=options)
             return
@@ -160,9 +166,51 @@ def load_optimizer_state(policy, optimizer: torch.optim.Optimizer, path: str | P
         optimizer.load_state_dict(saved)
         return
     state = {"optimizer": optimizer_state(policy, optimizer)}
+    _drop_absent_masters(state, state_dir / OPTIMIZER_DIR)
     with one_process_quiet():
         dcp.load(state, checkpoint_id=state_dir / OPTIMIZER_DIR)
     set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+
+
+def _load_by_name(policy, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> bool:
+    """Load ``saved`` (keyed by parameter name, one process's whole state) straight into
+    ``optimizer`` of this one process: without ``set_optimizer_state_dict``, which first fills the
+    optimizer with a state of its own (a step on zero gradients) to load into, a second copy of
+    the whole state at once. False (nothing loaded) where the names and the optimizer's
+    parameters do not pair up one to one, in order."""
+    by_name = dict(policy.named_parameters())
+    groups, state, index = [], {}, 0
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        return False
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        names = saved_group["params"]
+        if len(names) != len(group["params"]) or any(
+            by_name.get(name) is not p for name, p in zip(names, group["params"], strict=True)
+        ):
+            return False
+        ids = list(range(index, index + len(names)))
+        state.update(
+            {i: saved["state"][name] for i, name in zip(ids, names, strict=True) if name in saved["state"]}
+        )
+        groups.append({**saved_group, "params": ids})
+        index += len(names)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return True
+
+
+def _drop_absent_masters(state: dict[str, Any], checkpoint_dir: Path) -> None:
+    """Take out of the template ``state`` the float32 masters (``trainer.optimizer.MASTER``) that
+    the checkpoint does not hold: one written before masters existed. Such a parameter's master
+    is then made from its weights (loaded before the optimizer), as it would be on a first step;
+    ``dcp.load`` would refuse the missing keys."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from trainer.optimizer import MASTER
+
+    stored = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    for name, entry in state["optimizer"]["state"].items():
+        if MASTER in entry and f"optimizer.state.{name}.{MASTER}" not in stored:
+            del entry[MASTER]
 
 
 def prune_checkpoints(

@@ -12,8 +12,10 @@ float32 model) are stepped as plain AdamW steps them.
 
 The state lives where AdamW's does (``optimizer.state[p]``), so checkpoints save it, resume
 restores it and ``torch.distributed.checkpoint`` reshards it with no code of its own; loading
-keeps it in float32 (``torch.optim.Optimizer`` would cast it to the parameter's dtype: hooks on
-loading put the float32 values back).
+keeps it in float32 (``torch.optim.Optimizer`` would cast it to the parameter's dtype).
+
+Gradients stay in the model's dtype (summed over micro-batches and processes, and clipped, in
+bfloat16); from the optimizer step on, the arithmetic is float32's.
 """
 
 from __future__ import annotations
@@ -25,24 +27,22 @@ from torch.optim.adamw import adamw
 
 HALF = (torch.bfloat16, torch.float16)
 MASTER = "master"  # the state key of a half-precision parameter's float32 copy
-CHUNK_ELEMENTS = 1 << 26  # parameters stepped together: their float32 gradients take 256 MB at most
+CHUNK_ELEMENTS = 1 << 26  # parameters stepped together: ~256 MB of float32 gradients (a larger one alone)
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._loading: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        self.register_load_state_dict_pre_hook(_keep_float32_state)
-        self.register_load_state_dict_post_hook(_restore_float32_state)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:  # it makes the gradients: before any is set aside
+            with torch.enable_grad():
+                loss = closure()
         half = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p.dtype in HALF]
         grads = [p.grad for p in half]
         for p in half:  # AdamW's own step sees only the float32 parameters
             p.grad = None
         try:
-            loss = super().step(closure)
+            super().step()
         finally:
             for p, grad in zip(half, grads, strict=True):
                 p.grad = grad
@@ -56,7 +56,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def _step_masters(self, group: dict, params: list[torch.Tensor]) -> None:
         """One AdamW step of ``params``' float32 masters on their gradients in float32, then each
         parameter set to its master rounded to the parameter's dtype; a few parameters at a time,
-        so that the gradients' float32 copies never take more than CHUNK_ELEMENTS at once."""
+        so that the gradients' float32 copies take about CHUNK_ELEMENTS at once (one parameter
+        larger than that: its own size)."""
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
         for chunk in _chunks(params, CHUNK_ELEMENTS):
@@ -76,9 +77,38 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 weight_decay=group["weight_decay"],
                 eps=group["eps"],
                 maximize=group["maximize"],
+                foreach=group.get("foreach"),
             )
             for p, master in zip(chunk, masters, strict=True):
                 p.copy_(master)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that a half-precision parameter's
+        float32 values (its master, its moments) are taken as they are: the base class would cast
+        them to the parameter's dtype (rounding the master away), and a cast and a copy of the
+        whole state beside the loaded one would triple the memory a resume needs."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"the loaded state has {len(saved_ids)} parameters, this optimizer {len(params)}"
+            )
+        state = dict(state_dict["state"])
+        kept: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            if p.dtype not in HALF or saved_id not in state:
+                continue
+            entry = dict(state[saved_id])
+            kept[p] = {
+                key: entry.pop(key)
+                for key in list(entry)
+                if key != "step" and torch.is_tensor(entry[key]) and entry[key].dtype == torch.float32
+            }
+            state[saved_id] = entry
+        super().load_state_dict({**state_dict, "state": state})
+        for p, values in kept.items():
+            for key, value in values.items():
+                self.state[p][key] = value.to(device=p.device)  # the same tensor where it already is
 
     def _master_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
         """``p``'s state: its float32 master and moments, made on its first step (a state loaded
@@ -107,28 +137,3 @@ def _chunks(params: list[torch.Tensor], elements: int) -> Iterator[list[torch.Te
         size += p.numel()
     if run:
         yield run
-
-
-def _keep_float32_state(optimizer: MasterWeightAdamW, state_dict: dict) -> None:
-    """Before a state is loaded: note the float32 values of half-precision parameters' states
-    (``torch.optim.Optimizer.load_state_dict`` casts every floating value to its parameter's dtype,
-    which would round the masters and moments)."""
-    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer._loading = {
-        p: {
-            key: value
-            for key, value in state_dict["state"].get(saved_id, {}).items()
-            if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32
-        }
-        for saved_id, p in zip(saved_ids, params, strict=True)
-        if p.dtype in HALF
-    }
-
-
-def _restore_float32_state(optimizer: MasterWeightAdamW) -> None:
-    """After a state is loaded: put back the float32 values ``_keep_float32_state`` noted."""
-    for p, values in optimizer._loading.items():
-        for key, value in values.items():
-            optimizer.state[p][key] = value.to(device=p.device, copy=True)
-    optimizer._loading = {}

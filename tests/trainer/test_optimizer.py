@@ -151,3 +151,86 @@ def test_stepped_a_few_at_a_time_as_all_at_once(monkeypatch):
     ]
     for a, b in zip(run(), whole, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["one process (optimizer.pt)", "several (torch.distributed.checkpoint)"])
+def test_a_checkpoint_written_before_masters_resumes(tmp_path, layout):
+    """A bfloat16 job's optimizer state written by plain AdamW (no masters, moments in bfloat16),
+    in either checkpoint layout, loads: the moments carry over (in float32), each master is made
+    from the loaded weights at the next step."""
+    import torch.distributed.checkpoint as dcp
+
+    from trainer import checkpoint as ckpt
+    from trainer.layout import STATE_DIR
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+
+    torch.manual_seed(0)
+    old = model()
+    old_optimizer = torch.optim.AdamW(old.parameters(), **SETTINGS)
+    for _ in range(2):
+        old(torch.randn(3, 8, dtype=torch.bfloat16)).sum().backward()
+        old_optimizer.step()
+        old_optimizer.zero_grad()
+    state_dir = tmp_path / STATE_DIR
+    state_dir.mkdir()
+    if layout.startswith("one"):
+        torch.save(ckpt.optimizer_state(old, old_optimizer), state_dir / ckpt.OPTIMIZER_FILE)
+    else:
+        dcp.save(
+            {"optimizer": ckpt.optimizer_state(old, old_optimizer)},
+            checkpoint_id=state_dir / ckpt.OPTIMIZER_DIR,
+        )
+
+    new = model()
+    new.load_state_dict(old.state_dict())
+    optimizer = MasterWeightAdamW(new.parameters(), **SETTINGS)
+    ckpt.load_optimizer_state(new, optimizer, tmp_path)
+    weight, old_weight = new[0].weight, old[0].weight
+    state = optimizer.state[weight]
+    assert torch.equal(state["exp_avg"].float(), old_optimizer.state[old_weight]["exp_avg"].float())
+    new(torch.randn(3, 8, dtype=torch.bfloat16)).sum().backward()
+    before = weight.detach().float().clone()
+    optimizer.step()
+    assert state[MASTER].dtype == state["exp_avg"].dtype == torch.float32 and float(state["step"]) == 3
+    assert (state[MASTER] - before).abs().max() < 1e-4  # one step of ~lr from the loaded weights
+
+
+def test_a_checkpoint_with_masters_loads_them_as_saved_in_either_layout(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from trainer import checkpoint as ckpt
+    from trainer.layout import STATE_DIR
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).to(torch.bfloat16)
+    model[1].float()  # a float32 parameter beside the bfloat16 ones
+    optimizer = MasterWeightAdamW(model.parameters(), **SETTINGS)
+    for _ in range(2):
+        model(torch.randn(3, 8, dtype=torch.bfloat16).float().to(torch.bfloat16)).float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for layout in ("whole", "dcp"):
+        directory = tmp_path / layout
+        (directory / STATE_DIR).mkdir(parents=True)
+        if layout == "whole":
+            torch.save(ckpt.optimizer_state(model, optimizer), directory / STATE_DIR / ckpt.OPTIMIZER_FILE)
+        else:
+            dcp.save(
+                {"optimizer": ckpt.optimizer_state(model, optimizer)},
+                checkpoint_id=directory / STATE_DIR / ckpt.OPTIMIZER_DIR,
+            )
+        again = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).to(torch.bfloat16)
+        again[1].float()
+        again.load_state_dict(model.state_dict())
+        loaded = MasterWeightAdamW(again.parameters(), **SETTINGS)
+        ckpt.load_optimizer_state(again, loaded, directory)
+        for p, q in zip(model.parameters(), again.parameters(), strict=True):
+            mine, theirs = optimizer.state[p], loaded.state[q]
+            assert mine.keys() == theirs.keys(), layout
+            for key in mine:
+                assert mine[key].dtype == theirs[key].dtype and torch.equal(mine[key], theirs[key]), (
+                    layout,
+                    key,
+                )
