@@ -93,9 +93,10 @@ def save_checkpoint(
                 {"optimizer": optimizer_state(policy, optimizer)}, checkpoint_id=state_dir / OPTIMIZER_DIR
             )
         if world.is_main:
-            policy.save_pretrained(
-                tmp, safe_serialization=True, **({} if weights is None else {"state_dict": weights})
-            )
+            with base_use_cache(policy):
+                policy.save_pretrained(
+                    tmp, safe_serialization=True, **({} if weights is None else {"state_dict": weights})
+                )
             tokenizer.save_pretrained(tmp)
             torch.save(state.scheduler, state_dir / "scheduler.pt")
             torch.save(state.rng, state_dir / "rng.pt")
@@ -243,6 +244,21 @@ def one_process_quiet() -> Iterator[None]:
             "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
         )
         yield
+
+
+@contextlib.contextmanager
+def base_use_cache(policy) -> Iterator[None]:
+    """The model's config with the base model's ``use_cache`` (``trainer.model.load_models`` turns
+    it off for training), as a checkpoint's ``config.json`` should say it."""
+    config = getattr(policy, "config", None)
+    if config is None or not hasattr(policy, "base_use_cache"):
+        yield
+        return
+    training, config.use_cache = config.use_cache, policy.base_use_cache
+    try:
+        yield
+    finally:
+        config.use_cache = training
 
 
 def load_training_state(path: str | Path) -> TrainingState:

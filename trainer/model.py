@@ -104,6 +104,9 @@ def load_models(
     device = device or default_device()
     tokenizer = load_tokenizer(base_model)
     policy = load_causal_lm(base_model, training_dtype(config.dtype, device), device)
+    # Training's forwards keep no KV cache; a checkpoint's config.json says what the base's did
+    # (trainer.checkpoint.save_checkpoint writes it back), so that its users' forwards cache.
+    policy.base_use_cache = policy.config.use_cache
     policy.config.use_cache = False
     uses_lora = config.lora is not None
     reference = None

@@ -198,6 +198,10 @@ def test_checkpoints_are_pruned_and_complete(tiny_model_dir, tmp_path):
     assert [step for step, _ in progress.checkpoints] == [1, 2, 3, 4]
     assert [step for step, _ in checkpoints_on_disk(tmp_path / "out")] == [3, 4]
     assert progress.removed == [1, 2]  # told of each pruned checkpoint: a watcher's list needs no rescan
+    # training runs without a KV cache; the checkpoint's config says what the base's does
+    base = json.loads((tiny_model_dir / "config.json").read_text()).get("use_cache", True)
+    for _, path in checkpoints_on_disk(tmp_path / "out"):
+        assert json.loads((path / "config.json").read_text())["use_cache"] == base is True
     assert not list((tmp_path / "out" / "checkpoints").glob(".tmp-*"))
 
 
