@@ -193,15 +193,18 @@ def create_key(
 
 @keys.command("list")
 def list_keys() -> None:
-    """Every key: id, name, owner, the secret's first characters, when made, when revoked."""
+    """Every key: id, name, owner, the secret's first characters, when made, when revoked. A
+    character of a name or owner that would print as something else (a control, a line separator,
+    a bidi override: a key stored before they were refused) is shown as ``\\uXXXX``."""
+    from jobs.keys import shown_label
     from jobs.queries import list_api_keys
 
     with _key_store() as session:
         rows = [
             (
                 k.id,
-                k.name,
-                k.owner,
+                shown_label(k.name),
+                shown_label(k.owner),
                 f"{k.prefix}…",
                 f"{k.created_at:%Y-%m-%d %H:%M}",
                 f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active",

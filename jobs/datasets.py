@@ -30,7 +30,7 @@ from jobs.queries import (
 from jobs.settings import Settings
 from jobs.store import open_store
 from jobs.text import find_unstorable
-from trainer.data import chat_row, json_field_path, json_over_limits, parse_json, parse_line
+from trainer.data import chat_row, is_blank, json_field_path, json_over_limits, parse_json, parse_line
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,11 @@ class LineChecker:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             raise DatasetError("not UTF-8 text; upload JSONL, one JSON object per line") from None
-        if self.convert is not None and text.strip():
+        if self.convert is not None and not is_blank(text):
             check_row_storable(parse_json(text, number), line)  # before convert parses and re-encodes it
             line = self.convert(line)
             text = line.decode("utf-8")
-        row = parse_line(text, number)
+        row = parse_line(text, number, uploading=True)
         if row is not None:
             check_row_storable(row, line)
         return line, row

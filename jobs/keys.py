@@ -41,8 +41,8 @@ def check_label(value: str, *, param: str) -> str:
             param=param,
         )
     for position, char in enumerate(label, start=1):
-        category = unicodedata.category(char)
-        if category in _UNPRINTABLE_CATEGORIES or char in _BIDI_CONTROLS:
+        if _prints_as_something_else(char):
+            category = unicodedata.category(char)
             name = unicodedata.name(char, "a lone surrogate" if category == "Cs" else "a control character")
             raise InvalidRequest(
                 f"contains U+{ord(char):04X} ({name}) at character {position}, which would print as "
@@ -50,6 +50,16 @@ def check_label(value: str, *, param: str) -> str:
                 param=param,
             )
     return label
+
+
+def _prints_as_something_else(char: str) -> bool:
+    return unicodedata.category(char) in _UNPRINTABLE_CATEGORIES or char in _BIDI_CONTROLS
+
+
+def shown_label(value: str) -> str:
+    """A key's name or owner as a terminal may print it: each character ``check_label`` refuses
+    written as ``\\uXXXX`` (a key stored before that check may hold some)."""
+    return "".join(f"\\u{ord(char):04x}" if _prints_as_something_else(char) else char for char in value)
 
 
 def hash_token(token: str) -> str:

@@ -8,10 +8,11 @@ again before loading (a spec may be older than the settings). Torch-free: both s
 
 Every refusal reads the same whatever is on disk (missing, unreadable, not a model, outside the
 allowed directories, in the artifact store), so the answer tells nobody which paths exist. A hub
-id is one whatever is on the API's disk: it is never looked up there. ``from_pretrained`` (and
-vLLM) would load a directory of that name relative to the loading process's current directory
-instead of the hub's repository; the process about to load one refuses it then
-(``check_loadable_here``): a worker, whose current directory is the operator's.
+id is one whatever else is on the API's disk; only when it also names an allowed model directory
+(which the tenant could load anyway) is it refused, asking for that directory written as a path.
+``from_pretrained`` (and vLLM) would load a directory of that name relative to the loading
+process's current directory instead of the hub's repository; the process about to load one
+refuses it then (``check_loadable_here``): a worker, whose current directory is the operator's.
 """
 
 from __future__ import annotations
@@ -84,12 +85,35 @@ def check_model(value: str, *, param: str, model_dirs: Sequence[Path], artifact_
     """``ConfigError(param, ...)`` unless ``value`` is a hub id or an allowed model directory.
 
     A value that looks like a path (``/``, ``.``, ``~``) is a path; a hub id is accepted as one
-    without looking at the disk (``check_loadable_here`` is the loading process's check).
+    without looking at the disk (``check_loadable_here`` is the loading process's check; a new
+    job's models are also asked ``check_written_as_path``).
     """
     if names_hub(value):
         return
     if not _allowed_directory(value, model_dirs, artifact_dir):
         raise ConfigError(param, refusal(value))
+
+
+def check_written_as_path(value: str, *, param: str, model_dirs: Sequence[Path], artifact_dir: Path) -> None:
+    """``ConfigError(param, ...)`` when ``value`` is a hub id that also names an allowed model
+    directory relative to the current directory (``models/qwen`` with ``GRPO_MODEL_DIRS=models``):
+    read as a hub id, the worker would refuse it as shadowed (``check_loadable_here``), so the job
+    is refused when created (``check_job_models``; the training worker asks again), asking for the
+    directory written as a path. The answer tells a tenant nothing they could not learn by loading
+    it; a hub id naming anything else on disk (or nothing) is not refused. Not asked when serving an
+    existing job's base model: its author cannot change it, and the inference worker's log says
+    why it cannot load (``shadowed_message``)."""
+    if names_hub(value) and _allowed_directory(value, model_dirs, artifact_dir):
+        raise ConfigError(param, ambiguous_message(value))
+
+
+def ambiguous_message(value: str) -> str:
+    """The refusal of a hub id that also names an allowed model directory (``check_written_as_path``)."""
+    return (
+        f"{value!r} is a Hugging Face hub id as written, and also a model directory this server "
+        "allows, relative to its current directory: a hub id is read as the hub's repository, so "
+        f"write a local model directory as a path: './{value}' (or its absolute path)"
+    )
 
 
 def hub_id_shadowed(value: str) -> bool:
@@ -173,6 +197,7 @@ def check_job_models(
     """The job's ``base_model`` and each ``reward_model`` reward's ``model`` (``reward[i].model``)."""
     for param, value in job_models(base_model, rewards):
         check_model(value, param=param, model_dirs=model_dirs, artifact_dir=artifact_dir)
+        check_written_as_path(value, param=param, model_dirs=model_dirs, artifact_dir=artifact_dir)
         if param == "base_model":
             check_causal_lm(base_model, param="base_model")
 

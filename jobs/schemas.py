@@ -523,10 +523,15 @@ class EstimateMemory(BaseModel):
         description="A frozen copy of the weights when beta > 0 without LoRA "
         "(LoRA's reference is the base with its adapters off: no copy)."
     )
-    gradients_bytes: int
+    gradients_bytes: int = Field(
+        description="The trainable parameters' gradients, in the training dtype (LoRA's adapters "
+        "are float32: 4 bytes each)."
+    )
     optimizer_bytes: int = Field(
-        description="AdamW's two moments per trainable parameter, in its dtype (the "
-        "trainer keeps no float32 master copy)."
+        description="AdamW's state in float32 per trainable parameter: its two moments (8 bytes) "
+        "and, for a bfloat16 or float16 model, a float32 master copy of the weight, which each step "
+        "updates before rounding it into the model (12 bytes in all). A float32 model, or LoRA's "
+        "float32 adapters: 8 bytes."
     )
     activations_bytes: int = Field(
         description="One forward/backward's saved activations: a micro-batch of whole "
@@ -593,10 +598,10 @@ class JobEstimate(BaseModel):
                         "weights_bytes": 988065536,
                         "reference_model_bytes": 988065536,
                         "gradients_bytes": 988065536,
-                        "optimizer_bytes": 1976131072,
+                        "optimizer_bytes": 5928393216,
                         "activations_bytes": 1283457024,
                         "generation_cache_bytes": 249823232,
-                        "total_bytes": 6223784960,
+                        "total_bytes": 10176046848,
                     },
                     "time": {
                         "tokens_per_second": 5200.0,

@@ -4,6 +4,7 @@ fields the rewards read. Standard library only: the service validates uploads wi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -19,21 +20,26 @@ from trainer.errors import DatasetError
 # ``system``, is read as ``system``: ``chat_message``).
 ROLES = ("system", "user", "assistant", "tool")
 
+log = logging.getLogger(__name__)
 
-def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
+
+def check_row(row: Any, line: int | None = None, *, uploading: bool = False) -> dict[str, Any]:
     """Return ``row`` if it can be trained on, else raise ``DatasetError`` naming the line. A row
     in the chat format (``messages`` and no ``prompt``) comes back with its prompt: see ``chat_row``;
-    a prompt of chat messages comes back as ``chat_message`` reads each one. A row with both is
-    refused unless its ``messages`` give exactly its ``prompt`` (as a chat row read once, e.g. by
-    ``POST /v1/files``, is stored): one of the two would be ignored without a word (a null
-    ``messages`` is no chat, and ignoring it loses nothing)."""
+    a prompt of chat messages comes back as ``chat_message`` reads each one. A row with both trains
+    on its ``prompt``. ``uploading`` (the service's check of a new upload) refuses such a row
+    unless its ``messages`` give its ``prompt`` (``same_prompt``): one of the two would be ignored
+    without a word (a null ``messages`` is no chat, and ignoring it loses nothing). Only then: a
+    dataset uploaded before that rule, read again when a job starts, trains as it did."""
     if not isinstance(row, dict):
         raise DatasetError(f"expected a JSON object, got {type(row).__name__}", line)
-    if "prompt" in row and row.get("messages") is not None and not _same_prompt(row):
+    if uploading and "prompt" in row and row.get("messages") is not None and not same_prompt(row):
         raise DatasetError(
-            "'prompt' and 'messages' are both given, and give different prompts; keep one: 'prompt' (a "
-            "string, or a list of chat messages) or 'messages' (a chat, the prompt being every "
-            "message before a final assistant one), or rename the other (e.g. 'reference_messages')",
+            "'prompt' and 'messages' are both given, and give different prompts (a string prompt is "
+            "the same as messages holding one user message with that content, before a final "
+            "assistant one); keep one: 'prompt' (a string, or a list of chat messages) or 'messages' "
+            "(a chat, the prompt being every message before a final assistant one), or rename the "
+            "other (e.g. 'reference_messages')",
             line,
         )
     source = "prompt"  # the field the prompt's messages were written in
@@ -70,15 +76,25 @@ def check_row(row: Any, line: int | None = None) -> dict[str, Any]:
     return row
 
 
-def _same_prompt(row: dict[str, Any]) -> bool:
-    """Whether ``row``'s ``messages``, read as a chat row, give its ``prompt`` (each message as
-    ``chat_message`` reads it)."""
+def same_prompt(row: dict[str, Any]) -> bool:
+    """Whether ``row``'s ``messages``, read as a chat row (``chat_row``: the messages before a
+    final assistant one), give its ``prompt``: a list of the same messages (each as
+    ``chat_message`` reads it), or a string that is the content of their only message, a user's
+    (``{"prompt": "What is 2+2?", "messages": [{"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"}]}``)."""
     prompt = row["prompt"]
-    if not isinstance(prompt, list):
-        return False
     try:
         derived = chat_row({key: value for key, value in row.items() if key != "prompt"})["prompt"]
     except DatasetError:
+        return False
+    if isinstance(prompt, str):
+        return (
+            len(derived) == 1
+            and isinstance(derived[0], dict)
+            and derived[0].get("role") == "user"
+            and derived[0].get("content") == prompt
+        )
+    if not isinstance(prompt, list):
         return False
     return derived == [chat_message(message) for message in prompt]
 
@@ -134,11 +150,18 @@ def messages_text(messages: Iterable[Any]) -> str:
     return "\n".join(str(message.get("content", "")) for message in messages if isinstance(message, dict))
 
 
-def parse_line(text: str, number: int | None) -> dict[str, Any] | None:
-    """One JSONL line as a checked row; None for a blank line; ``DatasetError`` for a bad one."""
-    if not text.strip():
+def is_blank(text: str) -> bool:
+    """A line with nothing but white space (after a UTF-8 byte order mark, which a file's first
+    line may start with)."""
+    return not text.removeprefix("\ufeff").strip()
+
+
+def parse_line(text: str, number: int | None, *, uploading: bool = False) -> dict[str, Any] | None:
+    """One JSONL line as a checked row; None for a blank line; ``DatasetError`` for a bad one.
+    ``uploading``: the service's check of a new upload, which refuses more (``check_row``)."""
+    if is_blank(text):
         return None
-    return check_row(parse_json(text, number), number)
+    return check_row(parse_json(text, number), number, uploading=uploading)
 
 
 class _NotJSONNumber:
@@ -292,8 +315,9 @@ class RowFile(Sequence[dict[str, Any]]):
     """A JSONL dataset read on demand: each row is parsed again when asked for, from the byte
     offset of its line, so memory holds 8 bytes a row rather than the rows. Opening it reads
     every line once and checks it (the first bad line raises ``DatasetError``); so does
-    ``required``, fields every row must have. Lines end at ``\\n``, as the upload check splits
-    them. Not for several threads at once."""
+    ``required``, fields every row must have; rows whose ``prompt`` and ``messages`` differ (an
+    upload refuses them since; one stored before trains on its ``prompt``) are logged, once a file.
+    Lines end at ``\\n``, as the upload check splits them. Not for several threads at once."""
 
     def __init__(self, path: str | Path, *, required: Iterable[str] = ()):
         self.path = Path(path)
@@ -303,6 +327,7 @@ class RowFile(Sequence[dict[str, Any]]):
         required = sorted(required)
         self._offsets = array("q")  # [rows] where each row's line starts
         offset = 0
+        conflicting, first_conflict = 0, 0  # rows whose prompt and messages differ, the first's line
         with self.path.open("rb") as lines:
             for number, line in enumerate(lines, start=1):
                 row = _decode_line(line, number)
@@ -312,10 +337,21 @@ class RowFile(Sequence[dict[str, Any]]):
                         raise DatasetError(
                             f"the rewards need the field {missing!r}, which this row lacks", number
                         )
+                    if row.get("messages") is not None and "prompt" in row and not same_prompt(row):
+                        conflicting += 1
+                        first_conflict = first_conflict or number
                     self._offsets.append(offset)
                 offset += len(line)
         if not self._offsets:
             raise DatasetError("the dataset has no rows")
+        if conflicting:
+            log.warning(
+                "%s: %d row(s) (line %d first) give both 'prompt' and 'messages', with different "
+                "prompts: they train on 'prompt' (an upload would refuse them now)",
+                self.path.name,
+                conflicting,
+                first_conflict,
+            )
 
     def __len__(self) -> int:
         return len(self._offsets)

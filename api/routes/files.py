@@ -125,6 +125,8 @@ def delete_file(db: DatabaseDep, settings: SettingsDep, owner: CurrentOwner, fil
 
 # HEAD answers as GET would (FileResponse sends no body to a HEAD; from the object store, its size
 # is asked, no object opened), undocumented as the checkpoint download's (api/routes/checkpoints.py).
+# Where GET redirects to a presigned URL, HEAD is answered here, with the object's size: S3 signs the
+# method, so a URL presigned for GET answers a HEAD 403 (``curl -I -L`` would end there).
 @router.head("/{file_id}/content", include_in_schema=False, name="head_file_content")
 @router.get(
     "/{file_id}/content",
@@ -142,15 +144,18 @@ def file_content(
     store = open_store(settings)
     if store is not None:
         key = store.key_of(path)
-        if settings.store_presigned_downloads:
+        head = request.method == "HEAD"
+        if settings.store_presigned_downloads and not head:
             url = store.presign(key, filename=dataset.name, expires_s=settings.store_presigned_expiry_s)
             return RedirectResponse(url, status_code=307)
-        if not path.is_file():  # not uploaded through this API process: stream it from the store
+        # not uploaded through this API process: stream it from the store (a presigned GET's HEAD:
+        # the size of the object that GET's URL fetches)
+        if not path.is_file() or settings.store_presigned_downloads:
             size = store.size(key)
             if size is None:
                 raise DatasetNotFound(file_id)
             headers = {"Content-Length": str(size), "Content-Disposition": content_disposition(dataset.name)}
-            if request.method == "HEAD":
+            if head:
                 return Response(media_type="application/jsonl", headers=headers)
             return StreamingResponse(
                 store.read(key, size=size), media_type="application/jsonl", headers=headers

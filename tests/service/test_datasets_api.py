@@ -31,6 +31,16 @@ def test_upload_reports_rows_fields_and_hash(client, settings) -> None:
     assert client.get(f"/v1/datasets/{dataset['id']}").json() == dataset
 
 
+@pytest.mark.parametrize("route", ["/v1/datasets", "/v1/files"])
+def test_a_file_starting_with_a_byte_order_mark_and_a_blank_line_is_read(client, route) -> None:
+    body = b'\xef\xbb\xbf\r\n{"prompt": "a"}\r\n{"prompt": "b"}\r\n'
+    data = {"purpose": "fine-tune"} if route == "/v1/files" else {}
+    response = client.post(route, files={"file": ("bom.jsonl", body)}, data=data)
+    assert response.status_code in (200, 201), response.text
+    if route == "/v1/datasets":
+        assert response.json()["rows"] == 2
+
+
 def test_blank_lines_are_skipped(client) -> None:
     response = upload(client, content=b'{"prompt": "a"}\n\n{"prompt": "b"}\n')
     assert response.status_code == 201 and response.json()["rows"] == 2
@@ -108,6 +118,24 @@ def test_a_row_with_both_prompt_and_messages_is_refused_naming_the_line(client, 
     assert "line 2: 'prompt' and 'messages' are both given, and give different prompts" in error["message"]
     assert [d["line"] for d in error["details"]] == [2]
     assert client.get("/v1/datasets").json()["data"] == [] and stored_files(settings) == []
+
+
+@pytest.mark.parametrize("route", ["/v1/datasets", "/v1/files"])
+def test_a_string_prompt_with_the_chat_it_begins_is_accepted(client, settings, route) -> None:
+    """The common shape: the question as 'prompt', and the chat of that one question with its
+    answer as 'messages'. The same prompt, whoever reads it: stored as sent, trained on 'prompt'."""
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    rows = [{"prompt": "What is 2+2?", "messages": chat}, {"prompt": "What is 3+3?", "messages": None}]
+    response = client.post(
+        route, files={"file": ("d.jsonl", jsonl(rows), "application/jsonl")}, data={"purpose": "fine-tune"}
+    )
+    assert response.status_code in (200, 201), response.text
+    stored = RowFile(settings.dataset_path(response.json()["id"]))
+    assert [(row["prompt"], row["messages"]) for row in stored] == [
+        ("What is 2+2?", chat),
+        ("What is 3+3?", None),
+    ]
+    stored.close()
 
 
 def test_a_file_of_chat_rows_reads_back_as_the_trainer_reads_it(client, settings) -> None:

@@ -137,14 +137,42 @@ def test_head_on_downloads_from_the_store_answers_as_get(stored: Settings) -> No
         store.delete_dir(key)  # pruned: its manifest gone
         assert head_and_get(client, f"/v1/jobs/{job_id}/checkpoints/2/download")[0].status_code == 404
 
+
+def test_head_on_a_presigned_file_download_answers_with_its_size_not_a_redirect(stored: Settings) -> None:
+    """GET redirects to a URL presigned for GET; S3 signs the method, so the store refuses a HEAD
+    there (``curl -I -L`` would end in a 403): HEAD is answered by the API, with the object's size
+    and the headers the presigned GET carries, whether this API process took the upload or not."""
+    import httpx
+
     presigning = stored.model_copy(update={"store_presigned_downloads": True})
     with TestClient(
         create_app(presigning, send=lambda job_id: None),
         headers=bearer(api_key(stored)),
         follow_redirects=False,
     ) as client:
-        head = client.head(f"/v1/files/{file_id}/content")
-        assert head.status_code == 307 and head.headers["location"].startswith(stored.s3_endpoint_url)
+        taken_here = upload(client, name="sums.jsonl").json()["id"]
+        elsewhere = upload(client, name="other.jsonl").json()["id"]
+        stored.dataset_path(elsewhere).unlink()  # uploaded through another API process
+        for file_id, name in ((taken_here, "sums.jsonl"), (elsewhere, "other.jsonl")):
+            url = f"/v1/files/{file_id}/content"
+            get = client.get(url)
+            assert get.status_code == 307 and get.headers["location"].startswith(stored.s3_endpoint_url)
+            location = get.headers["location"]
+            fetched = httpx.get(location)
+            assert fetched.status_code == 200 and fetched.content.startswith(b'{"prompt"'), fetched.text
+            assert httpx.head(location).status_code == 403  # the URL is GET's alone
+
+            head = client.head(url)
+            assert head.status_code == 200 and "location" not in head.headers, head.headers
+            assert head.content == b""
+            assert int(head.headers["content-length"]) == len(fetched.content)
+            assert head.headers["content-type"] == "application/jsonl"
+            assert head.headers["content-disposition"] == f'attachment; filename="{name}"'
+            assert fetched.headers["content-disposition"] == head.headers["content-disposition"]
+        # refusals as GET's: no such file, another owner's
+        assert client.head("/v1/files/file_nope/content").status_code == 404
+        bob = bearer(api_key(stored, owner="bob"))
+        assert client.head(f"/v1/files/{taken_here}/content", headers=bob).status_code == 404
 
 
 def test_a_download_while_the_store_is_out_of_reach_is_a_503_with_retry_after(

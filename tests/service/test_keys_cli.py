@@ -132,6 +132,40 @@ def test_every_way_of_issuing_a_key_checks_its_name_and_owner(settings, name, ow
     assert stored_keys(settings) == []
 
 
+def test_keys_stored_before_the_check_list_with_their_odd_characters_escaped(grpo, settings) -> None:
+    """Keys stored before names and owners were checked (written here past ``issue_key``, as the
+    database layer takes them) list one row each, each character that would print as something
+    else (a newline forging a row, ESC restyling the terminal, a bidi override reordering the
+    line, a line separator) shown as ``\\uXXXX``; the rest of the name as it is."""
+    from jobs.queries.keys import create_api_key
+
+    odd = [
+        ("ci\nkey_forged", "bob"),
+        ("ci\x1b[2J", "caf\u00e9"),
+        ("report\u202etxt.exe", "eve\u2066x\u2069"),
+        ("a\u2028b\u2029c", "tab\tbed"),
+    ]
+    with transaction(settings.database_url) as session:
+        ids = [
+            create_api_key(
+                session=session, name=name, owner=owner, token_hash=f"h{index}", prefix=f"grpo_odd{index}"
+            ).id
+            for index, (name, owner) in enumerate(odd)
+        ]
+    listed = grpo("keys", "list")
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 1 + len(odd), lines  # the header, then one line a key: no forged row
+    assert not any(char in listed.stdout for char in "\x1b\u202e\u2066\u2069\u2028\u2029\t"), listed.stdout
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[1:]}
+    assert [rows[key_id] for key_id in ids] == [
+        ["ci\\u000akey_forged", "bob"],
+        ["ci\\u001b[2J", "caf\u00e9"],
+        ["report\\u202etxt.exe", "eve\\u2066x\\u2069"],
+        ["a\\u2028b\\u2029c", "tab\\u0009bed"],
+    ]
+
+
 def test_an_unmigrated_database_is_reported_not_a_traceback(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("GRPO_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
     get_settings.cache_clear()

@@ -121,7 +121,7 @@ def test_what_is_not_a_hub_id_is_refused_as_one(client, dataset_id, hub_id: str)
 
 
 def test_a_hub_id_is_one_whatever_the_apis_current_directory_holds(
-    client, dataset_id, bobs_checkpoint: Path, tiny_model: Path, monkeypatch
+    client, settings, dataset_id, bobs_checkpoint: Path, tiny_model: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """The API never looks a hub id up on its disk: were it refused (or estimated from a local
     config.json) when ``./org/name`` exists, the answer would tell a tenant which paths exist."""
@@ -132,12 +132,54 @@ def test_a_hub_id_is_one_whatever_the_apis_current_directory_holds(
         assert native(client, dataset_id, hub_id)[0] == 201, hub_id
         assert reward_model(client, dataset_id, hub_id)[0] == 201, hub_id
 
-    monkeypatch.chdir(tiny_model.parent)  # a real model of that name here, under GRPO_MODEL_DIRS too
-    estimates = [
-        client.post("/v1/jobs", params={"dry_run": "true"}, json=job_spec(dataset_id, name)).json()
-        for name in (tiny_model.name, "no-such-model")
-    ]
+    # a real model of that name here, outside GRPO_MODEL_DIRS: a hub id, estimated as an absent one
+    narrowed = settings.model_copy(update={"model_dirs": [tmp_path / "models"]})
+    monkeypatch.chdir(tiny_model.parent)
+    with TestClient(create_app(narrowed, send=lambda job_id: None), headers=dict(client.headers)) as other:
+        estimates = [
+            other.post("/v1/jobs", params={"dry_run": "true"}, json=job_spec(dataset_id, name)).json()
+            for name in (tiny_model.name, "no-such-model")
+        ]
     assert estimates[0]["memory"] is None and estimates[0]["notes"] == estimates[1]["notes"], estimates
+
+
+def test_a_hub_id_that_is_also_an_allowed_model_directory_is_refused_asking_for_a_path(
+    client, settings, dataset_id, tiny_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """``GRPO_MODEL_DIRS=models`` and ``models/qwen``, as loaded before hub ids were read from the
+    text alone: refused when the job is created, naming the field and the path to write instead,
+    never accepted as a hub id that the worker would then refuse as shadowed. It tells a tenant
+    nothing they could not learn by loading it; a hub id that is not such a directory stays one."""
+    import shutil
+
+    cwd = tmp_path / "api-cwd"
+    shutil.copytree(tiny_model, cwd / "models" / "qwen")
+    (cwd / "other" / "qwen").mkdir(parents=True)  # a model of a hub id's name, outside the allowed
+    shutil.copy(tiny_model / "config.json", cwd / "other" / "qwen" / "config.json")
+    monkeypatch.chdir(cwd)
+    relative = settings.model_copy(update={"model_dirs": [Path("models")]})
+    with TestClient(create_app(relative, send=lambda job_id: None), headers=dict(client.headers)) as other:
+        file_id = upload_file(other).json()["id"]
+        dry_run = other.post("/v1/jobs", params={"dry_run": "true"}, json=job_spec(dataset_id, "models/qwen"))
+        refusals = [
+            (native(other, dataset_id, "models/qwen"), 422, "base_model"),
+            (reward_model(other, dataset_id, "models/qwen"), 422, "reward[1].model"),
+            (openai(other, file_id, "models/qwen"), 400, "model"),
+            ((dry_run.status_code, dry_run.json().get("error", {})), 422, "base_model"),
+        ]
+        for (status, error), want_status, param in refusals:
+            assert (status, error.get("param")) == (want_status, param), error
+            assert "'models/qwen'" in error["message"] and "'./models/qwen'" in error["message"], error
+            assert "hub id" in error["message"] and "absolute path" in error["message"], error
+
+        # written as a path, it is the local model: accepted, estimated from its config.json
+        for path in ("./models/qwen", str(cwd / "models" / "qwen")):
+            assert native(other, dataset_id, path)[0] == 201, path
+            estimate = other.post("/v1/jobs", params={"dry_run": "true"}, json=job_spec(dataset_id, path))
+            assert estimate.json()["memory"] is not None, estimate.json()
+        # hub ids that name no allowed directory: accepted alike, whether a path of that name exists
+        for hub_id in ("other/qwen", "models/absent", "org/qwen"):
+            assert native(other, dataset_id, hub_id)[0] == 201, hub_id
 
 
 @pytest.mark.parametrize("field", ["base_model", "reward_model"])

@@ -130,6 +130,11 @@ def test_a_byte_order_mark_before_the_first_row_is_skipped(tmp_path):
     rows = RowFile(rows_file(tmp_path / "d.jsonl", ['\ufeff{"prompt": "a"}\n{"prompt": "b"}\n'.encode()]))
     assert [row["prompt"] for row in rows] == ["a", "b"]
     rows.close()
+    # a file that starts with the mark and a blank line (CRLF): the blank line is blank
+    assert parse_line("\ufeff\r\n", 1) is None
+    rows = RowFile(rows_file(tmp_path / "e.jsonl", ['\ufeff\r\n{"prompt": "a"}\r\n'.encode()]))
+    assert [row["prompt"] for row in rows] == ["a"]
+    rows.close()
 
 
 def test_a_chat_format_row_has_its_messages_before_a_final_assistant_one_as_prompt():
@@ -144,7 +149,9 @@ def test_a_chat_format_row_has_its_messages_before_a_final_assistant_one_as_prom
     row = parse_line(json.dumps(chat), 1)
     assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert row["completion"] == "4" and row["messages"] == chat["messages"] and row["answer"] == "4"
+    # a prompt given wins where rows are read to train (an upload refuses one that differs: below);
     # a row's own completion is kept; no final assistant message, no completion
+    assert parse_line(json.dumps({**chat, "prompt": "p"}), 1)["prompt"] == "p"
     assert parse_line(json.dumps({**chat, "completion": "mine"}), 1)["completion"] == "mine"
     only_user = parse_line('{"messages": [{"role": "user", "content": "hi"}]}', 1)
     assert only_user["prompt"] == [{"role": "user", "content": "hi"}] and "completion" not in only_user
@@ -200,28 +207,76 @@ CHAT = {
         ],
     ],
 )
-def test_a_row_with_a_prompt_and_messages_that_differ_is_refused_naming_the_line_and_both(prompt, tmp_path):
+def test_a_row_with_a_prompt_and_messages_that_differ_is_refused_on_upload_naming_the_line(
+    prompt, tmp_path, caplog
+):
     line = json.dumps({**CHAT, "prompt": prompt})
     with pytest.raises(DatasetError) as caught:
-        parse_line(line, 7)
+        parse_line(line, 7, uploading=True)
     assert str(caught.value).startswith("line 7: 'prompt' and 'messages' are both given"), str(caught.value)
-    # the trainer reads its rows again at a job's start: the same refusal, the same line
-    path = rows_file(tmp_path / "d.jsonl", [b'{"prompt": "ok"}\n', line.encode() + b"\n"])
-    with pytest.raises(DatasetError, match=r"^line 2: 'prompt' and 'messages' are both given"):
-        RowFile(path)
+    # the trainer reads its rows again at a job's start: a dataset uploaded before the rule trains
+    # on its 'prompt', as it did then, the worker's log saying so once for the file
+    assert parse_line(line, 7)["prompt"] == parse_line(json.dumps({"prompt": prompt}), 7)["prompt"]
+    path = rows_file(
+        tmp_path / "d.jsonl", [b'{"prompt": "ok"}\n', line.encode() + b"\n", line.encode() + b"\n"]
+    )
+    with caplog.at_level("WARNING", logger="trainer.data"):
+        rows = RowFile(path)
+    assert len(rows) == 3 and rows[1]["prompt"] == parse_line(line, 2)["prompt"]
+    rows.close()
+    warnings = [record.getMessage() for record in caplog.records if record.name == "trainer.data"]
+    assert len(warnings) == 1 and "2 row(s) (line 2 first)" in warnings[0], warnings
+
+
+@pytest.mark.parametrize(
+    ("messages", "same"),
+    [
+        # the common shape: the question as 'prompt', and the chat with its reference answer
+        ([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], True),
+        ([{"role": "user", "content": "What is 2+2?"}], True),  # no final assistant message
+        ([{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}], True),  # as parts
+        # a system message the string prompt lacks, another question, another role: different
+        (
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"},
+            ],
+            False,
+        ),
+        ([{"role": "user", "content": "What is 3+3?"}, {"role": "assistant", "content": "6"}], False),
+        ([{"role": "system", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], False),
+        (
+            [
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "Sure?"},
+            ],
+            False,
+        ),
+    ],
+)
+def test_a_string_prompt_is_the_same_as_messages_holding_one_user_message_of_it(messages, same):
+    line = json.dumps({"prompt": "What is 2+2?", "messages": messages})
+    if same:
+        row = parse_line(line, 3, uploading=True)
+        assert row["prompt"] == "What is 2+2?" and row["messages"] == messages
+    else:
+        with pytest.raises(DatasetError, match=r"^line 3: 'prompt' and 'messages' are both given"):
+            parse_line(line, 3, uploading=True)
 
 
 def test_a_prompt_its_messages_give_or_a_null_messages_is_no_conflict(tmp_path):
     """A chat row as read once (chat_row: what POST /v1/files stores) reads back as it is."""
     stored = json.dumps(chat_row(CHAT))
     assert json.loads(stored)["messages"] == CHAT["messages"] and "prompt" in json.loads(stored)
-    row = parse_line(stored, 1)
+    row = parse_line(stored, 1, uploading=True)
     assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert row["completion"] == "4"
     rows = RowFile(rows_file(tmp_path / "d.jsonl", [stored.encode() + b"\n"]))
     assert rows[0]["prompt"] == row["prompt"]
     rows.close()
-    assert parse_line('{"prompt": "p", "messages": null}', 1)["prompt"] == "p"
+    assert parse_line('{"prompt": "p", "messages": null}', 1, uploading=True)["prompt"] == "p"
 
 
 def test_a_prompt_of_messages_takes_the_roles_chat_templates_know():
