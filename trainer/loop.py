@@ -42,6 +42,7 @@ from trainer.model import Models, eos_token_ids, load_models
 from trainer.optimizer import MasterWeightAdamW
 from trainer.progress import Progress
 from trainer.prompts import PromptFormatter, check_a_prompt_fits, truncated_prompts, warn_truncated_prompts
+from trainer.resume import apply_optimizer_settings, check_resumable
 from trainer.rewards import RewardSuite, required_fields
 from trainer.schedule import lr_lambda
 from trainer.tracking import Tracker, WandbOptions
@@ -297,9 +298,18 @@ def _train(
 ) -> TrainResult:
     cfg = run.hyperparameters
     G = cfg.group_size
+    start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
+    state = ckpt.load_training_state(latest) if latest is not None else None
+    if latest is not None and state is not None:  # before anything loads: a run that cannot go on stops
+        changed = check_resumable(state.extra, run, len(rows), latest.name)
+        if changed:
+            progress.on_log(
+                "warning",
+                f"resuming with settings changed since checkpoint {latest.name}: {'; '.join(changed)}; "
+                f"the run trains with the new values from step {state.step + 1} on",
+            )
     models = load_models(run.base_model, cfg, device, on_log=progress.on_log)
     policy, tokenizer = models.policy, models.tokenizer
-    start_step, latest = 0, ckpt.latest_checkpoint(output_dir) if resume else None
     if latest is not None:  # every process reads the whole weights, before they are sharded
         ckpt.load_policy_weights(policy, latest, models.uses_lora)
     sharding = Sharding(world, policy, models.reference)  # with several processes: FSDP2
@@ -323,10 +333,11 @@ def _train(
 
     num_tokens_seen = 0  # prompt and completion tokens of every step so far (TRL's num_tokens)
     threads = run_threads()
-    if latest is not None:
-        state = ckpt.load_training_state(latest)
+    if latest is not None and state is not None:
         ckpt.load_optimizer_state(policy, optimizer, latest)
         scheduler.load_state_dict(state.scheduler)
+        # the spec's learning rate, betas and weight decay, not the ones the checkpoint's states carry
+        apply_optimizer_settings(optimizer, scheduler, cfg)
         sampler.load_state_dict(state.extra["sampler"])
         generator.set_state(state.rng["generator"])
         torch.set_rng_state(state.rng["torch"])
@@ -370,6 +381,7 @@ def _train(
             extra={
                 "sampler": sampler.state_dict(),
                 "config": run.to_spec(),
+                "dataset_rows": len(rows),  # a resume on other data is refused (trainer.resume)
                 "num_tokens": num_tokens_seen,
                 "torch_threads": threads,
                 "eval": checkpoint_figures(evaluation or {}) or None,
@@ -452,7 +464,7 @@ def _train(
 
         # 5. metrics
         metrics = step_metrics(batch, advantages, zero_std, lengths, stats, timings, cfg)
-        metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        metrics["learning_rate"] = stats["learning_rate"]
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/extra_prompts"] = float(extra_prompts)
         metrics["step_seconds"] = time.perf_counter() - step_started
@@ -619,6 +631,7 @@ def optimize(
         totals["aux_loss"] = 0.0
     policy.train()
     idle_passes = sharding.micro_batch_gap(len(micro_batches))  # as many passes as the busiest process's
+    rates: list[float] = []  # the learning rate of each of the step's updates
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         iteration_loss = 0.0
@@ -696,10 +709,14 @@ def optimize(
         totals["grad_norm"] += grad_norm.item() / cfg.num_iterations
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm.item())):
             return totals  # the caller fails the run before any bad update lands
+        rates.append(optimizer.param_groups[0]["lr"])  # this update's rate, before the schedule moves
         optimizer.step()
         scheduler.step()
     # The step's figures: every process's sums together (the loss and grad norm are already).
     totals.update(world.reduce({k: v for k, v in totals.items() if k not in ("loss", "grad_norm")}))
+    # What the step trained at (as TRL logs it: read before the scheduler steps), the same in every
+    # process; with num_iterations > 1, the mean of its updates' rates.
+    totals["learning_rate"] = sum(rates) / len(rates)
     mismatch.update(world.reduce({k: mismatch[k] for k in ("tokens", "ratio", "cut", "diff")}))
     mismatch.update(world.reduce({"ratio_max": mismatch["ratio_max"]}, "max"))
     mismatch.update(world.reduce({"ratio_min": mismatch["ratio_min"]}, "min"))
@@ -718,18 +735,28 @@ def step_metrics(
 ) -> dict[str, float]:
     G = cfg.group_size
     grouped = batch.rewards.view(-1, G)  # [B, G]
-    tokens = max(stats["tokens"] * 1.0, 1.0)
     metrics = {
         "reward": batch.rewards.mean().item(),
         "reward_std": grouped.std(dim=1).mean().item(),
         "frac_reward_zero_std": zero_std.float().mean().item(),
         "loss": stats["loss"],
         "grad_norm": stats["grad_norm"],
-        "kl": stats["kl"] / tokens if cfg.beta > 0 else 0.0,
-        "entropy": stats["entropy"] / tokens,
-        "clip_ratio/low": stats["low"] / tokens,
-        "clip_ratio/high": stats["high"] / tokens,
-        "clip_ratio": (stats["low"] + stats["high"]) / tokens,
+    }
+    if cfg.beta == 0:
+        metrics["kl"] = 0.0  # no reference, no KL term
+    # Figures over the tokens trained on: with beta 0 a completion whose advantage is 0 is not
+    # scored (it has no gradient), and masked truncated completions never are. A step that scored
+    # no token has none of them, as sampler/* (an average over nothing is not 0: entropy 0 would
+    # read as a collapsed policy).
+    tokens = stats["tokens"]
+    if tokens:
+        if cfg.beta > 0:
+            metrics["kl"] = stats["kl"] / tokens
+        metrics["entropy"] = stats["entropy"] / tokens
+        metrics["clip_ratio/low"] = stats["low"] / tokens
+        metrics["clip_ratio/high"] = stats["high"] / tokens
+        metrics["clip_ratio"] = (stats["low"] + stats["high"]) / tokens
+    metrics |= {
         "completion_length": lengths.float().mean().item(),
         "completion_length/min": lengths.min().item(),
         "completion_length/max": lengths.max().item(),
