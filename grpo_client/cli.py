@@ -2,7 +2,8 @@
 Python client (``api/cli.py`` adds them beside ``serve``, ``worker``, ``migrate`` and ``keys``).
 
 The server and key come from ``--url``/``--api-key`` or ``GRPO_API_URL``/``GRPO_API_KEY``. A
-refused request prints the server's message and exits 1, never a traceback."""
+refused request prints the server's message and exits 1; a file that cannot be read or written
+here, its path and the reason, exit 2; never a traceback."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -66,17 +68,32 @@ def notes() -> Console:
 
 
 def reports_errors(command: F) -> F:
-    """The server's message (and the offending field) on stderr and exit 1, not a traceback."""
+    """The server's message (and the offending field) on stderr and exit 1; a file this machine
+    cannot read or write (``--dest`` not writable, a full disk), its path and the reason, and exit
+    2 as for a bad option. Never a traceback."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        # one line, which the terminal wraps if it must: a path or an id in it is never broken
         except GrpoError as exc:
-            notes().print(f"error: {exc}", style="red")
+            notes().print(f"error: {exc}", style="red", soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:
+            notes().print(f"error: {file_error(exc)}", style="red", soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return run  # type: ignore[return-value]
+
+
+def file_error(exc: OSError) -> str:
+    """``/proc/nope: No such file or directory``, not ``[Errno 2] No such file ...: '/proc/nope'``."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    moved = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{exc.filename}{moved}: {reason}"
 
 
 def id_column() -> Column:
@@ -228,30 +245,64 @@ def list_jobs(
     limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="The job objects as a JSON list.")] = False,
 ) -> None:
-    """Your jobs, newest first, with their step and latest reward."""
+    """Your jobs, newest first, with their step and latest reward. A narrow terminal leaves out
+    the creation time, then the step; piped, every column, values whole."""
     listed = list(itertools.islice(client(ctx).jobs.list(status=status), limit))
     if as_json:
         console().print_json(json.dumps(listed))
         return
+    out = console()
+    table = jobs_table(listed, out.width if out.is_terminal else None)
+    if not out.is_terminal:  # a pipe or a file: nothing cut to fit 80 columns
+        out.width = max(out.width, out.measure(table, options=out.options.update_width(10**6)).maximum)
+    out.print(table)
+
+
+# jobs_table's columns, most needed first: a narrow terminal drops the last ones first
+JOB_COLUMNS = ("id", "status", "name", "reward", "step", "created")
+NAME_MIN_WIDTH = 12  # a longer name wraps to this width before a column is dropped
+
+
+def jobs_table(listed: list[dict[str, Any]], width: int | None) -> Table:
+    """The jobs as a table ``width`` columns wide at most (None: every column): id and status are
+    never cut short (ids are copied from here), the name wraps, and while they do not fit the
+    columns least needed (created, then step) are left out."""
+    cells: dict[str, list[str]] = {
+        "id": [job["id"] for job in listed],
+        "name": [job["name"] or "" for job in listed],
+        "status": [job["status"] for job in listed],
+        "step": [f"{job['step']}/{job['max_steps']}" for job in listed],
+        "reward": [reward_cell((job["latest_metrics"] or {}).get("reward")) for job in listed],
+        "created": [when(job["created_at"]) for job in listed],
+    }
+    widths = {name: max([len(name), *map(len, values)]) for name, values in cells.items()}
+    widths["name"] = min(widths["name"], NAME_MIN_WIDTH)
+    shown = list(JOB_COLUMNS)
+
+    def overflow() -> int:  # columns beyond the width: each column's content, padding and rule
+        return 0 if width is None else sum(widths[n] for n in shown) + 3 * len(shown) + 1 - width
+
+    while len(shown) > 4 and overflow() > 0:
+        shown.pop()
+    widths["name"] = max(4, widths["name"] - max(0, overflow()))  # a narrower name, wrapped
+    order = [name for name in ("id", "name", "status", "step", "reward", "created") if name in shown]
     table = Table(
-        id_column(),
-        "name",
-        Column("status", no_wrap=True, min_width=9),  # "cancelled"
-        Column("step", no_wrap=True, min_width=9),
-        "reward",
-        Column("created", no_wrap=True, min_width=16),
-    )
-    for job in listed:
-        reward = (job["latest_metrics"] or {}).get("reward")
-        table.add_row(
-            job["id"],
-            job["name"] or "",
-            job["status"],
-            f"{job['step']}/{job['max_steps']}",
-            "" if reward is None else f"{reward:.3f}",
-            when(job["created_at"]),
+        *(
+            Column(name, overflow="fold", min_width=widths[name])
+            if name == "name"
+            else Column(
+                name, no_wrap=True, min_width=widths[name], justify="right" if name == "reward" else "left"
+            )
+            for name in order
         )
-    console().print(table)
+    )
+    for row in zip(*(cells[name] for name in order), strict=True):
+        table.add_row(*row)
+    return table
+
+
+def reward_cell(reward: float | None) -> str:
+    return "" if reward is None else f"{reward:.3f}"
 
 
 @jobs.command("show")
@@ -294,7 +345,7 @@ def follow_job(
     interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0,
 ) -> None:
     """A live progress bar (step, reward, time left) and the job's warnings, until it ends; without
-    a terminal (CI, nohup, a pipe), a line per step instead of the bar.
+    a terminal (CI, nohup, a pipe), a line per step instead of the bar, in order with the events.
     Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 paused."""
     grpo, out = client(ctx), console()
     job, last_event, last_step = grpo.jobs.get(job_id), 0, 0
@@ -305,17 +356,24 @@ def follow_job(
         TextColumn("{task.fields[reward]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=out) as progress:
+    # without a terminal there is no bar to redraw, and none is printed (not even its last frame)
+    with Progress(*columns, console=out, disable=not out.is_terminal) as progress:
         bar = progress.add_task(job_id, total=job["max_steps"], completed=job["step"], reward="")
         while True:
+            # ``job`` was fetched before these: when it has ended, every event and step line of it
+            # was written by then, so the lines below are all of them, in the order they happened.
+            lines: list[tuple[datetime, int, str]] = []  # at one moment, a step's line before an event
             for event in grpo.jobs.events(job_id, after=last_event):
                 last_event = event["id"]
                 if event["level"] != "info" or event["kind"] == "status":
-                    progress.console.print(f"{event['created_at'][11:19]} {event['message']}")
+                    text = f"{event['created_at'][11:19]} {event['message']}"
+                    lines.append((moment(event["created_at"]), 1, text))
             if not out.is_terminal:  # no bar to redraw: one line per step, for logs
                 for row in grpo.jobs.metrics(job_id, after_step=last_step):
                     last_step = row["step"]
-                    progress.console.print(step_line(row, job["max_steps"]))
+                    lines.append((moment(row["created_at"]), 0, step_line(row, job["max_steps"])))
+            for *_, line in sorted(lines, key=lambda line: line[:2]):
+                progress.console.print(line, soft_wrap=not out.is_terminal)  # a log's line is one line
             reward = (job["latest_metrics"] or {}).get("reward")
             progress.update(
                 bar,
@@ -332,6 +390,11 @@ def follow_job(
         + (f": {job['failure_reason']}" if job["failure_reason"] else "")
     )
     raise typer.Exit(EXIT_CODES[job["status"]])
+
+
+def moment(timestamp: str) -> datetime:
+    """An API timestamp (ISO 8601, ``Z`` or an offset) as an aware datetime, to order lines by."""
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
 
 
 def step_line(row: dict[str, Any], max_steps: int) -> str:
@@ -412,17 +475,23 @@ def download_checkpoint(
     dest: Annotated[Path, typer.Option(help="Where to put it.")] = Path("."),
     tar: Annotated[bool, typer.Option(help="Keep the tar, do not extract it.")] = False,
     merged: Annotated[
-        bool, typer.Option("--merged", help="A LoRA job: the adapter merged into its base model.")
+        bool,
+        typer.Option(
+            "--merged",
+            help="A LoRA job: the adapter merged into its base model (a full fine-tune: its checkpoint).",
+        ),
     ] = False,
     adapter: Annotated[
         bool, typer.Option("--adapter", help="A LoRA job: the adapter alone (the default).")
     ] = False,
 ) -> None:
-    """Download a checkpoint: a directory `from_pretrained` loads."""
+    """Download a checkpoint: prints the directory `from_pretrained` loads (with --tar, the tar),
+    as the archive names it. A destination it cannot write exits 2, naming the path."""
     if merged and adapter:
         raise GrpoError("give --merged or --adapter, not both", code="invalid_request", param="--merged")
     format = "merged" if merged else "adapter" if adapter else None
-    console().print(str(client(ctx).jobs.download(job_id, step, dest, extract=not tar, format=format)))
+    path = client(ctx).jobs.download(job_id, step, dest, extract=not tar, format=format)
+    typer.echo(str(path))  # as it is, for P=$(grpo jobs download …): a console would wrap a long path
 
 
 # ---- chat ----

@@ -3,13 +3,17 @@ and ``chat`` with a job's checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import shutil
 import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, cast
 
 import httpx
@@ -224,7 +228,12 @@ class Jobs:
         format: Literal["adapter", "merged"] | None = None,
     ) -> Path:
         """Stream a checkpoint into ``dest``: the directory ``from_pretrained`` loads, or with
-        ``extract=False`` the tar itself. A partial download never takes the final name.
+        ``extract=False`` the tar itself, named as the server names it (``<job>-step-N``, a LoRA
+        job's merged model ``<job>-step-N-merged``; a full fine-tune has no other form, so
+        ``format="merged"`` gives its plain checkpoint). A partial download or extraction never
+        takes the final name and is removed when it fails; an earlier download of the same
+        checkpoint in ``dest`` is replaced. ``OSError`` when ``dest`` cannot be written (its
+        ``filename`` says where).
         ``step``: defaults to the job's best checkpoint (``keep_best_by``), else the newest one
         (with ``format="merged"``, the newest merged one: only a LoRA job's final checkpoint is).
         ``format``: a LoRA job's ``adapter`` (the default) or its final checkpoint ``merged`` into
@@ -233,28 +242,36 @@ class Jobs:
             step = self.default_checkpoint(job_id, merged=format == "merged")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        root = f"{job_id}-step-{step}" + ("-merged" if format == "merged" else "")
-        partial = dest / f".{root}.tar.part"
         response = self.client.request(
             "GET", f"/v1/jobs/{job_id}/checkpoints/{step}/download", params={"format": format}, stream=True
         )
         try:
-            with partial.open("wb") as out:
-                for chunk in response.iter_bytes(1 << 20):
-                    out.write(chunk)
-        except httpx.HTTPError as exc:
-            partial.unlink(missing_ok=True)
-            raise GrpoError(
-                f"the download of {root} broke off: {exc}; try again", code="connection_error"
-            ) from exc
+            root = archive_root(response, f"{job_id}-step-{step}")
+            partial = dest / f".{root}.tar.part"
+            try:
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+            except BaseException as exc:  # a full disk, a dropped connection, Ctrl-C: no partial file left
+                with contextlib.suppress(OSError):
+                    partial.unlink(missing_ok=True)
+                if isinstance(exc, httpx.HTTPError):
+                    raise GrpoError(
+                        f"the download of {root} broke off: {exc}; try again", code="connection_error"
+                    ) from exc
+                raise
         finally:
             response.close()
-        if not extract:
-            return partial.replace(dest / f"{root}.tar")
-        with tarfile.open(partial) as archive:
-            archive.extractall(dest, filter="data")
-        partial.unlink()
-        return dest / root
+        try:
+            if not extract:
+                tar = dest / f"{root}.tar"
+                if tar.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, "is a directory, in the way of the tar", str(tar))
+                return partial.replace(tar)
+            return extract_checkpoint(partial, dest, root)
+        finally:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
 
     def default_checkpoint(self, job_id: str, *, merged: bool = False) -> int:
         """The step ``download`` fetches when none is given: the best checkpoint by the job's
@@ -286,6 +303,64 @@ class Jobs:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
             self.client.sleep(poll_s)
         return job
+
+
+# attachment; filename="job_…-step-3.tar": the name a download takes, one plain path component
+ATTACHMENT = re.compile(r'filename="(?P<root>[A-Za-z0-9_-][A-Za-z0-9._-]*)\.tar"')
+
+
+def archive_root(response: httpx.Response, fallback: str) -> str:
+    """The name the server gives a checkpoint's tar (its Content-Disposition, less ``.tar``): what
+    it holds, ``<job>-step-N`` or a LoRA job's ``<job>-step-N-merged``. ``fallback`` when it names none."""
+    found = ATTACHMENT.search(response.headers.get("content-disposition", ""))
+    return found["root"] if found else fallback
+
+
+def extract_checkpoint(archive: Path, dest: Path, name: str) -> Path:
+    """The tar ``archive`` (of one directory, as the server makes them) extracted into ``dest``,
+    first beside it under a hidden name, then moved into place whole: the directory the archive
+    holds, replacing an earlier download of it. Nothing is left behind when it fails: ``OSError``
+    (``dest`` not writable, a full disk, a file in the way), ``GrpoError`` for a damaged tar."""
+    staging = dest / f".{name}.extracting"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tops = {
+                    PurePosixPath(member).parts[0] for member in tar.getnames() if PurePosixPath(member).parts
+                }
+                tar.extractall(staging, filter="data")
+        except tarfile.TarError as exc:
+            raise GrpoError(
+                f"the download of {name} is not a checkpoint tar this client can read ({exc}); try again",
+                code="invalid_archive",
+            ) from None
+        if len(tops) != 1:
+            raise GrpoError(
+                f"the download of {name} holds {', '.join(sorted(tops)) or 'nothing'}, not one directory",
+                code="invalid_archive",
+            )
+        [top] = tops
+        target = dest / top
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise FileExistsError(
+                errno.EEXIST, "is in the way of the checkpoint's directory; move or delete it", str(target)
+            )
+        if target.is_dir():  # an earlier download of this checkpoint: replaced only once the new one is whole
+            replaced = dest / f".{top}.replaced"
+            shutil.rmtree(replaced, ignore_errors=True)
+            target.rename(replaced)
+            try:
+                (staging / top).rename(target)
+            except OSError:
+                replaced.rename(target)  # the earlier download stays as it was
+                raise
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            (staging / top).rename(target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class Rewards:

@@ -27,7 +27,7 @@ from jobs.model_paths import names_hub
 from jobs.models import Job, JobMetrics, JobStatus
 from jobs.schemas import EstimateMemory, EstimateTime, EstimateTokens, JobEstimate
 from jobs.settings import Settings
-from trainer.config import GRPOConfig
+from trainer.config import ConfigError, GRPOConfig
 from trainer.data import messages_text, parse_line
 from trainer.errors import DatasetError
 
@@ -155,6 +155,8 @@ class PromptLengths:
     measured_with: str  # "tokenizer" | "characters"
     rows: int
     truncated: float  # share longer than max_prompt_length
+    shortest: int = 0
+    every_row: bool = False  # the dataset's every row was measured, not only its first ones
 
 
 def prompt_text(prompt: Any) -> str:
@@ -164,20 +166,24 @@ def prompt_text(prompt: Any) -> str:
 
 
 def measure_prompts(dataset: Path, model_dir: Path | None, max_prompt_length: int) -> PromptLengths | None:
-    """Prompt lengths over the dataset's first rows: tokens with the model's tokenizer.json when it
-    has one (the ``tokenizers`` library, no transformers), else characters / CHARS_PER_TOKEN."""
-    texts = []
+    """Prompt lengths over the dataset's first PROMPT_SAMPLE_ROWS rows (``every_row``: that is all
+    of them): tokens with the model's tokenizer.json when it has one (the ``tokenizers`` library,
+    no transformers), else characters / CHARS_PER_TOKEN."""
+    texts, every_row = [], True
     try:
         with dataset.open("rb") as lines:
             for line in lines:
                 try:
                     row = parse_line(line.decode("utf-8"), None)
                 except (DatasetError, UnicodeDecodeError):
+                    every_row = False  # checked on upload, so never; but then not every row was measured
                     continue
-                if row is not None:
-                    texts.append(prompt_text(row["prompt"]))
-                if len(texts) >= PROMPT_SAMPLE_ROWS:
+                if row is None:
+                    continue
+                if len(texts) >= PROMPT_SAMPLE_ROWS:  # a row beyond the sample
+                    every_row = False
                     break
+                texts.append(prompt_text(row["prompt"]))
     except OSError:
         return None
     if not texts:
@@ -203,12 +209,80 @@ def measure_prompts(dataset: Path, model_dir: Path | None, max_prompt_length: in
         measured_with=measured_with,
         rows=len(texts),
         truncated=sum(n > max_prompt_length for n in lengths) / len(lengths),
+        shortest=min(lengths),
+        every_row=every_row,
     )
+
+
+def prompt_length_warnings(lengths: PromptLengths, limit: int) -> list[str]:
+    """What the measured prompts say about max_prompt_length (``limit``): prompts that will lose
+    their first tokens, or a job that will fail at its start because every prompt would (the
+    trainer refuses to train on nothing but cut prompts). Where that is certain (the tokenizer
+    counted every row) creating the job is refused instead: ``check_a_prompt_fits``."""
+    if not lengths.truncated:
+        return []
+    if lengths.truncated < 1:
+        return [
+            f"{lengths.truncated:.0%} of the sampled prompts are longer than max_prompt_length ({limit} "
+            f"tokens; the longest is {lengths.longest}): they lose their first tokens (left truncation); "
+            "raise max_prompt_length to keep them whole"
+        ]
+    fails = (
+        "the job fails when it starts (the trainer refuses a dataset none of whose prompts fits: every "
+        "one would lose its beginning)"
+    )
+    if lengths.measured_with == "tokenizer":
+        which, unless = (
+            ("every prompt of the dataset", "")
+            if lengths.every_row
+            else (
+                f"every one of the dataset's first {lengths.rows} prompts",
+                "unless a later row is shorter, ",
+            )
+        )
+        return [
+            f"{which} is longer than max_prompt_length ({limit} tokens; the shortest is {lengths.shortest}, "
+            f"before the chat template's markup): {unless}{fails}; raise max_prompt_length to at least "
+            f"{lengths.shortest}, or shorten the prompts"
+        ]
+    whole = " (the whole dataset)" if lengths.every_row else ""
+    return [
+        f"every one of the {lengths.rows} sampled prompts{whole} is longer than max_prompt_length ({limit} "
+        f"tokens) by a guess of {CHARS_PER_TOKEN:g} characters a token (the shortest ~{lengths.shortest}; no "
+        f"tokenizer.json it could read): if the model's tokenizer counts as many, {fails}; raise "
+        f"max_prompt_length to at least ~{lengths.shortest}, or shorten the prompts"
+    ]
+
+
+def check_a_prompt_fits(config: GRPOConfig, base_model: str, dataset: Path) -> None:
+    """ConfigError naming hyperparameters.max_prompt_length when it is certain that every prompt
+    of the dataset is longer, so the job would fail at its start: the model's tokenizer.json
+    counted every row (``measure_prompts``: a dataset of PROMPT_SAMPLE_ROWS rows at most), and
+    even without the chat template's markup and BOS the trainer adds, none fits. On a sample, or
+    on the characters-a-token guess, the estimate warns instead (``prompt_length_warnings``). The
+    trainer's own check at the start, counting as the model reads prompts, is
+    ``trainer.prompts.check_a_prompt_fits``."""
+    model_dir = local_model_dir(base_model)
+    if model_dir is None or not (model_dir / "tokenizer.json").is_file():
+        return
+    lengths = measure_prompts(dataset, model_dir, config.max_prompt_length)
+    if lengths is None or lengths.measured_with != "tokenizer" or not lengths.every_row:
+        return
+    if lengths.shortest > config.max_prompt_length:
+        raise ConfigError(
+            "hyperparameters.max_prompt_length",
+            f"every prompt of the dataset is longer than max_prompt_length ({config.max_prompt_length} "
+            f"tokens): the shortest is {lengths.shortest} tokens by the model's tokenizer, before the chat "
+            "template's markup and BOS, so the job would fail when it starts, every prompt losing its "
+            f"beginning. Raise max_prompt_length to at least {lengths.shortest} (more with a chat "
+            "template), or shorten the prompts",
+        )
 
 
 def local_model_dir(base_model: str) -> Path | None:
     """The directory of a local base_model (already checked to be allowed), None for a hub id
-    (whatever the API's current directory holds: ``jobs.model_paths.names_hub``)."""
+    (whatever else the API's current directory holds: ``jobs.model_paths.names_hub``; one that
+    also names an allowed model directory was refused by ``check_model``)."""
     if names_hub(base_model):
         return None
     return Path(base_model).expanduser().resolve()
@@ -426,12 +500,7 @@ def estimate_job(
             f"prompt lengths: the first {lengths.rows} rows, {CHARS_PER_TOKEN:g} characters a token (no "
             "tokenizer.json at hand); the true count depends on the tokenizer"
         )
-    if lengths.truncated:
-        warnings.append(
-            f"{lengths.truncated:.0%} of the sampled prompts are longer than max_prompt_length "
-            f"({config.max_prompt_length} tokens; the longest is {lengths.longest}): they lose their first "
-            "tokens (left truncation); raise max_prompt_length to keep them whole"
-        )
+    warnings += prompt_length_warnings(lengths, config.max_prompt_length)
     notes.append("completions are counted at max_completion_length, an upper bound: the time too")
     per_prompt = lengths.mean + config.max_completion_length
     per_step = math.ceil(config.prompts_per_step * config.group_size * per_prompt)

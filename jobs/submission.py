@@ -19,8 +19,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from jobs.datasets import local_dataset
 from jobs.errors import InvalidRequest, LimitExceeded, TooManyActiveJobs
-from jobs.estimate import context_warnings, local_model_dir, read_model_shape
+from jobs.estimate import (
+    PROMPT_SAMPLE_ROWS,
+    check_a_prompt_fits,
+    context_warnings,
+    local_model_dir,
+    read_model_shape,
+)
 from jobs.model_paths import check_job_models, check_job_models_loadable_here
 from jobs.models import Job, since
 from jobs.queries import (
@@ -95,6 +102,11 @@ def check_job_request(*, session: Session, owner: str, request: JobCreate, setti
                 f"lacks in some rows (fields present in every row: {', '.join(dataset.fields)})",
                 param="reward",
             )
+        if param == "dataset_id" and dataset.rows <= PROMPT_SAMPLE_ROWS:
+            # every row can be measured here at little cost (a larger dataset's first rows are only a
+            # sample: the estimate warns of them); certain only with the model's tokenizer.json
+            with as_invalid_request():
+                check_a_prompt_fits(config, request.base_model, local_dataset(settings, dataset_id))
     return CheckedSpec(spec=stored_spec(request, rewards=rewards, config=config), config=config)
 
 

@@ -14,6 +14,11 @@ the same ``--rdzv-endpoint HOST:PORT`` (a free port on node 0, reachable from th
 are stopped and the command exits non-zero naming it; ``--resume`` continues from the newest
 checkpoint, with any number of processes.
 
+A user's mistake (a spec that is not a JSON object of SPEC_FILE_KEYS, a bad value, an --output that
+is a file, a path that is no LoRA checkpoint) is one ``error:`` line and exit status 2, never a
+traceback; Ctrl-C is one line and 130. ``--overwrite`` deletes the earlier run only once the new
+one trains (``EarlierRun``).
+
 With no server, the operator is whoever runs the command: what a run may reach beyond its spec
 comes from the service's environment variables of the same names (GRPO_ALLOW_PRIVATE_HOSTS,
 comma-separated; GRPO_SANDBOX_ALLOW_UNISOLATED, GRPO_SANDBOX_ALLOW_NETWORK: 1/true; W&B tracking:
@@ -28,8 +33,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,11 +57,15 @@ HEADLINE = (
 
 
 class PrintProgress(Progress):
-    def __init__(self) -> None:
+    def __init__(self, on_training: Callable[[], None] | None = None) -> None:
+        """``on_training``: called once the run starts training (models loaded, data checked)."""
         self.max_steps = 0
+        self.on_training, self.training = on_training, False
 
     def on_start(self, *, start_step: int, max_steps: int) -> None:
-        self.max_steps = max_steps
+        self.max_steps, self.training = max_steps, True
+        if self.on_training is not None:
+            self.on_training()
         if start_step >= max_steps:
             print(f"the run already reached step {start_step} of {max_steps}: nothing to train", flush=True)
         elif start_step:
@@ -105,10 +115,58 @@ def wandb_from_environ(environ: Mapping[str, str] = os.environ) -> WandbOptions 
     )
 
 
+# How a YAML spec (what `grpo jobs create` takes) becomes JSON, reading its floats as that command
+# does (grpo_client's loader: YAML 1.2's 1e-4 is a number, not a string)
+YAML_TO_JSON = (
+    'python -c "import json, pathlib, sys; from grpo_client.cli import read_spec; '
+    'print(json.dumps(read_spec(pathlib.Path(sys.argv[1])), indent=2))"'
+)
+
+
+def read_spec_file(path: Path) -> dict:
+    """A spec file's JSON object; ConfigError (its param the file) for a file that is missing,
+    unreadable, not JSON (line and column; a YAML spec: how to convert it) or not an object."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(where, "no such spec file") from None
+    except IsADirectoryError:
+        raise ConfigError(where, "is a directory; give the spec's JSON file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"not UTF-8 text (byte {exc.start}); a spec is a JSON file") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read the spec: {exc.strerror or exc}") from None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if path.suffix.lower() in (".yaml", ".yml") or text.lstrip()[:1] not in ("{", "[", ""):
+            raise ConfigError(
+                where,
+                "python -m trainer reads a JSON spec, and this is not JSON (YAML, as `grpo jobs create` "
+                f"takes?); convert it: {YAML_TO_JSON} {path} > spec.json, with dataset (a local JSONL "
+                "file) in place of dataset_id",
+            ) from None
+        raise ConfigError(
+            where, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    if not isinstance(spec, dict):
+        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(
+            type(spec), "a number"
+        )
+        raise ConfigError(
+            where,
+            f'a spec is a JSON object ({{"base_model": ..., "dataset": ..., "reward": [...]}}); '
+            f"this is {kind}",
+        )
+    return spec
+
+
 def load_spec(path: Path, policy: OperatorPolicy | None = None) -> RunConfig:
     """The run a spec file describes. A relative path in it is read from the spec file's folder,
-    not the current directory (as docker compose reads the paths in its file)."""
-    spec = json.loads(path.read_text())
+    not the current directory (as docker compose reads the paths in its file). A key other than
+    SPEC_FILE_KEYS is refused (``RunConfig.from_spec``'s strict mode), as the API refuses one."""
+    spec = read_spec_file(path)
     folder = path.parent
     for key in ("dataset", "eval_dataset", "base_model"):
         value = spec.get(key)
@@ -117,7 +175,7 @@ def load_spec(path: Path, policy: OperatorPolicy | None = None) -> RunConfig:
         # base_model may be a hub id ("Qwen/Qwen2.5-0.5B"): a path only if it says so or is there
         if key != "base_model" or value.startswith(".") or (folder / value).exists():
             spec[key] = str((folder / value).resolve())
-    return RunConfig.from_spec(spec, policy=policy)
+    return RunConfig.from_spec(spec, policy=policy, strict=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("output", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        return command(commands.choices[args.command], args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as torchrun's launcher gets it (launch_processes)
+        if "LOCAL_RANK" not in os.environ:  # under torchrun, the launcher says it
+            resume = (
+                f"; `--resume` continues from the newest checkpoint in {args.output}"
+                if args.command == "run"
+                else ""
+            )
+            print(f"stopped by SIGINT{resume}", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "run":
         if args.nnodes < 1 or (args.nproc is not None and args.nproc < 1):
             parser.error("--nproc and --nnodes must be at least 1")
@@ -183,8 +255,72 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--node-rank must be in 0..{args.nnodes - 1}")
 
     if args.command == "make-tiny-model":
-        from trainer.tiny import make_tiny_model
+        return make_tiny_model_command(parser, args)
+    if args.command == "export-merged":
+        return export_merged_command(args)
 
+    from trainer.checkpoint import checkpoints_on_disk
+
+    if args.output.exists() and not args.output.is_dir():
+        return error(f"--output {args.output} is a file; give a directory (made if missing)")
+    if "LOCAL_RANK" not in os.environ and args.node_rank == 0 and not args.overwrite:
+        if EarlierRun(args.output).restore():
+            print(
+                f"note: put back the earlier run in {args.output}, which an --overwrite stopped before its "
+                "first step had set aside",
+                file=sys.stderr,
+            )
+    earlier = checkpoints_on_disk(args.output)
+    if earlier and not (args.resume or args.overwrite):
+        return error(
+            f"{args.output} already holds a run (checkpoints up to step {earlier[-1][0]}); pass "
+            f"--resume to continue it, --overwrite to start over there, or choose another --output"
+        )
+    try:
+        run_config = load_spec(args.spec, policy_from_environ())
+    except ConfigError as exc:
+        return error(str(exc))
+    nproc = args.nproc or run_config.gpus
+    if "LOCAL_RANK" not in os.environ and (nproc > 1 or args.nnodes > 1):  # not yet under torchrun
+        try:
+            asked = f"--nproc {nproc} x --nnodes {args.nnodes}" if args.nnodes > 1 else f"--nproc {nproc}"
+            check_prompts_for_processes(run_config.hyperparameters, nproc * args.nnodes, asked)
+        except ConfigError as exc:
+            return error(exc.message)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return error(f"cannot make --output {args.output}: {exc.strerror or exc}")
+    if not os.access(args.output, os.W_OK | os.X_OK):
+        return error(f"--output {args.output} is not writable")
+    if "LOCAL_RANK" not in os.environ and (nproc > 1 or args.nnodes > 1):
+        return launch_processes(args, nproc)
+    return run_here(args, run_config)
+
+
+def error(message: str) -> int:
+    """A mistake the user can fix: one line on stderr, exit status 2 (as argparse's own)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def make_tiny_model_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from trainer.tiny import char_tokenizer, make_tiny_model
+
+    for option in ("hidden_size", "layers", "heads"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    least = len(char_tokenizer())
+    if args.vocab_size is not None and args.vocab_size < least:
+        parser.error(
+            f"--vocab-size must be at least {least} (the tokenizer's special tokens and printable ASCII)"
+        )
+    if args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
+        parser.error(
+            f"--hidden-size ({args.hidden_size}) must be a multiple of --heads ({args.heads}) with an even "
+            "quotient (each head's size; rotary embeddings pair its dimensions)"
+        )
+    try:
         path = make_tiny_model(
             args.output,
             arch=args.arch,
@@ -194,43 +330,82 @@ def main(argv: list[str] | None = None) -> int:
             vocab_size=args.vocab_size,
             seed=args.seed,
         )
-        print(path)
-        return 0
-    if args.command == "export-merged":
-        from trainer.checkpoint import export_merged
+    except ValueError as exc:  # the tokenizer's or the config's own check: --vocab-size too small
+        parser.error(str(exc).strip().splitlines()[-1].strip())
+    print(path)
+    return 0
 
-        print(export_merged(args.checkpoint, args.output))
-        return 0
 
-    from trainer.checkpoint import checkpoints_on_disk
+def export_merged_command(args: argparse.Namespace) -> int:
+    """Merge a LoRA checkpoint; a path that is no LoRA checkpoint is one line, not peft's traceback."""
+    checkpoint, output = args.checkpoint, args.output
+    if not checkpoint.is_dir():
+        return error(f"{checkpoint}: no such checkpoint directory")
+    if not (checkpoint / "adapter_config.json").is_file():
+        if (checkpoint / "checkpoints").is_dir():
+            return error(
+                f"{checkpoint} is a run's output directory; give one of its checkpoints "
+                f"({checkpoint / 'checkpoints'}/step-N)"
+            )
+        if (checkpoint / "config.json").is_file():
+            return error(
+                f"{checkpoint} is a full fine-tune's checkpoint, a whole model already (no LoRA adapter to "
+                "merge): from_pretrained loads it as it is"
+            )
+        return error(f"{checkpoint} holds no LoRA adapter (adapter_config.json): not a LoRA checkpoint")
+    if output.exists() and not output.is_dir():
+        return error(f"{output} is a file; give a directory to write the merged model to")
+    from trainer.checkpoint import export_merged
 
-    earlier = checkpoints_on_disk(args.output)
-    if earlier and not (args.resume or args.overwrite):
-        print(
-            f"error: {args.output} already holds a run (checkpoints up to step {earlier[-1][0]}); pass "
-            f"--resume to continue it, --overwrite to start over there, or choose another --output",
-            file=sys.stderr,
-        )
-        return 2
-    if args.overwrite and args.node_rank == 0:
-        shutil.rmtree(args.output / "checkpoints", ignore_errors=True)
-        shutil.rmtree(args.output / TENSORBOARD_DIR, ignore_errors=True)
-        (args.output / "metrics.jsonl").unlink(missing_ok=True)
-    try:
-        run_config = load_spec(args.spec, policy_from_environ())
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    nproc = args.nproc or run_config.gpus
-    if "LOCAL_RANK" not in os.environ and (nproc > 1 or args.nnodes > 1):  # not yet under torchrun
-        try:
-            asked = f"--nproc {nproc} x --nnodes {args.nnodes}" if args.nnodes > 1 else f"--nproc {nproc}"
-            check_prompts_for_processes(run_config.hyperparameters, nproc * args.nnodes, asked)
-        except ConfigError as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            return 2
-        return launch_processes(args, nproc)
-    return run_here(args, run_config)
+    print(export_merged(checkpoint, output))
+    return 0
+
+
+class EarlierRun:
+    """``--overwrite``: the run already in --output (its checkpoints, TensorBoard files and
+    metrics.jsonl) waits in ``--output/.overwritten/`` until the new run starts training, then is
+    deleted. A new run that stops before (a model that does not load, a dataset refused, Ctrl-C)
+    puts it back, and so does the next command on that --output where the process was killed."""
+
+    PARTS = ("checkpoints", TENSORBOARD_DIR, "metrics.jsonl")
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.aside, self.deleting = output / ".overwritten", output / ".overwritten-deleting"
+
+    def set_aside(self) -> None:
+        self.restore()  # left by an --overwrite killed before its first step: the earlier run
+        self.aside.mkdir(parents=True)
+        for part in self.PARTS:
+            if os.path.lexists(self.output / part):
+                (self.output / part).rename(self.aside / part)
+
+    def discard(self) -> None:
+        """The new run trains: the earlier one goes, renamed first (a kill midway leaves nothing
+        that restore would take for a whole run)."""
+        if self.aside.is_dir():
+            remove(self.deleting)
+            self.aside.rename(self.deleting)
+            remove(self.deleting)
+
+    def restore(self) -> bool:
+        """Put back what set_aside moved, in place of what a run wrote since; whether there was any."""
+        remove(self.deleting)
+        if not self.aside.is_dir():
+            return False
+        for part in self.PARTS:
+            remove(self.output / part)
+            if os.path.lexists(self.aside / part):
+                (self.aside / part).rename(self.output / part)
+        self.aside.rmdir()
+        return True
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def launch_processes(args: argparse.Namespace, nproc: int) -> int:
@@ -241,7 +416,8 @@ def launch_processes(args: argparse.Namespace, nproc: int) -> int:
     from trainer.distributed import LaunchFailed, launch
 
     worker = ["-m", "trainer", "run", str(args.spec.resolve()), "--output", str(args.output.resolve())]
-    worker += ["--collective-timeout", str(args.collective_timeout)] + (["--resume"] if args.resume else [])
+    worker += ["--collective-timeout", str(args.collective_timeout)]
+    worker += ["--resume"] if args.resume else ["--overwrite"] if args.overwrite else []
     try:
         launch(
             worker,
@@ -269,18 +445,26 @@ def run_here(args: argparse.Namespace, run_config: RunConfig) -> int:
     from trainer.loop import train
 
     die_with_launcher()
+    # --overwrite: rank 0 (the one that writes --output) sets the earlier run aside, deletes it
+    # once this one trains, and puts it back if this one stops before
+    earlier = EarlierRun(args.output) if args.overwrite and os.environ.get("RANK", "0") == "0" else None
+    progress = PrintProgress(on_training=earlier.discard if earlier is not None else None)
+    if earlier is not None:
+        earlier.set_aside()
     try:
         result = train(
             run_config,
             args.output,
-            PrintProgress(),
+            progress,
             resume=args.resume,
             wandb=wandb_from_environ(),
             collective_timeout=timedelta(seconds=args.collective_timeout),
         )
     except (ConfigError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
+    finally:
+        if earlier is not None and not progress.training:
+            earlier.restore()
     if os.environ.get("RANK", "0") == "0":
         print(
             f"done at step {result.final_step}; checkpoint {result.checkpoint}"

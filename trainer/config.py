@@ -393,12 +393,22 @@ class RunConfig:
         _at_least("gpus", self.gpus, 1, integer=True)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], policy: OperatorPolicy | None = None) -> RunConfig:
-        """Build from a spec file's dict (other keys are not read). ``group_size`` may sit at the
-        top level (``spec_hyperparameters``). A stored job is read by ``jobs.submission``."""
+    def from_spec(
+        cls, spec: dict[str, Any], policy: OperatorPolicy | None = None, *, strict: bool = False
+    ) -> RunConfig:
+        """Build from a spec file's dict. ``group_size`` may sit at the top level
+        (``spec_hyperparameters``). ``strict`` (``python -m trainer run``): a key other than
+        SPEC_FILE_KEYS is refused, naming it (a misspelt ``hyperparameters`` would otherwise run on
+        the defaults); else other keys are not read. A stored job is read by ``jobs.submission``."""
+        if strict:
+            check_spec_file_keys(spec)
         for required in ("base_model", "dataset", "reward"):
             if not spec.get(required):
                 raise ConfigError(required, "is required")
+        for key in ("base_model", "dataset", "eval_dataset"):
+            value = spec.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(key, f"must be a string, got {value!r}")
         reward = spec["reward"]
         if isinstance(reward, dict):
             reward = [reward]
@@ -433,6 +443,42 @@ class RunConfig:
         }
 
 
+# The keys of a spec file (``python -m trainer run``): those RunConfig.from_spec reads, and
+# RunConfig.to_spec writes.
+SPEC_FILE_KEYS = (
+    "base_model",
+    "dataset",
+    "eval_dataset",
+    "reward",
+    "group_size",
+    "hyperparameters",
+    "gpus",
+    "name",
+)
+# What the HTTP API's job request (or another habit) calls some of them.
+SPEC_FILE_ALIASES = {
+    "dataset_id": "dataset",
+    "eval_dataset_id": "eval_dataset",
+    "model": "base_model",
+    "rewards": "reward",
+    "reward_functions": "reward",
+    "config": "hyperparameters",
+}
+
+
+def check_spec_file_keys(spec: dict[str, Any]) -> None:
+    """ConfigError naming the first key of ``spec`` a spec file does not have (SPEC_FILE_KEYS),
+    with a did-you-mean: the HTTP API refuses such a key too (its extra fields are forbidden)."""
+    unknown = sorted((key for key in spec if key not in SPEC_FILE_KEYS), key=str)
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            str(key),
+            f"unknown key {key!r}; {did_you_mean(key, SPEC_FILE_KEYS, SPEC_FILE_ALIASES)}a spec file's keys: "
+            f"{', '.join(SPEC_FILE_KEYS)}",
+        )
+
+
 def spec_hyperparameters(spec: dict[str, Any]) -> GRPOConfig:
     """A spec's hyperparameters: its ``hyperparameters``, with its top-level ``group_size`` (unless
     null) in place of theirs. The one place the two spellings of ``group_size`` meet: a spec file
@@ -440,7 +486,12 @@ def spec_hyperparameters(spec: dict[str, Any]) -> GRPOConfig:
     hyperparameters: ``jobs.submission.stored_spec``). Each spelling is checked where it was
     written, with the same rule (an integer >= 2, never a bool or a string), and an error names
     it; given both, they must agree."""
-    hyperparameters = dict(spec.get("hyperparameters") or {})
+    hyperparameters = spec.get("hyperparameters") or {}
+    if not isinstance(hyperparameters, dict):
+        raise ConfigError(
+            "hyperparameters", f'must be an object such as {{"max_steps": 100}}, got {hyperparameters!r}'
+        )
+    hyperparameters = dict(hyperparameters)
     top_level = spec.get("group_size")
     if top_level is not None:
         _at_least("group_size", top_level, 2, integer=True)

@@ -41,7 +41,13 @@ from trainer.metrics_file import MetricsFile
 from trainer.model import Models, eos_token_ids, load_models
 from trainer.optimizer import MasterWeightAdamW
 from trainer.progress import Progress
-from trainer.prompts import PromptFormatter, check_a_prompt_fits, truncated_prompts, warn_truncated_prompts
+from trainer.prompts import (
+    PromptFormatter,
+    check_a_prompt_fits,
+    check_no_empty_prompt,
+    truncated_prompts,
+    warn_truncated_prompts,
+)
 from trainer.resume import apply_optimizer_settings, check_resumable
 from trainer.rewards import RewardSuite, required_fields
 from trainer.schedule import lr_lambda
@@ -322,6 +328,8 @@ def _train(
     sampler = PromptSampler(len(rows), cfg.seed)
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(cfg.seed)
     check_a_prompt_fits(PromptFormatter(tokenizer, cfg.max_prompt_length), rows)
+    if eval_rows:
+        check_no_empty_prompt(PromptFormatter(tokenizer, cfg.max_prompt_length), eval_rows, "eval dataset")
     # The sampler is made once the data is known to fit (a vLLM engine takes a while to start) and
     # closed when the run ends, however it ends.
     generation = cleanup.enter_context(contextlib.closing(make_sampler(cfg, policy)))
@@ -350,7 +358,9 @@ def _train(
         generation.sync(policy)  # the checkpoint's weights, not the base's
         progress.on_log("info", f"resumed from checkpoint {latest.name} (step {start_step})")
     metrics_file = (
-        MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step) if world.is_main else None
+        MetricsFile(output_dir / "metrics.jsonl", keep_through=start_step, on_log=progress.on_log)
+        if world.is_main
+        else None
     )
     torch.set_num_threads(threads)
 

@@ -11,6 +11,7 @@ from typing import Any
 from trainer.batch import ScoredGroups
 from trainer.config import ConfigError
 from trainer.data import RowFile, messages_text
+from trainer.errors import DatasetError
 from trainer.progress import Progress
 
 # warning events per run naming a prompt cut to max_prompt_length (the metric counts every one)
@@ -72,7 +73,9 @@ def check_a_prompt_fits(prompts: PromptFormatter, rows: Iterable[dict]) -> None:
     """ConfigError naming max_prompt_length when every prompt of the dataset is longer, counted as
     the model gets it (chat template and BOS included): each would be cut from the left, and the run
     would train on nothing but prompts whose beginning is gone. Reads rows up to the first that fits
-    (one, in a usual dataset); prompts cut now and then are counted and named in steps instead."""
+    (one, in a usual dataset); prompts cut now and then are counted and named in steps instead.
+    First, ``check_no_empty_prompt``: a prompt of no token at all is refused, naming its line."""
+    check_no_empty_prompt(prompts, rows)
     limit = prompts.max_prompt_length
     shortest = None
     for row in rows:
@@ -89,6 +92,45 @@ def check_a_prompt_fits(prompts: PromptFormatter, rows: Iterable[dict]) -> None:
             f"Raise max_prompt_length to at least {shortest}, or shorten the prompts"
         ),
     )
+
+
+def check_no_empty_prompt(prompts: PromptFormatter, rows: Iterable[dict], dataset: str = "dataset") -> None:
+    """DatasetError naming the line (of ``dataset``) of the first prompt that is no token at all as
+    the model gets it: with a tokenizer that adds no BOS, and whose normalizer removes the whole text
+    (zero-width or control characters), nothing would predict a completion's first token.
+
+    Every row is read, few are tokenized: a prompt that gets the tokenizer's BOS
+    (``PromptFormatter.ids``) is never empty, nor is a text with a character that is a token by
+    itself (a tokenizer drops characters, not a character for its neighbours), each character
+    tokenized once. Only a prompt made of characters that are no token alone is tokenized whole."""
+    tokenizer = prompts.tokenizer
+    kept: set[str] = set()  # characters that are a token (or more) by themselves
+    dropped: set[str] = set()  # characters that are none
+
+    def visible(text: str) -> bool:
+        chars = set(text)
+        if chars.isdisjoint(kept):
+            for char in chars - dropped:
+                (kept if tokenizer(char, add_special_tokens=False)["input_ids"] else dropped).add(char)
+        return not chars.isdisjoint(kept)
+
+    for index, row in enumerate(rows):
+        prompt = row["prompt"]
+        if isinstance(prompt, str) and (prompts.adds_bos or visible(prompt)):
+            continue
+        # chat messages: their contents a line each, as a tokenizer without a chat template gets them
+        # (a template writes them too, among its own text)
+        if not isinstance(prompt, str) and visible(messages_text(prompt)):
+            continue
+        text = prompts.text(prompt)
+        if prompts.ids(prompt, text):
+            continue
+        raise DatasetError(
+            f"the {dataset}'s prompt {text[:40]!r} is zero tokens for this model's tokenizer (which "
+            "removes every character, and adds no BOS): the model would have nothing to predict the "
+            "completion's first token from. Give the prompt visible text, or remove the row",
+            rows.line_number(index) if isinstance(rows, RowFile) else index + 1,
+        )
 
 
 def truncated_prompts(batch: ScoredGroups) -> list[int]:

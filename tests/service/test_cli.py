@@ -4,9 +4,12 @@ progress through a simulated worker (simulate.py): the subject is the command li
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -198,3 +201,115 @@ def test_the_yaml_reader_adds_exponent_floats_and_nothing_else(tmp_path) -> None
     assert values["a"] == 0.0001 and values["b"] == -1000.0
     assert values["c"] == "08" and values["d"] == 1.1 and values["e"] == 12 and values["g"] == 31
     assert str(values["f"]) == "2026-12-06" and values["h"] == "v1e3" and values["i"] == "1e3"
+
+
+def test_download_merged_of_a_full_fine_tune_prints_the_directory_it_wrote(
+    env, settings, spec_file, tmp_path
+):
+    """A full fine-tune has no merged form: the server sends its checkpoint, `<job>-step-N/`, and
+    what is printed (and the tar's name) is what the archive holds, not `<job>-step-N-merged`."""
+    job_id = create(env, spec_file)
+    make_checkpoint(settings, job_id, 3)
+    downloaded = grpo(env, "jobs", "download", job_id, "--merged", "--dest", tmp_path / "dir")
+    assert downloaded.exit_code == 0, downloaded.output
+    printed = Path(downloaded.stdout.strip())
+    assert printed == tmp_path / "dir" / f"{job_id}-step-3" and (printed / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == [f"{job_id}-step-3"]
+
+    kept = grpo(env, "jobs", "download", job_id, "--merged", "--tar", "--dest", tmp_path / "tar")
+    assert kept.exit_code == 0, kept.output
+    printed = Path(kept.stdout.strip())
+    assert printed == tmp_path / "tar" / f"{job_id}-step-3.tar"
+    with tarfile.open(printed) as archive:
+        assert {name.split("/")[0] for name in archive.getnames()} == {f"{job_id}-step-3"}
+    assert [p.name for p in (tmp_path / "tar").iterdir()] == [printed.name]
+
+
+def test_a_download_it_cannot_write_is_one_line_and_exit_2(env, settings, spec_file, tmp_path) -> None:
+    """No traceback (the OSError's path and reason instead), the exit code of a bad option, and
+    nothing partial left behind."""
+    job_id = create(env, spec_file)
+    make_checkpoint(settings, job_id, 2)
+
+    def refused(dest: Path, *options: str) -> str:
+        result = grpo(env, "jobs", "download", job_id, "--dest", dest, *options)
+        assert result.exit_code == 2 and result.stdout == "", result.output
+        assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.output
+        return result.stderr.rstrip("\n")
+
+    assert refused(Path("/proc/nope")) == "error: /proc/nope: No such file or directory"
+    (tmp_path / "a-file").write_text("x")  # --dest is a file
+    assert refused(tmp_path / "a-file") == f"error: {tmp_path / 'a-file'}: File exists"
+
+    dest = tmp_path / "dest"  # a file where the checkpoint's directory goes
+    dest.mkdir()
+    (dest / f"{job_id}-step-2").write_text("mine")
+    assert refused(dest) == (
+        f"error: {dest / f'{job_id}-step-2'}: is in the way of the checkpoint's directory; move or delete it"
+    )
+    (dest / f"{job_id}-step-2.tar").mkdir()  # a directory where the tar goes
+    assert (
+        refused(dest, "--tar")
+        == f"error: {dest / f'{job_id}-step-2.tar'}: is a directory, in the way of the tar"
+    )
+    # nothing partial (.tar.part, a half-extracted directory) is left, and what was there is untouched
+    assert sorted(p.name for p in dest.iterdir()) == [f"{job_id}-step-2", f"{job_id}-step-2.tar"]
+    assert (dest / f"{job_id}-step-2").read_text() == "mine"
+
+    (dest / f"{job_id}-step-2").unlink()
+    for _ in range(2):  # an earlier download of the checkpoint is replaced whole
+        downloaded = grpo(env, "jobs", "download", job_id, "--dest", dest)
+        assert downloaded.exit_code == 0, downloaded.output
+    assert sorted(p.name for p in dest.iterdir()) == [f"{job_id}-step-2", f"{job_id}-step-2.tar"]
+    assert (dest / f"{job_id}-step-2" / "config.json").is_file()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_jobs_list_keeps_id_name_status_and_reward_at_80_columns(env, settings, spec_file) -> None:
+    """An 80-column terminal leaves out the least needed columns rather than squeezing the name
+    and the reward to nothing; piped, every column comes whole, whatever COLUMNS says."""
+    dataset_id = json.loads(spec_file.read_text())["dataset_id"]
+    long_name = "a-rather-long-job-name-" + "x" * 40
+    path = spec_file.parent / "long-name.yaml"
+    path.write_text(json.dumps(job_spec(dataset_id, hyperparameters={"max_steps": 6}, name=long_name)))
+    job_id = create(env, path)
+    worker = SimulatedWorker(settings, job_id).claim()
+    worker.step(1)
+    reward = json.loads(grpo(env, "jobs", "show", job_id, "--json").stdout)["latest_metrics"]["reward"]
+
+    terminal = grpo({**env, "COLUMNS": "80", "TTY_COMPATIBLE": "1"}, "jobs", "list")
+    assert terminal.exit_code == 0, terminal.output
+    lines = ANSI.sub("", terminal.stdout).splitlines()
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    header = next(line for line in lines if " id " in line)
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["id", "name", "status", "step", "reward"]
+    row = next(index for index, line in enumerate(lines) if job_id in line)
+    assert "running" in lines[row] and "1/6" in lines[row] and f"{reward:.3f}" in lines[row]
+    names = "".join(line.split("│")[2].strip() for line in lines[row:] if "│" in line)  # wrapped, not cut
+    assert names.startswith(long_name)
+
+    piped = grpo({**env, "COLUMNS": "80"}, "jobs", "list")
+    assert piped.exit_code == 0, piped.output
+    [line] = [line for line in piped.stdout.splitlines() if job_id in line]
+    assert long_name in line and "running" in line and f"{reward:.3f}" in line and "1/6" in line
+    assert " created " in piped.stdout
+    worker.finish(JobStatus.cancelled)
+
+
+def test_follow_without_a_terminal_prints_in_the_order_things_happened(env, settings, spec_file) -> None:
+    """A job that ended between two polls: its last steps come before its end, and no frame of
+    a progress bar is printed."""
+    job_id = create(env, spec_file)
+    SimulatedWorker(settings, job_id).run(6)  # all of it before the first poll
+    followed = grpo(env, "jobs", "follow", job_id)
+    assert followed.exit_code == 0, followed.output
+    lines = followed.stdout.splitlines()  # one a step or event (a log's lines are not wrapped)
+    # "12:00:01 running on sim@test/1 (…)", "12:00:01 step 3/6  reward …": what each line is
+    order = [line.split()[2] if line.split()[1] == "step" else line.split()[1] for line in lines[:-1]]
+    assert order == ["queued", "running", *(f"{step}/6" for step in range(1, 7)), "succeeded"], (
+        followed.output
+    )
+    assert lines[-1] == f"{job_id} succeeded at step 6/6"
+    assert "━" not in followed.output  # the bar's last frame

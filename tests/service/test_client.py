@@ -71,6 +71,9 @@ def test_a_job_from_upload_to_downloaded_checkpoint(
     assert {"config.json", "model.safetensors"} <= {p.name for p in directory.iterdir()}
     assert not (directory / "trainer_state").exists() and not list(tmp_path.glob("*.part"))
     assert grpo.jobs.download(job["id"], 3, tmp_path, extract=False).stat().st_size > 0
+    # a full fine-tune has no merged form: the checkpoint as it is, under the name the archive gives it
+    merged = grpo.jobs.download(job["id"], dest=tmp_path / "merged", format="merged")
+    assert merged == tmp_path / "merged" / f"{job['id']}-step-3" and (merged / "config.json").is_file()
 
 
 def test_a_lora_job_downloads_as_adapter_or_merged(grpo, dataset, tiny_model, redis_worker, tmp_path) -> None:

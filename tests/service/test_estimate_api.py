@@ -226,6 +226,43 @@ def test_a_real_models_weights_and_tokenizer_are_read(client, tiny_model, tmp_pa
     assert (estimate["memory"]["parameters"], estimate["memory"]["parameters_from"]) == (size, "config.json")
 
 
+def test_the_documented_example_counts_the_state_as_the_estimate_does(tmp_path) -> None:
+    """The OpenAPI document's example, a bfloat16 full fine-tune of a 0.5B model (Qwen2.5-0.5B's
+    shape): its weights, reference, gradients and optimizer state as ``memory`` counts them (a
+    float32 master of each weight beside AdamW's float32 moments: 12 bytes a parameter), its total
+    their sum with the larger of the activations and the cache; the descriptions say so."""
+    from jobs.estimate import ModelShape, memory
+    from jobs.schemas import EstimateMemory, JobEstimate
+    from jobs.settings import Settings
+    from trainer.config import GRPOConfig
+
+    example = JobEstimate.model_config["json_schema_extra"]["examples"][0]["memory"]
+    shape = ModelShape(
+        parameters=example["parameters"],
+        parameters_from="safetensors",
+        hidden=896,
+        layers=24,
+        vocab=151936,
+        intermediate=4864,
+        heads=14,
+        kv_heads=2,
+        head_dim=64,
+        max_positions=32768,
+        root_parameters=151936 * 896 + 896,
+    )
+    computed = memory(GRPOConfig(dtype=example["dtype"]), shape, 61.4, Settings(data_dir=tmp_path))
+    state = ("weights_bytes", "reference_model_bytes", "gradients_bytes", "optimizer_bytes")
+    assert {name: example[name] for name in state} == {name: getattr(computed, name) for name in state}
+    assert example["optimizer_bytes"] == 12 * example["trainable_parameters"]
+    assert example["total_bytes"] == sum(example[name] for name in state) + max(
+        example["activations_bytes"], example["generation_cache_bytes"]
+    )
+    fields = EstimateMemory.model_fields
+    assert "float32 master" in fields["optimizer_bytes"].description
+    assert "no float32 master" not in fields["optimizer_bytes"].description
+    assert "training dtype" in fields["gradients_bytes"].description
+
+
 def test_the_estimates_micro_batch_is_the_trainers() -> None:
     from jobs.estimate import FORWARD_TOKEN_BUDGET
     from trainer.loop import FORWARD_TOKEN_BUDGET as TRAINERS

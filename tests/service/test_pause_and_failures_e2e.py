@@ -127,12 +127,17 @@ def test_a_model_directory_that_cannot_be_loaded_fails_naming_it(
 
 
 def test_a_dataset_whose_every_prompt_is_too_long_fails_naming_max_prompt_length(
-    client, worker, dataset_id, tiny_model
+    client, worker, tiny_model
 ) -> None:
-    spec = job_spec(dataset_id, str(tiny_model), hyperparameters={"max_prompt_length": 4})
+    # more rows than the API measures (PROMPT_SAMPLE_ROWS): it cannot be certain, so it creates the
+    # job (a dataset it measured whole is refused at creation: test_prompts_that_cannot_fit.py)
+    rows = [{"prompt": f"What is {i % 10} + {i % 5}?", "answer": str(i % 10 + i % 5)} for i in range(201)]
+    spec = job_spec(
+        upload(client, rows).json()["id"], str(tiny_model), hyperparameters={"max_prompt_length": 4}
+    )
     job = failed(client, worker, client.post("/v1/jobs", json=spec).json()["id"])
     reason = job["failure_reason"]
-    # the uploaded prompts are "What is i + i % 5?": 14 characters at the shortest, one token each
+    # the prompts are "What is i + j?": 14 characters, one token each
     assert reason.startswith(
         "hyperparameters.max_prompt_length: every prompt of the dataset is longer than "
         "max_prompt_length (4 tokens): the shortest is 14 tokens"
