@@ -103,7 +103,14 @@ def load_models(
     scoring checked against the model's own forward (``on_log`` hears when it falls back)."""
     device = device or default_device()
     tokenizer = load_tokenizer(base_model)
-    policy = load_causal_lm(base_model, training_dtype(config.dtype, device), device)
+    dtype = training_dtype(config.dtype, device)
+    policy = load_causal_lm(base_model, dtype, device)
+    if dtype == torch.float16 and on_log is not None:
+        on_log(
+            "warning",
+            "dtype float16: this trainer keeps no loss scale, so gradients smaller than float16 can "
+            "hold (~6e-8) become 0 and those weights do not learn; bfloat16 or float32 train safely",
+        )
     # Training's forwards keep no KV cache; a checkpoint's config.json says what the base's did
     # (trainer.checkpoint.save_checkpoint writes it back), so that its users' forwards cache.
     policy.base_use_cache = policy.config.use_cache

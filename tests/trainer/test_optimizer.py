@@ -234,3 +234,27 @@ def test_a_checkpoint_with_masters_loads_them_as_saved_in_either_layout(tmp_path
                     layout,
                     key,
                 )
+
+
+def test_a_float16_run_is_warned_of_its_underflowing_gradients(tiny_model_dir):
+    from trainer.config import GRPOConfig
+    from trainer.model import load_models
+
+    logged = []
+    load_models(
+        tiny_model_dir,
+        GRPOConfig(dtype="float16", beta=0.0),
+        torch.device("cpu"),
+        on_log=lambda *e: logged.append(e),
+    )
+    assert any(
+        level == "warning" and "float16" in message and "loss scale" in message for level, message in logged
+    )
+    logged.clear()
+    load_models(
+        tiny_model_dir,
+        GRPOConfig(dtype="bfloat16", beta=0.0),
+        torch.device("cpu"),
+        on_log=lambda *e: logged.append(e),
+    )
+    assert not any(level == "warning" for level, _ in logged)
