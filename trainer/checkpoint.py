@@ -282,7 +282,11 @@ def load_policy_weights(policy, path: str | Path, uses_lora: bool) -> None:
         return
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(policy.parameters()).dtype)
+    from trainer.model import NO_HUB_KERNELS
+
+    saved = AutoModelForCausalLM.from_pretrained(
+        path, dtype=next(policy.parameters()).dtype, **NO_HUB_KERNELS
+    )
     policy.load_state_dict(saved.state_dict())
 
 
@@ -291,7 +295,9 @@ def export_merged(adapter_checkpoint: str | Path, output_dir: str | Path) -> Pat
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_checkpoint))
+    from trainer.model import NO_HUB_KERNELS
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_checkpoint), **NO_HUB_KERNELS)
     merged = model.merge_and_unload()
     merged.save_pretrained(output_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_checkpoint).save_pretrained(output_dir)

@@ -655,12 +655,15 @@ def optimize(
                     logps, entropy = micro_logprobs(policy, micro, models, cfg, with_entropy=True)  # [N], [N]
                 # pi_old: the policy that sampled; with mu = 1 that is this very forward, detached
                 old_logps = micro.old_logps if micro.old_logps is not None else logps.detach()  # [N]
+                # the batch is planned on the CPU; the loss is computed where the policy runs
+                seq_index = micro.seq_index.to(logps.device)  # [N]
+                token_advantages = token_values(advantages, micro).to(logps.device)  # [N]
                 correction = None
                 if micro.sampler_logps is not None:
                     correction = sampler_correction(
                         old_logps,
                         micro.sampler_logps.to(old_logps.device),
-                        micro.seq_index.to(old_logps.device),
+                        seq_index,
                         len(micro.sequences),
                         cfg.sampler_correction,
                         cfg.sampler_correction_cap,
@@ -676,8 +679,8 @@ def optimize(
                 terms = clipped_token_loss(
                     logps,
                     old_logps,
-                    token_values(advantages, micro),
-                    micro.seq_index,
+                    token_advantages,
+                    seq_index,
                     len(micro.sequences),
                     epsilon=cfg.epsilon,
                     epsilon_high=cfg.epsilon_upper,
@@ -689,7 +692,7 @@ def optimize(
                 )
                 loss = aggregate_loss(
                     terms.loss,
-                    micro.seq_index,
+                    seq_index,
                     len(micro.sequences),
                     cfg.loss_type,
                     num_sequences=num_sequences,

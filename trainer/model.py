@@ -18,6 +18,12 @@ from trainer.logprobs import Scoring, check_scoring
 
 log = logging.getLogger(__name__)
 
+# transformers (5.x, with the `kernels` package it requires) swaps layers for kernels downloaded
+# from the Hub whenever a CUDA model changes train/eval mode: code fetched at run time (or a
+# failure where the Hub is out of reach), and other kernels for training than for sampling and
+# the load-time scoring check. Every model the trainer and the workers load keeps its own.
+NO_HUB_KERNELS = {"use_kernels": False}
+
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
@@ -64,7 +70,7 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
 
 def load_causal_lm(source: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **NO_HUB_KERNELS)
     except Exception as exc:
         raise ModelLoadError(f"could not load base_model {str(source)!r} as a causal LM: {exc}") from exc
     return model.to(device)

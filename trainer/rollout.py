@@ -294,7 +294,7 @@ def _generate(
             # tokens do not depend on which other rows are still in the batch.
             uniforms = draw_uniforms(generator, batch, group_size, device)[rows]  # [A]
             token, logprob = sample_top_p(
-                logits / temperature if temperature != 1.0 else logits,
+                logits.float() / temperature if temperature != 1.0 else logits,  # in float32, as scored
                 top_p,
                 None,
                 uniforms,

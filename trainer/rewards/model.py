@@ -25,6 +25,8 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from trainer.model import NO_HUB_KERNELS
+
         self.batch_size = spec["batch_size"]
         self.max_length = spec["max_length"]
         self.label_index = spec["label_index"]
@@ -32,7 +34,9 @@ class RewardModel:
         dtype = spec["dtype"] if spec["dtype"] == "auto" else getattr(torch, spec["dtype"])
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-            self.model = AutoModelForSequenceClassification.from_pretrained(spec["model"], dtype=dtype)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                spec["model"], dtype=dtype, **NO_HUB_KERNELS
+            )
         except Exception as exc:
             raise ModelLoadError(
                 f"{param}.model: cannot load the reward model {spec['model']!r} ({exc}); give a "
