@@ -30,6 +30,7 @@ class ScoredGroups:
     # B*G x [L_i] float32: each token's log-prob under the sampler (Rollout.sampler_logprobs); None
     # when the sampler gave none
     sampler_logprobs: list[torch.Tensor] | None = None
+    sampler_is_policy: bool = False  # Rollout.from_policy: no mismatch correction for these
 
     def select(self, groups: list[int], group_size: int) -> ScoredGroups:
         """The sub-batch made of the given groups, in that order."""
@@ -62,6 +63,7 @@ class ScoredGroups:
             sampler_logprobs=[self.sampler_logprobs[i] for i in seqs]
             if self.sampler_logprobs is not None
             else None,
+            sampler_is_policy=self.sampler_is_policy,
         )
 
     @staticmethod
@@ -84,6 +86,7 @@ class ScoredGroups:
             sampler_logprobs=[t for b in batches for t in b.sampler_logprobs]
             if all(b.sampler_logprobs is not None for b in batches)
             else None,
+            sampler_is_policy=all(b.sampler_is_policy for b in batches),
         )
 
 
@@ -95,6 +98,7 @@ class MicroBatch:
     ref_logps: torch.Tensor | None = None  # [N]
     old_logps: torch.Tensor | None = None  # [N]
     sampler_logps: torch.Tensor | None = None  # [N] the sampler's log-probs of the tokens
+    sampler_is_policy: bool = False  # ScoredGroups.sampler_is_policy
     positions: int = 0  # token positions its scoring holds for the backward, padding included
 
 
@@ -170,6 +174,7 @@ def plan_micro_batches(
                 sampler_logps=torch.cat([batch.sampler_logprobs[i] for i in sequences])
                 if batch.sampler_logprobs is not None
                 else None,
+                sampler_is_policy=batch.sampler_is_policy,
                 positions=held,
             )
         )

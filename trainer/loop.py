@@ -149,6 +149,7 @@ class Rollouts:
             error_messages=scored.error_messages,
             prompt_lengths=[len(ids) for ids in full_ids],
             sampler_logprobs=rollout.sampler_logprobs,
+            sampler_is_policy=rollout.from_policy,
         )
 
 
@@ -665,7 +666,8 @@ def optimize(
                         micro.sampler_logps.to(old_logps.device),
                         seq_index,
                         len(micro.sequences),
-                        cfg.sampler_correction,
+                        # the policy module sampled: the two differ by rounding, not reweighted
+                        None if micro.sampler_is_policy else cfg.sampler_correction,
                         cfg.sampler_correction_cap,
                     )
                     if iteration == 0 and logps.shape[0]:  # pi_old is fixed: the same figures every pass

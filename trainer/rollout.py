@@ -34,6 +34,10 @@ class Rollout:
     # log softmax(logits / T)[token] before top-p (what the trainer's token_logprobs computes);
     # None where the sampler gives none (greedy decoding has no sampling distribution)
     sampler_logprobs: list[torch.Tensor] | None = None
+    # drawn by the policy module itself (trainer.generation.HFSampler): its log-probs differ from
+    # the trainer's only by the rounding of another computation path (~1e-7 a token in float32,
+    # ~1e-2 in bfloat16), which the mismatch correction does not reweight (TRL: vLLM alone)
+    from_policy: bool = False
 
 
 def sample_top_p(

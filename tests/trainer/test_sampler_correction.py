@@ -252,6 +252,44 @@ def test_a_token_weight_scales_the_gradient_and_shows_in_the_metrics(tiny_model_
         assert figures["sampler/clipped_fraction"] == 0.0
 
 
+def test_the_policy_modules_own_samples_are_not_reweighted(tiny_model_dir):
+    """The HF sampler draws from the policy module itself: its log-probs differ from the trainer's
+    by rounding alone (in bfloat16 ~1e-2 a token, enough for sequence weights of 0.5-2 over long
+    completions), which the correction would turn into noise on the gradient. Not applied, as TRL
+    applies it to vLLM alone; the sampler/* figures still say how far apart the two are."""
+    base = dict(group_size=4, beta=0.0, max_grad_norm=None, max_completion_length=6)
+    batch = _batch_with_sampler_logps(tiny_model_dir, shift=0.4)
+    assert not batch.sampler_is_policy
+    corrected_stats, corrected = _step(
+        tiny_model_dir, batch, GRPOConfig(sampler_correction="token_truncate", **base)
+    )
+    batch.sampler_is_policy = True
+    stats, grads = _step(tiny_model_dir, batch, GRPOConfig(sampler_correction="token_truncate", **base))
+    _, plain = _step(tiny_model_dir, batch, GRPOConfig(sampler_correction=None, **base))
+    for name in grads:
+        assert torch.equal(grads[name], plain[name]), name
+    assert any(not torch.allclose(corrected[n], plain[n], atol=1e-6) for n in grads)
+    assert stats["sampler/ratio_mean"] == pytest.approx(math.exp(0.4), abs=1e-4)
+    assert stats["sampler/logprob_diff_mean_abs"] == pytest.approx(0.4, abs=1e-4)
+
+
+def test_the_hf_sampler_says_it_is_the_policy(tiny_model_dir):
+    from trainer.generation import HFSampler
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rollout = HFSampler(model).generate(
+        [torch.tensor([5, 6, 7])],
+        group_size=2,
+        max_new_tokens=3,
+        eos_token_ids=[2],
+        pad_id=0,
+        temperature=1.0,
+        top_p=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert rollout.from_policy and rollout.sampler_logprobs is not None
+
+
 def test_a_masked_sequence_takes_no_part_in_the_gradient(tiny_model_dir):
     """sequence_mask: completion 0's sampler log-probs are 2 below the trainer's on every token, so
     its ratio e^(2 L) is above the cap and it drops out: the gradient is the one where its
@@ -288,7 +326,9 @@ class Bfloat16Sampler:
         self.synced_from, self.syncs, self.closed = None, 0, False
 
     def generate(self, prompt_ids, **kwargs):
-        return self.inner.generate(prompt_ids, **kwargs)
+        rollout = self.inner.generate(prompt_ids, **kwargs)
+        rollout.from_policy = False  # a copy in another precision, not the policy module
+        return rollout
 
     def sync(self, model):
         with torch.no_grad():

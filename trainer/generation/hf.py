@@ -55,7 +55,7 @@ class HFSampler:
         )
         self.model.eval()
         with no_router_logits(self.model):
-            return generate(
+            rollout = generate(
                 self.model,
                 prompt_ids,
                 group_size=group_size,
@@ -66,6 +66,8 @@ class HFSampler:
                 top_p=top_p,
                 generator=draws,
             )
+        rollout.from_policy = True
+        return rollout
 
     def sync(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the optimizer updated the weights this sampler reads."""
