@@ -377,3 +377,17 @@ def test_the_fp32_hf_sampler_matches_the_trainer_and_a_bf16_one_does_not(
     assert sampler.syncs == 2 and sampler.closed
     for name, weight in sampler.synced_from.named_parameters():
         assert torch.equal(dict(sampler.copy.named_parameters())[name], weight.detach().to(torch.bfloat16))
+
+
+def test_a_vllm_engine_beside_the_trainer_asks_only_for_memory_that_is_free():
+    """vLLM refuses to start unless gpu_memory_utilization x the device's memory is free (0.9 by
+    default); beside a trainer holding a 3B model (12 GB of 80) it is not. The engine is given a
+    share that passes, from the memory free; none on a CPU."""
+    from trainer.generation.vllm import startup_memory_args, startup_utilization
+
+    gib = 1 << 30
+    assert startup_utilization(68 * gib, 80 * gib) * 80 * gib <= 68 * gib  # passes vLLM's check
+    assert startup_utilization(68 * gib, 80 * gib) == pytest.approx(0.8075)
+    assert startup_utilization(80 * gib, 80 * gib) == 0.9  # a free device: vLLM's own default
+    assert startup_utilization(0, 80 * gib) == 0.01
+    assert startup_memory_args(torch.nn.Linear(2, 2)) == []

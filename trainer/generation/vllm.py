@@ -93,6 +93,26 @@ def lora_rank(model: torch.nn.Module) -> int:
     return max((int(getattr(c, "r", 0)) for c in configs.values()), default=0)
 
 
+def startup_utilization(free_bytes: int, total_bytes: int) -> float:
+    """The ``gpu_memory_utilization`` a vLLM engine started beside the trainer is given. vLLM (0.32)
+    refuses to start unless that share of the device's memory is free (0.9 by default), which a
+    device that already holds the policy, its reference and optimizer state does not have. The
+    engine's own memory is sized by ``kv_cache_memory_bytes`` (``vllm_kv_cache_gib``); this share
+    only has to pass that start-up check: most of what is free."""
+    return round(max(0.01, min(0.9, 0.95 * free_bytes / total_bytes)), 4)
+
+
+def startup_memory_args(model: torch.nn.Module) -> list[str]:
+    """``--gpu-memory-utilization`` for an engine sharing the policy's GPU (none on a CPU), as
+    ``startup_utilization`` gives it from the memory free now, the trainer's cached blocks freed."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return []
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return ["--gpu-memory-utilization", str(startup_utilization(free, total))]
+
+
 def dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -374,6 +394,7 @@ class VLLMSampler:
             "--threads",
             str(threads or torch.get_num_threads()),
             *(["--enforce-eager"] if enforce_eager else []),
+            *startup_memory_args(model),
         ]
         wants_sleep = getattr(config, "vllm_sleep", False) if sleep is None else sleep
         if wants_sleep:

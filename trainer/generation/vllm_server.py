@@ -238,6 +238,11 @@ class Engine:
             worker_extension_cls=f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
             enforce_eager=args.enforce_eager,
             enable_sleep_mode=self.can_sleep,
+            **(
+                {"gpu_memory_utilization": args.gpu_memory_utilization}
+                if args.gpu_memory_utilization is not None
+                else {}
+            ),
         )
         # the length the engine settled on: the one asked for, or with -1 the longest its KV cache holds
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -508,6 +513,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-loras", type=int, default=1, help="adapters one batch may mix")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: vLLM's own binding)")
     parser.add_argument("--enforce-eager", action="store_true", help="no compiled graphs")
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="the share of the GPU vLLM checks is free at start (vLLM: 0.9; see startup_utilization)",
+    )
     parser.add_argument(
         "--sleep-mode",
         action="store_true",
