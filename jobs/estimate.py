@@ -379,6 +379,9 @@ def memory(
     reference = weights if config.beta > 0 and config.lora is None else 0
     gathered = training_gathered = 0
     activation_bytes = lean
+    engine = 0
+    if config.generation == "vllm":  # the engine beside the trainer: its own weights and its KV cache
+        engine = weights + int(config.vllm_kv_cache_gib * (1 << 30))
     if gpus > 1:
         gathered = weights
         root = min(shape.root_parameters, n)
@@ -402,15 +405,19 @@ def memory(
         generation_cache_bytes=int(cache),
         gathered_bytes=gathered,
         training_gathered_bytes=training_gathered,
+        generation_engine_bytes=engine,
     )
+    # while training, a vLLM engine keeps its memory unless it sleeps (vllm_sleep); while
+    # generating, it samples with its own cache (the trainer keeps none)
+    awake_while_training = 0 if config.vllm_sleep else engine
     total = (
         parts["weights_bytes"]
         + parts["reference_model_bytes"]
         + parts["gradients_bytes"]
         + parts["optimizer_bytes"]
         + max(
-            training_gathered + parts["activations_bytes"],
-            gathered + parts["generation_cache_bytes"],
+            training_gathered + parts["activations_bytes"] + awake_while_training,
+            gathered + (engine if engine else parts["generation_cache_bytes"]),
         )
     )
     return EstimateMemory(

@@ -551,10 +551,17 @@ class EstimateMemory(BaseModel):
         description="With `gpus` > 1: what a device gathers beside its shards to train: the "
         "embeddings, final norm and LM head and two decoder layers at a time, weights and gradients.",
     )
+    generation_engine_bytes: int = Field(
+        0,
+        description="With `generation: vllm`: the vLLM engine's own copy of the weights and its KV "
+        "cache (`vllm_kv_cache_gib`), on the same device (0 with the `hf` sampler). Not counted: "
+        "vLLM's compiled graphs and its runtime (on a GPU ~1-2 GiB).",
+    )
     total_bytes: int = Field(
         description="Weights, reference, gradients and optimizer, plus the larger of the "
-        "activations (with `training_gathered_bytes`) and the generation cache (with "
-        "`gathered_bytes`): they are not held at once."
+        "activations (with `training_gathered_bytes`, and a vLLM engine awake while the policy "
+        "trains) and the generation cache (with `gathered_bytes`; a vLLM engine's instead): they "
+        "are not held at once."
     )
 
 

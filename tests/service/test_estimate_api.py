@@ -391,3 +391,25 @@ def test_on_two_gpus_a_step_takes_half_the_time_at_best_and_two_cpu_processes_no
     finished(2, 1800.0)
     time = dry_run(client, {**spec, "gpus": 2}).json()["time"]
     assert time["tokens_per_second"] == 1800.0 and "on 2 devices" in time["tokens_per_second_from"]
+
+
+def test_a_vllm_engine_beside_the_trainer_is_counted(client, tmp_path) -> None:
+    """generation vllm: the engine's weights and its KV cache sit on the device too, beside the
+    training state; awake while the policy trains unless vllm_sleep."""
+    directory = model_dir(tmp_path)
+    hf = dry_run(client, spec_for(client, directory)).json()["memory"]
+    awake = dry_run(client, spec_for(client, directory, generation="vllm", vllm_kv_cache_gib=0.5)).json()[
+        "memory"
+    ]
+    asleep = dry_run(
+        client, spec_for(client, directory, generation="vllm", vllm_kv_cache_gib=0.5, vllm_sleep=True)
+    ).json()["memory"]
+    assert hf["generation_engine_bytes"] == 0
+    engine = awake["weights_bytes"] + (1 << 29)
+    assert awake["generation_engine_bytes"] == asleep["generation_engine_bytes"] == engine
+    state = sum(
+        awake[n] for n in ("weights_bytes", "reference_model_bytes", "gradients_bytes", "optimizer_bytes")
+    )
+    assert awake["total_bytes"] == state + awake["activations_bytes"] + engine
+    assert asleep["total_bytes"] == state + max(asleep["activations_bytes"], engine)
+    assert awake["total_bytes"] > hf["total_bytes"]
