@@ -350,9 +350,9 @@ def _train(
         sampler.load_state_dict(state.extra["sampler"])
         generator.set_state(state.rng["generator"])
         torch.set_rng_state(state.rng["torch"])
-        if state.rng.get("cuda") is not None and torch.cuda.is_available():
-            if len(state.rng["cuda"]) == torch.cuda.device_count():  # dropout's draws on the GPUs
-                torch.cuda.set_rng_state_all(state.rng["cuda"])
+        if state.rng.get("cuda") is not None and torch.cuda.is_available() and world.size == 1:
+            # dropout's draws on the GPU (rank 0 writes rng.pt: its state is no other rank's)
+            torch.cuda.set_rng_state(state.rng["cuda"])
         random.setstate(state.rng["python"])
         start_step = state.step
         num_tokens_seen = int(state.extra.get("num_tokens", 0))
@@ -390,7 +390,7 @@ def _train(
             rng={
                 "generator": generator.get_state(),
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "python": random.getstate(),
             },
             extra={

@@ -28,7 +28,10 @@ NO_HUB_KERNELS = {"use_kernels": False}
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 in hardware (Ampere on); torch also says yes where it only emulates it (V100, T4),
+            # slowly, and vLLM refuses it below compute capability 8.0
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if bf16 else torch.float16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 

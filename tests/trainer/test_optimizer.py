@@ -119,6 +119,10 @@ def test_auto_never_trains_in_float16(monkeypatch):
     assert training_dtype("float16", cuda) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert training_dtype("auto", cuda) == torch.bfloat16
+    # a V100 or T4: torch says bf16 is supported when it only emulates it (slowly; vLLM refuses it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_dtype("auto", cuda) == torch.float16
+    assert training_dtype("auto", cuda) == torch.float32
     assert training_dtype("auto", torch.device("cpu")) == torch.float32
 
 

@@ -538,6 +538,8 @@ class VLLMSampler:
         """Take back the memory of those of ``tags`` asleep."""
         wanted = [tag for tag in tags if tag in self.asleep]
         if wanted:
+            if torch.cuda.is_available():  # the blocks this process's allocator keeps cached after
+                torch.cuda.empty_cache()  # training: the engine cannot take them back otherwise
             answer = self.client.request("POST", "/wake_up", {"tags": wanted})
             self.asleep = set(answer["sleeping"])
 
