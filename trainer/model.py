@@ -30,7 +30,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             # bf16 in hardware (Ampere on); torch also says yes where it only emulates it (V100, T4),
             # slowly, and vLLM refuses it below compute capability 8.0
-            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            try:
+                bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch before 2.4: no emulation counted
+                bf16 = torch.cuda.is_bf16_supported()
             return torch.bfloat16 if bf16 else torch.float16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
