@@ -38,7 +38,7 @@ from trainer.generation import HFSampler, Sampler, make_sampler, takes_group_see
 from trainer.logprobs import default_scoring, router_aux_loss_coef, token_logprobs
 from trainer.loss import aggregate_loss, clipped_token_loss, group_advantages, sampler_correction
 from trainer.metrics_file import MetricsFile
-from trainer.model import Models, eos_token_ids, load_models
+from trainer.model import Models, default_device, eos_token_ids, load_models
 from trainer.optimizer import MasterWeightAdamW
 from trainer.progress import Progress
 from trainer.prompts import (
@@ -270,7 +270,10 @@ def train(
             progress, wandb = None, None
         progress = progress or Progress()
         with (
-            RewardSuite(run.reward, policy=run.policy) as rewards,
+            # a reward model runs where the policy does (each process on its own device)
+            RewardSuite(
+                run.reward, device=device or world.device or default_device(), policy=run.policy
+            ) as rewards,
             Tracker(output_dir, config=run.to_spec(), wandb=wandb, on_log=progress.on_log) as tracker,
             contextlib.ExitStack() as cleanup,  # closes what _train opens once the models are loaded
         ):

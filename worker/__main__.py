@@ -13,6 +13,15 @@ from worker.devices import DeviceError, worker_devices
 from worker.sweeper import SweeperStep
 
 
+def concurrency_option(arg: str) -> str | None:
+    """The option ``arg`` gives when it is Celery's ``--concurrency`` (``-c``) or ``--autoscale``,
+    in any of its forms (``--concurrency=2``, ``-c2``)."""
+    if arg.startswith("-c"):
+        return "-c"
+    name = arg.split("=")[0]
+    return name if name in ("--concurrency", "--autoscale") else None
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     extra = list(sys.argv[1:] if argv is None else argv)
@@ -28,6 +37,14 @@ def main(argv: list[str] | None = None) -> None:
             devices = worker_devices(settings.worker_devices)
         except DeviceError as exc:
             sys.exit(str(exc))
+        # On GPUs a job has its devices to itself: jobs side by side would share them (every claim
+        # leases from the first). A CPU worker may run several small jobs at once.
+        refused = next(filter(None, map(concurrency_option, extra)), None)
+        if refused and any(device.startswith("cuda") for device in devices):
+            sys.exit(
+                f"python -m worker: {refused} is not for a GPU training worker, which runs one job at "
+                "a time on its devices (GRPO_WORKER_DEVICES); run more workers for more jobs"
+            )
         queues, pool = train_queues(settings, len(devices)), ["--pool", "prefork"]
     # gossip and mingle are cluster chatter this service does not use (the database is the shared
     # state); mingle would also hold every start for a round of replies.

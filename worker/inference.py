@@ -71,7 +71,10 @@ class WarmModels:
             self.loaded.move_to_end(source.key)
             return self.loaded[source.key]
         while len(self.loaded) >= self.capacity:
-            evicted, _ = self.loaded.popitem(last=False)
+            # by key: a reference to the evicted model held here would keep it in memory (on the
+            # GPU, beside the next one) until this call returns
+            evicted = next(iter(self.loaded))
+            del self.loaded[evicted]
             log.info(
                 "unloaded checkpoint %s (GRPO_INFERENCE_MODELS=%d)", "/".join(evicted[:2]), self.capacity
             )

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from sqlalchemy.orm import Session
 
 from jobs.db import session_factory
@@ -31,6 +32,20 @@ from worker.retry import DATABASE_UNREACHABLE, with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def usable_device(name: str) -> torch.device:
+    """The device a job's record names, or a ``TrainingError`` the operator can act on where this
+    worker cannot use it (it counted a GPU its CUDA runtime cannot start: a driver older than the
+    CUDA of the installed torch, say)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(
+            f"this worker declared {name} but cannot use CUDA (torch {torch.__version__}, built for "
+            f"CUDA {torch.version.cuda or 'none'}): the operator should check the GPU driver and the "
+            "installed torch, or declare the worker's devices with GRPO_WORKER_DEVICES"
+        )
+    return device
 
 
 def internal_failure_reason(job_id: str, exc: Exception) -> str:
@@ -202,6 +217,9 @@ def claim_and_run(job_id: str, *, settings: Settings, worker: str) -> None:
                         job_dir,
                         progress=progress,
                         resume=True,
+                        # the device the job's record names: one that cannot be used fails the job
+                        # rather than training elsewhere (a GPU worker whose CUDA will not start)
+                        device=usable_device(job.devices[0]),
                         wandb=wandb_options(settings, job_id=job_id, job_name=run.name),
                     )
             finally:

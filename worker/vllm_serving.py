@@ -26,6 +26,7 @@ not the same draws (a seed still repeats an answer).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -116,6 +117,24 @@ def cut_at_stop(tokenizer: Any, ids: list[int], eos: list[int], stop: Sequence[s
     return ids[:low]
 
 
+def startup_memory_args(device: Any) -> list[str]:
+    """``--gpu-memory-utilization`` for an engine started on ``device`` (none on a CPU): the share
+    ``trainer.generation.vllm.startup_utilization`` gives from the memory free now. vLLM refuses to
+    start unless 0.9 of the GPU is free by default, which it is not beside another engine, the
+    warm transformers checkpoints or a training worker on the same GPU; the engine's own memory
+    is sized by GRPO_INFERENCE_VLLM_KV_CACHE_GIB. This process's freed blocks are given back first."""
+    import torch
+
+    from trainer.generation.vllm import startup_utilization
+
+    if device.type != "cuda":
+        return []
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return ["--gpu-memory-utilization", str(startup_utilization(free, total))]
+
+
 @dataclass
 class ServedAdapter:
     key: tuple[str, ...]  # the checkpoint version loaded under the adapter's name
@@ -146,7 +165,8 @@ class BaseEngine:
         self.adapters: OrderedDict[str, ServedAdapter] = OrderedDict()
         self.generation_config = base_generation_config(base_model)
         kv_cache_gib = settings.inference_vllm_kv_cache_gib
-        dtype = resolve_dtype("auto", default_device())  # as the transformers path loads it
+        device = default_device()
+        dtype = resolve_dtype("auto", device)  # as the transformers path loads it
         args = [
             *("--model", base_model),
             *("--max-model-len", "-1"),  # the model's context, or what the KV cache holds if less
@@ -155,6 +175,7 @@ class BaseEngine:
             *("--max-lora-rank", str(lora_rank_slot(max(max_lora_rank, MIN_LORA_RANK)))),
             *("--max-loras", str(self.max_loras)),
             *("--threads", str(threads)),
+            *startup_memory_args(device),
         ]
         self.work_dir = Path(tempfile.mkdtemp(prefix="grpo-serving-"))
         self.client: EngineClient | None = None

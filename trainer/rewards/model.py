@@ -21,7 +21,7 @@ class RewardModel:
     from the left to ``max_length`` tokens, so the end of the completion is always seen.
     """
 
-    def __init__(self, spec: dict[str, Any], *, device: str = "cpu", param: str = "reward"):
+    def __init__(self, spec: dict[str, Any], *, device: Any = "cpu", param: str = "reward"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -30,7 +30,7 @@ class RewardModel:
         self.batch_size = spec["batch_size"]
         self.max_length = spec["max_length"]
         self.label_index = spec["label_index"]
-        self.device = device
+        self.device = torch.device(device)  # a name ("cuda:0") or a torch.device: the trainer's
         dtype = spec["dtype"] if spec["dtype"] == "auto" else getattr(torch, spec["dtype"])
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -54,7 +54,7 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         # Sequence-classification heads find each row's last real token through pad_token_id.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval()
+        self.model.to(self.device).eval()
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> Scores:
         import torch
@@ -81,7 +81,7 @@ class RewardModel:
     def close(self) -> None:
         self.model = None
         self.tokenizer = None
-        if self.device.startswith("cuda"):
+        if self.device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()

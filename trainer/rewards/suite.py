@@ -39,7 +39,8 @@ def check_operator_policy(specs: Sequence[dict[str, Any]], policy: OperatorPolic
 class RewardSuite:
     """Validates the specs, checks them against the operator's ``policy`` (default: allow
     nothing beyond the spec's own checks), builds each function (loading a reward model if one
-    is named) and scores batches: ``suite(prompts, completions, rows) -> RewardOutput``.
+    is named, onto ``device``: the trainer passes its own; the API's checks the CPU) and scores
+    batches: ``suite(prompts, completions, rows) -> RewardOutput``.
 
     ``suite(..., stop=signal)`` lets another thread end the batch: ``signal.stop(reason)`` kills
     its sandboxes, cuts its HTTP calls, and the call raises ``ScoringStopped`` (see ``stop.py``);
@@ -47,7 +48,7 @@ class RewardSuite:
     """
 
     def __init__(
-        self, specs: list[dict[str, Any]], *, device: str = "cpu", policy: OperatorPolicy | None = None
+        self, specs: list[dict[str, Any]], *, device: Any = "cpu", policy: OperatorPolicy | None = None
     ):
         policy = policy or OperatorPolicy()
         self.specs = validate_reward_specs(specs)
