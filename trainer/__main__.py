@@ -38,6 +38,7 @@ import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from trainer.config import ConfigError, OperatorPolicy, RunConfig, check_prompts_for_processes
 from trainer.errors import TrainingError
@@ -54,6 +55,34 @@ HEADLINE = (
     "completion_length",
     "step_seconds",
 )
+
+
+class CtrlC:
+    """Ctrl-C in a run on this process. SIGINT raises ``KeyboardInterrupt`` wherever Python is, as
+    it always did; but raised inside a callback Python runs for itself (a weakref's or a
+    finalizer's, in the middle of an import), it is printed as "Exception ignored" and lost, and
+    the run went on. So the signal is also noted: the run stops at its next step boundary when the
+    exception was lost (``PrintProgress.should_stop``), and a lost one prints nothing."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def install(self) -> None:
+        default_hook = sys.unraisablehook
+
+        def on_sigint(signum: int, frame: object) -> None:
+            self.seen = True
+            raise KeyboardInterrupt
+
+        def unraisable(info: Any) -> None:
+            if not (self.seen and isinstance(info.exc_value, KeyboardInterrupt)):
+                default_hook(info)
+
+        signal.signal(signal.SIGINT, on_sigint)
+        sys.unraisablehook = unraisable
+
+
+CTRL_C = CtrlC()
 
 
 class PrintProgress(Progress):
@@ -85,6 +114,11 @@ class PrintProgress(Progress):
 
     def on_log(self, level: str, message: str) -> None:
         print(f"{level}: {message}", file=sys.stderr, flush=True)
+
+    def should_stop(self) -> bool:
+        if CTRL_C.seen:  # a Ctrl-C whose KeyboardInterrupt was lost (CtrlC)
+            raise KeyboardInterrupt
+        return False
 
 
 def policy_from_environ(environ: Mapping[str, str] = os.environ) -> OperatorPolicy:
@@ -232,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("output", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if "LOCAL_RANK" not in os.environ:  # under torchrun, the launcher hears Ctrl-C
+        CTRL_C.install()
     try:
         return command(commands.choices[args.command], args)
     except KeyboardInterrupt:  # Ctrl-C: one line, as torchrun's launcher gets it (launch_processes)

@@ -313,7 +313,9 @@ def test_ctrl_c_in_a_one_process_run_is_one_line_and_130(tiny_model_dir, tmp_pat
         _, err = process.communicate(timeout=300)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    # 130, or ended by the signal itself (CPython re-raises SIGINT at exit where it deems the
+    # interrupt unhandled): a shell shows both as 130
+    assert process.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == (
         f"stopped by SIGINT; `--resume` continues from the newest checkpoint in {tmp_path / 'out'}"
