@@ -153,6 +153,8 @@ def joined(timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> Iterator[World]:
         )
     try:
         yield World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+        if created:  # every process's collectives done before the group goes (gloo aborts a
+            dist.barrier()  # process whose pair is torn down mid-transfer); not after a failure
     finally:
         if created:
             dist.destroy_process_group()

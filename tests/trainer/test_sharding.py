@@ -120,6 +120,7 @@ def train_on_rank(rank: int, init_method: str, model_dir: str, out_dir: str) -> 
                 }
             )
         )
+        dist.barrier()  # both done before the group goes
     finally:
         dist.destroy_process_group()
 
@@ -227,6 +228,7 @@ def optimize_on_rank(rank: int, init_method: str, case: str, model_dir: str, out
         (Path(out_dir) / f"{case}-rank{rank}.json").write_text(
             json.dumps({"stats": stats, "micro_batches": count})
         )
+        dist.barrier()  # both done before the group goes (a rank aborted once in teardown, SIGABRT)
     finally:
         dist.destroy_process_group()
 
